@@ -1,0 +1,562 @@
+"""The `batchrunner` command line: each command parses, calls one core function, renders."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Awaitable, Callable, Coroutine
+from pathlib import Path
+from typing import Any, BinaryIO, TypeVar
+
+import click
+import orjson
+
+from batchrunner import __version__
+from batchrunner.config import DEFAULT_DB_URL, LEASE_ENV, LEASE_S, db_url_from_env
+from batchrunner.errors import BatchrunnerError, UsageError
+from batchrunner.store import JobStore
+
+T = TypeVar("T")
+
+EXIT_OK = 0
+EXIT_SOME_FAILED = 3
+EXIT_ABORTED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class _Aborted(click.ClickException):
+    exit_code = EXIT_ABORTED
+
+
+class _Unusable(click.ClickException):
+    exit_code = EXIT_USAGE
+
+
+def _fail(exc: BatchrunnerError) -> click.ClickException:
+    """Core errors become click errors here only: usage errors exit 2, the rest 1."""
+    return (_Unusable if isinstance(exc, UsageError) else _Aborted)(exc.message)
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    try:
+        return asyncio.run(coro)
+    except BatchrunnerError as exc:
+        raise _fail(exc) from exc
+
+
+async def _with_store(db_url: str, fn: Callable[[JobStore], Awaitable[T]]) -> T:
+    store = await JobStore.open(db_url)
+    try:
+        return await fn(store)
+    finally:
+        await store.close()
+
+
+def _err(message: str) -> None:
+    click.echo(message, err=True)
+
+
+class _Context:
+    def __init__(self, db_url: str) -> None:
+        self.db_url = db_url
+
+    def with_store(self, fn: Callable[[JobStore], Awaitable[T]]) -> T:
+        return _run(_with_store(self.db_url, fn))
+
+
+pass_ctx = click.make_pass_decorator(_Context)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--db",
+    "db_url",
+    default=None,
+    metavar="URL",
+    help=f"Job database: sqlite:///FILE or postgresql://USER@HOST/DB "
+    f"(env BATCHRUNNER_DB; default {DEFAULT_DB_URL}).",
+)
+@click.version_option(__version__, prog_name="batchrunner")
+@click.pass_context
+def cli(ctx: click.Context, db_url: str | None) -> None:
+    """Run large batches of chat-completion requests against OpenAI-compatible APIs.
+
+    \b
+    Example:
+        batchrunner submit requests.jsonl      # prints the batch id
+        batchrunner run batch_0123456789abcdef --rpm 500
+        batchrunner export batch_0123456789abcdef -o results.csv
+    """
+    ctx.obj = _Context(db_url or db_url_from_env())
+
+
+@cli.command()
+@click.argument("file", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--name", help="A name for the batch (default: the file name).")
+@click.option(
+    "--base-url",
+    envvar="OPENAI_BASE_URL",
+    help="API base URL stored with the batch (env OPENAI_BASE_URL; default https://api.openai.com/v1).",
+)
+@click.option(
+    "--api-key-env",
+    metavar="VAR",
+    help="Environment variable that holds the API key at run time (default OPENAI_API_KEY).",
+)
+@click.option("--skip-invalid", is_flag=True, help="Load the good lines and record the bad ones.")
+@pass_ctx
+def submit(
+    ctx: _Context,
+    file: Path,
+    name: str | None,
+    base_url: str | None,
+    api_key_env: str | None,
+    skip_invalid: bool,
+) -> None:
+    """Validate FILE and load it as a new batch; prints the batch id.
+
+    Submitting the same content again prints the same id and adds nothing.
+
+    \b
+    Example:
+        batchrunner submit jobs/chat.jsonl --name first-try
+    """
+    from batchrunner.ingest import submit_file
+
+    result = ctx.with_store(
+        lambda store: submit_file(
+            store,
+            file,
+            name=name,
+            base_url=base_url,
+            api_key_env=api_key_env,
+            skip_invalid=skip_invalid,
+        )
+    )
+    for notice in result.notices:
+        _err(f"note: {notice}")
+    if result.created:
+        _err(f"loaded {result.jobs} job(s) from {file} as batch {result.batch.id}")
+        if result.invalid_total:
+            _err(f"skipped {result.invalid_total} bad line(s):")
+            for e in result.invalid:
+                _err(f"  {e}")
+            if result.invalid_total > len(result.invalid):
+                _err(f"  ... and {result.invalid_total - len(result.invalid)} more")
+    else:
+        _err(f"{file} was submitted before as batch {result.batch.id}; nothing added")
+    click.echo(result.batch.id)
+
+
+@cli.command()
+@click.argument("target", metavar="BATCH_ID|FILE")
+@click.option(
+    "--concurrency",
+    type=click.IntRange(1, 10_000),
+    default=64,
+    show_default=True,
+    help="Requests in flight at once.",
+)
+@click.option(
+    "--rpm",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Requests per minute for the whole batch (spread evenly).",
+)
+@click.option(
+    "--tpm",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Tokens per minute for the whole batch (prompt estimate + max output).",
+)
+@click.option(
+    "--max-attempts",
+    type=click.IntRange(1, 100),
+    default=6,
+    show_default=True,
+    help="HTTP attempts per job before it fails on transient errors.",
+)
+@click.option(
+    "--timeout",
+    "timeout_s",
+    type=click.FloatRange(min=0, min_open=True),
+    default=600.0,
+    show_default=True,
+    help="Seconds one request may take.",
+)
+@click.option(
+    "--max-cost",
+    "max_cost_usd",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Stop before the batch could cost more than this many US dollars.",
+)
+@click.option("--base-url", help="Override the base URL stored with the batch.")
+@click.option(
+    "--api-key-env", metavar="VAR", help="Override the key variable stored with the batch."
+)
+@click.option(
+    "--retry-invalid-json",
+    is_flag=True,
+    help="Retry answers whose content does not match the request's json_schema.",
+)
+@click.option(
+    "--prices",
+    "prices_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    envvar="BATCHRUNNER_PRICES",
+    help="TOML price file overriding or adding model prices.",
+)
+@click.option(
+    "--lease",
+    "lease_s",
+    type=click.FloatRange(min=0.5, max=86_400),
+    default=LEASE_S,
+    show_default=True,
+    envvar=LEASE_ENV,
+    help=f"Seconds a claimed job stays this worker's without a heartbeat (env {LEASE_ENV}); "
+    "a dead worker's jobs go to the others after it.",
+)
+@click.option("--quiet", is_flag=True, help="No progress display.")
+@pass_ctx
+def run(
+    ctx: _Context,
+    target: str,
+    concurrency: int,
+    rpm: float | None,
+    tpm: float | None,
+    max_attempts: int,
+    timeout_s: float,
+    max_cost_usd: float | None,
+    base_url: str | None,
+    api_key_env: str | None,
+    retry_invalid_json: bool,
+    prices_path: Path | None,
+    lease_s: float,
+    quiet: bool,
+) -> None:
+    """Send a batch's unfinished jobs until every job has ended; running it again resumes.
+
+    TARGET is a batch id, or a request file (submitted first, as `submit` would).
+    Exit codes: 0 every job succeeded; 3 finished, some jobs failed; 1 aborted (bad key, no
+    balance, budget, database); 2 usage error; 130 interrupted (run again to resume).
+
+    \b
+    Example:
+        batchrunner run jobs/chat.jsonl --concurrency 32 --rpm 3000 --tpm 1000000
+        batchrunner run batch_0123456789abcdef --max-cost 5
+    """
+    from batchrunner import runner
+    from batchrunner.config import RunConfig
+
+    config = RunConfig(
+        concurrency=concurrency,
+        rpm=rpm,
+        tpm=tpm,
+        max_attempts=max_attempts,
+        timeout_s=timeout_s,
+        max_cost_usd=max_cost_usd,
+        base_url=base_url,
+        api_key_env=api_key_env,
+        retry_invalid_json=retry_invalid_json,
+        prices_path=prices_path,
+        lease_s=lease_s,
+    )
+    rep = ctx.with_store(
+        lambda store: runner.run(store, target, config, warn=_err, progress=not quiet)
+    )
+    res = rep.result
+    st = res.stats
+    _err(
+        f"{rep.batch.id}: {st.succeeded} succeeded and {st.failed} failed in this run "
+        f"({st.sent} request(s) sent); {res.unfinished} job(s) unfinished, "
+        f"{res.failed_in_batch} failed in the batch"
+    )
+    if st.fenced:
+        _err(f"note: {st.fenced} late answer(s) were not recorded: another worker held the lease")
+    code = rep.exit_code
+    if code == runner.EXIT_ABORTED:
+        _err(f"error: {res.message or res.reason.value}")
+    elif code == runner.EXIT_INTERRUPTED:
+        _err(f"interrupted: run `batchrunner run {rep.batch.id}` to resume")
+    elif code == runner.EXIT_SOME_FAILED:
+        _err(f"finished with failures: see `batchrunner status {rep.batch.id}`")
+    sys.exit(code)
+
+
+@cli.command()
+@click.argument("batch_id", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@pass_ctx
+def status(ctx: _Context, batch_id: str | None, as_json: bool) -> None:
+    """Counts by state, tokens, cost, throughput and top errors of a batch.
+
+    Without BATCH_ID: every batch, one line each.
+
+    \b
+    Example:
+        batchrunner status batch_0123456789abcdef --json
+    """
+    from batchrunner import report
+
+    if batch_id is None:
+        rows = ctx.with_store(report.all_batches)
+        if as_json:
+            click.echo(orjson.dumps([r.to_json() for r in rows]).decode())
+        else:
+            click.echo(report.render_batch_list(rows))
+        return
+    st = ctx.with_store(lambda store: report.batch_status(store, batch_id))
+    if as_json:
+        click.echo(orjson.dumps(st.to_json(), option=orjson.OPT_INDENT_2).decode())
+    else:
+        click.echo(report.render_status(st))
+
+
+@cli.command()
+@click.argument("batch_id")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["csv", "jsonl"]),
+    default="csv",
+    show_default=True,
+    help="csv: one row per job (per choice); jsonl: the OpenAI Batch output format.",
+)
+@click.option("-o", "--output", default="-", metavar="PATH", help="Where to write; - is stdout.")
+@click.option("--failed", "failed_only", is_flag=True, help="Only the failed jobs.")
+@click.option(
+    "--as-requests",
+    is_flag=True,
+    help="Write the failed jobs as a request file to submit again (implies --failed).",
+)
+@click.option("--bom", is_flag=True, help="Start a CSV with a UTF-8 byte order mark (for Excel).")
+@click.option(
+    "--prices",
+    "prices_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    envvar="BATCHRUNNER_PRICES",
+    help="TOML price file overriding or adding prices.",
+)
+@pass_ctx
+def export(
+    ctx: _Context,
+    batch_id: str,
+    fmt: str,
+    output: str,
+    failed_only: bool,
+    as_requests: bool,
+    bom: bool,
+    prices_path: Path | None,
+) -> None:
+    """Stream a batch's ended jobs out, while it runs or after; tokens and cost per row.
+
+    \b
+    Example:
+        batchrunner export batch_0123456789abcdef -o results.csv
+        batchrunner export batch_0123456789abcdef --format jsonl --failed -o failed.jsonl
+        batchrunner export batch_0123456789abcdef --as-requests -o again.jsonl
+    """
+    from batchrunner.export import export_batch, export_requests
+    from batchrunner.pricing import PriceBook
+
+    async def write(store: JobStore, out: BinaryIO) -> int:
+        if as_requests:
+            return await export_requests(store, batch_id, out)
+        return await export_batch(
+            store,
+            batch_id,
+            out,
+            fmt="jsonl" if fmt == "jsonl" else "csv",
+            failed_only=failed_only,
+            prices=PriceBook.load(prices_path),
+            bom=bom,
+        )
+
+    if output == "-":
+        n = ctx.with_store(lambda store: write(store, sys.stdout.buffer))
+        sys.stdout.flush()
+    else:
+        # Written aside and renamed at the end: a file at PATH is always a whole export.
+        target = Path(output)
+        partial = target.with_name(f".{target.name}.partial")
+        try:
+            with partial.open("wb") as f:
+                n = ctx.with_store(lambda store: write(store, f))
+            partial.replace(target)
+        finally:
+            partial.unlink(missing_ok=True)
+    _err(f"exported {n} row(s) of {batch_id}" + ("" if output == "-" else f" to {output}"))
+
+
+@cli.command()
+@click.argument("target", metavar="FILE|BATCH_ID")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@click.option(
+    "--prices",
+    "prices_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    envvar="BATCHRUNNER_PRICES",
+    help="TOML price file overriding or adding prices.",
+)
+@pass_ctx
+def estimate(ctx: _Context, target: str, as_json: bool, prices_path: Path | None) -> None:
+    """Prompt tokens, maximum output tokens and the cost range, before anything is sent.
+
+    Prompt tokens are counted with OpenAI's tokenizers (offline); the cost range runs from the
+    prompt alone to the prompt plus every request's maximum output.
+
+    \b
+    Example:
+        batchrunner estimate jobs/01-chat.jsonl
+        batchrunner estimate batch_0123456789abcdef --json
+    """
+    from batchrunner import estimate as est
+    from batchrunner.pricing import PriceBook
+
+    prices = PriceBook.load(prices_path)
+    if Path(target).is_file():
+        result = _run(est.estimate_file(target, prices))
+    else:
+        result = ctx.with_store(lambda store: est.estimate_batch(store, target, prices))
+    if as_json:
+        click.echo(orjson.dumps(result.to_json(), option=orjson.OPT_INDENT_2).decode())
+    else:
+        click.echo(est.render(result))
+
+
+@cli.command()
+@click.argument("batch_id")
+@pass_ctx
+def retry(ctx: _Context, batch_id: str) -> None:
+    """Put a batch's failed jobs back to pending (their attempts stay in the log).
+
+    \b
+    Example:
+        batchrunner retry batch_0123456789abcdef && batchrunner run batch_0123456789abcdef
+    """
+    n = ctx.with_store(lambda store: store.retry_failed(batch_id))
+    _err(f"{n} failed job(s) of {batch_id} are pending again")
+
+
+@cli.command()
+@click.argument("batch_id")
+@pass_ctx
+def cancel(ctx: _Context, batch_id: str) -> None:
+    """Stop a batch for good: its unfinished jobs become cancelled.
+
+    \b
+    Example:
+        batchrunner cancel batch_0123456789abcdef
+    """
+    n = ctx.with_store(lambda store: store.cancel(batch_id))
+    _err(f"cancelled {n} unfinished job(s) of {batch_id}")
+
+
+@cli.command()
+@click.option(
+    "--jobs",
+    "jobs_dir",
+    type=click.Path(path_type=Path, file_okay=False, exists=True),
+    default="jobs",
+    show_default=True,
+    help="Folder of example request files.",
+)
+@click.option("--concurrency", type=click.IntRange(1, 1_000), default=16, show_default=True)
+@pass_ctx
+def demo(ctx: _Context, jobs_dir: Path, concurrency: int) -> None:
+    """Run the example request files end to end against a local fake API (no key, no network).
+
+    Every `*.jsonl` in the folder is submitted, run and summed up; export the results with
+    `batchrunner export BATCH_ID`.
+
+    \b
+    Example:
+        batchrunner --db sqlite:///demo.db demo --jobs jobs
+    """
+    from batchrunner.config import RunConfig
+    from batchrunner.demo import run_demo
+    from batchrunner.dispatcher import StopReason
+
+    batches = ctx.with_store(
+        lambda store: run_demo(
+            store, jobs_dir, warn=_err, config=RunConfig(concurrency=concurrency)
+        )
+    )
+    stopped = []
+    for b in batches:
+        st = b.status
+        c = st.counts.counts
+        click.echo(
+            f"{b.path.name:<28} {st.batch.id}  succeeded {c['succeeded']:>4}  "
+            f"failed {c['failed']:>3}  tokens {st.tokens['total_tokens']:>7}  "
+            f"cost ${st.cost_usd:.6f}"
+            + (f" (+ unpriced: {', '.join(st.unpriced_models)})" if st.unpriced_models else "")
+        )
+        if b.report.result.reason is not StopReason.DONE:
+            stopped.append(b.path.name)
+    if stopped:
+        raise click.ClickException(f"the demo stopped early on {', '.join(stopped)}")
+    if batches:
+        _err(f"next: batchrunner --db {ctx.db_url} export {batches[0].status.batch.id} -o out.csv")
+
+
+@cli.group("db")
+def db_group() -> None:
+    """Explicit control of the job database's schema (it is upgraded on first use anyway).
+
+    \b
+    Example:
+        batchrunner --db postgresql://postgres@127.0.0.1/test db upgrade
+    """
+
+
+@db_group.command("upgrade")
+@click.argument("revision", default="head")
+@pass_ctx
+def db_upgrade(ctx: _Context, revision: str) -> None:
+    """Migrate the database to REVISION (default: head).
+
+    \b
+    Example:
+        batchrunner db upgrade
+    """
+    from batchrunner import db
+
+    async def go() -> str | None:
+        engine = db.create_engine(ctx.db_url)
+        try:
+            await db.upgrade(engine, revision)
+            return await db.current_revision(engine)
+        finally:
+            await engine.dispose()
+
+    _err(f"database at revision {_run(go())}")
+
+
+@db_group.command("downgrade")
+@click.argument("revision", default="base")
+@pass_ctx
+def db_downgrade(ctx: _Context, revision: str) -> None:
+    """Migrate the database down to REVISION (default: base, which drops every table).
+
+    \b
+    Example:
+        batchrunner db downgrade base
+    """
+    from batchrunner import db
+
+    async def go() -> str | None:
+        engine = db.create_engine(ctx.db_url)
+        try:
+            await db.downgrade(engine, revision)
+            return await db.current_revision(engine)
+        finally:
+            await engine.dispose()
+
+    _err(f"database at revision {_run(go()) or 'base'}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        cli.main(args=argv, prog_name="batchrunner", standalone_mode=True)
+    except KeyboardInterrupt:
+        sys.exit(EXIT_INTERRUPTED)

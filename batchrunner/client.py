@@ -1,0 +1,883 @@
+"""The HTTP client: one request in, one `Outcome` out.
+
+Owns the aiohttp session, the classification of every answer (or lack of one) into an
+`Outcome` as drawn in DESIGN.md "HTTP outcomes", the parsing of `Retry-After` and
+`x-ratelimit-*` headers, and the reassembly of a streamed answer (server-sent events) into
+one `chat.completion` object (`StreamAssembler`, pure and usable without a server).
+
+This is the dispatcher's hot path: one session for the whole run, headers built once,
+orjson for parsing, and no work on a successful answer beyond what it needs.
+"""
+
+from __future__ import annotations
+
+import datetime
+import email.utils
+import io
+import ipaddress
+import math
+import re
+import time
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Any, Final, TypeAlias
+from urllib.parse import urlsplit
+
+import aiohttp
+import orjson
+
+from batchrunner import __version__
+from batchrunner.outcome import Outcome, OutcomeKind, RateLimitInfo
+
+#: Larger request bodies (base64 images, files) go to aiohttp as a stream, which it writes in
+#: pieces; raw bytes above 1 MiB make it warn (ResourceWarning) and copy them whole.
+STREAMED_BODY_BYTES: Final = 1 << 20
+
+#: Response headers: a case-insensitive mapping such as aiohttp's `response.headers`.
+Headers: TypeAlias = Mapping[str, str]
+
+USER_AGENT: Final = f"batchrunner/{__version__}"
+
+#: How much of an unparsable error body goes into an Outcome message.
+MESSAGE_BODY_CHARS: Final = 300
+
+_SCRUBBED: Final = "***"
+_QUOTA: Final = "insufficient_quota"
+#: 4xx answers that say "not now" rather than "never": request timeout, conflict.
+_RETRY_4XX: Final = frozenset({408, 409})
+#: "v1", "v1beta", ... as the first segment of an endpoint.
+_VERSION_PREFIX = re.compile(r"v\d+[a-z0-9]*(?=/|$)")
+#: A Go-style duration as OpenAI writes reset times: "1s", "6m0s", "20ms", "2h3m4.5s".
+_DURATION = re.compile(r"(?:(?:\d+(?:\.\d*)?|\.\d+)(?:ms|us|µs|ns|h|m|s))+")
+_DURATION_UNIT_S: Final = {
+    "h": 3600.0,
+    "m": 60.0,
+    "s": 1.0,
+    "ms": 1e-3,
+    "us": 1e-6,
+    "µs": 1e-6,
+    "ns": 1e-9,
+}
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|us|µs|ns|h|m|s)")
+
+
+# --- URLs -------------------------------------------------------------------------------
+
+
+def join_url(base_url: str, endpoint: str) -> str:
+    """The URL an `endpoint` such as `/v1/chat/completions` has under `base_url`.
+
+    The endpoint's version prefix is dropped, because the base URL carries its own
+    (`https://gw.example/api/v1` + `/v1/chat/completions` ->
+    `https://gw.example/api/v1/chat/completions`), as the OpenAI SDKs do.
+    """
+    path = endpoint.strip().lstrip("/")
+    match = _VERSION_PREFIX.match(path)
+    if match is not None:
+        path = path[match.end() :]
+    path = path.strip("/")
+    base = base_url.strip().rstrip("/")
+    return f"{base}/{path}" if path else base
+
+
+def is_insecure(base_url: str) -> bool:
+    """True when a key sent to `base_url` would cross the network in clear text:
+    plain http to a host that is not this machine's loopback."""
+    parts = urlsplit(base_url.strip())
+    if parts.scheme.lower() != "http":
+        return False
+    host = (parts.hostname or "").rstrip(".").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return True
+
+
+# --- headers ----------------------------------------------------------------------------
+
+
+def parse_duration_s(text: str) -> float | None:
+    """Seconds in a reset header: plain seconds ("2", "0.5") or a Go-style duration
+    ("1s", "6m0s", "20ms", "2h3m4.5s") as OpenAI sends; None when unreadable."""
+    text = text.strip()
+    if not text:
+        return None
+    try:
+        seconds = float(text)
+    except ValueError:
+        if _DURATION.fullmatch(text) is None:
+            return None
+        seconds = sum(
+            float(number) * _DURATION_UNIT_S[unit] for number, unit in _DURATION_PART.findall(text)
+        )
+    if not math.isfinite(seconds) or seconds < 0:
+        return None
+    return seconds
+
+
+def parse_retry_after_s(headers: Headers) -> float | None:
+    """The server's requested delay: `retry-after-ms` (finer, preferred) or `Retry-After`
+    as seconds or an HTTP-date; None when absent or unreadable."""
+    millis = headers.get("retry-after-ms")
+    if millis is not None:
+        try:
+            value = float(millis) / 1000.0
+        except ValueError:
+            pass
+        else:
+            if math.isfinite(value) and value >= 0:
+                return value
+    text = headers.get("retry-after")
+    if text is None:
+        return None
+    text = text.strip()
+    try:
+        value = float(text)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(text)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:
+            # HTTP-dates are always GMT, even when a server leaves the zone out.
+            when = when.replace(tzinfo=datetime.UTC)
+        # An HTTP-date is wall-clock time by definition; a date already past means "now".
+        return max(0.0, when.timestamp() - time.time())
+    if not math.isfinite(value) or value < 0:
+        return None
+    return value
+
+
+def _int_header(headers: Headers, name: str) -> int | None:
+    text = headers.get(name)
+    if text is None:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            value = float(text)
+        except ValueError:
+            return None
+        return int(value) if math.isfinite(value) else None
+
+
+def _duration_header(headers: Headers, name: str) -> float | None:
+    text = headers.get(name)
+    return None if text is None else parse_duration_s(text)
+
+
+def parse_ratelimit(headers: Headers) -> RateLimitInfo | None:
+    """The `x-ratelimit-*` headers, or None when the server sent none of them."""
+    info = RateLimitInfo(
+        limit_requests=_int_header(headers, "x-ratelimit-limit-requests"),
+        limit_tokens=_int_header(headers, "x-ratelimit-limit-tokens"),
+        remaining_requests=_int_header(headers, "x-ratelimit-remaining-requests"),
+        remaining_tokens=_int_header(headers, "x-ratelimit-remaining-tokens"),
+        reset_requests_s=_duration_header(headers, "x-ratelimit-reset-requests"),
+        reset_tokens_s=_duration_header(headers, "x-ratelimit-reset-tokens"),
+    )
+    return None if info == _NO_RATELIMIT else info
+
+
+_NO_RATELIMIT: Final = RateLimitInfo()
+
+
+# --- answers ----------------------------------------------------------------------------
+
+
+def is_completion(value: object) -> bool:
+    """Whether a parsed answer is a chat completion (and not an error or another object)."""
+    return (
+        isinstance(value, dict)
+        and isinstance(value.get("choices"), list)
+        and value.get("object", "chat.completion") in ("chat.completion", None)
+    )
+
+
+def _error_of(value: object) -> dict[str, Any] | None:
+    """The `error` object of an error answer, in the shapes gateways send it."""
+    if isinstance(value, list) and value:
+        # Some gateways wrap the error object in a one-element list.
+        value = value[0]
+    if not isinstance(value, dict):
+        return None
+    error = value.get("error")
+    if isinstance(error, dict):
+        return error
+    if isinstance(error, str):
+        return {"message": error}
+    if "message" in value and ("code" in value or "type" in value):
+        return value
+    return None
+
+
+def _says_quota(error: dict[str, Any] | None) -> bool:
+    return error is not None and (error.get("code") == _QUOTA or error.get("type") == _QUOTA)
+
+
+def _error_message(error: dict[str, Any] | None) -> str | None:
+    if error is None:
+        return None
+    message = error.get("message")
+    if isinstance(message, str) and message:
+        return message
+    return None
+
+
+class _Scrubber:
+    """Removes the API key from text that may end up in a database or a log."""
+
+    __slots__ = ("_secret",)
+
+    def __init__(self, secret: str | None) -> None:
+        self._secret = secret or None
+
+    def __call__(self, text: str | None) -> str | None:
+        if text is None or self._secret is None or self._secret not in text:
+            return text
+        return text.replace(self._secret, _SCRUBBED)
+
+
+def _classify(
+    status: int,
+    reason: str | None,
+    headers: Headers,
+    raw: bytes,
+    latency_s: float,
+    scrub: _Scrubber | None = None,
+) -> Outcome:
+    """The Outcome of a complete, non-streamed answer."""
+    scrub = scrub or _NO_SCRUB
+    request_id = headers.get("x-request-id") or headers.get("request-id")
+    ratelimit = parse_ratelimit(headers)
+    parsed: object = None
+    parse_error: str | None = None
+    try:
+        parsed = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        parse_error = str(exc)
+
+    if 200 <= status < 300:
+        if parse_error is None and is_completion(parsed):
+            assert isinstance(parsed, dict)
+            return Outcome(
+                OutcomeKind.SUCCESS,
+                status,
+                body=raw.decode(),  # orjson has already checked it is valid UTF-8
+                completion=parsed,
+                request_id=request_id,
+                latency_s=latency_s,
+                ratelimit=ratelimit,
+            )
+        text = raw.decode(errors="replace")
+        if parse_error is not None:
+            return Outcome(
+                OutcomeKind.RETRY,
+                status,
+                error_kind="bad_json",
+                message=f"answer is not valid JSON ({parse_error})",
+                body=scrub(text),
+                request_id=request_id,
+                latency_s=latency_s,
+                ratelimit=ratelimit,
+            )
+        error = _error_of(parsed)
+        if _says_quota(error):
+            return _quota(status, error, text, request_id, latency_s, ratelimit, scrub)
+        message = _error_message(error) or "answer is not a chat completion"
+        return Outcome(
+            OutcomeKind.RETRY,
+            status,
+            error_kind="not_completion",
+            message=scrub(message),
+            body=scrub(text),
+            request_id=request_id,
+            latency_s=latency_s,
+            retry_after_s=parse_retry_after_s(headers),
+            ratelimit=ratelimit,
+        )
+
+    text = raw.decode(errors="replace")
+    error = _error_of(parsed)
+    if _says_quota(error) or status == 402:
+        return _quota(status, error, text, request_id, latency_s, ratelimit, scrub)
+    message = _error_message(error) or _fallback_message(status, reason, text)
+    if status in (401, 403):
+        kind, error_kind = OutcomeKind.STOP_RUN, "auth"
+    elif status == 429:
+        kind, error_kind = OutcomeKind.RETRY, "rate_limit"
+    elif status >= 500:
+        kind, error_kind = OutcomeKind.RETRY, "server_error"
+    elif status in _RETRY_4XX:
+        kind, error_kind = OutcomeKind.RETRY, f"http_{status}"
+    else:
+        # Other 4xx, and redirects (not followed: a POST must not turn into a GET, nor the
+        # key travel to another host): sending the same request again cannot help.
+        kind, error_kind = OutcomeKind.FAIL_JOB, f"http_{status}"
+        if 300 <= status < 400 and "location" in headers:
+            message = f"{message}; redirected to {headers['location']}: fix the base URL"
+    return Outcome(
+        kind,
+        status,
+        error_kind=error_kind,
+        message=scrub(message),
+        body=scrub(text),
+        request_id=request_id,
+        latency_s=latency_s,
+        retry_after_s=parse_retry_after_s(headers) if kind is OutcomeKind.RETRY else None,
+        ratelimit=ratelimit,
+    )
+
+
+def _fallback_message(status: int, reason: str | None, text: str) -> str:
+    head = f"HTTP {status}" + (f" {reason}" if reason else "")
+    snippet = " ".join(text.split())[:MESSAGE_BODY_CHARS]
+    # An HTML error page says nothing a person wants to read in a status line.
+    if snippet and not snippet.startswith("<"):
+        return f"{head}: {snippet}"
+    return head
+
+
+def _quota(
+    status: int | None,
+    error: dict[str, Any] | None,
+    text: str | None,
+    request_id: str | None,
+    latency_s: float,
+    ratelimit: RateLimitInfo | None,
+    scrub: _Scrubber,
+) -> Outcome:
+    message = _error_message(error) or "the account has no balance left"
+    return Outcome(
+        OutcomeKind.STOP_RUN,
+        status,
+        error_kind="quota",
+        message=scrub(message),
+        body=scrub(text),
+        request_id=request_id,
+        latency_s=latency_s,
+        ratelimit=ratelimit,
+    )
+
+
+_NO_SCRUB: Final = _Scrubber(None)
+
+
+# --- streams ----------------------------------------------------------------------------
+
+
+class _Choice:
+    """One choice (`index`) of a streamed answer, as its fragments arrive."""
+
+    __slots__ = (
+        "content",
+        "extra",
+        "finish_reason",
+        "function_call",
+        "logprobs_content",
+        "logprobs_refusal",
+        "logprobs_seen",
+        "refusal",
+        "role",
+        "tool_calls",
+    )
+
+    def __init__(self) -> None:
+        self.role: str | None = None
+        self.content: list[str] | None = None
+        self.refusal: list[str] | None = None
+        self.tool_calls: dict[int, dict[str, Any]] = {}
+        self.function_call: dict[str, Any] | None = None
+        self.extra: dict[str, Any] = {}
+        self.logprobs_seen = False
+        self.logprobs_content: list[Any] | None = None
+        self.logprobs_refusal: list[Any] | None = None
+        self.finish_reason: str | None = None
+
+    def add(self, choice: dict[str, Any]) -> None:
+        delta = choice.get("delta")
+        if isinstance(delta, dict):
+            for key, value in delta.items():
+                if value is None:
+                    continue
+                if key == "content" and isinstance(value, str):
+                    if self.content is None:
+                        self.content = []
+                    self.content.append(value)
+                elif key == "role":
+                    self.role = self.role or value
+                elif key == "refusal" and isinstance(value, str):
+                    if self.refusal is None:
+                        self.refusal = []
+                    self.refusal.append(value)
+                elif key == "tool_calls":
+                    self._add_tool_calls(value)
+                elif key == "function_call":
+                    if isinstance(value, dict):
+                        self.function_call = _merge_function(self.function_call, value)
+                else:
+                    self._add_extra(key, value)
+        logprobs = choice.get("logprobs")
+        if isinstance(logprobs, dict):
+            self.logprobs_seen = True
+            content = logprobs.get("content")
+            if isinstance(content, list):
+                if self.logprobs_content is None:
+                    self.logprobs_content = []
+                self.logprobs_content.extend(content)
+            refusal = logprobs.get("refusal")
+            if isinstance(refusal, list):
+                if self.logprobs_refusal is None:
+                    self.logprobs_refusal = []
+                self.logprobs_refusal.extend(refusal)
+        finish_reason = choice.get("finish_reason")
+        if finish_reason is not None:
+            self.finish_reason = finish_reason
+
+    def _add_tool_calls(self, fragments: object) -> None:
+        if not isinstance(fragments, list):
+            return
+        for fragment in fragments:
+            if not isinstance(fragment, dict):
+                continue
+            index = fragment.get("index")
+            if not isinstance(index, int):
+                # Some gateways leave out `index`: a new id starts a new call, otherwise the
+                # fragment continues the last one.
+                call_id = fragment.get("id")
+                known = [i for i, call in self.tool_calls.items() if call.get("id") == call_id]
+                if call_id is not None and known:
+                    index = known[0]
+                elif call_id is not None or not self.tool_calls:
+                    index = max(self.tool_calls, default=-1) + 1
+                else:
+                    index = max(self.tool_calls)
+            self.tool_calls[index] = _merge_tool_call(self.tool_calls.get(index), fragment)
+
+    def _add_extra(self, key: str, value: Any) -> None:
+        # Fields some providers add (DeepSeek's `reasoning_content`, `reasoning`, ...):
+        # text arrives in pieces, lists grow, anything else is a whole value.
+        old = self.extra.get(key)
+        if isinstance(value, str) and isinstance(old, str):
+            value = old + value
+        elif isinstance(value, list) and isinstance(old, list):
+            value = [*old, *value]
+        self.extra[key] = value
+
+    def message(self) -> dict[str, Any]:
+        message: dict[str, Any] = {
+            "role": self.role or "assistant",
+            "content": None if self.content is None else "".join(self.content),
+            "refusal": None if self.refusal is None else "".join(self.refusal),
+        }
+        if self.tool_calls:
+            message["tool_calls"] = [
+                _finish_tool_call(self.tool_calls[i]) for i in sorted(self.tool_calls)
+            ]
+        if self.function_call is not None:
+            message["function_call"] = self.function_call
+        message.update(self.extra)
+        return message
+
+    def logprobs(self) -> dict[str, Any] | None:
+        if not self.logprobs_seen:
+            return None
+        return {"content": self.logprobs_content, "refusal": self.logprobs_refusal}
+
+
+def _merge_function(function: dict[str, Any] | None, fragment: dict[str, Any]) -> dict[str, Any]:
+    """Adds one fragment of a function call: the name comes whole, the arguments in pieces."""
+    if function is None:
+        function = {"name": None, "arguments": ""}
+    name = fragment.get("name")
+    if name is not None and function["name"] is None:
+        function["name"] = name
+    arguments = fragment.get("arguments")
+    if isinstance(arguments, str):
+        function["arguments"] += arguments
+    return function
+
+
+def _merge_tool_call(call: dict[str, Any] | None, fragment: dict[str, Any]) -> dict[str, Any]:
+    """Adds one fragment of a tool call: id and type come whole in the first fragment."""
+    if call is None:
+        call = {"id": None, "type": None, "function": None}
+    for key in ("id", "type"):
+        value = fragment.get(key)
+        if value is not None and call[key] is None:
+            call[key] = value
+    function = fragment.get("function")
+    if isinstance(function, dict):
+        call["function"] = _merge_function(call["function"], function)
+    return call
+
+
+def _finish_tool_call(call: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": call["id"],
+        "type": call["type"] or "function",
+        "function": call["function"] or {"name": None, "arguments": ""},
+    }
+
+
+class StreamAssembler:
+    """Reassembles a streamed chat completion from the raw bytes of its server-sent events.
+
+    Feed it the bytes as they arrive, split anywhere; call `close()` at the end of the
+    stream; then `done` says whether `data: [DONE]` came, `error` holds an `error` event if
+    one came, `bad_event` an event that was not JSON, and `result()` is the completion
+    object as a non-streamed request would have returned it.
+    """
+
+    __slots__ = (
+        "_choices",
+        "_data",
+        "_held_cr",
+        "_line",
+        "_meta",
+        "_usage",
+        "bad_event",
+        "done",
+        "error",
+    )
+
+    def __init__(self) -> None:
+        self._line = bytearray()
+        self._held_cr = False
+        self._data: list[bytes] = []
+        self._meta: dict[str, Any] = {}
+        self._choices: dict[int, _Choice] = {}
+        self._usage: Any = None
+        #: `data: [DONE]` arrived: the stream is complete.
+        self.done = False
+        #: The first `error` event's error object.
+        self.error: dict[str, Any] | None = None
+        #: The first event whose data was not JSON (a short excerpt).
+        self.bad_event: str | None = None
+
+    def feed(self, data: bytes) -> None:
+        if not data:
+            return
+        if self._held_cr:
+            data = b"\r" + data
+            self._held_cr = False
+        if b"\r" in data:
+            # A CR at the end may be the first half of a CRLF split between two reads.
+            if data.endswith(b"\r"):
+                data = data[:-1]
+                self._held_cr = True
+            data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        start = 0
+        while True:
+            end = data.find(b"\n", start)
+            if end < 0:
+                self._line += data[start:]
+                return
+            if self._line:
+                self._line += data[start:end]
+                line = bytes(self._line)
+                self._line.clear()
+            else:
+                line = data[start:end]
+            self._on_line(line)
+            start = end + 1
+
+    def close(self) -> None:
+        """The stream has ended: a last complete event counts even without its blank line."""
+        if self._held_cr:
+            self._held_cr = False
+            self._on_line(bytes(self._line))
+            self._line.clear()
+        # An unterminated last line may have been cut short: it is dropped, as SSE says.
+        self._line.clear()
+        self._dispatch()
+
+    def _on_line(self, line: bytes) -> None:
+        if not line:
+            self._dispatch()
+        elif line.startswith(b"data:"):
+            value = line[5:]
+            self._data.append(value[1:] if value.startswith(b" ") else value)
+        # Comments (": keep-alive") and the other fields (event, id, retry) carry nothing
+        # a completion needs.
+
+    def _dispatch(self) -> None:
+        if not self._data:
+            return
+        payload = self._data[0] if len(self._data) == 1 else b"\n".join(self._data)
+        self._data.clear()
+        self._on_event(payload)
+
+    def _on_event(self, payload: bytes) -> None:
+        if payload.strip() == b"[DONE]":
+            self.done = True
+            return
+        try:
+            chunk = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            if self.bad_event is None:
+                self.bad_event = payload[:MESSAGE_BODY_CHARS].decode(errors="replace")
+            return
+        if not isinstance(chunk, dict):
+            return
+        error = chunk.get("error")
+        if error is not None:
+            if self.error is None:
+                self.error = _error_of(chunk) or {"message": str(error)}
+            return
+        meta = self._meta
+        for key in ("id", "created", "model", "system_fingerprint", "service_tier"):
+            value = chunk.get(key)
+            if value is not None and key not in meta:
+                meta[key] = value
+        usage = chunk.get("usage")
+        if usage is not None:
+            self._usage = usage
+        choices = chunk.get("choices")
+        if isinstance(choices, list):
+            for choice in choices:
+                if not isinstance(choice, dict):
+                    continue
+                index = choice.get("index", 0)
+                if not isinstance(index, int):
+                    index = 0
+                state = self._choices.get(index)
+                if state is None:
+                    state = self._choices[index] = _Choice()
+                state.add(choice)
+
+    def result(self) -> dict[str, Any]:
+        """The completion object reassembled from the events so far."""
+        meta = self._meta
+        completion: dict[str, Any] = {
+            "id": meta.get("id"),
+            "object": "chat.completion",
+            "created": meta.get("created"),
+            "model": meta.get("model"),
+            "choices": [
+                {
+                    "index": index,
+                    "message": choice.message(),
+                    "logprobs": choice.logprobs(),
+                    "finish_reason": choice.finish_reason,
+                }
+                for index, choice in sorted(self._choices.items())
+            ],
+        }
+        if "system_fingerprint" in meta:
+            completion["system_fingerprint"] = meta["system_fingerprint"]
+        if "service_tier" in meta:
+            completion["service_tier"] = meta["service_tier"]
+        if self._usage is not None:
+            completion["usage"] = self._usage
+        return completion
+
+
+def _stream_outcome(
+    assembler: StreamAssembler,
+    status: int,
+    headers: Headers,
+    latency_s: float,
+    scrub: _Scrubber,
+    broken: str | None,
+) -> Outcome:
+    request_id = headers.get("x-request-id") or headers.get("request-id")
+    ratelimit = parse_ratelimit(headers)
+    error = assembler.error
+    if error is not None:
+        if _says_quota(error):
+            return _quota(status, error, None, request_id, latency_s, ratelimit, scrub)
+        return Outcome(
+            OutcomeKind.RETRY,
+            status,
+            error_kind="stream_error",
+            message=scrub(_error_message(error) or "the stream carried an error event"),
+            body=scrub(orjson.dumps(error).decode()),
+            request_id=request_id,
+            latency_s=latency_s,
+            ratelimit=ratelimit,
+        )
+    if assembler.bad_event is not None:
+        return Outcome(
+            OutcomeKind.RETRY,
+            status,
+            error_kind="bad_json",
+            message="a stream event is not valid JSON",
+            body=scrub(assembler.bad_event),
+            request_id=request_id,
+            latency_s=latency_s,
+            ratelimit=ratelimit,
+        )
+    if not assembler.done:
+        return Outcome(
+            OutcomeKind.RETRY,
+            status,
+            error_kind="stream_broken",
+            message=scrub(broken) or "the stream ended before data: [DONE]",
+            request_id=request_id,
+            latency_s=latency_s,
+            ratelimit=ratelimit,
+        )
+    completion = assembler.result()
+    return Outcome(
+        OutcomeKind.SUCCESS,
+        status,
+        body=orjson.dumps(completion).decode(),
+        completion=completion,
+        request_id=request_id,
+        latency_s=latency_s,
+        ratelimit=ratelimit,
+    )
+
+
+# --- the client -------------------------------------------------------------------------
+
+
+class ApiClient:
+    """Sends requests to one OpenAI-compatible API over one connection pool.
+
+    Use as `async with ApiClient(...) as client: outcome = await client.send(...)`.
+    `send` never raises for network or HTTP trouble: everything becomes an `Outcome`.
+    """
+
+    def __init__(
+        self, base_url: str, api_key: str | None, *, concurrency: int, timeout_s: float
+    ) -> None:
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        if not timeout_s > 0:
+            raise ValueError("timeout_s must be positive")
+        self.base_url = base_url
+        self.concurrency = concurrency
+        self.timeout_s = timeout_s
+        self._headers = {
+            "Content-Type": "application/json",
+            "User-Agent": USER_AGENT,
+        }
+        if api_key:
+            self._headers["Authorization"] = f"Bearer {api_key}"
+        self._scrub = _Scrubber(api_key)
+        self._urls: dict[str, str] = {}
+        self._session: aiohttp.ClientSession | None = None
+
+    def __repr__(self) -> str:
+        # Spelled out so that the key can never show up in a log through a repr.
+        return f"ApiClient({self.base_url!r}, concurrency={self.concurrency})"
+
+    async def __aenter__(self) -> ApiClient:
+        connector = aiohttp.TCPConnector(
+            limit=self.concurrency,
+            # One API host: the per-host limit would only be a second, smaller cap.
+            limit_per_host=0,
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            headers=self._headers,
+            # `total` covers connecting, sending and reading the last byte of the answer, so
+            # a server that trickles bytes cannot hold a request forever.
+            timeout=aiohttp.ClientTimeout(total=self.timeout_s),
+        )
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Closes the connection pool; `async with` does this on exit."""
+        if self._session is not None:
+            session, self._session = self._session, None
+            await session.close()
+
+    def url_for(self, endpoint: str) -> str:
+        """The full URL of `endpoint` (such as `/v1/chat/completions`) on this API."""
+        url = self._urls.get(endpoint)
+        if url is None:
+            url = self._urls[endpoint] = join_url(self.base_url, endpoint)
+        return url
+
+    async def send(self, endpoint: str, body: bytes, *, stream: bool) -> Outcome:
+        """Sends one request body (as given) and classifies what came back."""
+        session = self._session
+        if session is None:
+            raise RuntimeError("ApiClient is used outside `async with`")
+        url = self.url_for(endpoint)
+        started = time.monotonic()
+        try:
+            data = body if len(body) <= STREAMED_BODY_BYTES else io.BytesIO(body)
+            async with session.post(url, data=data, allow_redirects=False) as response:
+                status = response.status
+                if stream and status == 200 and response.content_type != "application/json":
+                    return await self._read_stream(response, started)
+                raw = await response.read()
+        except TimeoutError:
+            return self._no_answer(
+                "timeout", f"no complete answer within {self.timeout_s:g} s", started
+            )
+        except aiohttp.InvalidURL as exc:
+            return Outcome(
+                OutcomeKind.FAIL_JOB,
+                None,
+                error_kind="invalid_url",
+                message=self._scrub(f"invalid URL: {exc}"),
+                latency_s=time.monotonic() - started,
+            )
+        except (aiohttp.ClientError, OSError) as exc:
+            return self._no_answer("connection", _describe(exc), started)
+        return _classify(
+            status, response.reason, response.headers, raw, time.monotonic() - started, self._scrub
+        )
+
+    async def _read_stream(self, response: aiohttp.ClientResponse, started: float) -> Outcome:
+        assembler = StreamAssembler()
+        broken: str | None = None
+        try:
+            async for data in response.content.iter_any():
+                assembler.feed(data)
+        except TimeoutError:
+            broken = f"the stream stalled past {self.timeout_s:g} s"
+            if not assembler.done:
+                return self._no_answer("timeout", broken, started, response)
+        except (aiohttp.ClientError, OSError) as exc:
+            broken = f"the stream broke off: {_describe(exc)}"
+        assembler.close()
+        return _stream_outcome(
+            assembler,
+            response.status,
+            response.headers,
+            time.monotonic() - started,
+            self._scrub,
+            broken,
+        )
+
+    def _no_answer(
+        self,
+        error_kind: str,
+        message: str,
+        started: float,
+        response: aiohttp.ClientResponse | None = None,
+    ) -> Outcome:
+        headers = response.headers if response is not None else None
+        return Outcome(
+            OutcomeKind.RETRY,
+            None if response is None else response.status,
+            error_kind=error_kind,
+            message=self._scrub(message),
+            request_id=None
+            if headers is None
+            else headers.get("x-request-id") or headers.get("request-id"),
+            latency_s=time.monotonic() - started,
+        )
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    name = type(exc).__name__
+    return f"{name}: {text}" if text else name

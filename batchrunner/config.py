@@ -1,0 +1,62 @@
+"""Settings of a run, frozen once the command line has been read."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_DB_URL = "sqlite:///batchrunner.db"
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
+DEFAULT_API_KEY_ENV = "OPENAI_API_KEY"
+
+#: How long a claimed job stays ours without a heartbeat; extended while the request is alive.
+LEASE_S = 60.0
+#: Environment variable behind `run --lease`: a shorter lease hands a dead worker's jobs to the
+#: others sooner, at the cost of more heartbeats.
+LEASE_ENV = "BATCHRUNNER_LEASE_S"
+#: How often the leases of jobs in flight are extended.
+LEASE_RENEW_S = 15.0
+#: After Ctrl-C, how long requests already sent may take to finish before they are abandoned.
+GRACE_S = 10.0
+#: The attempts log of jobs still retrying is written at least this often (ended jobs are
+#: written at once: see the dispatcher's writer).
+FLUSH_S = 1.0
+
+
+def db_url_from_env() -> str:
+    return os.environ.get("BATCHRUNNER_DB") or DEFAULT_DB_URL
+
+
+@dataclass(frozen=True, slots=True)
+class RunConfig:
+    """How one `batchrunner run` sends a batch."""
+
+    #: Requests in flight at once.
+    concurrency: int = 64
+    #: Requests per minute for the whole batch; None = no limit.
+    rpm: float | None = None
+    #: Tokens per minute for the whole batch (prompt estimate + max output); None = no limit.
+    tpm: float | None = None
+    #: HTTP attempts per job before it fails (transient errors only).
+    max_attempts: int = 6
+    #: Seconds one request may take, first byte to last.
+    timeout_s: float = 600.0
+    #: Stop before a request could take the batch's cost past this many US dollars.
+    max_cost_usd: float | None = None
+    #: Overrides of what the batch stored at submit.
+    base_url: str | None = None
+    api_key_env: str | None = None
+    #: Retry answers whose content does not match the request's json_schema.
+    retry_invalid_json: bool = False
+    #: A price file (TOML) overriding or adding model prices.
+    prices_path: Path | None = None
+    #: Backoff before the second attempt (doubling after that, up to retry_max_s), plus a
+    #: random 0..retry_jitter_s.
+    retry_base_s: float = 1.0
+    retry_max_s: float = 60.0
+    retry_jitter_s: float = 1.0
+    lease_s: float = LEASE_S
+    lease_renew_s: float = LEASE_RENEW_S
+    grace_s: float = GRACE_S
+    flush_s: float = FLUSH_S

@@ -1,0 +1,609 @@
+"""Claim -> pace -> send -> record, with leases, batched writes and a graceful stop.
+
+One run is a handful of tasks around an in-memory queue:
+
+    feeder     claims pending jobs from the store in chunks (one transaction per chunk)
+    workers    `concurrency` tasks: pace, send, retry (tenacity through retry.py), then hand
+               the job's end to the writer; no database round trip on this path
+    writer     records ended jobs and the attempts log in batched transactions, each row
+               fenced by the lease token it was claimed with
+    coordinator  (coordination.py) extends the leases of the jobs this worker holds, shares
+               the batch's rate limits and the server's pauses with the other live workers
+
+A stop (Ctrl-C, a bad key, an empty balance, the budget) stops the feeder, lets requests already
+sent finish within a grace period, records what ended and gives every other job back as pending.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import random
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from decimal import Decimal
+from typing import Any
+
+import orjson
+
+from batchrunner.client import ApiClient
+from batchrunner.config import RunConfig
+from batchrunner.coordination import Coordinator, WorkerCounters, heartbeat_interval_s
+from batchrunner.errors import AuthError, BudgetExceeded, QuotaError, RunAborted, StoreError
+from batchrunner.limiter import Pacer
+from batchrunner.models import JobState
+from batchrunner.outcome import Outcome, OutcomeKind
+from batchrunner.pricing import PriceBook, usage_from_completion
+from batchrunner.retry import RetryPolicy, call_with_retries
+from batchrunner.schema import SchemaCheck
+from batchrunner.store import AttemptRecord, BatchInfo, ClaimedJob, Ended, JobStore
+from batchrunner.tokens import estimate_request
+
+log = logging.getLogger(__name__)
+
+#: Largest number of jobs claimed in one transaction.
+MAX_CLAIM_ROWS = 1_000
+#: How often a run with nothing to claim looks again (jobs held by other workers, backoffs).
+IDLE_POLL_S = 1.0
+#: A job is not sent when its lease has less than this left (or a quarter of the lease, when
+#: that is shorter): the answer could come too late to be recorded.
+LEASE_MARGIN_S = 1.0
+#: Attempts at writing one batch of ended jobs before the run gives up.
+WRITE_ATTEMPTS = 5
+WRITE_RETRY_S = 1.0
+
+
+class StopReason(enum.Enum):
+    #: Every job of the batch has ended.
+    DONE = "done"
+    #: Ctrl-C / SIGTERM.
+    INTERRUPTED = "interrupted"
+    AUTH = "auth"
+    QUOTA = "quota"
+    BUDGET = "budget"
+    DATABASE = "database"
+    #: A bug: the run stops rather than leave a job unfinished forever.
+    ERROR = "error"
+
+
+@dataclass
+class RunStats:
+    """Live counters of this worker, for the progress display and `status`."""
+
+    started_s: float = field(default_factory=time.monotonic)
+    #: Jobs of the batch that had ended when the run started.
+    ended_before: int = 0
+    total: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    in_flight: int = 0
+    retrying: int = 0
+    sent: int = 0
+    tokens: int = 0
+    fenced: int = 0
+    #: Jobs not sent because their lease ran out first (this worker had stalled).
+    lost_leases: int = 0
+    #: Ended jobs the writer has not yet committed.
+    unwritten: int = 0
+
+    @property
+    def ended(self) -> int:
+        return self.succeeded + self.failed
+
+    def rate_per_s(self, now_s: float) -> float:
+        elapsed = now_s - self.started_s
+        return self.ended / elapsed if elapsed > 0 else 0.0
+
+    def eta_s(self, now_s: float) -> float | None:
+        rate = self.rate_per_s(now_s)
+        left = self.total - self.ended_before - self.ended
+        return left / rate if rate > 0 and left > 0 else None
+
+
+@dataclass(frozen=True, slots=True)
+class RunResult:
+    reason: StopReason
+    message: str | None
+    stats: RunStats
+    #: Jobs of the batch not ended when the run stopped.
+    unfinished: int
+    failed_in_batch: int
+
+
+_CANCELLED = Outcome(OutcomeKind.RETRY, None, error_kind="cancelled")
+
+
+class _Abandon(Exception):
+    """A job given back because the run is stopping."""
+
+
+class _LeaseLost(Exception):
+    """A job whose lease ran out before it was sent: it is no longer this worker's."""
+
+
+class Budget:
+    """A cost cap that reserves each request's worst case before it is sent."""
+
+    def __init__(self, cap_usd: Decimal, spent_usd: Decimal, prices: PriceBook) -> None:
+        self.cap_usd = cap_usd
+        self.committed_usd = spent_usd
+        self.reserved_usd = Decimal(0)
+        self._prices = prices
+
+    def worst_case(self, job: ClaimedJob) -> Decimal:
+        est = estimate_request(orjson.loads(job.body))
+        cost = self._prices.worst_case_cost(
+            est.model, est.prompt_tokens, est.worst_case_output_tokens
+        )
+        if cost is None:
+            raise BudgetExceeded(
+                f"no price is known for model {est.model!r}, so --max-cost cannot be kept;"
+                " add it to a price file (--prices)"
+            )
+        return cost
+
+    def reserve(self, amount: Decimal) -> bool:
+        if self.committed_usd + self.reserved_usd + amount > self.cap_usd:
+            return False
+        self.reserved_usd += amount
+        return True
+
+    def settle(self, reserved: Decimal, actual: Decimal | None) -> None:
+        self.reserved_usd -= reserved
+        # An unknown actual cost keeps the whole reservation: the cap must hold.
+        self.committed_usd += reserved if actual is None else actual
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        store: JobStore,
+        batch: BatchInfo,
+        config: RunConfig,
+        *,
+        api_key: str | None,
+        base_url: str,
+        prices: PriceBook | None = None,
+        spent_usd: Decimal = Decimal(0),
+        rng: random.Random | None = None,
+    ) -> None:
+        self.store = store
+        self.batch = batch
+        self.config = config
+        self.api_key = api_key
+        self.base_url = base_url
+        self.worker_id = f"w-{uuid.uuid4().hex[:12]}"
+        self.stats = RunStats()
+        self.policy = RetryPolicy(
+            max_attempts=config.max_attempts,
+            base_delay_s=config.retry_base_s,
+            max_delay_s=config.retry_max_s,
+            jitter_s=config.retry_jitter_s,
+        )
+        self.pacer = Pacer(config.rpm, config.tpm)
+        self.prices = prices or PriceBook.load(config.prices_path)
+        self.budget = (
+            Budget(Decimal(str(config.max_cost_usd)), spent_usd, self.prices)
+            if config.max_cost_usd is not None
+            else None
+        )
+        self._rng = rng or random.Random()
+        self._queue: asyncio.Queue[ClaimedJob] = asyncio.Queue()
+        self._claim_rows = max(16, min(MAX_CLAIM_ROWS, 2 * config.concurrency))
+        self._ended: list[Ended] = []
+        self._attempts: list[AttemptRecord] = []
+        self._stopping = asyncio.Event()
+        self._feeder_done = asyncio.Event()
+        self._wake_writer = asyncio.Event()
+        self._reason: StopReason | None = None
+        self._message: str | None = None
+        self._schema = SchemaCheck()
+        self._token_seq = 0
+        #: Lease expiry (Unix) of each claim, as claimed; heartbeats extend them all.
+        self._claims: dict[str, float] = {}
+        self._forced = False
+
+    # -- control ----------------------------------------------------------------------------
+
+    def stop(self, reason: StopReason = StopReason.INTERRUPTED, message: str | None = None) -> None:
+        """Stop claiming; requests already sent may finish within the grace period."""
+        if self._reason is None:
+            self._reason = reason
+            self._message = message
+        self._stopping.set()
+
+    def force_stop(self) -> None:
+        """Stop without waiting for requests in flight; they are sent again by the next run."""
+        self._forced = True
+        self.stop()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    # -- the run ----------------------------------------------------------------------------
+
+    async def run(self) -> RunResult:
+        counts = await self.store.counts(self.batch.id)
+        self.stats.total = counts.total
+        self.stats.ended_before = counts.total - counts.unfinished
+        now = time.time()
+        await self.store.register_worker(self.worker_id, self.batch.id, now)
+        self._coordinator = Coordinator(
+            self.store,
+            self.batch.id,
+            self.worker_id,
+            self.pacer,
+            rpm=self.config.rpm,
+            tpm=self.config.tpm,
+            lease_s=self.config.lease_s,
+            heartbeat_s=heartbeat_interval_s(self.config.lease_s, self.config.lease_renew_s),
+            counters=self._counters,
+        )
+        # This worker's share of the batch's limits, before its first request.
+        await self._coordinator.join()
+        try:
+            async with ApiClient(
+                self.base_url,
+                self.api_key,
+                concurrency=self.config.concurrency,
+                timeout_s=self.config.timeout_s,
+            ) as client:
+                await self._run_with(client)
+        finally:
+            try:
+                await self.store.stop_worker(self.worker_id, time.time())
+            except StoreError as exc:
+                log.warning("could not mark worker %s stopped: %s", self.worker_id, exc)
+        counts = await self.store.counts(self.batch.id)
+        reason = self._reason or StopReason.DONE
+        return RunResult(
+            reason=reason,
+            message=self._message,
+            stats=self.stats,
+            unfinished=counts.unfinished,
+            failed_in_batch=counts.counts[JobState.FAILED.value],
+        )
+
+    async def _run_with(self, client: ApiClient) -> None:
+        writer = asyncio.create_task(self._writer(), name="writer")
+        coordinator = asyncio.create_task(self._coordinator.run(), name="coordinator")
+        feeder = asyncio.create_task(self._feeder(), name="feeder")
+        workers = [
+            asyncio.create_task(self._worker(client), name=f"worker-{i}")
+            for i in range(self.config.concurrency)
+        ]
+        try:
+            await self._wait_until_done(feeder, workers)
+        finally:
+            self._stopping.set()
+            feeder.cancel()
+            await asyncio.gather(feeder, return_exceptions=True)
+            # Workers idle on the queue or still sending past the grace period.
+            for w in workers:
+                w.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+            coordinator.cancel()
+            await asyncio.gather(coordinator, return_exceptions=True)
+            self._feeder_done.set()
+            self._wake_writer.set()
+            await writer
+            await self._give_back()
+
+    async def _wait_until_done(self, feeder: asyncio.Task[None], workers: list[Any]) -> None:
+        stop_wait = asyncio.create_task(self._stopping.wait())
+        try:
+            done, _ = await asyncio.wait({feeder, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+            if feeder in done and feeder.exception() is not None:
+                raise feeder.exception()  # type: ignore[misc]
+            if self.stopping:
+                # Grace: requests already sent may finish and be recorded.
+                deadline = time.monotonic() + self.config.grace_s
+                # Polls a counter that every worker changes; an event per change would cost
+                # the hot path more than this loop costs once per run.
+                while self.stats.in_flight and time.monotonic() < deadline:
+                    if self._forced:
+                        break
+                    await asyncio.sleep(0.05)
+                return
+            # The feeder found nothing left to claim: wait for the workers to drain.
+            await self._queue.join()
+        finally:
+            stop_wait.cancel()
+
+    async def _feeder(self) -> None:
+        """Keep the queue topped up; end when no job of the batch is left unfinished."""
+        low_water = max(1, self._claim_rows // 2)
+        failures = 0
+        while not self.stopping:
+            if self._queue.qsize() >= low_water:
+                await asyncio.sleep(0.005)
+                continue
+            self._token_seq += 1
+            token = f"{self.worker_id}.{self._token_seq}"
+            claimed_at = time.time()
+            try:
+                jobs = await self.store.claim(
+                    self.batch.id,
+                    self.worker_id,
+                    token,
+                    self._claim_rows,
+                    claimed_at,
+                    self.config.lease_s,
+                )
+            except StoreError as exc:
+                # A deadlock victim or a dropped connection: the claim rolled back whole.
+                failures += 1
+                if failures >= WRITE_ATTEMPTS:
+                    raise
+                log.warning("claiming jobs failed (%s); trying again", exc.message)
+                await asyncio.sleep(WRITE_RETRY_S * failures)
+                continue
+            failures = 0
+            if jobs:
+                self._claims[token] = claimed_at + self.config.lease_s
+            for job in jobs:
+                self._queue.put_nowait(job)
+            if jobs:
+                continue
+            # Nothing claimable: done once our own work is recorded and no other worker
+            # holds an unfinished job (its lease may yet expire and come back to us).
+            await self._queue.join()
+            await self._flushed()
+            counts = await self.store.counts(self.batch.id)
+            if counts.unfinished == 0:
+                return
+            await asyncio.sleep(IDLE_POLL_S)
+
+    async def _flushed(self) -> None:
+        while self._ended or self._attempts:
+            self._wake_writer.set()
+            await asyncio.sleep(0.01)
+
+    async def _worker(self, client: ApiClient) -> None:
+        while True:
+            job = await self._queue.get()
+            try:
+                if self.stopping:
+                    continue  # still leased to us: _give_back releases it
+                await self._process(client, job)
+            except Exception as exc:
+                log.exception("job %s (line %d) broke the worker", job.custom_id, job.line)
+                self.stop(StopReason.ERROR, f"internal error on line {job.line}: {exc!r}")
+            finally:
+                self._queue.task_done()
+
+    async def _process(self, client: ApiClient, job: ClaimedJob) -> None:
+        body = job.body.encode()
+        policy = self.policy
+        if job.attempts:
+            # Attempts of earlier runs count against the cap.
+            policy = replace(policy, max_attempts=max(1, policy.max_attempts - job.attempts))
+        reserved = Decimal(0)
+
+        async def attempt(number: int) -> Outcome:
+            nonlocal reserved
+            if self.stopping:
+                raise _Abandon()
+            if self.budget is not None and not reserved:
+                try:
+                    reserved = self.budget.worst_case(job)
+                except BudgetExceeded as exc:
+                    self.stop(StopReason.BUDGET, exc.message)
+                    raise _Abandon() from None
+                if not self.budget.reserve(reserved):
+                    reserved = Decimal(0)
+                    self.stop(
+                        StopReason.BUDGET,
+                        f"the next request could take the cost past --max-cost "
+                        f"${self.budget.cap_usd} (spent ${self.budget.committed_usd:.4f}); "
+                        "run again with a higher cap to go on",
+                    )
+                    raise _Abandon()
+            sent_at = await self.pacer.acquire(job.est_tokens)
+            if not self._lease_alive(job):
+                # Stalled past the lease (a stopped process, a lost database): another
+                # worker may have the job by now; its answer would be fenced anyway.
+                self.pacer.observe(_CANCELLED, job.est_tokens, sent_at_s=sent_at)
+                self.stats.lost_leases += 1
+                raise _LeaseLost()
+            started = time.time()
+            self.stats.in_flight += 1
+            self.stats.sent += 1
+            try:
+                outcome = await client.send(job.endpoint, body, stream=job.stream)
+            except asyncio.CancelledError:
+                # Abandoned after the grace period: the pacer still hears of it.
+                self.pacer.observe(_CANCELLED, job.est_tokens, sent_at_s=sent_at)
+                raise
+            finally:
+                self.stats.in_flight -= 1
+            self.pacer.observe(outcome, job.est_tokens, sent_at_s=sent_at)
+            if outcome.kind is OutcomeKind.SUCCESS:
+                outcome = self._check_schema(job, outcome)
+            self._attempts.append(
+                AttemptRecord(
+                    job_id=job.id,
+                    status_code=outcome.status,
+                    error_kind=None if outcome.kind is OutcomeKind.SUCCESS else outcome.error_kind,
+                    latency_ms=outcome.latency_s * 1000.0,
+                    request_id=outcome.request_id,
+                    started_at=started,
+                )
+            )
+            if outcome.kind is OutcomeKind.STOP_RUN:
+                reason = StopReason.QUOTA if outcome.error_kind == "quota" else StopReason.AUTH
+                error = QuotaError if reason is StopReason.QUOTA else AuthError
+                detail = f" ({outcome.status}: {outcome.message})" if outcome.message else ""
+                self.stop(reason, f"{error().message}{detail}")
+            elif outcome.kind is OutcomeKind.RETRY:
+                self.stats.retrying += 1
+            return outcome
+
+        async def sleep(delay_s: float) -> None:
+            try:
+                await asyncio.wait_for(self._stopping.wait(), timeout=delay_s)
+            except TimeoutError:
+                return
+            finally:
+                self.stats.retrying -= 1
+            raise _Abandon()
+
+        try:
+            outcome, attempts = await call_with_retries(policy, attempt, sleep=sleep, rng=self._rng)
+        except (_Abandon, _LeaseLost):
+            if self.budget is not None and reserved:
+                self.budget.settle(reserved, Decimal(0))
+            return  # still leased to us (_give_back releases it), or no longer ours
+        if outcome.kind is OutcomeKind.RETRY:
+            self.stats.retrying -= 1  # the last attempt was not followed by a sleep
+        if outcome.kind is OutcomeKind.STOP_RUN:
+            if self.budget is not None and reserved:
+                self.budget.settle(reserved, Decimal(0))
+            return  # the job itself is fine: pending again for the next run
+        self._end(job, outcome, attempts, reserved)
+
+    def _lease_alive(self, job: ClaimedJob) -> bool:
+        until = max(self._claims.get(job.lease_token, 0.0), self._coordinator.leases_until)
+        return time.time() < until - min(LEASE_MARGIN_S, self.config.lease_s / 4)
+
+    def _check_schema(self, job: ClaimedJob, outcome: Outcome) -> Outcome:
+        if not self.config.retry_invalid_json or not SchemaCheck.wanted(job.body):
+            return outcome
+        verdict = self._schema.verdict(job.body, outcome.completion)
+        if verdict is False:
+            return replace(
+                outcome,
+                kind=OutcomeKind.RETRY,
+                error_kind="invalid_json",
+                message="the content does not match the request's json_schema",
+            )
+        return outcome
+
+    def _end(self, job: ClaimedJob, outcome: Outcome, attempts: int, reserved: Decimal) -> None:
+        if outcome.kind is OutcomeKind.SUCCESS and outcome.completion is not None:
+            completion = outcome.completion
+            # No usage (a stream without include_usage): unknown, never zero.
+            usage = usage_from_completion(completion)
+            model = completion.get("model") if isinstance(completion.get("model"), str) else None
+            if self.budget is not None:
+                actual = None if usage is None else self.prices.cost(model or job.model, usage)
+                self.budget.settle(reserved, actual)
+            self.stats.succeeded += 1
+            self.stats.tokens += usage.total_tokens if usage else 0
+            self._ended.append(
+                Ended(
+                    job_id=job.id,
+                    lease_token=job.lease_token,
+                    state=JobState.SUCCEEDED,
+                    attempts=attempts,
+                    status_code=outcome.status,
+                    latency_ms=outcome.latency_s * 1000.0,
+                    request_id=outcome.request_id,
+                    response=outcome.body,
+                    model=model,
+                    prompt_tokens=usage.prompt_tokens if usage else None,
+                    completion_tokens=usage.completion_tokens if usage else None,
+                    cached_tokens=usage.cached_tokens if usage else None,
+                    reasoning_tokens=usage.reasoning_tokens if usage else None,
+                    total_tokens=usage.total_tokens if usage else None,
+                    schema_valid=self._schema.verdict(job.body, completion)
+                    if SchemaCheck.wanted(job.body)
+                    else None,
+                )
+            )
+        else:
+            if self.budget is not None and reserved:
+                # A failed request may still have been billed for its prompt; keep it reserved.
+                self.budget.settle(reserved, None)
+            self.stats.failed += 1
+            self._ended.append(
+                Ended(
+                    job_id=job.id,
+                    lease_token=job.lease_token,
+                    state=JobState.FAILED,
+                    attempts=attempts,
+                    status_code=outcome.status,
+                    latency_ms=outcome.latency_s * 1000.0,
+                    request_id=outcome.request_id,
+                    error_kind=outcome.error_kind,
+                    error=outcome.body or outcome.message,
+                )
+            )
+        self.stats.unwritten = len(self._ended)
+        self._wake_writer.set()
+
+    # -- writing ----------------------------------------------------------------------------
+
+    async def _writer(self) -> None:
+        """Group commit: whatever ended while the last transaction was being written goes in
+        the next one. Under load the batches grow by themselves; when it is quiet an answer
+        is durable within one commit, so a crash loses (and re-sends) next to nothing beyond
+        what was in flight."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                # Attempts of jobs still retrying are logged at least this often.
+                await asyncio.wait_for(self._wake_writer.wait(), timeout=self.config.flush_s)
+            self._wake_writer.clear()
+            await self._flush()
+            if self._feeder_done.is_set() and not self._ended and not self._attempts:
+                return
+
+    async def _flush(self) -> None:
+        if not self._ended and not self._attempts:
+            return
+        ended, self._ended = self._ended, []
+        attempts, self._attempts = self._attempts, []
+        for attempt in range(1, WRITE_ATTEMPTS + 1):
+            try:
+                outcome = await self.store.record(
+                    self.batch.id, self.worker_id, ended, attempts, time.time()
+                )
+            except StoreError as exc:
+                if attempt == WRITE_ATTEMPTS:
+                    self.stop(
+                        StopReason.DATABASE,
+                        f"could not record results: {exc.message}; the jobs stay unfinished"
+                        " and are sent again by the next run",
+                    )
+                    return
+                log.warning("recording results failed (%s); trying again", exc.message)
+                await asyncio.sleep(WRITE_RETRY_S * attempt)
+                continue
+            self.stats.fenced += outcome.fenced
+            self.stats.unwritten = len(self._ended)
+            return
+
+    async def _give_back(self) -> None:
+        """Every job still held goes back to pending for the next run."""
+        try:
+            await self.store.release_all(self.worker_id, self.batch.id)
+        except StoreError as exc:
+            log.warning("could not give back unfinished jobs: %s; their leases expire", exc)
+
+    # -- coordination -----------------------------------------------------------------------
+
+    def _counters(self) -> WorkerCounters:
+        st = self.stats
+        return WorkerCounters(
+            sent=st.sent, succeeded=st.succeeded, failed=st.failed, tokens=st.tokens
+        )
+
+
+def exit_reason_error(result: RunResult) -> RunAborted | None:
+    """The error a stopped run reports, or None when it was not aborted."""
+    if result.reason in (StopReason.DONE, StopReason.INTERRUPTED):
+        return None
+    kinds: dict[StopReason, type[RunAborted]] = {
+        StopReason.AUTH: AuthError,
+        StopReason.QUOTA: QuotaError,
+        StopReason.BUDGET: BudgetExceeded,
+    }
+    return kinds.get(result.reason, RunAborted)(result.message)
+
+
+Sleep = Callable[[float], Awaitable[None]]

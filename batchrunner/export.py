@@ -1,0 +1,569 @@
+"""Results out of the job store, streaming: CSV for people, JSONL in OpenAI's Batch output format.
+
+Both formats read the batch page by page (`JobStore.iter_export_rows`) and write as they go, so
+memory stays flat whatever the batch size. Only jobs that have ended are exported: an export
+taken while a run is going shows what has ended so far, and taking it again later shows more.
+
+CSV (`CSV_COLUMNS`, then one `meta.<key>` column per key of the jobs' metadata):
+
+* One row per job; a completion with `n` > 1 choices gives one row per choice, numbered in the
+  `choice` column. Usage and cost are per request, so the token and `cost_usd` cells are filled
+  on the row of choice 0 only: summing a column gives the batch's totals.
+* `cost_usd` is in US dollars, written in plain decimal notation; it is empty when the model's
+  price is unknown or the answer reported no usage, never 0 for "unknown".
+* `tool_calls` is the JSON text of the message's `tool_calls`; content that is not a string
+  (some gateways answer with a list of parts) is written as its JSON text too.
+* The metadata columns: metadata is fixed at submit, so its keys are collected with one cheap
+  query over the batch's jobs before the first row is written (the header must come first and a
+  streamed export cannot go back). Keys are sorted; a value that is not a string is written as
+  its JSON text. A batch whose metadata has more than `MAX_META_COLUMNS` distinct keys gets a
+  single `meta` column holding the whole metadata object as JSON instead.
+* UTF-8, RFC 4180 quoting by Python's csv module (newlines and quotes inside content survive),
+  CRLF line ends. No byte order mark by default: most programs that read CSV take the BOM for
+  part of the first column name. `bom=True` writes one for Excel, which otherwise reads UTF-8
+  CSV as the local code page. Cells are written as they are: content that starts with `=` is
+  not defused, so a spreadsheet may take it for a formula.
+
+JSONL: one line per job, `{"id", "custom_id", "response", "error"}` as OpenAI's Batch API writes
+its output and error files. A succeeded job's `response.body` is the stored completion object,
+byte for byte. A failed job has `"error": {"code", "message"}`; when the API answered, `response`
+holds its status and its error body (null when the body was not JSON), otherwise `response` is
+null (timeouts, connection errors). Cancelled jobs: `response` null, code `batch_cancelled`.
+
+`failed_only=True` exports failed jobs only. To send them again, either `batchrunner retry BATCH`
+then `batchrunner run BATCH` (same batch, same endpoint), or `export_requests`, which writes the
+failed jobs as a new request file (OpenAI Batch input lines with their `custom_id` and
+metadata) to submit as a new batch, for instance against another endpoint or model.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import AsyncIterator, Collection, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import IO, Any, BinaryIO, Final, Literal, TextIO
+
+import orjson
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from batchrunner import db
+from batchrunner.errors import StoreError
+from batchrunner.models import JobState
+from batchrunner.pricing import PriceBook, UsageCounts
+from batchrunner.store import ExportRow, JobStore
+
+ExportFormat = Literal["csv", "jsonl"]
+
+#: The CSV columns before the metadata ones, in order.
+CSV_COLUMNS: Final = (
+    "custom_id",
+    "line",
+    "state",
+    "choice",
+    "model",
+    "finish_reason",
+    "content",
+    "tool_calls",
+    "refusal",
+    "prompt_tokens",
+    "cached_tokens",
+    "completion_tokens",
+    "reasoning_tokens",
+    "total_tokens",
+    "cost_usd",
+    "latency_ms",
+    "attempts",
+    "request_id",
+    "schema_valid",
+    "status_code",
+    "error_kind",
+    "error",
+)
+#: Prefix of the metadata columns: `meta.topic` for a job whose metadata has a key `topic`.
+META_PREFIX: Final = "meta."
+#: More distinct metadata keys than this (ids used as keys, say) would make an unreadable sheet:
+#: the whole metadata object goes into one `meta` column instead.
+MAX_META_COLUMNS: Final = 200
+#: Jobs the store reads per query.
+PAGE_ROWS: Final = 5_000
+#: CSV records turned into text at once, and text gathered before one write to the output.
+CSV_CHUNK_RECORDS: Final = 500
+WRITE_CHUNK_CHARS: Final = 1 << 20
+#: JSONL lines written in one piece.
+WRITE_CHUNK_ROWS: Final = 2_000
+#: OpenAI's code and message for a request of a cancelled batch.
+CANCELLED_CODE: Final = "batch_cancelled"
+CANCELLED_MESSAGE: Final = "This request was not executed because the batch was cancelled."
+
+_UTF8_BOM: Final = "\ufeff"
+_EMPTY: Final = ""
+
+
+async def export_batch(
+    store: JobStore,
+    batch_id: str,
+    out: BinaryIO | TextIO,
+    *,
+    fmt: ExportFormat,
+    failed_only: bool = False,
+    prices: PriceBook | None = None,
+    bom: bool = False,
+) -> int:
+    """Write the batch's ended jobs to `out` as CSV or JSONL; returns the rows written.
+
+    `out` may be a binary stream (bytes are UTF-8) or a text stream (open files with
+    `newline=""`, as for any CSV). `prices` defaults to `PriceBook.load()` (the user's price
+    file, then genai-prices). `bom` (CSV only) starts the file with a UTF-8 byte order mark.
+    Raises `BatchNotFound` for an unknown batch.
+    """
+    if fmt not in ("csv", "jsonl"):
+        raise ValueError(f"unknown export format {fmt!r}: csv or jsonl")
+    batch = await store.get_batch(batch_id)
+    sink = _Sink(out)
+    rows = store.iter_export_rows(batch_id, failed_only=failed_only, chunk_rows=PAGE_ROWS)
+    if fmt == "jsonl":
+        written = await _write_jsonl(rows, sink, _request_id_prefix(batch.id))
+    else:
+        meta_keys = await batch_meta_keys(store, batch_id)
+        written = await _write_csv(rows, sink, prices or PriceBook.load(), meta_keys, bom=bom)
+    sink.flush()
+    return written
+
+
+async def export_requests(
+    store: JobStore,
+    batch_id: str,
+    out: BinaryIO | TextIO,
+    *,
+    states: Collection[JobState] = (JobState.FAILED,),
+) -> int:
+    """Write the batch's jobs in `states` (default: the failed ones) as a request file that
+    `batchrunner submit` takes: OpenAI Batch input lines with the original `custom_id`, body and
+    metadata, in line order. Returns the lines written."""
+    await store.get_batch(batch_id)
+    sink = _Sink(out)
+    written = 0
+    chunk: list[bytes] = []
+    async for job in iter_job_requests(store, batch_id, states=states):
+        line: dict[str, Any] = {
+            "custom_id": job.custom_id,
+            "method": "POST",
+            "url": job.endpoint,
+            "body": orjson.Fragment(_one_line_json(job.body)),
+        }
+        if job.meta:
+            line["metadata"] = orjson.Fragment(_one_line_json(job.meta))
+        chunk.append(orjson.dumps(line))
+        written += 1
+        if len(chunk) >= WRITE_CHUNK_ROWS:
+            sink.write_lines(chunk)
+            chunk = []
+    sink.write_lines(chunk)
+    sink.flush()
+    return written
+
+
+def csv_header(meta_keys: Sequence[str]) -> list[str]:
+    """The CSV header for a batch whose metadata has these keys (see `batch_meta_keys`)."""
+    if len(meta_keys) > MAX_META_COLUMNS:
+        return [*CSV_COLUMNS, "meta"]
+    return [*CSV_COLUMNS, *(META_PREFIX + key for key in meta_keys)]
+
+
+# --- CSV -----------------------------------------------------------------------------------
+
+
+async def _write_csv(
+    rows: AsyncIterator[ExportRow],
+    sink: _Sink,
+    prices: PriceBook,
+    meta_keys: list[str],
+    *,
+    bom: bool,
+) -> int:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    if bom:
+        buffer.write(_UTF8_BOM)
+    writer.writerow(csv_header(meta_keys))
+    cells = _CsvCells(prices, meta_keys)
+    add = cells.add
+    written = 0
+    records: list[list[Any]] = []
+    # Rows are handled as they stream in: holding a page of them would keep thousands of
+    # objects alive across garbage collections, which then cost more than the rest.
+    async for row in rows:
+        add(row, records)
+        if len(records) >= CSV_CHUNK_RECORDS:
+            writer.writerows(records)
+            written += len(records)
+            records = []
+            if buffer.tell() >= WRITE_CHUNK_CHARS:
+                sink.write_text(buffer.getvalue())
+                buffer.seek(0)
+                buffer.truncate()
+    writer.writerows(records)
+    written += len(records)
+    sink.write_text(buffer.getvalue())
+    return written
+
+
+class _CsvCells:
+    """Turns exported jobs into CSV records (one per choice)."""
+
+    def __init__(self, prices: PriceBook, meta_keys: list[str]) -> None:
+        self._cost = prices.cost
+        self._meta_keys = meta_keys
+        self._whole_meta = len(meta_keys) > MAX_META_COLUMNS
+        self._no_meta: list[object] = [_EMPTY] * (1 if self._whole_meta else len(meta_keys))
+
+    def add(self, row: ExportRow, records: list[list[Any]]) -> None:
+        """Append the records of `row` to `records`."""
+        meta = self._meta_cells(row.meta)
+        if row.response is None or row.state != _SUCCEEDED:
+            records.append(
+                [
+                    row.custom_id,
+                    row.line,
+                    row.state,
+                    None,
+                    row.model,
+                    None,
+                    None,
+                    None,
+                    None,
+                    *_NO_USAGE,
+                    _latency(row.latency_ms),
+                    row.attempts,
+                    row.request_id,
+                    None,
+                    row.last_status,
+                    row.error_kind,
+                    _failure(row)[1],
+                    *meta,
+                ]
+            )
+            return
+        completion = _loads_object(row.response)
+        model = completion.get("model")
+        if not isinstance(model, str) or not model:
+            model = row.model
+        usage_cells: Sequence[object]
+        if row.prompt_tokens is not None and isinstance(completion.get("usage"), dict):
+            usage = UsageCounts(
+                row.prompt_tokens,
+                row.completion_tokens or 0,
+                row.cached_tokens or 0,
+                row.reasoning_tokens or 0,
+                row.total_tokens or 0,
+            )
+            cost = self._cost(model, usage)
+            usage_cells = (
+                usage.prompt_tokens,
+                usage.cached_tokens,
+                usage.completion_tokens,
+                usage.reasoning_tokens,
+                usage.total_tokens,
+                None if cost is None else format(cost, "f"),  # str() could say 4.5E-7
+            )
+        else:
+            # No usage in the answer: unknown, which is not zero.
+            usage_cells = _NO_USAGE
+        latency = _latency(row.latency_ms)
+        schema_valid = _BOOL_CELLS[row.schema_valid]
+        choices = completion.get("choices")
+        if not isinstance(choices, list) or not choices:
+            choices = [{}]
+        for number, choice in enumerate(choices):
+            if not isinstance(choice, dict):
+                choice = {}
+            message = choice.get("message")
+            if not isinstance(message, dict):
+                message = {}
+            content = message.get("content")
+            refusal = message.get("refusal")
+            tool_calls = message.get("tool_calls")
+            index = choice.get("index")
+            records.append(
+                [
+                    row.custom_id,
+                    row.line,
+                    row.state,
+                    index if type(index) is int else number,
+                    model,
+                    choice.get("finish_reason"),
+                    content if content is None or type(content) is str else _json_text(content),
+                    _json_text(tool_calls) if tool_calls else None,
+                    refusal if refusal is None or type(refusal) is str else _json_text(refusal),
+                    *(usage_cells if number == 0 else _NO_USAGE),
+                    latency,
+                    row.attempts,
+                    row.request_id,
+                    schema_valid,
+                    row.status_code,
+                    None,
+                    None,
+                    *meta,
+                ]
+            )
+
+    def _meta_cells(self, meta_text: str | None) -> list[object]:
+        if not meta_text:
+            return self._no_meta
+        if self._whole_meta:
+            return [meta_text]
+        meta = _loads_object(meta_text)
+        # Strings and whole numbers as they are (the csv module writes ints as JSON would);
+        # anything else as its JSON text.
+        return [
+            value
+            if type(value) is str or type(value) is int
+            else _EMPTY
+            if value is None
+            else _json_text(value)
+            for value in map(meta.get, self._meta_keys)
+        ]
+
+
+_NO_USAGE: Final = (None,) * 6
+
+
+_SUCCEEDED: Final = JobState.SUCCEEDED.value
+_CANCELLED: Final = JobState.CANCELLED.value
+_BOOL_CELLS: Final[dict[bool | None, str | None]] = {None: None, True: "true", False: "false"}
+
+
+def _json_text(value: object) -> str:
+    return orjson.dumps(value).decode()
+
+
+def _latency(latency_ms: float | None) -> float | None:
+    return None if latency_ms is None else round(latency_ms, 1)
+
+
+# --- JSONL ---------------------------------------------------------------------------------
+
+
+async def _write_jsonl(rows: AsyncIterator[ExportRow], sink: _Sink, id_prefix: str) -> int:
+    written = 0
+    chunk: list[bytes] = []
+    async for row in rows:
+        chunk.append(orjson.dumps(_jsonl_record(row, id_prefix)))
+        if len(chunk) >= WRITE_CHUNK_ROWS:
+            sink.write_lines(chunk)
+            written += len(chunk)
+            chunk = []
+    sink.write_lines(chunk)
+    return written + len(chunk)
+
+
+def _request_id_prefix(batch_id: str) -> str:
+    # Stable ids: the same batch exports the same ids on every database it is loaded into.
+    return f"batch_req_{batch_id.removeprefix('batch_')}_"
+
+
+def _jsonl_record(row: ExportRow, id_prefix: str) -> dict[str, Any]:
+    record: dict[str, Any] = {"id": f"{id_prefix}{row.line}", "custom_id": row.custom_id}
+    if row.state == _SUCCEEDED and row.response is not None:
+        record["response"] = {
+            "status_code": row.status_code,
+            "request_id": row.request_id,
+            "body": orjson.Fragment(_one_line_json(row.response)),
+        }
+        record["error"] = None
+        return record
+    if row.state == _CANCELLED:
+        record["response"] = None
+        record["error"] = {"code": CANCELLED_CODE, "message": CANCELLED_MESSAGE}
+        return record
+    body, (code, message) = _error_body(row.last_error), _failure(row)
+    record["response"] = (
+        None
+        if row.last_status is None
+        else {"status_code": row.last_status, "request_id": row.request_id, "body": body}
+    )
+    record["error"] = {"code": code, "message": message}
+    return record
+
+
+def _one_line_json(text: str) -> bytes:
+    """Stored JSON text as it can be embedded in one JSONL line."""
+    if "\n" in text or "\r" in text:
+        # Pretty-printed by the server: newlines inside JSON strings are always escaped, so
+        # these are whitespace between tokens, and a round trip removes them.
+        return orjson.dumps(orjson.loads(text))
+    return text.encode()
+
+
+def _error_body(error_text: str | None) -> dict[str, Any] | None:
+    if not error_text or not error_text.lstrip().startswith("{"):
+        return None
+    try:
+        body = orjson.loads(error_text)
+    except orjson.JSONDecodeError:
+        return None
+    return body if isinstance(body, dict) else None
+
+
+def _failure(row: ExportRow) -> tuple[str, str]:
+    """(code, message) of a job that did not succeed, in OpenAI's terms where it gave them."""
+    code = row.error_kind or row.state
+    message = row.last_error or _EMPTY
+    body = _error_body(row.last_error)
+    error = body.get("error") if body is not None else None
+    if isinstance(error, dict):
+        if isinstance(error.get("message"), str):
+            message = error["message"]
+        api_code = error.get("code") or error.get("type")
+        if isinstance(api_code, str) and api_code:
+            code = api_code
+    elif isinstance(error, str):
+        message = error
+    return code, message
+
+
+# --- output --------------------------------------------------------------------------------
+
+
+def _loads_object(json_text: str) -> dict[str, Any]:
+    try:
+        value = orjson.loads(json_text)
+    except orjson.JSONDecodeError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+class _Sink:
+    """A binary or text stream, written in large pieces."""
+
+    def __init__(self, out: IO[Any]) -> None:
+        self._out = out
+        self._text = isinstance(out, io.TextIOBase) or "b" not in getattr(out, "mode", "b")
+
+    def write_text(self, chunk: str) -> None:
+        if chunk:
+            self._out.write(chunk if self._text else chunk.encode())
+
+    def write_lines(self, lines: list[bytes]) -> None:
+        if not lines:
+            return
+        data = b"\n".join(lines) + b"\n"
+        self._out.write(data.decode() if self._text else data)
+
+    def flush(self) -> None:
+        self._out.flush()
+
+
+# --- queries for JobStore ------------------------------------------------------------------
+# These two belong in store.py, the only module that should speak SQL; they are written as
+# the JobStore methods they are meant to become (`JobStore.meta_keys`, `JobStore.iter_requests`).
+
+
+@dataclass(frozen=True, slots=True)
+class JobRequest:
+    """A job's request as it was submitted, and its state."""
+
+    id: int
+    line: int
+    custom_id: str
+    state: str
+    endpoint: str
+    model: str
+    body: str
+    meta: str | None
+
+
+# Metadata holding a NUL character (written `\u0000` in its JSON) is read in Python: SQLite's
+# json_each cuts a key at a NUL, and PostgreSQL's text cannot hold one.
+_NUL_ESCAPE = "\\u0000"
+_META_KEYS_SQLITE = text(
+    "SELECT DISTINCT k.key FROM jobs j, json_each(j.meta) k"
+    " WHERE j.batch_id = :b AND j.meta IS NOT NULL AND instr(j.meta, :nul) = 0"
+)
+_META_KEYS_POSTGRES = text(
+    "SELECT DISTINCT k FROM jobs j, json_object_keys(j.meta::json) AS k"
+    " WHERE j.batch_id = :b AND j.meta IS NOT NULL AND strpos(j.meta, :nul) = 0"
+)
+_META_WITH_NUL_SQLITE = text(
+    "SELECT meta FROM jobs WHERE batch_id = :b AND meta IS NOT NULL AND instr(meta, :nul) > 0"
+)
+_META_WITH_NUL_POSTGRES = text(
+    "SELECT meta FROM jobs WHERE batch_id = :b AND meta IS NOT NULL AND strpos(meta, :nul) > 0"
+)
+
+
+_LAST_JOB_ID = text("SELECT MAX(id) FROM jobs WHERE batch_id = :b")
+_REQUEST_COLUMNS = "id, line, custom_id, state, endpoint, model, body, meta"
+# Pages walk the primary key between the batch's first and last ids. On SQLite the unary `+`
+# keeps the planner off ix_jobs_claim, through which ORDER BY id would sort every remaining row
+# of the batch on each page.
+_JOB_REQUESTS_SQLITE = text(
+    f"SELECT {_REQUEST_COLUMNS} FROM jobs WHERE id > :after AND id <= :last"
+    " AND +batch_id = :b ORDER BY id LIMIT :limit"
+)
+_JOB_REQUESTS_POSTGRES = text(
+    f"SELECT {_REQUEST_COLUMNS} FROM jobs WHERE batch_id = :b AND id > :after AND id <= :last"
+    " ORDER BY id LIMIT :limit"
+)
+
+
+async def batch_meta_keys(store: JobStore, batch_id: str) -> list[str]:
+    """Every key of the batch's job metadata, sorted (by code point, the same on every
+    backend). Metadata is fixed at submit, so the answer holds for the whole export."""
+    params = {"b": batch_id, "nul": _NUL_ESCAPE}
+    sqlite = store.is_sqlite
+    async with _read(store) as conn:
+        keys = {
+            str(r[0])
+            for r in await conn.execute(
+                _META_KEYS_SQLITE if sqlite else _META_KEYS_POSTGRES, params
+            )
+        }
+        for (meta,) in await conn.execute(
+            _META_WITH_NUL_SQLITE if sqlite else _META_WITH_NUL_POSTGRES, params
+        ):
+            keys.update(_loads_object(meta))
+    return sorted(keys)
+
+
+async def iter_job_requests(
+    store: JobStore,
+    batch_id: str,
+    *,
+    states: Collection[JobState] | None = None,
+    chunk_rows: int = 2_000,
+) -> AsyncIterator[JobRequest]:
+    """The batch's jobs (those in `states`, default all) in line order, with their bodies;
+    pages by id, like `JobStore.iter_export_rows`, so that no read transaction stays open."""
+    wanted = None if states is None else {JobState(s).value for s in states}
+    async with _read(store) as conn:
+        last = (await conn.execute(_LAST_JOB_ID, {"b": batch_id})).scalar()
+    if last is None:
+        return
+    sql = _JOB_REQUESTS_SQLITE if store.is_sqlite else _JOB_REQUESTS_POSTGRES
+    after = 0
+    while True:
+        params = {"b": batch_id, "after": after, "last": last, "limit": chunk_rows}
+        async with _read(store) as conn:
+            rows = (await conn.execute(sql, params)).all()
+        for r in rows:
+            if wanted is None or r[3] in wanted:
+                yield JobRequest(*r)
+        if len(rows) < chunk_rows:
+            return
+        after = rows[-1][0]
+
+
+@asynccontextmanager
+async def _read(store: JobStore) -> AsyncIterator[AsyncConnection]:
+    # As JobStore._read: a plain BEGIN, so that reading never takes SQLite's write lock.
+    try:
+        async with store.engine.connect() as conn:
+            await conn.execution_options(**{db.READ_ONLY: True})
+            yield conn
+    except (OperationalError, DBAPIError) as exc:
+        raise StoreError(f"database read failed: {exc.orig or exc}") from exc

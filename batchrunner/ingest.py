@@ -1,0 +1,364 @@
+"""Request files in, validated jobs out: both input formats, line numbers, bulk load.
+
+A file is read twice, streaming both times so that memory does not grow with its size:
+once to hash it (the same content is the same batch), once to validate and load it inside
+one transaction. A duplicate `custom_id` is caught by the database's unique constraint; only
+then is the file read a third time, with a set of ids, to say which lines repeat.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+from sqlalchemy.exc import IntegrityError
+
+from batchrunner.config import DEFAULT_API_KEY_ENV, DEFAULT_BASE_URL
+from batchrunner.errors import InputError, LineError, UsageError
+from batchrunner.store import BatchInfo, JobStore, NewJob
+from batchrunner.tokens import count_prompt_tokens, max_output_tokens, quick_prompt_tokens
+
+#: Jobs handed to the database per INSERT.
+CHUNK_ROWS = 5_000
+#: How many bad lines an error message lists before it only counts them.
+SHOWN_ERRORS = 20
+#: The only endpoint a line may name, in either spelling.
+CHAT_ENDPOINT = "/v1/chat/completions"
+_CHAT_ENDPOINTS = frozenset({"/v1/chat/completions", "/chat/completions"})
+_BOM = b"\xef\xbb\xbf"
+#: Inline data (`data:image/png;base64,...`, audio and file parts) is marked by this.
+_INLINE_DATA = ";base64,"
+_HASH_BLOCK_BYTES = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class SubmitResult:
+    batch: BatchInfo
+    #: False when the same content had been submitted before and nothing was added.
+    created: bool
+    jobs: int
+    #: The first bad lines (all of them are in the database with --skip-invalid).
+    invalid: list[LineError]
+    invalid_total: int
+    #: Notes for the user that are not errors (a byte order mark that was dropped, ...).
+    notices: list[str]
+
+
+class _BadLine(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(_HASH_BLOCK_BYTES):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def batch_id_for(sha256: str) -> str:
+    return f"batch_{sha256[:16]}"
+
+
+def _numbered_lines(path: Path) -> Iterator[tuple[int, bytes, bool]]:
+    """(line number, raw line without its newline, whether it ended with a newline)."""
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if raw.endswith(b"\n"):
+                yield number, raw[:-1].rstrip(b"\r"), True
+            else:
+                yield number, raw, False
+
+
+def _require_object(value: Any, what: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise _BadLine(f"{what} must be a JSON object, not {_json_type(value)}")
+    return value
+
+
+def _json_type(value: Any) -> str:
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if value is None:
+        return "null"
+    return "an object"
+
+
+def _check_body(body: dict[str, Any]) -> str:
+    """Validate a chat-completion request body; returns its model."""
+    model = body.get("model")
+    if model is None:
+        raise _BadLine("missing 'model'")
+    if not isinstance(model, str) or not model.strip():
+        raise _BadLine("'model' must be a non-empty string")
+    messages = body.get("messages")
+    if messages is None:
+        raise _BadLine("missing 'messages'")
+    if not isinstance(messages, list):
+        raise _BadLine(f"'messages' must be an array, not {_json_type(messages)}")
+    if not messages:
+        raise _BadLine("'messages' is empty")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise _BadLine(f"messages[{i}] must be an object, not {_json_type(message)}")
+        role = message.get("role")
+        if not isinstance(role, str) or not role:
+            raise _BadLine(f"messages[{i}] has no 'role'")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise _BadLine("'stream' must be true or false")
+    n = body.get("n", 1)
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise _BadLine("'n' must be a positive integer")
+    for key in ("max_tokens", "max_completion_tokens"):
+        value = body.get(key)
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 1
+        ):
+            raise _BadLine(f"'{key}' must be a positive integer")
+    return model
+
+
+def parse_line(raw: bytes, number: int) -> NewJob:
+    """One line of either input format -> a job; raises _BadLine with the reason."""
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        if _BOM in raw:
+            raise _BadLine("byte order mark inside the file (were two files joined?)") from None
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise _BadLine("not valid UTF-8") from None
+        raise _BadLine(f"invalid JSON: {exc}") from None
+    obj = _require_object(value, "a line")
+
+    if "body" in obj and ("custom_id" in obj or "url" in obj or "method" in obj):
+        # OpenAI Batch API line.
+        custom_id = obj.get("custom_id")
+        if not isinstance(custom_id, str) or not custom_id:
+            raise _BadLine("'custom_id' must be a non-empty string")
+        method = obj.get("method", "POST")
+        if not isinstance(method, str) or method.upper() != "POST":
+            raise _BadLine(f"unsupported method {method!r}: only POST")
+        url = obj.get("url", CHAT_ENDPOINT)
+        if url not in _CHAT_ENDPOINTS:
+            raise _BadLine(f"unsupported url {url!r}: only {CHAT_ENDPOINT}")
+        body = _require_object(obj["body"], "'body'")
+        meta = obj.get("metadata")
+        model = _check_body(body)
+        body_text = orjson.dumps(body).decode()
+    else:
+        # A plain request body: metadata and custom_id stay with the job, never sent.
+        body = obj
+        meta = body.pop("metadata", None)
+        custom_id = body.pop("custom_id", None)
+        if custom_id is None:
+            custom_id = f"line-{number}"
+        elif not isinstance(custom_id, str) or not custom_id:
+            raise _BadLine("'custom_id' must be a non-empty string")
+        model = _check_body(body)
+        body_text = orjson.dumps(body).decode()
+    if meta is not None and not isinstance(meta, dict):
+        raise _BadLine(f"'metadata' must be an object, not {_json_type(meta)}")
+    n = body.get("n") or 1
+    est = _prompt_estimate(body, body_text) + (max_output_tokens(body) or 0) * n
+    return NewJob(
+        line=number,
+        custom_id=custom_id,
+        endpoint=CHAT_ENDPOINT,
+        body=body_text,
+        meta=orjson.dumps(meta).decode() if meta else None,
+        model=model,
+        stream=bool(body.get("stream", False)),
+        est_tokens=est,
+    )
+
+
+def _prompt_estimate(body: dict[str, Any], body_text: str) -> int:
+    """Characters / 4 (as OpenAI's own limiter estimates), except for bodies with inline
+    base64 data, whose characters are not text: those are counted part by part, as the API
+    bills them (a 3 MB photo is about a thousand tokens, not 800,000)."""
+    if _INLINE_DATA not in body_text:
+        return quick_prompt_tokens(len(body_text))
+    return count_prompt_tokens(body)
+
+
+def read_jobs(path: Path) -> Iterator[NewJob | LineError]:
+    """Every request of a file in order, or the reason a line is bad. Blank lines are skipped."""
+    name = str(path)
+    for number, raw, ended in _numbered_lines(path):
+        if number == 1 and raw.startswith(_BOM):
+            raw = raw[len(_BOM) :]
+        if not raw.strip():
+            continue
+        try:
+            yield parse_line(raw, number)
+        except _BadLine as bad:
+            reason = bad.reason
+            if not ended and reason.startswith("invalid JSON"):
+                reason = "truncated last line (no newline at the end and not valid JSON)"
+            yield LineError(name, number, reason)
+
+
+def _duplicate_ids(path: Path) -> list[LineError]:
+    seen: dict[str, int] = {}
+    duplicates = []
+    for item in read_jobs(path):
+        if isinstance(item, NewJob):
+            first = seen.setdefault(item.custom_id, item.line)
+            if first != item.line:
+                duplicates.append(
+                    LineError(
+                        str(path),
+                        item.line,
+                        f"duplicate custom_id {item.custom_id!r} (first on line {first})",
+                    )
+                )
+    return duplicates
+
+
+async def submit_file(
+    store: JobStore,
+    path: Path,
+    *,
+    name: str | None = None,
+    base_url: str | None = None,
+    api_key_env: str | None = None,
+    skip_invalid: bool = False,
+    options: dict[str, Any] | None = None,
+) -> SubmitResult:
+    """Validate and load a request file as a new batch (or find the batch it already is)."""
+    if not path.is_file():
+        raise UsageError(f"no such file: {path}")
+    sha = file_sha256(path)
+    existing = await store.find_batch_by_content(sha)
+    if existing is not None:
+        return SubmitResult(existing, False, existing.total_jobs, [], existing.invalid_lines, [])
+    notices = []
+    with path.open("rb") as f:
+        if f.read(len(_BOM)) == _BOM:
+            notices.append(f"{path}:1: UTF-8 byte order mark ignored")
+    batch = BatchInfo(
+        id=batch_id_for(sha),
+        name=name or path.stem,
+        source_file=str(path),
+        content_sha256=sha,
+        base_url=base_url or DEFAULT_BASE_URL,
+        api_key_env=api_key_env or DEFAULT_API_KEY_ENV,
+        options=options or {},
+        total_jobs=0,
+        invalid_lines=0,
+        created_at=time.time(),
+        cancelled_at=None,
+    )
+    skip: dict[int, LineError] = {}
+    for _ in range(2):
+        try:
+            return await _load(store, path, batch, skip_invalid, skip, notices)
+        except _DuplicateIds:
+            duplicates = _duplicate_ids(path)
+            if not skip_invalid:
+                raise InputError(duplicates[:SHOWN_ERRORS], len(duplicates)) from None
+            skip = {d.line: d for d in duplicates}
+    raise AssertionError("unreachable: duplicates were skipped on the second pass")
+
+
+class _DuplicateIds(Exception):
+    pass
+
+
+class _Rejected(Exception):
+    def __init__(self, errors: list[LineError], total: int) -> None:
+        self.errors = errors
+        self.total = total
+
+
+async def _load(
+    store: JobStore,
+    path: Path,
+    batch: BatchInfo,
+    skip_invalid: bool,
+    skip: dict[int, LineError],
+    notices: list[str],
+) -> SubmitResult:
+    errors: list[LineError] = []
+    error_total = 0
+    jobs = 0
+    inserting: asyncio.Future[None] | None = None
+    try:
+        async with store.loading(batch) as loader:
+            chunk: list[NewJob] = []
+            bad: list[tuple[int, str]] = []
+            for item in read_jobs(path):
+                if isinstance(item, NewJob) and item.line in skip:
+                    item = skip[item.line]
+                if isinstance(item, LineError):
+                    error_total += 1
+                    if len(errors) < SHOWN_ERRORS:
+                        errors.append(item)
+                    if skip_invalid:
+                        bad.append((item.line, item.reason))
+                    continue
+                if error_total and not skip_invalid:
+                    continue  # nothing will be loaded; keep reading only to count errors
+                chunk.append(item)
+                if len(chunk) >= CHUNK_ROWS:
+                    # The database inserts this chunk while the next one is parsed.
+                    if inserting is not None:
+                        await inserting
+                    inserting = asyncio.ensure_future(loader.add_jobs(chunk))
+                    await asyncio.sleep(0)
+                    jobs += len(chunk)
+                    chunk = []
+                if len(bad) >= CHUNK_ROWS:
+                    await loader.add_invalid(bad)
+                    bad = []
+            if inserting is not None:
+                await inserting
+                inserting = None
+            if error_total and not skip_invalid:
+                raise _Rejected(errors, error_total)
+            await loader.add_jobs(chunk)
+            jobs += len(chunk)
+            await loader.add_invalid(bad)
+            if jobs == 0:
+                raise _Rejected(
+                    errors[:SHOWN_ERRORS] or [LineError(str(path), 0, "the file has no requests")],
+                    max(error_total, 1),
+                )
+    except _Rejected as rejected:
+        if rejected.total == 1 and rejected.errors and rejected.errors[0].line == 0:
+            raise InputError(rejected.errors, 1, f"{path}: the file has no requests") from None
+        raise InputError(rejected.errors[:SHOWN_ERRORS], rejected.total) from None
+    except IntegrityError as exc:
+        if "custom_id" in str(exc) or "uq_jobs_batch_id" in str(exc):
+            raise _DuplicateIds() from exc
+        raise
+    finally:
+        if inserting is not None and not inserting.done():
+            # Left behind by an error while parsing: the transaction is rolled back anyway.
+            inserting.cancel()
+            with contextlib.suppress(BaseException):
+                await inserting
+    loaded = BatchInfo(**{**_as_dict(batch), "total_jobs": jobs, "invalid_lines": error_total})
+    return SubmitResult(loaded, True, jobs, errors, error_total, notices)
+
+
+def _as_dict(batch: BatchInfo) -> dict[str, Any]:
+    return {f: getattr(batch, f) for f in BatchInfo.__dataclass_fields__}

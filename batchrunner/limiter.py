@@ -1,0 +1,488 @@
+"""Request and token pacing for one run: the single `Pacer` that every dispatcher task awaits
+before each HTTP attempt, and that every outcome is reported back to.
+
+What it owns
+------------
+- Requests per minute and tokens per minute, spread evenly over the minute. Providers enforce
+  per-minute limits in short slices (60 RPM may mean one request per second), so the pacer never
+  hands out a minute's budget at once: at most ``BURST_S`` (100 ms) of budget goes in a burst,
+  and at least one request. A job whose token estimate is above a whole minute's capacity is
+  charged one minute's capacity, so it goes instead of waiting forever.
+- Pauses: a 429 stops every acquirer until its Retry-After has passed (or a default backoff,
+  doubled for each rate-limit episode that follows another without a success in between), and
+  ``x-ratelimit-remaining-*`` headers at or below what is already in flight hold new acquires
+  until the header's reset time.
+- Token correction: when a response reports its real usage, the difference from the estimate
+  charged at acquire is given back to (or taken from) the token budget.
+- Adaptation to the rate the server really accepts, for the whole run:
+
+  1. Attempts are counted when they are sent and 429s when they come back. Over the last
+     ``ACCEPTED_WINDOW_S`` (longer at slow rates), up to the send time of the refused attempt
+     (what went later may still be refused), per second not paused (at least
+     ``ACCEPTED_MIN_SPAN_S``), that gives the rate sent and the rate accepted (sent minus 429s).
+     Counting at send time matters: a 429 comes back at once, a success only after the model has
+     written its answer, so counting answers would see the refusals long before the successes.
+  2. On the first 429 of an episode the effective request rate becomes the accepted rate, held
+     between ``DECREASE_FLOOR_FRACTION`` (50 %) and ``DECREASE_MARGIN`` (95 %) of the rate really
+     being sent: at least a 5 % step, because a server that counts in fixed windows hands out a
+     fresh quota after each pause and so looks more generous than it is; at most a halving, so
+     one noisy window cannot collapse the run. 429s for attempts sent before that decrease belong
+     to the same episode: they may extend the pause but lower nothing.
+  3. Every ``PROBE_INTERVAL_S`` without a 429 (and not paused) the effective rate grows by
+     ``PROBE_STEP`` (2 %) up to the configured limit, to find capacity the server gives back;
+     once a step would come within 2 % of the rate that drew the last 429, only every
+     ``PROBE_NEAR_CEILING_INTERVAL_S``, since each 429 up there pauses the whole run again.
+
+  With no configured request limit, a 429 starts request pacing at the accepted rate (once that
+  rests on enough attempts), and probing then raises it without a ceiling.
+
+Contract: every ``acquire`` is followed by exactly one ``observe`` with the same token estimate,
+whatever happened to the attempt; the in-flight counts the header checks rely on come from that.
+Passing the time ``acquire`` returned as ``observe(..., sent_at_s=...)`` tells exactly which 429s
+answer attempts sent before the last decrease; without it the pacer assumes the next outcomes,
+as many as were in flight at that decrease, are those.
+
+Why asyncio-throttle and aiolimiter are not used
+------------------------------------------------
+Neither can be driven by an injectable clock without patching its internals. asyncio-throttle
+reads ``time.monotonic`` and calls ``asyncio.sleep`` through module globals, polls every 10 ms
+per waiter, has no weights and allows a whole window in one burst. aiolimiter reads the event
+loop's clock and schedules its wake-ups with ``loop.call_at``; with a capacity of one burst slice
+it rejects any amount above the slice (``ValueError``), so a 4,000-token job under a 100 ms slice
+of tokens could not be charged in full, and it has no way to give tokens back. The arithmetic
+both would provide is the generic cell rate algorithm (a token bucket kept as one timestamp),
+implemented in `_Gcra` below in the debt form, which charges a job in full once no more than one
+slice of debt is outstanding. Waiting goes through one ``asyncio.Lock``: however many jobs wait,
+one task sleeps on the limits and the others wait on the lock, in arrival order, without polling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import math
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from batchrunner.outcome import Outcome, OutcomeKind, RateLimitInfo
+
+SECONDS_PER_MINUTE = 60.0
+#: Largest burst: this many seconds' worth of the per-minute budget may go at once (at least one
+#: request).
+BURST_S = 0.1
+#: Pause after a 429 without Retry-After; doubled for each episode that follows another without
+#: a success in between, up to DEFAULT_BACKOFF_MAX_S.
+DEFAULT_BACKOFF_S = 1.0
+DEFAULT_BACKOFF_MAX_S = 30.0
+#: How far back the sent and accepted rates look: this long, or long enough to hold
+#: ACCEPTED_WINDOW_REQUESTS at the effective rate when that is slow.
+ACCEPTED_WINDOW_S = 10.0
+ACCEPTED_WINDOW_REQUESTS = 20
+#: The rates never divide by less time than this: providers quantize limits to one second at the
+#: finest, so a first half second at full speed says nothing about what the server sustains.
+ACCEPTED_MIN_SPAN_S = 1.0
+#: Without a configured request limit, pacing starts only from at least this many accepted
+#: attempts: a 429 on the first few would otherwise set a crawl.
+UNLIMITED_MIN_SAMPLES = 5
+#: One rate-limit episode sets the effective rate to at most this fraction of the rate sent...
+DECREASE_MARGIN = 0.95
+#: ...and to at least this fraction of it.
+DECREASE_FLOOR_FRACTION = 0.5
+#: After this long without a 429 the effective rate grows by PROBE_STEP (2 %)...
+PROBE_INTERVAL_S = 5.0
+PROBE_STEP = 1.02
+#: ...or after this long, once a step would pass CEILING_FRACTION of the rate that last drew a
+#: 429: the limit is likely just above, and each 429 costs a pause of the whole run.
+PROBE_NEAR_CEILING_INTERVAL_S = 20.0
+CEILING_FRACTION = 0.98
+#: The effective request rate never falls below this (or the configured rate, if lower).
+MIN_EFFECTIVE_RPM = 1.0
+#: The task waiting on the limits rechecks at least this often, so a raised limit or tokens
+#: given back shorten its wait.
+WAIT_STEP_MAX_S = 0.5
+#: Waits shorter than this count as none; float rounding would otherwise loop on tiny sleeps.
+WAIT_EPSILON_S = 1e-6
+
+Clock = Callable[[], float]
+Sleep = Callable[[float], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class PacerStats:
+    """What the progress display shows about pacing."""
+
+    #: Requests per minute the pacer allows now (lowered after 429s); None = no request limit.
+    effective_rpm: float | None
+    #: The configured limits (this process's share); None = no limit of that kind.
+    rpm: float | None
+    tpm: float | None
+    #: Requests per minute the server accepted over the recent window, pauses left out.
+    accepted_rpm: float
+    #: Seconds until acquires go again after a 429 or an exhausted x-ratelimit header; 0 if none.
+    pause_left_s: float
+    #: 429 rate-limit answers observed so far.
+    rate_limited_count: int
+    #: Attempts acquired and not yet observed.
+    in_flight: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Rates:
+    #: Attempts sent in the window that did not come back as 429s.
+    accepted: int
+    accepted_rpm: float
+    sent_rpm: float
+
+
+class _Gcra:
+    """Generic cell rate algorithm: a token bucket kept as one theoretical arrival time (TAT).
+
+    The bucket is empty when TAT <= now; each unit charged pushes TAT one interval later. An
+    amount may go once no more than `tolerance_s` of debt is outstanding, and is then charged in
+    full: the debt form, which never refuses an amount for being larger than the burst.
+    """
+
+    __slots__ = ("_interval_s", "_tat_s", "_tolerance_s")
+
+    def __init__(self, now: float, rate_per_s: float) -> None:
+        self._tat_s = now
+        self._interval_s = 1.0 / rate_per_s
+        # BURST_S worth of units may go at once; one unit always may.
+        self._tolerance_s = max(0.0, BURST_S - self._interval_s)
+
+    def wait_s(self, now: float) -> float:
+        """Seconds until the next amount may go (<= 0: now)."""
+        return self._tat_s - self._tolerance_s - now
+
+    def charge(self, now: float, amount: float) -> None:
+        # max(): time spent idle is not saved up beyond the burst tolerance.
+        self._tat_s = max(self._tat_s, now) + amount * self._interval_s
+
+    def adjust(self, amount: float) -> None:
+        """Charge `amount` more (negative: give it back) on top of what was charged already."""
+        self._tat_s += amount * self._interval_s
+
+    def set_rate(self, now: float, rate_per_s: float) -> None:
+        """Change the rate, keeping outstanding debt in units, not in seconds."""
+        old_interval_s = self._interval_s
+        self._interval_s = 1.0 / rate_per_s
+        self._tolerance_s = max(0.0, BURST_S - self._interval_s)
+        debt_s = self._tat_s - now
+        if debt_s > 0:
+            self._tat_s = now + debt_s * self._interval_s / old_interval_s
+
+
+def _check_limit(name: str, value: float | None) -> None:
+    if value is not None and not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be a positive number or None, not {value!r}")
+
+
+def _total_tokens(outcome: Outcome) -> float | None:
+    """The server's count of tokens used by a successful attempt, if it sent one."""
+    if outcome.kind is not OutcomeKind.SUCCESS or outcome.completion is None:
+        return None
+    usage = outcome.completion.get("usage")
+    if not isinstance(usage, dict):
+        return None
+    total = usage.get("total_tokens")
+    if isinstance(total, bool) or not isinstance(total, int | float) or total < 0:
+        return None
+    return float(total)
+
+
+class Pacer:
+    """Paces the attempts of one run within requests and tokens per minute.
+
+    `acquire(tokens)` before each attempt; `observe(outcome, tokens)` after it.
+    `rpm=None` / `tpm=None`: no limit of that kind.
+    """
+
+    def __init__(
+        self,
+        rpm: float | None,
+        tpm: float | None,
+        *,
+        clock: Clock = time.monotonic,
+        sleep: Sleep = asyncio.sleep,
+    ) -> None:
+        _check_limit("rpm", rpm)
+        _check_limit("tpm", tpm)
+        self._clock = clock
+        self._sleep = sleep
+        # Whoever holds the lock is the only task waiting on the limits; the rest queue here.
+        self._lock = asyncio.Lock()
+        now = clock()
+        self._rpm = rpm
+        self._tpm = tpm
+        self._effective_rpm = rpm
+        self._requests = None if rpm is None else _Gcra(now, rpm / SECONDS_PER_MINUTE)
+        self._tokens = None if tpm is None else _Gcra(now, tpm / SECONDS_PER_MINUTE)
+        self._paused_until_s = -math.inf
+        #: Recent pauses as (start, end), left out of the time the rates divide by.
+        self._pauses: deque[tuple[float, float]] = deque()
+        #: When recent attempts were sent, and when recent 429s came back.
+        self._sent: deque[float] = deque()
+        self._refused: deque[float] = deque()
+        #: When the first attempt went: the time before it says nothing about the server.
+        self._started_s: float | None = None
+        self._last_rate_change_s = now
+        self._decreased_at_s = -math.inf
+        #: The rate being sent when the last 429 episode began.
+        self._ceiling_rpm = math.inf
+        self._backoff_s = DEFAULT_BACKOFF_S
+        self._rate_limited_count = 0
+        self._in_flight = 0
+        self._tokens_in_flight = 0.0
+        #: Outcomes still to come from attempts in flight at the last decrease, for observers
+        #: that do not pass `sent_at_s`.
+        self._stale_outcomes = 0
+
+    # -- acquiring -------------------------------------------------------------------------
+
+    async def acquire(self, tokens: float = 0.0) -> float:
+        """Wait until one attempt estimated at `tokens` tokens may be sent.
+
+        Returns the time it was let go, on the pacer's clock, for `observe(sent_at_s=...)`.
+        """
+        if tokens < 0:
+            raise ValueError(f"a token estimate cannot be negative: {tokens!r}")
+        # Hot path: with no limits and no pause, no lock and no await.
+        if self._requests is None and self._tokens is None:
+            now = self._clock()
+            if now >= self._paused_until_s:
+                self._admit(now, tokens)
+                return now
+        async with self._lock:
+            while True:
+                now = self._clock()
+                self._probe(now)
+                wait_s = self._paused_until_s - now
+                if self._requests is not None:
+                    wait_s = max(wait_s, self._requests.wait_s(now))
+                if self._tokens is not None:
+                    wait_s = max(wait_s, self._tokens.wait_s(now))
+                if wait_s <= WAIT_EPSILON_S:
+                    break
+                await self._sleep(min(wait_s, WAIT_STEP_MAX_S))
+            if self._requests is not None:
+                self._requests.charge(now, 1.0)
+            if self._tokens is not None:
+                self._tokens.charge(now, self._token_cost(tokens))
+            self._admit(now, tokens)
+            return now
+
+    def _admit(self, now: float, tokens: float) -> None:
+        if self._started_s is None:
+            self._started_s = now
+        self._sent.append(now)
+        self._in_flight += 1
+        self._tokens_in_flight += tokens
+
+    def _token_cost(self, tokens: float) -> float:
+        # More than a minute's capacity could never fit; one minute's worth is the most a job owes.
+        return tokens if self._tpm is None else min(tokens, self._tpm)
+
+    # -- observing -------------------------------------------------------------------------
+
+    def observe(
+        self, outcome: Outcome, estimated_tokens: float = 0.0, *, sent_at_s: float | None = None
+    ) -> None:
+        """Learn from one attempt's outcome.
+
+        `estimated_tokens` as given to `acquire`; `sent_at_s` as `acquire` returned, if known.
+        """
+        now = self._clock()
+        self._in_flight = max(0, self._in_flight - 1)
+        self._tokens_in_flight = max(0.0, self._tokens_in_flight - estimated_tokens)
+        if sent_at_s is not None:
+            # <=: a coarse clock can give a send and the decrease that answered it one reading.
+            stale = sent_at_s <= self._decreased_at_s
+        else:
+            stale = self._stale_outcomes > 0
+            self._stale_outcomes = max(0, self._stale_outcomes - 1)
+        if outcome.error_kind == "rate_limit":
+            self._refused.append(now)
+            self._on_rate_limited(now, outcome.retry_after_s, stale=stale, sent_at_s=sent_at_s)
+        elif outcome.kind is OutcomeKind.SUCCESS:
+            self._backoff_s = DEFAULT_BACKOFF_S
+            self._correct_tokens(outcome, estimated_tokens)
+        if outcome.ratelimit is not None:
+            self._apply_headers(now, outcome.ratelimit)
+        self._forget_before(now - self._window_s())
+
+    def _on_rate_limited(
+        self, now: float, retry_after_s: float | None, *, stale: bool, sent_at_s: float | None
+    ) -> None:
+        self._rate_limited_count += 1
+        # Probing starts over: the server just said the current rate is too much.
+        self._last_rate_change_s = now
+        if retry_after_s is not None:
+            self._pause(now, now + max(0.0, retry_after_s))
+        elif not stale:
+            self._pause(now, now + self._backoff_s)
+            self._backoff_s = min(self._backoff_s * 2, DEFAULT_BACKOFF_MAX_S)
+        if not stale:
+            self._slow_down(now, now if sent_at_s is None else sent_at_s)
+
+    def _slow_down(self, now: float, known_until_s: float) -> None:
+        rates = self._rates(now, known_until_s)
+        current = self._effective_rpm
+        if current is None and rates.accepted < UNLIMITED_MIN_SAMPLES:
+            return  # too little to start pacing from: the pause alone has to do
+        # What was really being sent: less than the effective rate when the run sends less.
+        sending_rpm = rates.sent_rpm if current is None else min(current, rates.sent_rpm)
+        new_rpm = min(
+            max(rates.accepted_rpm, sending_rpm * DECREASE_FLOOR_FRACTION),
+            sending_rpm * DECREASE_MARGIN,
+        )
+        lowest_rpm = MIN_EFFECTIVE_RPM if current is None else min(MIN_EFFECTIVE_RPM, current)
+        self._set_effective(now, max(new_rpm, lowest_rpm))
+        self._ceiling_rpm = sending_rpm
+        self._decreased_at_s = now
+        self._stale_outcomes = self._in_flight
+
+    def _probe(self, now: float) -> None:
+        current = self._effective_rpm
+        if current is None or (self._rpm is not None and current >= self._rpm):
+            return
+        if now < self._paused_until_s:
+            return
+        near_ceiling = current * PROBE_STEP > self._ceiling_rpm * CEILING_FRACTION
+        interval_s = PROBE_NEAR_CEILING_INTERVAL_S if near_ceiling else PROBE_INTERVAL_S
+        if now - self._last_rate_change_s < interval_s:
+            return
+        new_rpm = current * PROBE_STEP
+        if self._rpm is not None:
+            new_rpm = min(new_rpm, self._rpm)
+        self._set_effective(now, new_rpm)
+        self._last_rate_change_s = now
+
+    def _set_effective(self, now: float, rpm: float) -> None:
+        self._effective_rpm = rpm
+        if self._requests is None:
+            self._requests = _Gcra(now, rpm / SECONDS_PER_MINUTE)
+        else:
+            self._requests.set_rate(now, rpm / SECONDS_PER_MINUTE)
+
+    def _apply_headers(self, now: float, info: RateLimitInfo) -> None:
+        # What is in flight spends the remaining budget first: a new attempt would be refused.
+        if (
+            info.remaining_requests is not None
+            and info.reset_requests_s is not None
+            and info.remaining_requests <= self._in_flight
+        ):
+            self._pause(now, now + info.reset_requests_s)
+        if (
+            info.remaining_tokens is not None
+            and info.reset_tokens_s is not None
+            and info.remaining_tokens <= self._tokens_in_flight
+        ):
+            self._pause(now, now + info.reset_tokens_s)
+
+    def _correct_tokens(self, outcome: Outcome, estimated_tokens: float) -> None:
+        if self._tokens is None:
+            return
+        actual = _total_tokens(outcome)
+        if actual is None:
+            return  # no usage to go on: the estimate stands
+        self._tokens.adjust(self._token_cost(actual) - self._token_cost(estimated_tokens))
+
+    # -- pauses and the recent rates --------------------------------------------------------
+
+    def _pause(self, now: float, until_s: float) -> None:
+        if until_s <= now or until_s <= self._paused_until_s:
+            return
+        if self._paused_until_s > now and self._pauses:
+            start_s, _ = self._pauses[-1]
+            self._pauses[-1] = (start_s, until_s)
+        else:
+            self._pauses.append((now, until_s))
+        self._paused_until_s = until_s
+
+    def _window_s(self) -> float:
+        if self._effective_rpm is None:
+            return ACCEPTED_WINDOW_S
+        interval_s = SECONDS_PER_MINUTE / self._effective_rpm
+        return max(ACCEPTED_WINDOW_S, ACCEPTED_WINDOW_REQUESTS * interval_s)
+
+    def _forget_before(self, horizon_s: float) -> None:
+        for times in (self._sent, self._refused):
+            while times and times[0] < horizon_s:
+                times.popleft()
+        while self._pauses and self._pauses[0][1] < horizon_s:
+            self._pauses.popleft()
+
+    def _rates(self, now: float, known_until_s: float | None = None) -> _Rates:
+        """What was sent and accepted in the recent window, per minute of time not paused.
+
+        Attempts sent after `known_until_s` are left out: their 429s may still be on the way.
+        """
+        horizon_s = now - self._window_s()
+        self._forget_before(horizon_s)
+        end_s = now if known_until_s is None else min(now, max(known_until_s, horizon_s))
+        start_s = horizon_s if self._started_s is None else max(horizon_s, self._started_s)
+        paused_s = sum(
+            max(0.0, min(until_s, end_s) - max(begin_s, start_s))
+            for begin_s, until_s in self._pauses
+        )
+        per_minute = SECONDS_PER_MINUTE / max(end_s - start_s - paused_s, ACCEPTED_MIN_SPAN_S)
+        sent = bisect.bisect_right(self._sent, end_s)
+        accepted = max(0, sent - len(self._refused))
+        return _Rates(
+            accepted=accepted,
+            accepted_rpm=accepted * per_minute,
+            sent_rpm=sent * per_minute,
+        )
+
+    # -- run-time control and display -------------------------------------------------------
+
+    def hold(self, seconds: float) -> None:
+        """Pause acquires for `seconds` from now, as a 429 with that Retry-After would (another
+        worker of the batch was told to wait); extends a pause, never shortens one."""
+        if seconds > 0:
+            now = self._clock()
+            self._pause(now, now + seconds)
+
+    def set_limits(self, rpm: float | None, tpm: float | None) -> None:
+        """Change the limits while running (this process's share of the batch's limits).
+
+        Calling it again with the same limits changes nothing. An effective rate lowered by 429s
+        keeps its fraction of a new limit; dropping a configured request limit (`rpm=None`)
+        drops request pacing along with what was learned under it.
+        """
+        _check_limit("rpm", rpm)
+        _check_limit("tpm", tpm)
+        now = self._clock()
+        old_rpm, old_effective = self._rpm, self._effective_rpm
+        self._rpm = rpm
+        if rpm is None:
+            if old_rpm is not None:
+                self._effective_rpm = None
+                self._requests = None
+        else:
+            if old_rpm is None or old_effective is None:
+                effective = rpm
+            else:
+                effective = min(rpm, old_effective * rpm / old_rpm)
+            self._set_effective(now, max(effective, min(MIN_EFFECTIVE_RPM, rpm)))
+        self._tpm = tpm
+        if tpm is None:
+            self._tokens = None
+        elif self._tokens is None:
+            self._tokens = _Gcra(now, tpm / SECONDS_PER_MINUTE)
+        else:
+            self._tokens.set_rate(now, tpm / SECONDS_PER_MINUTE)
+
+    def snapshot(self) -> PacerStats:
+        now = self._clock()
+        return PacerStats(
+            effective_rpm=self._effective_rpm,
+            rpm=self._rpm,
+            tpm=self._tpm,
+            accepted_rpm=self._rates(now).accepted_rpm,
+            pause_left_s=max(0.0, self._paused_until_s - now),
+            rate_limited_count=self._rate_limited_count,
+            in_flight=self._in_flight,
+        )

@@ -1,0 +1,187 @@
+"""The job database's tables, mapped with SQLAlchemy 2, and the states a job goes through."""
+
+from __future__ import annotations
+
+import enum
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# Stable constraint names, so that migrations can drop and alter them on every backend.
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+# SQLite only auto-increments INTEGER PRIMARY KEY; PostgreSQL gets a BIGINT identity.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class JobState(enum.StrEnum):
+    #: Waiting to be sent (new, retried, or released by a stopped run).
+    PENDING = "pending"
+    #: Claimed by a worker that holds its lease; in flight or about to be.
+    RUNNING = "running"
+    #: Answered with a valid completion, stored in `results`.
+    SUCCEEDED = "succeeded"
+    #: Ended without a completion: an answer that cannot succeed, or attempts used up.
+    FAILED = "failed"
+    #: Stopped for good by `batchrunner cancel`.
+    CANCELLED = "cancelled"
+
+
+UNFINISHED_STATES = (JobState.PENDING, JobState.RUNNING)
+ENDED_STATES = (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class Batch(Base):
+    """One submitted request file."""
+
+    __tablename__ = "batches"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    source_file: Mapped[str] = mapped_column(Text)
+    content_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    base_url: Mapped[str] = mapped_column(Text)
+    api_key_env: Mapped[str] = mapped_column(String(200))
+    options: Mapped[dict[str, object]] = mapped_column(JSON, default=dict)
+    total_jobs: Mapped[int] = mapped_column(Integer, default=0)
+    invalid_lines: Mapped[int] = mapped_column(Integer, default=0)
+    #: Unix times, like every timestamp in the database.
+    created_at: Mapped[float] = mapped_column(Float)
+    cancelled_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class Job(Base):
+    """One request line of a batch."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (
+        UniqueConstraint("batch_id", "custom_id"),
+        # The claim query: a batch's pending jobs in line order.
+        Index("ix_jobs_claim", "batch_id", "state", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    batch_id: Mapped[str] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"))
+    line: Mapped[int] = mapped_column(Integer)
+    custom_id: Mapped[str] = mapped_column(String(512))
+    method: Mapped[str] = mapped_column(String(10), default="POST")
+    endpoint: Mapped[str] = mapped_column(String(200))
+    #: The request body exactly as it will be sent (JSON text).
+    body: Mapped[str] = mapped_column(Text)
+    #: The line's `metadata`, kept with the job and never sent (JSON text).
+    meta: Mapped[str | None] = mapped_column(Text, nullable=True)
+    model: Mapped[str] = mapped_column(String(200))
+    stream: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: Cheap estimate of prompt + maximum output tokens, for tokens-per-minute pacing.
+    est_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    state: Mapped[str] = mapped_column(String(16), default=JobState.PENDING.value)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    lease_owner: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    lease_token: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    lease_expires_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    #: Unix time before which the job is not sent again (backoff that outlived a run).
+    not_before: Mapped[float | None] = mapped_column(Float, nullable=True)
+    error_kind: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    last_status: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    #: Why the job failed: the error body as received, or the transport error.
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[float] = mapped_column(Float)
+    updated_at: Mapped[float] = mapped_column(Float)
+    finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class Result(Base):
+    """The completion of a succeeded job; at most one per job."""
+
+    __tablename__ = "results"
+
+    job_id: Mapped[int] = mapped_column(
+        ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
+    )
+    batch_id: Mapped[str] = mapped_column(String(40), index=True)
+    status_code: Mapped[int] = mapped_column(Integer)
+    #: The completion object exactly as received (streams: the reassembled object).
+    response: Mapped[str] = mapped_column(Text)
+    request_id: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    model: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    prompt_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    completion_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    cached_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    reasoning_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    total_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    #: Whether the content matched the request's json_schema; None when there was none.
+    schema_valid: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    latency_ms: Mapped[float] = mapped_column(Float)
+    attempts: Mapped[int] = mapped_column(Integer)
+    finished_at: Mapped[float] = mapped_column(Float)
+
+
+class Attempt(Base):
+    """One HTTP attempt of a job, whatever came of it."""
+
+    __tablename__ = "attempts"
+    __table_args__ = (Index("ix_attempts_job", "job_id"), Index("ix_attempts_batch", "batch_id"))
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    batch_id: Mapped[str] = mapped_column(String(40))
+    worker_id: Mapped[str] = mapped_column(String(64))
+    status_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    error_kind: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    latency_ms: Mapped[float] = mapped_column(Float)
+    request_id: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    started_at: Mapped[float] = mapped_column(Float)
+
+
+class InvalidLine(Base):
+    """A bad line left out by `submit --skip-invalid`."""
+
+    __tablename__ = "invalid_lines"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    batch_id: Mapped[str] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"), index=True)
+    line: Mapped[int] = mapped_column(Integer)
+    reason: Mapped[str] = mapped_column(Text)
+
+
+class Worker(Base):
+    """A `batchrunner run` process working on a batch; its heartbeat keeps its share alive."""
+
+    __tablename__ = "workers"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    batch_id: Mapped[str] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"), index=True)
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[float] = mapped_column(Float)
+    heartbeat_at: Mapped[float] = mapped_column(Float)
+    stopped_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    #: Seconds to wait before sending, set by a worker that was told to slow down (429).
+    paused_until: Mapped[float | None] = mapped_column(Float, nullable=True)
+    #: Progress counters of this worker, for `status` from another shell.
+    sent: Mapped[int] = mapped_column(Integer, default=0)
+    succeeded: Mapped[int] = mapped_column(Integer, default=0)
+    failed: Mapped[int] = mapped_column(Integer, default=0)
+    tokens: Mapped[int] = mapped_column(BigInteger, default=0)

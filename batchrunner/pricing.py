@@ -1,0 +1,511 @@
+"""Token usage -> cost in US dollars, offline.
+
+Prices come from a user's TOML file first (gateways resell at their own prices), then from the
+price data bundled with `genai-prices` (never fetched: its updater is not started). A model
+whose price is unknown costs None, never 0.
+
+Usage follows OpenAI's convention: cached prompt tokens are part of `prompt_tokens` and are
+billed at the cached rate; reasoning tokens are part of `completion_tokens` and are billed as
+output, once.
+"""
+
+from __future__ import annotations
+
+import bisect
+import fnmatch
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Final
+
+import genai_prices
+import orjson
+from genai_prices import types as genai_types
+
+from batchrunner.errors import UsageError
+
+#: Environment variable naming a price file, used when no path is given.
+PRICES_ENV: Final = "BATCHRUNNER_PRICES"
+TOKENS_PER_MTOK: Final = 1_000_000
+
+# genai-prices' bundled data lists OpenAI's own models under "openai"; names it cannot place
+# there are matched against every provider's model patterns.
+_OPENAI_PROVIDER: Final = "openai"
+_OPENROUTER_PROVIDER: Final = "openrouter"
+_USER_KEYS: Final = frozenset(
+    {"input_per_mtok", "cached_input_per_mtok", "output_per_mtok", "match"}
+)
+# Price keys that can be computed from token counts; a model priced only by characters, audio
+# hours or pages cannot be priced from a chat completion's usage.
+_TOKEN_PRICE_KEYS: Final = frozenset({"input_mtok", "output_mtok", "cache_read_mtok"})
+_ZERO: Final = Decimal(0)
+
+
+@dataclass(frozen=True, slots=True)
+class UsageCounts:
+    """The token counts of one completion, in OpenAI's terms."""
+
+    #: All prompt tokens, cached ones included.
+    prompt_tokens: int
+    #: All output tokens, reasoning ones included.
+    completion_tokens: int
+    #: Prompt tokens served from the provider's prompt cache.
+    cached_tokens: int
+    #: Output tokens spent on hidden reasoning.
+    reasoning_tokens: int
+    total_tokens: int
+
+
+def usage_from_completion(obj: Mapping[str, Any]) -> UsageCounts | None:
+    """The usage of a chat-completion object; None when it reports none.
+
+    Reads OpenAI's `prompt_tokens`, `completion_tokens`, `total_tokens`,
+    `prompt_tokens_details.cached_tokens` and `completion_tokens_details.reasoning_tokens`.
+    Missing or null fields count 0; a missing total is prompt + completion. Gateways add their
+    own fields; they are used only where the standard ones are absent:
+
+    * `input_tokens` / `output_tokens` (with `input_tokens_details.cached_tokens` and
+      `output_tokens_details.reasoning_tokens`) stand in for absent prompt / completion counts.
+      Anthropic-shaped usage (`input_tokens` beside `cache_read_input_tokens` /
+      `cache_creation_input_tokens`, with no cached-token detail) excludes cache reads and
+      writes from `input_tokens`: they are added back so the prompt count is complete.
+    * `cache_read_input_tokens` stands in for an absent `cached_tokens`.
+    * Some gateways in front of Gemini leave reasoning out of `completion_tokens` while their
+      total includes it (total = prompt + completion + reasoning): the reasoning is added to
+      the completion, where OpenAI counts it and where it is billed.
+
+    Breakdowns such as `text_tokens` and `image_tokens` are parts of the prompt and are ignored.
+    """
+    usage = obj.get("usage")
+    if not isinstance(usage, Mapping):
+        return None
+    return _usage_counts(usage)
+
+
+def usage_from_json_text(text: str | bytes) -> UsageCounts | None:
+    """`usage_from_completion` of a completion object given as JSON text; None when the text
+    is not a JSON object or reports no usage."""
+    try:
+        obj = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return None
+    return usage_from_completion(obj) if isinstance(obj, dict) else None
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRates:
+    """Prices of one model in US dollars per million tokens."""
+
+    input_per_mtok: Decimal
+    cached_input_per_mtok: Decimal
+    output_per_mtok: Decimal
+
+
+class PriceBook:
+    """Prices per model: the user's own first, then genai-prices' bundled data.
+
+    `cost` is called for every exported row, so each model is looked up once and its per-token
+    rates are derived once (with genai-prices' own arithmetic) per price set and prompt-size
+    tier; each row is then plain Decimal arithmetic.
+    """
+
+    def __init__(
+        self,
+        models: Mapping[str, ModelRates] | None = None,
+        patterns: tuple[tuple[str, ModelRates], ...] = (),
+    ) -> None:
+        """`models`: exact model names; `patterns`: (glob, rates) tried in order after them."""
+        self._models = dict(models or {})
+        self._patterns = patterns
+        self._pricers: dict[str, _Pricer | None] = {}
+
+    @classmethod
+    def load(cls, path: Path | None = None) -> PriceBook:
+        """Prices from `path`, else the file named by $BATCHRUNNER_PRICES, else genai-prices only.
+
+        The file is TOML, one table per model, numbers in US dollars per million tokens::
+
+            [models."deepseek-chat"]
+            match = "deepseek-*"           # optional: also price names matching this glob
+            input_per_mtok = 0.27
+            cached_input_per_mtok = 0.07   # optional; default = input price
+            output_per_mtok = 1.10
+        """
+        if path is None:
+            env_path = os.environ.get(PRICES_ENV)
+            if not env_path:
+                return cls()
+            path = Path(env_path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise UsageError(f"{path}: cannot read the price file: {exc.strerror or exc}") from exc
+        except UnicodeDecodeError as exc:
+            raise UsageError(f"{path}: the price file is not UTF-8 text") from exc
+        return cls.from_toml(text, source=str(path))
+
+    @classmethod
+    def from_toml(cls, text: str, source: str = "<prices>") -> PriceBook:
+        """Prices from TOML text (see `load`); `source` names it in error messages."""
+        try:
+            # parse_float=Decimal: 1.10 stays exactly 1.10, not the nearest binary float.
+            document = tomllib.loads(text, parse_float=Decimal)
+        except tomllib.TOMLDecodeError as exc:
+            raise UsageError(f"{source}: not valid TOML: {exc}") from exc
+        unknown = sorted(set(document) - {"models"})
+        if unknown:
+            raise UsageError(
+                f'{source}: unknown key {unknown[0]!r}; prices go under [models."NAME"]'
+            )
+        tables = document.get("models", {})
+        if not isinstance(tables, dict):
+            raise UsageError(f"{source}: 'models' must be a table of [models.\"NAME\"] tables")
+        models: dict[str, ModelRates] = {}
+        patterns: list[tuple[str, ModelRates]] = []
+        for name, table in tables.items():
+            where = f"{source}: models.{_toml_key(name)}"
+            if not isinstance(table, dict):
+                raise UsageError(
+                    f"{where}: must be a table with input_per_mtok and output_per_mtok"
+                )
+            rates, pattern = _parse_model_table(table, where)
+            models[name] = rates
+            if pattern is not None:
+                patterns.append((pattern, rates))
+        return cls(models, tuple(patterns))
+
+    def is_known(self, model: str) -> bool:
+        """Whether `model` has a price (user file or genai-prices)."""
+        return self._pricer(model) is not None
+
+    def cost(self, model: str, usage: UsageCounts, *, at: datetime | None = None) -> Decimal | None:
+        """US dollars `usage` cost on `model`; None when the model's price is unknown.
+
+        `at` is when the request ran (default now): some providers' prices change on a date or
+        by time of day (DeepSeek's off-peak hours).
+        """
+        pricer = self._pricer(model)
+        if pricer is None:
+            return None
+        prompt = usage.prompt_tokens
+        cached = min(usage.cached_tokens, prompt)
+        completion = usage.completion_tokens
+        reasoning = min(usage.reasoning_tokens, completion)
+        rates = pricer.rates(at, prompt)
+        return (
+            rates.per_request
+            + (prompt - cached) * rates.input_per_token
+            + cached * rates.cached_per_token
+            + (completion - reasoning) * rates.output_per_token
+            + reasoning * rates.reasoning_per_token
+        )
+
+    def worst_case_cost(
+        self,
+        model: str,
+        prompt_tokens: int,
+        max_output_tokens: int,
+        *,
+        at: datetime | None = None,
+    ) -> Decimal | None:
+        """The most a request can cost: every prompt token at the full input price (no cache
+        hits) and `max_output_tokens` at the output price (for `n` choices, pass the cap times
+        n). None when the model's price is unknown."""
+        pricer = self._pricer(model)
+        if pricer is None:
+            return None
+        rates = pricer.rates(at, prompt_tokens)
+        output_per_token = max(rates.output_per_token, rates.reasoning_per_token)
+        return (
+            rates.per_request
+            + prompt_tokens * rates.input_per_token
+            + max_output_tokens * output_per_token
+        )
+
+    def _pricer(self, model: str) -> _Pricer | None:
+        try:
+            return self._pricers[model]
+        except KeyError:
+            pricer = self._pricers[model] = self._find(model)
+            return pricer
+
+    def _find(self, model: str) -> _Pricer | None:
+        rates = self._models.get(model)
+        if rates is None:
+            rates = next(
+                (rates for pattern, rates in self._patterns if fnmatch.fnmatchcase(model, pattern)),
+                None,
+            )
+        if rates is not None:
+            return _UserPricer(rates)
+        return _find_genai_model(model)
+
+
+# --- usage parsing -----------------------------------------------------------------------
+
+
+def _count(value: object) -> int | None:
+    """A token count, or None for anything that is not a non-negative whole number."""
+    if type(value) is int:
+        return value if value >= 0 else None
+    if type(value) is float and value >= 0 and value.is_integer():
+        return int(value)
+    return None
+
+
+def _detail(usage: Mapping[str, Any], field: str, key: str) -> int | None:
+    details = usage.get(field)
+    return _count(details.get(key)) if isinstance(details, Mapping) else None
+
+
+def _usage_counts(usage: Mapping[str, Any]) -> UsageCounts | None:
+    prompt = _count(usage.get("prompt_tokens"))
+    if prompt is not None:
+        cached = _detail(usage, "prompt_tokens_details", "cached_tokens")
+        if cached is None:
+            cached = _count(usage.get("cache_read_input_tokens"))
+    else:
+        prompt = _count(usage.get("input_tokens"))
+        cached = _detail(usage, "input_tokens_details", "cached_tokens")
+        if prompt is not None and cached is None:
+            cache_read = _count(usage.get("cache_read_input_tokens"))
+            cache_write = _count(usage.get("cache_creation_input_tokens"))
+            if cache_read is not None or cache_write is not None:
+                prompt += (cache_read or 0) + (cache_write or 0)
+                cached = cache_read
+    completion = _count(usage.get("completion_tokens"))
+    reasoning = _detail(usage, "completion_tokens_details", "reasoning_tokens")
+    if completion is None:
+        completion = _count(usage.get("output_tokens"))
+        if reasoning is None:
+            reasoning = _detail(usage, "output_tokens_details", "reasoning_tokens")
+    total = _count(usage.get("total_tokens"))
+    if prompt is None and completion is None and total is None:
+        return None
+    prompt = prompt or 0
+    completion = completion or 0
+    reasoning = reasoning or 0
+    if total is None:
+        total = prompt + completion
+    elif reasoning and total == prompt + completion + reasoning:
+        completion += reasoning
+    return UsageCounts(
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        cached_tokens=min(cached or 0, prompt),
+        reasoning_tokens=min(reasoning, completion),
+        total_tokens=total,
+    )
+
+
+# --- price file --------------------------------------------------------------------------
+
+
+def _toml_key(name: str) -> str:
+    return name if name.replace("-", "").replace("_", "").isalnum() else f'"{name}"'
+
+
+def _price(table: Mapping[str, Any], key: str, where: str) -> Decimal | None:
+    value = table.get(key)
+    if value is None:
+        return None
+    # bool is an int in Python, and `true` is no price.
+    if isinstance(value, bool) or not isinstance(value, int | Decimal):
+        raise UsageError(f"{where}.{key}: must be a number (US dollars per million tokens)")
+    price = Decimal(value)
+    if not price.is_finite() or price < 0:
+        raise UsageError(f"{where}.{key}: must be zero or more, not {value}")
+    return price
+
+
+def _parse_model_table(table: Mapping[str, Any], where: str) -> tuple[ModelRates, str | None]:
+    unknown = sorted(set(table) - _USER_KEYS)
+    if unknown:
+        known = ", ".join(sorted(_USER_KEYS))
+        raise UsageError(f"{where}.{unknown[0]}: unknown key (known: {known})")
+    input_price = _price(table, "input_per_mtok", where)
+    output_price = _price(table, "output_per_mtok", where)
+    cached_price = _price(table, "cached_input_per_mtok", where)
+    if input_price is None:
+        raise UsageError(f"{where}.input_per_mtok: missing (US dollars per million prompt tokens)")
+    if output_price is None:
+        raise UsageError(f"{where}.output_per_mtok: missing (US dollars per million output tokens)")
+    pattern = table.get("match")
+    if pattern is not None and (not isinstance(pattern, str) or not pattern):
+        raise UsageError(f'{where}.match: must be a model-name glob such as "deepseek-*"')
+    rates = ModelRates(
+        input_per_mtok=input_price,
+        cached_input_per_mtok=input_price if cached_price is None else cached_price,
+        output_per_mtok=output_price,
+    )
+    return rates, pattern
+
+
+# --- pricers -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _TokenRates:
+    """A linear price: dollars per token of each kind plus a fixed amount per request."""
+
+    input_per_token: Decimal
+    cached_per_token: Decimal
+    output_per_token: Decimal
+    reasoning_per_token: Decimal
+    per_request: Decimal
+
+
+class _Pricer:
+    def rates(self, at: datetime | None, prompt_tokens: int) -> _TokenRates:
+        """Rates in force at `at` for a request of `prompt_tokens`."""
+        raise NotImplementedError
+
+
+class _UserPricer(_Pricer):
+    def __init__(self, rates: ModelRates) -> None:
+        output = rates.output_per_mtok / TOKENS_PER_MTOK
+        self._rates = _TokenRates(
+            input_per_token=rates.input_per_mtok / TOKENS_PER_MTOK,
+            cached_per_token=rates.cached_input_per_mtok / TOKENS_PER_MTOK,
+            output_per_token=output,
+            reasoning_per_token=output,
+            per_request=_ZERO,
+        )
+
+    def rates(self, at: datetime | None, prompt_tokens: int) -> _TokenRates:
+        return self._rates
+
+
+class _PriceRates:
+    """The rates of one genai-prices price set, one `_TokenRates` per prompt-size tier.
+
+    genai-prices' tiers are cliffs: past a tier's start, every token of that kind is billed at
+    the tier's rate. So within a tier the price is linear, and the tier is known from the
+    prompt size alone.
+    """
+
+    __slots__ = ("_by_tier", "_price", "_starts")
+
+    def __init__(self, price: genai_types.ModelPrice) -> None:
+        self._price = price
+        self._starts = sorted(
+            {
+                tier.start
+                for value in vars(price).values()
+                if isinstance(value, genai_types.TieredPrices)
+                for tier in value.tiers
+            }
+        )
+        self._by_tier: dict[int, _TokenRates] = {}
+
+    def rates(self, prompt_tokens: int) -> _TokenRates:
+        # How many tier starts the prompt is past (genai-prices: tokens > start).
+        tier = bisect.bisect_left(self._starts, prompt_tokens) if self._starts else 0
+        rates = self._by_tier.get(tier)
+        if rates is None:
+            flat = _flatten_tiers(self._price, prompt_tokens) if self._starts else self._price
+            rates = self._by_tier[tier] = _linear_rates(flat)
+        return rates
+
+
+class _GenaiPricer(_Pricer):
+    """One genai-prices model. Its prices may change with the request's date or time of day
+    (a list of conditional prices): rates are derived once per distinct price set."""
+
+    def __init__(self, model: genai_types.ModelInfo) -> None:
+        self._model = model
+        static = model.prices if isinstance(model.prices, genai_types.ModelPrice) else None
+        self._static = _PriceRates(static) if static is not None else None
+        # id(price) -> rates; _PriceRates holds the price, so the id is never reused.
+        self._by_price: dict[int, _PriceRates] = {}
+
+    def rates(self, at: datetime | None, prompt_tokens: int) -> _TokenRates:
+        price_rates = self._static
+        if price_rates is None:
+            price = self._model.get_prices(at or datetime.now(tz=UTC))
+            price_rates = self._by_price.get(id(price))
+            if price_rates is None:
+                price_rates = self._by_price[id(price)] = _PriceRates(price)
+        return price_rates.rates(prompt_tokens)
+
+
+def _flatten_tiers(price: genai_types.ModelPrice, prompt_tokens: int) -> genai_types.ModelPrice:
+    """`price` with each tiered value replaced by the rate that applies to `prompt_tokens`."""
+    flat: dict[str, Decimal | None] = {}
+    for key, value in vars(price).items():
+        if isinstance(value, genai_types.TieredPrices):
+            applicable = value.base
+            for tier in reversed(value.tiers):
+                if prompt_tokens > tier.start:
+                    applicable = tier.price
+                    break
+            flat[key] = applicable
+        else:
+            flat[key] = value
+    return genai_types.ModelPrice(**flat)
+
+
+def _linear_rates(price: genai_types.ModelPrice) -> _TokenRates:
+    """Per-token rates of an untiered genai-prices price, measured with genai-prices' own
+    arithmetic on one million tokens of each kind, so cached and reasoning tokens follow its
+    rules exactly (cached tokens are the part of the input billed at the cache-read price;
+    reasoning tokens the part of the output billed at a reasoning price, where one exists)."""
+
+    def calc(**tokens: int) -> Decimal:
+        return price.calc_price(genai_prices.Usage(**tokens))["total_price"]
+
+    million = TOKENS_PER_MTOK
+    per_request = calc(input_tokens=0, output_tokens=0)
+    input_cost = calc(input_tokens=million) - per_request
+    cached_cost = calc(input_tokens=million, cache_read_tokens=million) - per_request
+    output_cost = calc(output_tokens=million) - per_request
+    reasoning_cost = calc(output_tokens=million, output_reasoning_tokens=million) - per_request
+    return _TokenRates(
+        input_per_token=input_cost / million,
+        cached_per_token=cached_cost / million,
+        output_per_token=output_cost / million,
+        reasoning_per_token=reasoning_cost / million,
+        per_request=per_request,
+    )
+
+
+def _is_token_priced(model: genai_types.ModelInfo) -> bool:
+    """True when token counts can price the model: it has a token price, or no price at all
+    (free models). Models priced by characters, audio hours or pages are not."""
+    prices = (
+        [model.prices]
+        if isinstance(model.prices, genai_types.ModelPrice)
+        else [conditional.prices for conditional in model.prices]
+    )
+    for price in prices:
+        keys = {key for key, value in vars(price).items() if value is not None}
+        if keys and not keys & _TOKEN_PRICE_KEYS:
+            return False
+    return True
+
+
+def _find_genai_model(model: str) -> _GenaiPricer | None:
+    """The genai-prices model for a name: OpenAI's catalogue first, then any provider whose
+    models match the name; for "vendor/name" (gateway style) also the vendor's catalogue and
+    OpenRouter's."""
+    attempts: list[tuple[str, str | None]] = [(model, _OPENAI_PROVIDER), (model, None)]
+    if "/" in model:
+        vendor, _, bare = model.rpartition("/")
+        attempts += [(bare, vendor.rsplit("/", 1)[-1]), (model, _OPENROUTER_PROVIDER), (bare, None)]
+    for name, provider_id in attempts:
+        try:
+            # The public entry point resolves the name exactly as calc_price does for users.
+            found = genai_prices.calc_price(
+                genai_prices.Usage(input_tokens=0, output_tokens=0), name, provider_id=provider_id
+            )
+        except (LookupError, ValueError):
+            # LookupError: not in that catalogue; ValueError: a price genai-prices rejects.
+            continue
+        if not _is_token_priced(found.model):
+            return None
+        return _GenaiPricer(found.model)
+    return None

@@ -1,0 +1,242 @@
+"""What `status` shows: counts by state, tokens and cost by model, throughput, errors, workers."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+from batchrunner.pricing import PriceBook, UsageCounts
+from batchrunner.store import BatchCounts, BatchInfo, JobStore, ModelUsage, WorkerInfo
+
+
+@dataclass(frozen=True, slots=True)
+class ModelCost:
+    usage: ModelUsage
+    #: None when the model's price is unknown.
+    cost_usd: Decimal | None
+
+
+@dataclass(frozen=True, slots=True)
+class BatchStatus:
+    batch: BatchInfo
+    counts: BatchCounts
+    models: list[ModelCost]
+    errors: list[tuple[str, int]]
+    attempt_errors: list[tuple[str, int]]
+    workers: list[WorkerInfo]
+    first_s: float | None
+    last_s: float | None
+    now: float = field(default_factory=time.time)
+
+    @property
+    def cost_usd(self) -> Decimal:
+        return sum((m.cost_usd for m in self.models if m.cost_usd is not None), Decimal(0))
+
+    @property
+    def unpriced_models(self) -> list[str]:
+        return [m.usage.model for m in self.models if m.cost_usd is None]
+
+    @property
+    def tokens(self) -> dict[str, int]:
+        keys = ("prompt_tokens", "completion_tokens", "cached_tokens", "reasoning_tokens")
+        out = {k: sum(getattr(m.usage, k) for m in self.models) for k in keys}
+        out["total_tokens"] = sum(m.usage.total_tokens for m in self.models)
+        return out
+
+    @property
+    def elapsed_s(self) -> float | None:
+        if self.first_s is None or self.last_s is None:
+            return None
+        return max(self.last_s - self.first_s, 1e-9)
+
+    @property
+    def requests_per_s(self) -> float | None:
+        ended = self.counts.counts["succeeded"] + self.counts.counts["failed"]
+        return ended / self.elapsed_s if self.elapsed_s and ended else None
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        total = self.tokens["total_tokens"]
+        return total / self.elapsed_s if self.elapsed_s and total else None
+
+    @property
+    def eta_s(self) -> float | None:
+        rate = self.requests_per_s
+        if not rate or not self.counts.unfinished or not self.workers:
+            return None
+        return self.counts.unfinished / rate
+
+    def to_json(self) -> dict[str, Any]:
+        b = self.batch
+        return {
+            "batch": b.id,
+            "name": b.name,
+            "source_file": b.source_file,
+            "base_url": b.base_url,
+            "created_at": b.created_at,
+            "cancelled": b.cancelled_at is not None,
+            "total": self.counts.total,
+            "counts": dict(self.counts.counts),
+            "invalid_lines": b.invalid_lines,
+            "tokens": self.tokens,
+            "cost_usd": float(self.cost_usd),
+            "unpriced_models": self.unpriced_models,
+            "models": [
+                {
+                    "model": m.usage.model,
+                    "results": m.usage.results,
+                    "prompt_tokens": m.usage.prompt_tokens,
+                    "completion_tokens": m.usage.completion_tokens,
+                    "cached_tokens": m.usage.cached_tokens,
+                    "reasoning_tokens": m.usage.reasoning_tokens,
+                    "total_tokens": m.usage.total_tokens,
+                    "cost_usd": None if m.cost_usd is None else float(m.cost_usd),
+                }
+                for m in self.models
+            ],
+            "requests_per_s": self.requests_per_s,
+            "tokens_per_s": self.tokens_per_s,
+            "eta_s": self.eta_s,
+            "errors": dict(self.errors),
+            "attempt_errors": dict(self.attempt_errors),
+            "workers": [
+                {
+                    "id": w.id,
+                    "host": w.host,
+                    "pid": w.pid,
+                    "heartbeat_age_s": round(self.now - w.heartbeat_at, 1),
+                    "sent": w.sent,
+                    "succeeded": w.succeeded,
+                    "failed": w.failed,
+                    "tokens": w.tokens,
+                }
+                for w in self.workers
+            ],
+        }
+
+
+async def batch_status(
+    store: JobStore, batch_id: str, prices: PriceBook | None = None
+) -> BatchStatus:
+    batch = await store.get_batch(batch_id)
+    prices = prices or PriceBook.load()
+    models = [
+        ModelCost(
+            u,
+            prices.cost(
+                u.model,
+                UsageCounts(
+                    prompt_tokens=u.prompt_tokens,
+                    completion_tokens=u.completion_tokens,
+                    cached_tokens=u.cached_tokens,
+                    reasoning_tokens=u.reasoning_tokens,
+                    total_tokens=u.total_tokens,
+                ),
+            ),
+        )
+        for u in await store.usage_by_model(batch_id)
+    ]
+    first, last = await store.first_and_last_finish(batch_id)
+    return BatchStatus(
+        batch=batch,
+        counts=await store.counts(batch_id),
+        models=models,
+        errors=await store.error_counts(batch_id),
+        attempt_errors=await store.attempt_error_counts(batch_id),
+        workers=await store.live_workers(batch_id, time.time()),
+        first_s=first,
+        last_s=last,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class BatchLine:
+    batch: BatchInfo
+    counts: BatchCounts
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "batch": self.batch.id,
+            "name": self.batch.name,
+            "total": self.counts.total,
+            "counts": dict(self.counts.counts),
+        }
+
+
+async def all_batches(store: JobStore) -> list[BatchLine]:
+    return [BatchLine(b, await store.counts(b.id)) for b in await store.list_batches()]
+
+
+def _usd(amount: Decimal) -> str:
+    # Small batches cost fractions of a cent: four decimals would show them as $0.0000.
+    return f"${amount:.4f}" if amount >= 1 else f"${amount:.6f}"
+
+
+def _fmt_s(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+def render_batch_list(rows: list[BatchLine]) -> str:
+    if not rows:
+        return "no batches yet: batchrunner submit FILE"
+    lines = []
+    for r in rows:
+        c = r.counts.counts
+        lines.append(
+            f"{r.batch.id}  {r.batch.name[:30]:<30} total {r.counts.total:>8}  "
+            f"pending {c['pending']:>7}  running {c['running']:>5}  "
+            f"succeeded {c['succeeded']:>8}  failed {c['failed']:>6}  cancelled {c['cancelled']:>6}"
+        )
+    return "\n".join(lines)
+
+
+def render_status(st: BatchStatus) -> str:
+    b, c = st.batch, st.counts.counts
+    out = [
+        f"batch     {b.id}  ({b.name})",
+        f"source    {b.source_file}",
+        f"endpoint  {b.base_url}",
+        f"jobs      {st.counts.total} total: pending {c['pending']}, running {c['running']}, "
+        f"succeeded {c['succeeded']}, failed {c['failed']}, cancelled {c['cancelled']}"
+        + (f"  (invalid lines skipped: {b.invalid_lines})" if b.invalid_lines else ""),
+    ]
+    t = st.tokens
+    out.append(
+        f"tokens    prompt {t['prompt_tokens']} (cached {t['cached_tokens']}), completion "
+        f"{t['completion_tokens']} (reasoning {t['reasoning_tokens']}), total {t['total_tokens']}"
+    )
+    cost = f"cost      {_usd(st.cost_usd)}"
+    if st.unpriced_models:
+        cost += f"  + unknown for {', '.join(st.unpriced_models)} (no price known)"
+    out.append(cost)
+    for m in st.models:
+        price = "unknown" if m.cost_usd is None else _usd(m.cost_usd)
+        out.append(
+            f"  {m.usage.model:<32} {m.usage.results:>8} results  "
+            f"{m.usage.total_tokens:>12} tokens  {price}"
+        )
+    rps, tps = st.requests_per_s, st.tokens_per_s
+    out.append(
+        f"speed     {rps:.1f} req/s, {tps or 0:.0f} tokens/s, ETA {_fmt_s(st.eta_s)}"
+        if rps
+        else "speed     -"
+    )
+    if st.errors:
+        out.append("failed    " + ", ".join(f"{k} {n}" for k, n in st.errors))
+    if st.attempt_errors:
+        out.append("retried   " + ", ".join(f"{k} {n}" for k, n in st.attempt_errors))
+    if st.workers:
+        out.append(f"workers   {len(st.workers)} live")
+        for w in st.workers:
+            out.append(
+                f"  {w.id} on {w.host} pid {w.pid}: sent {w.sent}, succeeded {w.succeeded}, "
+                f"failed {w.failed}, heartbeat {st.now - w.heartbeat_at:.0f}s ago"
+            )
+    return "\n".join(out)

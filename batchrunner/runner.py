@@ -1,0 +1,142 @@
+"""`batchrunner run`: resolve the batch and its key, then dispatch until every job has ended."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+
+from batchrunner import report
+from batchrunner.client import is_insecure
+from batchrunner.config import RunConfig
+from batchrunner.dispatcher import Dispatcher, RunResult, StopReason
+from batchrunner.errors import UsageError
+from batchrunner.ingest import submit_file
+from batchrunner.pricing import PriceBook
+from batchrunner.progress import show
+from batchrunner.store import BatchInfo, JobStore
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_ABORTED = 1
+EXIT_SOME_FAILED = 3
+EXIT_INTERRUPTED = 130
+
+
+@dataclass(frozen=True, slots=True)
+class RunReport:
+    batch: BatchInfo
+    result: RunResult
+
+    @property
+    def exit_code(self) -> int:
+        reason = self.result.reason
+        if reason is StopReason.INTERRUPTED:
+            return EXIT_INTERRUPTED
+        if reason is not StopReason.DONE:
+            return EXIT_ABORTED
+        if self.result.unfinished or self.result.failed_in_batch:
+            return EXIT_SOME_FAILED
+        return EXIT_OK
+
+
+def _is_loopback(base_url: str) -> bool:
+    from urllib.parse import urlsplit
+
+    host = (urlsplit(base_url).hostname or "").lower()
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+async def run(
+    store: JobStore,
+    target: str,
+    config: RunConfig,
+    *,
+    warn: Callable[[str], None],
+    progress: bool = True,
+    install_signals: bool = True,
+) -> RunReport:
+    """Run a batch (by id, or a file to submit first) until every job has ended or it stops."""
+    if Path(target).is_file():
+        # As `submit` would: the base URL falls back to $OPENAI_BASE_URL.
+        submitted = await submit_file(
+            store,
+            Path(target),
+            base_url=config.base_url or os.environ.get("OPENAI_BASE_URL"),
+            api_key_env=config.api_key_env,
+        )
+        if submitted.created:
+            warn(f"loaded {submitted.jobs} job(s) from {target} as batch {submitted.batch.id}")
+        batch = submitted.batch
+    else:
+        batch = await store.get_batch(target)
+    if batch.cancelled_at is not None:
+        raise UsageError(f"batch {batch.id} was cancelled; `batchrunner retry` does not revive it")
+
+    base_url = config.base_url or batch.base_url
+    key_env = config.api_key_env or batch.api_key_env
+    api_key = os.environ.get(key_env) or None
+    if api_key is None:
+        if not _is_loopback(base_url):
+            raise UsageError(
+                f"set the API key in ${key_env} (or name another variable with --api-key-env)"
+            )
+        warn(f"${key_env} is not set: sending without an API key to {base_url}")
+    elif is_insecure(base_url):
+        warn(f"warning: the API key goes over plain http to {base_url}: anyone between can read it")
+
+    prices = PriceBook.load(config.prices_path)
+    spent = Decimal(0)
+    if config.max_cost_usd is not None:
+        status = await report.batch_status(store, batch.id, prices)
+        if status.unpriced_models:
+            raise UsageError(
+                "--max-cost needs prices, and none is known for "
+                + ", ".join(status.unpriced_models)
+            )
+        spent = status.cost_usd
+        if spent >= Decimal(str(config.max_cost_usd)):
+            raise UsageError(
+                f"the batch has already cost ${spent:.4f}, "
+                f"at or over --max-cost ${config.max_cost_usd}"
+            )
+
+    dispatcher = Dispatcher(
+        store, batch, config, api_key=api_key, base_url=base_url, prices=prices, spent_usd=spent
+    )
+    loop = asyncio.get_running_loop()
+    interrupts = 0
+
+    def on_signal() -> None:
+        nonlocal interrupts
+        interrupts += 1
+        if interrupts == 1:
+            warn(
+                f"stopping: waiting up to {config.grace_s:.0f}s for requests in flight"
+                " (Ctrl-C again to stop at once)"
+            )
+            dispatcher.stop(StopReason.INTERRUPTED)
+        else:
+            # A second Ctrl-C: no grace; what is in flight is sent again by the next run.
+            dispatcher.force_stop()
+
+    if install_signals:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, on_signal)
+    display = asyncio.create_task(show(dispatcher)) if progress else None
+    try:
+        result = await dispatcher.run()
+    finally:
+        if display is not None:
+            display.cancel()
+            await asyncio.gather(display, return_exceptions=True)
+        if install_signals:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+    return RunReport(batch, result)

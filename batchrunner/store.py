@@ -1,0 +1,921 @@
+"""JobStore: the only module that speaks SQL.
+
+Every write is one short transaction (SQLite: `BEGIN IMMEDIATE`, see db.py). The dispatcher's
+hot path touches the database only in chunks: it claims jobs a few hundred at a time and records
+ended jobs in batched transactions, each row fenced by the lease token it was claimed with.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from sqlalchemy import Row, bindparam, insert, text
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from batchrunner import db
+from batchrunner.errors import BatchNotFound, StoreError
+from batchrunner.models import Batch, InvalidLine, JobState
+
+#: Rows per INSERT round trip when loading a file.
+LOAD_CHUNK_ROWS = 5_000
+#: A worker whose heartbeat is older than this is taken for dead.
+WORKER_STALE_S = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class BatchInfo:
+    id: str
+    name: str
+    source_file: str
+    content_sha256: str
+    base_url: str
+    api_key_env: str
+    options: dict[str, Any]
+    total_jobs: int
+    invalid_lines: int
+    created_at: float
+    cancelled_at: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class NewJob:
+    """A validated request line, ready to insert."""
+
+    line: int
+    custom_id: str
+    endpoint: str
+    body: str
+    meta: str | None
+    model: str
+    stream: bool
+    est_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedJob:
+    """A job this worker holds the lease of."""
+
+    id: int
+    custom_id: str
+    line: int
+    endpoint: str
+    body: str
+    model: str
+    stream: bool
+    est_tokens: int
+    attempts: int
+    lease_token: str
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptRecord:
+    job_id: int
+    status_code: int | None
+    error_kind: str | None
+    latency_ms: float
+    request_id: str | None
+    started_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Ended:
+    """A job's end as a worker saw it; recorded only if the worker still holds the lease."""
+
+    job_id: int
+    lease_token: str
+    state: JobState
+    #: Attempts made by this worker (added to those of earlier runs).
+    attempts: int
+    status_code: int | None
+    latency_ms: float
+    request_id: str | None = None
+    # Succeeded jobs:
+    response: str | None = None
+    model: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    cached_tokens: int | None = None
+    reasoning_tokens: int | None = None
+    total_tokens: int | None = None
+    schema_valid: bool | None = None
+    # Failed jobs:
+    error_kind: str | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RecordOutcome:
+    recorded: int
+    #: Ends refused because the lease had passed to another worker (fencing).
+    fenced: int
+
+
+@dataclass(slots=True)
+class BatchCounts:
+    total: int = 0
+    counts: dict[str, int] = field(default_factory=lambda: {s.value: 0 for s in JobState})
+
+    @property
+    def unfinished(self) -> int:
+        return self.counts[JobState.PENDING.value] + self.counts[JobState.RUNNING.value]
+
+
+@dataclass(frozen=True, slots=True)
+class ModelUsage:
+    model: str
+    results: int
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    reasoning_tokens: int
+    total_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerInfo:
+    id: str
+    host: str
+    pid: int
+    started_at: float
+    heartbeat_at: float
+    stopped_at: float | None
+    paused_until: float | None
+    sent: int
+    succeeded: int
+    failed: int
+    tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class ExportRow:
+    """A job and, when it succeeded, its result: what export writes."""
+
+    id: int
+    line: int
+    custom_id: str
+    state: str
+    model: str
+    meta: str | None
+    attempts: int
+    error_kind: str | None
+    last_status: int | None
+    last_error: str | None
+    response: str | None
+    status_code: int | None
+    request_id: str | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    cached_tokens: int | None
+    reasoning_tokens: int | None
+    total_tokens: int | None
+    schema_valid: bool | None
+    latency_ms: float | None
+
+
+def _batch_info(row: Row[Any]) -> BatchInfo:
+    options = row.options
+    if isinstance(options, str):
+        options = orjson.loads(options)
+    return BatchInfo(
+        id=row.id,
+        name=row.name,
+        source_file=row.source_file,
+        content_sha256=row.content_sha256,
+        base_url=row.base_url,
+        api_key_env=row.api_key_env,
+        options=options or {},
+        total_jobs=row.total_jobs,
+        invalid_lines=row.invalid_lines,
+        created_at=row.created_at,
+        cancelled_at=row.cancelled_at,
+    )
+
+
+_BATCH_COLUMNS = (
+    "id, name, source_file, content_sha256, base_url, api_key_env, options, total_jobs,"
+    " invalid_lines, created_at, cancelled_at"
+)
+_CLAIM_COLUMNS = "id, custom_id, line, endpoint, body, model, stream, est_tokens, attempts"
+
+_EXPIRE_LEASES = text(
+    "UPDATE jobs SET state = 'pending', lease_owner = NULL, lease_token = NULL,"
+    " lease_expires_at = NULL, updated_at = :now"
+    " WHERE batch_id = :batch AND state = 'running' AND lease_expires_at < :now"
+)
+_CLAIM_SQLITE = text(
+    "UPDATE jobs SET state = 'running', lease_owner = :owner, lease_token = :token,"
+    " lease_expires_at = :expires, updated_at = :now"
+    " WHERE id IN (SELECT id FROM jobs WHERE batch_id = :batch AND state = 'pending'"
+    " AND (not_before IS NULL OR not_before <= :now) ORDER BY id LIMIT :limit)"
+    f" RETURNING {_CLAIM_COLUMNS}"
+)
+_CLAIM_POSTGRES = text(
+    "WITH picked AS (SELECT id FROM jobs WHERE batch_id = :batch AND state = 'pending'"
+    " AND (not_before IS NULL OR not_before <= :now) ORDER BY id LIMIT :limit"
+    " FOR UPDATE SKIP LOCKED)"
+    " UPDATE jobs SET state = 'running', lease_owner = :owner, lease_token = :token,"
+    " lease_expires_at = :expires, updated_at = :now FROM picked WHERE jobs.id = picked.id"
+    " RETURNING jobs.id, jobs.custom_id, jobs.line, jobs.endpoint, jobs.body, jobs.model,"
+    " jobs.stream, jobs.est_tokens, jobs.attempts"
+)
+_INSERT_RESULT = text(
+    "INSERT INTO results (job_id, batch_id, status_code, response, request_id, model,"
+    " prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens, total_tokens,"
+    " schema_valid, latency_ms, attempts, finished_at)"
+    " SELECT id, batch_id, :status_code, :response, :request_id, :model, :prompt_tokens,"
+    " :completion_tokens, :cached_tokens, :reasoning_tokens, :total_tokens, :schema_valid,"
+    " :latency_ms, attempts + :attempts, :now"
+    " FROM jobs WHERE id = :job_id AND lease_token = :lease_token AND state = 'running'"
+    " ON CONFLICT (job_id) DO NOTHING"
+)
+_END_JOB = text(
+    "UPDATE jobs SET state = :state, attempts = attempts + :attempts, lease_owner = NULL,"
+    " lease_token = NULL, lease_expires_at = NULL, not_before = NULL,"
+    " error_kind = :error_kind, last_status = :status_code, last_error = :error,"
+    " finished_at = :now, updated_at = :now"
+    " WHERE id = :job_id AND lease_token = :lease_token AND state = 'running'"
+)
+_HELD_LEASES = text(
+    "SELECT id, lease_token FROM jobs WHERE id IN :ids AND state = 'running' ORDER BY id FOR UPDATE"
+).bindparams(bindparam("ids", expanding=True))
+_INSERT_ATTEMPT = text(
+    "INSERT INTO attempts (job_id, batch_id, worker_id, status_code, error_kind, latency_ms,"
+    " request_id, started_at) VALUES (:job_id, :batch_id, :worker_id, :status_code,"
+    " :error_kind, :latency_ms, :request_id, :started_at)"
+)
+
+
+class JobStore:
+    """Batches, jobs and results in one database (SQLite or PostgreSQL)."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self.is_sqlite = db.is_sqlite(engine)
+
+    @classmethod
+    async def open(cls, url: str, *, pool_size: int = 5) -> JobStore:
+        """Open the database at a plain URL, creating or upgrading it to head."""
+        engine = db.create_engine(url, pool_size=pool_size)
+        try:
+            await db.ensure_schema(engine)
+        except BaseException:
+            await engine.dispose()
+            raise
+        return cls(engine)
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+    async def __aenter__(self) -> JobStore:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- transactions ---------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def _write(self) -> AsyncIterator[AsyncConnection]:
+        try:
+            async with self.engine.begin() as conn:
+                yield conn
+        except (OperationalError, DBAPIError) as exc:
+            if isinstance(exc, IntegrityError):
+                raise
+            raise StoreError(f"database write failed: {_reason(exc)}") from exc
+
+    @asynccontextmanager
+    async def _read(self) -> AsyncIterator[AsyncConnection]:
+        try:
+            async with self.engine.connect() as conn:
+                await conn.execution_options(**{db.READ_ONLY: True})
+                yield conn
+        except (OperationalError, DBAPIError) as exc:
+            raise StoreError(f"database read failed: {_reason(exc)}") from exc
+
+    # -- batches ----------------------------------------------------------------------------
+
+    async def find_batch_by_content(self, sha256: str) -> BatchInfo | None:
+        async with self._read() as conn:
+            row = (
+                await conn.execute(
+                    text(f"SELECT {_BATCH_COLUMNS} FROM batches WHERE content_sha256 = :sha"),
+                    {"sha": sha256},
+                )
+            ).first()
+        return _batch_info(row) if row else None
+
+    async def get_batch(self, batch_id: str) -> BatchInfo:
+        async with self._read() as conn:
+            row = (
+                await conn.execute(
+                    text(f"SELECT {_BATCH_COLUMNS} FROM batches WHERE id = :id"), {"id": batch_id}
+                )
+            ).first()
+        if row is None:
+            raise BatchNotFound(f"no batch {batch_id!r} in this database")
+        return _batch_info(row)
+
+    async def list_batches(self) -> list[BatchInfo]:
+        async with self._read() as conn:
+            rows = (
+                await conn.execute(
+                    text(f"SELECT {_BATCH_COLUMNS} FROM batches ORDER BY created_at")
+                )
+            ).all()
+        return [_batch_info(r) for r in rows]
+
+    @asynccontextmanager
+    async def loading(self, batch: BatchInfo) -> AsyncIterator[BatchLoader]:
+        """One transaction that creates `batch` and takes its jobs in chunks.
+
+        Nothing is visible to other connections until the block ends without an error.
+        """
+        async with self._write() as conn:
+            await conn.execute(
+                insert(Batch),
+                {
+                    "id": batch.id,
+                    "name": batch.name,
+                    "source_file": batch.source_file,
+                    "content_sha256": batch.content_sha256,
+                    "base_url": batch.base_url,
+                    "api_key_env": batch.api_key_env,
+                    "options": batch.options,
+                    "total_jobs": 0,
+                    "invalid_lines": 0,
+                    "created_at": batch.created_at,
+                    "cancelled_at": None,
+                },
+            )
+            loader = BatchLoader(conn, batch.id)
+            yield loader
+            await loader.finish()
+
+    # -- state ------------------------------------------------------------------------------
+
+    async def counts(self, batch_id: str) -> BatchCounts:
+        async with self._read() as conn:
+            rows = (
+                await conn.execute(
+                    text("SELECT state, COUNT(*) FROM jobs WHERE batch_id = :b GROUP BY state"),
+                    {"b": batch_id},
+                )
+            ).all()
+        result = BatchCounts()
+        for state, n in rows:
+            result.counts[state] = int(n)
+            result.total += int(n)
+        return result
+
+    async def usage_by_model(self, batch_id: str) -> list[ModelUsage]:
+        async with self._read() as conn:
+            rows = (
+                await conn.execute(
+                    text(
+                        "SELECT COALESCE(r.model, j.model) AS m, COUNT(*),"
+                        " COALESCE(SUM(r.prompt_tokens), 0), COALESCE(SUM(r.completion_tokens), 0),"
+                        " COALESCE(SUM(r.cached_tokens), 0), COALESCE(SUM(r.reasoning_tokens), 0),"
+                        " COALESCE(SUM(r.total_tokens), 0)"
+                        " FROM results r JOIN jobs j ON j.id = r.job_id"
+                        " WHERE r.batch_id = :b GROUP BY COALESCE(r.model, j.model) ORDER BY m"
+                    ),
+                    {"b": batch_id},
+                )
+            ).all()
+        return [ModelUsage(str(r[0]), *(int(x) for x in r[1:])) for r in rows]
+
+    async def error_counts(self, batch_id: str, limit: int = 10) -> list[tuple[str, int]]:
+        """Failed jobs by error kind, most frequent first."""
+        async with self._read() as conn:
+            rows = (
+                await conn.execute(
+                    text(
+                        "SELECT COALESCE(error_kind, 'unknown') AS k, COUNT(*) AS n FROM jobs"
+                        " WHERE batch_id = :b AND state = 'failed' GROUP BY k"
+                        " ORDER BY n DESC, k LIMIT :limit"
+                    ),
+                    {"b": batch_id, "limit": limit},
+                )
+            ).all()
+        return [(str(k), int(n)) for k, n in rows]
+
+    async def attempt_error_counts(self, batch_id: str) -> list[tuple[str, int]]:
+        """Every attempt that did not succeed, by kind: retries included."""
+        async with self._read() as conn:
+            rows = (
+                await conn.execute(
+                    text(
+                        "SELECT error_kind, COUNT(*) AS n FROM attempts"
+                        " WHERE batch_id = :b AND error_kind IS NOT NULL GROUP BY error_kind"
+                        " ORDER BY n DESC, error_kind"
+                    ),
+                    {"b": batch_id},
+                )
+            ).all()
+        return [(str(k), int(n)) for k, n in rows]
+
+    async def invalid_lines(self, batch_id: str) -> list[tuple[int, str]]:
+        async with self._read() as conn:
+            rows = (
+                await conn.execute(
+                    text(
+                        "SELECT line, reason FROM invalid_lines WHERE batch_id = :b ORDER BY line"
+                    ),
+                    {"b": batch_id},
+                )
+            ).all()
+        return [(int(line), str(reason)) for line, reason in rows]
+
+    async def first_and_last_finish(self, batch_id: str) -> tuple[float | None, float | None]:
+        async with self._read() as conn:
+            row = (
+                await conn.execute(
+                    text(
+                        "SELECT MIN(started_at), MAX(started_at + latency_ms / 1000.0)"
+                        " FROM attempts WHERE batch_id = :b"
+                    ),
+                    {"b": batch_id},
+                )
+            ).one()
+        return row[0], row[1]
+
+    async def attempts_of(self, job_id: int) -> list[AttemptRecord]:
+        async with self._read() as conn:
+            rows = (
+                await conn.execute(
+                    text(
+                        "SELECT job_id, status_code, error_kind, latency_ms, request_id, started_at"
+                        " FROM attempts WHERE job_id = :j ORDER BY id"
+                    ),
+                    {"j": job_id},
+                )
+            ).all()
+        return [AttemptRecord(*r) for r in rows]
+
+    # -- workers and leases -----------------------------------------------------------------
+
+    async def register_worker(self, worker_id: str, batch_id: str, now: float) -> None:
+        """Record this process as a worker of the batch, and release the leases of workers
+        on this host whose process is gone (no need to wait for their leases to expire)."""
+        host = this_host()
+        async with self._write() as conn:
+            rows = (
+                await conn.execute(
+                    text(
+                        "SELECT id, pid FROM workers WHERE batch_id = :b AND host = :h"
+                        " AND stopped_at IS NULL"
+                    ),
+                    {"b": batch_id, "h": host},
+                )
+            ).all()
+            dead = [wid for wid, pid in rows if not pid_alive(int(pid))]
+            await _reap(conn, batch_id, dead, now)
+            await conn.execute(
+                text(
+                    "INSERT INTO workers (id, batch_id, host, pid, started_at, heartbeat_at,"
+                    " sent, succeeded, failed, tokens)"
+                    " VALUES (:id, :b, :h, :pid, :now, :now, 0, 0, 0, 0)"
+                ),
+                {"id": worker_id, "b": batch_id, "h": host, "pid": os.getpid(), "now": now},
+            )
+
+    async def heartbeat(
+        self,
+        worker_id: str,
+        batch_id: str,
+        now: float,
+        lease_s: float,
+        *,
+        sent: int,
+        succeeded: int,
+        failed: int,
+        tokens: int,
+        paused_until: float | None,
+    ) -> None:
+        """Extend the leases of every job this worker holds and refresh its heartbeat."""
+        async with self._write() as conn:
+            await conn.execute(
+                text(
+                    "UPDATE jobs SET lease_expires_at = :exp WHERE batch_id = :b"
+                    " AND state = 'running' AND lease_owner = :w"
+                ),
+                {"exp": now + lease_s, "b": batch_id, "w": worker_id},
+            )
+            await conn.execute(
+                text(
+                    "UPDATE workers SET heartbeat_at = :now, sent = :sent, succeeded = :ok,"
+                    " failed = :failed, tokens = :tokens, paused_until = :paused WHERE id = :w"
+                ),
+                {
+                    "now": now,
+                    "sent": sent,
+                    "ok": succeeded,
+                    "failed": failed,
+                    "tokens": tokens,
+                    "paused": paused_until,
+                    "w": worker_id,
+                },
+            )
+
+    async def stop_worker(self, worker_id: str, now: float) -> None:
+        async with self._write() as conn:
+            await conn.execute(
+                text("UPDATE workers SET stopped_at = :now WHERE id = :w"),
+                {"now": now, "w": worker_id},
+            )
+
+    async def live_workers(self, batch_id: str, now: float) -> list[WorkerInfo]:
+        async with self._read() as conn:
+            rows = (
+                await conn.execute(
+                    text(
+                        "SELECT id, host, pid, started_at, heartbeat_at, stopped_at, paused_until,"
+                        " sent, succeeded, failed, tokens FROM workers WHERE batch_id = :b"
+                        " AND stopped_at IS NULL AND heartbeat_at >= :since ORDER BY started_at"
+                    ),
+                    {"b": batch_id, "since": now - WORKER_STALE_S},
+                )
+            ).all()
+        return [WorkerInfo(*r) for r in rows]
+
+    async def coordination_view(
+        self, batch_id: str, *, since: float, host: str
+    ) -> list[WorkerInfo]:
+        """The batch's workers not marked stopped whose heartbeat is at or after `since`, and
+        those on `host` whatever their heartbeat (their process can be looked at).
+
+        The one read a worker's coordinator makes every second: a handful of rows.
+        """
+        async with self._read() as conn:
+            rows = (
+                await conn.execute(
+                    text(
+                        "SELECT id, host, pid, started_at, heartbeat_at, stopped_at, paused_until,"
+                        " sent, succeeded, failed, tokens FROM workers WHERE batch_id = :b"
+                        " AND stopped_at IS NULL AND (heartbeat_at >= :since OR host = :h)"
+                        " ORDER BY started_at"
+                    ),
+                    {"b": batch_id, "since": since, "h": host},
+                )
+            ).all()
+        return [WorkerInfo(*r) for r in rows]
+
+    async def reap_workers(self, batch_id: str, worker_ids: Sequence[str], now: float) -> int:
+        """Mark workers known to be dead as stopped and make their jobs claimable at once.
+
+        Returns how many running jobs they held. Only for workers whose process is known to be
+        gone: a live worker's late answers would be fenced, but its requests sent again.
+        """
+        if not worker_ids:
+            return 0
+        async with self._write() as conn:
+            return await _reap(conn, batch_id, worker_ids, now)
+
+    async def publish_pause(self, worker_id: str, paused_until: float | None) -> None:
+        """Tell the batch's other workers that the server asked this one to wait until then."""
+        async with self._write() as conn:
+            await conn.execute(
+                text("UPDATE workers SET paused_until = :p WHERE id = :w"),
+                {"p": paused_until, "w": worker_id},
+            )
+
+    async def claim(
+        self, batch_id: str, worker_id: str, token: str, limit: int, now: float, lease_s: float
+    ) -> list[ClaimedJob]:
+        """Take up to `limit` pending jobs (and those whose lease expired) in line order."""
+        params = {
+            "batch": batch_id,
+            "owner": worker_id,
+            "token": token,
+            "expires": now + lease_s,
+            "now": now,
+            "limit": limit,
+        }
+        async with self._write() as conn:
+            await conn.execute(_EXPIRE_LEASES, {"batch": batch_id, "now": now})
+            rows = (
+                await conn.execute(_CLAIM_SQLITE if self.is_sqlite else _CLAIM_POSTGRES, params)
+            ).all()
+        jobs = [
+            ClaimedJob(
+                id=r.id,
+                custom_id=r.custom_id,
+                line=r.line,
+                endpoint=r.endpoint,
+                body=r.body,
+                model=r.model,
+                stream=bool(r.stream),
+                est_tokens=r.est_tokens,
+                attempts=r.attempts,
+                lease_token=token,
+            )
+            for r in rows
+        ]
+        jobs.sort(key=lambda j: j.id)
+        return jobs
+
+    async def release(
+        self, worker_id: str, jobs: Iterable[tuple[int, str]], not_before: float | None = None
+    ) -> int:
+        """Give jobs back as pending (a stopped run); only those whose lease we still hold."""
+        params = [
+            {"id": job_id, "token": token, "w": worker_id, "nb": not_before, "now": time.time()}
+            for job_id, token in jobs
+        ]
+        if not params:
+            return 0
+        async with self._write() as conn:
+            result = await conn.execute(
+                text(
+                    "UPDATE jobs SET state = 'pending', lease_owner = NULL, lease_token = NULL,"
+                    " lease_expires_at = NULL, not_before = :nb, updated_at = :now"
+                    " WHERE id = :id AND lease_token = :token AND lease_owner = :w"
+                    " AND state = 'running'"
+                ),
+                params,
+            )
+        return max(result.rowcount, 0)
+
+    async def release_all(self, worker_id: str, batch_id: str) -> int:
+        """Give back every job this worker still holds: at the end of a run it holds none
+        legitimately, whatever was interrupted on the way (a claim cut short, a write that
+        failed)."""
+        async with self._write() as conn:
+            result = await conn.execute(
+                text(
+                    "UPDATE jobs SET state = 'pending', lease_owner = NULL, lease_token = NULL,"
+                    " lease_expires_at = NULL, updated_at = :now"
+                    " WHERE batch_id = :b AND state = 'running' AND lease_owner = :w"
+                ),
+                {"b": batch_id, "w": worker_id, "now": time.time()},
+            )
+        return max(result.rowcount, 0)
+
+    async def record(
+        self,
+        batch_id: str,
+        worker_id: str,
+        ended: Sequence[Ended],
+        attempts: Sequence[AttemptRecord],
+        now: float,
+    ) -> RecordOutcome:
+        """Write ended jobs and the attempts log in one transaction.
+
+        A row is recorded only while the job is still running under the same lease token;
+        a late answer from a worker whose lease passed to another changes nothing.
+        """
+        results = []
+        ends = []
+        for e in ended:
+            ends.append(
+                {
+                    "job_id": e.job_id,
+                    "lease_token": e.lease_token,
+                    "state": e.state.value,
+                    "attempts": e.attempts,
+                    "error_kind": e.error_kind,
+                    "status_code": e.status_code,
+                    "error": e.error,
+                    "now": now,
+                }
+            )
+            if e.state is JobState.SUCCEEDED:
+                results.append(
+                    {
+                        "job_id": e.job_id,
+                        "lease_token": e.lease_token,
+                        "status_code": e.status_code,
+                        "response": e.response,
+                        "request_id": e.request_id,
+                        "model": e.model,
+                        "prompt_tokens": e.prompt_tokens,
+                        "completion_tokens": e.completion_tokens,
+                        "cached_tokens": e.cached_tokens,
+                        "reasoning_tokens": e.reasoning_tokens,
+                        "total_tokens": e.total_tokens,
+                        "schema_valid": e.schema_valid,
+                        "latency_ms": e.latency_ms,
+                        "attempts": e.attempts,
+                        "now": now,
+                    }
+                )
+        log = [
+            {
+                "job_id": a.job_id,
+                "batch_id": batch_id,
+                "worker_id": worker_id,
+                "status_code": a.status_code,
+                "error_kind": a.error_kind,
+                "latency_ms": a.latency_ms,
+                "request_id": a.request_id,
+                "started_at": a.started_at,
+            }
+            for a in attempts
+        ]
+        recorded = 0
+        async with self._write() as conn:
+            held: set[tuple[int, str]] | None = None
+            if ends and not self.is_sqlite:
+                # asyncpg reports no row count for an executemany, so the fenced ends are
+                # counted from the leases as they stand (locked until the commit).
+                rows = await conn.execute(_HELD_LEASES, {"ids": [e["job_id"] for e in ends]})
+                held = {(int(r[0]), str(r[1])) for r in rows}
+            # Results first: the insert checks the lease while the job is still `running`.
+            if results:
+                await conn.execute(_INSERT_RESULT, results)
+            if ends:
+                done = await conn.execute(_END_JOB, ends)
+                if held is not None:
+                    recorded = sum((e["job_id"], e["lease_token"]) in held for e in ends)
+                else:
+                    recorded = done.rowcount if done.rowcount >= 0 else len(ends)
+            if log:
+                await conn.execute(_INSERT_ATTEMPT, log)
+        return RecordOutcome(recorded=recorded, fenced=len(ends) - recorded)
+
+    # -- batch-wide changes -----------------------------------------------------------------
+
+    async def retry_failed(self, batch_id: str) -> int:
+        """Failed jobs back to pending; their attempts stay in the log."""
+        await self.get_batch(batch_id)
+        async with self._write() as conn:
+            result = await conn.execute(
+                text(
+                    "UPDATE jobs SET state = 'pending', attempts = 0, error_kind = NULL,"
+                    " last_status = NULL, last_error = NULL, finished_at = NULL,"
+                    " not_before = NULL, updated_at = :now"
+                    " WHERE batch_id = :b AND state = 'failed'"
+                ),
+                {"b": batch_id, "now": time.time()},
+            )
+            await conn.execute(
+                text("UPDATE batches SET cancelled_at = NULL WHERE id = :b"), {"b": batch_id}
+            )
+        return max(result.rowcount, 0)
+
+    async def cancel(self, batch_id: str) -> int:
+        """Every unfinished job of the batch to cancelled, for good."""
+        await self.get_batch(batch_id)
+        now = time.time()
+        async with self._write() as conn:
+            result = await conn.execute(
+                text(
+                    "UPDATE jobs SET state = 'cancelled', lease_owner = NULL, lease_token = NULL,"
+                    " lease_expires_at = NULL, finished_at = :now, updated_at = :now"
+                    " WHERE batch_id = :b AND state IN ('pending', 'running')"
+                ),
+                {"b": batch_id, "now": now},
+            )
+            await conn.execute(
+                text("UPDATE batches SET cancelled_at = :now WHERE id = :b"),
+                {"b": batch_id, "now": now},
+            )
+        return max(result.rowcount, 0)
+
+    # -- export -----------------------------------------------------------------------------
+
+    async def iter_export_rows(
+        self, batch_id: str, *, failed_only: bool = False, chunk_rows: int = 2_000
+    ) -> AsyncIterator[ExportRow]:
+        """Ended jobs of a batch in line order, with their results; memory stays flat.
+
+        Pages by id rather than holding one cursor open, so that a long export never holds
+        a read transaction (SQLite's WAL could not be checkpointed behind it).
+        """
+        states = ("'failed'",) if failed_only else ("'succeeded'", "'failed'", "'cancelled'")
+        sql = text(
+            "SELECT j.id, j.line, j.custom_id, j.state, j.model, j.meta, j.attempts,"
+            " j.error_kind, j.last_status, j.last_error, r.response, r.status_code,"
+            " r.request_id, r.prompt_tokens, r.completion_tokens, r.cached_tokens,"
+            " r.reasoning_tokens, r.total_tokens, r.schema_valid, r.latency_ms"
+            " FROM jobs j LEFT JOIN results r ON r.job_id = j.id"
+            f" WHERE j.batch_id = :b AND j.state IN ({', '.join(states)}) AND j.id > :after"
+            " ORDER BY j.id LIMIT :limit"
+        )
+        after = 0
+        while True:
+            async with self._read() as conn:
+                rows = (
+                    await conn.execute(sql, {"b": batch_id, "after": after, "limit": chunk_rows})
+                ).all()
+            for r in rows:
+                yield ExportRow(*r)
+            if len(rows) < chunk_rows:
+                return
+            after = rows[-1][0]
+
+
+class BatchLoader:
+    """Inserts a batch's jobs inside the transaction `JobStore.loading` opened."""
+
+    _COLUMNS = (
+        "batch_id, line, custom_id, method, endpoint, body, meta, model, stream, est_tokens,"
+        " state, attempts, created_at, updated_at"
+    )
+
+    def __init__(self, conn: AsyncConnection, batch_id: str) -> None:
+        self._conn = conn
+        self._batch_id = batch_id
+        self._now = time.time()
+        self.jobs = 0
+        self.invalid = 0
+        n = self._COLUMNS.count(",") + 1
+        if conn.dialect.paramstyle == "qmark":
+            marks = ", ".join("?" * n)
+        else:  # asyncpg: numeric_dollar
+            marks = ", ".join(f"${i}" for i in range(1, n + 1))
+        self._insert_sql = f"INSERT INTO jobs ({self._COLUMNS}) VALUES ({marks})"
+
+    async def add_jobs(self, jobs: Sequence[NewJob]) -> None:
+        if not jobs:
+            return
+        b, now, pending = self._batch_id, self._now, JobState.PENDING.value
+        # Plain tuples through the driver: SQLAlchemy's per-row parameter processing cost
+        # more than the INSERT itself at hundreds of thousands of rows per second.
+        await self._conn.exec_driver_sql(
+            self._insert_sql,
+            [
+                (
+                    b,
+                    j.line,
+                    j.custom_id,
+                    "POST",
+                    j.endpoint,
+                    j.body,
+                    j.meta,
+                    j.model,
+                    j.stream,
+                    j.est_tokens,
+                    pending,
+                    0,
+                    now,
+                    now,
+                )
+                for j in jobs
+            ],
+        )
+        self.jobs += len(jobs)
+
+    async def add_invalid(self, lines: Sequence[tuple[int, str]]) -> None:
+        if not lines:
+            return
+        await self._conn.execute(
+            insert(InvalidLine),
+            [{"batch_id": self._batch_id, "line": n, "reason": r} for n, r in lines],
+        )
+        self.invalid += len(lines)
+
+    async def finish(self) -> None:
+        await self._conn.execute(
+            text("UPDATE batches SET total_jobs = :n, invalid_lines = :bad WHERE id = :b"),
+            {"n": self.jobs, "bad": self.invalid, "b": self._batch_id},
+        )
+
+
+async def _reap(conn: AsyncConnection, batch_id: str, worker_ids: Sequence[str], now: float) -> int:
+    """Dead workers' running jobs back to pending, and the workers marked stopped."""
+    released = 0
+    for wid in worker_ids:
+        result = await conn.execute(
+            text(
+                "UPDATE jobs SET state = 'pending', lease_owner = NULL, lease_token = NULL,"
+                " lease_expires_at = NULL, updated_at = :now"
+                " WHERE batch_id = :b AND state = 'running' AND lease_owner = :w"
+            ),
+            {"b": batch_id, "w": wid, "now": now},
+        )
+        released += max(result.rowcount, 0)
+        await conn.execute(
+            text("UPDATE workers SET stopped_at = :now WHERE id = :w AND stopped_at IS NULL"),
+            {"now": now, "w": wid},
+        )
+    return released
+
+
+def this_host() -> str:
+    """The name workers of this machine register under."""
+    return socket.gethostname()
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine (another user's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _reason(exc: DBAPIError) -> str:
+    return str(exc.orig) if exc.orig is not None else str(exc)

@@ -1,0 +1,114 @@
+"""Shared fixtures: a migrated temporary database (SQLite, and PostgreSQL when configured),
+request files, and the local fake API server."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from batchrunner.store import JobStore
+
+#: The PostgreSQL server the tests may use, e.g. postgresql://postgres@127.0.0.1:5432/test.
+PG_ENV = "BATCHRUNNER_TEST_PG"
+
+
+def pg_admin_url() -> str | None:
+    url = os.environ.get(PG_ENV)
+    if not url and os.environ.get("CI"):
+        raise RuntimeError(f"CI is set but {PG_ENV} is not: the PostgreSQL tests must run in CI")
+    return url or None
+
+
+def _pg_url_for(admin_url: str, database: str) -> str:
+    base, _, _ = admin_url.rpartition("/")
+    return f"{base}/{database}"
+
+
+async def _pg_admin(admin_url: str, sql: str) -> None:
+    import asyncpg
+
+    dsn = admin_url.replace("postgresql+asyncpg://", "postgresql://")
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+async def pg_url() -> AsyncIterator[str]:
+    """A fresh, empty PostgreSQL database for one test, dropped afterwards."""
+    admin = pg_admin_url()
+    if admin is None:
+        pytest.skip(f"set {PG_ENV} to run the PostgreSQL tests")
+    name = f"br_test_{uuid.uuid4().hex[:12]}"
+    await _pg_admin(admin, f'CREATE DATABASE "{name}"')
+    try:
+        yield _pg_url_for(admin, name)
+    finally:
+        await _pg_admin(admin, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'jobs.db'}"
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+async def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    """Each test that takes it runs on SQLite and on PostgreSQL."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'jobs.db'}"
+        return
+    admin = pg_admin_url()
+    if admin is None:
+        pytest.skip(f"set {PG_ENV} to run the PostgreSQL tests")
+    name = f"br_test_{uuid.uuid4().hex[:12]}"
+    await _pg_admin(admin, f'CREATE DATABASE "{name}"')
+    try:
+        yield _pg_url_for(admin, name)
+    finally:
+        await _pg_admin(admin, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+async def store(db_url: str) -> AsyncIterator[JobStore]:
+    s = await JobStore.open(db_url)
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+def chat(text: str, model: str = "gpt-4o-mini", **extra: Any) -> dict[str, Any]:
+    """A plain request body."""
+    return {"model": model, "messages": [{"role": "user", "content": text}], **extra}
+
+
+def write_jsonl(
+    path: Path, rows: list[Any] | Iterator[Any], *, newline_at_end: bool = True
+) -> Path:
+    with path.open("wb") as f:
+        for i, row in enumerate(rows):
+            if i:
+                f.write(b"\n")
+            f.write(row if isinstance(row, bytes) else orjson.dumps(row))
+        if newline_at_end:
+            f.write(b"\n")
+    return path
+
+
+@pytest.fixture
+def make_file(tmp_path: Path) -> Callable[..., Path]:
+    counter = iter(range(1_000_000))
+
+    def make(rows: list[Any], name: str | None = None, **kw: Any) -> Path:
+        return write_jsonl(tmp_path / (name or f"requests-{next(counter)}.jsonl"), rows, **kw)
+
+    return make

@@ -1,0 +1,181 @@
+"""The command line as users and scripts see it: output streams, JSON, exit codes, signals."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import orjson
+import pytest
+from click.testing import CliRunner
+
+from batchrunner.cli import cli
+from batchrunner.fakeapi import FakeConfig, FakeServerThread
+from tests.conftest import chat
+
+MakeFile = Callable[..., Path]
+
+
+def _commands() -> list[list[str]]:
+    out = []
+    for name, cmd in cli.commands.items():
+        sub = getattr(cmd, "commands", None)
+        if sub:
+            out.extend([name, s] for s in sub)
+        out.append([name])
+    return out
+
+
+@pytest.mark.parametrize("command", _commands(), ids=" ".join)
+def test_every_command_has_help_with_an_example(command: list[str]) -> None:
+    result = CliRunner().invoke(cli, [*command, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Example" in result.output
+    assert "batchrunner" in result.output.split("Example", 1)[1]
+
+
+def test_contract_commands_exist() -> None:
+    assert {"submit", "run", "status", "export", "retry", "cancel", "estimate"} <= set(cli.commands)
+
+
+@pytest.fixture
+def server() -> Iterator[FakeServerThread]:
+    with FakeServerThread(FakeConfig(latency_ms=5)) as srv:
+        yield srv
+
+
+def _cli(
+    *args: str, db: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "batchrunner", "--db", db, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_submit_prints_only_the_batch_id(make_file: MakeFile, sqlite_url: str) -> None:
+    path = make_file([chat(f"q{i}") for i in range(5)])
+    first = _cli("submit", str(path), "--name", "five", db=sqlite_url)
+    assert first.returncode == 0, first.stderr
+    (batch_id,) = first.stdout.splitlines()
+    assert batch_id.startswith("batch_") and "loaded 5 job(s)" in first.stderr
+    again = _cli("submit", str(path), db=sqlite_url)
+    assert again.stdout.strip() == batch_id and "nothing added" in again.stderr
+
+    status = _cli("status", batch_id, "--json", db=sqlite_url)
+    doc = orjson.loads(status.stdout)
+    assert doc["batch"] == batch_id and doc["name"] == "five" and doc["total"] == 5
+    assert doc["counts"] == {
+        "pending": 5,
+        "running": 0,
+        "succeeded": 0,
+        "failed": 0,
+        "cancelled": 0,
+    }
+    listing = _cli("status", db=sqlite_url)
+    assert batch_id in listing.stdout and "five" in listing.stdout
+
+
+def test_a_bad_line_exits_2_with_its_line_number(make_file: MakeFile, sqlite_url: str) -> None:
+    path = make_file([chat("a"), b"{oops", chat("c")])
+    result = _cli("submit", str(path), db=sqlite_url)
+    assert result.returncode == 2
+    assert f"{path}:2:" in result.stderr and "invalid JSON" in result.stderr
+    assert result.stdout == ""
+    assert "Traceback" not in result.stderr
+    listing = _cli("status", db=sqlite_url)
+    assert "no batches" in listing.stdout
+
+
+def test_unknown_batch_is_a_usage_error(sqlite_url: str) -> None:
+    result = _cli("status", "batch_nope", db=sqlite_url)
+    assert result.returncode == 2 and "no batch 'batch_nope'" in result.stderr
+
+
+def test_run_exit_codes(make_file: MakeFile, sqlite_url: str, server: FakeServerThread) -> None:
+    ok = make_file([chat(f"ok {i}") for i in range(20)])
+    result = _cli("run", str(ok), "--quiet", db=sqlite_url, env={"OPENAI_BASE_URL": server.url})
+    assert result.returncode == 0, result.stderr
+    assert "20 succeeded and 0 failed" in result.stderr
+
+    some_fail = make_file([chat("fine"), chat("[[fault:400]] bad")])
+    result = _cli(
+        "run", str(some_fail), "--quiet", db=sqlite_url, env={"OPENAI_BASE_URL": server.url}
+    )
+    assert result.returncode == 3, result.stderr
+
+
+def test_bad_key_exits_1_and_jobs_stay_pending(make_file: MakeFile, sqlite_url: str) -> None:
+    with FakeServerThread(FakeConfig(api_key="sk-right")) as srv:
+        path = make_file([chat(f"q{i}") for i in range(10)])
+        batch_id = _cli("submit", str(path), "--base-url", srv.url, db=sqlite_url).stdout.strip()
+        result = _cli(
+            "run", batch_id, "--quiet", db=sqlite_url, env={"OPENAI_API_KEY": "sk-wrong-key-123"}
+        )
+    assert result.returncode == 1
+    assert "401" in result.stderr and "sk-wrong-key-123" not in result.stderr + result.stdout
+    status = orjson.loads(_cli("status", batch_id, "--json", db=sqlite_url).stdout)
+    assert status["counts"]["pending"] == 10
+
+
+def _results(db_file: Path) -> int:
+    with sqlite3.connect(db_file) as conn:
+        try:
+            return int(conn.execute("SELECT COUNT(*) FROM results").fetchone()[0])
+        except sqlite3.OperationalError:
+            return 0
+
+
+@pytest.mark.slow
+def test_ctrl_c_exits_130_and_the_next_run_resumes(make_file: MakeFile, tmp_path: Path) -> None:
+    db_file = tmp_path / "jobs.db"
+    db = f"sqlite:///{db_file}"
+    jobs = 300
+    with FakeServerThread(FakeConfig(latency_ms=100)) as srv:
+        path = make_file([chat(f"slow {i}") for i in range(jobs)])
+        batch_id = _cli("submit", str(path), "--base-url", srv.url, db=db).stdout.strip()
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "batchrunner",
+                "--db",
+                db,
+                "run",
+                batch_id,
+                "--concurrency",
+                "8",
+                "--quiet",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + 60
+        while _results(db_file) < 20 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+        assert proc.returncode == 130, stderr
+        assert f"batchrunner run {batch_id}" in stderr
+        done = _results(db_file)
+        assert 20 <= done < jobs
+        sent_before = srv.stats.requests_total
+        # Requests in flight at Ctrl-C finished within the grace period and were recorded.
+        assert sent_before == done
+
+        resumed = _cli("run", batch_id, "--quiet", db=db)
+        assert resumed.returncode == 0, resumed.stderr
+        stats = srv.stats
+    assert _results(db_file) == jobs
+    assert stats.requests_total == jobs, "nothing was sent twice"
+    assert max(stats.requests_by_body.values()) == 1

@@ -1,0 +1,822 @@
+"""The HTTP client against real local servers, and stream reassembly on its own."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+import itertools
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+import pytest
+from aiohttp import web
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from batchrunner import __version__
+from batchrunner.client import (
+    ApiClient,
+    StreamAssembler,
+    is_insecure,
+    join_url,
+    parse_duration_s,
+    parse_retry_after_s,
+)
+from batchrunner.outcome import Outcome, OutcomeKind, RateLimitInfo
+
+ENDPOINT = "/v1/chat/completions"
+KEY = "sk-test-3f9a1c77e2b84d0c9d1e"
+REQUEST = b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}'
+COMPLETION: dict[str, Any] = {
+    "id": "chatcmpl-1",
+    "object": "chat.completion",
+    "created": 1700000000,
+    "model": "gpt-4o-mini",
+    "choices": [
+        {
+            "index": 0,
+            "message": {"role": "assistant", "content": "Hello", "refusal": None},
+            "logprobs": None,
+            "finish_reason": "stop",
+        }
+    ],
+    "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6},
+}
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Serve = Callable[[Handler], Awaitable[str]]
+
+
+@contextlib.asynccontextmanager
+async def running(handler: Handler) -> AsyncIterator[str]:
+    """A local server answering POST /v1/chat/completions with `handler`; yields its base
+    URL (ending in /v1, as users write it)."""
+    app = web.Application()
+    app.router.add_post(ENDPOINT, handler)
+    # Cancelling handlers when the client goes away lets hanging handlers end with the
+    # test instead of holding up the server's shutdown.
+    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=1.0)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        host, port = runner.addresses[0][:2]
+        yield f"http://{host}:{port}/v1"
+    finally:
+        await runner.cleanup()
+
+
+@pytest.fixture
+async def serve() -> AsyncIterator[Serve]:
+    """Starts servers (see `running`) that stop at the end of the test."""
+    async with contextlib.AsyncExitStack() as stack:
+
+        async def start(handler: Handler) -> str:
+            return await stack.enter_async_context(running(handler))
+
+        yield start
+
+
+async def send(
+    base_url: str,
+    body: bytes = REQUEST,
+    *,
+    stream: bool = False,
+    api_key: str | None = KEY,
+    timeout_s: float = 10.0,
+) -> Outcome:
+    async with ApiClient(base_url, api_key, concurrency=4, timeout_s=timeout_s) as client:
+        return await client.send(ENDPOINT, body, stream=stream)
+
+
+def answer(
+    status: int, payload: object, headers: dict[str, str] | None = None, content_type: str = ""
+) -> Handler:
+    body = payload if isinstance(payload, bytes) else orjson.dumps(payload)
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        return web.Response(
+            status=status,
+            body=body,
+            headers=headers,
+            content_type=content_type or "application/json",
+        )
+
+    return handler
+
+
+def sse(*events: object, done: bool = True) -> bytes:
+    """The bytes of a stream: one `data:` event per object, then [DONE]."""
+    out = b"".join(b"data: " + orjson.dumps(event) + b"\n\n" for event in events)
+    return out + (b"data: [DONE]\n\n" if done else b"")
+
+
+def stream_answer(data: bytes, *, piece_bytes: int = 0, cut: bool = False) -> Handler:
+    """Streams `data` as an event stream, in pieces of `piece_bytes` when given; with
+    `cut`, the connection is dropped after the data instead of ending the response."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "x-request-id": "req_stream"}
+        )
+        await response.prepare(request)
+        size = piece_bytes or len(data) or 1
+        for start in range(0, len(data), size):
+            await response.write(data[start : start + size])
+        if cut:
+            assert request.transport is not None
+            request.transport.abort()
+            await asyncio.Event().wait()  # cancelled once the server sees the drop
+        await response.write_eof()
+        return response
+
+    return handler
+
+
+def chunk(choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    return {
+        "id": "chatcmpl-9",
+        "object": "chat.completion.chunk",
+        "created": 1700000009,
+        "model": "gpt-4o-mini",
+        "system_fingerprint": "fp_9",
+        "choices": choices,
+        **extra,
+    }
+
+
+def delta(index: int = 0, finish_reason: str | None = None, **fields: Any) -> dict[str, Any]:
+    return {"index": index, "delta": fields, "logprobs": None, "finish_reason": finish_reason}
+
+
+# --- the HTTP table ---------------------------------------------------------------------
+
+ERROR_400 = {"error": {"message": "Invalid model", "type": "invalid_request_error"}}
+QUOTA = {"error": {"message": "You exceeded your quota", "type": "x", "code": "insufficient_quota"}}
+QUOTA_BY_TYPE = {"error": {"message": "No credit", "type": "insufficient_quota", "code": None}}
+RATE_LIMIT = {"error": {"message": "Slow down", "type": "requests", "code": "rate_limit_exceeded"}}
+
+
+@pytest.mark.parametrize(
+    ("status", "payload", "kind", "error_kind", "message"),
+    [
+        (200, COMPLETION, OutcomeKind.SUCCESS, None, None),
+        (200, {"choices": []}, OutcomeKind.SUCCESS, None, None),
+        (200, b'{"id": "chatcmpl-1", "choices": [{"ind', OutcomeKind.RETRY, "bad_json", None),
+        (200, b"", OutcomeKind.RETRY, "bad_json", None),
+        (200, b"\xff\xfe{}", OutcomeKind.RETRY, "bad_json", None),
+        (200, {"object": "list", "data": []}, OutcomeKind.RETRY, "not_completion", None),
+        (200, {"object": "chat.completion.chunk", "choices": []}, OutcomeKind.RETRY,
+         "not_completion", None),
+        (200, [1, 2], OutcomeKind.RETRY, "not_completion", None),
+        (200, {"error": {"message": "upstream died"}}, OutcomeKind.RETRY, "not_completion",
+         "upstream died"),
+        (200, QUOTA, OutcomeKind.STOP_RUN, "quota", "You exceeded your quota"),
+        (408, b"", OutcomeKind.RETRY, "http_408", "HTTP 408 Request Timeout"),
+        (409, b"conflict", OutcomeKind.RETRY, "http_409", "HTTP 409 Conflict: conflict"),
+        (429, RATE_LIMIT, OutcomeKind.RETRY, "rate_limit", "Slow down"),
+        (500, b"<html>oops</html>", OutcomeKind.RETRY, "server_error",
+         "HTTP 500 Internal Server Error"),
+        (502, b"", OutcomeKind.RETRY, "server_error", None),
+        (503, b"", OutcomeKind.RETRY, "server_error", None),
+        (504, b"", OutcomeKind.RETRY, "server_error", None),
+        (529, {"error": {"message": "Overloaded"}}, OutcomeKind.RETRY, "server_error",
+         "Overloaded"),
+        (400, ERROR_400, OutcomeKind.FAIL_JOB, "http_400", "Invalid model"),
+        (404, {"error": {"message": "No such model"}}, OutcomeKind.FAIL_JOB, "http_404",
+         "No such model"),
+        (422, {"error": "unprocessable"}, OutcomeKind.FAIL_JOB, "http_422", "unprocessable"),
+        (413, b"too big", OutcomeKind.FAIL_JOB, "http_413", None),
+        (400, [{"error": {"message": "wrapped", "code": 400}}], OutcomeKind.FAIL_JOB,
+         "http_400", "wrapped"),
+        (401, {"error": {"message": "Bad key"}}, OutcomeKind.STOP_RUN, "auth", "Bad key"),
+        (403, b"", OutcomeKind.STOP_RUN, "auth", None),
+        (402, b"", OutcomeKind.STOP_RUN, "quota", None),
+        (429, QUOTA, OutcomeKind.STOP_RUN, "quota", "You exceeded your quota"),
+        (400, QUOTA_BY_TYPE, OutcomeKind.STOP_RUN, "quota", "No credit"),
+    ],
+)  # fmt: skip
+async def test_http_table(
+    serve: Serve,
+    status: int,
+    payload: object,
+    kind: OutcomeKind,
+    error_kind: str | None,
+    message: str | None,
+) -> None:
+    base_url = await serve(answer(status, payload, {"x-request-id": "req_123"}))
+    outcome = await send(base_url)
+    assert (outcome.kind, outcome.status, outcome.error_kind) == (kind, status, error_kind)
+    if message is not None:
+        assert outcome.message == message
+    assert outcome.request_id == "req_123"
+    assert outcome.latency_s > 0
+    raw = payload if isinstance(payload, bytes) else orjson.dumps(payload)
+    if kind is OutcomeKind.SUCCESS:
+        assert outcome.body == raw.decode()
+        assert outcome.completion == orjson.loads(raw)
+    else:
+        assert outcome.completion is None
+        assert outcome.message
+        assert outcome.body == raw.decode(errors="replace")
+
+
+async def test_success_body_is_kept_byte_for_byte(serve: Serve) -> None:
+    text = '{ "choices" : [ ],\n  "object": "chat.completion", "note": "caf\u00e9 \\u00e9" }'
+    base_url = await serve(answer(200, text.encode()))
+    outcome = await send(base_url)
+    assert outcome.kind is OutcomeKind.SUCCESS
+    assert outcome.body == text
+    assert outcome.completion is not None and outcome.completion["note"] == "café é"
+
+
+async def test_redirect_is_not_followed(serve: Serve) -> None:
+    base_url = await serve(answer(307, b"", {"Location": "https://elsewhere.example/v1"}))
+    outcome = await send(base_url)
+    assert (outcome.kind, outcome.error_kind) == (OutcomeKind.FAIL_JOB, "http_307")
+    assert outcome.message is not None and "elsewhere.example" in outcome.message
+
+
+async def test_request_is_sent_as_given(serve: Serve) -> None:
+    seen: list[tuple[dict[str, str], bytes, str]] = []
+
+    async def record(request: web.Request) -> web.StreamResponse:
+        seen.append((dict(request.headers), await request.read(), request.path))
+        return web.json_response(COMPLETION)
+
+    base_url = await serve(record)
+    body = b'{"model":"m","messages":[],"x":  "\xc3\xa9"}'
+    assert (await send(base_url, body)).kind is OutcomeKind.SUCCESS
+    assert (await send(base_url, body, api_key=None)).kind is OutcomeKind.SUCCESS
+    (headers, received, path), (anonymous, _, _) = seen
+    assert received == body
+    assert path == ENDPOINT
+    assert headers["Content-Type"] == "application/json"
+    assert headers["Authorization"] == f"Bearer {KEY}"
+    assert headers["User-Agent"] == f"batchrunner/{__version__}"
+    assert "Authorization" not in anonymous
+
+
+async def test_one_client_sends_many_requests_concurrently(serve: Serve) -> None:
+    base_url = await serve(answer(200, COMPLETION))
+    async with ApiClient(base_url, KEY, concurrency=8, timeout_s=10.0) as client:
+        outcomes = await asyncio.gather(
+            *(client.send(ENDPOINT, REQUEST, stream=False) for _ in range(50))
+        )
+    assert {outcome.kind for outcome in outcomes} == {OutcomeKind.SUCCESS}
+
+
+# --- headers ----------------------------------------------------------------------------
+
+
+def http_date(offset_s: float) -> str:
+    return email.utils.format_datetime(datetime.now(UTC) + timedelta(seconds=offset_s), True)
+
+
+@pytest.mark.parametrize(
+    ("headers", "low", "high"),
+    [
+        ({"Retry-After": "2"}, 2.0, 2.0),
+        ({"Retry-After": "0.5"}, 0.5, 0.5),
+        ({"retry-after-ms": "150"}, 0.15, 0.15),
+        ({"retry-after-ms": "150", "Retry-After": "5"}, 0.15, 0.15),
+        ({"retry-after-ms": "soon", "Retry-After": "5"}, 5.0, 5.0),
+        # HTTP-dates have whole seconds and the wall clock moves on: a range, not a value.
+        ({"Retry-After": "DATE+30"}, 25.0, 31.0),
+        ({"Retry-After": "DATE-30"}, 0.0, 0.0),
+        ({"Retry-After": "whenever"}, None, None),
+        ({"Retry-After": "-3"}, None, None),
+        ({}, None, None),
+    ],
+)
+async def test_retry_after(
+    serve: Serve, headers: dict[str, str], low: float | None, high: float | None
+) -> None:
+    sent = {
+        name: http_date(float(value[4:])) if value.startswith("DATE") else value
+        for name, value in headers.items()
+    }
+    base_url = await serve(answer(429, RATE_LIMIT, sent))
+    outcome = await send(base_url)
+    assert outcome.error_kind == "rate_limit"
+    if low is None or high is None:
+        assert outcome.retry_after_s is None
+    else:
+        assert outcome.retry_after_s is not None
+        assert low - 1e-9 <= outcome.retry_after_s <= high + 1e-9
+
+
+def test_retry_after_parser_takes_plain_mappings() -> None:
+    assert parse_retry_after_s({"retry-after": "3"}) == 3.0
+    assert parse_retry_after_s({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}) == 0.0
+    assert parse_retry_after_s({"retry-after": "Wed, 21 Oct 2015 07:28:00"}) == 0.0
+    in_an_hour = parse_retry_after_s({"retry-after": http_date(3600).replace("GMT", "")})
+    assert in_an_hour is not None and in_an_hour > 3000
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("1s", 1.0),
+        ("6m0s", 360.0),
+        ("20ms", 0.02),
+        ("1.5s", 1.5),
+        ("2h3m4.5s", 7384.5),
+        ("0s", 0.0),
+        ("17", 17.0),
+        ("0.25", 0.25),
+        (" 3s ", 3.0),
+        ("1m30s", 90.0),
+        ("500us", 0.0005),
+        ("", None),
+        ("s", None),
+        ("1x", None),
+        ("fast", None),
+        ("-1", None),
+        ("nan", None),
+        ("1s2", None),
+    ],
+)
+def test_parse_duration(text: str, seconds: float | None) -> None:
+    result = parse_duration_s(text)
+    if seconds is None:
+        assert result is None
+    else:
+        assert result == pytest.approx(seconds)
+
+
+async def test_ratelimit_headers(serve: Serve) -> None:
+    headers = {
+        "x-ratelimit-limit-requests": "10000",
+        "x-ratelimit-limit-tokens": "2000000",
+        "x-ratelimit-remaining-requests": "9999",
+        "x-ratelimit-remaining-tokens": "1999000",
+        "x-ratelimit-reset-requests": "6m0s",
+        "x-ratelimit-reset-tokens": "20ms",
+    }
+    base_url = await serve(answer(200, COMPLETION, headers))
+    outcome = await send(base_url)
+    assert outcome.ratelimit == RateLimitInfo(
+        limit_requests=10000,
+        limit_tokens=2000000,
+        remaining_requests=9999,
+        remaining_tokens=1999000,
+        reset_requests_s=360.0,
+        reset_tokens_s=0.02,
+    )
+
+
+async def test_ratelimit_headers_partly_present_or_absent(serve: Serve) -> None:
+    headers = {
+        "x-ratelimit-remaining-tokens": "0",
+        "x-ratelimit-reset-tokens": "1.5s",
+        "x-ratelimit-limit-requests": "lots",
+    }
+    base_url = await serve(answer(429, RATE_LIMIT, headers))
+    outcome = await send(base_url)
+    assert outcome.ratelimit == RateLimitInfo(remaining_tokens=0, reset_tokens_s=1.5)
+    base_url = await serve(answer(200, COMPLETION))
+    assert (await send(base_url)).ratelimit is None
+
+
+async def test_request_id_from_either_header(serve: Serve) -> None:
+    base_url = await serve(answer(500, b"", {"request-id": "req_alt"}))
+    assert (await send(base_url)).request_id == "req_alt"
+
+
+# --- no answer --------------------------------------------------------------------------
+
+
+async def test_timeout_when_the_server_hangs(serve: Serve) -> None:
+    async def hang(request: web.Request) -> web.StreamResponse:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    base_url = await serve(hang)
+    outcome = await send(base_url, timeout_s=0.5)
+    assert (outcome.kind, outcome.status, outcome.error_kind) == (
+        OutcomeKind.RETRY,
+        None,
+        "timeout",
+    )
+    assert 0.4 < outcome.latency_s < 10.0
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_timeout_when_the_server_trickles(serve: Serve, stream: bool) -> None:
+    async def trickle(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        content_type = "text/event-stream" if stream else "application/json"
+        response = web.StreamResponse(headers={"Content-Type": content_type})
+        await response.prepare(request)
+        # A byte every 50 ms: never silent long enough for a read timeout to fire.
+        for _ in range(1000):
+            await response.write(b": still here\n" if stream else b" ")
+            await asyncio.sleep(0.05)
+        raise AssertionError("the client should have given up")
+
+    base_url = await serve(trickle)
+    outcome = await send(base_url, stream=stream, timeout_s=0.5)
+    assert (outcome.kind, outcome.error_kind) == (OutcomeKind.RETRY, "timeout")
+    assert 0.4 < outcome.latency_s < 10.0
+
+
+async def test_connection_reset(serve: Serve) -> None:
+    async def reset(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        assert request.transport is not None
+        request.transport.abort()
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    base_url = await serve(reset)
+    outcome = await send(base_url)
+    assert (outcome.kind, outcome.status, outcome.error_kind) == (
+        OutcomeKind.RETRY,
+        None,
+        "connection",
+    )
+    assert outcome.message
+
+
+async def test_body_cut_short(serve: Serve) -> None:
+    async def cut(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        response.content_length = 1000
+        await response.prepare(request)
+        await response.write(b'{"choices": [')
+        assert request.transport is not None
+        request.transport.abort()
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    base_url = await serve(cut)
+    outcome = await send(base_url)
+    assert (outcome.kind, outcome.error_kind) == (OutcomeKind.RETRY, "connection")
+
+
+async def test_nothing_listening() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    # The port was free a moment ago and nothing listens on it now.
+    outcome = await send(f"http://127.0.0.1:{port}/v1", timeout_s=5.0)
+    assert (outcome.kind, outcome.status, outcome.error_kind) == (
+        OutcomeKind.RETRY,
+        None,
+        "connection",
+    )
+
+
+async def test_invalid_base_url_fails_the_job() -> None:
+    outcome = await send("http://[not-an-address/v1")
+    assert (outcome.kind, outcome.error_kind) == (OutcomeKind.FAIL_JOB, "invalid_url")
+
+
+# --- the key ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", [200, 400, 401, 429, 500])
+async def test_key_never_in_outcome(serve: Serve, status: int) -> None:
+    echo = {"error": {"message": f"Incorrect API key provided: {KEY}.", "code": "invalid"}}
+    base_url = await serve(answer(status, echo))
+    outcome = await send(base_url)
+    assert outcome.kind is not OutcomeKind.SUCCESS
+    assert outcome.message is not None and "Incorrect API key" in outcome.message
+    assert KEY not in repr(outcome)
+
+
+async def test_key_never_in_stream_error() -> None:
+    data = sse({"error": {"message": f"bad key {KEY}"}}, done=False)
+    outcome = await stream_outcome(data)
+    assert outcome.error_kind == "stream_error"
+    assert KEY not in repr(outcome)
+
+
+def test_key_never_in_client_repr() -> None:
+    assert KEY not in repr(ApiClient("https://x.example/v1", KEY, concurrency=1, timeout_s=1))
+
+
+# --- streams ----------------------------------------------------------------------------
+
+TEXT_STREAM = sse(
+    chunk([delta(role="assistant", content="", refusal=None)], usage=None),
+    chunk([delta(content="Hel")], usage=None),
+    chunk([delta(content="lo, ")], usage=None),
+    chunk([delta(content="wörld")], usage=None),
+    chunk([delta(finish_reason="stop")], usage=None),
+    chunk([], usage={"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13}),
+)
+
+TOOL_STREAM = sse(
+    chunk([delta(role="assistant", content=None, tool_calls=[
+        {"index": 0, "id": "call_a", "type": "function",
+         "function": {"name": "get_weather", "arguments": ""}}])]),
+    chunk([delta(tool_calls=[{"index": 0, "function": {"arguments": '{"ci'}}])]),
+    chunk([delta(tool_calls=[{"index": 0, "function": {"arguments": 'ty": "Paris"}'}}])]),
+    chunk([delta(tool_calls=[
+        {"index": 1, "id": "call_b", "type": "function",
+         "function": {"name": "get_time", "arguments": '{"tz"'}}])]),
+    chunk([delta(tool_calls=[{"index": 1, "function": {"arguments": ': "CET"}'}}])]),
+    chunk([delta(finish_reason="tool_calls")]),
+)  # fmt: skip
+
+N2_STREAM = sse(
+    chunk([delta(0, role="assistant", content=""), delta(1, role="assistant", content="")]),
+    chunk([delta(1, content="B1 ")]),
+    chunk([delta(0, content="A1 ")]),
+    chunk([delta(0, content="A2"), delta(1, content="B2")]),
+    chunk([delta(1, finish_reason="length")]),
+    chunk([delta(0, finish_reason="stop")]),
+    chunk([], usage={"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}),
+)
+
+
+async def stream_outcome(data: bytes, **options: Any) -> Outcome:
+    """Serves `data` as an event stream from a fresh server and sends one stream request."""
+    async with running(stream_answer(data, **options)) as base_url:
+        return await send(base_url, stream=True)
+
+
+async def test_stream_text() -> None:
+    outcome = await stream_outcome(TEXT_STREAM, piece_bytes=7)
+    assert outcome.kind is OutcomeKind.SUCCESS
+    assert outcome.request_id == "req_stream"
+    assert outcome.completion == {
+        "id": "chatcmpl-9",
+        "object": "chat.completion",
+        "created": 1700000009,
+        "model": "gpt-4o-mini",
+        "system_fingerprint": "fp_9",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "Hello, wörld", "refusal": None},
+                "logprobs": None,
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13},
+    }
+    assert outcome.body is not None and orjson.loads(outcome.body) == outcome.completion
+
+
+async def test_stream_tool_calls() -> None:
+    outcome = await stream_outcome(TOOL_STREAM, piece_bytes=13)
+    assert outcome.kind is OutcomeKind.SUCCESS
+    assert outcome.completion is not None
+    (choice,) = outcome.completion["choices"]
+    assert choice["finish_reason"] == "tool_calls"
+    assert choice["message"] == {
+        "role": "assistant",
+        "content": None,
+        "refusal": None,
+        "tool_calls": [
+            {
+                "id": "call_a",
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+            },
+            {
+                "id": "call_b",
+                "type": "function",
+                "function": {"name": "get_time", "arguments": '{"tz": "CET"}'},
+            },
+        ],
+    }
+    assert "usage" not in outcome.completion
+
+
+async def test_stream_n2_interleaved_with_usage() -> None:
+    outcome = await stream_outcome(N2_STREAM)
+    assert outcome.kind is OutcomeKind.SUCCESS
+    assert outcome.completion is not None
+    assert [
+        (c["index"], c["message"]["content"], c["finish_reason"])
+        for c in outcome.completion["choices"]
+    ] == [(0, "A1 A2", "stop"), (1, "B1 B2", "length")]
+    assert outcome.completion["usage"]["total_tokens"] == 7
+
+
+@pytest.mark.parametrize("cut", [False, True])
+async def test_stream_without_done_is_retried(cut: bool) -> None:
+    data = TEXT_STREAM[: TEXT_STREAM.index(b"data: [DONE]")]
+    outcome = await stream_outcome(data, cut=cut)
+    assert (outcome.kind, outcome.error_kind) == (OutcomeKind.RETRY, "stream_broken")
+    assert outcome.completion is None
+
+
+async def test_stream_cut_mid_event_is_retried() -> None:
+    outcome = await stream_outcome(TEXT_STREAM[:100], cut=True)
+    assert (outcome.kind, outcome.error_kind) == (OutcomeKind.RETRY, "stream_broken")
+
+
+async def test_stream_error_event() -> None:
+    data = sse(chunk([delta(content="Hi")]), {"error": {"message": "overloaded"}}, done=False)
+    outcome = await stream_outcome(data)
+    assert (outcome.kind, outcome.error_kind, outcome.message) == (
+        OutcomeKind.RETRY,
+        "stream_error",
+        "overloaded",
+    )
+
+
+async def test_stream_quota_error_event_stops_the_run() -> None:
+    outcome = await stream_outcome(sse(QUOTA, done=False))
+    assert (outcome.kind, outcome.error_kind) == (OutcomeKind.STOP_RUN, "quota")
+
+
+async def test_stream_garbled_event_is_retried() -> None:
+    outcome = await stream_outcome(b"data: {not json\n\n" + TEXT_STREAM)
+    assert (outcome.kind, outcome.error_kind) == (OutcomeKind.RETRY, "bad_json")
+
+
+async def test_stream_request_answered_with_an_error(serve: Serve) -> None:
+    base_url = await serve(answer(429, RATE_LIMIT, {"retry-after-ms": "250"}))
+    outcome = await send(base_url, stream=True)
+    assert (outcome.kind, outcome.error_kind, outcome.retry_after_s) == (
+        OutcomeKind.RETRY,
+        "rate_limit",
+        0.25,
+    )
+
+
+async def test_stream_request_answered_without_a_stream(serve: Serve) -> None:
+    base_url = await serve(answer(200, COMPLETION))
+    outcome = await send(base_url, stream=True)
+    assert outcome.kind is OutcomeKind.SUCCESS
+    assert outcome.completion == COMPLETION
+
+
+# --- StreamAssembler without a server ---------------------------------------------------
+
+
+def assemble(pieces: list[bytes]) -> tuple[dict[str, Any], bool, object, object]:
+    assembler = StreamAssembler()
+    for piece in pieces:
+        assembler.feed(piece)
+    assembler.close()
+    return assembler.result(), assembler.done, assembler.error, assembler.bad_event
+
+
+def split(data: bytes, points: list[int]) -> list[bytes]:
+    cuts = sorted({0, len(data), *(min(p, len(data)) for p in points)})
+    return [data[a:b] for a, b in itertools.pairwise(cuts)]
+
+
+LOGPROB_STREAM = sse(
+    chunk([{"index": 0, "delta": {"role": "assistant", "content": "a"},
+            "logprobs": {"content": [{"token": "a", "logprob": -0.1}], "refusal": None},
+            "finish_reason": None}]),
+    chunk([{"index": 0, "delta": {"content": "b", "reasoning_content": "r1"},
+            "logprobs": {"content": [{"token": "b", "logprob": -0.2}], "refusal": None},
+            "finish_reason": None}]),
+    chunk([{"index": 0, "delta": {"reasoning_content": "r2"}, "logprobs": None,
+            "finish_reason": "stop"}], service_tier="default"),
+)  # fmt: skip
+
+STREAMS = [TEXT_STREAM, TOOL_STREAM, N2_STREAM, LOGPROB_STREAM]
+
+
+def test_assembler_logprobs_and_provider_fields() -> None:
+    completion, done, _, _ = assemble([LOGPROB_STREAM])
+    assert done
+    assert completion["service_tier"] == "default"
+    (choice,) = completion["choices"]
+    assert choice["message"]["content"] == "ab"
+    assert choice["message"]["reasoning_content"] == "r1r2"
+    assert choice["logprobs"] == {
+        "content": [{"token": "a", "logprob": -0.1}, {"token": "b", "logprob": -0.2}],
+        "refusal": None,
+    }
+
+
+def test_assembler_ignores_comments_and_other_fields() -> None:
+    noisy = b": keep-alive\n\nevent: message\nid: 7\nretry: 100\n" + TEXT_STREAM.replace(
+        b"\n\n", b"\n\n: ping\n\n"
+    )
+    assert assemble([noisy]) == assemble([TEXT_STREAM])
+
+
+def test_assembler_multiline_data_and_missing_final_blank_line() -> None:
+    event = orjson.dumps(chunk([delta(content="x")]))
+    half = event.index(b",") + 1
+    # One event's data may span several `data:` lines (joined with a newline, which JSON
+    # reads as whitespace); a last [DONE] whose blank line never came still counts.
+    data = b"data: " + event[:half] + b"\ndata: " + event[half:] + b"\n\ndata: [DONE]\n"
+    completion, done, _, bad = assemble([data])
+    assert done and bad is None
+    assert completion["choices"][0]["message"]["content"] == "x"
+
+
+def test_assembler_drops_an_unterminated_last_line() -> None:
+    _, done, _, _ = assemble([TEXT_STREAM + b"data: [DONE]"[:-1]])
+    assert done  # from the complete [DONE] before it
+    cut = TEXT_STREAM[: TEXT_STREAM.index(b"data: [DONE]")]
+    _, done, _, _ = assemble([cut + b"data: [DONE]"])
+    assert not done
+
+
+def test_assembler_tool_calls_without_index() -> None:
+    data = sse(
+        chunk([delta(tool_calls=[{"id": "c1", "type": "function",
+                                  "function": {"name": "f", "arguments": '{"a":'}}])]),
+        chunk([delta(tool_calls=[{"function": {"arguments": " 1}"}}])]),
+        chunk([delta(tool_calls=[{"id": "c2", "type": "function",
+                                  "function": {"name": "g", "arguments": "{}"}}])]),
+    )  # fmt: skip
+    completion, _, _, _ = assemble([data])
+    calls = completion["choices"][0]["message"]["tool_calls"]
+    assert [(c["id"], c["function"]["name"], c["function"]["arguments"]) for c in calls] == [
+        ("c1", "f", '{"a": 1}'),
+        ("c2", "g", "{}"),
+    ]
+
+
+@settings(max_examples=150, deadline=None, database=None)
+@given(
+    index=st.integers(0, len(STREAMS) - 1),
+    newline=st.sampled_from([b"\n", b"\r\n", b"\r"]),
+    points=st.lists(st.integers(0, 4000), max_size=40),
+)
+def test_assembler_split_anywhere_gives_the_same_result(
+    index: int, newline: bytes, points: list[int]
+) -> None:
+    data = STREAMS[index].replace(b"\n", newline)
+    whole = assemble([data])
+    assert whole[1] is True
+    assert assemble(split(data, points)) == whole
+
+
+@settings(max_examples=100, deadline=None, database=None)
+@given(
+    pieces=st.lists(st.text(), max_size=8),
+    points=st.lists(st.integers(0, 2000), max_size=20),
+)
+def test_assembler_concatenates_any_text(pieces: list[str], points: list[int]) -> None:
+    data = sse(*(chunk([delta(content=piece)]) for piece in pieces))
+    completion, done, _, _ = assemble(split(data, points))
+    assert done
+    content = completion["choices"][0]["message"]["content"] if pieces else None
+    assert content == ("".join(pieces) if pieces else None)
+
+
+def test_assembler_every_byte_apart() -> None:
+    data = N2_STREAM.replace(b"\n", b"\r\n")
+    assert assemble([data[i : i + 1] for i in range(len(data))]) == assemble([data])
+
+
+# --- URLs -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("base_url", "endpoint", "url"),
+    [
+        ("https://api.openai.com/v1", "/v1/chat/completions",
+         "https://api.openai.com/v1/chat/completions"),
+        ("https://api.openai.com/v1/", "/v1/chat/completions",
+         "https://api.openai.com/v1/chat/completions"),
+        ("https://gw.example/api/v1", "/v1/chat/completions",
+         "https://gw.example/api/v1/chat/completions"),
+        ("https://gw.example/api/v1//", "v1/chat/completions/",
+         "https://gw.example/api/v1/chat/completions"),
+        ("https://gw.example/openai", "/v1/chat/completions",
+         "https://gw.example/openai/chat/completions"),
+        ("https://gw.example/v1beta/openai", "/v1/chat/completions",
+         "https://gw.example/v1beta/openai/chat/completions"),
+        ("http://localhost:8000/v1", "/chat/completions",
+         "http://localhost:8000/v1/chat/completions"),
+        ("https://api.openai.com/v1", "/v1/vision/x", "https://api.openai.com/v1/vision/x"),
+    ],
+)  # fmt: skip
+def test_join_url(base_url: str, endpoint: str, url: str) -> None:
+    assert join_url(base_url, endpoint) == url
+
+
+@pytest.mark.parametrize(
+    ("base_url", "insecure"),
+    [
+        ("https://api.openai.com/v1", False),
+        ("http://api.openai.com/v1", True),
+        ("HTTP://gw.example/v1", True),
+        ("http://10.0.0.5:8000/v1", True),
+        ("http://[2001:db8::1]/v1", True),
+        ("http://localhost:8000/v1", False),
+        ("http://LOCALHOST/v1", False),
+        ("http://127.0.0.1:8000/v1", False),
+        ("http://127.5.6.7/v1", False),
+        ("http://[::1]:8000/v1", False),
+        ("http://localhost.evil.example/v1", True),
+        ("http://127.0.0.1.nip.io/v1", True),
+        ("https://127.0.0.1/v1", False),
+    ],
+)
+def test_is_insecure(base_url: str, insecure: bool) -> None:
+    assert is_insecure(base_url) is insecure

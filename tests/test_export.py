@@ -1,0 +1,529 @@
+"""Export: CSV and JSONL read back, totals against `status`, costs by hand, exports mid-run."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from openai.types.chat import ChatCompletion
+
+from batchrunner import report
+from batchrunner.config import RunConfig
+from batchrunner.errors import BatchNotFound
+from batchrunner.export import (
+    CANCELLED_CODE,
+    CSV_COLUMNS,
+    MAX_META_COLUMNS,
+    export_batch,
+    export_requests,
+)
+from batchrunner.fakeapi import FakeConfig, FakeServer
+from batchrunner.ingest import submit_file
+from batchrunner.models import JobState
+from batchrunner.pricing import PriceBook
+from batchrunner.runner import EXIT_OK, EXIT_SOME_FAILED, RunReport, run
+from batchrunner.store import Ended, JobStore
+from tests.conftest import chat, write_jsonl
+
+MakeFile = Callable[..., Path]
+
+FAST = RunConfig(
+    concurrency=8,
+    max_attempts=3,
+    timeout_s=5.0,
+    retry_base_s=0.01,
+    retry_max_s=0.05,
+    retry_jitter_s=0.01,
+    flush_s=0.05,
+    grace_s=2.0,
+)
+
+#: Echoed back by the fake server (it repeats the first 40 characters of the last user text):
+#: quotes, a comma, both kinds of line end, an emoji and accents must all survive the CSV.
+TRICKY = 'say "hi",\nthen\r\n😀 ünï — ok'
+TOOL = {
+    "type": "function",
+    "function": {
+        "name": "lookup",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"],
+        },
+    },
+}
+ODD_CUSTOM_ID = 'id,with "quotes"\nand a newline'
+
+#: OpenAI's published prices per million tokens (the figures genai-prices ships):
+#: (input, cached input, output). Reasoning tokens are output tokens.
+PUBLISHED_PER_MTOK = {
+    "gpt-4o-mini": (Decimal("0.15"), Decimal("0.075"), Decimal("0.60")),
+    "o4-mini": (Decimal("1.10"), Decimal("0.275"), Decimal("4.40")),
+}
+
+
+async def _run(store: JobStore, batch_id: str, config: RunConfig = FAST) -> RunReport:
+    return await run(
+        store, batch_id, config, warn=lambda _: None, progress=False, install_signals=False
+    )
+
+
+async def _submit(store: JobStore, path: Path, srv: FakeServer | None = None) -> str:
+    base_url = srv.url if srv is not None else "http://127.0.0.1:9/v1"
+    return (await submit_file(store, path, base_url=base_url)).batch.id
+
+
+def _read_csv(data: bytes) -> list[dict[str, str]]:
+    return list(csv.DictReader(io.StringIO(data.decode("utf-8"), newline="")))
+
+
+async def _csv(store: JobStore, batch_id: str, **kw: Any) -> tuple[list[str], list[dict[str, str]]]:
+    out = io.BytesIO()
+    written = await export_batch(store, batch_id, out, fmt="csv", **kw)
+    rows = _read_csv(out.getvalue())
+    assert written == len(rows)
+    header = next(csv.reader(io.StringIO(out.getvalue().decode(), newline="")))
+    return header, rows
+
+
+async def _jsonl(store: JobStore, batch_id: str, **kw: Any) -> list[dict[str, Any]]:
+    out = io.BytesIO()
+    written = await export_batch(store, batch_id, out, fmt="jsonl", **kw)
+    lines = out.getvalue().splitlines()
+    assert written == len(lines)
+    return [orjson.loads(line) for line in lines]
+
+
+def _mixed_rows() -> list[Any]:
+    return [
+        chat("plain", metadata={"topic": "a", "n": 1}),
+        chat(TRICKY, metadata={"topic": 'ü,"q"\nx', "nested": {"k": [1, 2]}, "flag": True}),
+        chat("three", n=3, metadata={"topic": "c", "ключ": "значение"}),
+        chat("tools", tools=[TOOL], tool_choice="required"),
+        chat("[[fault:400]] bad", metadata={"topic": "e"}),
+        {"custom_id": ODD_CUSTOM_ID, "method": "POST", "url": "/v1/chat/completions",
+         "body": chat("batch line")},
+    ]  # fmt: skip
+
+
+async def _mixed_batch(store: JobStore, make_file: MakeFile) -> str:
+    async with FakeServer(FakeConfig(seed=7)) as srv:
+        batch_id = await _submit(store, make_file(_mixed_rows()), srv)
+        assert (await _run(store, batch_id)).exit_code == EXIT_SOME_FAILED
+    return batch_id
+
+
+async def test_csv_reads_back_and_adds_up_to_status(store: JobStore, make_file: MakeFile) -> None:
+    batch_id = await _mixed_batch(store, make_file)
+    header, rows = await _csv(store, batch_id)
+    metas = ["meta.flag", "meta.n", "meta.nested", "meta.topic", "meta.ключ"]
+    assert header == [*CSV_COLUMNS, *metas]
+    by_id: dict[str, list[dict[str, str]]] = {}
+    for row in rows:
+        by_id.setdefault(row["custom_id"], []).append(row)
+    assert list(by_id) == ["line-1", "line-2", "line-3", "line-4", "line-5", ODD_CUSTOM_ID]
+    assert [r["line"] for r in rows] == ["1", "2", "3", "3", "3", "4", "5", "6"]
+
+    plain, tricky = by_id["line-1"][0], by_id["line-2"][0]
+    assert plain["content"] == "echo: plain" and plain["finish_reason"] == "stop"
+    assert plain["state"] == "succeeded" and plain["choice"] == "0"
+    assert plain["model"] == "gpt-4o-mini" and plain["status_code"] == "200"
+    assert plain["request_id"].startswith("req_") and plain["attempts"] == "1"
+    assert float(plain["latency_ms"]) >= 0 and plain["error"] == plain["error_kind"] == ""
+    assert (plain["meta.topic"], plain["meta.n"], plain["meta.flag"]) == ("a", "1", "")
+    assert tricky["content"] == f"echo: {TRICKY}", "quotes, newlines and unicode survive"
+    assert tricky["meta.topic"] == 'ü,"q"\nx' and tricky["meta.flag"] == "true"
+    assert orjson.loads(tricky["meta.nested"]) == {"k": [1, 2]}
+    assert tricky["meta.ключ"] == "" and by_id["line-3"][0]["meta.ключ"] == "значение"
+
+    # n = 3: a row per choice; usage and cost once per request, on choice 0.
+    first, *others = by_id["line-3"]
+    assert [r["choice"] for r in by_id["line-3"]] == ["0", "1", "2"]
+    assert [r["content"] for r in by_id["line-3"]] == [f"echo: three #{i}" for i in range(3)]
+    assert int(first["total_tokens"]) > 0 and Decimal(first["cost_usd"]) > 0
+    for row in others:
+        assert row["meta.topic"] == "c" and row["request_id"] == first["request_id"]
+        usage = ("prompt_tokens", "cached_tokens", "completion_tokens", "reasoning_tokens")
+        assert all(row[k] == "" for k in (*usage, "total_tokens", "cost_usd"))
+
+    tools = by_id["line-4"][0]
+    assert tools["finish_reason"] == "tool_calls" and tools["content"] == ""
+    (call,) = orjson.loads(tools["tool_calls"])
+    assert call["type"] == "function" and call["function"]["name"] == "lookup"
+    assert "city" in orjson.loads(call["function"]["arguments"])
+    assert all(r["tool_calls"] == "" for r in rows if r["custom_id"] != "line-4")
+
+    (failed,) = by_id["line-5"]
+    assert failed["state"] == "failed" and failed["error_kind"] == "http_400"
+    assert failed["status_code"] == "400" and failed["error"] == "Invalid value for 'messages'."
+    assert (
+        failed["choice"] == failed["content"] == failed["cost_usd"] == failed["total_tokens"] == ""
+    )
+    assert failed["meta.topic"] == "e" and failed["attempts"] == "1"
+
+    status = await report.batch_status(store, batch_id)
+    for key, total in status.tokens.items():
+        assert sum(int(r[key] or 0) for r in rows) == total, key
+    assert sum(Decimal(r["cost_usd"] or 0) for r in rows) == status.cost_usd > 0
+
+
+async def test_jsonl_is_the_openai_batch_output_format(
+    store: JobStore, make_file: MakeFile
+) -> None:
+    batch_id = await _mixed_batch(store, make_file)
+    records = await _jsonl(store, batch_id)
+    assert [r["custom_id"] for r in records] == [
+        "line-1", "line-2", "line-3", "line-4", "line-5", ODD_CUSTOM_ID,
+    ]  # fmt: skip
+    assert len({r["id"] for r in records}) == len(records)
+    for record in records:
+        assert list(record) == ["id", "custom_id", "response", "error"]
+        assert record["id"].startswith("batch_req_")
+        if record["custom_id"] == "line-5":
+            continue
+        response = record["response"]
+        assert record["error"] is None and response["status_code"] == 200
+        assert response["request_id"].startswith("req_")
+        completion = ChatCompletion.model_validate(response["body"])
+        assert completion.object == "chat.completion" and completion.usage is not None
+    assert len(records[2]["response"]["body"]["choices"]) == 3
+    failed = records[4]
+    assert failed["error"] == {
+        "code": "invalid_request_error",
+        "message": "Invalid value for 'messages'.",
+    }
+    assert failed["response"]["status_code"] == 400
+    assert failed["response"]["body"]["error"]["param"] == "messages"
+    # The same export, again, is the same bytes: ids are stable.
+    assert await _jsonl(store, batch_id) == records
+
+
+async def test_failed_only_and_a_request_file_to_send_them_again(
+    store: JobStore, make_file: MakeFile, tmp_path: Path
+) -> None:
+    batch_id = await _mixed_batch(store, make_file)
+    _, rows = await _csv(store, batch_id, failed_only=True)
+    assert [(r["custom_id"], r["state"]) for r in rows] == [("line-5", "failed")]
+    records = await _jsonl(store, batch_id, failed_only=True)
+    assert [r["custom_id"] for r in records] == ["line-5"] and records[0]["error"]
+
+    again = tmp_path / "failed.jsonl"
+    with again.open("wb") as out:
+        assert await export_requests(store, batch_id, out) == 1
+    (line,) = (orjson.loads(x) for x in again.read_bytes().splitlines())
+    assert line == {
+        "custom_id": "line-5",
+        "method": "POST",
+        "url": "/v1/chat/completions",
+        "body": chat("[[fault:400]] bad"),
+        "metadata": {"topic": "e"},
+    }
+    resubmitted = await submit_file(store, again)
+    assert resubmitted.created and resubmitted.jobs == 1
+    with io.BytesIO() as out:
+        states = (JobState.SUCCEEDED, JobState.FAILED)
+        assert await export_requests(store, batch_id, out, states=states) == 6
+
+
+async def test_cancelled_jobs_are_exported_as_openai_does(
+    store: JobStore, make_file: MakeFile
+) -> None:
+    batch_id = await _submit(store, make_file([chat(f"q{i}") for i in range(3)]))
+    assert await _jsonl(store, batch_id) == [], "nothing has ended yet"
+    await store.cancel(batch_id)
+    records = await _jsonl(store, batch_id)
+    assert [r["response"] for r in records] == [None] * 3
+    assert {r["error"]["code"] for r in records} == {CANCELLED_CODE}
+    _, rows = await _csv(store, batch_id)
+    assert [r["state"] for r in rows] == ["cancelled"] * 3
+    assert await _jsonl(store, batch_id, failed_only=True) == []
+
+
+async def test_an_export_during_a_run_holds_what_has_ended(
+    store: JobStore, make_file: MakeFile
+) -> None:
+    total = 40
+    rows = [chat(f"slow {i}", metadata={"i": i}) for i in range(total)]
+    async with FakeServer(FakeConfig(latency_ms=100)) as srv:
+        batch_id = await _submit(store, make_file(rows), srv)
+        running = asyncio.create_task(_run(store, batch_id, replace(FAST, concurrency=4)))
+        deadline = time.monotonic() + 30
+        while (await store.counts(batch_id)).counts["succeeded"] < 8:
+            assert time.monotonic() < deadline and not running.done()
+            await asyncio.sleep(0.02)
+        ended_before = (await store.counts(batch_id)).counts["succeeded"]
+        _, partial = await _csv(store, batch_id)
+        ended_after = (await store.counts(batch_id)).counts["succeeded"]
+        records = await _jsonl(store, batch_id)
+        assert not running.done(), "the run was still going"
+        # Exactly the jobs that had ended when the export read them: no running one.
+        assert ended_before <= len(partial) <= ended_after < total
+        assert len(partial) <= len(records) < total
+        assert {r["state"] for r in partial} == {"succeeded"}
+        assert all(r["error"] is None for r in records)
+        assert all(int(r["meta.i"]) == int(r["line"]) - 1 for r in partial)
+        assert (await running).exit_code == EXIT_OK
+    _, complete = await _csv(store, batch_id)
+    assert len(complete) == total
+    final = {r["custom_id"]: r for r in complete}
+    assert all(final[r["custom_id"]] == r for r in partial), "an ended job does not change"
+
+
+def _cost_by_hand(model: str, row: dict[str, str]) -> Decimal:
+    per_input, per_cached, per_output = PUBLISHED_PER_MTOK[model]
+    prompt, cached = int(row["prompt_tokens"]), int(row["cached_tokens"])
+    output = int(row["completion_tokens"])  # reasoning included, billed as output
+    return ((prompt - cached) * per_input + cached * per_cached + output * per_output) / 1_000_000
+
+
+async def test_cached_and_reasoning_tokens_are_priced_as_published(
+    store: JobStore, make_file: MakeFile
+) -> None:
+    # 6,000 characters: the fake server counts 1,500 prompt tokens and serves 1,408 from cache.
+    long_prompt = "word " * 1_200
+    rows = [
+        chat(long_prompt + "mini"),
+        chat(long_prompt + "reasoning", model="o4-mini", reasoning_effort="low"),
+        chat("short reasoning", model="o4-mini"),
+    ]
+    async with FakeServer(FakeConfig()) as srv:
+        batch_id = await _submit(store, make_file(rows), srv)
+        assert (await _run(store, batch_id)).exit_code == EXIT_OK
+    _, exported = await _csv(store, batch_id, prices=PriceBook())
+    mini, cached_reasoning, reasoning = exported
+    assert int(mini["cached_tokens"]) == 1_408 and mini["reasoning_tokens"] == "0"
+    assert int(cached_reasoning["cached_tokens"]) == 1_408
+    assert int(cached_reasoning["reasoning_tokens"]) == 64
+    assert int(reasoning["reasoning_tokens"]) == 192 and reasoning["cached_tokens"] == "0"
+    for row in exported:
+        assert Decimal(row["cost_usd"]) == _cost_by_hand(row["model"], row), row["custom_id"]
+    # Cached tokens are cheaper: the same usage without the cache would cost more.
+    uncached = {**mini, "cached_tokens": "0"}
+    assert _cost_by_hand("gpt-4o-mini", uncached) > Decimal(mini["cost_usd"])
+
+
+async def test_an_unknown_price_is_empty_never_zero(store: JobStore, make_file: MakeFile) -> None:
+    rows = [chat("house", model="house-model-1"), chat("known")]
+    async with FakeServer(FakeConfig()) as srv:
+        batch_id = await _submit(store, make_file(rows), srv)
+        assert (await _run(store, batch_id)).exit_code == EXIT_OK
+    _, (house, known) = await _csv(store, batch_id, prices=PriceBook())
+    assert int(house["total_tokens"]) > 0 and house["cost_usd"] == ""
+    assert Decimal(known["cost_usd"]) > 0
+    prices = PriceBook.from_toml(
+        '[models."house-model-1"]\ninput_per_mtok = 2\noutput_per_mtok = 8'
+    )
+    _, (house, _) = await _csv(store, batch_id, prices=prices)
+    by_hand = (int(house["prompt_tokens"]) * 2 + int(house["completion_tokens"]) * 8) / Decimal(
+        1_000_000
+    )
+    assert Decimal(house["cost_usd"]) == by_hand
+    assert "E" not in house["cost_usd"], "plain decimal notation"
+
+
+# --- without a server: results recorded through the store ------------------------------------
+
+
+def _completion(content: str, n: int = 1, usage: bool = True) -> dict[str, Any]:
+    completion: dict[str, Any] = {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "created": 1_735_689_600,
+        "model": "gpt-4o-mini",
+        "choices": [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": content, "refusal": None},
+                "logprobs": None,
+                "finish_reason": "stop",
+            }
+            for i in range(n)
+        ],
+    }
+    if usage:
+        completion["usage"] = {"prompt_tokens": 9, "completion_tokens": 3, "total_tokens": 12}
+    return completion
+
+
+async def _answer_all(
+    store: JobStore, batch_id: str, answer: Callable[[int], dict[str, Any] | str]
+) -> None:
+    """Claim every job and record `answer(line)` as its completion (a str: sent as is)."""
+    jobs = await store.claim(batch_id, "w-test", "t-1", 10_000, time.time(), 60.0)
+    ended = []
+    for job in jobs:
+        completion = answer(job.line)
+        text = completion if isinstance(completion, str) else orjson.dumps(completion).decode()
+        ended.append(
+            Ended(
+                job_id=job.id,
+                lease_token=job.lease_token,
+                state=JobState.SUCCEEDED,
+                attempts=1,
+                status_code=200,
+                latency_ms=12.5,
+                request_id=f"req_{job.line}",
+                response=text,
+                model="gpt-4o-mini",
+                prompt_tokens=9,
+                completion_tokens=3,
+                cached_tokens=0,
+                reasoning_tokens=0,
+                total_tokens=12,
+            )
+        )
+    outcome = await store.record(batch_id, "w-test", ended, [], time.time())
+    assert outcome.recorded == len(jobs)
+
+
+async def test_text_and_binary_streams_and_the_excel_bom(
+    store: JobStore, make_file: MakeFile, tmp_path: Path
+) -> None:
+    batch_id = await _submit(store, make_file([chat("a"), chat("b")]))
+    await _answer_all(store, batch_id, lambda line: _completion(f"ünïcode {line}"))
+    binary = io.BytesIO()
+    await export_batch(store, batch_id, binary, fmt="csv")
+    text = io.StringIO(newline="")
+    await export_batch(store, batch_id, text, fmt="csv")
+    assert text.getvalue().encode() == binary.getvalue()
+    assert not binary.getvalue().startswith(b"\xef\xbb\xbf")
+    path = tmp_path / "excel.csv"
+    with path.open("w", encoding="utf-8", newline="") as f:
+        await export_batch(store, batch_id, f, fmt="csv", bom=True)
+    data = path.read_bytes()
+    assert data.startswith(b"\xef\xbb\xbf") and data[3:] == binary.getvalue()
+    with path.open(encoding="utf-8-sig", newline="") as f:
+        assert [r["content"] for r in csv.DictReader(f)] == ["ünïcode 1", "ünïcode 2"]
+    lines = io.StringIO()
+    await export_batch(store, batch_id, lines, fmt="jsonl")
+    jsonl = io.BytesIO()
+    await export_batch(store, batch_id, jsonl, fmt="jsonl")
+    assert lines.getvalue().encode() == jsonl.getvalue()
+
+
+async def test_odd_answers_export_cleanly(store: JobStore, make_file: MakeFile) -> None:
+    """No usage (tokens and cost unknown, not 0), content as a list of parts, a pretty-printed
+    body (JSONL must stay one line per job)."""
+    batch_id = await _submit(store, make_file([chat("a"), chat("b"), chat("c")]))
+    parts = _completion("x")
+    parts["choices"][0]["message"]["content"] = [{"type": "text", "text": "part"}]
+    pretty = orjson.dumps(_completion("pretty\nprinted"), option=orjson.OPT_INDENT_2).decode()
+    answers: dict[int, dict[str, Any] | str] = {
+        1: _completion("no usage", usage=False),
+        2: parts,
+        3: pretty,
+    }
+    await _answer_all(store, batch_id, answers.__getitem__)
+    _, (no_usage, listed, pretty_row) = await _csv(store, batch_id)
+    assert no_usage["content"] == "no usage"
+    assert no_usage["total_tokens"] == no_usage["cost_usd"] == no_usage["prompt_tokens"] == ""
+    assert orjson.loads(listed["content"]) == [{"type": "text", "text": "part"}]
+    assert pretty_row["content"] == "pretty\nprinted" and pretty_row["total_tokens"] == "12"
+    out = io.BytesIO()
+    assert await export_batch(store, batch_id, out, fmt="jsonl") == 3
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 3
+    assert orjson.loads(lines[2])["response"]["body"] == orjson.loads(pretty)
+
+
+async def test_too_many_metadata_keys_go_into_one_column(
+    store: JobStore, make_file: MakeFile
+) -> None:
+    many = {f"k{i:03d}": i for i in range(MAX_META_COLUMNS + 1)}
+    batch_id = await _submit(store, make_file([chat("a", metadata=many), chat("b")]))
+    await store.cancel(batch_id)
+    header, rows = await _csv(store, batch_id)
+    assert header == [*CSV_COLUMNS, "meta"]
+    assert orjson.loads(rows[0]["meta"]) == many and rows[1]["meta"] == ""
+
+
+async def test_metadata_keys_with_control_characters(store: JobStore, make_file: MakeFile) -> None:
+    """A NUL inside a key is cut short by SQLite's JSON functions and refused by PostgreSQL's
+    text: such keys must still get their own column."""
+    meta = {"a\x00b": 1, "tab\there": "x\x00y", "plain": "p"}
+    batch_id = await _submit(store, make_file([chat("a", metadata=meta), chat("b")]))
+    await store.cancel(batch_id)
+    header, (first, second) = await _csv(store, batch_id)
+    assert header == [*CSV_COLUMNS, "meta.a\x00b", "meta.plain", "meta.tab\there"]
+    assert (first["meta.a\x00b"], first["meta.tab\there"], first["meta.plain"]) == (
+        "1",
+        "x\x00y",
+        "p",
+    )
+    assert second["meta.a\x00b"] == second["meta.plain"] == ""
+
+
+async def test_an_unknown_batch_is_an_error(store: JobStore) -> None:
+    with pytest.raises(BatchNotFound):
+        await export_batch(store, "batch_nope", io.BytesIO(), fmt="csv")
+    with pytest.raises(BatchNotFound):
+        await export_requests(store, "batch_nope", io.BytesIO())
+
+
+_META_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
+
+
+def _expected_cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    return orjson.dumps(value).decode()
+
+
+@settings(
+    max_examples=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    custom_id=st.text(min_size=1, max_size=30),
+    content=st.text(max_size=80),
+    n=st.integers(1, 3),
+    meta=st.dictionaries(st.text(max_size=12), _META_VALUES, max_size=4),
+)
+def test_any_text_survives_the_csv_round_trip(
+    tmp_path: Path, custom_id: str, content: str, n: int, meta: dict[str, Any]
+) -> None:
+    """Whatever the answer, the ids and the metadata hold, the CSV parses back to them."""
+
+    async def check() -> None:
+        line = {
+            "custom_id": custom_id,
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            # A new file each time: the same content again would be the same batch.
+            "body": chat(f"q {time.monotonic_ns()}"),
+            "metadata": meta,
+        }
+        path = write_jsonl(tmp_path / f"{time.monotonic_ns()}.jsonl", [line])
+        async with await JobStore.open(f"sqlite:///{tmp_path / 'round.db'}") as store:
+            batch_id = await _submit(store, path)
+            await _answer_all(store, batch_id, lambda _: _completion(content, n))
+            header, rows = await _csv(store, batch_id)
+        assert header == [*CSV_COLUMNS, *(f"meta.{k}" for k in sorted(meta))]
+        assert len(rows) == n
+        for choice, row in enumerate(rows):
+            assert row["custom_id"] == custom_id and row["content"] == content
+            assert row["choice"] == str(choice)
+            for key, value in meta.items():
+                assert row[f"meta.{key}"] == _expected_cell(value)
+
+    asyncio.run(check())

@@ -1,0 +1,241 @@
+"""`submit`: both input formats, validation with line numbers, idempotence, bulk load."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sqlalchemy import text
+
+from batchrunner.errors import InputError, UsageError
+from batchrunner.ingest import batch_id_for, file_sha256, parse_line, submit_file
+from batchrunner.store import JobStore
+from tests.conftest import chat
+
+MakeFile = Callable[..., Path]
+
+
+def batch_line(custom_id: str, body: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    return {
+        "custom_id": custom_id,
+        "method": "POST",
+        "url": "/v1/chat/completions",
+        "body": body,
+        **extra,
+    }
+
+
+async def _jobs(store: JobStore, batch_id: str) -> list[Any]:
+    async with store.engine.connect() as conn:
+        return list(
+            (
+                await conn.execute(
+                    text(
+                        "SELECT line, custom_id, body, meta, model, stream, state, endpoint"
+                        " FROM jobs WHERE batch_id = :b ORDER BY id"
+                    ),
+                    {"b": batch_id},
+                )
+            ).all()
+        )
+
+
+async def test_both_formats_load_in_order(store: JobStore, make_file: MakeFile) -> None:
+    path = make_file(
+        [
+            batch_line("a", chat("one")),
+            chat("two", metadata={"row": 2, "tag": "x"}),
+            chat("three", stream=True, custom_id="mine"),
+        ]
+    )
+    result = await submit_file(store, path, name="demo")
+    assert result.created and result.jobs == 3
+    assert result.batch.id == batch_id_for(file_sha256(path))
+    rows = await _jobs(store, result.batch.id)
+    assert [(r.line, r.custom_id) for r in rows] == [(1, "a"), (2, "line-2"), (3, "mine")]
+    # metadata and custom_id are kept with the job, never sent.
+    assert orjson.loads(rows[1].body) == chat("two")
+    assert orjson.loads(rows[1].meta) == {"row": 2, "tag": "x"}
+    assert orjson.loads(rows[2].body) == chat("three", stream=True)
+    assert [r.stream for r in rows] == [False, False, True]
+    assert {r.state for r in rows} == {"pending"}
+    assert {r.endpoint for r in rows} == {"/v1/chat/completions"}
+    counts = await store.counts(result.batch.id)
+    assert counts.total == 3 and counts.counts["pending"] == 3
+    assert (await store.get_batch(result.batch.id)).name == "demo"
+
+
+async def test_same_content_same_batch_nothing_added(store: JobStore, make_file: MakeFile) -> None:
+    rows = [chat(f"q{i}") for i in range(50)]
+    first = await submit_file(store, make_file(rows, name="a.jsonl"))
+    second = await submit_file(store, make_file(rows, name="b.jsonl"))
+    assert second.batch.id == first.batch.id
+    assert not second.created
+    assert (await store.counts(first.batch.id)).total == 50
+    assert len(await store.list_batches()) == 1
+
+
+async def test_bodies_are_kept_whole(store: JobStore, make_file: MakeFile) -> None:
+    body = chat(
+        "x",
+        tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+        tool_choice="required",
+        response_format={"type": "json_object"},
+        n=3,
+        logprobs=True,
+        top_logprobs=2,
+        reasoning_effort="low",
+        stream_options={"include_usage": True},
+        extra_vendor_field={"nested": [1, 2.5, None, "é"]},
+    )
+    result = await submit_file(store, make_file([body]))
+    (row,) = await _jobs(store, result.batch.id)
+    assert orjson.loads(row.body) == body
+
+
+BAD_LINES: list[tuple[bytes, str]] = [
+    (b"{not json", "invalid JSON"),
+    (b"[1, 2]", "must be a JSON object, not an array"),
+    (b'"text"', "not a string"),
+    (orjson.dumps({"messages": [{"role": "user", "content": "x"}]}), "missing 'model'"),
+    (orjson.dumps({"model": "m"}), "missing 'messages'"),
+    (orjson.dumps({"model": "m", "messages": []}), "'messages' is empty"),
+    (orjson.dumps({"model": "m", "messages": "hi"}), "'messages' must be an array"),
+    (orjson.dumps({"model": "", "messages": [{"role": "user"}]}), "non-empty string"),
+    (orjson.dumps({"model": "m", "messages": [{"content": "x"}]}), "has no 'role'"),
+    (orjson.dumps(batch_line("x", chat("q"), method="GET")), "unsupported method 'GET'"),
+    (orjson.dumps({**batch_line("x", chat("q")), "url": "/v1/embeddings"}), "unsupported url"),
+    (orjson.dumps(batch_line("", chat("q"))), "'custom_id' must be a non-empty string"),
+    (orjson.dumps({**batch_line("x", chat("q")), "body": [1]}), "'body' must be a JSON object"),
+    (orjson.dumps(chat("q", n=0)), "'n' must be a positive integer"),
+    (orjson.dumps(chat("q", stream="yes")), "'stream' must be true or false"),
+    (orjson.dumps(chat("q", metadata=[1])), "'metadata' must be an object"),
+    (b"\xff\xfe{}", "not valid UTF-8"),
+    (b'\xef\xbb\xbf{"model": "m"}', "byte order mark inside the file"),
+]
+
+
+@pytest.mark.parametrize(("line", "reason"), BAD_LINES)
+async def test_bad_line_in_the_middle_loads_nothing(
+    store: JobStore, make_file: MakeFile, line: bytes, reason: str
+) -> None:
+    path = make_file([chat("a"), chat("b"), line, chat("d")])
+    with pytest.raises(InputError) as info:
+        await submit_file(store, path)
+    assert info.value.total == 1
+    (err,) = info.value.errors
+    assert err.line == 3 and err.path == str(path)
+    assert reason in err.reason
+    assert f"{path}:3:" in info.value.message
+    assert await store.list_batches() == []
+
+
+async def test_error_message_lists_first_errors_and_the_total(
+    store: JobStore, make_file: MakeFile
+) -> None:
+    path = make_file([b"{bad"] * 30 + [orjson.dumps(chat("ok"))])
+    with pytest.raises(InputError) as info:
+        await submit_file(store, path)
+    assert info.value.total == 30
+    assert len(info.value.errors) == 20
+    assert "and 10 more" in info.value.message
+    assert await store.list_batches() == []
+
+
+async def test_skip_invalid_loads_good_lines_and_records_bad(
+    store: JobStore, make_file: MakeFile
+) -> None:
+    path = make_file([chat("a"), b"{bad", chat("c"), orjson.dumps({"model": "m"})])
+    result = await submit_file(store, path, skip_invalid=True)
+    assert result.jobs == 2 and result.invalid_total == 2
+    assert [e.line for e in result.invalid] == [2, 4]
+    assert await store.invalid_lines(result.batch.id) == [
+        (2, result.invalid[0].reason),
+        (4, "missing 'messages'"),
+    ]
+    batch = await store.get_batch(result.batch.id)
+    assert (batch.total_jobs, batch.invalid_lines) == (2, 2)
+
+
+async def test_duplicate_custom_id(store: JobStore, make_file: MakeFile) -> None:
+    rows = [batch_line("a", chat("1")), batch_line("b", chat("2")), batch_line("a", chat("3"))]
+    with pytest.raises(InputError) as info:
+        await submit_file(store, make_file(rows))
+    (err,) = info.value.errors
+    assert err.line == 3 and "duplicate custom_id 'a' (first on line 1)" in err.reason
+    assert await store.list_batches() == []
+
+    result = await submit_file(store, make_file(rows), skip_invalid=True)
+    assert result.jobs == 2
+    assert [r.custom_id for r in await _jobs(store, result.batch.id)] == ["a", "b"]
+    assert [line for line, _ in await store.invalid_lines(result.batch.id)] == [3]
+
+
+async def test_blank_lines_skipped_and_bom_accepted(store: JobStore, tmp_path: Path) -> None:
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(
+        b"\xef\xbb\xbf"
+        + orjson.dumps(chat("a"))
+        + b"\r\n\n   \n"
+        + orjson.dumps(chat("b"))
+        + b"\n\n"
+    )
+    result = await submit_file(store, path)
+    assert result.jobs == 2
+    assert [r.line for r in await _jobs(store, result.batch.id)] == [1, 4]
+    assert any("byte order mark" in n for n in result.notices)
+
+
+async def test_empty_file(store: JobStore, tmp_path: Path) -> None:
+    for content in (b"", b"\n\n  \n"):
+        path = tmp_path / "empty.jsonl"
+        path.write_bytes(content)
+        with pytest.raises(InputError, match="no requests"):
+            await submit_file(store, path)
+    assert await store.list_batches() == []
+
+
+async def test_truncated_last_line(store: JobStore, make_file: MakeFile) -> None:
+    path = make_file([chat("a"), b'{"model": "m", "messa'], newline_at_end=False)
+    with pytest.raises(InputError) as info:
+        await submit_file(store, path)
+    (err,) = info.value.errors
+    assert err.line == 2 and "truncated last line" in err.reason
+
+
+async def test_missing_file(store: JobStore, tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="no such file"):
+        await submit_file(store, tmp_path / "nope.jsonl")
+
+
+async def test_options_stored_with_the_batch(store: JobStore, make_file: MakeFile) -> None:
+    result = await submit_file(
+        store, make_file([chat("a")]), base_url="http://127.0.0.1:9/api/v1", api_key_env="GW_KEY"
+    )
+    batch = await store.get_batch(result.batch.id)
+    assert (batch.base_url, batch.api_key_env) == ("http://127.0.0.1:9/api/v1", "GW_KEY")
+
+
+async def test_large_file_loads_in_chunks(sqlite_url: str, make_file: MakeFile) -> None:
+    async with await JobStore.open(sqlite_url) as store:
+        result = await submit_file(store, make_file(chat(f"q{i}") for i in range(12_345)))
+        assert result.jobs == 12_345
+        assert (await store.counts(result.batch.id)).counts["pending"] == 12_345
+
+
+@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(st.binary(max_size=300) | st.text(max_size=300).map(str.encode))
+def test_parse_line_never_crashes(raw: bytes) -> None:
+    from batchrunner.ingest import _BadLine
+
+    try:
+        job = parse_line(raw, 7)
+    except _BadLine as bad:
+        assert bad.reason
+    else:
+        assert job.line == 7 and orjson.loads(job.body)["messages"]

@@ -1,0 +1,462 @@
+"""The pacer, driven in virtual time: a fake clock whose sleep moves it forward, so every pacing
+decision is exact and a run of many virtual minutes takes milliseconds."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import math
+
+import pytest
+
+from batchrunner.limiter import (
+    BURST_S,
+    DEFAULT_BACKOFF_S,
+    PROBE_INTERVAL_S,
+    PROBE_STEP,
+    Pacer,
+    PacerStats,
+)
+from batchrunner.outcome import Outcome, OutcomeKind, RateLimitInfo
+
+START_S = 1000.0
+
+
+class VirtualTime:
+    """A clock that only moves when someone sleeps on it."""
+
+    def __init__(self) -> None:
+        self.now = START_S
+        self.sleeps: list[float] = []
+        self.sleeping = 0
+        self.most_sleeping = 0
+
+    def clock(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.sleeping += 1
+        self.most_sleeping = max(self.most_sleeping, self.sleeping)
+        self.now += max(seconds, 0.0)
+        try:
+            await asyncio.sleep(0)
+        finally:
+            self.sleeping -= 1
+
+    def elapsed_s(self) -> float:
+        return self.now - START_S
+
+
+def pacer(vt: VirtualTime, rpm: float | None, tpm: float | None = None) -> Pacer:
+    return Pacer(rpm, tpm, clock=vt.clock, sleep=vt.sleep)
+
+
+def success(total_tokens: int | None = None, ratelimit: RateLimitInfo | None = None) -> Outcome:
+    completion: dict[str, object] = {"object": "chat.completion", "choices": []}
+    if total_tokens is not None:
+        completion["usage"] = {"total_tokens": total_tokens}
+    return Outcome(OutcomeKind.SUCCESS, 200, completion=completion, ratelimit=ratelimit)
+
+
+def rate_limited(retry_after_s: float | None = None) -> Outcome:
+    return Outcome(OutcomeKind.RETRY, 429, error_kind="rate_limit", retry_after_s=retry_after_s)
+
+
+async def admission_times(p: Pacer, vt: VirtualTime, tokens: list[float]) -> list[float]:
+    """Start one acquiring task per entry at once; when each was let go, in virtual seconds."""
+    times: list[float] = []
+
+    async def one(amount: float) -> None:
+        await p.acquire(amount)
+        times.append(vt.elapsed_s())
+
+    await asyncio.gather(*(one(amount) for amount in tokens))
+    return times
+
+
+@pytest.mark.parametrize(
+    ("rpm", "count", "burst"),
+    [
+        (60, 61, 1),  # one a second: 61 requests take exactly one minute
+        (600, 120, 1),  # one every 100 ms
+        (6000, 300, 10),  # 100 ms worth may go at once, then one every 10 ms
+    ],
+)
+async def test_requests_are_spread_evenly_with_at_most_a_slice_of_burst(
+    rpm: float, count: int, burst: int
+) -> None:
+    vt = VirtualTime()
+    times = await admission_times(pacer(vt, rpm), vt, [0.0] * count)
+
+    interval_s = 60.0 / rpm
+    assert times[:burst] == [0.0] * burst
+    assert times[burst:] == pytest.approx(
+        [(k - burst + 1) * interval_s for k in range(burst, count)]
+    )
+    # N requests at R per minute take N/R minutes, less the one burst.
+    assert vt.elapsed_s() == pytest.approx((count - burst) * interval_s)
+    assert burst == max(1, round(rpm / 60.0 * BURST_S))
+
+
+async def test_thousands_of_waiters_leave_one_task_sleeping_on_the_limit() -> None:
+    vt = VirtualTime()
+    times = await admission_times(pacer(vt, 6000), vt, [0.0] * 2000)
+
+    assert vt.most_sleeping == 1
+    # One sleep per request let go at most: nobody polls.
+    assert len(vt.sleeps) <= 2000
+    assert times == sorted(times)
+    assert times[-1] == pytest.approx((2000 - 10) * 0.01)
+
+
+async def test_tokens_per_minute_weigh_each_job() -> None:
+    vt = VirtualTime()
+    p = pacer(vt, None, tpm=6000)  # 100 tokens a second
+    jobs = [1000.0, 100.0, 100.0, 1000.0, 100.0, 0.0]
+    times = []
+    for tokens in jobs:
+        await p.acquire(tokens)
+        times.append(vt.elapsed_s())
+
+    gaps = [later - earlier for earlier, later in itertools.pairwise(times)]
+    # The first job went at once; the next waited until only a slice of its debt was left; from
+    # then on each job waits exactly as long as the one before it weighed.
+    assert times[0] == 0.0
+    assert gaps[0] == pytest.approx(10.0 - (BURST_S - 0.01))
+    assert gaps[1:] == pytest.approx([1.0, 1.0, 10.0, 1.0])
+
+
+async def test_the_slower_of_the_two_limits_governs() -> None:
+    vt = VirtualTime()
+    p = pacer(vt, 600, tpm=6000)  # requests allow 10 a second, tokens 1 job of 100 a second
+    times = []
+    for _ in range(5):
+        await p.acquire(100.0)
+        times.append(vt.elapsed_s())
+    assert [b - a for a, b in itertools.pairwise(times[1:])] == pytest.approx([1.0] * 3)
+
+
+async def test_a_job_above_a_minute_of_tokens_goes_and_owes_one_minute() -> None:
+    vt = VirtualTime()
+    p = pacer(vt, None, tpm=600)  # 10 tokens a second
+
+    await p.acquire(1_000_000)
+    assert vt.elapsed_s() == 0.0
+    await p.acquire(1)
+    assert vt.elapsed_s() == pytest.approx(60.0 - (BURST_S - 0.1 / 1.0))
+
+
+async def test_unlimited_acquire_returns_without_suspending() -> None:
+    vt = VirtualTime()
+    p = pacer(vt, None, None)
+    for _ in range(1000):
+        coro = p.acquire(500.0)
+        # The coroutine finishes on its first step: no lock, no sleep, no yield to the loop.
+        with pytest.raises(StopIteration):
+            coro.send(None)
+    assert vt.sleeps == []
+    assert p.snapshot().in_flight == 1000
+
+
+@pytest.mark.parametrize("rpm", [None, 6000])
+async def test_a_429_pauses_every_acquirer_until_retry_after(rpm: float | None) -> None:
+    vt = VirtualTime()
+    p = pacer(vt, rpm)
+    await p.acquire()
+    p.observe(rate_limited(retry_after_s=3.0))
+
+    stats = p.snapshot()
+    assert stats.pause_left_s == 3.0
+    assert stats.rate_limited_count == 1
+    times = await admission_times(p, vt, [0.0] * 20)
+    assert min(times) >= 3.0
+
+
+async def test_a_429_lowers_the_request_rate_of_the_whole_run() -> None:
+    vt = VirtualTime()
+    p = pacer(vt, 6000)
+    for _ in range(10):
+        await p.acquire()
+        p.observe(success())
+    await p.acquire()
+    p.observe(rate_limited(retry_after_s=1.0))
+
+    effective = p.snapshot().effective_rpm
+    assert effective is not None
+    # Ten went through in the first (floored) second: the server is taken at about its word.
+    assert effective < 6000 * 0.5
+    start_s = vt.elapsed_s()
+    # Within the first probe interval, so the rate is still the lowered one.
+    times = await admission_times(p, vt, [0.0] * 40)
+    assert [t - start_s for t in times] == pytest.approx(
+        [1.0 + k * 60.0 / effective for k in range(40)]
+    )
+
+
+async def test_default_backoff_grows_on_consecutive_429s_and_resets_on_success() -> None:
+    vt = VirtualTime()
+    p = pacer(vt, 600)
+    pauses = []
+    for outcome in [rate_limited(), rate_limited(), rate_limited(), success(), rate_limited()]:
+        await p.acquire()
+        p.observe(outcome)
+        pauses.append(p.snapshot().pause_left_s)
+    assert pauses == [DEFAULT_BACKOFF_S, 2 * DEFAULT_BACKOFF_S, 4 * DEFAULT_BACKOFF_S, 0.0, 1.0]
+
+
+@pytest.mark.parametrize("pass_sent_at", [True, False])
+async def test_429s_for_attempts_sent_before_a_slowdown_lower_nothing(pass_sent_at: bool) -> None:
+    vt = VirtualTime()
+    p = pacer(vt, 6000)
+    sent = [await p.acquire() for _ in range(10)]
+
+    def observe_429(sent_at_s: float) -> None:
+        p.observe(rate_limited(0.5), sent_at_s=sent_at_s if pass_sent_at else None)
+
+    observe_429(sent[0])
+    lowered = p.snapshot().effective_rpm
+    assert lowered is not None and lowered < 6000
+    for sent_at_s in sent[1:]:
+        observe_429(sent_at_s)
+    assert p.snapshot().effective_rpm == lowered
+    assert p.snapshot().rate_limited_count == 10
+
+    # An attempt sent after the slowdown that is refused again slows the run again.
+    observe_429(await p.acquire())
+    again = p.snapshot().effective_rpm
+    assert again is not None and again < lowered
+
+
+class QuantizedServer:
+    """Accepts `limit_per_s` requests per whole second of virtual time, refuses the rest."""
+
+    def __init__(self, vt: VirtualTime, limit_per_s: int, *, retry_after: bool) -> None:
+        self.vt = vt
+        self.limit_per_s = limit_per_s
+        self.retry_after = retry_after
+        self.second = -1
+        self.count = 0
+        self.accepted_at: list[float] = []
+        self.refused = 0
+
+    def answer(self) -> Outcome:
+        now = self.vt.elapsed_s()
+        second = math.floor(now)
+        if second != self.second:
+            self.second, self.count = second, 0
+        self.count += 1
+        if self.count <= self.limit_per_s:
+            self.accepted_at.append(now)
+            return success()
+        self.refused += 1
+        return rate_limited(second + 1 - now if self.retry_after else None)
+
+
+@pytest.mark.parametrize("retry_after", [True, False], ids=["retry-after", "no-retry-after"])
+@pytest.mark.parametrize("pass_sent_at", [True, False], ids=["sent-at", "no-sent-at"])
+async def test_a_run_converges_on_a_server_allowing_half_the_configured_rate(
+    retry_after: bool, pass_sent_at: bool
+) -> None:
+    vt = VirtualTime()
+    limit_per_s = 10
+    p = pacer(vt, rpm=2 * limit_per_s * 60)
+    server = QuantizedServer(vt, limit_per_s, retry_after=retry_after)
+    jobs = 3000
+    todo = list(range(jobs))
+
+    async def worker() -> None:
+        while todo:
+            todo.pop()
+            while True:  # the dispatcher retries 429s
+                sent_at_s = await p.acquire()
+                outcome = server.answer()
+                p.observe(outcome, sent_at_s=sent_at_s if pass_sent_at else None)
+                if outcome.kind is OutcomeKind.SUCCESS:
+                    break
+
+    await asyncio.gather(*(worker() for _ in range(100)))
+
+    ideal_s = jobs / limit_per_s
+    assert len(server.accepted_at) == jobs
+    assert vt.elapsed_s() <= 1.15 * ideal_s
+    # Settled: over the last minute the server accepted nearly all it allows.
+    last_minute = [t for t in server.accepted_at if t >= vt.elapsed_s() - 60.0]
+    assert len(last_minute) >= 0.9 * 60 * limit_per_s
+    assert server.refused <= 0.02 * jobs
+    effective = p.snapshot().effective_rpm
+    assert effective is not None and effective <= 1.05 * limit_per_s * 60
+
+
+async def test_pacing_at_the_servers_exact_limit_draws_almost_no_429s() -> None:
+    vt = VirtualTime()
+    p = pacer(vt, rpm=600)
+    server = QuantizedServer(vt, 10, retry_after=True)
+    for _ in range(1200):
+        await p.acquire()
+        p.observe(server.answer())
+    # Evenly spread, 10 a second fit the server's seconds exactly; rounding may put one send a
+    # hair before a second's edge.
+    assert server.refused <= 1
+    assert vt.elapsed_s() == pytest.approx(120.0, rel=0.02)
+
+
+async def test_after_a_slowdown_the_rate_probes_back_up_slowly() -> None:
+    vt = VirtualTime()
+    p = pacer(vt, 600)
+    for _ in range(20):
+        await p.acquire()
+        p.observe(success())
+    await p.acquire()
+    p.observe(rate_limited(retry_after_s=0.0))
+    lowered = p.snapshot().effective_rpm
+    assert lowered is not None and lowered < 600
+
+    seen: list[float] = []
+    while vt.elapsed_s() < 600.0:
+        await p.acquire()
+        p.observe(success())
+        effective = p.snapshot().effective_rpm
+        assert effective is not None
+        if not seen or effective != seen[-1]:
+            seen.append(effective)
+    assert seen[0] == lowered
+    assert seen[1] == pytest.approx(lowered * PROBE_STEP)
+    assert all(b <= a * PROBE_STEP + 1e-9 for a, b in itertools.pairwise(seen))
+    assert seen[-1] == 600
+    # No faster than one step per probe interval.
+    assert len(seen) - 1 <= 600.0 / PROBE_INTERVAL_S
+
+
+@pytest.mark.parametrize(
+    ("info", "in_flight", "hold_s"),
+    [
+        (RateLimitInfo(remaining_requests=0, reset_requests_s=2.5), 0, 2.5),
+        (RateLimitInfo(remaining_tokens=0, reset_tokens_s=4.0), 0, 4.0),
+        # Two still in flight will use up the two remaining requests.
+        (RateLimitInfo(remaining_requests=2, reset_requests_s=1.5), 2, 1.5),
+        (RateLimitInfo(remaining_requests=3, reset_requests_s=1.5), 2, 0.0),
+        (RateLimitInfo(remaining_tokens=150, reset_tokens_s=6.0), 2, 6.0),  # 200 in flight
+        (RateLimitInfo(remaining_tokens=250, reset_tokens_s=6.0), 2, 0.0),
+        (RateLimitInfo(remaining_requests=0), 0, 0.0),  # no reset time: nothing to hold until
+    ],
+)
+async def test_exhausted_ratelimit_headers_hold_acquires_until_reset(
+    info: RateLimitInfo, in_flight: int, hold_s: float
+) -> None:
+    vt = VirtualTime()
+    p = pacer(vt, None)
+    for _ in range(in_flight + 1):
+        await p.acquire(100.0)
+    p.observe(success(ratelimit=info), 100.0)
+
+    assert p.snapshot().pause_left_s == hold_s
+    await p.acquire(100.0)
+    assert vt.elapsed_s() == pytest.approx(hold_s)
+
+
+@pytest.mark.parametrize(
+    ("outcome", "owed_s"),
+    [
+        (success(total_tokens=200), 2.0),  # 800 tokens given back
+        (success(total_tokens=3000), 30.0),  # 2000 more charged
+        (success(total_tokens=None), 10.0),  # no usage: the estimate stands
+        (rate_limited(retry_after_s=0.0), 10.0),
+    ],
+)
+async def test_real_usage_replaces_the_token_estimate(outcome: Outcome, owed_s: float) -> None:
+    vt = VirtualTime()
+    p = pacer(vt, None, tpm=6000)  # 100 tokens a second
+    await p.acquire(1000.0)
+    p.observe(outcome, 1000.0)
+
+    await p.acquire(0.0)
+    assert vt.elapsed_s() == pytest.approx(owed_s - (BURST_S - 0.01))
+
+
+async def test_set_limits_changes_the_pace_while_running() -> None:
+    vt = VirtualTime()
+    p = pacer(vt, 60)
+    times = await admission_times(p, vt, [0.0] * 3)
+    assert times == pytest.approx([0.0, 1.0, 2.0])
+
+    p.set_limits(600, None)
+    start_s = vt.elapsed_s()
+    times = await admission_times(p, vt, [0.0] * 3)
+    # The debt left at the old rate is rescaled: 1 s at 60/min becomes 0.1 s at 600/min.
+    assert [t - start_s for t in times] == pytest.approx([0.1, 0.2, 0.3])
+
+    p.set_limits(None, 60)  # now only tokens: one per second
+    start_s = vt.elapsed_s()
+    times = await admission_times(p, vt, [1.0] * 3)
+    assert [t - start_s for t in times] == pytest.approx([0.0, 1.0, 2.0])
+    assert p.snapshot().rpm is None and p.snapshot().tpm == 60
+
+
+async def test_set_limits_keeps_what_was_learned_as_a_fraction_of_the_share() -> None:
+    vt = VirtualTime()
+    p = pacer(vt, 1200)
+    for _ in range(20):
+        await p.acquire()
+        p.observe(success())
+    await p.acquire()
+    p.observe(rate_limited(retry_after_s=0.5))
+    lowered = p.snapshot().effective_rpm
+    assert lowered is not None and lowered < 1200
+
+    p.set_limits(600, None)  # another worker joined: half the share
+    assert p.snapshot().effective_rpm == pytest.approx(lowered / 2)
+    p.set_limits(None, None)
+    assert p.snapshot().effective_rpm is None
+
+
+async def test_repeating_the_same_limits_keeps_a_rate_learned_without_an_rpm() -> None:
+    vt = VirtualTime()
+    p = pacer(vt, None, tpm=1_000_000)
+    for _ in range(20):
+        await p.acquire(10.0)
+        p.observe(success(10), 10.0)
+    await p.acquire(10.0)
+    p.observe(rate_limited(retry_after_s=1.0), 10.0)
+    learned = p.snapshot().effective_rpm
+    assert learned is not None
+
+    p.set_limits(None, 1_000_000)
+    assert p.snapshot().effective_rpm == learned
+
+
+async def test_snapshot_of_a_fresh_pacer() -> None:
+    vt = VirtualTime()
+    assert pacer(vt, 600, 90_000).snapshot() == PacerStats(
+        effective_rpm=600,
+        rpm=600,
+        tpm=90_000,
+        accepted_rpm=0.0,
+        pause_left_s=0.0,
+        rate_limited_count=0,
+        in_flight=0,
+    )
+
+
+@pytest.mark.parametrize("bad", [0, -5, math.inf, math.nan])
+async def test_limits_must_be_positive_and_finite(bad: float) -> None:
+    vt = VirtualTime()
+    with pytest.raises(ValueError, match="rpm"):
+        pacer(vt, bad)
+    with pytest.raises(ValueError, match="tpm"):
+        pacer(vt, None, bad)
+    with pytest.raises(ValueError, match="tpm"):
+        pacer(vt, 60).set_limits(60, bad)
+
+
+async def test_a_negative_token_estimate_is_refused() -> None:
+    vt = VirtualTime()
+    with pytest.raises(ValueError, match="negative"):
+        await pacer(vt, 60).acquire(-1.0)
+
+
+async def test_real_clock_and_sleep_are_the_defaults() -> None:
+    p = Pacer(600_000, None)  # 10,000 a second: 100 ms of burst is 1,000 requests
+    for _ in range(500):
+        await p.acquire()
+    assert p.snapshot().in_flight == 500

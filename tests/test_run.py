@@ -1,0 +1,263 @@
+"""`run` against the local fake API: every row of the HTTP table, pacing, streams, stops."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from openai.types.chat import ChatCompletion
+from sqlalchemy import text
+
+from batchrunner.config import RunConfig
+from batchrunner.dispatcher import StopReason
+from batchrunner.fakeapi import FakeConfig, FakeServer
+from batchrunner.ingest import submit_file
+from batchrunner.runner import EXIT_ABORTED, EXIT_OK, EXIT_SOME_FAILED, RunReport, run
+from batchrunner.store import JobStore
+from tests.conftest import chat
+
+MakeFile = Callable[..., Path]
+
+#: Fast retries: the tests check what is retried, not how long the backoff is.
+FAST = RunConfig(
+    concurrency=16,
+    max_attempts=4,
+    timeout_s=5.0,
+    retry_base_s=0.01,
+    retry_max_s=0.05,
+    retry_jitter_s=0.01,
+    flush_s=0.05,
+    grace_s=2.0,
+)
+
+
+async def _run(store: JobStore, target: str, config: RunConfig = FAST) -> RunReport:
+    warnings: list[str] = []
+    return await run(
+        store, target, config, warn=warnings.append, progress=False, install_signals=False
+    )
+
+
+async def _submit(store: JobStore, path: Path, srv: FakeServer) -> str:
+    return (await submit_file(store, path, base_url=srv.url)).batch.id
+
+
+async def _job_rows(store: JobStore, batch_id: str) -> list[Any]:
+    async with store.engine.connect() as conn:
+        return list(
+            (
+                await conn.execute(
+                    text(
+                        "SELECT j.id, j.line, j.custom_id, j.state, j.attempts, j.error_kind,"
+                        " j.last_status, j.last_error, r.response, r.request_id, r.prompt_tokens,"
+                        " r.completion_tokens, r.total_tokens, r.attempts AS r_attempts,"
+                        " r.latency_ms, r.reasoning_tokens, r.cached_tokens"
+                        " FROM jobs j LEFT JOIN results r ON r.job_id = j.id"
+                        " WHERE j.batch_id = :b ORDER BY j.line"
+                    ),
+                    {"b": batch_id},
+                )
+            ).all()
+        )
+
+
+async def _count(store: JobStore, sql: str, **params: Any) -> int:
+    async with store.engine.connect() as conn:
+        return int((await conn.execute(text(sql), params)).scalar_one())
+
+
+async def test_every_job_succeeds_and_everything_is_kept(
+    store: JobStore, make_file: MakeFile
+) -> None:
+    rows = [chat(f"question {i}", metadata={"i": i}) for i in range(150)]
+    async with FakeServer(FakeConfig(seed=3)) as srv:
+        batch_id = await _submit(store, make_file(rows), srv)
+        rep = await _run(store, batch_id)
+        assert rep.exit_code == EXIT_OK and rep.result.reason is StopReason.DONE
+        assert srv.stats.requests_total == 150
+        assert len(srv.stats.requests_by_body) == 150
+    jobs = await _job_rows(store, batch_id)
+    assert {j.state for j in jobs} == {"succeeded"}
+    for j in jobs:
+        completion = ChatCompletion.model_validate_json(j.response)
+        assert completion.usage is not None
+        assert j.prompt_tokens == completion.usage.prompt_tokens
+        assert j.completion_tokens == completion.usage.completion_tokens
+        assert j.total_tokens == completion.usage.total_tokens
+        assert j.request_id and j.request_id.startswith("req_")
+        assert j.attempts == 1 and j.r_attempts == 1 and j.latency_ms >= 0
+        assert f"question {j.line - 1}" in (completion.choices[0].message.content or "")
+    assert await _count(store, "SELECT COUNT(*) FROM results") == 150
+    assert await _count(store, "SELECT COUNT(*) FROM attempts WHERE error_kind IS NULL") == 150
+
+
+# 408 and 409 are classified in test_client.py; the fake server does not script them.
+TRANSIENT = [
+    "500x2",
+    "502x1",
+    "503x1",
+    "504x2",
+    "429x2",
+    "truncatedx2",
+    "non_completionx1",
+    "resetx2",
+]
+
+
+@pytest.mark.parametrize("fault", TRANSIENT)
+async def test_transient_faults_are_retried_until_success(
+    store: JobStore, make_file: MakeFile, fault: str
+) -> None:
+    times = fault.rsplit("x", 1)[1]
+    rows = [chat(f"fine {i}") for i in range(5)] + [chat(f"[[fault:{fault}]] please")]
+    async with FakeServer(FakeConfig()) as srv:
+        batch_id = await _submit(store, make_file(rows), srv)
+        rep = await _run(store, batch_id)
+        assert rep.exit_code == EXIT_OK
+    jobs = await _job_rows(store, batch_id)
+    faulty = jobs[-1]
+    assert faulty.state == "succeeded"
+    assert faulty.attempts == int(times) + 1
+    kinds = [a.error_kind for a in await store.attempts_of(faulty.id)]
+    assert kinds[-1] is None and all(k for k in kinds[:-1]) and len(kinds) == int(times) + 1
+
+
+async def test_a_request_that_never_answers_is_cut_at_the_timeout(
+    store: JobStore, make_file: MakeFile
+) -> None:
+    rows = [chat("[[fault:hangx1]] a"), chat("[[fault:tricklex1]] b"), chat("c")]
+    async with FakeServer(FakeConfig()) as srv:
+        batch_id = await _submit(store, make_file(rows), srv)
+        rep = await _run(store, batch_id, replace(FAST, timeout_s=0.6))
+        assert rep.exit_code == EXIT_OK
+    jobs = await _job_rows(store, batch_id)
+    assert [j.attempts for j in jobs] == [2, 2, 1]
+    for j in jobs[:2]:
+        assert [a.error_kind for a in await store.attempts_of(j.id)] == ["timeout", None]
+
+
+@pytest.mark.parametrize(
+    ("status", "kind"), [("400", "http_400"), ("404", "http_404"), ("422", "http_422")]
+)
+async def test_requests_that_cannot_succeed_fail_at_once(
+    store: JobStore, make_file: MakeFile, status: str, kind: str
+) -> None:
+    rows = [chat("ok"), chat(f"[[fault:{status}]] bad")]
+    async with FakeServer(FakeConfig()) as srv:
+        batch_id = await _submit(store, make_file(rows), srv)
+        rep = await _run(store, batch_id)
+        assert rep.exit_code == EXIT_SOME_FAILED
+    ok, bad = await _job_rows(store, batch_id)
+    assert ok.state == "succeeded"
+    assert bad.state == "failed" and bad.attempts == 1
+    assert bad.error_kind == kind and bad.last_status == int(status)
+    assert "error" in orjson.loads(bad.last_error)  # the error body as received
+    assert bad.response is None
+
+
+async def test_attempts_are_capped(store: JobStore, make_file: MakeFile) -> None:
+    rows = [chat("[[fault:500]] always")]
+    async with FakeServer(FakeConfig()) as srv:
+        batch_id = await _submit(store, make_file(rows), srv)
+        rep = await _run(store, batch_id, replace(FAST, max_attempts=3))
+        assert rep.exit_code == EXIT_SOME_FAILED
+        assert srv.stats.requests_total == 3
+    (job,) = await _job_rows(store, batch_id)
+    assert job.state == "failed" and job.attempts == 3 and job.error_kind == "server_error"
+
+
+@pytest.mark.parametrize(
+    ("config", "reason"),
+    [
+        (FakeConfig(api_key="right-key"), StopReason.AUTH),
+        (FakeConfig(quota_exhausted=True), StopReason.QUOTA),
+        (FakeConfig(quota_exhausted=True, quota_status=402), StopReason.QUOTA),
+    ],
+)
+async def test_bad_key_or_empty_balance_stops_the_run(
+    store: JobStore,
+    make_file: MakeFile,
+    monkeypatch: pytest.MonkeyPatch,
+    config: FakeConfig,
+    reason: StopReason,
+) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", "wrong-key")
+    rows = [chat(f"q{i}") for i in range(200)]
+    async with FakeServer(config) as srv:
+        batch_id = await _submit(store, make_file(rows), srv)
+        rep = await _run(store, batch_id, replace(FAST, concurrency=4))
+        assert rep.exit_code == EXIT_ABORTED and rep.result.reason is reason
+        # The run stopped early: not every job was tried.
+        assert srv.stats.requests_total < 50
+    counts = await store.counts(batch_id)
+    assert counts.counts["pending"] == 200, "jobs stay pending, to be resumed"
+    assert rep.result.message and "wrong-key" not in rep.result.message
+
+
+async def test_a_run_resumes_after_a_bad_key_is_fixed(
+    store: JobStore, make_file: MakeFile, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rows = [chat(f"q{i}") for i in range(30)]
+    async with FakeServer(FakeConfig(api_key="good")) as srv:
+        batch_id = await _submit(store, make_file(rows), srv)
+        monkeypatch.setenv("OPENAI_API_KEY", "bad")
+        assert (await _run(store, batch_id)).exit_code == EXIT_ABORTED
+        monkeypatch.setenv("OPENAI_API_KEY", "good")
+        rep = await _run(store, batch_id)
+        assert rep.exit_code == EXIT_OK
+    assert (await store.counts(batch_id)).counts["succeeded"] == 30
+
+
+async def test_a_server_limit_below_the_configured_rate_makes_no_job_fail(
+    store: JobStore, make_file: MakeFile
+) -> None:
+    rows = [chat(f"q{i}") for i in range(40)]
+    async with FakeServer(FakeConfig(rpm_limit=1200)) as srv:
+        batch_id = await _submit(store, make_file(rows), srv)
+        rep = await _run(store, batch_id, replace(FAST, rpm=2400, max_attempts=2))
+        assert rep.exit_code == EXIT_OK
+        assert srv.stats.successes == 40
+    assert (await store.counts(batch_id)).counts["succeeded"] == 40
+
+
+async def test_streams_are_reassembled(store: JobStore, make_file: MakeFile) -> None:
+    tool = {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}
+    rows = [
+        chat("stream text", stream=True, stream_options={"include_usage": True}),
+        chat("stream tools", stream=True, tools=[tool], tool_choice="required"),
+        chat("stream n", stream=True, n=2, stream_options={"include_usage": True}),
+        chat("[[fault:stream_cutx1]] cut", stream=True),
+    ]
+    async with FakeServer(FakeConfig()) as srv:
+        batch_id = await _submit(store, make_file(rows), srv)
+        assert (await _run(store, batch_id)).exit_code == EXIT_OK
+    text_job, tools_job, n_job, cut_job = await _job_rows(store, batch_id)
+    c = ChatCompletion.model_validate_json(text_job.response)
+    assert c.object == "chat.completion" and "stream text" in (c.choices[0].message.content or "")
+    assert c.usage is not None and text_job.total_tokens == c.usage.total_tokens
+    t = ChatCompletion.model_validate_json(tools_job.response)
+    assert t.choices[0].finish_reason == "tool_calls"
+    (call,) = t.choices[0].message.tool_calls or []
+    assert call.function.name == "lookup"  # type: ignore[union-attr]
+    orjson.loads(call.function.arguments)  # type: ignore[union-attr]
+    n = ChatCompletion.model_validate_json(n_job.response)
+    assert [ch.index for ch in n.choices] == [0, 1]
+    assert cut_job.state == "succeeded" and cut_job.attempts == 2
+    assert [a.error_kind for a in await store.attempts_of(cut_job.id)] == ["stream_broken", None]
+
+
+async def test_running_a_finished_batch_again_sends_nothing(
+    store: JobStore, make_file: MakeFile
+) -> None:
+    rows = [chat(f"q{i}") for i in range(10)]
+    async with FakeServer(FakeConfig()) as srv:
+        batch_id = await _submit(store, make_file(rows), srv)
+        await _run(store, batch_id)
+        before = srv.stats.requests_total
+        rep = await _run(store, batch_id)
+        assert rep.exit_code == EXIT_OK and srv.stats.requests_total == before
+    assert await _count(store, "SELECT COUNT(*) FROM results") == 10
