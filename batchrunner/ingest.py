@@ -36,6 +36,8 @@ _BOM = b"\xef\xbb\xbf"
 #: Inline data (`data:image/png;base64,...`, audio and file parts) is marked by this.
 _INLINE_DATA = ";base64,"
 _HASH_BLOCK_BYTES = 1 << 20
+#: How deep orjson nests when it writes: it reads deeper documents than it can write back.
+MAX_WRITE_DEPTH = 255
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,13 +101,29 @@ def _json_type(value: Any) -> str:
     return "an object"
 
 
+def _check_text(value: Any, name: str) -> str:
+    """A non-empty string the database can store as it is (PostgreSQL text holds no NUL)."""
+    if not isinstance(value, str) or not value.strip():
+        raise _BadLine(f"'{name}' must be a non-empty string")
+    if "\x00" in value:
+        raise _BadLine(f"'{name}' contains a NUL character")
+    return value
+
+
+def _dumps(value: Any, what: str) -> str:
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:
+        # The only thing parsed JSON can fail to be written for is its depth.
+        raise _BadLine(f"{what} is nested more than {MAX_WRITE_DEPTH} levels deep") from None
+
+
 def _check_body(body: dict[str, Any]) -> str:
     """Validate a chat-completion request body; returns its model."""
     model = body.get("model")
     if model is None:
         raise _BadLine("missing 'model'")
-    if not isinstance(model, str) or not model.strip():
-        raise _BadLine("'model' must be a non-empty string")
+    _check_text(model, "model")
     messages = body.get("messages")
     if messages is None:
         raise _BadLine("missing 'messages'")
@@ -150,19 +168,17 @@ def parse_line(raw: bytes, number: int) -> NewJob:
 
     if "body" in obj and ("custom_id" in obj or "url" in obj or "method" in obj):
         # OpenAI Batch API line.
-        custom_id = obj.get("custom_id")
-        if not isinstance(custom_id, str) or not custom_id:
-            raise _BadLine("'custom_id' must be a non-empty string")
+        custom_id = _check_text(obj.get("custom_id"), "custom_id")
         method = obj.get("method", "POST")
         if not isinstance(method, str) or method.upper() != "POST":
             raise _BadLine(f"unsupported method {method!r}: only POST")
         url = obj.get("url", CHAT_ENDPOINT)
-        if url not in _CHAT_ENDPOINTS:
+        if not isinstance(url, str) or url not in _CHAT_ENDPOINTS:
             raise _BadLine(f"unsupported url {url!r}: only {CHAT_ENDPOINT}")
         body = _require_object(obj["body"], "'body'")
         meta = obj.get("metadata")
         model = _check_body(body)
-        body_text = orjson.dumps(body).decode()
+        body_text = _dumps(body, "'body'")
     else:
         # A plain request body: metadata and custom_id stay with the job, never sent.
         body = obj
@@ -170,10 +186,10 @@ def parse_line(raw: bytes, number: int) -> NewJob:
         custom_id = body.pop("custom_id", None)
         if custom_id is None:
             custom_id = f"line-{number}"
-        elif not isinstance(custom_id, str) or not custom_id:
-            raise _BadLine("'custom_id' must be a non-empty string")
+        else:
+            _check_text(custom_id, "custom_id")
         model = _check_body(body)
-        body_text = orjson.dumps(body).decode()
+        body_text = _dumps(body, "the request")
     if meta is not None and not isinstance(meta, dict):
         raise _BadLine(f"'metadata' must be an object, not {_json_type(meta)}")
     n = body.get("n") or 1
@@ -183,7 +199,7 @@ def parse_line(raw: bytes, number: int) -> NewJob:
         custom_id=custom_id,
         endpoint=CHAT_ENDPOINT,
         body=body_text,
-        meta=orjson.dumps(meta).decode() if meta else None,
+        meta=_dumps(meta, "'metadata'") if meta else None,
         model=model,
         stream=bool(body.get("stream", False)),
         est_tokens=est,
