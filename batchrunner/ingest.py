@@ -120,10 +120,9 @@ def _dumps(value: Any, what: str) -> str:
 
 def _check_body(body: dict[str, Any]) -> str:
     """Validate a chat-completion request body; returns its model."""
-    model = body.get("model")
-    if model is None:
+    if body.get("model") is None:
         raise _BadLine("missing 'model'")
-    _check_text(model, "model")
+    model = _check_text(body["model"], "model")
     messages = body.get("messages")
     if messages is None:
         raise _BadLine("missing 'messages'")
