@@ -11,7 +11,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
@@ -44,6 +44,13 @@ def async_url(url: str) -> str:
     if "+" in parsed.drivername:
         return parsed.render_as_string(hide_password=False)
     return parsed.set(drivername=_DRIVERS[backend]).render_as_string(hide_password=False)
+
+
+def describe(exc: BaseException) -> str:
+    """The driver's own words for a database error, without SQLAlchemy's SQL and help link."""
+    if isinstance(exc, DBAPIError) and exc.orig is not None:
+        return str(exc.orig)
+    return str(exc)
 
 
 def is_sqlite(engine: AsyncEngine) -> bool:
@@ -131,7 +138,7 @@ async def _alembic(engine: AsyncEngine, verb: str, revision: str) -> None:
         async with engine.begin() as conn:
             await conn.run_sync(_run)
     except Exception as exc:
-        raise StoreError(f"could not migrate the database: {exc}") from exc
+        raise StoreError(f"could not migrate the database: {describe(exc)}") from exc
 
 
 async def ensure_schema(engine: AsyncEngine) -> None:
@@ -139,6 +146,6 @@ async def ensure_schema(engine: AsyncEngine) -> None:
     try:
         current = await current_revision(engine)
     except Exception as exc:
-        raise StoreError(f"cannot open the database: {exc}") from exc
+        raise StoreError(f"cannot open the database: {describe(exc)}") from exc
     if current != _head(alembic_config()):
         await upgrade(engine)

@@ -290,7 +290,7 @@ class JobStore:
         except (OperationalError, DBAPIError) as exc:
             if isinstance(exc, IntegrityError):
                 raise
-            raise StoreError(f"database write failed: {_reason(exc)}") from exc
+            raise StoreError(f"database write failed: {db.describe(exc)}") from exc
 
     @asynccontextmanager
     async def _read(self) -> AsyncIterator[AsyncConnection]:
@@ -299,7 +299,7 @@ class JobStore:
                 await conn.execution_options(**{db.READ_ONLY: True})
                 yield conn
         except (OperationalError, DBAPIError) as exc:
-            raise StoreError(f"database read failed: {_reason(exc)}") from exc
+            raise StoreError(f"database read failed: {db.describe(exc)}") from exc
 
     # -- batches ----------------------------------------------------------------------------
 
@@ -479,6 +479,17 @@ class JobStore:
             ).all()
             dead = [wid for wid, pid in rows if not pid_alive(int(pid))]
             await _reap(conn, batch_id, dead, now)
+            # A worker marked stopped sends nothing more, wherever it ran; jobs it still holds
+            # (its give-back failed) need not wait out their leases.
+            await conn.execute(
+                text(
+                    "UPDATE jobs SET state = 'pending', lease_owner = NULL, lease_token = NULL,"
+                    " lease_expires_at = NULL, updated_at = :now"
+                    " WHERE batch_id = :b AND state = 'running' AND lease_owner IN"
+                    " (SELECT id FROM workers WHERE batch_id = :b AND stopped_at IS NOT NULL)"
+                ),
+                {"b": batch_id, "now": now},
+            )
             await conn.execute(
                 text(
                     "INSERT INTO workers (id, batch_id, host, pid, started_at, heartbeat_at,"
@@ -916,6 +927,3 @@ def pid_alive(pid: int) -> bool:
         return True
     return True
 
-
-def _reason(exc: DBAPIError) -> str:
-    return str(exc.orig) if exc.orig is not None else str(exc)
