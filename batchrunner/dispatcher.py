@@ -4,7 +4,9 @@ One run is a handful of tasks around an in-memory queue:
 
     feeder     claims pending jobs from the store in chunks (one transaction per chunk)
     workers    `concurrency` tasks: pace, send, retry (tenacity through retry.py), then hand
-               the job's end to the writer; no database round trip on this path
+               the job's end to the writer and wait for its commit before taking the next
+               job, so that no more than `concurrency` requests are ever sent and unrecorded:
+               the most a crash can make the next run send again
     writer     records ended jobs and the attempts log in batched transactions, each row
                fenced by the lease token it was claimed with
     coordinator  (coordination.py) extends the leases of the jobs this worker holds, shares
@@ -199,6 +201,8 @@ class Dispatcher:
         self._stopping = asyncio.Event()
         self._feeder_done = asyncio.Event()
         self._wake_writer = asyncio.Event()
+        #: Resolved when the writer has committed the ends gathered so far (or given up).
+        self._next_commit: asyncio.Future[None] | None = None
         self._reason: StopReason | None = None
         self._message: str | None = None
         self._schema = SchemaCheck()
@@ -465,7 +469,9 @@ class Dispatcher:
             if self.budget is not None and reserved:
                 self.budget.settle(reserved, Decimal(0))
             return  # the job itself is fine: pending again for the next run
-        self._end(job, outcome, attempts, reserved)
+        committed = self._end(job, outcome, attempts, reserved)
+        # Shielded: a worker cancelled while it waits must not cancel the others' wait.
+        await asyncio.shield(committed)
 
     def _lease_alive(self, job: ClaimedJob) -> bool:
         until = max(self._claims.get(job.lease_token, 0.0), self._coordinator.leases_until)
@@ -484,7 +490,10 @@ class Dispatcher:
             )
         return outcome
 
-    def _end(self, job: ClaimedJob, outcome: Outcome, attempts: int, reserved: Decimal) -> None:
+    def _end(
+        self, job: ClaimedJob, outcome: Outcome, attempts: int, reserved: Decimal
+    ) -> asyncio.Future[None]:
+        """Hand a job's end to the writer; returns what resolves once it is committed."""
         if outcome.kind is OutcomeKind.SUCCESS and outcome.completion is not None:
             completion = outcome.completion
             # No usage (a stream without include_usage): unknown, never zero.
@@ -536,6 +545,9 @@ class Dispatcher:
             )
         self.stats.unwritten = len(self._ended)
         self._wake_writer.set()
+        if self._next_commit is None:
+            self._next_commit = asyncio.get_running_loop().create_future()
+        return self._next_commit
 
     # -- writing ----------------------------------------------------------------------------
 
@@ -558,6 +570,15 @@ class Dispatcher:
             return
         ended, self._ended = self._ended, []
         attempts, self._attempts = self._attempts, []
+        commit, self._next_commit = self._next_commit, None
+        try:
+            await self._record(ended, attempts)
+        finally:
+            # Also when the write failed for good: the run is stopping, nobody may hang.
+            if commit is not None and not commit.done():
+                commit.set_result(None)
+
+    async def _record(self, ended: list[Ended], attempts: list[AttemptRecord]) -> None:
         for attempt in range(1, WRITE_ATTEMPTS + 1):
             try:
                 outcome = await self.store.record(
