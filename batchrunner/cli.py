@@ -93,7 +93,7 @@ def cli(ctx: click.Context, db_url: str | None) -> None:
 
 @cli.command()
 @click.argument("file", type=click.Path(path_type=Path, dir_okay=False))
-@click.option("--name", help="A name for the batch (default: the file name).")
+@click.option("--name", help="A name for the batch (default: the file name without its extension).")
 @click.option(
     "--base-url",
     envvar="OPENAI_BASE_URL",
@@ -173,7 +173,8 @@ def submit(
     type=click.IntRange(1, 100),
     default=6,
     show_default=True,
-    help="HTTP attempts per job before it fails on transient errors.",
+    help="HTTP attempts per job before it fails on transient errors. 429 rate-limit answers "
+    "have an allowance of their own, 4 x this: they say 'slow down', not 'fail'.",
 )
 @click.option(
     "--timeout",
@@ -269,9 +270,13 @@ def run(
         f"{rep.batch.id}: {st.succeeded} succeeded and {st.failed} failed in this run "
         f"({st.sent} request(s) sent); {res.unfinished} job(s) unfinished, "
         f"{res.failed_in_batch} failed in the batch"
+        + (f", {res.cancelled_in_batch} cancelled" if res.cancelled_in_batch else "")
     )
     if st.fenced:
-        _err(f"note: {st.fenced} late answer(s) were not recorded: another worker held the lease")
+        _err(
+            f"note: {st.fenced} late answer(s) were not recorded: the job had been cancelled"
+            " or taken over by another worker"
+        )
     code = rep.exit_code
     if code == runner.EXIT_ABORTED:
         _err(f"error: {res.message or res.reason.value}")
@@ -556,7 +561,14 @@ def db_downgrade(ctx: _Context, revision: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    # Not click's standalone mode: it turns Ctrl-C into "Aborted!" and exit 1, and an
+    # interrupted command must exit 130 wherever it was (loading a file, checking prices).
     try:
-        cli.main(args=argv, prog_name="batchrunner", standalone_mode=True)
-    except KeyboardInterrupt:
+        code = cli.main(args=argv, prog_name="batchrunner", standalone_mode=False)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        _err("interrupted")
         sys.exit(EXIT_INTERRUPTED)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    sys.exit(code if isinstance(code, int) else EXIT_OK)

@@ -21,7 +21,7 @@ import time
 from collections.abc import Mapping
 from types import TracebackType
 from typing import Any, Final, TypeAlias
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import orjson
@@ -76,23 +76,31 @@ def join_url(base_url: str, endpoint: str) -> str:
     if match is not None:
         path = path[match.end() :]
     path = path.strip("/")
-    base = base_url.strip().rstrip("/")
-    return f"{base}/{path}" if path else base
+    # On the base URL's path, so that a query it carries (`?api-version=...`) stays a query.
+    try:
+        parts = urlsplit(base_url.strip())
+    except ValueError:
+        # Not a URL at all: sending to it fails the job with the client's own words.
+        return f"{base_url.strip().rstrip('/')}/{path}"
+    base_path = parts.path.rstrip("/")
+    return urlunsplit(parts._replace(path=f"{base_path}/{path}" if path else base_path))
+
+
+def is_loopback(base_url: str) -> bool:
+    """True when `base_url` names this machine (localhost or a loopback address)."""
+    host = (urlsplit(base_url.strip()).hostname or "").rstrip(".").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def is_insecure(base_url: str) -> bool:
     """True when a key sent to `base_url` would cross the network in clear text:
     plain http to a host that is not this machine's loopback."""
-    parts = urlsplit(base_url.strip())
-    if parts.scheme.lower() != "http":
-        return False
-    host = (parts.hostname or "").rstrip(".").lower()
-    if host == "localhost" or host.endswith(".localhost"):
-        return False
-    try:
-        return not ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return True
+    return urlsplit(base_url.strip()).scheme.lower() == "http" and not is_loopback(base_url)
 
 
 # --- headers ----------------------------------------------------------------------------

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
+
+from batchrunner.errors import UsageError
 
 DEFAULT_DB_URL = "sqlite:///batchrunner.db"
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
@@ -24,8 +28,39 @@ GRACE_S = 10.0
 FLUSH_S = 1.0
 
 
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
 def db_url_from_env() -> str:
     return os.environ.get("BATCHRUNNER_DB") or DEFAULT_DB_URL
+
+
+def check_base_url(base_url: str) -> str:
+    """`base_url` without surrounding blanks, if it is an absolute http(s) URL."""
+    url = base_url.strip()
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a port that is not a number
+        usable = parts.scheme.lower() in ("http", "https") and bool(parts.hostname)
+    except ValueError:  # an unclosed [IPv6 bracket, a port that is not a number
+        usable = False
+    if not usable:
+        raise UsageError(
+            f"the base URL must be an http:// or https:// URL such as {DEFAULT_BASE_URL},"
+            f" not {base_url!r}"
+        )
+    return url
+
+
+def check_key_env(name: str) -> str:
+    """`name` if it can name an environment variable. The value is never echoed: a key
+    pasted here by mistake must not end up in a message or the database."""
+    if not _ENV_NAME.fullmatch(name):
+        raise UsageError(
+            "--api-key-env takes the name of the environment variable that holds the key"
+            " (such as OPENAI_API_KEY), not the key itself"
+        )
+    return name
 
 
 @dataclass(frozen=True, slots=True)

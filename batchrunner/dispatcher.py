@@ -114,6 +114,8 @@ class RunResult:
     #: Jobs of the batch not ended when the run stopped.
     unfinished: int
     failed_in_batch: int
+    #: Jobs of the batch cancelled (`batchrunner cancel`, perhaps while this run went on).
+    cancelled_in_batch: int
 
 
 _CANCELLED = Outcome(OutcomeKind.RETRY, None, error_kind="cancelled")
@@ -271,6 +273,7 @@ class Dispatcher:
             stats=self.stats,
             unfinished=counts.unfinished,
             failed_in_batch=counts.counts[JobState.FAILED.value],
+            cancelled_in_batch=counts.counts[JobState.CANCELLED.value],
         )
 
     async def _run_with(self, client: ApiClient) -> None:

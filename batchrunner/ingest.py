@@ -18,11 +18,15 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from sqlalchemy.exc import IntegrityError
 
-from batchrunner.config import DEFAULT_API_KEY_ENV, DEFAULT_BASE_URL
-from batchrunner.errors import InputError, LineError, UsageError
-from batchrunner.store import BatchInfo, JobStore, NewJob
+from batchrunner.config import (
+    DEFAULT_API_KEY_ENV,
+    DEFAULT_BASE_URL,
+    check_base_url,
+    check_key_env,
+)
+from batchrunner.errors import InputError, LineError, StoreError, UsageError
+from batchrunner.store import BatchExists, BatchInfo, DuplicateCustomId, JobStore, NewJob
 from batchrunner.tokens import count_prompt_tokens, max_output_tokens, quick_prompt_tokens
 
 #: Jobs handed to the database per INSERT.
@@ -261,10 +265,12 @@ async def submit_file(
     """Validate and load a request file as a new batch (or find the batch it already is)."""
     if not path.is_file():
         raise UsageError(f"no such file: {path}")
+    base_url = check_base_url(base_url) if base_url else DEFAULT_BASE_URL
+    api_key_env = check_key_env(api_key_env) if api_key_env else DEFAULT_API_KEY_ENV
     sha = file_sha256(path)
     existing = await store.find_batch_by_content(sha)
     if existing is not None:
-        return SubmitResult(existing, False, existing.total_jobs, [], existing.invalid_lines, [])
+        return _submitted_before(existing, base_url, api_key_env)
     notices = []
     with path.open("rb") as f:
         if f.read(len(_BOM)) == _BOM:
@@ -274,8 +280,8 @@ async def submit_file(
         name=name or path.stem,
         source_file=str(path),
         content_sha256=sha,
-        base_url=base_url or DEFAULT_BASE_URL,
-        api_key_env=api_key_env or DEFAULT_API_KEY_ENV,
+        base_url=base_url,
+        api_key_env=api_key_env,
         options=options or {},
         total_jobs=0,
         invalid_lines=0,
@@ -286,16 +292,30 @@ async def submit_file(
     for _ in range(2):
         try:
             return await _load(store, path, batch, skip_invalid, skip, notices)
-        except _DuplicateIds:
+        except DuplicateCustomId:
             duplicates = _duplicate_ids(path)
             if not skip_invalid:
                 raise InputError(duplicates[:SHOWN_ERRORS], len(duplicates)) from None
             skip = {d.line: d for d in duplicates}
+        except BatchExists:
+            # Another submit of the same content won the race: it is the same batch.
+            existing = await store.find_batch_by_content(sha)
+            if existing is None:
+                raise StoreError(f"batch {batch.id} was created and is gone again") from None
+            return _submitted_before(existing, base_url, api_key_env)
     raise AssertionError("unreachable: duplicates were skipped on the second pass")
 
 
-class _DuplicateIds(Exception):
-    pass
+def _submitted_before(batch: BatchInfo, base_url: str, api_key_env: str) -> SubmitResult:
+    notices = [
+        f"the batch keeps its {what} {kept!r}, not {asked!r} (`run --{flag}` overrides it)"
+        for what, flag, kept, asked in (
+            ("base URL", "base-url", batch.base_url, base_url),
+            ("key variable", "api-key-env", batch.api_key_env, api_key_env),
+        )
+        if kept != asked
+    ]
+    return SubmitResult(batch, False, batch.total_jobs, [], batch.invalid_lines, notices)
 
 
 class _Rejected(Exception):
@@ -348,7 +368,11 @@ async def _load(
                 await inserting
                 inserting = None
             if error_total and not skip_invalid:
-                raise _Rejected(errors, error_total)
+                # Repeated ids are found by the database, which saw none of this file: count
+                # them too, or the user fixes the bad lines only to be told of more.
+                repeated = _duplicate_ids(path)
+                shown = sorted(errors + repeated[:SHOWN_ERRORS], key=lambda e: e.line)
+                raise _Rejected(shown[:SHOWN_ERRORS], error_total + len(repeated))
             await loader.add_jobs(chunk)
             jobs += len(chunk)
             await loader.add_invalid(bad)
@@ -361,10 +385,6 @@ async def _load(
         if rejected.total == 1 and rejected.errors and rejected.errors[0].line == 0:
             raise InputError(rejected.errors, 1, f"{path}: the file has no requests") from None
         raise InputError(rejected.errors[:SHOWN_ERRORS], rejected.total) from None
-    except IntegrityError as exc:
-        if "custom_id" in str(exc) or "uq_jobs_batch_id" in str(exc):
-            raise _DuplicateIds() from exc
-        raise
     finally:
         if inserting is not None and not inserting.done():
             # Left behind by an error while parsing: the transaction is rolled back anyway.

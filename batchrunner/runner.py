@@ -12,10 +12,10 @@ from decimal import Decimal
 from pathlib import Path
 
 from batchrunner import report
-from batchrunner.client import is_insecure
-from batchrunner.config import RunConfig
+from batchrunner.client import is_insecure, is_loopback
+from batchrunner.config import RunConfig, check_base_url, check_key_env
 from batchrunner.dispatcher import Dispatcher, RunResult, StopReason
-from batchrunner.errors import UsageError
+from batchrunner.errors import BatchNotFound, BudgetExceeded, UsageError
 from batchrunner.ingest import submit_file
 from batchrunner.pricing import PriceBook
 from batchrunner.progress import show
@@ -41,16 +41,9 @@ class RunReport:
             return EXIT_INTERRUPTED
         if reason is not StopReason.DONE:
             return EXIT_ABORTED
-        if self.result.unfinished or self.result.failed_in_batch:
+        if self.result.unfinished or self.result.failed_in_batch or self.result.cancelled_in_batch:
             return EXIT_SOME_FAILED
         return EXIT_OK
-
-
-def _is_loopback(base_url: str) -> bool:
-    from urllib.parse import urlsplit
-
-    host = (urlsplit(base_url).hostname or "").lower()
-    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 async def run(
@@ -75,15 +68,20 @@ async def run(
             warn(f"loaded {submitted.jobs} job(s) from {target} as batch {submitted.batch.id}")
         batch = submitted.batch
     else:
-        batch = await store.get_batch(target)
+        try:
+            batch = await store.get_batch(target)
+        except BatchNotFound:
+            if os.sep in target or target.endswith((".jsonl", ".json")):
+                raise UsageError(f"no such file: {target}") from None
+            raise
     if batch.cancelled_at is not None:
-        raise UsageError(f"batch {batch.id} was cancelled; `batchrunner retry` does not revive it")
+        raise UsageError(f"batch {batch.id} was cancelled, and cancel is for good")
 
-    base_url = config.base_url or batch.base_url
-    key_env = config.api_key_env or batch.api_key_env
+    base_url = check_base_url(config.base_url or batch.base_url)
+    key_env = check_key_env(config.api_key_env or batch.api_key_env)
     api_key = os.environ.get(key_env) or None
     if api_key is None:
-        if not _is_loopback(base_url):
+        if not is_loopback(base_url):
             raise UsageError(
                 f"set the API key in ${key_env} (or name another variable with --api-key-env)"
             )
@@ -96,15 +94,17 @@ async def run(
     if config.max_cost_usd is not None:
         status = await report.batch_status(store, batch.id, prices)
         if status.unpriced_models:
-            raise UsageError(
+            raise BudgetExceeded(
                 "--max-cost needs prices, and none is known for "
                 + ", ".join(status.unpriced_models)
+                + "; add them to a price file (--prices)"
             )
         spent = status.cost_usd
-        if spent >= Decimal(str(config.max_cost_usd)):
-            raise UsageError(
-                f"the batch has already cost ${spent:.4f}, "
-                f"at or over --max-cost ${config.max_cost_usd}"
+        cap = Decimal(str(config.max_cost_usd))
+        if spent >= cap:
+            raise BudgetExceeded(
+                f"the batch has already cost ${spent:f}, at or over --max-cost ${cap:f};"
+                " run again with a higher cap to go on"
             )
 
     dispatcher = Dispatcher(

@@ -21,7 +21,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from batchrunner import db
-from batchrunner.errors import BatchNotFound, StoreError
+from batchrunner.errors import BatchNotFound, StoreError, UsageError
 from batchrunner.models import Batch, InvalidLine, JobState
 
 #: Rows per INSERT round trip when loading a file.
@@ -253,6 +253,25 @@ _INSERT_ATTEMPT = text(
 )
 
 
+class BatchExists(Exception):
+    """Another submit created a batch of the same content while this one was loading."""
+
+
+class DuplicateCustomId(Exception):
+    """Two jobs of one batch share a custom_id (the database's unique constraint said so)."""
+
+
+#: How SQLite and PostgreSQL name the unique keys of batches and of jobs' custom_id.
+_BATCH_KEYS = ("batches.id", "batches.content_sha256", "pk_batches", "uq_batches_content_sha256")
+_CUSTOM_ID_KEYS = ("jobs.custom_id", "uq_jobs_batch_id")
+
+
+def _violates(exc: IntegrityError, *names: str) -> bool:
+    """Whether the driver's message names one of these constraints or columns."""
+    message = db.describe(exc)
+    return any(name in message for name in names)
+
+
 class JobStore:
     """Batches, jobs and results in one database (SQLite or PostgreSQL)."""
 
@@ -340,22 +359,28 @@ class JobStore:
         Nothing is visible to other connections until the block ends without an error.
         """
         async with self._write() as conn:
-            await conn.execute(
-                insert(Batch),
-                {
-                    "id": batch.id,
-                    "name": batch.name,
-                    "source_file": batch.source_file,
-                    "content_sha256": batch.content_sha256,
-                    "base_url": batch.base_url,
-                    "api_key_env": batch.api_key_env,
-                    "options": batch.options,
-                    "total_jobs": 0,
-                    "invalid_lines": 0,
-                    "created_at": batch.created_at,
-                    "cancelled_at": None,
-                },
-            )
+            try:
+                await conn.execute(
+                    insert(Batch),
+                    {
+                        "id": batch.id,
+                        "name": batch.name,
+                        "source_file": batch.source_file,
+                        "content_sha256": batch.content_sha256,
+                        "base_url": batch.base_url,
+                        "api_key_env": batch.api_key_env,
+                        "options": batch.options,
+                        "total_jobs": 0,
+                        "invalid_lines": 0,
+                        "created_at": batch.created_at,
+                        "cancelled_at": None,
+                    },
+                )
+            except IntegrityError as exc:
+                # The batch id and the content hash are both the content's: either one.
+                if _violates(exc, *_BATCH_KEYS):
+                    raise BatchExists(batch.id) from exc
+                raise
             loader = BatchLoader(conn, batch.id)
             yield loader
             await loader.finish()
@@ -756,8 +781,10 @@ class JobStore:
     # -- batch-wide changes -----------------------------------------------------------------
 
     async def retry_failed(self, batch_id: str) -> int:
-        """Failed jobs back to pending; their attempts stay in the log."""
-        await self.get_batch(batch_id)
+        """Failed jobs back to pending; their attempts stay in the log. A cancelled batch
+        stays cancelled: cancel is for good."""
+        if (await self.get_batch(batch_id)).cancelled_at is not None:
+            raise UsageError(f"batch {batch_id} was cancelled, and cancel is for good")
         async with self._write() as conn:
             result = await conn.execute(
                 text(
@@ -767,9 +794,6 @@ class JobStore:
                     " WHERE batch_id = :b AND state = 'failed'"
                 ),
                 {"b": batch_id, "now": time.time()},
-            )
-            await conn.execute(
-                text("UPDATE batches SET cancelled_at = NULL WHERE id = :b"), {"b": batch_id}
             )
         return max(result.rowcount, 0)
 
@@ -849,6 +873,15 @@ class BatchLoader:
     async def add_jobs(self, jobs: Sequence[NewJob]) -> None:
         if not jobs:
             return
+        try:
+            await self._insert(jobs)
+        except IntegrityError as exc:
+            if _violates(exc, *_CUSTOM_ID_KEYS):
+                raise DuplicateCustomId() from exc
+            raise
+        self.jobs += len(jobs)
+
+    async def _insert(self, jobs: Sequence[NewJob]) -> None:
         b, now, pending = self._batch_id, self._now, JobState.PENDING.value
         # Plain tuples through the driver: SQLAlchemy's per-row parameter processing cost
         # more than the INSERT itself at hundreds of thousands of rows per second.
@@ -874,7 +907,6 @@ class BatchLoader:
                 for j in jobs
             ],
         )
-        self.jobs += len(jobs)
 
     async def add_invalid(self, lines: Sequence[tuple[int, str]]) -> None:
         if not lines:
@@ -926,4 +958,3 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-

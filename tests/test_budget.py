@@ -13,7 +13,7 @@ import pytest
 from batchrunner import report
 from batchrunner.config import RunConfig
 from batchrunner.dispatcher import StopReason
-from batchrunner.errors import UsageError
+from batchrunner.errors import BudgetExceeded
 from batchrunner.fakeapi import FakeConfig, FakeServer
 from batchrunner.ingest import submit_file
 from batchrunner.pricing import PriceBook
@@ -139,5 +139,5 @@ async def test_a_batch_at_its_cap_is_refused(store: JobStore, make_file: MakeFil
         batch_id = (await submit_file(store, make_file(_rows(4)), base_url=srv.url)).batch.id
         assert (await _run(store, batch_id, None)).exit_code == EXIT_OK
         spent = await _cost(store, batch_id)
-        with pytest.raises(UsageError, match="already cost"):
+        with pytest.raises(BudgetExceeded, match="already cost"):
             await _run(store, batch_id, spent)

@@ -1,0 +1,224 @@
+"""What the command line promises off the happy path: exit codes when a run is cut short by a
+cancel, Ctrl-C or the budget; endpoints and key variables checked before anything is stored;
+a resubmission that keeps its first settings; two submits of one file racing each other."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import orjson
+import pytest
+
+from batchrunner.client import join_url
+from batchrunner.config import RunConfig
+from batchrunner.errors import InputError, UsageError
+from batchrunner.fakeapi import FakeConfig, FakeServer, FakeServerThread
+from batchrunner.ingest import submit_file
+from batchrunner.runner import EXIT_SOME_FAILED, run
+from batchrunner.store import JobStore
+from tests.conftest import chat, write_jsonl
+
+MakeFile = Callable[..., Path]
+
+#: A file that takes seconds to load, so that a Ctrl-C lands while it loads.
+SLOW_LOAD_LINES = 300_000
+
+
+def _cli(
+    *args: str, db: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "batchrunner", "--db", db, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+    )
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_a_file_loads_exits_130_and_loads_nothing(tmp_path: Path) -> None:
+    line = orjson.dumps(chat("load me slowly"))
+    path = write_jsonl(tmp_path / "big.jsonl", (line for _ in range(SLOW_LOAD_LINES)))
+    db_path = tmp_path / "jobs.db"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "batchrunner",
+            "--db",
+            f"sqlite:///{db_path}",
+            "run",
+            str(path),
+            "--base-url",
+            "http://127.0.0.1:9/v1",
+            "--quiet",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    # The database exists once the schema is in place; the load starts right after.
+    deadline = time.monotonic() + 30
+    while not db_path.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "interrupted" in stderr and "Traceback" not in stderr and "Aborted!" not in stderr
+    with sqlite3.connect(db_path) as conn:
+        assert conn.execute("SELECT count(*) FROM batches").fetchone() == (0,)
+        assert conn.execute("SELECT count(*) FROM jobs").fetchone() == (0,)
+
+
+async def test_a_batch_cancelled_while_it_runs_does_not_exit_0(
+    store: JobStore, make_file: MakeFile
+) -> None:
+    """`cancel` from another shell ends the run, which must not then say every job succeeded."""
+    rows = [chat(f"slow {i}") for i in range(40)]
+    async with FakeServer(FakeConfig(latency_ms=300)) as srv:
+        batch_id = (await submit_file(store, make_file(rows), base_url=srv.url)).batch.id
+        config = RunConfig(concurrency=4, flush_s=0.05, grace_s=2.0)
+        running = asyncio.create_task(
+            run(store, batch_id, config, warn=lambda _: None, progress=False, install_signals=False)
+        )
+        while srv.stats.requests_total < 4:  # noqa: ASYNC110 - a counter the server owns
+            await asyncio.sleep(0.01)
+        cancelled = await store.cancel(batch_id)
+        report = await asyncio.wait_for(running, 30)
+    assert cancelled > 0
+    assert report.result.cancelled_in_batch == cancelled
+    assert report.exit_code == EXIT_SOME_FAILED
+    counts = (await store.counts(batch_id)).counts
+    assert counts["succeeded"] + counts["cancelled"] == len(rows)
+
+
+async def test_retry_does_not_revive_a_cancelled_batch(
+    store: JobStore, make_file: MakeFile
+) -> None:
+    batch_id = (await submit_file(store, make_file([chat("a"), chat("b")]))).batch.id
+    await store.cancel(batch_id)
+    with pytest.raises(UsageError, match="cancel is for good"):
+        await store.retry_failed(batch_id)
+    assert (await store.get_batch(batch_id)).cancelled_at is not None
+    assert (await store.counts(batch_id)).counts["cancelled"] == 2
+
+
+def test_a_batch_already_over_its_budget_is_an_abort_not_a_usage_error(
+    make_file: MakeFile, sqlite_url: str
+) -> None:
+    """The budget is one of the reasons a run aborts (exit 1), wherever it is found."""
+    path = make_file([chat(f"priced {i}") for i in range(3)])
+    with FakeServerThread(FakeConfig()) as srv:
+        done = _cli("run", str(path), "--base-url", srv.url, "--quiet", db=sqlite_url)
+        assert done.returncode == 0, done.stderr
+        again = _cli("run", str(path), "--max-cost", "0.000001", "--quiet", db=sqlite_url)
+    assert again.returncode == 1, again.stderr
+    assert "at or over --max-cost $0.000001" in again.stderr
+
+
+@pytest.mark.parametrize(
+    "base_url",
+    [
+        "127.0.0.1:8000/v1",
+        "localhost:8000/v1",
+        "ftp://example.com/v1",
+        "http://host:port/v1",
+        "http://[not-an-address/v1",
+        "",
+    ],
+)
+def test_a_base_url_that_is_not_http_is_refused_at_submit(
+    make_file: MakeFile, sqlite_url: str, base_url: str
+) -> None:
+    path = make_file([chat("a")])
+    result = _cli("submit", str(path), "--base-url", base_url, db=sqlite_url)
+    if base_url == "":
+        # Empty means "not given": the default endpoint.
+        assert result.returncode == 0, result.stderr
+        return
+    assert result.returncode == 2, result.stderr
+    assert "http:// or https://" in result.stderr and result.stdout == ""
+
+
+def test_a_key_given_where_its_variable_name_belongs_is_refused_and_not_echoed(
+    make_file: MakeFile, sqlite_url: str, tmp_path: Path
+) -> None:
+    key = "sk-proj-ThisLooksLikeARealKey0123456789"
+    path = make_file([chat("a")])
+    result = _cli("submit", str(path), "--api-key-env", key, db=sqlite_url)
+    assert result.returncode == 2
+    assert "name of the environment variable" in result.stderr
+    assert key not in result.stderr + result.stdout
+    assert key.encode() not in (tmp_path / "jobs.db").read_bytes()
+
+
+def test_a_resubmission_keeps_its_settings_and_says_so(
+    make_file: MakeFile, sqlite_url: str
+) -> None:
+    path = make_file([chat("a")])
+    first = _cli("submit", str(path), "--base-url", "http://127.0.0.1:1/v1", db=sqlite_url)
+    again = _cli("submit", str(path), "--base-url", "http://127.0.0.1:2/v1", db=sqlite_url)
+    assert again.returncode == 0 and again.stdout == first.stdout
+    assert "keeps its base URL 'http://127.0.0.1:1/v1'" in again.stderr
+    assert "run --base-url" in again.stderr
+    same = _cli("submit", str(path), "--base-url", "http://127.0.0.1:1/v1", db=sqlite_url)
+    assert "keeps its" not in same.stderr
+
+
+async def test_repeated_ids_are_counted_with_the_other_bad_lines(
+    store: JobStore, make_file: MakeFile
+) -> None:
+    rows: list[object] = [
+        chat("a", custom_id="same"),
+        chat("b", custom_id="same"),
+        b"{not json",
+        chat("c", custom_id="same"),
+    ]
+    with pytest.raises(InputError) as caught:
+        await submit_file(store, make_file(rows))
+    assert caught.value.total == 3
+    assert [e.line for e in caught.value.errors] == [2, 3, 4]
+    assert "duplicate custom_id 'same' (first on line 1)" in caught.value.errors[0].reason
+    assert await store.list_batches() == []
+
+
+async def test_two_submits_of_one_file_at_once_give_one_batch(
+    db_url: str, make_file: MakeFile
+) -> None:
+    """Several machines may `run FILE` on one PostgreSQL database at the same moment."""
+    path = make_file([chat(f"race {i}") for i in range(2_000)])
+    stores = [await JobStore.open(db_url) for _ in range(3)]
+    try:
+        results = await asyncio.gather(*(submit_file(s, path) for s in stores))
+        assert len({r.batch.id for r in results}) == 1
+        assert sorted(r.created for r in results) == [False, False, True]
+        assert all(r.batch.total_jobs == 2_000 for r in results)
+        assert (await stores[0].counts(results[0].batch.id)).total == 2_000
+    finally:
+        for s in stores:
+            await s.close()
+
+
+@pytest.mark.parametrize(
+    ("base_url", "url"),
+    [
+        ("https://gw.example/api/v1", "https://gw.example/api/v1/chat/completions"),
+        ("https://gw.example/api/v1/", "https://gw.example/api/v1/chat/completions"),
+        ("https://api.openai.com/v1", "https://api.openai.com/v1/chat/completions"),
+        (
+            "https://res.example/openai/deployments/d?api-version=2024-10-21",
+            "https://res.example/openai/deployments/d/chat/completions?api-version=2024-10-21",
+        ),
+    ],
+)
+def test_the_endpoint_goes_on_the_base_url_s_path(base_url: str, url: str) -> None:
+    assert join_url(base_url, "/v1/chat/completions") == url
