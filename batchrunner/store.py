@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import socket
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
@@ -901,24 +903,42 @@ class BatchLoader:
         # connection (asyncpg's COPY does not go through SQLAlchemy's own lock).
         self._lock = asyncio.Lock()
         self._common = (batch_id, "POST", JobState.PENDING.value, 0, self._now, self._now)
-        if conn.dialect.paramstyle == "qmark":
-            # The values every row shares go in as literals: binding them row by row cost
-            # more than a third of SQLite's insert.
+        self._sqlite = conn.dialect.paramstyle == "qmark"
+        # SQLite: statements of many rows, which SQLite runs in one step with the GIL released,
+        # so that parsing goes on beside it. An INSERT per row (executemany) takes the GIL
+        # back for every row and, with the parser holding it, waits for it each time.
+        self._rows_per_insert = _SQLITE_MAX_PARAMS // len(self._JOB_COLUMNS)
+        self._inserts: dict[int, str] = {}
+
+    def _insert_sql(self, rows: int) -> str:
+        """SQLite: an INSERT of `rows` jobs. The values every row shares go in as literals:
+        binding them row by row cost more than a third of the insert."""
+        sql = self._inserts.get(rows)
+        if sql is None:
             columns = ", ".join(self._JOB_COLUMNS + self._COMMON_COLUMNS)
             marks = ", ".join("?" * len(self._JOB_COLUMNS))
             common = ", ".join(_sql_literal(v) for v in self._common)
-            self._insert_sql = f"INSERT INTO jobs ({columns}) VALUES ({marks}, {common})"
+            values = ", ".join([f"({marks}, {common})"] * rows)
+            sql = self._inserts[rows] = f"INSERT INTO jobs ({columns}) VALUES {values}"
+        return sql
 
     async def add_jobs(self, jobs: Sequence[NewJob]) -> None:
         if not jobs:
             return
         async with self._lock:
-            if self._conn.dialect.paramstyle == "qmark":
-                # The tuples straight to the driver: SQLAlchemy's per-row parameter
-                # processing cost more than the INSERT itself.
-                await self._conn.exec_driver_sql(self._insert_sql, list(jobs))
-            else:
+            if not self._sqlite:
                 await self._copy(jobs)
+            else:
+                # Equal parts, so that a chunk of jobs is one or two statements to prepare.
+                parts = -(-len(jobs) // self._rows_per_insert)
+                size = -(-len(jobs) // parts)
+                for start in range(0, len(jobs), size):
+                    part = jobs[start : start + size]
+                    # Plain values straight to the driver: SQLAlchemy's parameter processing
+                    # cost more than the INSERT itself.
+                    await self._conn.exec_driver_sql(
+                        self._insert_sql(len(part)), tuple(itertools.chain.from_iterable(part))
+                    )
         self.jobs += len(jobs)
 
     async def _copy(self, jobs: Sequence[NewJob]) -> None:
@@ -958,6 +978,10 @@ class BatchLoader:
                 text("UPDATE batches SET total_jobs = :n, invalid_lines = :bad WHERE id = :b"),
                 {"n": self.jobs, "bad": self.invalid, "b": self._batch_id},
             )
+
+
+#: Parameters one SQLite statement may have (SQLITE_MAX_VARIABLE_NUMBER; 999 before 3.32).
+_SQLITE_MAX_PARAMS = 32_766 if sqlite3.sqlite_version_info >= (3, 32, 0) else 999
 
 
 def _sql_literal(value: str | float) -> str:
