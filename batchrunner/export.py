@@ -51,6 +51,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from batchrunner import db
+from batchrunner.bulk import collector_paused
 from batchrunner.errors import StoreError
 from batchrunner.models import JobState
 from batchrunner.pricing import PriceBook
@@ -126,11 +127,14 @@ async def export_batch(
     sink = _Sink(out)
     if fmt == "jsonl":
         rows = store.iter_export_rows(batch_id, failed_only=failed_only, chunk_rows=PAGE_ROWS)
-        written = await _write_jsonl(rows, sink, _request_id_prefix(batch.id))
+        with collector_paused():
+            written = await _write_jsonl(rows, sink, _request_id_prefix(batch.id))
     else:
         meta_keys = await batch_meta_keys(store, batch_id)
         pages = store.iter_export_pages(batch_id, failed_only=failed_only, chunk_rows=PAGE_ROWS)
-        written = await _write_csv(pages, sink, prices or PriceBook.load(), meta_keys, bom=bom)
+        prices = prices or PriceBook.load()
+        with collector_paused():
+            written = await _write_csv(pages, sink, prices, meta_keys, bom=bom)
     sink.flush()
     return written
 

@@ -20,6 +20,7 @@ from typing import Any
 import orjson
 from sqlalchemy.exc import IntegrityError
 
+from batchrunner.bulk import collector_paused
 from batchrunner.config import DEFAULT_API_KEY_ENV, DEFAULT_BASE_URL
 from batchrunner.errors import InputError, LineError, UsageError
 from batchrunner.store import BatchInfo, JobStore, NewJob
@@ -266,7 +267,8 @@ async def submit_file(
     skip: dict[int, LineError] = {}
     for _ in range(2):
         try:
-            return await _load(store, path, batch, skip_invalid, skip, notices)
+            with collector_paused():
+                return await _load(store, path, batch, skip_invalid, skip, notices)
         except _DuplicateIds:
             duplicates = _duplicate_ids(path)
             if not skip_invalid:
