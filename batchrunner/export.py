@@ -198,8 +198,8 @@ async def _write_csv(
     add = _CsvCells(prices, meta_keys).add
     written = 0
     async for page in pages:
-        # One page's records at a time (a few MB): written as soon as they are made, so that
-        # they die young and the garbage collector never walks them again.
+        # Records are turned into text a few hundred at a time, as soon as they are made:
+        # memory holds one page of rows and never more than that of records.
         for start in range(0, len(page), CSV_CHUNK_RECORDS):
             records: list[list[Any]] = []
             for row in page[start : start + CSV_CHUNK_RECORDS]:
