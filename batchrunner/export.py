@@ -51,9 +51,10 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from batchrunner import db
+from batchrunner.bulk import collector_paused
 from batchrunner.errors import StoreError
 from batchrunner.models import JobState
-from batchrunner.pricing import PriceBook, UsageCounts
+from batchrunner.pricing import PriceBook
 from batchrunner.store import ExportRow, JobStore
 
 ExportFormat = Literal["csv", "jsonl"]
@@ -124,12 +125,16 @@ async def export_batch(
         raise ValueError(f"unknown export format {fmt!r}: csv or jsonl")
     batch = await store.get_batch(batch_id)
     sink = _Sink(out)
-    rows = store.iter_export_rows(batch_id, failed_only=failed_only, chunk_rows=PAGE_ROWS)
     if fmt == "jsonl":
-        written = await _write_jsonl(rows, sink, _request_id_prefix(batch.id))
+        rows = store.iter_export_rows(batch_id, failed_only=failed_only, chunk_rows=PAGE_ROWS)
+        with collector_paused():
+            written = await _write_jsonl(rows, sink, _request_id_prefix(batch.id))
     else:
         meta_keys = await batch_meta_keys(store, batch_id)
-        written = await _write_csv(rows, sink, prices or PriceBook.load(), meta_keys, bom=bom)
+        pages = store.iter_export_pages(batch_id, failed_only=failed_only, chunk_rows=PAGE_ROWS)
+        prices = prices or PriceBook.load()
+        with collector_paused():
+            written = await _write_csv(pages, sink, prices, meta_keys, bom=bom)
     sink.flush()
     return written
 
@@ -178,7 +183,7 @@ def csv_header(meta_keys: Sequence[str]) -> list[str]:
 
 
 async def _write_csv(
-    rows: AsyncIterator[ExportRow],
+    pages: AsyncIterator[list[ExportRow]],
     sink: _Sink,
     prices: PriceBook,
     meta_keys: list[str],
@@ -190,56 +195,80 @@ async def _write_csv(
     if bom:
         buffer.write(_UTF8_BOM)
     writer.writerow(csv_header(meta_keys))
-    cells = _CsvCells(prices, meta_keys)
-    add = cells.add
+    add = _CsvCells(prices, meta_keys).add
     written = 0
-    records: list[list[Any]] = []
-    # Rows are handled as they stream in: holding a page of them would keep thousands of
-    # objects alive across garbage collections, which then cost more than the rest.
-    async for row in rows:
-        add(row, records)
-        if len(records) >= CSV_CHUNK_RECORDS:
+    async for page in pages:
+        # Records are turned into text a few hundred at a time, as soon as they are made:
+        # memory holds one page of rows and never more than that of records.
+        for start in range(0, len(page), CSV_CHUNK_RECORDS):
+            records: list[list[Any]] = []
+            for row in page[start : start + CSV_CHUNK_RECORDS]:
+                add(row, records)
             writer.writerows(records)
             written += len(records)
-            records = []
-            if buffer.tell() >= WRITE_CHUNK_CHARS:
-                sink.write_text(buffer.getvalue())
-                buffer.seek(0)
-                buffer.truncate()
-    writer.writerows(records)
-    written += len(records)
+        if buffer.tell() >= WRITE_CHUNK_CHARS:
+            sink.write_text(buffer.getvalue())
+            buffer.seek(0)
+            buffer.truncate()
     sink.write_text(buffer.getvalue())
     return written
 
 
 class _CsvCells:
-    """Turns exported jobs into CSV records (one per choice)."""
+    """Turns exported jobs into CSV records (one per choice).
+
+    `add` runs once per exported job, a million times for a large batch: it reads the row as
+    a tuple and prices it from its token counts directly, each step measured to matter.
+    """
 
     def __init__(self, prices: PriceBook, meta_keys: list[str]) -> None:
-        self._cost = prices.cost
+        self._cost = prices.tokens_cost
         self._meta_keys = meta_keys
         self._whole_meta = len(meta_keys) > MAX_META_COLUMNS
         self._no_meta: list[object] = [_EMPTY] * (1 if self._whole_meta else len(meta_keys))
 
     def add(self, row: ExportRow, records: list[list[Any]]) -> None:
         """Append the records of `row` to `records`."""
-        meta = self._meta_cells(row.meta)
-        if row.response is None or row.state != _SUCCEEDED:
+        (
+            _id,
+            line,
+            custom_id,
+            state,
+            job_model,
+            meta_text,
+            attempts,
+            _error_kind,
+            _last_status,
+            _last_error,
+            response,
+            status_code,
+            request_id,
+            prompt_tokens,
+            completion_tokens,
+            cached_tokens,
+            reasoning_tokens,
+            total_tokens,
+            schema_valid,
+            latency_ms,
+        ) = row
+        meta = self._meta_cells(meta_text) if meta_text else self._no_meta
+        latency = None if latency_ms is None else round(latency_ms, 1)
+        if response is None or state != _SUCCEEDED:
             records.append(
                 [
-                    row.custom_id,
-                    row.line,
-                    row.state,
+                    custom_id,
+                    line,
+                    state,
                     None,
-                    row.model,
+                    job_model,
                     None,
                     None,
                     None,
                     None,
                     *_NO_USAGE,
-                    _latency(row.latency_ms),
-                    row.attempts,
-                    row.request_id,
+                    latency,
+                    attempts,
+                    request_id,
                     None,
                     row.last_status,
                     row.error_kind,
@@ -248,41 +277,38 @@ class _CsvCells:
                 ]
             )
             return
-        completion = _loads_object(row.response)
+        completion = _loads_object(response)
         model = completion.get("model")
-        if not isinstance(model, str) or not model:
-            model = row.model
+        if type(model) is not str or not model:
+            model = job_model
         usage_cells: Sequence[object]
-        if row.prompt_tokens is not None and isinstance(completion.get("usage"), dict):
-            usage = UsageCounts(
-                row.prompt_tokens,
-                row.completion_tokens or 0,
-                row.cached_tokens or 0,
-                row.reasoning_tokens or 0,
-                row.total_tokens or 0,
+        if prompt_tokens is not None and type(completion.get("usage")) is dict:
+            completion_tokens = completion_tokens or 0
+            cached_tokens = cached_tokens or 0
+            reasoning_tokens = reasoning_tokens or 0
+            cost = self._cost(
+                model, prompt_tokens, cached_tokens, completion_tokens, reasoning_tokens
             )
-            cost = self._cost(model, usage)
             usage_cells = (
-                usage.prompt_tokens,
-                usage.cached_tokens,
-                usage.completion_tokens,
-                usage.reasoning_tokens,
-                usage.total_tokens,
+                prompt_tokens,
+                cached_tokens,
+                completion_tokens,
+                reasoning_tokens,
+                total_tokens or 0,
                 None if cost is None else format(cost, "f"),  # str() could say 4.5E-7
             )
         else:
             # No usage in the answer: unknown, which is not zero.
             usage_cells = _NO_USAGE
-        latency = _latency(row.latency_ms)
-        schema_valid = _BOOL_CELLS[row.schema_valid]
+        schema_cell = _BOOL_CELLS[schema_valid]
         choices = completion.get("choices")
-        if not isinstance(choices, list) or not choices:
+        if type(choices) is not list or not choices:
             choices = [{}]
         for number, choice in enumerate(choices):
-            if not isinstance(choice, dict):
+            if type(choice) is not dict:
                 choice = {}
             message = choice.get("message")
-            if not isinstance(message, dict):
+            if type(message) is not dict:
                 message = {}
             content = message.get("content")
             refusal = message.get("refusal")
@@ -290,9 +316,9 @@ class _CsvCells:
             index = choice.get("index")
             records.append(
                 [
-                    row.custom_id,
-                    row.line,
-                    row.state,
+                    custom_id,
+                    line,
+                    state,
                     index if type(index) is int else number,
                     model,
                     choice.get("finish_reason"),
@@ -301,19 +327,17 @@ class _CsvCells:
                     refusal if refusal is None or type(refusal) is str else _json_text(refusal),
                     *(usage_cells if number == 0 else _NO_USAGE),
                     latency,
-                    row.attempts,
-                    row.request_id,
-                    schema_valid,
-                    row.status_code,
+                    attempts,
+                    request_id,
+                    schema_cell,
+                    status_code,
                     None,
                     None,
                     *meta,
                 ]
             )
 
-    def _meta_cells(self, meta_text: str | None) -> list[object]:
-        if not meta_text:
-            return self._no_meta
+    def _meta_cells(self, meta_text: str) -> list[object]:
         if self._whole_meta:
             return [meta_text]
         meta = _loads_object(meta_text)
@@ -339,10 +363,6 @@ _BOOL_CELLS: Final[dict[bool | None, str | None]] = {None: None, True: "true", F
 
 def _json_text(value: object) -> str:
     return orjson.dumps(value).decode()
-
-
-def _latency(latency_ms: float | None) -> float | None:
-    return None if latency_ms is None else round(latency_ms, 1)
 
 
 # --- JSONL ---------------------------------------------------------------------------------

@@ -188,13 +188,37 @@ class PriceBook:
         `at` is when the request ran (default now): some providers' prices change on a date or
         by time of day (DeepSeek's off-peak hours).
         """
-        pricer = self._pricer(model)
+        return self.tokens_cost(
+            model,
+            usage.prompt_tokens,
+            usage.cached_tokens,
+            usage.completion_tokens,
+            usage.reasoning_tokens,
+            at=at,
+        )
+
+    def tokens_cost(
+        self,
+        model: str,
+        prompt: int,
+        cached: int,
+        completion: int,
+        reasoning: int,
+        *,
+        at: datetime | None = None,
+    ) -> Decimal | None:
+        """`cost` from the token counts themselves: export prices every row of a batch, and
+        building a `UsageCounts` for each cost about as much as the arithmetic."""
+        try:
+            pricer = self._pricers[model]
+        except KeyError:
+            pricer = self._pricer(model)
         if pricer is None:
             return None
-        prompt = usage.prompt_tokens
-        cached = min(usage.cached_tokens, prompt)
-        completion = usage.completion_tokens
-        reasoning = min(usage.reasoning_tokens, completion)
+        if cached > prompt:
+            cached = prompt
+        if reasoning > completion:
+            reasoning = completion
         rates = pricer.rates(at, prompt)
         return (
             rates.per_request
