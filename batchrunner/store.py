@@ -162,7 +162,8 @@ class WorkerInfo:
 
 
 class ExportRow(NamedTuple):
-    """A job and, when it succeeded, its result: what export writes.
+    """A job and, when it succeeded, its result: what export writes. A failed job's
+    `request_id` and `latency_ms` are those of its last attempt.
 
     A named tuple, not a dataclass: export makes one per row, a million of them for a large
     batch, and a tuple is several times cheaper to build.
@@ -898,6 +899,15 @@ _BATCH_ID_SPAN = text(
 )
 
 
+def _last_attempt(column: str) -> str:
+    """A failed job's answer lives in its last attempt (written with its end): only failed
+    rows look it up, through ix_attempts_job."""
+    return (
+        f"CASE WHEN j.state = 'failed' THEN (SELECT a.{column} FROM attempts a"
+        " WHERE a.job_id = j.id ORDER BY a.id DESC LIMIT 1) END"
+    )
+
+
 def _export_page_sql(sqlite: bool, states: Sequence[str]) -> TextClause:
     """The export query for the jobs in `states` with ids in (:lo, :hi].
 
@@ -911,8 +921,10 @@ def _export_page_sql(sqlite: bool, states: Sequence[str]) -> TextClause:
     return text(
         "SELECT j.id, j.line, j.custom_id, j.state, j.model, j.meta, j.attempts,"
         " j.error_kind, j.last_status, j.last_error, r.response, r.status_code,"
-        " r.request_id, r.prompt_tokens, r.completion_tokens, r.cached_tokens,"
-        " r.reasoning_tokens, r.total_tokens, r.schema_valid, r.latency_ms"
+        f" COALESCE(r.request_id, {_last_attempt('request_id')}),"
+        " r.prompt_tokens, r.completion_tokens, r.cached_tokens,"
+        " r.reasoning_tokens, r.total_tokens, r.schema_valid,"
+        f" COALESCE(r.latency_ms, {_last_attempt('latency_ms')})"
         " FROM jobs j LEFT JOIN results r"
         " ON r.job_id = j.id AND r.job_id > :lo AND r.job_id <= :hi"
         f" WHERE {plus}j.batch_id = :b AND {plus}j.state IN ({in_states})"

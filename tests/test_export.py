@@ -171,6 +171,9 @@ async def test_csv_reads_back_and_adds_up_to_status(store: JobStore, make_file: 
         failed["choice"] == failed["content"] == failed["cost_usd"] == failed["total_tokens"] == ""
     )
     assert failed["meta.topic"] == "e" and failed["attempts"] == "1"
+    # The failed answer's own request id and latency, from its last attempt.
+    assert failed["request_id"].startswith("req_") and failed["request_id"] != plain["request_id"]
+    assert float(failed["latency_ms"]) >= 0
 
     status = await report.batch_status(store, batch_id)
     for key, total in status.tokens.items():
@@ -204,6 +207,7 @@ async def test_jsonl_is_the_openai_batch_output_format(
         "message": "Invalid value for 'messages'.",
     }
     assert failed["response"]["status_code"] == 400
+    assert failed["response"]["request_id"].startswith("req_")
     assert failed["response"]["body"]["error"]["param"] == "messages"
     # The same export, again, is the same bytes: ids are stable.
     assert await _jsonl(store, batch_id) == records
