@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 
 #: Largest number of jobs claimed in one transaction.
 MAX_CLAIM_ROWS = 1_000
+#: Jobs claimed at a time per unit of concurrency (up to MAX_CLAIM_ROWS).
+CLAIM_ROWS_PER_SLOT = 8
 #: How often a run with nothing to claim looks again (jobs held by other workers, backoffs).
 IDLE_POLL_S = 1.0
 #: A job is not sent when its lease has less than this left (or a quarter of the lease, when
@@ -193,7 +195,9 @@ class Dispatcher:
         )
         self._rng = rng or random.Random()
         self._queue: asyncio.Queue[ClaimedJob] = asyncio.Queue()
-        self._claim_rows = max(16, min(MAX_CLAIM_ROWS, 2 * config.concurrency))
+        # A claim beside a busy writer takes 10-20 ms, in which a zero-latency server lets
+        # the workers get through more than 2 x concurrency jobs: claim enough to cover it.
+        self._claim_rows = max(16, min(MAX_CLAIM_ROWS, CLAIM_ROWS_PER_SLOT * config.concurrency))
         self._ended: list[Ended] = []
         self._attempts: list[AttemptRecord] = []
         self._stopping = asyncio.Event()
@@ -317,7 +321,9 @@ class Dispatcher:
 
     async def _feeder(self) -> None:
         """Keep the queue topped up; end when no job of the batch is left unfinished."""
-        low_water = max(1, self._claim_rows // 2)
+        # Refill while a whole claim is still queued: the next one lands before the queue
+        # runs dry, even when the writer holds the lock for a while.
+        low_water = self._claim_rows
         failures = 0
         while not self.stopping:
             if self._queue.qsize() >= low_water:
