@@ -243,6 +243,27 @@ _END_JOB = text(
     " finished_at = :now, updated_at = :now"
     " WHERE id = :job_id AND lease_token = :lease_token AND state = 'running'"
 )
+# The same three statements with positional parameters, for SQLite's `record`: plain tuples
+# through the driver skip SQLAlchemy's per-row parameter processing, which cost more than
+# SQLite's own work for the row (as in BatchLoader.add_jobs).
+_INSERT_RESULT_SQLITE = (
+    "INSERT INTO results (job_id, batch_id, status_code, response, request_id, model,"
+    " prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens, total_tokens,"
+    " schema_valid, latency_ms, attempts, finished_at)"
+    " SELECT id, batch_id, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, attempts + ?, ?"
+    " FROM jobs WHERE id = ? AND lease_token = ? AND state = 'running'"
+    " ON CONFLICT (job_id) DO NOTHING"
+)
+_END_JOB_SQLITE = (
+    "UPDATE jobs SET state = ?1, attempts = attempts + ?2, lease_owner = NULL,"
+    " lease_token = NULL, lease_expires_at = NULL, not_before = NULL,"
+    " error_kind = ?3, last_status = ?4, last_error = ?5, finished_at = ?6, updated_at = ?6"
+    " WHERE id = ?7 AND lease_token = ?8 AND state = 'running'"
+)
+_INSERT_ATTEMPT_SQLITE = (
+    "INSERT INTO attempts (job_id, batch_id, worker_id, status_code, error_kind, latency_ms,"
+    " request_id, started_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
 _HELD_LEASES = text(
     "SELECT id, lease_token FROM jobs WHERE id IN :ids AND state = 'running' ORDER BY id FOR UPDATE"
 ).bindparams(bindparam("ids", expanding=True))
@@ -673,6 +694,8 @@ class JobStore:
         A row is recorded only while the job is still running under the same lease token;
         a late answer from a worker whose lease passed to another changes nothing.
         """
+        if self.is_sqlite:
+            return await self._record_sqlite(batch_id, worker_id, ended, attempts, now)
         results = []
         ends = []
         for e in ended:
@@ -740,6 +763,75 @@ class JobStore:
                     recorded = done.rowcount if done.rowcount >= 0 else len(ends)
             if log:
                 await conn.execute(_INSERT_ATTEMPT, log)
+        return RecordOutcome(recorded=recorded, fenced=len(ends) - recorded)
+
+    async def _record_sqlite(
+        self,
+        batch_id: str,
+        worker_id: str,
+        ended: Sequence[Ended],
+        attempts: Sequence[AttemptRecord],
+        now: float,
+    ) -> RecordOutcome:
+        """`record` on SQLite: the same statements and fencing, positional parameters."""
+        succeeded = JobState.SUCCEEDED
+        results = [
+            (
+                e.status_code,
+                e.response,
+                e.request_id,
+                e.model,
+                e.prompt_tokens,
+                e.completion_tokens,
+                e.cached_tokens,
+                e.reasoning_tokens,
+                e.total_tokens,
+                e.schema_valid,
+                e.latency_ms,
+                e.attempts,
+                now,
+                e.job_id,
+                e.lease_token,
+            )
+            for e in ended
+            if e.state is succeeded
+        ]
+        ends = [
+            (
+                e.state.value,
+                e.attempts,
+                e.error_kind,
+                e.status_code,
+                e.error,
+                now,
+                e.job_id,
+                e.lease_token,
+            )
+            for e in ended
+        ]
+        log = [
+            (
+                a.job_id,
+                batch_id,
+                worker_id,
+                a.status_code,
+                a.error_kind,
+                a.latency_ms,
+                a.request_id,
+                a.started_at,
+            )
+            for a in attempts
+        ]
+        recorded = 0
+        async with self._write() as conn:
+            # Results first: the insert checks the lease while the job is still `running`.
+            if results:
+                await conn.exec_driver_sql(_INSERT_RESULT_SQLITE, results)
+            if ends:
+                done = await conn.exec_driver_sql(_END_JOB_SQLITE, ends)
+                recorded = done.rowcount if done.rowcount >= 0 else len(ends)
+            if log:
+                await conn.exec_driver_sql(_INSERT_ATTEMPT_SQLITE, log)
         return RecordOutcome(recorded=recorded, fenced=len(ends) - recorded)
 
     # -- batch-wide changes -----------------------------------------------------------------
