@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 #: Largest number of jobs claimed in one transaction.
 MAX_CLAIM_ROWS = 1_000
 #: Jobs claimed at a time per unit of concurrency (up to MAX_CLAIM_ROWS).
-CLAIM_ROWS_PER_SLOT = 8
+CLAIM_ROWS_PER_SLOT = 16
 #: How often a run with nothing to claim looks again (jobs held by other workers, backoffs).
 IDLE_POLL_S = 1.0
 #: A job is not sent when its lease has less than this left (or a quarter of the lease, when
@@ -231,8 +231,9 @@ class Dispatcher:
         )
         self._rng = rng or random.Random()
         self._queue: asyncio.Queue[ClaimedJob] = asyncio.Queue()
-        # A claim beside a busy writer takes 10-20 ms, in which a zero-latency server lets
-        # the workers get through more than 2 x concurrency jobs: claim enough to cover it.
+        # Claims and records take turns at SQLite's write lock, ~50 ms each at a zero-latency
+        # server (every hop to the database thread waits for a turn of the busy event loop):
+        # a claim must cover the workers for that long and more, or they stand idle.
         self._claim_rows = max(16, min(MAX_CLAIM_ROWS, CLAIM_ROWS_PER_SLOT * config.concurrency))
         self._ended: list[Ended] = []
         self._attempts: list[AttemptRecord] = []
