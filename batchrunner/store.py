@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import socket
 import sqlite3
 import time
@@ -234,52 +235,41 @@ _CLAIM_POSTGRES = text(
     " RETURNING jobs.id, jobs.custom_id, jobs.line, jobs.endpoint, jobs.body, jobs.model,"
     " jobs.stream, jobs.est_tokens, jobs.attempts"
 )
-_INSERT_RESULT = text(
+# `record`'s statements with positional parameters: plain tuples through the driver skip
+# SQLAlchemy's per-row parameter processing, which cost more than the database's own work for
+# the row (as in BatchLoader.add_jobs). Written for SQLite (`?n`); `_dollar` makes the asyncpg
+# spelling (`$n`) of the same statements.
+_INSERT_RESULT_SQL = (
     "INSERT INTO results (job_id, batch_id, status_code, response, request_id, model,"
     " prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens, total_tokens,"
     " schema_valid, latency_ms, attempts, finished_at)"
-    " SELECT id, batch_id, :status_code, :response, :request_id, :model, :prompt_tokens,"
-    " :completion_tokens, :cached_tokens, :reasoning_tokens, :total_tokens, :schema_valid,"
-    " :latency_ms, attempts + :attempts, :now"
-    " FROM jobs WHERE id = :job_id AND lease_token = :lease_token AND state = 'running'"
+    " SELECT id, batch_id, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, attempts + ?12, ?13"
+    " FROM jobs WHERE id = ?14 AND lease_token = ?15 AND state = 'running'"
     " ON CONFLICT (job_id) DO NOTHING"
 )
-_END_JOB = text(
-    "UPDATE jobs SET state = :state, attempts = attempts + :attempts, lease_owner = NULL,"
-    " lease_token = NULL, lease_expires_at = NULL, not_before = NULL,"
-    " error_kind = :error_kind, last_status = :status_code, last_error = :error,"
-    " finished_at = :now, updated_at = :now"
-    " WHERE id = :job_id AND lease_token = :lease_token AND state = 'running'"
-)
-# The same three statements with positional parameters, for SQLite's `record`: plain tuples
-# through the driver skip SQLAlchemy's per-row parameter processing, which cost more than
-# SQLite's own work for the row (as in BatchLoader.add_jobs).
-_INSERT_RESULT_SQLITE = (
-    "INSERT INTO results (job_id, batch_id, status_code, response, request_id, model,"
-    " prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens, total_tokens,"
-    " schema_valid, latency_ms, attempts, finished_at)"
-    " SELECT id, batch_id, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, attempts + ?, ?"
-    " FROM jobs WHERE id = ? AND lease_token = ? AND state = 'running'"
-    " ON CONFLICT (job_id) DO NOTHING"
-)
-_END_JOB_SQLITE = (
+_END_JOB_SQL = (
     "UPDATE jobs SET state = ?1, attempts = attempts + ?2, lease_owner = NULL,"
     " lease_token = NULL, lease_expires_at = NULL, not_before = NULL,"
     " error_kind = ?3, last_status = ?4, last_error = ?5, finished_at = ?6, updated_at = ?6"
     " WHERE id = ?7 AND lease_token = ?8 AND state = 'running'"
 )
-_INSERT_ATTEMPT_SQLITE = (
+_INSERT_ATTEMPT_SQL = (
     "INSERT INTO attempts (job_id, batch_id, worker_id, status_code, error_kind, latency_ms,"
-    " request_id, started_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+    " request_id, started_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
 )
 _HELD_LEASES = text(
     "SELECT id, lease_token FROM jobs WHERE id IN :ids AND state = 'running' ORDER BY id FOR UPDATE"
 ).bindparams(bindparam("ids", expanding=True))
-_INSERT_ATTEMPT = text(
-    "INSERT INTO attempts (job_id, batch_id, worker_id, status_code, error_kind, latency_ms,"
-    " request_id, started_at) VALUES (:job_id, :batch_id, :worker_id, :status_code,"
-    " :error_kind, :latency_ms, :request_id, :started_at)"
-)
+
+
+def _dollar(sql: str) -> str:
+    """SQLite's numbered `?n` parameters as asyncpg's `$n`."""
+    return re.sub(r"\?(\d+)", r"$\1", sql)
+
+
+_INSERT_RESULT_PG = _dollar(_INSERT_RESULT_SQL)
+_END_JOB_PG = _dollar(_END_JOB_SQL)
+_INSERT_ATTEMPT_PG = _dollar(_INSERT_ATTEMPT_SQL)
 
 
 class JobStore:
@@ -748,145 +738,35 @@ class JobStore:
         A row is recorded only while the job is still running under the same lease token;
         a late answer from a worker whose lease passed to another changes nothing.
         """
-        if self.is_sqlite:
-            return await self._record_sqlite(batch_id, worker_id, ended, attempts, now)
-        results = []
-        ends = []
-        for e in ended:
-            ends.append(
-                {
-                    "job_id": e.job_id,
-                    "lease_token": e.lease_token,
-                    "state": e.state.value,
-                    "attempts": e.attempts,
-                    "error_kind": e.error_kind,
-                    "status_code": e.status_code,
-                    "error": e.error,
-                    "now": now,
-                }
-            )
-            if e.state is JobState.SUCCEEDED:
-                results.append(
-                    {
-                        "job_id": e.job_id,
-                        "lease_token": e.lease_token,
-                        "status_code": e.status_code,
-                        "response": e.response,
-                        "request_id": e.request_id,
-                        "model": e.model,
-                        "prompt_tokens": e.prompt_tokens,
-                        "completion_tokens": e.completion_tokens,
-                        "cached_tokens": e.cached_tokens,
-                        "reasoning_tokens": e.reasoning_tokens,
-                        "total_tokens": e.total_tokens,
-                        "schema_valid": e.schema_valid,
-                        "latency_ms": e.latency_ms,
-                        "attempts": e.attempts,
-                        "now": now,
-                    }
-                )
-        log = [
-            {
-                "job_id": a.job_id,
-                "batch_id": batch_id,
-                "worker_id": worker_id,
-                "status_code": a.status_code,
-                "error_kind": a.error_kind,
-                "latency_ms": a.latency_ms,
-                "request_id": a.request_id,
-                "started_at": a.started_at,
-            }
-            for a in attempts
-        ]
+        results, ends, log = _record_rows(batch_id, worker_id, ended, attempts, now)
         recorded = 0
+        if self.is_sqlite:
+            # One hop to the connection's thread per statement (see _sqlite_write).
+            async with self._sqlite_write() as driver:
+                # Results first: the insert checks the lease while the job is still `running`.
+                if results:
+                    await driver.executemany(_INSERT_RESULT_SQL, results)
+                if ends:
+                    done = await driver.executemany(_END_JOB_SQL, ends)
+                    recorded = done.rowcount if done.rowcount >= 0 else len(ends)
+                if log:
+                    await driver.executemany(_INSERT_ATTEMPT_SQL, log)
+            return RecordOutcome(recorded=recorded, fenced=len(ends) - recorded)
         async with self._write() as conn:
-            held: set[tuple[int, str]] | None = None
-            if ends and not self.is_sqlite:
+            held: set[tuple[int, str]] = set()
+            if ends:
                 # asyncpg reports no row count for an executemany, so the fenced ends are
                 # counted from the leases as they stand (locked until the commit).
-                rows = await conn.execute(_HELD_LEASES, {"ids": [e["job_id"] for e in ends]})
+                rows = await conn.execute(_HELD_LEASES, {"ids": [e[6] for e in ends]})
                 held = {(int(r[0]), str(r[1])) for r in rows}
             # Results first: the insert checks the lease while the job is still `running`.
             if results:
-                await conn.execute(_INSERT_RESULT, results)
+                await conn.exec_driver_sql(_INSERT_RESULT_PG, results)
             if ends:
-                done = await conn.execute(_END_JOB, ends)
-                if held is not None:
-                    recorded = sum((e["job_id"], e["lease_token"]) in held for e in ends)
-                else:
-                    recorded = done.rowcount if done.rowcount >= 0 else len(ends)
+                await conn.exec_driver_sql(_END_JOB_PG, ends)
+                recorded = sum((e[6], e[7]) in held for e in ends)
             if log:
-                await conn.execute(_INSERT_ATTEMPT, log)
-        return RecordOutcome(recorded=recorded, fenced=len(ends) - recorded)
-
-    async def _record_sqlite(
-        self,
-        batch_id: str,
-        worker_id: str,
-        ended: Sequence[Ended],
-        attempts: Sequence[AttemptRecord],
-        now: float,
-    ) -> RecordOutcome:
-        """`record` on SQLite: the same statements and fencing, positional parameters, one hop
-        to the connection's thread per statement."""
-        succeeded = JobState.SUCCEEDED
-        results = [
-            (
-                e.status_code,
-                e.response,
-                e.request_id,
-                e.model,
-                e.prompt_tokens,
-                e.completion_tokens,
-                e.cached_tokens,
-                e.reasoning_tokens,
-                e.total_tokens,
-                e.schema_valid,
-                e.latency_ms,
-                e.attempts,
-                now,
-                e.job_id,
-                e.lease_token,
-            )
-            for e in ended
-            if e.state is succeeded
-        ]
-        ends = [
-            (
-                e.state.value,
-                e.attempts,
-                e.error_kind,
-                e.status_code,
-                e.error,
-                now,
-                e.job_id,
-                e.lease_token,
-            )
-            for e in ended
-        ]
-        log = [
-            (
-                a.job_id,
-                batch_id,
-                worker_id,
-                a.status_code,
-                a.error_kind,
-                a.latency_ms,
-                a.request_id,
-                a.started_at,
-            )
-            for a in attempts
-        ]
-        recorded = 0
-        async with self._sqlite_write() as driver:
-            # Results first: the insert checks the lease while the job is still `running`.
-            if results:
-                await driver.executemany(_INSERT_RESULT_SQLITE, results)
-            if ends:
-                done = await driver.executemany(_END_JOB_SQLITE, ends)
-                recorded = done.rowcount if done.rowcount >= 0 else len(ends)
-            if log:
-                await driver.executemany(_INSERT_ATTEMPT_SQLITE, log)
+                await conn.exec_driver_sql(_INSERT_ATTEMPT_PG, log)
         return RecordOutcome(recorded=recorded, fenced=len(ends) - recorded)
 
     # -- batch-wide changes -----------------------------------------------------------------
@@ -1028,6 +908,68 @@ class BatchLoader:
             text("UPDATE batches SET total_jobs = :n, invalid_lines = :bad WHERE id = :b"),
             {"n": self.jobs, "bad": self.invalid, "b": self._batch_id},
         )
+
+
+_Params = tuple[Any, ...]
+
+
+def _record_rows(
+    batch_id: str,
+    worker_id: str,
+    ended: Sequence[Ended],
+    attempts: Sequence[AttemptRecord],
+    now: float,
+) -> tuple[list[_Params], list[_Params], list[_Params]]:
+    """The parameters of `record`'s three statements, in their order: results, ends, log."""
+    succeeded = JobState.SUCCEEDED
+    results = [
+        (
+            e.status_code,
+            e.response,
+            e.request_id,
+            e.model,
+            e.prompt_tokens,
+            e.completion_tokens,
+            e.cached_tokens,
+            e.reasoning_tokens,
+            e.total_tokens,
+            e.schema_valid,
+            e.latency_ms,
+            e.attempts,
+            now,
+            e.job_id,
+            e.lease_token,
+        )
+        for e in ended
+        if e.state is succeeded
+    ]
+    ends = [
+        (
+            e.state.value,
+            e.attempts,
+            e.error_kind,
+            e.status_code,
+            e.error,
+            now,
+            e.job_id,
+            e.lease_token,
+        )
+        for e in ended
+    ]
+    log = [
+        (
+            a.job_id,
+            batch_id,
+            worker_id,
+            a.status_code,
+            a.error_kind,
+            a.latency_ms,
+            a.request_id,
+            a.started_at,
+        )
+        for a in attempts
+    ]
+    return results, ends, log
 
 
 async def _reap(conn: AsyncConnection, batch_id: str, worker_ids: Sequence[str], now: float) -> int:
