@@ -179,6 +179,12 @@ def _duration_header(headers: Headers, name: str) -> float | None:
 
 def parse_ratelimit(headers: Headers) -> RateLimitInfo | None:
     """The `x-ratelimit-*` headers, or None when the server sent none of them."""
+    for name in _RATELIMIT_HEADERS:
+        if name in headers:
+            break
+    else:
+        # Local servers and many gateways send none: no parsing, no object, on every answer.
+        return None
     info = RateLimitInfo(
         limit_requests=_int_header(headers, "x-ratelimit-limit-requests"),
         limit_tokens=_int_header(headers, "x-ratelimit-limit-tokens"),
@@ -191,6 +197,14 @@ def parse_ratelimit(headers: Headers) -> RateLimitInfo | None:
 
 
 _NO_RATELIMIT: Final = RateLimitInfo()
+_RATELIMIT_HEADERS: Final = (
+    "x-ratelimit-limit-requests",
+    "x-ratelimit-limit-tokens",
+    "x-ratelimit-remaining-requests",
+    "x-ratelimit-remaining-tokens",
+    "x-ratelimit-reset-requests",
+    "x-ratelimit-reset-tokens",
+)
 
 
 # --- answers ----------------------------------------------------------------------------

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import enum
-
 from sqlalchemy import (
     JSON,
     BigInteger,
@@ -19,6 +17,22 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+# The states live in states.py (no ORM needed); imported from here too, as before.
+from batchrunner.states import ENDED_STATES, UNFINISHED_STATES, JobState
+
+__all__ = [
+    "ENDED_STATES",
+    "UNFINISHED_STATES",
+    "Attempt",
+    "Base",
+    "Batch",
+    "InvalidLine",
+    "Job",
+    "JobState",
+    "Result",
+    "Worker",
+]
+
 # Stable constraint names, so that migrations can drop and alter them on every backend.
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -30,23 +44,6 @@ NAMING_CONVENTION = {
 
 # SQLite only auto-increments INTEGER PRIMARY KEY; PostgreSQL gets a BIGINT identity.
 BigId = BigInteger().with_variant(Integer(), "sqlite")
-
-
-class JobState(enum.StrEnum):
-    #: Waiting to be sent (new, retried, or released by a stopped run).
-    PENDING = "pending"
-    #: Claimed by a worker that holds its lease; in flight or about to be.
-    RUNNING = "running"
-    #: Answered with a valid completion, stored in `results`.
-    SUCCEEDED = "succeeded"
-    #: Ended without a completion: an answer that cannot succeed, or attempts used up.
-    FAILED = "failed"
-    #: Stopped for good by `batchrunner cancel`.
-    CANCELLED = "cancelled"
-
-
-UNFINISHED_STATES = (JobState.PENDING, JobState.RUNNING)
-ENDED_STATES = (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
 
 
 class Base(DeclarativeBase):

@@ -20,13 +20,16 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
-import genai_prices
 import orjson
-from genai_prices import types as genai_types
 
 from batchrunner.errors import UsageError
+
+if TYPE_CHECKING:
+    # genai-prices costs ~0.1 s to import and is needed only to price a model that no price
+    # file names: imported where used, so that a run without a budget never pays for it.
+    from genai_prices import types as genai_types
 
 #: Environment variable naming a price file, used when no path is given.
 PRICES_ENV: Final = "BATCHRUNNER_PRICES"
@@ -415,6 +418,8 @@ class _PriceRates:
     __slots__ = ("_by_tier", "_price", "_starts")
 
     def __init__(self, price: genai_types.ModelPrice) -> None:
+        from genai_prices import types as genai_types
+
         self._price = price
         self._starts = sorted(
             {
@@ -441,6 +446,8 @@ class _GenaiPricer(_Pricer):
     (a list of conditional prices): rates are derived once per distinct price set."""
 
     def __init__(self, model: genai_types.ModelInfo) -> None:
+        from genai_prices import types as genai_types
+
         self._model = model
         static = model.prices if isinstance(model.prices, genai_types.ModelPrice) else None
         self._static = _PriceRates(static) if static is not None else None
@@ -459,6 +466,8 @@ class _GenaiPricer(_Pricer):
 
 def _flatten_tiers(price: genai_types.ModelPrice, prompt_tokens: int) -> genai_types.ModelPrice:
     """`price` with each tiered value replaced by the rate that applies to `prompt_tokens`."""
+    from genai_prices import types as genai_types
+
     flat: dict[str, Decimal | None] = {}
     for key, value in vars(price).items():
         if isinstance(value, genai_types.TieredPrices):
@@ -478,6 +487,7 @@ def _linear_rates(price: genai_types.ModelPrice) -> _TokenRates:
     arithmetic on one million tokens of each kind, so cached and reasoning tokens follow its
     rules exactly (cached tokens are the part of the input billed at the cache-read price;
     reasoning tokens the part of the output billed at a reasoning price, where one exists)."""
+    import genai_prices
 
     def calc(**tokens: int) -> Decimal:
         return price.calc_price(genai_prices.Usage(**tokens))["total_price"]
@@ -500,6 +510,8 @@ def _linear_rates(price: genai_types.ModelPrice) -> _TokenRates:
 def _is_token_priced(model: genai_types.ModelInfo) -> bool:
     """True when token counts can price the model: it has a token price, or no price at all
     (free models). Models priced by characters, audio hours or pages are not."""
+    from genai_prices import types as genai_types
+
     prices = (
         [model.prices]
         if isinstance(model.prices, genai_types.ModelPrice)
@@ -516,6 +528,8 @@ def _find_genai_model(model: str) -> _GenaiPricer | None:
     """The genai-prices model for a name: OpenAI's catalogue first, then any provider whose
     models match the name; for "vendor/name" (gateway style) also the vendor's catalogue and
     OpenRouter's."""
+    import genai_prices
+
     attempts: list[tuple[str, str | None]] = [(model, _OPENAI_PROVIDER), (model, None)]
     if "/" in model:
         vendor, _, bare = model.rpartition("/")

@@ -11,11 +11,12 @@ import asyncio
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Final
-
-from tenacity import AsyncRetrying, RetryCallState
+from typing import TYPE_CHECKING, Final
 
 from batchrunner.outcome import Outcome, OutcomeKind
+
+if TYPE_CHECKING:
+    from tenacity import RetryCallState
 
 #: How many rate-limited attempts a job may make for each attempt `max_attempts` allows,
 #: when `rate_limit_attempts` is not set.
@@ -127,6 +128,9 @@ async def call_with_retries(
     first = await attempt()
     if not policy.should_retry(first, attempts, rate_limited):
         return first, attempts
+
+    # Imported here: most runs never retry, and start-up is part of every run.
+    from tenacity import AsyncRetrying
 
     pending: list[Outcome] = [first]
 

