@@ -85,20 +85,25 @@ def create_engine(url: str, *, pool_size: int = 5) -> AsyncEngine:
     return engine
 
 
+def configure_sqlite_connection(dbapi_conn: Any) -> None:
+    """The settings every SQLite connection of ours gets (sqlite3's or aiosqlite's adapter)."""
+    # Take transactions into our own hands: pysqlite's implicit BEGIN is deferred, and a
+    # deferred transaction that reads then writes fails at once with "database is locked"
+    # when another process writes.
+    dbapi_conn.isolation_level = None
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute(f"PRAGMA cache_size=-{SQLITE_CACHE_KIB}")
+    cur.close()
+
+
 def _configure_sqlite(engine: AsyncEngine) -> None:
     @event.listens_for(engine.sync_engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
-        # Take transactions into our own hands: pysqlite's implicit BEGIN is deferred,
-        # and a deferred transaction that reads then writes fails at once with
-        # "database is locked" when another process writes.
-        dbapi_conn.isolation_level = None
-        cur = dbapi_conn.cursor()
-        cur.execute("PRAGMA journal_mode=WAL")
-        cur.execute("PRAGMA synchronous=NORMAL")
-        cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
-        cur.execute("PRAGMA foreign_keys=ON")
-        cur.execute(f"PRAGMA cache_size=-{SQLITE_CACHE_KIB}")
-        cur.close()
+        configure_sqlite_connection(dbapi_conn)
 
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(conn: Connection) -> None:

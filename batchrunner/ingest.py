@@ -108,7 +108,7 @@ def _json_type(value: Any) -> str:
 
 def _check_text(value: Any, name: str) -> str:
     """A non-empty string the database can store as it is (PostgreSQL text holds no NUL)."""
-    if not isinstance(value, str) or not value.strip():
+    if not isinstance(value, str) or not value:
         raise _BadLine(f"'{name}' must be a non-empty string")
     if "\x00" in value:
         raise _BadLine(f"'{name}' contains a NUL character")
@@ -133,7 +133,9 @@ def _check_body(body: dict[str, Any]) -> str:
     if type(model) is not str or not model.strip() or "\x00" in model:
         if model is None:
             raise _BadLine("missing 'model'")
-        _check_text(model, "model")  # raises, saying what is wrong
+        if type(model) is not str or not model.strip():
+            raise _BadLine("'model' must be a non-empty string")
+        _check_text(model, "model")  # raises on the NUL
     messages = body.get("messages")
     if type(messages) is not list or not messages:
         if messages is None:

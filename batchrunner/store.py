@@ -15,10 +15,11 @@ import re
 import socket
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, NamedTuple, cast
+from typing import Any, NamedTuple, TypeVar
 
 import orjson
 from sqlalchemy import Row, TextClause, bindparam, insert, text
@@ -29,8 +30,7 @@ from batchrunner import db
 from batchrunner.errors import BatchNotFound, StoreError, UsageError
 from batchrunner.states import JobState
 
-if TYPE_CHECKING:
-    import aiosqlite
+T = TypeVar("T")
 
 #: Rows per INSERT round trip when loading a file.
 LOAD_CHUNK_ROWS = 5_000
@@ -226,7 +226,7 @@ _EXPIRE_LEASES_SQL = (
     " WHERE batch_id = :batch AND state = 'running' AND lease_expires_at < :now"
 )
 _EXPIRE_LEASES = text(_EXPIRE_LEASES_SQL)
-# SQLite's claim goes to sqlite3 as it is (see JobStore._sqlite_write): sqlite3 binds the
+# SQLite's claim goes to sqlite3 as it is (see JobStore._sqlite_transaction): sqlite3 binds the
 # named parameters itself.
 _CLAIM_SQLITE = (
     "UPDATE jobs SET state = 'running', lease_owner = :owner, lease_token = :token,"
@@ -300,6 +300,54 @@ def _violates(exc: IntegrityError, *names: str) -> bool:
     return any(name in message for name in names)
 
 
+class _SqliteWriter:
+    """A thread with a plain sqlite3 connection of its own, for the dispatcher's SQLite writes.
+
+    Through aiosqlite every statement is a hop to its thread and back, and the way back waits
+    for a turn of an event loop busy with requests (~10 ms at a zero-latency server). A record
+    is five statements, and each worker waits for its record's commit before it takes another
+    job. Here the whole transaction, `BEGIN IMMEDIATE` to `COMMIT`, is one hop; sqlite3 lets
+    the event loop run while it works.
+    """
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        # The file as SQLAlchemy opens it (a URI's read-only mode included).
+        (database, *_), options = engine.dialect.create_connect_args(engine.url)
+        self._database = str(database)
+        self._uri = bool(options.get("uri", False))
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batchrunner-sqlite")
+        self._conn: sqlite3.Connection | None = None
+
+    async def run(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._thread, self._transaction, work)
+
+    def _transaction(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        if self._conn is None:
+            conn = sqlite3.connect(self._database, uri=self._uri, check_same_thread=False)
+            db.configure_sqlite_connection(conn)
+            self._conn = conn
+        conn = self._conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            result = work(conn)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return result
+
+    async def close(self) -> None:
+        def close_connection() -> None:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+        await asyncio.get_running_loop().run_in_executor(self._thread, close_connection)
+        self._thread.shutdown()
+
+
 class JobStore:
     """Batches, jobs and results in one database (SQLite or PostgreSQL)."""
 
@@ -310,6 +358,7 @@ class JobStore:
         #: let in as soon as the previous one commits; waiting on SQLite's lock instead, it
         #: would poll in the busy handler with sleeps of up to 100 ms.
         self._sqlite_writer = asyncio.Lock()
+        self._sqlite_thread = _SqliteWriter(engine) if self.is_sqlite else None
 
     @classmethod
     async def open(cls, url: str, *, pool_size: int = 5) -> JobStore:
@@ -323,6 +372,8 @@ class JobStore:
         return cls(engine)
 
     async def close(self) -> None:
+        if self._sqlite_thread is not None:
+            await self._sqlite_thread.close()
         await self.engine.dispose()
 
     async def __aenter__(self) -> JobStore:
@@ -348,34 +399,18 @@ class JobStore:
                 raise
             raise StoreError(f"database write failed: {db.describe(exc)}") from exc
 
-    @asynccontextmanager
-    async def _sqlite_write(self) -> AsyncIterator[aiosqlite.Connection]:
-        """A SQLite write transaction (`BEGIN IMMEDIATE`) on the aiosqlite connection itself,
-        for the dispatcher's claims and records.
-
-        Every call to aiosqlite is a hop to the connection's thread and back, and the way back
-        waits for a turn of an event loop busy with requests (~10 ms at a zero-latency server).
-        Through SQLAlchemy a statement takes three or four hops (cursor, execute, fetch, close);
-        here it takes one, so the write lock is held, and the feeder waits, far less.
-        """
+    async def _sqlite_transaction(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `work` in one SQLite write transaction on the writer thread (see _SqliteWriter),
+        for the dispatcher's claims and records."""
+        assert self._sqlite_thread is not None
         try:
-            async with self.engine.connect() as conn:
-                raw = await conn.get_raw_connection()
-                driver = cast("aiosqlite.Connection", raw.driver_connection)
-                # As in _write, the lock covers the transaction only.
-                async with self._sqlite_writer:
-                    await driver.execute("BEGIN IMMEDIATE")
-                    try:
-                        yield driver
-                        await driver.commit()
-                    except BaseException:
-                        if driver.in_transaction:
-                            await driver.rollback()
-                        raise
-        except (sqlite3.Error, OperationalError, DBAPIError) as exc:
-            if isinstance(exc, (sqlite3.IntegrityError, IntegrityError)):
+            # As in _write: this process's SQLite writes one at a time.
+            async with self._sqlite_writer:
+                return await self._sqlite_thread.run(work)
+        except sqlite3.Error as exc:
+            if isinstance(exc, sqlite3.IntegrityError):
                 raise
-            raise StoreError(f"database write failed: {db.describe(exc)}") from exc
+            raise StoreError(f"database write failed: {exc}") from exc
 
     @asynccontextmanager
     async def _read(self) -> AsyncIterator[AsyncConnection]:
@@ -706,9 +741,12 @@ class JobStore:
         }
         rows: Iterable[Sequence[Any]]
         if self.is_sqlite:
-            async with self._sqlite_write() as driver:
-                await driver.execute(_EXPIRE_LEASES_SQL, {"batch": batch_id, "now": now})
-                rows = await driver.execute_fetchall(_CLAIM_SQLITE, params)
+
+            def claim(conn: sqlite3.Connection) -> list[Any]:
+                conn.execute(_EXPIRE_LEASES_SQL, {"batch": batch_id, "now": now})
+                return conn.execute(_CLAIM_SQLITE, params).fetchall()
+
+            rows = await self._sqlite_transaction(claim)
         else:
             async with self._write() as conn:
                 await conn.execute(_EXPIRE_LEASES, {"batch": batch_id, "now": now})
@@ -785,16 +823,17 @@ class JobStore:
         results, ends, log = _record_rows(batch_id, worker_id, ended, attempts, now)
         recorded = 0
         if self.is_sqlite:
-            # One hop to the connection's thread per statement (see _sqlite_write).
-            async with self._sqlite_write() as driver:
+
+            def write(conn: sqlite3.Connection) -> int:
                 # Results first: the insert checks the lease while the job is still `running`.
                 if results:
-                    await driver.executemany(_INSERT_RESULT_SQL, results)
-                if ends:
-                    done = await driver.executemany(_END_JOB_SQL, ends)
-                    recorded = done.rowcount if done.rowcount >= 0 else len(ends)
+                    conn.executemany(_INSERT_RESULT_SQL, results)
+                done = conn.executemany(_END_JOB_SQL, ends).rowcount if ends else 0
                 if log:
-                    await driver.executemany(_INSERT_ATTEMPT_SQL, log)
+                    conn.executemany(_INSERT_ATTEMPT_SQL, log)
+                return done if done >= 0 else len(ends)
+
+            recorded = await self._sqlite_transaction(write)
             return RecordOutcome(recorded=recorded, fenced=len(ends) - recorded)
         async with self._write() as conn:
             held: set[tuple[int, str]] = set()
