@@ -222,7 +222,10 @@ class _CsvCells:
     """
 
     def __init__(self, prices: PriceBook, meta_keys: list[str]) -> None:
-        self._cost = prices.tokens_cost
+        self._price = prices.tokens_cost
+        # The cost cell of each (model, token counts) already priced: a batch's answers repeat
+        # the same few counts, and pricing plus formatting a Decimal is a tenth of a row's work.
+        self._costs: dict[tuple[str, int, int, int, int], str | None] = {}
         self._meta_keys = meta_keys
         self._whole_meta = len(meta_keys) > MAX_META_COLUMNS
         self._no_meta: list[object] = [_EMPTY] * (1 if self._whole_meta else len(meta_keys))
@@ -286,16 +289,18 @@ class _CsvCells:
             completion_tokens = completion_tokens or 0
             cached_tokens = cached_tokens or 0
             reasoning_tokens = reasoning_tokens or 0
-            cost = self._cost(
-                model, prompt_tokens, cached_tokens, completion_tokens, reasoning_tokens
-            )
+            key = (model, prompt_tokens, cached_tokens, completion_tokens, reasoning_tokens)
+            try:
+                cost = self._costs[key]
+            except KeyError:
+                cost = self._cost_cell(key)
             usage_cells = (
                 prompt_tokens,
                 cached_tokens,
                 completion_tokens,
                 reasoning_tokens,
                 total_tokens or 0,
-                None if cost is None else format(cost, "f"),  # str() could say 4.5E-7
+                cost,
             )
         else:
             # No usage in the answer: unknown, which is not zero.
@@ -337,6 +342,14 @@ class _CsvCells:
                 ]
             )
 
+    def _cost_cell(self, key: tuple[str, int, int, int, int]) -> str | None:
+        cost = self._price(*key)
+        cell = None if cost is None else format(cost, "f")  # str() could say 4.5E-7
+        if len(self._costs) >= _MAX_COSTS:
+            self._costs.clear()
+        self._costs[key] = cell
+        return cell
+
     def _meta_cells(self, meta_text: str) -> list[object]:
         if self._whole_meta:
             return [meta_text]
@@ -354,6 +367,8 @@ class _CsvCells:
 
 
 _NO_USAGE: Final = (None,) * 6
+#: Cost cells remembered at most (a few MB); past that the memo starts again.
+_MAX_COSTS: Final = 50_000
 
 
 _SUCCEEDED: Final = JobState.SUCCEEDED.value

@@ -922,13 +922,31 @@ class JobStore:
             return
         first = min(end for end in ends if end is not None)
         last = max(end for end in ends if end is not None)
-        sql = _export_page_sql(self.is_sqlite, _FAILED_ONLY if failed_only else _ENDED_STATES)
+        sqlite = self.is_sqlite
+        sql = _export_page_sql(sqlite, _FAILED_ONLY if failed_only else _ENDED_STATES).text
+        if not sqlite:
+            # asyncpg's own placeholders; :b, :lo and :hi are $1, $2 and $3.
+            sql = sql.replace(":b", "$1").replace(":lo", "$2").replace(":hi", "$3")
         make = ExportRow._make
 
         async def page(lo: int) -> list[ExportRow]:
-            params = {"b": batch_id, "lo": lo, "hi": min(lo + chunk_rows, last)}
+            hi = min(lo + chunk_rows, last)
+            # Straight to the driver: SQLAlchemy's result rows cost a third of the whole read
+            # (2.5 of 7.7 us a row). One statement, so no transaction is begun: the statement's
+            # own snapshot is the page's, as it was inside a read transaction of one query.
             async with self._read() as conn:
-                rows = (await conn.execute(sql, params)).all()
+                raw = await conn.get_raw_connection()
+                driver: Any = raw.driver_connection
+                try:
+                    if sqlite:
+                        params = {"b": batch_id, "lo": lo, "hi": hi}
+                        rows = await driver.execute_fetchall(sql, params)
+                    else:
+                        rows = await driver.fetch(sql, batch_id, lo, hi)
+                except Exception as exc:
+                    if isinstance(exc, sqlite3.Error) or hasattr(exc, "sqlstate"):
+                        raise StoreError(f"database read failed: {exc}") from exc
+                    raise
             return [make(r) for r in rows]
 
         lo = first - 1
