@@ -4,6 +4,8 @@ request files, and the local fake API server."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -112,3 +114,16 @@ def make_file(tmp_path: Path) -> Callable[..., Path]:
         return write_jsonl(tmp_path / (name or f"requests-{next(counter)}.jsonl"), rows, **kw)
 
     return make
+
+
+def run_cli(
+    *args: str, db: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`batchrunner --db DB ARGS...` as a user runs it: a process of its own."""
+    return subprocess.run(
+        [sys.executable, "-m", "batchrunner", "--db", db, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+    )

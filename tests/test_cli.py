@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import sqlite3
 import subprocess
@@ -17,7 +16,7 @@ from click.testing import CliRunner
 
 from batchrunner.cli import cli
 from batchrunner.fakeapi import FakeConfig, FakeServerThread
-from tests.conftest import chat
+from tests.conftest import chat, run_cli
 
 MakeFile = Callable[..., Path]
 
@@ -50,28 +49,17 @@ def server() -> Iterator[FakeServerThread]:
         yield srv
 
 
-def _cli(
-    *args: str, db: str, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "batchrunner", "--db", db, *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, **(env or {})},
-    )
-
 
 def test_submit_prints_only_the_batch_id(make_file: MakeFile, sqlite_url: str) -> None:
     path = make_file([chat(f"q{i}") for i in range(5)])
-    first = _cli("submit", str(path), "--name", "five", db=sqlite_url)
+    first = run_cli("submit", str(path), "--name", "five", db=sqlite_url)
     assert first.returncode == 0, first.stderr
     (batch_id,) = first.stdout.splitlines()
     assert batch_id.startswith("batch_") and "loaded 5 job(s)" in first.stderr
-    again = _cli("submit", str(path), db=sqlite_url)
+    again = run_cli("submit", str(path), db=sqlite_url)
     assert again.stdout.strip() == batch_id and "nothing added" in again.stderr
 
-    status = _cli("status", batch_id, "--json", db=sqlite_url)
+    status = run_cli("status", batch_id, "--json", db=sqlite_url)
     doc = orjson.loads(status.stdout)
     assert doc["batch"] == batch_id and doc["name"] == "five" and doc["total"] == 5
     assert doc["counts"] == {
@@ -81,34 +69,34 @@ def test_submit_prints_only_the_batch_id(make_file: MakeFile, sqlite_url: str) -
         "failed": 0,
         "cancelled": 0,
     }
-    listing = _cli("status", db=sqlite_url)
+    listing = run_cli("status", db=sqlite_url)
     assert batch_id in listing.stdout and "five" in listing.stdout
 
 
 def test_a_bad_line_exits_2_with_its_line_number(make_file: MakeFile, sqlite_url: str) -> None:
     path = make_file([chat("a"), b"{oops", chat("c")])
-    result = _cli("submit", str(path), db=sqlite_url)
+    result = run_cli("submit", str(path), db=sqlite_url)
     assert result.returncode == 2
     assert f"{path}:2:" in result.stderr and "invalid JSON" in result.stderr
     assert result.stdout == ""
     assert "Traceback" not in result.stderr
-    listing = _cli("status", db=sqlite_url)
+    listing = run_cli("status", db=sqlite_url)
     assert "no batches" in listing.stdout
 
 
 def test_unknown_batch_is_a_usage_error(sqlite_url: str) -> None:
-    result = _cli("status", "batch_nope", db=sqlite_url)
+    result = run_cli("status", "batch_nope", db=sqlite_url)
     assert result.returncode == 2 and "no batch 'batch_nope'" in result.stderr
 
 
 def test_run_exit_codes(make_file: MakeFile, sqlite_url: str, server: FakeServerThread) -> None:
     ok = make_file([chat(f"ok {i}") for i in range(20)])
-    result = _cli("run", str(ok), "--quiet", db=sqlite_url, env={"OPENAI_BASE_URL": server.url})
+    result = run_cli("run", str(ok), "--quiet", db=sqlite_url, env={"OPENAI_BASE_URL": server.url})
     assert result.returncode == 0, result.stderr
     assert "20 succeeded and 0 failed" in result.stderr
 
     some_fail = make_file([chat("fine"), chat("[[fault:400]] bad")])
-    result = _cli(
+    result = run_cli(
         "run", str(some_fail), "--quiet", db=sqlite_url, env={"OPENAI_BASE_URL": server.url}
     )
     assert result.returncode == 3, result.stderr
@@ -117,13 +105,13 @@ def test_run_exit_codes(make_file: MakeFile, sqlite_url: str, server: FakeServer
 def test_bad_key_exits_1_and_jobs_stay_pending(make_file: MakeFile, sqlite_url: str) -> None:
     with FakeServerThread(FakeConfig(api_key="sk-right")) as srv:
         path = make_file([chat(f"q{i}") for i in range(10)])
-        batch_id = _cli("submit", str(path), "--base-url", srv.url, db=sqlite_url).stdout.strip()
-        result = _cli(
+        batch_id = run_cli("submit", str(path), "--base-url", srv.url, db=sqlite_url).stdout.strip()
+        result = run_cli(
             "run", batch_id, "--quiet", db=sqlite_url, env={"OPENAI_API_KEY": "sk-wrong-key-123"}
         )
     assert result.returncode == 1
     assert "401" in result.stderr and "sk-wrong-key-123" not in result.stderr + result.stdout
-    status = orjson.loads(_cli("status", batch_id, "--json", db=sqlite_url).stdout)
+    status = orjson.loads(run_cli("status", batch_id, "--json", db=sqlite_url).stdout)
     assert status["counts"]["pending"] == 10
 
 
@@ -142,7 +130,7 @@ def test_ctrl_c_exits_130_and_the_next_run_resumes(make_file: MakeFile, tmp_path
     jobs = 300
     with FakeServerThread(FakeConfig(latency_ms=100)) as srv:
         path = make_file([chat(f"slow {i}") for i in range(jobs)])
-        batch_id = _cli("submit", str(path), "--base-url", srv.url, db=db).stdout.strip()
+        batch_id = run_cli("submit", str(path), "--base-url", srv.url, db=db).stdout.strip()
         proc = subprocess.Popen(
             [
                 sys.executable,
@@ -173,7 +161,7 @@ def test_ctrl_c_exits_130_and_the_next_run_resumes(make_file: MakeFile, tmp_path
         # Requests in flight at Ctrl-C finished within the grace period and were recorded.
         assert sent_before == done
 
-        resumed = _cli("run", batch_id, "--quiet", db=db)
+        resumed = run_cli("run", batch_id, "--quiet", db=db)
         assert resumed.returncode == 0, resumed.stderr
         stats = srv.stats
     assert _results(db_file) == jobs

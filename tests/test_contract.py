@@ -5,7 +5,6 @@ a resubmission that keeps its first settings; two submits of one file racing eac
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import sqlite3
 import subprocess
@@ -24,24 +23,13 @@ from batchrunner.fakeapi import FakeConfig, FakeServer, FakeServerThread
 from batchrunner.ingest import submit_file
 from batchrunner.runner import EXIT_SOME_FAILED, run
 from batchrunner.store import JobStore
-from tests.conftest import chat, write_jsonl
+from tests.conftest import chat, run_cli, write_jsonl
 
 MakeFile = Callable[..., Path]
 
 #: A file that takes seconds to load, so that a Ctrl-C lands while it loads.
 SLOW_LOAD_LINES = 300_000
 
-
-def _cli(
-    *args: str, db: str, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "batchrunner", "--db", db, *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, **(env or {})},
-    )
 
 
 @pytest.mark.slow
@@ -118,9 +106,9 @@ def test_a_batch_already_over_its_budget_is_an_abort_not_a_usage_error(
     """The budget is one of the reasons a run aborts (exit 1), wherever it is found."""
     path = make_file([chat(f"priced {i}") for i in range(3)])
     with FakeServerThread(FakeConfig()) as srv:
-        done = _cli("run", str(path), "--base-url", srv.url, "--quiet", db=sqlite_url)
+        done = run_cli("run", str(path), "--base-url", srv.url, "--quiet", db=sqlite_url)
         assert done.returncode == 0, done.stderr
-        again = _cli("run", str(path), "--max-cost", "0.000001", "--quiet", db=sqlite_url)
+        again = run_cli("run", str(path), "--max-cost", "0.000001", "--quiet", db=sqlite_url)
     assert again.returncode == 1, again.stderr
     assert "at or over --max-cost $0.000001" in again.stderr
 
@@ -140,7 +128,7 @@ def test_a_base_url_that_is_not_http_is_refused_at_submit(
     make_file: MakeFile, sqlite_url: str, base_url: str
 ) -> None:
     path = make_file([chat("a")])
-    result = _cli("submit", str(path), "--base-url", base_url, db=sqlite_url)
+    result = run_cli("submit", str(path), "--base-url", base_url, db=sqlite_url)
     if base_url == "":
         # Empty means "not given": the default endpoint.
         assert result.returncode == 0, result.stderr
@@ -154,7 +142,7 @@ def test_a_key_given_where_its_variable_name_belongs_is_refused_and_not_echoed(
 ) -> None:
     key = "sk-proj-ThisLooksLikeARealKey0123456789"
     path = make_file([chat("a")])
-    result = _cli("submit", str(path), "--api-key-env", key, db=sqlite_url)
+    result = run_cli("submit", str(path), "--api-key-env", key, db=sqlite_url)
     assert result.returncode == 2
     assert "name of the environment variable" in result.stderr
     assert key not in result.stderr + result.stdout
@@ -165,12 +153,12 @@ def test_a_resubmission_keeps_its_settings_and_says_so(
     make_file: MakeFile, sqlite_url: str
 ) -> None:
     path = make_file([chat("a")])
-    first = _cli("submit", str(path), "--base-url", "http://127.0.0.1:1/v1", db=sqlite_url)
-    again = _cli("submit", str(path), "--base-url", "http://127.0.0.1:2/v1", db=sqlite_url)
+    first = run_cli("submit", str(path), "--base-url", "http://127.0.0.1:1/v1", db=sqlite_url)
+    again = run_cli("submit", str(path), "--base-url", "http://127.0.0.1:2/v1", db=sqlite_url)
     assert again.returncode == 0 and again.stdout == first.stdout
     assert "keeps its base URL 'http://127.0.0.1:1/v1'" in again.stderr
     assert "run --base-url" in again.stderr
-    same = _cli("submit", str(path), "--base-url", "http://127.0.0.1:1/v1", db=sqlite_url)
+    same = run_cli("submit", str(path), "--base-url", "http://127.0.0.1:1/v1", db=sqlite_url)
     assert "keeps its" not in same.stderr
 
 
