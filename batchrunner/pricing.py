@@ -11,6 +11,7 @@ output, once.
 
 from __future__ import annotations
 
+import abc
 import bisect
 import fnmatch
 import os
@@ -386,10 +387,12 @@ class _TokenRates:
     per_request: Decimal
 
 
-class _Pricer:
+class _Pricer(abc.ABC):
+    """Where a model's rates come from: a user's price file or genai-prices' data."""
+
+    @abc.abstractmethod
     def rates(self, at: datetime | None, prompt_tokens: int) -> _TokenRates:
         """Rates in force at `at` for a request of `prompt_tokens`."""
-        raise NotImplementedError
 
 
 class _UserPricer(_Pricer):
