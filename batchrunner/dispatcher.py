@@ -49,8 +49,15 @@ log = logging.getLogger(__name__)
 
 #: Largest number of jobs claimed in one transaction.
 MAX_CLAIM_ROWS = 1_000
-#: Jobs claimed at a time per unit of concurrency (up to MAX_CLAIM_ROWS).
+#: Jobs claimed at a time per unit of concurrency, at most (and MAX_CLAIM_ROWS)...
 CLAIM_ROWS_PER_SLOT = 16
+#: ...and at least (and MIN_CLAIM_ROWS), before the pace is known and when it is slow.
+MIN_CLAIM_ROWS_PER_SLOT = 2
+MIN_CLAIM_ROWS = 16
+#: In between, a claim is this many seconds of work at the run's pace: enough that the next
+#: claim lands before the queue runs dry, little enough that workers joining the batch on
+#: other machines find jobs left to take.
+CLAIM_AHEAD_S = 0.5
 #: How often a run with nothing to claim looks again (jobs held by other workers, backoffs).
 IDLE_POLL_S = 1.0
 #: A job is not sent when its lease has less than this left (or a quarter of the lease, when
@@ -259,7 +266,6 @@ class Dispatcher:
         # Claims and records take turns at SQLite's write lock, ~50 ms each at a zero-latency
         # server (every hop to the database thread waits for a turn of the busy event loop):
         # a claim must cover the workers for that long and more, or they stand idle.
-        self._claim_rows = max(16, min(MAX_CLAIM_ROWS, CLAIM_ROWS_PER_SLOT * config.concurrency))
         self._ended: list[Ended] = []
         self._attempts: list[AttemptRecord] = []
         self._stopping = asyncio.Event()
@@ -389,12 +395,12 @@ class Dispatcher:
 
     async def _feeder(self) -> None:
         """Keep the queue topped up; end when no job of the batch is left unfinished."""
-        # Refill while a whole claim is still queued: the next one lands before the queue
-        # runs dry, even when the writer holds the lock for a while.
-        low_water = self._claim_rows
         failures = 0
         while not self.stopping:
-            if self._queue.qsize() >= low_water:
+            claim_rows = self._claim_rows()
+            # Refill while a whole claim is still queued: the next one lands before the queue
+            # runs dry, even when the writer holds the lock for a while.
+            if self._queue.qsize() >= claim_rows:
                 await asyncio.sleep(0.005)
                 continue
             self._token_seq += 1
@@ -405,7 +411,7 @@ class Dispatcher:
                     self.batch.id,
                     self.worker_id,
                     token,
-                    self._claim_rows,
+                    claim_rows,
                     claimed_at,
                     self.config.lease_s,
                 )
@@ -432,6 +438,15 @@ class Dispatcher:
             if counts.unfinished == 0:
                 return
             await asyncio.sleep(IDLE_POLL_S)
+
+    def _claim_rows(self) -> int:
+        """How many jobs to claim now: CLAIM_AHEAD_S of work at the pace so far, within the
+        bounds per unit of concurrency."""
+        slots = self.config.concurrency
+        low = min(MAX_CLAIM_ROWS, max(MIN_CLAIM_ROWS, MIN_CLAIM_ROWS_PER_SLOT * slots))
+        high = min(MAX_CLAIM_ROWS, max(low, CLAIM_ROWS_PER_SLOT * slots))
+        paced = int(self.stats.rate_per_s(time.monotonic()) * CLAIM_AHEAD_S)
+        return max(low, min(high, paced))
 
     async def _flushed(self) -> None:
         while self._ended or self._attempts:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -261,3 +262,29 @@ async def test_running_a_finished_batch_again_sends_nothing(
         rep = await _run(store, batch_id)
         assert rep.exit_code == EXIT_OK and srv.stats.requests_total == before
     assert await _count(store, "SELECT COUNT(*) FROM results") == 10
+
+
+async def test_a_worker_holds_only_a_short_stretch_of_work(
+    store: JobStore, make_file: MakeFile
+) -> None:
+    """Claims are sized by the run's pace: the first worker on a slow batch does not take it
+    all, so that workers joining from other machines find jobs left to take."""
+    rows = [chat(f"paced {i}") for i in range(300)]
+    async with FakeServer(FakeConfig(latency_ms=200)) as srv:
+        batch_id = await _submit(store, make_file(rows), srv)
+        running = asyncio.create_task(_run(store, batch_id))
+        held = []
+        while not running.done() and srv.stats.requests_total < 150:
+            held.append(
+                await _count(
+                    store,
+                    "SELECT COUNT(*) FROM jobs WHERE batch_id = :b AND state = 'running'",
+                    b=batch_id,
+                )
+            )
+            await asyncio.sleep(0.05)
+        report = await running
+    assert report.exit_code == EXIT_OK
+    # 16 in flight, about half a second of work (40 jobs at 80/s) claimed ahead, and the
+    # next claim taken while one is still queued.
+    assert held and max(held) <= 120, max(held)
