@@ -339,12 +339,10 @@ class _SqliteWriter:
         return result
 
     async def close(self) -> None:
-        def close_connection() -> None:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
-
-        await asyncio.get_running_loop().run_in_executor(self._thread, close_connection)
+        # A store that never wrote through the thread (status, export, submit) never started it.
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            await asyncio.get_running_loop().run_in_executor(self._thread, conn.close)
         self._thread.shutdown()
 
 
@@ -593,7 +591,8 @@ class JobStore:
 
     async def register_worker(self, worker_id: str, batch_id: str, now: float) -> None:
         """Record this process as a worker of the batch, and release the leases of workers
-        on this host whose process is gone (no need to wait for their leases to expire)."""
+        on this host whose process is gone, and of stopped workers anywhere (no need to wait
+        for their leases to expire)."""
         host = this_host()
         async with self._write() as conn:
             rows = (
@@ -606,18 +605,19 @@ class JobStore:
                 )
             ).all()
             dead = [wid for wid, pid in rows if not pid_alive(int(pid))]
-            await _reap(conn, batch_id, dead, now)
             # A worker marked stopped sends nothing more, wherever it ran; jobs it still holds
             # (its give-back failed) need not wait out their leases.
-            await conn.execute(
-                text(
-                    "UPDATE jobs SET state = 'pending', lease_owner = NULL, lease_token = NULL,"
-                    " lease_expires_at = NULL, updated_at = :now"
-                    " WHERE batch_id = :b AND state = 'running' AND lease_owner IN"
-                    " (SELECT id FROM workers WHERE batch_id = :b AND stopped_at IS NOT NULL)"
-                ),
-                {"b": batch_id, "now": now},
-            )
+            stopped = (
+                await conn.execute(
+                    text(
+                        "SELECT DISTINCT lease_owner FROM jobs WHERE batch_id = :b"
+                        " AND state = 'running' AND lease_owner IN (SELECT id FROM workers"
+                        " WHERE batch_id = :b AND stopped_at IS NOT NULL)"
+                    ),
+                    {"b": batch_id},
+                )
+            ).scalars()
+            await _reap(conn, batch_id, [*dead, *stopped], now)
             await conn.execute(
                 text(
                     "INSERT INTO workers (id, batch_id, host, pid, started_at, heartbeat_at,"
@@ -1190,7 +1190,8 @@ def _record_rows(
 
 
 async def _reap(conn: AsyncConnection, batch_id: str, worker_ids: Sequence[str], now: float) -> int:
-    """Dead workers' running jobs back to pending, and the workers marked stopped."""
+    """These workers' running jobs back to pending, and the workers marked stopped (those not
+    marked yet)."""
     released = 0
     for wid in worker_ids:
         result = await conn.execute(
