@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple, TypeVar
 
 import orjson
-from sqlalchemy import Row, TextClause, bindparam, insert, text
+from sqlalchemy import Row, TextClause, insert, text
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -266,19 +266,61 @@ _INSERT_ATTEMPT_SQL = (
     "INSERT INTO attempts (job_id, batch_id, worker_id, status_code, error_kind, latency_ms,"
     " request_id, started_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
 )
-_HELD_LEASES = text(
-    "SELECT id, lease_token FROM jobs WHERE id IN :ids AND state = 'running' ORDER BY id FOR UPDATE"
-).bindparams(bindparam("ids", expanding=True))
-
 
 def _dollar(sql: str) -> str:
     """SQLite's numbered `?n` parameters as asyncpg's `$n`."""
     return re.sub(r"\?(\d+)", r"$\1", sql)
 
 
-_INSERT_RESULT_PG = _dollar(_INSERT_RESULT_SQL)
-_END_JOB_PG = _dollar(_END_JOB_SQL)
-_INSERT_ATTEMPT_PG = _dollar(_INSERT_ATTEMPT_SQL)
+# PostgreSQL's `record` is this one statement, in a transaction of its own: a single round trip
+# where the three statements above, with a transaction and a lock around them, took six, each
+# waiting for a turn of an event loop busy with requests. `held` locks the jobs still running
+# under the ended jobs' lease tokens, in id order (as a claim does), and re-reads them if another
+# transaction changed them meanwhile; results, ends and the count go by `held`, so a lease that
+# passed to another worker records nothing. Columns come as arrays, one per column, from
+# `_record_arrays`; `$8` is the time of the record.
+_RECORD_PG = """
+WITH ended AS (
+  SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::int[], $5::text[], $6::int[],
+                       $7::text[])
+    AS e(id, token, state, attempts, error_kind, last_status, last_error)
+), held AS (
+  SELECT j.id, j.batch_id, j.attempts FROM jobs j JOIN ended e ON j.id = e.id
+  WHERE j.lease_token = e.token AND j.state = 'running'
+  ORDER BY j.id FOR UPDATE OF j
+), saved AS (
+  INSERT INTO results (job_id, batch_id, status_code, response, request_id, model,
+                       prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens,
+                       total_tokens, schema_valid, latency_ms, attempts, finished_at)
+  SELECT h.id, h.batch_id, r.status_code, r.response, r.request_id, r.model, r.prompt_tokens,
+         r.completion_tokens, r.cached_tokens, r.reasoning_tokens, r.total_tokens,
+         r.schema_valid, r.latency_ms, h.attempts + r.attempts, $8::float8
+  FROM unnest($9::bigint[], $10::int[], $11::text[], $12::text[], $13::text[], $14::int[],
+              $15::int[], $16::int[], $17::int[], $18::int[], $19::bool[], $20::float8[],
+              $21::int[])
+    AS r(id, status_code, response, request_id, model, prompt_tokens, completion_tokens,
+         cached_tokens, reasoning_tokens, total_tokens, schema_valid, latency_ms, attempts)
+  JOIN held h ON h.id = r.id
+  ON CONFLICT (job_id) DO NOTHING
+), done AS (
+  UPDATE jobs SET state = e.state, attempts = h.attempts + e.attempts, lease_owner = NULL,
+                  lease_token = NULL, lease_expires_at = NULL, not_before = NULL,
+                  error_kind = e.error_kind, last_status = e.last_status,
+                  last_error = e.last_error, finished_at = $8::float8, updated_at = $8::float8
+  FROM held h JOIN ended e ON e.id = h.id
+  WHERE jobs.id = h.id
+  RETURNING jobs.id
+), logged AS (
+  INSERT INTO attempts (job_id, batch_id, worker_id, status_code, error_kind, latency_ms,
+                        request_id, started_at)
+  SELECT a.job_id, $22::text, $23::text, a.status_code, a.error_kind, a.latency_ms,
+         a.request_id, a.started_at
+  FROM unnest($24::bigint[], $25::int[], $26::text[], $27::float8[], $28::text[],
+              $29::float8[])
+    AS a(job_id, status_code, error_kind, latency_ms, request_id, started_at)
+)
+SELECT count(*) FROM done
+"""
 
 
 class BatchExists(Exception):
@@ -346,6 +388,47 @@ class _SqliteWriter:
         self._thread.shutdown()
 
 
+class _PgRecorder:
+    """A connection of its own for the dispatcher's PostgreSQL records, in autocommit.
+
+    `_RECORD_PG` is one statement, so autocommit makes it a transaction of its own without a
+    BEGIN and a COMMIT to wait for; kept checked out, the connection is not pinged before each
+    record as the pool's are. A connection that failed is dropped and the next record opens
+    another.
+    """
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+        self._conn: AsyncConnection | None = None
+        #: One statement at a time on the connection.
+        self._lock = asyncio.Lock()
+
+    async def fetch_count(self, sql: str, params: _Params) -> int:
+        async with self._lock:
+            if self._conn is None:
+                conn = await self._engine.connect()
+                try:
+                    await conn.execution_options(isolation_level="AUTOCOMMIT")
+                except BaseException:
+                    await conn.close()
+                    raise
+                self._conn = conn
+            try:
+                return int((await self._conn.exec_driver_sql(sql, params)).scalar_one())
+            except BaseException:
+                conn, self._conn = self._conn, None
+                with contextlib.suppress(Exception):
+                    await conn.invalidate()
+                raise
+
+    async def close(self) -> None:
+        async with self._lock:
+            if self._conn is not None:
+                conn, self._conn = self._conn, None
+                with contextlib.suppress(Exception):
+                    await conn.close()
+
+
 class JobStore:
     """Batches, jobs and results in one database (SQLite or PostgreSQL)."""
 
@@ -357,6 +440,7 @@ class JobStore:
         #: would poll in the busy handler with sleeps of up to 100 ms.
         self._sqlite_writer = asyncio.Lock()
         self._sqlite_thread = _SqliteWriter(engine) if self.is_sqlite else None
+        self._pg_recorder = None if self.is_sqlite else _PgRecorder(engine)
 
     @classmethod
     async def open(cls, url: str, *, pool_size: int = 5) -> JobStore:
@@ -372,6 +456,8 @@ class JobStore:
     async def close(self) -> None:
         if self._sqlite_thread is not None:
             await self._sqlite_thread.close()
+        if self._pg_recorder is not None:
+            await self._pg_recorder.close()
         await self.engine.dispose()
 
     async def __aenter__(self) -> JobStore:
@@ -835,21 +921,15 @@ class JobStore:
 
             recorded = await self._sqlite_transaction(write)
             return RecordOutcome(recorded=recorded, fenced=len(ends) - recorded)
-        async with self._write() as conn:
-            held: set[tuple[int, str]] = set()
-            if ends:
-                # asyncpg reports no row count for an executemany, so the fenced ends are
-                # counted from the leases as they stand (locked until the commit).
-                rows = await conn.execute(_HELD_LEASES, {"ids": [e[6] for e in ends]})
-                held = {(int(r[0]), str(r[1])) for r in rows}
-            # Results first: the insert checks the lease while the job is still `running`.
-            if results:
-                await conn.exec_driver_sql(_INSERT_RESULT_PG, results)
-            if ends:
-                await conn.exec_driver_sql(_END_JOB_PG, ends)
-                recorded = sum((e[6], e[7]) in held for e in ends)
-            if log:
-                await conn.exec_driver_sql(_INSERT_ATTEMPT_PG, log)
+        assert self._pg_recorder is not None
+        try:
+            recorded = await self._pg_recorder.fetch_count(
+                _RECORD_PG, _record_arrays(batch_id, worker_id, results, ends, log, now)
+            )
+        except (OperationalError, DBAPIError) as exc:
+            if isinstance(exc, IntegrityError):
+                raise
+            raise StoreError(f"database write failed: {db.describe(exc)}") from exc
         return RecordOutcome(recorded=recorded, fenced=len(ends) - recorded)
 
     # -- batch-wide changes -----------------------------------------------------------------
@@ -1187,6 +1267,34 @@ def _record_rows(
         for a in attempts
     ]
     return results, ends, log
+
+
+def _record_arrays(
+    batch_id: str,
+    worker_id: str,
+    results: Sequence[_Params],
+    ends: Sequence[_Params],
+    log: Sequence[_Params],
+    now: float,
+) -> _Params:
+    """`_record_rows`' rows as `_RECORD_PG`'s parameters: a list per column."""
+    # Transposed in the statements' parameter order (see _INSERT_RESULT_SQL and friends).
+    (state, attempts, error_kind, last_status, last_error, _, end_ids, tokens) = (
+        _columns(ends, 8)
+    )
+    r = _columns(results, 15)
+    a = _columns(log, 8)
+    return (
+        end_ids, tokens, state, attempts, error_kind, last_status, last_error, now,
+        r[13], r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], r[10], r[11],
+        batch_id, worker_id, a[0], a[3], a[4], a[5], a[6], a[7],
+    )
+
+
+def _columns(rows: Sequence[_Params], width: int) -> list[list[Any]]:
+    if not rows:
+        return [[] for _ in range(width)]
+    return [list(column) for column in zip(*rows, strict=True)]
 
 
 async def _reap(conn: AsyncConnection, batch_id: str, worker_ids: Sequence[str], now: float) -> int:
