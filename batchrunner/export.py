@@ -43,6 +43,7 @@ import io
 from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import IO, Any, BinaryIO, Final, Literal, TextIO
 
 import orjson
@@ -54,7 +55,7 @@ from batchrunner import db
 from batchrunner.bulk import collector_paused
 from batchrunner.errors import StoreError
 from batchrunner.models import JobState
-from batchrunner.pricing import PriceBook
+from batchrunner.pricing import PRICE_PERIOD_S, PriceBook
 from batchrunner.store import ExportRow, JobStore
 
 ExportFormat = Literal["csv", "jsonl"]
@@ -222,10 +223,14 @@ class _CsvCells:
     """
 
     def __init__(self, prices: PriceBook, meta_keys: list[str]) -> None:
+        self._prices = prices
         self._price = prices.tokens_cost
-        # The cost cell of each (model, token counts) already priced: a batch's answers repeat
-        # the same few counts, and pricing plus formatting a Decimal is a tenth of a row's work.
-        self._costs: dict[tuple[str, int, int, int, int], str | None] = {}
+        # The cost cell of each (model, token counts, price period) already priced: a batch's
+        # answers repeat the same few counts, and pricing plus formatting a Decimal is a tenth
+        # of a row's work. The period is -1 for models whose price does not change in time.
+        self._costs: dict[tuple[str, int, int, int, int, int], str | None] = {}
+        #: Whether each model's price changes with the date or time of day.
+        self._varies: dict[str, bool] = {}
         self._meta_keys = meta_keys
         self._whole_meta = len(meta_keys) > MAX_META_COLUMNS
         self._no_meta: list[object] = [_EMPTY] * (1 if self._whole_meta else len(meta_keys))
@@ -253,6 +258,7 @@ class _CsvCells:
             total_tokens,
             schema_valid,
             latency_ms,
+            finished_at,
         ) = row
         meta = self._meta_cells(meta_text) if meta_text else self._no_meta
         latency = None if latency_ms is None else round(latency_ms, 1)
@@ -289,7 +295,12 @@ class _CsvCells:
             completion_tokens = completion_tokens or 0
             cached_tokens = cached_tokens or 0
             reasoning_tokens = reasoning_tokens or 0
-            key = (model, prompt_tokens, cached_tokens, completion_tokens, reasoning_tokens)
+            varies = self._varies.get(model)
+            if varies is None:
+                shape = self._prices.shape(model)
+                varies = self._varies[model] = shape is not None and shape.varies_in_time
+            period = int(finished_at // PRICE_PERIOD_S) if varies and finished_at else -1
+            key = (model, prompt_tokens, cached_tokens, completion_tokens, reasoning_tokens, period)
             try:
                 cost = self._costs[key]
             except KeyError:
@@ -342,8 +353,11 @@ class _CsvCells:
                 ]
             )
 
-    def _cost_cell(self, key: tuple[str, int, int, int, int]) -> str | None:
-        cost = self._price(*key)
+    def _cost_cell(self, key: tuple[str, int, int, int, int, int]) -> str | None:
+        model, prompt, cached, completion, reasoning, period = key
+        # Priced as the request ran: within a period the price stays the same.
+        at = None if period < 0 else datetime.fromtimestamp((period + 0.5) * PRICE_PERIOD_S, UTC)
+        cost = self._price(model, prompt, cached, completion, reasoning, at=at)
         cell = None if cost is None else format(cost, "f")  # str() could say 4.5E-7
         if len(self._costs) >= _MAX_COSTS:
             self._costs.clear()

@@ -232,6 +232,41 @@ class PriceBook:
             + reasoning * rates.reasoning_per_token
         )
 
+    def shape(self, model: str) -> PriceShape | None:
+        """What `model`'s price depends on besides token counts; None when it has no price."""
+        pricer = self._pricer(model)
+        return None if pricer is None else pricer.shape
+
+    def group_cost(
+        self,
+        model: str,
+        requests: int,
+        prompt: int,
+        cached: int,
+        completion: int,
+        reasoning: int,
+        *,
+        tier_prompt: int = 0,
+        at: datetime | None = None,
+    ) -> Decimal | None:
+        """The cost of `requests` requests from the sums of their token counts, priced as one
+        request of `tier_prompt` prompt tokens at `at` would be: exact when every one of them
+        fell in that prompt-size tier and that price period (see `shape`). None when the model's
+        price is unknown."""
+        pricer = self._pricer(model)
+        if pricer is None:
+            return None
+        cached = min(cached, prompt)
+        reasoning = min(reasoning, completion)
+        rates = pricer.rates(at, tier_prompt)
+        return (
+            requests * rates.per_request
+            + (prompt - cached) * rates.input_per_token
+            + cached * rates.cached_per_token
+            + (completion - reasoning) * rates.output_per_token
+            + reasoning * rates.reasoning_per_token
+        )
+
     def worst_case_cost(
         self,
         model: str,
@@ -387,8 +422,33 @@ class _TokenRates:
     per_request: Decimal
 
 
+@dataclass(frozen=True, slots=True)
+class PriceShape:
+    """What a model's price depends on besides the token counts, so that a sum of requests'
+    tokens can be priced exactly: group them by tier and by price period first."""
+
+    #: Prompt sizes past which another tier's rates apply to the whole request (genai-prices:
+    #: prompt tokens > start), ascending; empty when the price has no tiers.
+    tier_starts: tuple[int, ...]
+    #: Whether the price changes with the date or the time of day. The changes genai-prices
+    #: knows of fall on whole or half hours (UTC), so a price is constant within each
+    #: `PRICE_PERIOD_S` counted from the epoch.
+    varies_in_time: bool
+
+    def tier_prompt(self, tier: int) -> int:
+        """A prompt size in tier number `tier` (0: below every start)."""
+        return 0 if tier == 0 else self.tier_starts[tier - 1] + 1
+
+
+#: Prices that change by date or time of day are constant within each period this long, counted
+#: from the epoch (see PriceShape.varies_in_time).
+PRICE_PERIOD_S = 1800
+
+
 class _Pricer(abc.ABC):
     """Where a model's rates come from: a user's price file or genai-prices' data."""
+
+    shape: PriceShape
 
     @abc.abstractmethod
     def rates(self, at: datetime | None, prompt_tokens: int) -> _TokenRates:
@@ -405,6 +465,7 @@ class _UserPricer(_Pricer):
             reasoning_per_token=output,
             per_request=_ZERO,
         )
+        self.shape = PriceShape(tier_starts=(), varies_in_time=False)
 
     def rates(self, at: datetime | None, prompt_tokens: int) -> _TokenRates:
         return self._rates
@@ -421,17 +482,9 @@ class _PriceRates:
     __slots__ = ("_by_tier", "_price", "_starts")
 
     def __init__(self, price: genai_types.ModelPrice) -> None:
-        from genai_prices import types as genai_types
 
         self._price = price
-        self._starts = sorted(
-            {
-                tier.start
-                for value in vars(price).values()
-                if isinstance(value, genai_types.TieredPrices)
-                for tier in value.tiers
-            }
-        )
+        self._starts = _tier_starts(price)
         self._by_tier: dict[int, _TokenRates] = {}
 
     def rates(self, prompt_tokens: int) -> _TokenRates:
@@ -456,6 +509,15 @@ class _GenaiPricer(_Pricer):
         self._static = _PriceRates(static) if static is not None else None
         # id(price) -> rates; _PriceRates holds the price, so the id is never reused.
         self._by_price: dict[int, _PriceRates] = {}
+        prices: list[genai_types.ModelPrice] = (
+            [model.prices]
+            if isinstance(model.prices, genai_types.ModelPrice)
+            else [conditional.prices for conditional in model.prices]
+        )
+        self.shape = PriceShape(
+            tier_starts=tuple(sorted({start for price in prices for start in _tier_starts(price)})),
+            varies_in_time=static is None,
+        )
 
     def rates(self, at: datetime | None, prompt_tokens: int) -> _TokenRates:
         price_rates = self._static
@@ -465,6 +527,19 @@ class _GenaiPricer(_Pricer):
             if price_rates is None:
                 price_rates = self._by_price[id(price)] = _PriceRates(price)
         return price_rates.rates(prompt_tokens)
+
+
+def _tier_starts(price: genai_types.ModelPrice) -> list[int]:
+    from genai_prices import types as genai_types
+
+    return sorted(
+        {
+            tier.start
+            for value in vars(price).values()
+            if isinstance(value, genai_types.TieredPrices)
+            for tier in value.tiers
+        }
+    )
 
 
 def _flatten_tiers(price: genai_types.ModelPrice, prompt_tokens: int) -> genai_types.ModelPrice:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from batchrunner.pricing import PriceBook, UsageCounts
+from batchrunner.pricing import PRICE_PERIOD_S, PriceBook
 from batchrunner.store import BatchCounts, BatchInfo, JobStore, ModelUsage, WorkerInfo
 
 
@@ -122,22 +123,9 @@ async def batch_status(
 ) -> BatchStatus:
     batch = await store.get_batch(batch_id)
     prices = prices or PriceBook.load()
-    models = [
-        ModelCost(
-            u,
-            prices.cost(
-                u.model,
-                UsageCounts(
-                    prompt_tokens=u.prompt_tokens,
-                    completion_tokens=u.completion_tokens,
-                    cached_tokens=u.cached_tokens,
-                    reasoning_tokens=u.reasoning_tokens,
-                    total_tokens=u.total_tokens,
-                ),
-            ),
-        )
-        for u in await store.usage_by_model(batch_id)
-    ]
+    usage = await store.usage_by_model(batch_id)
+    costs = await model_costs(store, batch_id, [u.model for u in usage], prices)
+    models = [ModelCost(u, costs[u.model]) for u in usage]
     first, last = await store.first_and_last_finish(batch_id)
     return BatchStatus(
         batch=batch,
@@ -149,6 +137,45 @@ async def batch_status(
         first_s=first,
         last_s=last,
     )
+
+
+async def model_costs(
+    store: JobStore, batch_id: str, models: list[str], prices: PriceBook
+) -> dict[str, Decimal | None]:
+    """What the batch's results cost, by model (None: the model's price is unknown).
+
+    Each request is priced as it ran: in its prompt-size tier (a long prompt can move a whole
+    request to a higher rate) and at the price in force when it finished (prices change on set
+    dates, and by time of day for DeepSeek's off-peak hours). The sums come from the database
+    grouped by both, so the work does not grow with the batch.
+    """
+    shapes = {model: prices.shape(model) for model in models}
+    costs: dict[str, Decimal | None] = {
+        model: None if shape is None else Decimal(0) for model, shape in shapes.items()
+    }
+    tiers = {m: shape.tier_starts for m, shape in shapes.items() if shape and shape.tier_starts}
+    for group in await store.usage_groups(batch_id, tiers, PRICE_PERIOD_S):
+        shape = shapes.get(group.model)
+        so_far = costs.get(group.model)
+        if shape is None or so_far is None:
+            continue
+        at = (
+            datetime.fromtimestamp((group.period + 0.5) * PRICE_PERIOD_S, tz=UTC)
+            if shape.varies_in_time
+            else None
+        )
+        cost = prices.group_cost(
+            group.model,
+            group.requests,
+            group.prompt_tokens,
+            group.cached_tokens,
+            group.completion_tokens,
+            group.reasoning_tokens,
+            tier_prompt=shape.tier_prompt(group.tier),
+            at=at,
+        )
+        costs[group.model] = None if cost is None else so_far + cost
+    return costs
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,7 +15,7 @@ import re
 import socket
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -165,6 +165,22 @@ class WorkerInfo:
     tokens: int
 
 
+class UsageGroup(NamedTuple):
+    """Token sums of the results of one model, price period and prompt-size tier
+    (`JobStore.usage_groups`)."""
+
+    model: str
+    #: The finish time divided by the period, rounded down.
+    period: int
+    tier: int
+    #: Results that reported usage.
+    requests: int
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+    reasoning_tokens: int
+
+
 class ExportRow(NamedTuple):
     """A job and, when it succeeded, its result: what export writes. A failed job's
     `request_id` and `latency_ms` are those of its last attempt.
@@ -193,6 +209,8 @@ class ExportRow(NamedTuple):
     total_tokens: int | None
     schema_valid: bool | None
     latency_ms: float | None
+    #: When the result was recorded (Unix time): prices may depend on it.
+    finished_at: float | None
 
 
 def _batch_info(row: Row[Any]) -> BatchInfo:
@@ -604,6 +622,44 @@ class JobStore:
                 )
             ).all()
         return [ModelUsage(str(r[0]), *(int(x) for x in r[1:])) for r in rows]
+
+    async def usage_groups(
+        self, batch_id: str, tier_starts: Mapping[str, Sequence[int]], period_s: int
+    ) -> list[UsageGroup]:
+        """The batch's results' token sums by model, by `period_s` of their finish time
+        (counted from the epoch) and by prompt-size tier: a result of `model` is in tier k
+        when its prompt is past k of `tier_starts[model]` (ascending), else in tier 0.
+
+        For pricing a sum exactly: within one group every request has the same rates."""
+        params: dict[str, Any] = {"b": batch_id, "p": period_s}
+        model = "COALESCE(r.model, j.model)"
+        cases = []
+        for i, (name, starts) in enumerate(sorted(tier_starts.items())):
+            params[f"m{i}"] = name
+            for k in range(len(starts), 0, -1):
+                params[f"s{i}_{k}"] = starts[k - 1]
+                cases.append(f" WHEN {model} = :m{i} AND r.prompt_tokens > :s{i}_{k} THEN {k}")
+        tier = f"CASE{''.join(cases)} ELSE 0 END" if cases else "0"
+        period = (
+            "CAST(r.finished_at / :p AS INTEGER)"
+            if self.is_sqlite
+            else "CAST(FLOOR(r.finished_at / :p) AS BIGINT)"
+        )
+        async with self._read() as conn:
+            rows = (
+                await conn.execute(
+                    text(
+                        f"SELECT {model}, {period}, {tier}, COUNT(r.prompt_tokens),"
+                        " COALESCE(SUM(r.prompt_tokens), 0), COALESCE(SUM(r.cached_tokens), 0),"
+                        " COALESCE(SUM(r.completion_tokens), 0),"
+                        " COALESCE(SUM(r.reasoning_tokens), 0)"
+                        " FROM results r JOIN jobs j ON j.id = r.job_id"
+                        " WHERE r.batch_id = :b GROUP BY 1, 2, 3 ORDER BY 1, 2, 3"
+                    ),
+                    params,
+                )
+            ).all()
+        return [UsageGroup(str(r[0]), *(int(x) for x in r[1:])) for r in rows]
 
     async def error_counts(self, batch_id: str, limit: int = 10) -> list[tuple[str, int]]:
         """Failed jobs by error kind, most frequent first."""
@@ -1085,7 +1141,7 @@ def _export_page_sql(sqlite: bool, states: Sequence[str]) -> TextClause:
         f" COALESCE(r.request_id, {_last_attempt('request_id')}),"
         " r.prompt_tokens, r.completion_tokens, r.cached_tokens,"
         " r.reasoning_tokens, r.total_tokens, r.schema_valid,"
-        f" COALESCE(r.latency_ms, {_last_attempt('latency_ms')})"
+        f" COALESCE(r.latency_ms, {_last_attempt('latency_ms')}), r.finished_at"
         " FROM jobs j LEFT JOIN results r"
         " ON r.job_id = j.id AND r.job_id > :lo AND r.job_id <= :hi"
         f" WHERE {plus}j.batch_id = :b AND {plus}j.state IN ({in_states})"

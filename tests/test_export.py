@@ -8,6 +8,7 @@ import io
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from openai.types.chat import ChatCompletion
+from sqlalchemy import text
 
 from batchrunner import report
 from batchrunner.config import RunConfig
@@ -532,3 +534,81 @@ def test_any_text_survives_the_csv_round_trip(
                 assert row[f"meta.{key}"] == _expected_cell(value)
 
     asyncio.run(check())
+
+
+async def test_each_request_is_priced_in_its_tier_and_at_the_time_it_ran(
+    store: JobStore, make_file: MakeFile
+) -> None:
+    """Status and export price every request as it ran: in its own prompt-size tier (one long
+    prompt does not move the batch's other requests to the higher rate) and at the price in
+    force when it finished (DeepSeek's off-peak hours cost less), whenever the report is made."""
+    peak = datetime(2026, 11, 24, 10, 0, tzinfo=UTC).timestamp()
+    off_peak = datetime(2026, 11, 24, 20, 0, tzinfo=UTC).timestamp()
+    # (model, prompt tokens, completion tokens, finished at)
+    cases = [
+        ("deepseek-chat", 1_000, 500, peak),
+        ("deepseek-chat", 1_000, 500, off_peak),
+        ("deepseek-chat", 3_000, 100, off_peak + 600),
+        ("gemini-2.5-pro", 1_000, 500, peak),
+        ("gemini-2.5-pro", 250_000, 500, peak),
+    ]
+    batch_id = await _submit(
+        store, make_file([chat(str(i), model=m) for i, (m, *_) in enumerate(cases)])
+    )
+    jobs = sorted(
+        await store.claim(batch_id, "w-test", "t-1", 100, time.time(), 60.0), key=lambda j: j.line
+    )
+    ended = [
+        Ended(
+            job_id=job.id,
+            lease_token=job.lease_token,
+            state=JobState.SUCCEEDED,
+            attempts=1,
+            status_code=200,
+            latency_ms=10.0,
+            response=orjson.dumps(
+                {
+                    **_completion("ok"),
+                    "model": model,
+                    "usage": {
+                        "prompt_tokens": prompt,
+                        "completion_tokens": completion,
+                        "total_tokens": prompt + completion,
+                    },
+                }
+            ).decode(),
+            model=model,
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            cached_tokens=0,
+            reasoning_tokens=0,
+            total_tokens=prompt + completion,
+        )
+        for job, (model, prompt, completion, _) in zip(jobs, cases, strict=True)
+    ]
+    assert (await store.record(batch_id, "w-test", ended, [], time.time())).recorded == len(cases)
+    async with store.engine.begin() as conn:
+        for job, (*_, finished_at) in zip(jobs, cases, strict=True):
+            await conn.execute(
+                text("UPDATE results SET finished_at = :t WHERE job_id = :j"),
+                {"t": finished_at, "j": job.id},
+            )
+    prices = PriceBook.load()
+    each = [
+        prices.tokens_cost(m, p, 0, c, 0, at=datetime.fromtimestamp(t, UTC)) for m, p, c, t in cases
+    ]
+    assert all(cost is not None and cost > 0 for cost in each)
+    # The cases tell the ways of pricing apart: off-peak is cheaper, and the long prompt's
+    # tier priced on the batch's sums would have billed every request at the higher rate.
+    assert each[1] is not None and each[0] is not None and each[1] < each[0]
+    gemini_sums = prices.tokens_cost("gemini-2.5-pro", 251_000, 0, 1_000, 0)
+    assert gemini_sums is not None and gemini_sums > (each[3] or 0) + (each[4] or 0)
+
+    _, rows = await _csv(store, batch_id, prices=prices)
+    assert [Decimal(row["cost_usd"]) for row in rows] == each
+    status = await report.batch_status(store, batch_id, prices)
+    by_model = {m.usage.model: m.cost_usd for m in status.models}
+    assert by_model == {
+        "deepseek-chat": sum(each[:3], Decimal(0)),
+        "gemini-2.5-pro": sum(each[3:], Decimal(0)),
+    }

@@ -15,6 +15,8 @@ import os
 import struct
 from collections.abc import Callable
 from dataclasses import replace
+from datetime import UTC, datetime
+from datetime import time as dt_time
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -65,6 +67,11 @@ LIST_PRICES_PER_MTOK = {
     "gemini-2.5-flash": ("0.30", "2.50"),
     "deepseek-chat": ("0.27", "1.10"),
 }
+#: DeepSeek's off-peak hours, 16:30 to 00:30 UTC: half the list price.
+OFF_PEAK_MODELS = {"deepseek-chat"}
+OFF_PEAK_STARTS = dt_time(16, 30)
+OFF_PEAK_ENDS = dt_time(0, 30)
+OFF_PEAK_FACTOR = Decimal("0.5")
 
 # --------------------------------------------------------------------------- helpers
 
@@ -125,7 +132,7 @@ async def _jobs(store: JobStore, batch_id: str) -> list[Any]:
                         " j.last_status, j.last_error, j.body, j.meta, j.model AS job_model,"
                         " r.response, r.status_code, r.request_id, r.model, r.prompt_tokens,"
                         " r.completion_tokens, r.cached_tokens, r.reasoning_tokens,"
-                        " r.total_tokens, r.schema_valid, r.attempts AS r_attempts"
+                        " r.total_tokens, r.schema_valid, r.attempts AS r_attempts, r.finished_at"
                         " FROM jobs j LEFT JOIN results r ON r.job_id = j.id"
                         " WHERE j.batch_id = :b ORDER BY j.line"
                     ),
@@ -225,9 +232,15 @@ def _check_export(jobs: list[Any], rows: list[dict[str, str]], lines: list[bytes
     assert sum(int(r["total_tokens"] or 0) for r in rows) == sum(j.total_tokens for j in jobs)
 
 
-def _cost_by_hand(model: str, prompt_tokens: int, completion_tokens: int) -> Decimal:
+def _cost_by_hand(
+    model: str, prompt_tokens: int, completion_tokens: int, finished_at: float
+) -> Decimal:
     per_input, per_output = (Decimal(p) for p in LIST_PRICES_PER_MTOK[model])
-    return (prompt_tokens * per_input + completion_tokens * per_output) / 1_000_000
+    cost = (prompt_tokens * per_input + completion_tokens * per_output) / 1_000_000
+    at = datetime.fromtimestamp(finished_at, UTC).time()
+    if model in OFF_PEAK_MODELS and not OFF_PEAK_ENDS <= at < OFF_PEAK_STARTS:
+        cost *= OFF_PEAK_FACTOR
+    return cost
 
 
 def _png_data_url_of_size(target_bytes: int) -> str:
@@ -806,7 +819,7 @@ async def test_reasoning_tokens_are_counted_and_priced(store: JobStore) -> None:
     by_model: dict[str, Decimal] = {}
     for job in jobs.values():
         # Reasoning is part of the completion tokens and billed as output.
-        cost = _cost_by_hand(job.model, job.prompt_tokens, job.completion_tokens)
+        cost = _cost_by_hand(job.model, job.prompt_tokens, job.completion_tokens, job.finished_at)
         by_model[job.model] = by_model.get(job.model, Decimal(0)) + cost
     assert {m.usage.model for m in status.models} == set(by_model)
     for m in status.models:
@@ -822,7 +835,7 @@ async def test_reasoning_tokens_are_counted_and_priced(store: JobStore) -> None:
         job = jobs[row["custom_id"]]
         assert int(row["reasoning_tokens"]) == expected_reasoning[row["custom_id"]]
         assert int(row["completion_tokens"]) == job.completion_tokens
-        want = _cost_by_hand(job.model, job.prompt_tokens, job.completion_tokens)
+        want = _cost_by_hand(job.model, job.prompt_tokens, job.completion_tokens, job.finished_at)
         assert abs(Decimal(row["cost_usd"]) - want) < Decimal("1e-9")
 
 
@@ -858,7 +871,7 @@ async def test_gateway_usage_extras_are_kept_and_ignored_by_the_columns(store: J
     for m in status.models:
         want = sum(
             (
-                _cost_by_hand(j.model, j.prompt_tokens, j.completion_tokens)
+                _cost_by_hand(j.model, j.prompt_tokens, j.completion_tokens, j.finished_at)
                 for j in jobs
                 if j.model == m.usage.model
             ),
@@ -873,7 +886,7 @@ async def test_gateway_usage_extras_are_kept_and_ignored_by_the_columns(store: J
         usage = _raw(job)["usage"]
         assert int(row["prompt_tokens"]) == usage["prompt_tokens"]
         assert int(row["completion_tokens"]) == usage["completion_tokens"]
-        want = _cost_by_hand(job.model, job.prompt_tokens, job.completion_tokens)
+        want = _cost_by_hand(job.model, job.prompt_tokens, job.completion_tokens, job.finished_at)
         assert abs(Decimal(row["cost_usd"]) - want) < Decimal("1e-9")
         assert orjson.loads(line)["response"]["body"]["usage"] == usage
 

@@ -547,3 +547,41 @@ def test_prices_and_token_counts_work_without_network() -> None:
     cost, cl100k_count, o200k_count = done.stdout.split()
     assert Decimal(cost) == Decimal("0.0035")
     assert int(cl100k_count) == int(o200k_count) == 3 + 1 + 1 + 3
+
+
+@pytest.mark.parametrize(
+    ("model", "prompts"),
+    [
+        ("gpt-4o-mini", [1_000, 2_000, 50_000]),
+        ("perplexity/sonar", [100, 2_000]),  # a fee per request besides the tokens
+        ("gemini-2.5-pro", [250_000, 300_000]),  # all past the 200k tier start
+    ],
+)
+def test_a_group_costs_what_its_requests_cost_one_by_one(
+    book: PriceBook, model: str, prompts: list[int]
+) -> None:
+    shape = book.shape(model)
+    assert shape is not None
+    tier = sum(start < prompts[0] for start in shape.tier_starts)
+    one_by_one = [book.tokens_cost(model, p, p // 4, 300, 0) for p in prompts]
+    assert all(cost is not None for cost in one_by_one)
+    together = book.group_cost(
+        model,
+        len(prompts),
+        sum(prompts),
+        sum(p // 4 for p in prompts),
+        300 * len(prompts),
+        0,
+        tier_prompt=shape.tier_prompt(tier),
+    )
+    assert together == sum(one_by_one, Decimal(0))  # type: ignore[arg-type]
+
+
+def test_price_shapes(book: PriceBook) -> None:
+    assert book.shape("no-such-model-anywhere") is None
+    deepseek = book.shape("deepseek-chat")
+    assert deepseek is not None and deepseek.varies_in_time and deepseek.tier_starts == ()
+    gemini = book.shape("gemini-2.5-pro")
+    assert gemini is not None and not gemini.varies_in_time and 200_000 in gemini.tier_starts
+    assert gemini.tier_prompt(0) == 0
+    assert gemini.tier_prompt(1) == gemini.tier_starts[0] + 1
