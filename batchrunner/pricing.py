@@ -482,7 +482,6 @@ class _PriceRates:
     __slots__ = ("_by_tier", "_price", "_starts")
 
     def __init__(self, price: genai_types.ModelPrice) -> None:
-
         self._price = price
         self._starts = _tier_starts(price)
         self._by_tier: dict[int, _TokenRates] = {}

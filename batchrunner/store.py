@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import itertools
 import os
-import re
 import socket
 import sqlite3
 import time
@@ -262,10 +261,9 @@ _CLAIM_POSTGRES = text(
     " RETURNING jobs.id, jobs.custom_id, jobs.line, jobs.endpoint, jobs.body, jobs.model,"
     " jobs.stream, jobs.est_tokens, jobs.attempts"
 )
-# `record`'s statements with positional parameters: plain tuples through the driver skip
-# SQLAlchemy's per-row parameter processing, which cost more than the database's own work for
-# the row (as in BatchLoader.add_jobs). Written for SQLite (`?n`); `_dollar` makes the asyncpg
-# spelling (`$n`) of the same statements.
+# SQLite's `record` statements, with positional parameters: plain tuples through the driver
+# skip SQLAlchemy's per-row parameter processing, which cost more than the database's own work
+# for the row (as in BatchLoader.add_jobs).
 _INSERT_RESULT_SQL = (
     "INSERT INTO results (job_id, batch_id, status_code, response, request_id, model,"
     " prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens, total_tokens,"
@@ -285,13 +283,9 @@ _INSERT_ATTEMPT_SQL = (
     " request_id, started_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
 )
 
-def _dollar(sql: str) -> str:
-    """SQLite's numbered `?n` parameters as asyncpg's `$n`."""
-    return re.sub(r"\?(\d+)", r"$\1", sql)
-
 
 # PostgreSQL's `record` is this one statement, in a transaction of its own: a single round trip
-# where the three statements above, with a transaction and a lock around them, took six, each
+# where the same three writes, with a transaction and a lock around them, took six, each
 # waiting for a turn of an event loop busy with requests. `held` locks the jobs still running
 # under the ended jobs' lease tokens, in id order (as a claim does), and re-reads them if another
 # transaction changed them meanwhile; results, ends and the count go by `held`, so a lease that
@@ -1334,17 +1328,14 @@ def _record_arrays(
     now: float,
 ) -> _Params:
     """`_record_rows`' rows as `_RECORD_PG`'s parameters: a list per column."""
-    # Transposed in the statements' parameter order (see _INSERT_RESULT_SQL and friends).
-    (state, attempts, error_kind, last_status, last_error, _, end_ids, tokens) = (
-        _columns(ends, 8)
-    )
+    # Transposed, in the order of _RECORD_PG's parameters.
+    state, attempts, error_kind, last_status, last_error, _, end_ids, tokens = _columns(ends, 8)
     r = _columns(results, 15)
     a = _columns(log, 8)
-    return (
-        end_ids, tokens, state, attempts, error_kind, last_status, last_error, now,
-        r[13], r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], r[10], r[11],
-        batch_id, worker_id, a[0], a[3], a[4], a[5], a[6], a[7],
-    )
+    ended = (end_ids, tokens, state, attempts, error_kind, last_status, last_error, now)  # $1-$8
+    saved = (r[13], *r[:12])  # $9-$21: the job id, then status_code .. attempts
+    logged = (batch_id, worker_id, a[0], *a[3:])  # $22-$29
+    return (*ended, *saved, *logged)
 
 
 def _columns(rows: Sequence[_Params], width: int) -> list[list[Any]]:
