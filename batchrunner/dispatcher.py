@@ -494,7 +494,9 @@ class Dispatcher:
                         "run again with a higher cap to go on",
                     )
                     raise _Abandon()
-            sent_at = await self.pacer.acquire(job.est_tokens)
+            sent_at = self.pacer.acquire_now(job.est_tokens)
+            if sent_at is None:
+                sent_at = await self.pacer.acquire(job.est_tokens)
             if not self._lease_alive(job):
                 # Stalled past the lease (a stopped process, a lost database): another
                 # worker may have the job by now; its answer would be fenced anyway.

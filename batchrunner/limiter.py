@@ -248,12 +248,9 @@ class Pacer:
         """
         if tokens < 0:
             raise ValueError(f"a token estimate cannot be negative: {tokens!r}")
-        # Hot path: with no limits and no pause, no lock and no await.
-        if self._requests is None and self._tokens is None:
-            now = self._clock()
-            if now >= self._paused_until_s:
-                self._admit(now, tokens)
-                return now
+        sent_at = self.acquire_now(tokens)
+        if sent_at is not None:
+            return sent_at
         async with self._lock:
             while True:
                 now = self._clock()
@@ -272,6 +269,16 @@ class Pacer:
                 self._tokens.charge(now, self._token_cost(tokens))
             self._admit(now, tokens)
             return now
+
+    def acquire_now(self, tokens: float = 0.0) -> float | None:
+        """`acquire` when it would not wait: with no limits and no pause, the attempt goes
+        with no lock and no coroutine (the dispatcher's hot path). None: call `acquire`."""
+        if self._requests is None and self._tokens is None and tokens >= 0:
+            now = self._clock()
+            if now >= self._paused_until_s:
+                self._admit(now, tokens)
+                return now
+        return None
 
     def _admit(self, now: float, tokens: float) -> None:
         if self._started_s is None:

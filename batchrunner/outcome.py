@@ -32,7 +32,9 @@ class RateLimitInfo:
     reset_tokens_s: float | None = None
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: one is made for every request, and a frozen dataclass's __init__ (a call to
+# object.__setattr__ per field) costs three times as much. Treat it as read-only all the same.
+@dataclass(slots=True)
 class Outcome:
     """One HTTP attempt, classified."""
 

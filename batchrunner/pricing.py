@@ -49,7 +49,9 @@ _TOKEN_PRICE_KEYS: Final = frozenset({"input_mtok", "output_mtok", "cache_read_m
 _ZERO: Final = Decimal(0)
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: one is made for every request, and a frozen dataclass's __init__ (a call to
+# object.__setattr__ per field) costs three times as much. Treat it as read-only all the same.
+@dataclass(slots=True)
 class UsageCounts:
     """The token counts of one completion, in OpenAI's terms."""
 

@@ -112,8 +112,14 @@ async def call_with_retries(
     Returns the last outcome, whatever it is, and the number of attempts made. Exceptions
     from `attempt_fn` propagate unchanged.
     """
-    rate_limited = 0
-    attempts = 0
+    # Most requests succeed the first time: answer those without setting up tenacity (which
+    # costs more per call than the rest of the dispatcher's bookkeeping) or the counting
+    # wrapper below.
+    first = await attempt_fn(1)
+    attempts = 1
+    rate_limited = 1 if is_rate_limited(first) else 0
+    if not policy.should_retry(first, attempts, rate_limited):
+        return first, attempts
 
     async def attempt() -> Outcome:
         nonlocal attempts, rate_limited
@@ -122,12 +128,6 @@ async def call_with_retries(
         if is_rate_limited(outcome):
             rate_limited += 1
         return outcome
-
-    # Most requests succeed the first time: answer those without setting up tenacity,
-    # which costs more per call than the rest of the dispatcher's bookkeeping.
-    first = await attempt()
-    if not policy.should_retry(first, attempts, rate_limited):
-        return first, attempts
 
     # Imported here: most runs never retry, and start-up is part of every run.
     from tenacity import AsyncRetrying
