@@ -147,6 +147,22 @@ async def test_a_job_above_a_minute_of_tokens_goes_and_owes_one_minute() -> None
     assert vt.elapsed_s() == pytest.approx(60.0 - (BURST_S - 0.1 / 1.0))
 
 
+async def test_acquire_now_goes_only_when_nothing_could_make_it_wait() -> None:
+    vt = VirtualTime()
+    unlimited = pacer(vt, None, None)
+    assert unlimited.acquire_now(100.0) == vt.clock()
+    assert unlimited.snapshot().in_flight == 1
+    unlimited.observe(rate_limited(retry_after_s=2.0), 100.0)
+    # Paused by the 429: not now, and nothing is counted.
+    assert unlimited.acquire_now(100.0) is None
+    assert unlimited.snapshot().in_flight == 0
+    assert await unlimited.acquire(100.0) == pytest.approx(START_S + 2.0)
+    for limited in (pacer(vt, 600), pacer(vt, None, tpm=6000)):
+        assert limited.acquire_now() is None
+        assert limited.snapshot().in_flight == 0
+    assert sum(vt.sleeps) == pytest.approx(2.0)
+
+
 async def test_unlimited_acquire_returns_without_suspending() -> None:
     vt = VirtualTime()
     p = pacer(vt, None, None)
