@@ -9,7 +9,14 @@ from decimal import Decimal
 from typing import Any
 
 from batchrunner.pricing import PRICE_PERIOD_S, PriceBook
-from batchrunner.store import BatchCounts, BatchInfo, JobStore, ModelUsage, WorkerInfo
+from batchrunner.store import (
+    BatchCounts,
+    BatchInfo,
+    JobStore,
+    ModelUsage,
+    UsageGroup,
+    WorkerInfo,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,9 +130,9 @@ async def batch_status(
 ) -> BatchStatus:
     batch = await store.get_batch(batch_id)
     prices = prices or PriceBook.load()
-    usage = await store.usage_by_model(batch_id)
-    costs = await model_costs(store, batch_id, [u.model for u in usage], prices)
-    models = [ModelCost(u, costs[u.model]) for u in usage]
+    groups = await store.usage_groups(batch_id, PRICE_PERIOD_S)
+    costs = await model_costs(store, batch_id, groups, prices)
+    models = [ModelCost(u, costs[u.model]) for u in usage_by_model(groups)]
     first, last = await store.first_and_last_finish(batch_id)
     return BatchStatus(
         batch=batch,
@@ -139,22 +146,45 @@ async def batch_status(
     )
 
 
-async def model_costs(
-    store: JobStore, batch_id: str, models: list[str], prices: PriceBook
-) -> dict[str, Decimal | None]:
-    """What the batch's results cost, by model (None: the model's price is unknown).
+def usage_by_model(groups: list[UsageGroup]) -> list[ModelUsage]:
+    """Token totals by model, from `JobStore.usage_groups`."""
+    totals: dict[str, list[int]] = {}
+    for g in groups:
+        sums = totals.setdefault(g.model, [0] * 6)
+        for i, value in enumerate(
+            (
+                g.results,
+                g.prompt_tokens,
+                g.completion_tokens,
+                g.cached_tokens,
+                g.reasoning_tokens,
+                g.total_tokens,
+            )
+        ):
+            sums[i] += value
+    return [ModelUsage(model, *totals[model]) for model in sorted(totals)]
 
-    Each request is priced as it ran: in its prompt-size tier (a long prompt can move a whole
-    request to a higher rate) and at the price in force when it finished (prices change on set
-    dates, and by time of day for DeepSeek's off-peak hours). The sums come from the database
-    grouped by both, so the work does not grow with the batch.
+
+async def model_costs(
+    store: JobStore, batch_id: str, groups: list[UsageGroup], prices: PriceBook
+) -> dict[str, Decimal | None]:
+    """What the batch's results cost, by model (None: the model's price is unknown), from
+    `JobStore.usage_groups` by price period.
+
+    Each request is priced as it ran: at the price in force when it finished (prices change on
+    set dates, and by time of day for DeepSeek's off-peak hours) and in its own prompt-size tier
+    (a long prompt can move a whole request to a higher rate): the models with tiers are read
+    again, by tier. The sums come from the database, so the work does not grow with the batch.
     """
-    shapes = {model: prices.shape(model) for model in models}
+    shapes = {g.model: prices.shape(g.model) for g in groups}
     costs: dict[str, Decimal | None] = {
         model: None if shape is None else Decimal(0) for model, shape in shapes.items()
     }
     tiers = {m: shape.tier_starts for m, shape in shapes.items() if shape and shape.tier_starts}
-    for group in await store.usage_groups(batch_id, tiers, PRICE_PERIOD_S):
+    if tiers:
+        groups = [g for g in groups if g.model not in tiers]
+        groups += await store.usage_groups(batch_id, PRICE_PERIOD_S, tiers)
+    for group in groups:
         shape = shapes.get(group.model)
         so_far = costs.get(group.model)
         if shape is None or so_far is None:

@@ -175,12 +175,14 @@ class UsageGroup(NamedTuple):
     #: The finish time divided by the period, rounded down.
     period: int
     tier: int
+    results: int
     #: Results that reported usage.
     requests: int
     prompt_tokens: int
     cached_tokens: int
     completion_tokens: int
     reasoning_tokens: int
+    total_tokens: int
 
 
 class ExportRow(NamedTuple):
@@ -603,40 +605,30 @@ class JobStore:
             result.total += int(n)
         return result
 
-    async def usage_by_model(self, batch_id: str) -> list[ModelUsage]:
-        async with self._read() as conn:
-            rows = (
-                await conn.execute(
-                    text(
-                        "SELECT COALESCE(r.model, j.model) AS m, COUNT(*),"
-                        " COALESCE(SUM(r.prompt_tokens), 0), COALESCE(SUM(r.completion_tokens), 0),"
-                        " COALESCE(SUM(r.cached_tokens), 0), COALESCE(SUM(r.reasoning_tokens), 0),"
-                        " COALESCE(SUM(r.total_tokens), 0)"
-                        " FROM results r JOIN jobs j ON j.id = r.job_id"
-                        " WHERE r.batch_id = :b GROUP BY COALESCE(r.model, j.model) ORDER BY m"
-                    ),
-                    {"b": batch_id},
-                )
-            ).all()
-        return [ModelUsage(str(r[0]), *(int(x) for x in r[1:])) for r in rows]
-
     async def usage_groups(
-        self, batch_id: str, tier_starts: Mapping[str, Sequence[int]], period_s: int
+        self,
+        batch_id: str,
+        period_s: int,
+        tier_starts: Mapping[str, Sequence[int]] | None = None,
     ) -> list[UsageGroup]:
         """The batch's results' token sums by model, by `period_s` of their finish time
-        (counted from the epoch) and by prompt-size tier: a result of `model` is in tier k
-        when its prompt is past k of `tier_starts[model]` (ascending), else in tier 0.
+        (counted from the epoch) and, for the models in `tier_starts` (then only those), by
+        prompt-size tier: a result is in tier k when its prompt is past k of the model's starts
+        (ascending). One scan of the batch's results.
 
         For pricing a sum exactly: within one group every request has the same rates."""
         params: dict[str, Any] = {"b": batch_id, "p": period_s}
         model = "COALESCE(r.model, j.model)"
-        cases = []
-        for i, (name, starts) in enumerate(sorted(tier_starts.items())):
-            params[f"m{i}"] = name
-            for k in range(len(starts), 0, -1):
-                params[f"s{i}_{k}"] = starts[k - 1]
-                cases.append(f" WHEN {model} = :m{i} AND r.prompt_tokens > :s{i}_{k} THEN {k}")
-        tier = f"CASE{''.join(cases)} ELSE 0 END" if cases else "0"
+        tier, only = "0", ""
+        if tier_starts:
+            cases = []
+            for i, (name, starts) in enumerate(sorted(tier_starts.items())):
+                params[f"m{i}"] = name
+                for k in range(len(starts), 0, -1):
+                    params[f"s{i}_{k}"] = starts[k - 1]
+                    cases.append(f" WHEN {model} = :m{i} AND r.prompt_tokens > :s{i}_{k} THEN {k}")
+            tier = f"CASE{''.join(cases)} ELSE 0 END" if cases else "0"
+            only = f" AND {model} IN ({', '.join(f':m{i}' for i in range(len(tier_starts)))})"
         period = (
             "CAST(r.finished_at / :p AS INTEGER)"
             if self.is_sqlite
@@ -646,12 +638,12 @@ class JobStore:
             rows = (
                 await conn.execute(
                     text(
-                        f"SELECT {model}, {period}, {tier}, COUNT(r.prompt_tokens),"
+                        f"SELECT {model}, {period}, {tier}, COUNT(*), COUNT(r.prompt_tokens),"
                         " COALESCE(SUM(r.prompt_tokens), 0), COALESCE(SUM(r.cached_tokens), 0),"
                         " COALESCE(SUM(r.completion_tokens), 0),"
-                        " COALESCE(SUM(r.reasoning_tokens), 0)"
+                        " COALESCE(SUM(r.reasoning_tokens), 0), COALESCE(SUM(r.total_tokens), 0)"
                         " FROM results r JOIN jobs j ON j.id = r.job_id"
-                        " WHERE r.batch_id = :b GROUP BY 1, 2, 3 ORDER BY 1, 2, 3"
+                        f" WHERE r.batch_id = :b{only} GROUP BY 1, 2, 3 ORDER BY 1, 2, 3"
                     ),
                     params,
                 )
