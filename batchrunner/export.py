@@ -43,7 +43,6 @@ import io
 from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import IO, Any, BinaryIO, Final, Literal, TextIO
 
 import orjson
@@ -55,7 +54,7 @@ from batchrunner import db
 from batchrunner.bulk import collector_paused
 from batchrunner.errors import StoreError
 from batchrunner.models import JobState
-from batchrunner.pricing import PRICE_PERIOD_S, PriceBook
+from batchrunner.pricing import PRICE_PERIOD_S, PriceBook, price_period_time
 from batchrunner.store import ExportRow, JobStore
 
 ExportFormat = Literal["csv", "jsonl"]
@@ -356,7 +355,7 @@ class _CsvCells:
     def _cost_cell(self, key: tuple[str, int, int, int, int, int]) -> str | None:
         model, prompt, cached, completion, reasoning, period = key
         # Priced as the request ran: within a period the price stays the same.
-        at = None if period < 0 else datetime.fromtimestamp((period + 0.5) * PRICE_PERIOD_S, UTC)
+        at = None if period < 0 else price_period_time(period)
         cost = self._price(model, prompt, cached, completion, reasoning, at=at)
         cell = None if cost is None else format(cost, "f")  # str() could say 4.5E-7
         if len(self._costs) >= _MAX_COSTS:

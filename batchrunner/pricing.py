@@ -447,6 +447,12 @@ class PriceShape:
 PRICE_PERIOD_S = 1800
 
 
+def price_period_time(period: int) -> datetime:
+    """A time within price period number `period` (the finish time // PRICE_PERIOD_S): its
+    middle, where the price in force is that of the whole period."""
+    return datetime.fromtimestamp((period + 0.5) * PRICE_PERIOD_S, tz=UTC)
+
+
 class _Pricer(abc.ABC):
     """Where a model's rates come from: a user's price file or genai-prices' data."""
 

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from batchrunner.pricing import PRICE_PERIOD_S, PriceBook
+from batchrunner.pricing import PRICE_PERIOD_S, PriceBook, price_period_time
 from batchrunner.store import (
     BatchCounts,
     BatchInfo,
@@ -189,11 +188,7 @@ async def model_costs(
         so_far = costs.get(group.model)
         if shape is None or so_far is None:
             continue
-        at = (
-            datetime.fromtimestamp((group.period + 0.5) * PRICE_PERIOD_S, tz=UTC)
-            if shape.varies_in_time
-            else None
-        )
+        at = price_period_time(group.period) if shape.varies_in_time else None
         cost = prices.group_cost(
             group.model,
             group.requests,

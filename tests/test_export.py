@@ -362,15 +362,24 @@ def _completion(content: str, n: int = 1, usage: bool = True) -> dict[str, Any]:
     return completion
 
 
+def _mini_usage(line: int) -> tuple[str, int, int]:
+    return "gpt-4o-mini", 9, 3
+
+
 async def _answer_all(
-    store: JobStore, batch_id: str, answer: Callable[[int], dict[str, Any] | str]
+    store: JobStore,
+    batch_id: str,
+    answer: Callable[[int], dict[str, Any] | str],
+    usage: Callable[[int], tuple[str, int, int]] = _mini_usage,
 ) -> None:
-    """Claim every job and record `answer(line)` as its completion (a str: sent as is)."""
+    """Claim every job and record `answer(line)` as its completion (a str: sent as is), with
+    the model and the prompt and completion tokens `usage(line)` in the result's columns."""
     jobs = await store.claim(batch_id, "w-test", "t-1", 10_000, time.time(), 60.0)
     ended = []
     for job in jobs:
         completion = answer(job.line)
         text = completion if isinstance(completion, str) else orjson.dumps(completion).decode()
+        model, prompt, completed = usage(job.line)
         ended.append(
             Ended(
                 job_id=job.id,
@@ -381,12 +390,12 @@ async def _answer_all(
                 latency_ms=12.5,
                 request_id=f"req_{job.line}",
                 response=text,
-                model="gpt-4o-mini",
-                prompt_tokens=9,
-                completion_tokens=3,
+                model=model,
+                prompt_tokens=prompt,
+                completion_tokens=completed,
                 cached_tokens=0,
                 reasoning_tokens=0,
-                total_tokens=12,
+                total_tokens=prompt + completed,
             )
         )
     outcome = await store.record(batch_id, "w-test", ended, [], time.time())
@@ -555,43 +564,25 @@ async def test_each_request_is_priced_in_its_tier_and_at_the_time_it_ran(
     batch_id = await _submit(
         store, make_file([chat(str(i), model=m) for i, (m, *_) in enumerate(cases)])
     )
-    jobs = sorted(
-        await store.claim(batch_id, "w-test", "t-1", 100, time.time(), 60.0), key=lambda j: j.line
-    )
-    ended = [
-        Ended(
-            job_id=job.id,
-            lease_token=job.lease_token,
-            state=JobState.SUCCEEDED,
-            attempts=1,
-            status_code=200,
-            latency_ms=10.0,
-            response=orjson.dumps(
-                {
-                    **_completion("ok"),
-                    "model": model,
-                    "usage": {
-                        "prompt_tokens": prompt,
-                        "completion_tokens": completion,
-                        "total_tokens": prompt + completion,
-                    },
-                }
-            ).decode(),
-            model=model,
-            prompt_tokens=prompt,
-            completion_tokens=completion,
-            cached_tokens=0,
-            reasoning_tokens=0,
-            total_tokens=prompt + completion,
-        )
-        for job, (model, prompt, completion, _) in zip(jobs, cases, strict=True)
-    ]
-    assert (await store.record(batch_id, "w-test", ended, [], time.time())).recorded == len(cases)
+
+    def answer(line: int) -> dict[str, Any]:
+        model, prompt, completion, _ = cases[line - 1]
+        usage = {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+        }
+        return {**_completion("ok"), "model": model, "usage": usage}
+
+    await _answer_all(store, batch_id, answer, usage=lambda line: cases[line - 1][:3])
     async with store.engine.begin() as conn:
-        for job, (*_, finished_at) in zip(jobs, cases, strict=True):
+        for line, (*_, finished_at) in enumerate(cases, 1):
             await conn.execute(
-                text("UPDATE results SET finished_at = :t WHERE job_id = :j"),
-                {"t": finished_at, "j": job.id},
+                text(
+                    "UPDATE results SET finished_at = :t"
+                    " WHERE job_id = (SELECT id FROM jobs WHERE batch_id = :b AND line = :line)"
+                ),
+                {"t": finished_at, "b": batch_id, "line": line},
             )
     prices = PriceBook.load()
     each = [
