@@ -117,7 +117,8 @@ class Result(Base):
     job_id: Mapped[int] = mapped_column(
         ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
     )
-    batch_id: Mapped[str] = mapped_column(String(40), index=True)
+    #: Not indexed: a batch's results are reached through its jobs (see migration 0002).
+    batch_id: Mapped[str] = mapped_column(String(40))
     status_code: Mapped[int] = mapped_column(Integer)
     #: The completion object exactly as received (streams: the reassembled object).
     response: Mapped[str] = mapped_column(Text)
@@ -139,7 +140,9 @@ class Attempt(Base):
     """One HTTP attempt of a job, whatever came of it."""
 
     __tablename__ = "attempts"
-    __table_args__ = (Index("ix_attempts_job", "job_id"), Index("ix_attempts_batch", "batch_id"))
+    # One index only: every request adds a row, and a batch's attempts are reached through
+    # its jobs (see migration 0002).
+    __table_args__ = (Index("ix_attempts_job", "job_id"),)
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))

@@ -642,8 +642,8 @@ class JobStore:
                         " COALESCE(SUM(r.prompt_tokens), 0), COALESCE(SUM(r.cached_tokens), 0),"
                         " COALESCE(SUM(r.completion_tokens), 0),"
                         " COALESCE(SUM(r.reasoning_tokens), 0), COALESCE(SUM(r.total_tokens), 0)"
-                        " FROM results r JOIN jobs j ON j.id = r.job_id"
-                        f" WHERE r.batch_id = :b{only} GROUP BY 1, 2, 3 ORDER BY 1, 2, 3"
+                        " FROM jobs j JOIN results r ON r.job_id = j.id"
+                        f" WHERE j.batch_id = :b{only} GROUP BY 1, 2, 3 ORDER BY 1, 2, 3"
                     ),
                     params,
                 )
@@ -671,9 +671,10 @@ class JobStore:
             rows = (
                 await conn.execute(
                     text(
-                        "SELECT error_kind, COUNT(*) AS n FROM attempts"
-                        " WHERE batch_id = :b AND error_kind IS NOT NULL GROUP BY error_kind"
-                        " ORDER BY n DESC, error_kind"
+                        "SELECT a.error_kind, COUNT(*) AS n"
+                        " FROM jobs j JOIN attempts a ON a.job_id = j.id"
+                        " WHERE j.batch_id = :b AND a.error_kind IS NOT NULL"
+                        " GROUP BY a.error_kind ORDER BY n DESC, a.error_kind"
                     ),
                     {"b": batch_id},
                 )
@@ -697,8 +698,8 @@ class JobStore:
             row = (
                 await conn.execute(
                     text(
-                        "SELECT MIN(started_at), MAX(started_at + latency_ms / 1000.0)"
-                        " FROM attempts WHERE batch_id = :b"
+                        "SELECT MIN(a.started_at), MAX(a.started_at + a.latency_ms / 1000.0)"
+                        " FROM jobs j JOIN attempts a ON a.job_id = j.id WHERE j.batch_id = :b"
                     ),
                     {"b": batch_id},
                 )

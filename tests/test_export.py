@@ -35,7 +35,7 @@ from batchrunner.ingest import submit_file
 from batchrunner.models import JobState
 from batchrunner.pricing import PriceBook
 from batchrunner.runner import EXIT_OK, EXIT_SOME_FAILED, RunReport, run
-from batchrunner.store import Ended, JobStore
+from batchrunner.store import AttemptRecord, Ended, JobStore
 from tests.conftest import chat, write_jsonl
 
 MakeFile = Callable[..., Path]
@@ -603,3 +603,51 @@ async def test_each_request_is_priced_in_its_tier_and_at_the_time_it_ran(
         "deepseek-chat": sum(each[:3], Decimal(0)),
         "gemini-2.5-pro": sum(each[3:], Decimal(0)),
     }
+
+
+async def test_status_figures_of_two_batches_in_one_database_stay_apart(
+    store: JobStore, make_file: MakeFile
+) -> None:
+    """Tokens, attempt errors and finish times are each batch's own, reached through its jobs
+    (results and attempts have no batch index of their own)."""
+    t0 = time.time()
+    figures = {}
+    for n, (tokens, errors, started) in enumerate(((7, 1, t0 - 100.0), (30, 2, t0 - 50.0))):
+        path = make_file([chat(f"batch {n} question {i}") for i in range(2)], name=f"b{n}.jsonl")
+        batch_id = (await submit_file(store, path)).batch.id
+        jobs = await store.claim(batch_id, "w", f"token-{n}", 10, t0, 60.0)
+        ended = [
+            Ended(
+                job_id=job.id,
+                lease_token=job.lease_token,
+                state=JobState.SUCCEEDED,
+                attempts=1 + errors,
+                status_code=200,
+                latency_ms=1000.0,
+                request_id=f"req_{n}",
+                response=orjson.dumps(_completion(f"answer {n}")).decode(),
+                model="gpt-4o-mini",
+                prompt_tokens=tokens - 1,
+                completion_tokens=1,
+                cached_tokens=0,
+                reasoning_tokens=0,
+                total_tokens=tokens,
+            )
+            for job in jobs
+        ]
+        attempts = [
+            AttemptRecord(job.id, status, kind, 1000.0, None, started + k)
+            for job in jobs
+            for k, (status, kind) in enumerate([(500, "http_500")] * errors + [(200, None)])
+        ]
+        outcome = await store.record(batch_id, "w", ended, attempts, t0)
+        assert outcome.recorded == 2
+        figures[batch_id] = (tokens, errors, started)
+
+    for batch_id, (tokens, errors, started) in figures.items():
+        status = await report.batch_status(store, batch_id)
+        assert status.tokens["total_tokens"] == 2 * tokens
+        assert status.attempt_errors == [("http_500", 2 * errors)]
+        assert await store.first_and_last_finish(batch_id) == pytest.approx(
+            (started, started + errors + 1.0)
+        )
