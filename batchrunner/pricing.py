@@ -87,7 +87,9 @@ def usage_from_completion(obj: Mapping[str, Any]) -> UsageCounts | None:
     Breakdowns such as `text_tokens` and `image_tokens` are parts of the prompt and are ignored.
     """
     usage = obj.get("usage")
-    if not isinstance(usage, Mapping):
+    # `type(...) is dict` first: parsed JSON is plain dicts, and the ABC check costs more than
+    # the rest of reading the usage (run once per answer).
+    if type(usage) is not dict and not isinstance(usage, Mapping):
         return None
     return _usage_counts(usage)
 
@@ -324,7 +326,9 @@ def _count(value: object) -> int | None:
 
 def _detail(usage: Mapping[str, Any], field: str, key: str) -> int | None:
     details = usage.get(field)
-    return _count(details.get(key)) if isinstance(details, Mapping) else None
+    if type(details) is dict or isinstance(details, Mapping):
+        return _count(details.get(key))
+    return None
 
 
 def _usage_counts(usage: Mapping[str, Any]) -> UsageCounts | None:
