@@ -374,6 +374,8 @@ def export(
             failed_only=failed_only,
             prices=PriceBook.load(prices_path),
             bom=bom,
+            # A large CSV export uses every core (worker processes).
+            workers=None,
         )
 
     if output == "-":

@@ -38,9 +38,15 @@ metadata) to submit as a new batch, for instance against another endpoint or mod
 
 from __future__ import annotations
 
+import asyncio
 import csv
+import gc
 import io
-from collections.abc import AsyncIterator, Collection, Sequence
+import itertools
+import multiprocessing
+import os
+import queue
+from collections.abc import AsyncIterator, Callable, Collection, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import IO, Any, BinaryIO, Final, Literal, TextIO
@@ -91,6 +97,15 @@ META_PREFIX: Final = "meta."
 MAX_META_COLUMNS: Final = 200
 #: Jobs the store reads per query.
 PAGE_ROWS: Final = 5_000
+#: CSV exports of batches of this many jobs or more are made by worker processes, one per
+#: usable core (on two cores or more): below that, starting them costs more than they save.
+PARALLEL_MIN_JOBS: Final = 50_000
+#: Pages each worker is asked for ahead of the one being written.
+PAGES_AHEAD_PER_WORKER: Final = 2
+#: How often a wait for a worker's page checks that the workers are still alive.
+WORKER_CHECK_S: Final = 1.0
+#: How long a worker may take to stop once the export is done, before it is terminated.
+WORKER_STOP_S: Final = 10.0
 #: CSV records turned into text at once, and text gathered before one write to the output.
 CSV_CHUNK_RECORDS: Final = 500
 WRITE_CHUNK_CHARS: Final = 1 << 20
@@ -113,12 +128,19 @@ async def export_batch(
     failed_only: bool = False,
     prices: PriceBook | None = None,
     bom: bool = False,
+    workers: int | None = 0,
 ) -> int:
     """Write the batch's ended jobs to `out` as CSV or JSONL; returns the rows written.
 
     `out` may be a binary stream (bytes are UTF-8) or a text stream (open files with
     `newline=""`, as for any CSV). `prices` defaults to `PriceBook.load()` (the user's price
     file, then genai-prices). `bom` (CSV only) starts the file with a UTF-8 byte order mark.
+    `workers` (CSV only): processes that read pages and turn them into CSV while this one
+    writes them out in order; 0 (the default): this process does it all, as it does for an
+    in-memory SQLite database; None: one per usable core for a batch of `PARALLEL_MIN_JOBS`
+    jobs or more on a machine with two cores or more, else 0 (what `batchrunner export`
+    does). Worker processes are started with multiprocessing's "spawn": a program that asks
+    for them must guard its main module with `if __name__ == "__main__":`.
     Raises `BatchNotFound` for an unknown batch.
     """
     if fmt not in ("csv", "jsonl"):
@@ -131,10 +153,22 @@ async def export_batch(
             written = await _write_jsonl(rows, sink, _request_id_prefix(batch.id))
     else:
         meta_keys = await batch_meta_keys(store, batch_id)
-        pages = store.iter_export_pages(batch_id, failed_only=failed_only, chunk_rows=PAGE_ROWS)
         prices = prices or PriceBook.load()
+        span = await store.export_span(batch_id)
+        url = store.url_for_other_processes()
+        if workers is None:
+            jobs = 0 if span is None else span[1] - span[0] + 1
+            cores = _usable_cores()
+            workers = cores if cores > 1 and jobs >= PARALLEL_MIN_JOBS else 0
         with collector_paused():
-            written = await _write_csv(pages, sink, prices, meta_keys, bom=bom)
+            if span is not None and url is not None and workers > 0:
+                pool = _PageWorkers(url, batch_id, failed_only, prices, meta_keys, workers)
+                written = await pool.write(span, sink, bom=bom)
+            else:
+                pages = store.iter_export_pages(
+                    batch_id, failed_only=failed_only, chunk_rows=PAGE_ROWS
+                )
+                written = await _write_csv(pages, sink, prices, meta_keys, bom=bom)
     sink.flush()
     return written
 
@@ -192,26 +226,197 @@ async def _write_csv(
 ) -> int:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    if bom:
-        buffer.write(_UTF8_BOM)
-    writer.writerow(csv_header(meta_keys))
+    _write_header(buffer, writer, meta_keys, bom=bom)
     add = _CsvCells(prices, meta_keys).add
     written = 0
     async for page in pages:
-        # Records are turned into text a few hundred at a time, as soon as they are made:
-        # memory holds one page of rows and never more than that of records.
-        for start in range(0, len(page), CSV_CHUNK_RECORDS):
-            records: list[list[Any]] = []
-            for row in page[start : start + CSV_CHUNK_RECORDS]:
-                add(row, records)
-            writer.writerows(records)
-            written += len(records)
+        written += _write_records(page, add, writer)
         if buffer.tell() >= WRITE_CHUNK_CHARS:
             sink.write_text(buffer.getvalue())
             buffer.seek(0)
             buffer.truncate()
     sink.write_text(buffer.getvalue())
     return written
+
+
+def _write_header(buffer: io.StringIO, writer: Any, meta_keys: list[str], *, bom: bool) -> None:
+    if bom:
+        buffer.write(_UTF8_BOM)
+    writer.writerow(csv_header(meta_keys))
+
+
+def _write_records(
+    page: list[ExportRow], add: Callable[[ExportRow, list[list[Any]]], None], writer: Any
+) -> int:
+    """Writes a page's CSV records; returns how many."""
+    written = 0
+    # Records are turned into text a few hundred at a time, as soon as they are made: memory
+    # holds one page of rows and never more than that of records.
+    for start in range(0, len(page), CSV_CHUNK_RECORDS):
+        records: list[list[Any]] = []
+        for row in page[start : start + CSV_CHUNK_RECORDS]:
+            add(row, records)
+        writer.writerows(records)
+        written += len(records)
+    return written
+
+
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+class _PageWorkers:
+    """CSV pages made by worker processes, written out in order by this one.
+
+    Reading a page and turning it into CSV is CPU-bound Python (~10 us a row); one process
+    does it on one core whatever the machine has. Each worker opens the database itself,
+    reads the pages it is handed (`JobStore.export_page`, the same ranges of ids as
+    `iter_export_pages`) and sends back their CSV text; this process only writes. At most
+    `PAGES_AHEAD_PER_WORKER` pages per worker are asked for ahead of the one being written,
+    so memory stays flat. A worker that fails stops the export with its error; one that
+    dies stops it too, and every worker is stopped on the way out.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        batch_id: str,
+        failed_only: bool,
+        prices: PriceBook,
+        meta_keys: list[str],
+        workers: int,
+    ) -> None:
+        context = multiprocessing.get_context("spawn")
+        self._tasks: Any = context.Queue()
+        self._results: Any = context.Queue()
+        self._processes = [
+            context.Process(
+                target=_page_worker,
+                args=(url, batch_id, failed_only, prices, meta_keys, self._tasks, self._results),
+                name=f"batchrunner-export-{i}",
+                daemon=True,
+            )
+            for i in range(workers)
+        ]
+        self._meta_keys = meta_keys
+
+    async def write(self, span: tuple[int, int], sink: _Sink, *, bom: bool) -> int:
+        buffer = io.StringIO()
+        _write_header(buffer, csv.writer(buffer), self._meta_keys, bom=bom)
+        sink.write_text(buffer.getvalue())
+        first, last = span
+        starts = iter(range(first - 1, last, PAGE_ROWS))
+        for process in self._processes:
+            process.start()
+        try:
+            return await self._write_pages(starts, last, sink)
+        finally:
+            await asyncio.get_running_loop().run_in_executor(None, self._stop)
+
+    async def _write_pages(self, starts: Iterator[int], last: int, sink: _Sink) -> int:
+        loop = asyncio.get_running_loop()
+        asked = 0
+        done: dict[int, tuple[str, int]] = {}
+        written = 0
+        for page in itertools.count():
+            while asked < page + PAGES_AHEAD_PER_WORKER * len(self._processes):
+                lo = next(starts, None)
+                if lo is None:
+                    break
+                self._tasks.put((asked, lo, min(lo + PAGE_ROWS, last)))
+                asked += 1
+            if page >= asked:
+                return written
+            while page not in done:
+                index, text, count = await loop.run_in_executor(None, self._next_result)
+                done[index] = (text, count)
+            text, count = done.pop(page)
+            sink.write_text(text)
+            written += count
+        raise AssertionError("unreachable")
+
+    def _next_result(self) -> tuple[int, str, int]:
+        while True:
+            try:
+                index, text, count, error = self._results.get(timeout=WORKER_CHECK_S)
+            except queue.Empty:
+                dead = [p for p in self._processes if p.exitcode is not None]
+                if dead:
+                    raise StoreError(
+                        f"an export worker process stopped (exit code {dead[0].exitcode})"
+                    ) from None
+                continue
+            if error is not None:
+                raise StoreError(error)
+            return index, text, count
+
+    def _stop(self) -> None:
+        for _ in self._processes:
+            self._tasks.put(None)
+        for process in self._processes:
+            process.join(WORKER_STOP_S)
+            if process.exitcode is None:
+                process.terminate()
+                process.join()
+        self._tasks.cancel_join_thread()
+        self._results.cancel_join_thread()
+
+
+def _page_worker(
+    url: str,
+    batch_id: str,
+    failed_only: bool,
+    prices: PriceBook,
+    meta_keys: list[str],
+    tasks: Any,
+    results: Any,
+) -> None:
+    """A worker process of `_PageWorkers`: (index, lo, hi) in, (index, CSV text, records,
+    error) out, until None comes."""
+    gc.disable()  # as collector_paused: no cycles, and the collector would walk every page
+    asyncio.run(_serve_pages(url, batch_id, failed_only, prices, meta_keys, tasks, results))
+
+
+async def _serve_pages(
+    url: str,
+    batch_id: str,
+    failed_only: bool,
+    prices: PriceBook,
+    meta_keys: list[str],
+    tasks: Any,
+    results: Any,
+) -> None:
+    try:
+        store = await JobStore.open(url)
+    except Exception as exc:
+        results.put((-1, "", 0, _error_text(exc)))
+        return
+    try:
+        add = _CsvCells(prices, meta_keys).add
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        # Blocking here is fine: this loop runs nothing else meanwhile.
+        while (task := tasks.get()) is not None:
+            index, lo, hi = task
+            try:
+                page = await store.export_page(batch_id, lo, hi, failed_only=failed_only)
+                count = _write_records(page, add, writer)
+            except Exception as exc:
+                results.put((index, "", 0, _error_text(exc)))
+                return
+            results.put((index, buffer.getvalue(), count, None))
+            buffer.seek(0)
+            buffer.truncate()
+    finally:
+        await store.close()
+
+
+def _error_text(exc: Exception) -> str:
+    message = getattr(exc, "message", None)
+    return message if isinstance(message, str) and message else f"{type(exc).__name__}: {exc}"
 
 
 class _CsvCells:

@@ -459,6 +459,14 @@ class JobStore:
         self._sqlite_thread = _SqliteWriter(engine) if self.is_sqlite else None
         self._pg_recorder = None if self.is_sqlite else _PgRecorder(engine)
 
+    def url_for_other_processes(self) -> str | None:
+        """The URL another process opens this same database with; None when it cannot (an
+        in-memory SQLite database is this process's own)."""
+        url = self.engine.url
+        if self.is_sqlite and url.database in (None, "", ":memory:"):
+            return None
+        return url.render_as_string(hide_password=False)
+
     @classmethod
     async def open(cls, url: str, *, pool_size: int = 5) -> JobStore:
         """Open the database at a plain URL, creating or upgrading it to head."""
@@ -1018,6 +1026,46 @@ class JobStore:
 
     # -- export -----------------------------------------------------------------------------
 
+    async def export_span(self, batch_id: str) -> tuple[int, int] | None:
+        """The first and last job id of the batch (None when it has no jobs): export pages
+        cover ids in (first - 1, last], whatever state the jobs are in when a page is read."""
+        async with self._read() as conn:
+            ends = (await conn.execute(_BATCH_ID_SPAN, {"b": batch_id})).one()
+        if all(end is None for end in ends):
+            return None
+        return (
+            min(end for end in ends if end is not None),
+            max(end for end in ends if end is not None),
+        )
+
+    async def export_page(
+        self, batch_id: str, lo: int, hi: int, *, failed_only: bool = False
+    ) -> list[ExportRow]:
+        """The batch's ended jobs (failed only, with `failed_only`) with ids in (lo, hi], in id
+        order, with their results."""
+        sqlite = self.is_sqlite
+        sql = _export_page_sql(sqlite, _FAILED_ONLY if failed_only else _ENDED_STATES).text
+        if not sqlite:
+            # asyncpg's own placeholders; :b, :lo and :hi are $1, $2 and $3.
+            sql = sql.replace(":b", "$1").replace(":lo", "$2").replace(":hi", "$3")
+        # Straight to the driver: SQLAlchemy's result rows cost a third of the whole read
+        # (2.5 of 7.7 us a row). One statement, so no transaction is begun: the statement's
+        # own snapshot is the page's, as it was inside a read transaction of one query.
+        async with self._read() as conn:
+            raw = await conn.get_raw_connection()
+            driver: Any = raw.driver_connection
+            try:
+                if sqlite:
+                    rows = await driver.execute_fetchall(sql, {"b": batch_id, "lo": lo, "hi": hi})
+                else:
+                    rows = await driver.fetch(sql, batch_id, lo, hi)
+            except Exception as exc:
+                if isinstance(exc, sqlite3.Error) or hasattr(exc, "sqlstate"):
+                    raise StoreError(f"database read failed: {exc}") from exc
+                raise
+        make = ExportRow._make
+        return [make(r) for r in rows]
+
     async def iter_export_rows(
         self, batch_id: str, *, failed_only: bool = False, chunk_rows: int = 2_000
     ) -> AsyncIterator[ExportRow]:
@@ -1040,40 +1088,15 @@ class JobStore:
         every page's work whatever plan the database picks; the next page is read while the
         caller works through the current one.
         """
-        async with self._read() as conn:
-            # The whole batch's span, so that jobs ending while the export goes are included
-            # as long as their page has not been read yet.
-            ends = (await conn.execute(_BATCH_ID_SPAN, {"b": batch_id})).one()
-        if all(end is None for end in ends):
+        span = await self.export_span(batch_id)
+        if span is None:
             return
-        first = min(end for end in ends if end is not None)
-        last = max(end for end in ends if end is not None)
-        sqlite = self.is_sqlite
-        sql = _export_page_sql(sqlite, _FAILED_ONLY if failed_only else _ENDED_STATES).text
-        if not sqlite:
-            # asyncpg's own placeholders; :b, :lo and :hi are $1, $2 and $3.
-            sql = sql.replace(":b", "$1").replace(":lo", "$2").replace(":hi", "$3")
-        make = ExportRow._make
+        first, last = span
 
         async def page(lo: int) -> list[ExportRow]:
-            hi = min(lo + chunk_rows, last)
-            # Straight to the driver: SQLAlchemy's result rows cost a third of the whole read
-            # (2.5 of 7.7 us a row). One statement, so no transaction is begun: the statement's
-            # own snapshot is the page's, as it was inside a read transaction of one query.
-            async with self._read() as conn:
-                raw = await conn.get_raw_connection()
-                driver: Any = raw.driver_connection
-                try:
-                    if sqlite:
-                        params = {"b": batch_id, "lo": lo, "hi": hi}
-                        rows = await driver.execute_fetchall(sql, params)
-                    else:
-                        rows = await driver.fetch(sql, batch_id, lo, hi)
-                except Exception as exc:
-                    if isinstance(exc, sqlite3.Error) or hasattr(exc, "sqlstate"):
-                        raise StoreError(f"database read failed: {exc}") from exc
-                    raise
-            return [make(r) for r in rows]
+            return await self.export_page(
+                batch_id, lo, min(lo + chunk_rows, last), failed_only=failed_only
+            )
 
         lo = first - 1
         reading: asyncio.Future[list[ExportRow]] | None = asyncio.ensure_future(page(lo))

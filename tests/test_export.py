@@ -20,9 +20,10 @@ from hypothesis import strategies as st
 from openai.types.chat import ChatCompletion
 from sqlalchemy import text
 
+from batchrunner import export as export_module
 from batchrunner import report
 from batchrunner.config import RunConfig
-from batchrunner.errors import BatchNotFound
+from batchrunner.errors import BatchNotFound, StoreError
 from batchrunner.export import (
     CANCELLED_CODE,
     CSV_COLUMNS,
@@ -651,3 +652,33 @@ async def test_status_figures_of_two_batches_in_one_database_stay_apart(
         assert await store.first_and_last_finish(batch_id) == pytest.approx(
             (started, started + errors + 1.0)
         )
+
+
+@pytest.mark.slow
+async def test_csv_made_by_worker_processes_is_the_same_file(
+    store: JobStore, make_file: MakeFile, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pages of two jobs, so that every worker makes several and their order matters."""
+    batch_id = await _mixed_batch(store, make_file)
+    monkeypatch.setattr(export_module, "PAGE_ROWS", 2)
+    for kw in ({}, {"bom": True}, {"failed_only": True}):
+        alone, by_workers = io.BytesIO(), io.BytesIO()
+        assert await export_batch(store, batch_id, alone, fmt="csv", **kw) == await export_batch(
+            store, batch_id, by_workers, fmt="csv", workers=2, **kw
+        )
+        assert by_workers.getvalue() == alone.getvalue()
+    _header, rows = await _csv(store, batch_id, workers=3)
+    assert [r["custom_id"] for r in rows] == [
+        "line-1", "line-2", "line-3", "line-3", "line-3", "line-4", "line-5", ODD_CUSTOM_ID,
+    ]  # fmt: skip
+
+
+@pytest.mark.slow
+async def test_a_worker_that_cannot_read_the_database_fails_the_export(tmp_path: Path) -> None:
+    prices = PriceBook()
+    workers = export_module._PageWorkers(
+        f"sqlite:///{tmp_path}/no/such/dir/x.db", "batch_x", False, prices, [], 2
+    )
+    out = io.BytesIO()
+    with pytest.raises(StoreError, match="database"):
+        await workers.write((1, 10), export_module._Sink(out), bom=False)
