@@ -1,9 +1,10 @@
 """Results out of the job store, streaming: CSV for people, JSONL in OpenAI's Batch output format.
 
 Both formats read the batch page by page (`JobStore.iter_export_rows`) and write as they go, so
-memory stays flat whatever the batch size. A large CSV export can hand the pages to worker processes,
-one per core (`workers=None`, as `batchrunner export` does), and writes their CSV in order. Only jobs that have ended are exported: an export
-taken while a run is going shows what has ended so far, and taking it again later shows more.
+memory stays flat whatever the batch size. A large CSV export can hand the pages to worker
+processes, one per core (`workers=None`, as `batchrunner export` does), and writes their CSV in
+order. Only jobs that have ended are exported: an export taken while a run is going shows what
+has ended so far, and taking it again later shows more.
 
 CSV (`CSV_COLUMNS`, then one `meta.<key>` column per key of the jobs' metadata):
 
