@@ -2,9 +2,29 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
-from collections.abc import Iterator
+import itertools
+import multiprocessing
+import os
+import queue
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from typing import Any, Generic, Protocol, TypeVar
+
+from batchrunner.errors import BatchrunnerError
+
+T = TypeVar("T")
+R = TypeVar("R")
+T_contra = TypeVar("T_contra", contravariant=True)
+R_co = TypeVar("R_co", covariant=True)
+
+#: Tasks each worker is handed ahead of the one whose result is wanted next.
+TASKS_AHEAD_PER_WORKER = 2
+#: How often a wait for a worker's result checks that the workers are still alive.
+WORKER_CHECK_S = 1.0
+#: How long a worker may take to stop once the work is done, before it is terminated.
+WORKER_STOP_S = 10.0
 
 
 @contextlib.contextmanager
@@ -24,3 +44,152 @@ def collector_paused() -> Iterator[None]:
         yield
     finally:
         gc.enable()
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+class Handler(Protocol[T_contra, R_co]):
+    """What a worker process of `OrderedWorkers` does with each task."""
+
+    async def handle(self, task: T_contra) -> R_co: ...
+
+    async def close(self) -> None: ...
+
+
+class OrderedWorkers(Generic[T, R]):
+    """Tasks handed to worker processes; their results come back in the order of the tasks.
+
+    For CPU-bound Python (parsing a request file, turning rows into CSV), which one process
+    runs on one core whatever the machine has. Each worker calls `setup(*args)` once (a
+    module-level coroutine function: it is imported by name in the worker) for the `Handler`
+    of its tasks. At most `TASKS_AHEAD_PER_WORKER` tasks per worker are handed out ahead of
+    the result wanted next, so memory stays flat. A task that raises in a worker fails the
+    whole map with `error(its message)`; a worker that dies fails it too. Every worker is
+    stopped on the way out.
+
+    Workers are started with multiprocessing's "spawn", which imports the main module again:
+    a program using this must guard its main module with `if __name__ == "__main__":`.
+    """
+
+    def __init__(
+        self,
+        setup: Callable[..., Awaitable[Handler[T, R]]],
+        args: tuple[Any, ...],
+        workers: int,
+        *,
+        name: str,
+        error: type[BatchrunnerError] = BatchrunnerError,
+    ) -> None:
+        context = multiprocessing.get_context("spawn")
+        self._tasks: Any = context.Queue()
+        self._results: Any = context.Queue()
+        self._error = error
+        self._processes = [
+            context.Process(
+                target=_serve,
+                args=(setup, args, self._tasks, self._results),
+                name=f"batchrunner-{name}-{i}",
+                daemon=True,
+            )
+            for i in range(workers)
+        ]
+
+    async def map(self, tasks: Iterable[T]) -> AsyncIterator[R]:
+        loop = asyncio.get_running_loop()
+        pending = iter(tasks)
+        for process in self._processes:
+            process.start()
+        try:
+            asked = 0
+            done: dict[int, R] = {}
+            for index in itertools.count():
+                while asked < index + TASKS_AHEAD_PER_WORKER * len(self._processes):
+                    task = next(pending, None)
+                    if task is None:
+                        break
+                    self._tasks.put((asked, task))
+                    asked += 1
+                if index >= asked:
+                    return
+                while index not in done:
+                    number, result = await loop.run_in_executor(None, self._next_result)
+                    done[number] = result
+                yield done.pop(index)
+        finally:
+            await loop.run_in_executor(None, self._stop)
+
+    def _next_result(self) -> tuple[int, R]:
+        while True:
+            try:
+                index, result, error = self._results.get(timeout=WORKER_CHECK_S)
+            except queue.Empty:
+                dead = [p for p in self._processes if p.exitcode is not None]
+                if dead:
+                    raise self._error(
+                        f"a worker process stopped (exit code {dead[0].exitcode})"
+                    ) from None
+                continue
+            if error is not None:
+                raise self._error(error)
+            return index, result
+
+    def _stop(self) -> None:
+        for _ in self._processes:
+            self._tasks.put(None)
+        for process in self._processes:
+            if process.pid is None:
+                continue  # never started
+            process.join(WORKER_STOP_S)
+            if process.exitcode is None:
+                process.terminate()
+                process.join()
+        self._tasks.cancel_join_thread()
+        self._results.cancel_join_thread()
+
+
+def _serve(
+    setup: Callable[..., Awaitable[Handler[Any, Any]]],
+    args: tuple[Any, ...],
+    tasks: Any,
+    results: Any,
+) -> None:
+    """A worker process of `OrderedWorkers`: (index, task) in, (index, result, error) out,
+    until None comes."""
+    gc.disable()  # as collector_paused: bulk work makes no cycles worth a collection
+    asyncio.run(_serve_tasks(setup, args, tasks, results))
+
+
+async def _serve_tasks(
+    setup: Callable[..., Awaitable[Handler[Any, Any]]],
+    args: tuple[Any, ...],
+    tasks: Any,
+    results: Any,
+) -> None:
+    try:
+        handler = await setup(*args)
+    except Exception as exc:
+        results.put((-1, None, _error_text(exc)))
+        return
+    try:
+        # Blocking here is fine: this event loop runs nothing else meanwhile.
+        while (item := tasks.get()) is not None:
+            index, task = item
+            try:
+                result = await handler.handle(task)
+            except Exception as exc:
+                results.put((index, None, _error_text(exc)))
+                return
+            results.put((index, result, None))
+    finally:
+        await handler.close()
+
+
+def _error_text(exc: Exception) -> str:
+    if isinstance(exc, BatchrunnerError):
+        return exc.message
+    return f"{type(exc).__name__}: {exc}"

@@ -40,15 +40,9 @@ metadata) to submit as a new batch, for instance against another endpoint or mod
 
 from __future__ import annotations
 
-import asyncio
 import csv
-import gc
 import io
-import itertools
-import multiprocessing
-import os
-import queue
-from collections.abc import AsyncIterator, Callable, Collection, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import IO, Any, BinaryIO, Final, Literal, TextIO
@@ -59,7 +53,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from batchrunner import db
-from batchrunner.bulk import collector_paused
+from batchrunner.bulk import OrderedWorkers, collector_paused, usable_cores
 from batchrunner.errors import StoreError
 from batchrunner.models import JobState
 from batchrunner.pricing import PRICE_PERIOD_S, PriceBook, price_period_time
@@ -102,12 +96,6 @@ PAGE_ROWS: Final = 5_000
 #: CSV exports of batches of this many jobs or more are made by worker processes, one per
 #: usable core (on two cores or more): below that, starting them costs more than they save.
 PARALLEL_MIN_JOBS: Final = 50_000
-#: Pages each worker is asked for ahead of the one being written.
-PAGES_AHEAD_PER_WORKER: Final = 2
-#: How often a wait for a worker's page checks that the workers are still alive.
-WORKER_CHECK_S: Final = 1.0
-#: How long a worker may take to stop once the export is done, before it is terminated.
-WORKER_STOP_S: Final = 10.0
 #: CSV records turned into text at once, and text gathered before one write to the output.
 CSV_CHUNK_RECORDS: Final = 500
 WRITE_CHUNK_CHARS: Final = 1 << 20
@@ -160,12 +148,18 @@ async def export_batch(
         url = store.url_for_other_processes()
         if workers is None:
             jobs = 0 if span is None else span[1] - span[0] + 1
-            cores = _usable_cores()
+            cores = usable_cores()
             workers = cores if cores > 1 and jobs >= PARALLEL_MIN_JOBS else 0
         with collector_paused():
             if span is not None and url is not None and workers > 0:
-                pool = _PageWorkers(url, batch_id, failed_only, prices, meta_keys, workers)
-                written = await pool.write(span, sink, bom=bom)
+                pool: OrderedWorkers[tuple[int, int], tuple[str, int]] = OrderedWorkers(
+                    _open_csv_pages,
+                    (url, batch_id, failed_only, prices, meta_keys),
+                    workers,
+                    name="export",
+                    error=StoreError,
+                )
+                written = await _write_csv_by_workers(pool, span, sink, meta_keys, bom=bom)
             else:
                 pages = store.iter_export_pages(
                     batch_id, failed_only=failed_only, chunk_rows=PAGE_ROWS
@@ -263,162 +257,56 @@ def _write_records(
     return written
 
 
-def _usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+class _CsvPages:
+    """In a worker process of a parallel export: pages of the batch in, their CSV text out."""
+
+    def __init__(self, store: JobStore, batch_id: str, failed_only: bool, cells: _CsvCells) -> None:
+        self._store = store
+        self._batch_id = batch_id
+        self._failed_only = failed_only
+        self._add = cells.add
+        self._buffer = io.StringIO()
+        self._writer = csv.writer(self._buffer)
+
+    async def handle(self, ids: tuple[int, int]) -> tuple[str, int]:
+        """The CSV text of the jobs with ids in (lo, hi], and how many records it holds."""
+        lo, hi = ids
+        page = await self._store.export_page(self._batch_id, lo, hi, failed_only=self._failed_only)
+        count = _write_records(page, self._add, self._writer)
+        text = self._buffer.getvalue()
+        self._buffer.seek(0)
+        self._buffer.truncate()
+        return text, count
+
+    async def close(self) -> None:
+        await self._store.close()
 
 
-class _PageWorkers:
-    """CSV pages made by worker processes, written out in order by this one.
-
-    Reading a page and turning it into CSV is CPU-bound Python (~10 us a row); one process
-    does it on one core whatever the machine has. Each worker opens the database itself,
-    reads the pages it is handed (`JobStore.export_page`, the same ranges of ids as
-    `iter_export_pages`) and sends back their CSV text; this process only writes. At most
-    `PAGES_AHEAD_PER_WORKER` pages per worker are asked for ahead of the one being written,
-    so memory stays flat. A worker that fails stops the export with its error; one that
-    dies stops it too, and every worker is stopped on the way out.
-    """
-
-    def __init__(
-        self,
-        url: str,
-        batch_id: str,
-        failed_only: bool,
-        prices: PriceBook,
-        meta_keys: list[str],
-        workers: int,
-    ) -> None:
-        context = multiprocessing.get_context("spawn")
-        self._tasks: Any = context.Queue()
-        self._results: Any = context.Queue()
-        self._processes = [
-            context.Process(
-                target=_page_worker,
-                args=(url, batch_id, failed_only, prices, meta_keys, self._tasks, self._results),
-                name=f"batchrunner-export-{i}",
-                daemon=True,
-            )
-            for i in range(workers)
-        ]
-        self._meta_keys = meta_keys
-
-    async def write(self, span: tuple[int, int], sink: _Sink, *, bom: bool) -> int:
-        buffer = io.StringIO()
-        _write_header(buffer, csv.writer(buffer), self._meta_keys, bom=bom)
-        sink.write_text(buffer.getvalue())
-        first, last = span
-        starts = iter(range(first - 1, last, PAGE_ROWS))
-        for process in self._processes:
-            process.start()
-        try:
-            return await self._write_pages(starts, last, sink)
-        finally:
-            await asyncio.get_running_loop().run_in_executor(None, self._stop)
-
-    async def _write_pages(self, starts: Iterator[int], last: int, sink: _Sink) -> int:
-        loop = asyncio.get_running_loop()
-        asked = 0
-        done: dict[int, tuple[str, int]] = {}
-        written = 0
-        for page in itertools.count():
-            while asked < page + PAGES_AHEAD_PER_WORKER * len(self._processes):
-                lo = next(starts, None)
-                if lo is None:
-                    break
-                self._tasks.put((asked, lo, min(lo + PAGE_ROWS, last)))
-                asked += 1
-            if page >= asked:
-                return written
-            while page not in done:
-                index, text, count = await loop.run_in_executor(None, self._next_result)
-                done[index] = (text, count)
-            text, count = done.pop(page)
-            sink.write_text(text)
-            written += count
-        raise AssertionError("unreachable")
-
-    def _next_result(self) -> tuple[int, str, int]:
-        while True:
-            try:
-                index, text, count, error = self._results.get(timeout=WORKER_CHECK_S)
-            except queue.Empty:
-                dead = [p for p in self._processes if p.exitcode is not None]
-                if dead:
-                    raise StoreError(
-                        f"an export worker process stopped (exit code {dead[0].exitcode})"
-                    ) from None
-                continue
-            if error is not None:
-                raise StoreError(error)
-            return index, text, count
-
-    def _stop(self) -> None:
-        for _ in self._processes:
-            self._tasks.put(None)
-        for process in self._processes:
-            process.join(WORKER_STOP_S)
-            if process.exitcode is None:
-                process.terminate()
-                process.join()
-        self._tasks.cancel_join_thread()
-        self._results.cancel_join_thread()
+async def _open_csv_pages(
+    url: str, batch_id: str, failed_only: bool, prices: PriceBook, meta_keys: list[str]
+) -> _CsvPages:
+    store = await JobStore.open(url)
+    return _CsvPages(store, batch_id, failed_only, _CsvCells(prices, meta_keys))
 
 
-def _page_worker(
-    url: str,
-    batch_id: str,
-    failed_only: bool,
-    prices: PriceBook,
+async def _write_csv_by_workers(
+    workers: OrderedWorkers[tuple[int, int], tuple[str, int]],
+    span: tuple[int, int],
+    sink: _Sink,
     meta_keys: list[str],
-    tasks: Any,
-    results: Any,
-) -> None:
-    """A worker process of `_PageWorkers`: (index, lo, hi) in, (index, CSV text, records,
-    error) out, until None comes."""
-    gc.disable()  # as collector_paused: no cycles, and the collector would walk every page
-    asyncio.run(_serve_pages(url, batch_id, failed_only, prices, meta_keys, tasks, results))
-
-
-async def _serve_pages(
-    url: str,
-    batch_id: str,
-    failed_only: bool,
-    prices: PriceBook,
-    meta_keys: list[str],
-    tasks: Any,
-    results: Any,
-) -> None:
-    try:
-        store = await JobStore.open(url)
-    except Exception as exc:
-        results.put((-1, "", 0, _error_text(exc)))
-        return
-    try:
-        add = _CsvCells(prices, meta_keys).add
-        buffer = io.StringIO()
-        writer = csv.writer(buffer)
-        # Blocking here is fine: this loop runs nothing else meanwhile.
-        while (task := tasks.get()) is not None:
-            index, lo, hi = task
-            try:
-                page = await store.export_page(batch_id, lo, hi, failed_only=failed_only)
-                count = _write_records(page, add, writer)
-            except Exception as exc:
-                results.put((index, "", 0, _error_text(exc)))
-                return
-            results.put((index, buffer.getvalue(), count, None))
-            buffer.seek(0)
-            buffer.truncate()
-    finally:
-        await store.close()
-
-
-def _error_text(exc: Exception) -> str:
-    message = getattr(exc, "message", None)
-    return message if isinstance(message, str) and message else f"{type(exc).__name__}: {exc}"
+    *,
+    bom: bool,
+) -> int:
+    buffer = io.StringIO()
+    _write_header(buffer, csv.writer(buffer), meta_keys, bom=bom)
+    sink.write_text(buffer.getvalue())
+    first, last = span
+    pages = ((lo, min(lo + PAGE_ROWS, last)) for lo in range(first - 1, last, PAGE_ROWS))
+    written = 0
+    async for page_text, count in workers.map(pages):
+        sink.write_text(page_text)
+        written += count
+    return written
 
 
 class _CsvCells:

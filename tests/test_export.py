@@ -22,6 +22,7 @@ from sqlalchemy import text
 
 from batchrunner import export as export_module
 from batchrunner import report
+from batchrunner.bulk import OrderedWorkers
 from batchrunner.config import RunConfig
 from batchrunner.errors import BatchNotFound, StoreError
 from batchrunner.export import (
@@ -675,10 +676,13 @@ async def test_csv_made_by_worker_processes_is_the_same_file(
 
 @pytest.mark.slow
 async def test_a_worker_that_cannot_read_the_database_fails_the_export(tmp_path: Path) -> None:
-    prices = PriceBook()
-    workers = export_module._PageWorkers(
-        f"sqlite:///{tmp_path}/no/such/dir/x.db", "batch_x", False, prices, [], 2
+    workers: OrderedWorkers[tuple[int, int], tuple[str, int]] = OrderedWorkers(
+        export_module._open_csv_pages,
+        (f"sqlite:///{tmp_path}/no/such/dir/x.db", "batch_x", False, PriceBook(), []),
+        2,
+        name="export",
+        error=StoreError,
     )
-    out = io.BytesIO()
     with pytest.raises(StoreError, match="database"):
-        await workers.write((1, 10), export_module._Sink(out), bom=False)
+        async for _ in workers.map([(0, 10), (10, 20)]):
+            pass
