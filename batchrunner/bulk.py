@@ -9,7 +9,7 @@ import itertools
 import multiprocessing
 import os
 import queue
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Iterator
 from typing import Any, Generic, Protocol, TypeVar
 
 from batchrunner.errors import BatchrunnerError
@@ -99,7 +99,7 @@ class OrderedWorkers(Generic[T, R]):
             for i in range(workers)
         ]
 
-    async def map(self, tasks: Iterable[T]) -> AsyncIterator[R]:
+    async def map(self, tasks: Iterable[T]) -> AsyncGenerator[R, None]:
         loop = asyncio.get_running_loop()
         pending = iter(tasks)
         for process in self._processes:

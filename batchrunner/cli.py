@@ -132,6 +132,8 @@ def submit(
             base_url=base_url,
             api_key_env=api_key_env,
             skip_invalid=skip_invalid,
+            # A large file is parsed by worker processes, one per core.
+            workers=None,
         )
     )
     for notice in result.notices:

@@ -12,14 +12,14 @@ import asyncio
 import contextlib
 import hashlib
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncGenerator, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import orjson
 
-from batchrunner.bulk import collector_paused
+from batchrunner.bulk import OrderedWorkers, collector_paused, usable_cores
 from batchrunner.config import (
     DEFAULT_API_KEY_ENV,
     DEFAULT_BASE_URL,
@@ -27,11 +27,25 @@ from batchrunner.config import (
     check_key_env,
 )
 from batchrunner.errors import InputError, LineError, StoreError, UsageError
-from batchrunner.store import BatchExists, BatchInfo, DuplicateCustomId, JobStore, NewJob
+from batchrunner.store import (
+    BatchExists,
+    BatchInfo,
+    DuplicateCustomId,
+    JobRow,
+    JobStore,
+    NewJob,
+)
 from batchrunner.tokens import count_prompt_tokens, max_output_tokens, quick_prompt_tokens
 
 #: Jobs handed to the database per INSERT.
 CHUNK_ROWS = 5_000
+#: Files this large or larger are parsed by worker processes, one per usable core (on two
+#: cores or more), while this process loads what they send back: parsing and inserting both
+#: need the interpreter, so in one process they take turns. Below it, starting the workers
+#: (~0.5 s) costs more than they save.
+PARALLEL_MIN_BYTES = 16 << 20
+#: A piece of the file handed to a worker: whole lines, about this many bytes.
+BLOCK_BYTES = 1 << 20
 #: How many bad lines an error message lists before it only counts them.
 SHOWN_ERRORS = 20
 #: The only endpoint a line may name, in either spelling.
@@ -221,8 +235,13 @@ def _prompt_estimate(body: dict[str, Any], body_text: str) -> int:
 
 def read_jobs(path: Path) -> Iterator[NewJob | LineError]:
     """Every request of a file in order, or the reason a line is bad. Blank lines are skipped."""
-    name = str(path)
-    for number, raw, ended in _numbered_lines(path):
+    return _parse_lines(str(path), _numbered_lines(path))
+
+
+def _parse_lines(
+    name: str, lines: Iterable[tuple[int, bytes, bool]]
+) -> Iterator[NewJob | LineError]:
+    for number, raw, ended in lines:
         if number == 1 and raw.startswith(_BOM):
             raw = raw[len(_BOM) :]
         if not raw.strip():
@@ -234,6 +253,85 @@ def read_jobs(path: Path) -> Iterator[NewJob | LineError]:
             if not ended and reason.startswith("invalid JSON"):
                 reason = "truncated last line (no newline at the end and not valid JSON)"
             yield LineError(name, number, reason)
+
+
+def _blocks(path: Path) -> Iterator[tuple[int, bytes]]:
+    """The file in pieces of whole lines of about BLOCK_BYTES: (number of the first line,
+    the lines with their newlines; the last piece may end without one)."""
+    number = 1
+    rest = b""
+    with path.open("rb") as f:
+        while chunk := f.read(BLOCK_BYTES):
+            data = rest + chunk
+            cut = data.rfind(b"\n") + 1
+            if cut == 0:
+                rest = data  # a line longer than a block: read on
+                continue
+            block, rest = data[:cut], data[cut:]
+            yield number, block
+            number += block.count(b"\n")
+    if rest:
+        yield number, rest
+
+
+def _block_lines(first: int, block: bytes) -> Iterator[tuple[int, bytes, bool]]:
+    """`_numbered_lines` of one of `_blocks`."""
+    lines = block.split(b"\n")
+    last = lines.pop()  # after the last newline: empty, or a last line without one
+    for number, raw in enumerate(lines, start=first):
+        yield number, raw.rstrip(b"\r"), True
+    if last:
+        yield first + len(lines), last, False
+
+
+#: What a worker sends back for a block: its jobs as plain tuples (in `NewJob`'s field order;
+#: a named tuple costs twice as much to send) and its bad lines, each in line order.
+_ParsedBlock = tuple[list[JobRow], list[LineError]]
+
+
+class _BlockParser:
+    """In a worker process of a parallel submit: blocks of the file in, jobs and errors out."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    async def handle(self, block: tuple[int, bytes]) -> _ParsedBlock:
+        jobs: list[JobRow] = []
+        errors: list[LineError] = []
+        for item in _parse_lines(self._name, _block_lines(*block)):
+            if isinstance(item, LineError):
+                errors.append(item)
+            else:
+                jobs.append(cast(JobRow, tuple(item)))
+        return jobs, errors
+
+    async def close(self) -> None:
+        pass
+
+
+async def _open_block_parser(name: str) -> _BlockParser:
+    return _BlockParser(name)
+
+
+async def _parsed_in_process(path: Path) -> AsyncGenerator[_ParsedBlock, None]:
+    jobs: list[JobRow] = []
+    errors: list[LineError] = []
+    for item in read_jobs(path):
+        if isinstance(item, LineError):
+            errors.append(item)
+            continue
+        jobs.append(item)
+        if len(jobs) >= CHUNK_ROWS:
+            yield jobs, errors
+            jobs, errors = [], []
+    yield jobs, errors
+
+
+def _parsed_by_workers(path: Path, workers: int) -> AsyncGenerator[_ParsedBlock, None]:
+    pool: OrderedWorkers[tuple[int, bytes], _ParsedBlock] = OrderedWorkers(
+        _open_block_parser, (str(path),), workers, name="submit"
+    )
+    return pool.map(_blocks(path))
 
 
 def _duplicate_ids(path: Path) -> list[LineError]:
@@ -262,8 +360,16 @@ async def submit_file(
     api_key_env: str | None = None,
     skip_invalid: bool = False,
     options: dict[str, Any] | None = None,
+    workers: int | None = 0,
 ) -> SubmitResult:
-    """Validate and load a request file as a new batch (or find the batch it already is)."""
+    """Validate and load a request file as a new batch (or find the batch it already is).
+
+    `workers`: processes that parse the file while this one loads it; 0 (the default): this
+    process does both; None: one per usable core for a file of `PARALLEL_MIN_BYTES` or more on
+    a machine with two cores or more, else 0 (what `batchrunner submit` and `run FILE` do).
+    Worker processes are started with multiprocessing's "spawn": a program that asks for them
+    must guard its main module with `if __name__ == "__main__":`.
+    """
     if not path.is_file():
         raise UsageError(f"no such file: {path}")
     base_url = check_base_url(base_url) if base_url else DEFAULT_BASE_URL
@@ -289,11 +395,16 @@ async def submit_file(
         created_at=time.time(),
         cancelled_at=None,
     )
+    if workers is None:
+        cores = usable_cores()
+        big = path.stat().st_size >= PARALLEL_MIN_BYTES
+        workers = cores if cores > 1 and big else 0
     skip: dict[int, LineError] = {}
     for _ in range(2):
+        parsed = _parsed_by_workers(path, workers) if workers else _parsed_in_process(path)
         try:
             with collector_paused():
-                return await _load(store, path, batch, skip_invalid, skip, notices)
+                return await _load(store, path, parsed, batch, skip_invalid, skip, notices)
         except DuplicateCustomId:
             duplicates = _duplicate_ids(path)
             if not skip_invalid:
@@ -329,6 +440,7 @@ class _Rejected(Exception):
 async def _load(
     store: JobStore,
     path: Path,
+    parsed: AsyncGenerator[_ParsedBlock, None],
     batch: BatchInfo,
     skip_invalid: bool,
     skip: dict[int, LineError],
@@ -340,29 +452,35 @@ async def _load(
     inserting: asyncio.Future[None] | None = None
     try:
         async with store.loading(batch) as loader:
-            chunk: list[NewJob] = []
+            chunk: list[JobRow] = []
             bad: list[tuple[int, str]] = []
-            for item in read_jobs(path):
-                if isinstance(item, NewJob) and item.line in skip:
-                    item = skip[item.line]
-                if isinstance(item, LineError):
+            async for block_jobs, block_errors in parsed:
+                if skip:
+                    # The second pass after repeated custom_ids: they are bad lines now.
+                    block_errors = sorted(
+                        [*block_errors, *(skip[j[0]] for j in block_jobs if j[0] in skip)],
+                        key=lambda e: e.line,
+                    )
+                    block_jobs = [j for j in block_jobs if j[0] not in skip]
+                for error in block_errors:
                     error_total += 1
                     if len(errors) < SHOWN_ERRORS:
-                        errors.append(item)
+                        errors.append(error)
                     if skip_invalid:
-                        bad.append((item.line, item.reason))
-                    continue
+                        bad.append((error.line, error.reason))
                 if error_total and not skip_invalid:
                     continue  # nothing will be loaded; keep reading only to count errors
-                chunk.append(item)
-                if len(chunk) >= CHUNK_ROWS:
+                chunk += block_jobs
+                while len(chunk) >= CHUNK_ROWS:
+                    # Always CHUNK_ROWS: each size of INSERT is a statement SQLite prepares and
+                    # keeps (several MB for thousands of rows), and blocks vary in size.
+                    ready, chunk = chunk[:CHUNK_ROWS], chunk[CHUNK_ROWS:]
                     # The database inserts this chunk while the next one is parsed.
                     if inserting is not None:
                         await inserting
-                    inserting = asyncio.ensure_future(loader.add_jobs(chunk))
+                    inserting = asyncio.ensure_future(loader.add_jobs(ready))
                     await asyncio.sleep(0)
-                    jobs += len(chunk)
-                    chunk = []
+                    jobs += len(ready)
                 if len(bad) >= CHUNK_ROWS:
                     await loader.add_invalid(bad)
                     bad = []
@@ -393,6 +511,8 @@ async def _load(
             inserting.cancel()
             with contextlib.suppress(BaseException):
                 await inserting
+        # Stops the worker processes of a parallel parse left part way (a duplicate id).
+        await parsed.aclose()
     loaded = BatchInfo(**{**_as_dict(batch), "total_jobs": jobs, "invalid_lines": error_total})
     return SubmitResult(loaded, True, jobs, errors, error_total, notices)
 

@@ -114,9 +114,7 @@ class Result(Base):
 
     __tablename__ = "results"
 
-    job_id: Mapped[int] = mapped_column(
-        ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True
-    )
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
     #: Not indexed: a batch's results are reached through its jobs (see migration 0002).
     batch_id: Mapped[str] = mapped_column(String(40))
     status_code: Mapped[int] = mapped_column(Integer)

@@ -66,6 +66,7 @@ async def run(
             Path(target),
             base_url=config.base_url or os.environ.get("OPENAI_BASE_URL"),
             api_key_env=config.api_key_env,
+            workers=None,
         )
         if submitted.created:
             warn(f"loaded {submitted.jobs} job(s) from {target} as batch {submitted.batch.id}")

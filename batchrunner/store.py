@@ -69,6 +69,10 @@ class NewJob(NamedTuple):
     est_tokens: int
 
 
+#: A `NewJob` as a plain tuple, as a parallel submit's worker processes send it back.
+JobRow = tuple[int, str, str, str, str | None, str, bool, int]
+
+
 # ClaimedJob, AttemptRecord and Ended are not frozen: one of each is made for every request, and
 # a frozen dataclass's __init__ (a call to object.__setattr__ per field) costs three times as
 # much. Treat them as read-only all the same.
@@ -1199,7 +1203,7 @@ class BatchLoader:
             sql = self._inserts[rows] = f"INSERT INTO jobs ({columns}) VALUES {values}"
         return sql
 
-    async def add_jobs(self, jobs: Sequence[NewJob]) -> None:
+    async def add_jobs(self, jobs: Sequence[JobRow]) -> None:
         if not jobs:
             return
         try:
@@ -1223,7 +1227,7 @@ class BatchLoader:
             raise
         self.jobs += len(jobs)
 
-    async def _copy(self, jobs: Sequence[NewJob]) -> None:
+    async def _copy(self, jobs: Sequence[JobRow]) -> None:
         """PostgreSQL: COPY through asyncpg, several times faster than an INSERT per row."""
         raw = await self._conn.get_raw_connection()
         driver = raw.driver_connection

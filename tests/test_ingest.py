@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import text
 
+from batchrunner import ingest
 from batchrunner.errors import InputError, UsageError
 from batchrunner.ingest import batch_id_for, file_sha256, parse_line, submit_file
 from batchrunner.store import JobStore
@@ -239,3 +240,89 @@ def test_parse_line_never_crashes(raw: bytes) -> None:
         assert bad.reason
     else:
         assert job.line == 7 and orjson.loads(job.body)["messages"]
+
+
+def _awkward_file(tmp_path: Path, *, bad: bool) -> Path:
+    """Both formats, metadata, a BOM, CRLF and blank lines, a line longer than a block, repeated
+    custom_ids and (with `bad`) bad lines, the last line without a newline."""
+    lines = [b"\xef\xbb\xbf" + orjson.dumps(chat("first", metadata={"k": "v"}))]
+    for i in range(40):
+        lines.append(orjson.dumps(batch_line(f"id-{i % 37}", chat(f"q{i}"))))
+        lines.append(orjson.dumps(chat("x" * (300 if i % 9 == 0 else 5), metadata={"i": i})))
+        lines.append(b"" if i % 5 else b"   ")
+        if bad and i % 7 == 3:
+            lines.append(b'{"model": "m", "messages": []}' if i % 2 else b"{not json")
+    lines.append(orjson.dumps(chat("last")))
+    path = tmp_path / ("bad.jsonl" if bad else "awkward.jsonl")
+    path.write_bytes(b"\r\n".join(lines))
+    return path
+
+
+async def _loaded(store: JobStore, batch_id: str) -> tuple[list[Any], list[Any]]:
+    async with store.engine.connect() as conn:
+        jobs = (
+            await conn.execute(
+                text(
+                    "SELECT line, custom_id, endpoint, body, meta, model, stream, est_tokens"
+                    " FROM jobs WHERE batch_id = :b ORDER BY id"
+                ),
+                {"b": batch_id},
+            )
+        ).all()
+    return [tuple(j) for j in jobs], await store.invalid_lines(batch_id)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bad", [False, True])
+async def test_worker_processes_load_what_one_process_loads(
+    store: JobStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bad: bool
+) -> None:
+    """Blocks of ~200 bytes: most lines are split across workers, one is longer than a block."""
+    path = _awkward_file(tmp_path, bad=bad)
+    async with await JobStore.open(f"sqlite:///{tmp_path}/alone.db") as alone:
+        expected = await submit_file(alone, path, skip_invalid=True)
+        expected_rows = await _loaded(alone, expected.batch.id)
+    monkeypatch.setattr(ingest, "BLOCK_BYTES", 200)
+    result = await submit_file(store, path, skip_invalid=True, workers=2)
+    assert (result.jobs, result.invalid, result.invalid_total, result.notices) == (
+        expected.jobs,
+        expected.invalid,
+        expected.invalid_total,
+        expected.notices,
+    )
+    assert await _loaded(store, result.batch.id) == expected_rows
+    assert result.invalid_total == (9 if bad else 3)  # the repeated ids, and the bad lines
+
+
+@pytest.mark.slow
+async def test_worker_processes_reject_a_bad_file_as_one_process_does(
+    store: JobStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = _awkward_file(tmp_path, bad=True)
+    with pytest.raises(InputError) as alone:
+        await submit_file(store, path)
+    monkeypatch.setattr(ingest, "BLOCK_BYTES", 200)
+    with pytest.raises(InputError) as by_workers:
+        await submit_file(store, path, workers=2)
+    assert (by_workers.value.errors, by_workers.value.total) == (
+        alone.value.errors,
+        alone.value.total,
+    )
+    assert await store.list_batches() == []
+
+
+def test_blocks_are_whole_lines_numbered_from_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "lines.jsonl"
+    path.write_bytes(b"a\nbb\r\n" + b"c" * 50 + b"\n\nd")
+    monkeypatch.setattr(ingest, "BLOCK_BYTES", 4)
+    lines = [line for block in ingest._blocks(path) for line in ingest._block_lines(*block)]
+    assert lines == list(ingest._numbered_lines(path))
+    assert lines == [
+        (1, b"a", True),
+        (2, b"bb", True),
+        (3, b"c" * 50, True),
+        (4, b"", True),
+        (5, b"d", False),
+    ]
