@@ -40,9 +40,9 @@ from batchrunner.tokens import count_prompt_tokens, max_output_tokens, quick_pro
 #: Jobs handed to the database per INSERT.
 CHUNK_ROWS = 5_000
 #: Files this large or larger are parsed by worker processes, one per usable core (on two
-#: cores or more), while this process loads what they send back: parsing and inserting both
-#: need the interpreter, so in one process they take turns. Below it, starting the workers
-#: (~0.5 s) costs more than they save.
+#: cores or more), while this process loads what they send back into SQLite: parsing and
+#: binding the INSERT both need the interpreter, so in one process they take turns. Below
+#: it, starting the workers (~0.5 s) costs more than they save.
 PARALLEL_MIN_BYTES = 16 << 20
 #: A piece of the file handed to a worker: whole lines, about this many bytes.
 BLOCK_BYTES = 1 << 20
@@ -365,8 +365,9 @@ async def submit_file(
     """Validate and load a request file as a new batch (or find the batch it already is).
 
     `workers`: processes that parse the file while this one loads it; 0 (the default): this
-    process does both; None: one per usable core for a file of `PARALLEL_MIN_BYTES` or more on
-    a machine with two cores or more, else 0 (what `batchrunner submit` and `run FILE` do).
+    process does both; None: one per usable core for a file of `PARALLEL_MIN_BYTES` or more
+    into SQLite on a machine with two cores or more, else 0 (what `batchrunner submit` and
+    `run FILE` do).
     Worker processes are started with multiprocessing's "spawn": a program that asks for them
     must guard its main module with `if __name__ == "__main__":`.
     """
@@ -398,7 +399,9 @@ async def submit_file(
     if workers is None:
         cores = usable_cores()
         big = path.stat().st_size >= PARALLEL_MIN_BYTES
-        workers = cores if cores > 1 and big else 0
+        # PostgreSQL's own process is the bottleneck of its load (COPY into three indexes)
+        # and needs the other core: with workers its loads measured 10 % slower.
+        workers = cores if cores > 1 and big and store.is_sqlite else 0
     skip: dict[int, LineError] = {}
     for _ in range(2):
         parsed = _parsed_by_workers(path, workers) if workers else _parsed_in_process(path)

@@ -326,3 +326,24 @@ def test_blocks_are_whole_lines_numbered_from_one(
         (4, b"", True),
         (5, b"d", False),
     ]
+
+
+async def test_automatic_workers_parse_large_files_into_sqlite_only(
+    store: JobStore, make_file: MakeFile, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL's server is its load's bottleneck and needs the other core."""
+    used: list[int] = []
+    parsed_by_workers = ingest._parsed_by_workers
+
+    def spy(path: Path, workers: int) -> Any:
+        used.append(workers)
+        return parsed_by_workers(path, workers)
+
+    monkeypatch.setattr(ingest, "_parsed_by_workers", spy)
+    monkeypatch.setattr(ingest, "usable_cores", lambda: 2)
+    monkeypatch.setattr(ingest, "PARALLEL_MIN_BYTES", 10_000)
+    small = make_file([chat("small")], name="small.jsonl")
+    large = make_file([chat(f"large {i}") for i in range(200)], name="large.jsonl")
+    for path in (small, large):
+        assert (await submit_file(store, path, workers=None)).jobs == path.read_bytes().count(b"\n")
+    assert used == ([2] if store.is_sqlite else [])
