@@ -558,8 +558,15 @@ class Dispatcher:
                 self.budget.settle(reserved, Decimal(0))
             return  # the job itself is fine: pending again for the next run
         committed = self._end(job, outcome, attempts, reserved)
-        # Shielded: a worker cancelled while it waits must not cancel the others' wait.
-        await asyncio.shield(committed)
+        try:
+            # Not shielded (a shield per request costs two more turns of the event loop): the
+            # one cancellation there is, at the end of a run, cancels every worker at once.
+            await committed
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if committed.cancelled() and task is not None and not task.cancelling():
+                return  # another worker's cancellation cancelled the shared wait
+            raise
 
     def _lease_alive(self, job: ClaimedJob) -> bool:
         until = max(self._claims.get(job.lease_token, 0.0), self._coordinator.leases_until)
