@@ -80,7 +80,8 @@ class Job(Base):
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
-    batch_id: Mapped[str] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"))
+    #: No foreign keys on jobs, results and attempts: see migration 0003.
+    batch_id: Mapped[str] = mapped_column(String(40))
     line: Mapped[int] = mapped_column(Integer)
     custom_id: Mapped[str] = mapped_column(String(512))
     method: Mapped[str] = mapped_column(String(10), default="POST")
@@ -114,7 +115,7 @@ class Result(Base):
 
     __tablename__ = "results"
 
-    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    job_id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=False)
     #: Not indexed: a batch's results are reached through its jobs (see migration 0002).
     batch_id: Mapped[str] = mapped_column(String(40))
     status_code: Mapped[int] = mapped_column(Integer)
@@ -143,7 +144,7 @@ class Attempt(Base):
     __table_args__ = (Index("ix_attempts_job", "job_id"),)
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
-    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    job_id: Mapped[int] = mapped_column(BigId)
     batch_id: Mapped[str] = mapped_column(String(40))
     worker_id: Mapped[str] = mapped_column(String(64))
     status_code: Mapped[int | None] = mapped_column(Integer, nullable=True)

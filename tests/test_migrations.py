@@ -79,3 +79,50 @@ def test_plain_urls_pick_async_drivers() -> None:
 def test_schema_head_is_alembic_head() -> None:
     # Start-up compares the database with SCHEMA_HEAD instead of loading alembic.
     assert db.alembic_head() == db.SCHEMA_HEAD
+
+
+async def test_dropping_the_hot_foreign_keys_keeps_every_row(db_url: str) -> None:
+    """0003 rebuilds jobs, results and attempts on SQLite: with foreign keys on, dropping a
+    parent table while a child still points at it would delete the children."""
+    from sqlalchemy import text
+
+    tables = ("batches", "jobs", "results", "attempts", "invalid_lines")
+    rows = [
+        "INSERT INTO batches (id, name, source_file, content_sha256, base_url, api_key_env,"
+        " options, total_jobs, invalid_lines, created_at) VALUES ('b', 'n', 'f', 'sha',"
+        " 'http://127.0.0.1:9/v1', 'K', '{}', 2, 1, 1.0)",
+        *(
+            "INSERT INTO jobs (id, batch_id, line, custom_id, method, endpoint, body, model,"
+            " stream, est_tokens, state, attempts, created_at, updated_at) VALUES"
+            f" ({i}, 'b', {i}, 'c{i}', 'POST', '/v1/chat/completions', '{{}}', 'm', false, 1,"
+            " 'succeeded', 1, 1.0, 1.0)"
+            for i in (1, 2)
+        ),
+        "INSERT INTO results (job_id, batch_id, status_code, response, latency_ms, attempts,"
+        " finished_at) VALUES (1, 'b', 200, '{}', 1.0, 1, 1.0)",
+        "INSERT INTO attempts (job_id, batch_id, worker_id, status_code, latency_ms, started_at)"
+        " VALUES (1, 'b', 'w', 200, 1.0, 1.0), (2, 'b', 'w', 500, 1.0, 1.0)",
+        "INSERT INTO invalid_lines (batch_id, line, reason) VALUES ('b', 3, 'bad')",
+    ]
+
+    async def counts(engine: Any) -> list[int]:
+        async with engine.connect() as conn:
+            return [
+                (await conn.execute(text(f"SELECT count(*) FROM {t}"))).scalar_one() for t in tables
+            ]
+
+    engine = db.create_engine(db_url)
+    try:
+        await db.upgrade(engine, "0002")
+        async with engine.begin() as conn:
+            for sql in rows:
+                await conn.execute(text(sql))
+        assert await counts(engine) == [1, 2, 1, 2, 1]
+        await db.upgrade(engine)
+        assert await counts(engine) == [1, 2, 1, 2, 1]
+        async with engine.connect() as conn:
+            assert await conn.run_sync(_diff) == []
+        await db.downgrade(engine, "0002")
+        assert await counts(engine) == [1, 2, 1, 2, 1]
+    finally:
+        await engine.dispose()
