@@ -9,6 +9,7 @@ import itertools
 import multiprocessing
 import os
 import queue
+import signal
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Iterator
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -161,6 +162,8 @@ def _serve(
     """A worker process of `OrderedWorkers`: (index, task) in, (index, result, error) out,
     until None comes."""
     gc.disable()  # as collector_paused: bulk work makes no cycles worth a collection
+    # Ctrl-C reaches the whole process group: it is the parent's to handle, and it stops us.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     asyncio.run(_serve_tasks(setup, args, tasks, results))
 
 
@@ -175,9 +178,21 @@ async def _serve_tasks(
     except Exception as exc:
         results.put((-1, None, _error_text(exc)))
         return
+    parent = multiprocessing.parent_process()
     try:
-        # Blocking here is fine: this event loop runs nothing else meanwhile.
-        while (item := tasks.get()) is not None:
+        while True:
+            try:
+                # Blocking here is fine: this event loop runs nothing else meanwhile.
+                item = tasks.get(timeout=WORKER_CHECK_S)
+            except queue.Empty:
+                if parent is not None and not parent.is_alive():
+                    # The process that asked was killed: nobody wants the rest, nor the
+                    # results not yet through the pipe (waiting to flush them would hang).
+                    results.cancel_join_thread()
+                    return
+                continue
+            if item is None:
+                return
             index, task = item
             try:
                 result = await handler.handle(task)

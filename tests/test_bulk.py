@@ -1,0 +1,121 @@
+"""The process pool of the bulk paths: results in order, errors, and no worker left behind."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from batchrunner.bulk import OrderedWorkers
+from batchrunner.errors import BatchrunnerError, StoreError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class _Doubler:
+    """Doubles numbers, slowest for the first tasks, so that results arrive out of order."""
+
+    def __init__(self, fail_on: int | None) -> None:
+        self._fail_on = fail_on
+
+    async def handle(self, task: int) -> tuple[int, int]:
+        if task == self._fail_on:
+            raise ValueError(f"cannot double {task}")
+        await asyncio.sleep(0.05 if task < 3 else 0.0)
+        return task * 2, os.getpid()
+
+    async def close(self) -> None:
+        pass
+
+
+async def _doubler(fail_on: int | None = None) -> _Doubler:
+    return _Doubler(fail_on)
+
+
+@pytest.mark.slow
+async def test_results_come_back_in_the_order_of_the_tasks() -> None:
+    workers: OrderedWorkers[int, tuple[int, int]] = OrderedWorkers(_doubler, (), 3, name="test")
+    results = [result async for result in workers.map(range(40))]
+    assert [doubled for doubled, _ in results] == [2 * i for i in range(40)]
+    assert len({pid for _, pid in results} - {os.getpid()}) >= 2  # spread over the workers
+
+
+@pytest.mark.slow
+async def test_a_task_that_raises_fails_the_map_with_its_message() -> None:
+    workers: OrderedWorkers[int, tuple[int, int]] = OrderedWorkers(
+        _doubler, (5,), 2, name="test", error=StoreError
+    )
+    seen = []
+    with pytest.raises(StoreError, match="ValueError: cannot double 5"):
+        async for doubled, _ in workers.map(range(10)):
+            seen.append(doubled)
+    # The error comes as soon as it is known, perhaps before results of earlier tasks.
+    assert seen == [2 * i for i in range(len(seen))] and len(seen) <= 5
+
+
+@pytest.mark.slow
+async def test_a_failing_setup_fails_the_map() -> None:
+    workers: OrderedWorkers[int, int] = OrderedWorkers(_doubler, ("too", "many"), 1, name="test")
+    with pytest.raises(BatchrunnerError, match="TypeError"):
+        async for _ in workers.map(range(3)):
+            pass
+
+
+_PARENT = """
+import asyncio, sys
+from batchrunner.bulk import OrderedWorkers
+from tests.test_bulk import _doubler
+
+async def main():
+    workers = OrderedWorkers(_doubler, (), 2, name="test")
+    async for _ in workers.map(range(10**9)):
+        for process in workers._processes:
+            print(process.pid, flush=True)
+        await asyncio.sleep(3600)
+
+asyncio.run(main())
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is gone for our purposes: only its parent's wait is missing.
+    stat = Path(f"/proc/{pid}/stat")
+    return not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@pytest.mark.slow
+def test_workers_end_when_their_parent_is_killed() -> None:
+    """A `kill -9` of submit or export must not leave its workers running for ever."""
+    parent = subprocess.Popen(
+        [sys.executable, "-c", _PARENT],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        # The killed parent's resource tracker reports its queues' semaphores as leaked.
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert parent.stdout is not None
+        pids = [int(parent.stdout.readline()) for _ in range(2)]
+        assert all(_alive(pid) for pid in pids)
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(10)
+        deadline = time.monotonic() + 15
+        while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(_alive(pid) for pid in pids)
+    finally:
+        parent.kill()
+        parent.wait()
+        if parent.stdout is not None:
+            parent.stdout.close()
