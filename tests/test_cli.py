@@ -49,7 +49,6 @@ def server() -> Iterator[FakeServerThread]:
         yield srv
 
 
-
 def test_submit_prints_only_the_batch_id(make_file: MakeFile, sqlite_url: str) -> None:
     path = make_file([chat(f"q{i}") for i in range(5)])
     first = run_cli("submit", str(path), "--name", "five", db=sqlite_url)

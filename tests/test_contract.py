@@ -31,7 +31,6 @@ MakeFile = Callable[..., Path]
 SLOW_LOAD_LINES = 300_000
 
 
-
 @pytest.mark.slow
 def test_ctrl_c_while_a_file_loads_exits_130_and_loads_nothing(tmp_path: Path) -> None:
     line = orjson.dumps(chat("load me slowly"))
