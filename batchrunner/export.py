@@ -144,14 +144,15 @@ async def export_batch(
     else:
         meta_keys = await batch_meta_keys(store, batch_id)
         prices = prices or PriceBook.load()
-        span = await store.export_span(batch_id)
         url = store.url_for_other_processes()
+        # Only an export that may use workers needs the span up front.
+        span = await store.export_span(batch_id) if url is not None and workers != 0 else None
         if workers is None:
             jobs = 0 if span is None else span[1] - span[0] + 1
             cores = usable_cores()
             workers = cores if cores > 1 and jobs >= PARALLEL_MIN_JOBS else 0
         with collector_paused():
-            if span is not None and url is not None and workers > 0:
+            if span is not None and workers > 0:
                 pool: OrderedWorkers[tuple[int, int], tuple[str, int]] = OrderedWorkers(
                     _open_csv_pages,
                     (url, batch_id, failed_only, prices, meta_keys),

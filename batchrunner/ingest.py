@@ -2,8 +2,10 @@
 
 A file is read twice, streaming both times so that memory does not grow with its size:
 once to hash it (the same content is the same batch), once to validate and load it inside
-one transaction. A duplicate `custom_id` is caught by the database's unique constraint; only
-then is the file read a third time, with a set of ids, to say which lines repeat.
+one transaction. A large file loaded into SQLite is validated by worker processes, a block of
+lines each at a time, while this process loads what they send back in line order. A
+duplicate `custom_id` is caught by the database's unique constraint; only then is the file
+read a third time, with a set of ids, to say which lines repeat.
 """
 
 from __future__ import annotations
