@@ -10,6 +10,7 @@ import multiprocessing
 import os
 import queue
 import signal
+import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Iterator
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -24,8 +25,11 @@ R_co = TypeVar("R_co", covariant=True)
 TASKS_AHEAD_PER_WORKER = 2
 #: How often a wait for a worker's result checks that the workers are still alive.
 WORKER_CHECK_S = 1.0
-#: How long a worker may take to stop once the work is done, before it is terminated.
+#: How long a worker may take to stop once the work is done, before it is terminated...
 WORKER_STOP_S = 10.0
+#: ...looked at this often.
+WORKER_POLL_S = 0.05
+_NO_MORE: Any = object()
 
 
 @contextlib.contextmanager
@@ -110,8 +114,8 @@ class OrderedWorkers(Generic[T, R]):
             done: dict[int, R] = {}
             for index in itertools.count():
                 while asked < index + TASKS_AHEAD_PER_WORKER * len(self._processes):
-                    task = next(pending, None)
-                    if task is None:
+                    task = next(pending, _NO_MORE)
+                    if task is _NO_MORE:
                         break
                     self._tasks.put((asked, task))
                     asked += 1
@@ -142,15 +146,25 @@ class OrderedWorkers(Generic[T, R]):
     def _stop(self) -> None:
         for _ in self._processes:
             self._tasks.put(None)
+        deadline = time.monotonic() + WORKER_STOP_S
         for process in self._processes:
             if process.pid is None:
                 continue  # never started
-            process.join(WORKER_STOP_S)
+            while process.exitcode is None and time.monotonic() < deadline:
+                # Results nobody will read (the map was left early) are read all the same:
+                # a worker cannot exit while its last ones are stuck in a full pipe.
+                self._discard_results()
+                process.join(WORKER_POLL_S)
             if process.exitcode is None:
                 process.terminate()
                 process.join()
         self._tasks.cancel_join_thread()
         self._results.cancel_join_thread()
+
+    def _discard_results(self) -> None:
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self._results.get_nowait()
 
 
 def _serve(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -119,3 +120,28 @@ def test_workers_end_when_their_parent_is_killed() -> None:
         parent.wait()
         if parent.stdout is not None:
             parent.stdout.close()
+
+
+class _Big:
+    async def handle(self, task: int) -> bytes:
+        return bytes(1 << 20)  # more than a pipe holds: the sender blocks until it is read
+
+    async def close(self) -> None:
+        pass
+
+
+async def _big() -> _Big:
+    return _Big()
+
+
+@pytest.mark.slow
+async def test_leaving_early_does_not_wait_for_results_nobody_reads() -> None:
+    """A submit that meets a repeated id stops reading its workers' results at once."""
+    workers: OrderedWorkers[int, bytes] = OrderedWorkers(_big, (), 2, name="test")
+    started = time.monotonic()
+    async with contextlib.aclosing(workers.map(range(100))) as results:
+        async for result in results:
+            assert len(result) == 1 << 20
+            break
+    assert all(p.exitcode is not None for p in workers._processes)
+    assert time.monotonic() - started < 5.0
