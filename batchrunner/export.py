@@ -40,6 +40,7 @@ metadata) to submit as a new batch, for instance against another endpoint or mod
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 from collections.abc import AsyncIterator, Callable, Collection, Sequence
@@ -57,7 +58,7 @@ from batchrunner.bulk import OrderedWorkers, collector_paused, usable_cores
 from batchrunner.errors import StoreError
 from batchrunner.models import JobState
 from batchrunner.pricing import PRICE_PERIOD_S, PriceBook, price_period_time
-from batchrunner.store import ExportRow, JobStore
+from batchrunner.store import ExportRow, JobStore, export_page_ranges
 
 ExportFormat = Literal["csv", "jsonl"]
 
@@ -301,12 +302,12 @@ async def _write_csv_by_workers(
     buffer = io.StringIO()
     _write_header(buffer, csv.writer(buffer), meta_keys, bom=bom)
     sink.write_text(buffer.getvalue())
-    first, last = span
-    pages = ((lo, min(lo + PAGE_ROWS, last)) for lo in range(first - 1, last, PAGE_ROWS))
     written = 0
-    async for page_text, count in workers.map(pages):
-        sink.write_text(page_text)
-        written += count
+    # Closed here, so that the workers stop even when writing fails.
+    async with contextlib.aclosing(workers.map(export_page_ranges(span, PAGE_ROWS))) as pages:
+        async for page_text, count in pages:
+            sink.write_text(page_text)
+            written += count
     return written
 
 

@@ -14,7 +14,7 @@ import os
 import socket
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -1095,26 +1095,35 @@ class JobStore:
         span = await self.export_span(batch_id)
         if span is None:
             return
-        first, last = span
+        ranges = export_page_ranges(span, chunk_rows)
 
-        async def page(lo: int) -> list[ExportRow]:
-            return await self.export_page(
-                batch_id, lo, min(lo + chunk_rows, last), failed_only=failed_only
+        def page(ids: tuple[int, int] | None) -> asyncio.Future[list[ExportRow]] | None:
+            if ids is None:
+                return None
+            lo, hi = ids
+            return asyncio.ensure_future(
+                self.export_page(batch_id, lo, hi, failed_only=failed_only)
             )
 
-        lo = first - 1
-        reading: asyncio.Future[list[ExportRow]] | None = asyncio.ensure_future(page(lo))
+        reading = page(next(ranges, None))
         try:
             while reading is not None:
                 rows = await reading
-                lo += chunk_rows
-                reading = asyncio.ensure_future(page(lo)) if lo < last else None
+                reading = page(next(ranges, None))
                 yield rows
         finally:
             if reading is not None and not reading.done():
                 reading.cancel()
                 with contextlib.suppress(BaseException):
                     await reading
+
+
+def export_page_ranges(span: tuple[int, int], rows: int) -> Iterator[tuple[int, int]]:
+    """The pages of `JobStore.export_page` for a batch's `export_span`: ids in (lo, hi], `rows`
+    ids a page."""
+    first, last = span
+    for lo in range(first - 1, last, rows):
+        yield lo, min(lo + rows, last)
 
 
 _ENDED_STATES = (JobState.SUCCEEDED.value, JobState.FAILED.value, JobState.CANCELLED.value)
