@@ -138,10 +138,10 @@ async def _big() -> _Big:
 async def test_leaving_early_does_not_wait_for_results_nobody_reads() -> None:
     """A submit that meets a repeated id stops reading its workers' results at once."""
     workers: OrderedWorkers[int, bytes] = OrderedWorkers(_big, (), 2, name="test")
-    started = time.monotonic()
     async with contextlib.aclosing(workers.map(range(100))) as results:
         async for result in results:
             assert len(result) == 1 << 20
             break
-    assert all(p.exitcode is not None for p in workers._processes)
-    assert time.monotonic() - started < 5.0
+    # Each worker left by itself: one stuck on its unread results is terminated instead
+    # (exit code -SIGTERM) once the stop has waited WORKER_STOP_S for it.
+    assert [p.exitcode for p in workers._processes] == [0, 0]
