@@ -4,6 +4,6 @@ from __future__ import annotations
 
 from batchrunner.cli import main
 
-# Guarded: the worker processes of a parallel export import the main module again.
+# Guarded: the worker processes of a large submit or export import the main module again.
 if __name__ == "__main__":
     main()

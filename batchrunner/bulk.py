@@ -58,6 +58,13 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+def workers_for(large: bool) -> int:
+    """Worker processes for bulk work: one per usable core when the work is `large` and there
+    are two cores or more, else 0 (the calling process does it all)."""
+    cores = usable_cores()
+    return cores if large and cores > 1 else 0
+
+
 class Handler(Protocol[T_contra, R_co]):
     """What a worker process of `OrderedWorkers` does with each task."""
 

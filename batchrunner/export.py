@@ -54,7 +54,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from batchrunner import db
-from batchrunner.bulk import OrderedWorkers, collector_paused, usable_cores
+from batchrunner.bulk import OrderedWorkers, collector_paused, workers_for
 from batchrunner.errors import StoreError
 from batchrunner.models import JobState
 from batchrunner.pricing import PRICE_PERIOD_S, PriceBook, price_period_time
@@ -150,8 +150,7 @@ async def export_batch(
         span = await store.export_span(batch_id) if url is not None and workers != 0 else None
         if workers is None:
             jobs = 0 if span is None else span[1] - span[0] + 1
-            cores = usable_cores()
-            workers = cores if cores > 1 and jobs >= PARALLEL_MIN_JOBS else 0
+            workers = workers_for(jobs >= PARALLEL_MIN_JOBS)
         with collector_paused():
             if span is not None and workers > 0:
                 pool: OrderedWorkers[tuple[int, int], tuple[str, int]] = OrderedWorkers(

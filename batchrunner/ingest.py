@@ -21,7 +21,7 @@ from typing import Any, cast
 
 import orjson
 
-from batchrunner.bulk import OrderedWorkers, collector_paused, usable_cores
+from batchrunner.bulk import OrderedWorkers, collector_paused, workers_for
 from batchrunner.config import (
     DEFAULT_API_KEY_ENV,
     DEFAULT_BASE_URL,
@@ -399,11 +399,10 @@ async def submit_file(
         cancelled_at=None,
     )
     if workers is None:
-        cores = usable_cores()
-        big = path.stat().st_size >= PARALLEL_MIN_BYTES
         # PostgreSQL's own process is the bottleneck of its load (COPY into three indexes)
         # and needs the other core: with workers its loads measured 10 % slower.
-        workers = cores if cores > 1 and big and store.is_sqlite else 0
+        large = store.is_sqlite and path.stat().st_size >= PARALLEL_MIN_BYTES
+        workers = workers_for(large)
     skip: dict[int, LineError] = {}
     for _ in range(2):
         parsed = _parsed_by_workers(path, workers) if workers else _parsed_in_process(path)

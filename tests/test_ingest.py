@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import text
 
-from batchrunner import ingest
+from batchrunner import bulk, ingest
 from batchrunner.errors import InputError, UsageError
 from batchrunner.ingest import batch_id_for, file_sha256, parse_line, submit_file
 from batchrunner.store import JobStore
@@ -340,7 +340,7 @@ async def test_automatic_workers_parse_large_files_into_sqlite_only(
         return parsed_by_workers(path, workers)
 
     monkeypatch.setattr(ingest, "_parsed_by_workers", spy)
-    monkeypatch.setattr(ingest, "usable_cores", lambda: 2)
+    monkeypatch.setattr(bulk, "usable_cores", lambda: 2)
     monkeypatch.setattr(ingest, "PARALLEL_MIN_BYTES", 10_000)
     small = make_file([chat("small")], name="small.jsonl")
     large = make_file([chat(f"large {i}") for i in range(200)], name="large.jsonl")
