@@ -274,6 +274,11 @@ def run(
         f"{res.failed_in_batch} failed in the batch"
         + (f", {res.cancelled_in_batch} cancelled" if res.cancelled_in_batch else "")
     )
+    if st.recovered:
+        _err(
+            f"note: {st.recovered} answer(s) that an earlier run received and had not yet"
+            " written were recorded from its journal, not sent again"
+        )
     if st.fenced:
         _err(
             f"note: {st.fenced} late answer(s) were not recorded: the job had been cancelled"

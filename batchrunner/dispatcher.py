@@ -33,6 +33,7 @@ from typing import Any
 
 import orjson
 
+from batchrunner import journal
 from batchrunner.client import ApiClient
 from batchrunner.config import RunConfig
 from batchrunner.coordination import Coordinator, WorkerCounters, heartbeat_interval_s
@@ -105,6 +106,9 @@ class RunStats:
     lost_leases: int = 0
     #: Ended jobs the writer has not yet committed.
     unwritten: int = 0
+    #: Jobs ended by answers that an earlier run received and had not yet written when it
+    #: died, recorded from its journal before this run began.
+    recovered: int = 0
 
     @property
     def ended(self) -> int:
@@ -280,6 +284,8 @@ class Dispatcher:
         #: Lease expiry (Unix) of each claim, as claimed; heartbeats extend them all.
         self._claims: dict[str, float] = {}
         self._forced = False
+        #: Every ended job goes here first, until its transaction commits (journal.py).
+        self._journal: journal.Journal | None = None
 
     # -- control ----------------------------------------------------------------------------
 
@@ -304,6 +310,28 @@ class Dispatcher:
     # -- the run ----------------------------------------------------------------------------
 
     async def run(self) -> RunResult:
+        await self._open_journal()
+        try:
+            return await self._run()
+        finally:
+            if self._journal is not None:
+                self._journal.close()
+
+    async def _open_journal(self) -> None:
+        """Record what dead runs of the batch kept in their journals (before registering,
+        which releases their jobs), then start this run's."""
+        directory = journal.directory_for(self.store)
+        if directory is None:
+            return
+        self.stats.recovered = await journal.recover(
+            self.store, self.batch.id, directory, time.time()
+        )
+        try:
+            self._journal = journal.Journal(directory, self.batch.id, self.worker_id)
+        except OSError as exc:
+            log.warning("running without an answer journal: %s", exc)
+
+    async def _run(self) -> RunResult:
         counts = await self.store.counts(self.batch.id)
         self.stats.total = counts.total
         self.stats.ended_before = counts.total - counts.unfinished
@@ -473,6 +501,8 @@ class Dispatcher:
             # Attempts of earlier runs count against the cap.
             policy = replace(policy, max_attempts=max(1, policy.max_attempts - job.attempts))
         reserved = Decimal(0)
+        #: This job's attempts in this run, journalled with its end.
+        tried: list[AttemptRecord] = []
 
         async def attempt(number: int) -> Outcome:
             nonlocal reserved
@@ -517,16 +547,16 @@ class Dispatcher:
             self.pacer.observe(outcome, job.est_tokens, sent_at_s=sent_at)
             if outcome.kind is OutcomeKind.SUCCESS:
                 outcome = self._check_schema(job, outcome)
-            self._attempts.append(
-                AttemptRecord(
-                    job_id=job.id,
-                    status_code=outcome.status,
-                    error_kind=None if outcome.kind is OutcomeKind.SUCCESS else outcome.error_kind,
-                    latency_ms=outcome.latency_s * 1000.0,
-                    request_id=outcome.request_id,
-                    started_at=started,
-                )
+            record = AttemptRecord(
+                job_id=job.id,
+                status_code=outcome.status,
+                error_kind=None if outcome.kind is OutcomeKind.SUCCESS else outcome.error_kind,
+                latency_ms=outcome.latency_s * 1000.0,
+                request_id=outcome.request_id,
+                started_at=started,
             )
+            self._attempts.append(record)
+            tried.append(record)
             if outcome.kind is OutcomeKind.STOP_RUN:
                 reason = StopReason.QUOTA if outcome.error_kind == "quota" else StopReason.AUTH
                 error = QuotaError if reason is StopReason.QUOTA else AuthError
@@ -557,7 +587,7 @@ class Dispatcher:
             if self.budget is not None and reserved:
                 self.budget.settle(reserved, Decimal(0))
             return  # the job itself is fine: pending again for the next run
-        committed = self._end(job, outcome, attempts, reserved)
+        committed = self._end(job, outcome, attempts, reserved, tried)
         try:
             # Not shielded (a shield per request costs two more turns of the event loop): the
             # one cancellation there is, at the end of a run, cancels every worker at once.
@@ -586,7 +616,12 @@ class Dispatcher:
         return outcome
 
     def _end(
-        self, job: ClaimedJob, outcome: Outcome, attempts: int, reserved: Decimal
+        self,
+        job: ClaimedJob,
+        outcome: Outcome,
+        attempts: int,
+        reserved: Decimal,
+        tried: list[AttemptRecord],
     ) -> asyncio.Future[None]:
         """Hand a job's end to the writer; returns what resolves once it is committed."""
         if outcome.kind is OutcomeKind.SUCCESS and outcome.completion is not None:
@@ -599,45 +634,44 @@ class Dispatcher:
                 self.budget.settle(reserved, actual)
             self.stats.succeeded += 1
             self.stats.tokens += usage.total_tokens if usage else 0
-            self._ended.append(
-                Ended(
-                    job_id=job.id,
-                    lease_token=job.lease_token,
-                    state=JobState.SUCCEEDED,
-                    attempts=attempts,
-                    status_code=outcome.status,
-                    latency_ms=outcome.latency_s * 1000.0,
-                    request_id=outcome.request_id,
-                    response=outcome.body,
-                    model=model,
-                    prompt_tokens=usage.prompt_tokens if usage else None,
-                    completion_tokens=usage.completion_tokens if usage else None,
-                    cached_tokens=usage.cached_tokens if usage else None,
-                    reasoning_tokens=usage.reasoning_tokens if usage else None,
-                    total_tokens=usage.total_tokens if usage else None,
-                    schema_valid=self._schema.verdict(job.body, completion)
-                    if SchemaCheck.wanted(job.body)
-                    else None,
-                )
+            end = Ended(
+                job_id=job.id,
+                lease_token=job.lease_token,
+                state=JobState.SUCCEEDED,
+                attempts=attempts,
+                status_code=outcome.status,
+                latency_ms=outcome.latency_s * 1000.0,
+                request_id=outcome.request_id,
+                response=outcome.body,
+                model=model,
+                prompt_tokens=usage.prompt_tokens if usage else None,
+                completion_tokens=usage.completion_tokens if usage else None,
+                cached_tokens=usage.cached_tokens if usage else None,
+                reasoning_tokens=usage.reasoning_tokens if usage else None,
+                total_tokens=usage.total_tokens if usage else None,
+                schema_valid=self._schema.verdict(job.body, completion)
+                if SchemaCheck.wanted(job.body)
+                else None,
             )
         else:
             if self.budget is not None and reserved:
                 # A failed request may still have been billed for its prompt; keep it reserved.
                 self.budget.settle(reserved, None)
             self.stats.failed += 1
-            self._ended.append(
-                Ended(
-                    job_id=job.id,
-                    lease_token=job.lease_token,
-                    state=JobState.FAILED,
-                    attempts=attempts,
-                    status_code=outcome.status,
-                    latency_ms=outcome.latency_s * 1000.0,
-                    request_id=outcome.request_id,
-                    error_kind=outcome.error_kind,
-                    error=outcome.body or outcome.message,
-                )
+            end = Ended(
+                job_id=job.id,
+                lease_token=job.lease_token,
+                state=JobState.FAILED,
+                attempts=attempts,
+                status_code=outcome.status,
+                latency_ms=outcome.latency_s * 1000.0,
+                request_id=outcome.request_id,
+                error_kind=outcome.error_kind,
+                error=outcome.body or outcome.message,
             )
+        self._ended.append(end)
+        if self._journal is not None:
+            self._journal.add(end, tried)
         self.stats.unwritten = len(self._ended)
         self._wake_writer.set()
         if self._next_commit is None:
@@ -666,14 +700,22 @@ class Dispatcher:
         ended, self._ended = self._ended, []
         attempts, self._attempts = self._attempts, []
         commit, self._next_commit = self._next_commit, None
+        segment = self._journal.seal() if self._journal is not None else None
+        written = False
         try:
-            await self._record(ended, attempts)
+            written = await self._record(ended, attempts)
         finally:
+            if segment is not None:
+                if written:
+                    segment.committed()
+                else:
+                    segment.keep()  # its answers wait for the next run to record them
             # Also when the write failed for good: the run is stopping, nobody may hang.
             if commit is not None and not commit.done():
                 commit.set_result(None)
 
-    async def _record(self, ended: list[Ended], attempts: list[AttemptRecord]) -> None:
+    async def _record(self, ended: list[Ended], attempts: list[AttemptRecord]) -> bool:
+        """Write them, trying again a few times; False when the run had to stop instead."""
         for attempt in range(1, WRITE_ATTEMPTS + 1):
             try:
                 outcome = await self.store.record(
@@ -686,13 +728,14 @@ class Dispatcher:
                         f"could not record results: {exc.message}; the jobs stay unfinished"
                         " and are sent again by the next run",
                     )
-                    return
+                    return False
                 log.warning("recording results failed (%s); trying again", exc.message)
                 await asyncio.sleep(WRITE_RETRY_S * attempt)
                 continue
             self.stats.fenced += outcome.fenced
             self.stats.unwritten = len(self._ended)
-            return
+            return True
+        return False
 
     async def _give_back(self) -> None:
         """Every job still held goes back to pending for the next run."""

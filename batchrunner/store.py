@@ -14,14 +14,15 @@ import os
 import socket
 import sqlite3
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple, TypeVar
 
 import orjson
-from sqlalchemy import Row, TextClause, insert, text
+from sqlalchemy import Row, TextClause, bindparam, insert, text
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -342,6 +343,22 @@ WITH ended AS (
 )
 SELECT count(*) FROM done
 """
+
+
+#: Job ids bound in one IN (...) list: well under SQLite's parameter limit.
+_IDS_PER_STATEMENT = 500
+#: Lease of a job taken back for an answer from a journal, until it is recorded a moment later:
+#: long enough that no claim takes it meanwhile; should this process die in between, the next
+#: run on this host releases it at once (the lease names the dead worker).
+KEPT_LEASE_S = 60.0
+_ATTEMPT_STARTS_AMONG = text(
+    "SELECT job_id, started_at FROM attempts WHERE job_id IN :ids"
+).bindparams(bindparam("ids", expanding=True))
+_TAKE_BACK = text(
+    "UPDATE jobs SET state = 'running', lease_owner = :w, lease_token = :t,"
+    " lease_expires_at = :exp, updated_at = :now"
+    " WHERE batch_id = :b AND state IN ('pending', 'running') AND id IN :ids RETURNING id"
+).bindparams(bindparam("ids", expanding=True))
 
 
 class BatchExists(Exception):
@@ -989,6 +1006,55 @@ class JobStore:
                 raise
             raise StoreError(f"database write failed: {db.describe(exc)}") from exc
         return RecordOutcome(recorded=recorded, fenced=len(ends) - recorded)
+
+    async def record_kept(
+        self,
+        batch_id: str,
+        worker_id: str,
+        entries: Sequence[tuple[Ended, Sequence[AttemptRecord]]],
+        now: float,
+    ) -> int:
+        """Record the ends that a dead run of `worker_id` kept in its answer journal
+        (journal.py), with the attempts that led to them; returns how many were recorded.
+
+        Only jobs of the batch that have not ended since. They are first taken back under a
+        lease token of their own, from whichever worker holds them now (its answer, or a
+        statement of the dead run still queued at the server, is then fenced: each job is
+        recorded once, whoever sent it), then recorded as `record` does. Attempts that an
+        earlier transaction of the dead run logged are not logged again.
+        """
+        first: dict[int, tuple[Ended, Sequence[AttemptRecord]]] = {}
+        for end, attempts in entries:
+            first.setdefault(end.job_id, (end, attempts))
+        token = f"{worker_id}.kept.{uuid.uuid4().hex[:12]}"
+        taken: list[int] = []
+        logged: set[tuple[int, float]] = set()
+        ids = list(first)
+        async with self._write() as conn:
+            for lo in range(0, len(ids), _IDS_PER_STATEMENT):
+                chunk = ids[lo : lo + _IDS_PER_STATEMENT]
+                params = {
+                    "b": batch_id,
+                    "ids": chunk,
+                    "w": worker_id,
+                    "t": token,
+                    "exp": now + KEPT_LEASE_S,
+                    "now": now,
+                }
+                taken.extend((await conn.execute(_TAKE_BACK, params)).scalars())
+                rows = await conn.execute(_ATTEMPT_STARTS_AMONG, {"ids": chunk})
+                logged.update((job_id, started_at) for job_id, started_at in rows)
+        if not taken:
+            return 0
+        taken.sort()
+        ended = [replace(first[job_id][0], lease_token=token) for job_id in taken]
+        attempts = [
+            a
+            for job_id in taken
+            for a in first[job_id][1]
+            if (a.job_id, a.started_at) not in logged
+        ]
+        return (await self.record(batch_id, worker_id, ended, attempts, now)).recorded
 
     # -- batch-wide changes -----------------------------------------------------------------
 

@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 import pytest
 
+from batchrunner.journal import STATE_DIR_ENV
 from batchrunner.store import JobStore
 
 #: The PostgreSQL server the tests may use, e.g. postgresql://postgres@127.0.0.1:5432/test.
@@ -41,6 +42,15 @@ async def _pg_admin(admin_url: str, sql: str) -> None:
         await conn.execute(sql)
     finally:
         await conn.close()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _state_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Answer journals of PostgreSQL runs go to a temporary directory, not the user's home;
+    the runs the tests start as processes inherit it."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(STATE_DIR_ENV, str(tmp_path_factory.mktemp("state")))
+        yield
 
 
 @pytest.fixture

@@ -1,0 +1,325 @@
+"""The answer journal: an answer that has arrived is not sent again after a kill -9, even
+while its transaction has yet to commit.
+
+First on the journal and the store, in-process; then with a real `batchrunner run` killed while
+the database holds up its writes, so that every answer it has received is still uncommitted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sqlite3
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+
+from batchrunner import journal
+from batchrunner.config import RunConfig
+from batchrunner.dispatcher import Dispatcher, StopReason
+from batchrunner.fakeapi import FakeConfig, FakeServer
+from batchrunner.ingest import submit_file
+from batchrunner.models import JobState
+from batchrunner.store import AttemptRecord, ClaimedJob, Ended, JobStore
+from tests.conftest import chat
+
+MakeFile = Callable[..., Path]
+
+LEASE_S = 60.0
+#: The killed run's requests in flight at once (and, with writes held up, all it sends).
+CONCURRENCY = 4
+#: Long enough to take the database's write lock between the first request and its answer.
+ANSWER_MS = 300
+#: After the server has sent its last answer: time for the client to read it.
+SETTLE_S = 0.5
+RUN_TIMEOUT_S = 60.0
+
+
+def _success(job: ClaimedJob, answer: str) -> Ended:
+    return Ended(
+        job_id=job.id,
+        lease_token=job.lease_token,
+        state=JobState.SUCCEEDED,
+        attempts=2,
+        status_code=200,
+        latency_ms=12.5,
+        request_id=f"req_{answer}",
+        response=f'{{"answer": "{answer}"}}',
+        model="gpt-4o-mini",
+        prompt_tokens=3,
+        completion_tokens=4,
+        cached_tokens=1,
+        reasoning_tokens=0,
+        total_tokens=7,
+    )
+
+
+def _tries(job: ClaimedJob, t0: float) -> list[AttemptRecord]:
+    """A 500, then the answer."""
+    return [
+        AttemptRecord(job.id, 500, "http_500", 3.0, "req_first", t0),
+        AttemptRecord(job.id, 200, None, 12.5, "req_second", t0 + 1.25),
+    ]
+
+
+async def _rows(store: JobStore, sql: str, **params: Any) -> list[Any]:
+    async with store.engine.connect() as conn:
+        return list((await conn.execute(text(sql), params)).all())
+
+
+async def _claimed(store: JobStore, make_file: MakeFile, n: int) -> tuple[str, list[ClaimedJob]]:
+    batch_id = (await submit_file(store, make_file([chat(f"kept {i}") for i in range(n)]))).batch.id
+    jobs = await store.claim(batch_id, "w-dead", "w-dead.1", n, time.time(), LEASE_S)
+    assert len(jobs) == n
+    return batch_id, jobs
+
+
+def _segments(directory: Path) -> list[Path]:
+    return sorted(directory.glob(f"*{journal.SEGMENT_SUFFIX}"))
+
+
+async def test_a_dead_runs_journal_is_recorded_once_and_jobs_ended_since_are_left_alone(
+    store: JobStore, make_file: MakeFile, tmp_path: Path
+) -> None:
+    batch_id, (kept, given_back, ended_since, half_logged) = await _claimed(store, make_file, 4)
+    t0 = time.time()
+    # Before the kill the dead run committed one job's end, and another's first attempt.
+    await store.record(
+        batch_id,
+        "w-dead",
+        [_success(ended_since, "committed")],
+        [_tries(half_logged, t0)[0]],
+        t0,
+    )
+    # Since then a run on another machine gave one job back as pending.
+    assert await store.release("w-dead", [(given_back.id, given_back.lease_token)]) == 1
+    directory = tmp_path / "answers"
+    dead = journal.Journal(directory, batch_id, "w-dead")
+    for job in (kept, given_back, ended_since, half_logged):
+        dead.add(_success(job, f"kept {job.id}"), _tries(job, t0))
+    dead.close()  # what the kernel does for a dead run: its segment stays, unlocked
+    assert len(_segments(directory)) == 1
+
+    assert await journal.recover(store, batch_id, directory, time.time()) == 3
+
+    assert _segments(directory) == []
+    results = {r.job_id: r for r in await _rows(store, "SELECT * FROM results")}
+    assert sorted(results) == sorted([kept.id, given_back.id, ended_since.id, half_logged.id])
+    assert results[ended_since.id].response == '{"answer": "committed"}'
+    for job in (kept, given_back, half_logged):
+        assert results[job.id].response == f'{{"answer": "kept {job.id}"}}'
+        assert results[job.id].request_id == f"req_kept {job.id}"
+        assert (results[job.id].attempts, results[job.id].cached_tokens) == (2, 1)
+    states = await _rows(store, "SELECT state, lease_token, attempts FROM jobs")
+    assert {(s.state, s.lease_token, s.attempts) for s in states} == {("succeeded", None, 2)}
+    # Each attempt logged once, under the worker that made it; none of the job that had
+    # already ended.
+    log = await _rows(store, "SELECT job_id, worker_id, status_code, started_at FROM attempts")
+    by_job: dict[int, list[Any]] = {}
+    for row in log:
+        by_job.setdefault(row.job_id, []).append((row.worker_id, row.status_code, row.started_at))
+    assert sorted(by_job) == sorted([kept.id, given_back.id, half_logged.id])
+    for job in (kept, given_back, half_logged):
+        assert sorted(by_job[job.id]) == [("w-dead", 200, t0 + 1.25), ("w-dead", 500, t0)]
+    # Nothing left to do the second time.
+    assert await journal.recover(store, batch_id, directory, time.time()) == 0
+
+
+async def test_a_live_runs_journal_is_not_touched(
+    store: JobStore, make_file: MakeFile, tmp_path: Path
+) -> None:
+    batch_id, (job,) = await _claimed(store, make_file, 1)
+    directory = tmp_path / "answers"
+    live = journal.Journal(directory, batch_id, "w-live")
+    live.add(_success(job, "live"), _tries(job, time.time()))
+    try:
+        assert await journal.recover(store, batch_id, directory, time.time()) == 0
+        assert len(_segments(directory)) == 1
+        assert await _rows(store, "SELECT job_id FROM results") == []
+    finally:
+        segment = live.seal()
+        assert segment is not None
+        segment.committed()
+        live.close()
+    assert not directory.exists()
+
+
+async def test_a_line_cut_short_is_skipped_and_the_rest_recorded(
+    store: JobStore, make_file: MakeFile, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    batch_id, (whole, cut) = await _claimed(store, make_file, 2)
+    directory = tmp_path / "answers"
+    dead = journal.Journal(directory, batch_id, "w-dead")
+    dead.add(_success(whole, "whole"), [])
+    dead.add(_success(cut, "cut"), [])
+    dead.close()
+    (path,) = _segments(directory)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 20])  # the machine went down mid-write
+
+    assert await journal.recover(store, batch_id, directory, time.time()) == 1
+
+    assert [r.job_id for r in await _rows(store, "SELECT job_id FROM results")] == [whole.id]
+    assert "1 unreadable line(s)" in caplog.text
+    assert _segments(directory) == []
+
+
+async def test_other_batches_journals_wait_for_their_own_runs(
+    store: JobStore, make_file: MakeFile, tmp_path: Path
+) -> None:
+    batch_id, (job,) = await _claimed(store, make_file, 1)
+    directory = tmp_path / "answers"
+    dead = journal.Journal(directory, "batch_someother", "w-dead")
+    dead.add(_success(job, "other"), [])
+    dead.close()
+    assert await journal.recover(store, batch_id, directory, time.time()) == 0
+    assert len(_segments(directory)) == 1
+
+
+async def test_where_the_journal_lives(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    monkeypatch.setenv(journal.STATE_DIR_ENV, str(tmp_path / "state"))
+    dirs: dict[str, Path | None] = {}
+    for url in (
+        f"sqlite+aiosqlite:///{tmp_path / 'jobs.db'}",
+        "sqlite+aiosqlite://",
+        "sqlite+aiosqlite:///:memory:",
+        "postgresql+asyncpg://u:secret@db.example:5432/a",
+        "postgresql+asyncpg://u:other@db.example:5432/a",
+        "postgresql+asyncpg://u@db.example:5432/b",
+    ):
+        store = JobStore(create_async_engine(url))
+        dirs[url] = journal.directory_for(store)
+        await store.close()
+    urls = list(dirs)
+    # SQLite: beside the database file; none for a database in memory.
+    assert dirs[urls[0]] == tmp_path / "jobs.db-answers"
+    assert dirs[urls[1]] is None and dirs[urls[2]] is None
+    # PostgreSQL: one directory per database, whatever the password.
+    assert dirs[urls[3]] == dirs[urls[4]] != dirs[urls[5]]
+    assert all(dirs[u].parent == tmp_path / "state" / "answers" for u in urls[3:])  # type: ignore[union-attr]
+
+
+async def test_a_finished_run_leaves_no_journal(
+    sqlite_url: str, make_file: MakeFile, tmp_path: Path
+) -> None:
+    async with await JobStore.open(sqlite_url) as store, FakeServer(FakeConfig()) as srv:
+        rows = [chat(f"tidy {i}") for i in range(40)]
+        batch = (await submit_file(store, make_file(rows), base_url=srv.url)).batch
+        config = RunConfig(concurrency=8, lease_s=LEASE_S)
+        result = await Dispatcher(store, batch, config, api_key=None, base_url=srv.url).run()
+    assert result.reason is StopReason.DONE and result.stats.succeeded == 40
+    assert result.stats.recovered == 0
+    assert not (tmp_path / "jobs.db-answers").exists()
+
+
+# -- a real run, killed while its answers wait for the database -----------------------------
+
+
+class _HeldWrites:
+    """Holds up the run's writes from outside: SQLite's write lock, or PostgreSQL's lock on
+    `results` (claims, which do not touch it, go on)."""
+
+    def __init__(self, store: JobStore, db_url: str) -> None:
+        self.store = store
+        self.db_url = db_url
+        self._sqlite: sqlite3.Connection | None = None
+        self._pg: Any = None
+
+    async def __aenter__(self) -> _HeldWrites:
+        if self.store.is_sqlite:
+            path = self.db_url.removeprefix("sqlite:///")
+            self._sqlite = sqlite3.connect(path, isolation_level=None)
+            self._sqlite.execute("BEGIN IMMEDIATE")
+        else:
+            self._pg = await self.store.engine.connect()
+            await self._pg.begin()
+            await self._pg.execute(text("LOCK TABLE results IN EXCLUSIVE MODE"))
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._sqlite is not None:
+            self._sqlite.execute("ROLLBACK")
+            self._sqlite.close()
+        if self._pg is not None:
+            # The server would run a dead client's queued statement once the lock is free;
+            # it goes, as it would once the server noticed its client had gone.
+            await self._pg.execute(
+                text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                )
+            )
+            await self._pg.rollback()
+            await self._pg.close()
+
+
+@pytest.mark.slow
+async def test_answers_waiting_for_their_commit_are_not_sent_again_after_kill_9(
+    store: JobStore, db_url: str, make_file: MakeFile, tmp_path: Path
+) -> None:
+    total = 12
+    rows = [chat(f"journalled {i}") for i in range(total)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "batchrunner",
+        "--db",
+        db_url,
+        "run",
+        "BATCH",
+        "--concurrency",
+        str(CONCURRENCY),
+        "--quiet",
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "BATCHRUNNER_DB"}
+    async with FakeServer(FakeConfig(latency_ms=ANSWER_MS)) as srv:
+        batch_id = (await submit_file(store, make_file(rows), base_url=srv.url)).batch.id
+        cmd[cmd.index("BATCH")] = batch_id
+        proc = await asyncio.create_subprocess_exec(
+            *cmd, cwd=tmp_path, env=env, stderr=asyncio.subprocess.PIPE
+        )
+        try:
+            while srv.stats.requests_total == 0:
+                assert proc.returncode is None
+                await asyncio.sleep(0.005)
+            async with _HeldWrites(store, db_url):
+                # Every request sent is answered, and none of the answers can be committed:
+                # the run's workers wait for their commit, so it sends no more than this.
+                while srv.stats.successes < CONCURRENCY or srv.stats.in_flight:
+                    assert proc.returncode is None
+                    await asyncio.sleep(0.005)
+                await asyncio.sleep(SETTLE_S)
+                answered = srv.stats.successes
+                proc.send_signal(signal.SIGKILL)
+                await proc.wait()
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        assert answered == srv.stats.requests_total == CONCURRENCY
+        assert await _rows(store, "SELECT job_id FROM results") == []
+
+        resumed = await asyncio.create_subprocess_exec(
+            *cmd, cwd=tmp_path, env=env, stderr=asyncio.subprocess.PIPE
+        )
+        _, err = await asyncio.wait_for(resumed.communicate(), RUN_TIMEOUT_S)
+        received = srv.stats.requests_by_body
+
+    stderr = err.decode()
+    assert resumed.returncode == 0, stderr
+    # Every request sent exactly once: the killed run's answers came from its journal.
+    assert len(received) == total and set(received.values()) == {1}
+    assert f"note: {CONCURRENCY} answer(s) that an earlier run received" in stderr
+    counts = await store.counts(batch_id)
+    assert counts.counts["succeeded"] == total and counts.unfinished == 0
+    results = await _rows(store, "SELECT job_id, attempts FROM results")
+    assert len(results) == total and {r.attempts for r in results} == {1}
+    assert len(await _rows(store, "SELECT job_id FROM attempts")) == total
