@@ -286,6 +286,8 @@ class Dispatcher:
         self._forced = False
         #: Every ended job goes here first, until its transaction commits (journal.py).
         self._journal: journal.Journal | None = None
+        #: A batch of ends could not be written: the journal keeps everything from then on.
+        self._lost_write = False
 
     # -- control ----------------------------------------------------------------------------
 
@@ -315,7 +317,7 @@ class Dispatcher:
             return await self._run()
         finally:
             if self._journal is not None:
-                self._journal.close()
+                self._journal.close(committed=not self._ended and not self._lost_write)
 
     async def _open_journal(self) -> None:
         """Record what dead runs of the batch kept in their journals (before registering,
@@ -705,11 +707,13 @@ class Dispatcher:
         try:
             written = await self._record(ended, attempts)
         finally:
+            if not written:
+                self._lost_write = True
             if segment is not None:
-                if written:
-                    segment.committed()
-                else:
+                if self._lost_write:
                     segment.keep()  # its answers wait for the next run to record them
+                else:
+                    segment.committed()
             # Also when the write failed for good: the run is stopping, nobody may hang.
             if commit is not None and not commit.done():
                 commit.set_result(None)

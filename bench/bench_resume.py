@@ -2,23 +2,28 @@
 
 `bench/fastserver.py` answers after a lognormal 200 ms (so that many requests are in flight at
 any moment) and counts, per exact body, every request it receives. The run is killed with
-SIGKILL once the server has answered a given share of the batch; the server then counts the
-requests whose connection died before their answer was written: those were in flight at the
-kill. A second `batchrunner run` resumes the batch to the end. Then:
+SIGKILL once the server has answered a given share of the batch; the server then tells how many
+requests it had received and answered by the instant of the kill: the difference was in flight
+at the kill. (Not the requests whose connection the server saw close unanswered: answers falling
+due between the kill and the server noticing the closed connections go to a dead socket, and
+the server counts them as answered.) A second `batchrunner run` resumes the batch to the end.
+Then:
 
 - re-sent = requests whose exact body the server had received before (every body is distinct);
 - goal: re-sent <= in flight at the kill, read two ways: (a) in flight = sent and its result not
   yet committed (sent before the kill minus results in the database after it), the reading under
   which DESIGN.md's promise "only the requests in flight at that moment are sent again" can hold;
-  (b) the strict reading, in flight = sent and not yet answered (the server's count above). An
-  answer read but not yet committed when the process dies is lost under any design, so (b) can
-  only hold when the kill lands while nothing waits to be written.
+  (b) the strict reading, in flight = sent and not yet answered at the kill (the server's
+  count above).
+  Answers that had arrived and were waiting for their commit are kept by the run's answer
+  journal (batchrunner/journal.py) and recorded by the resuming run, which says how many.
 
     python bench/bench_resume.py [--quick] [--no-record]
 """
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import time
@@ -55,6 +60,8 @@ QUICK_KILL_AT = (0.5,)
 POLL_S = 0.01
 RUN_TIMEOUT_S = 600.0
 SETTLE_TIMEOUT_S = 30.0
+#: What the resuming run says of the answers it recorded from the killed run's journal.
+RECOVERED = re.compile(r"note: (\d+) answer\(s\) that an earlier run received")
 
 
 def _once(tmp: Path, n: int, kill_at: float, index: int) -> dict[str, Any]:
@@ -87,6 +94,7 @@ def _once(tmp: Path, n: int, kill_at: float, index: int) -> dict[str, Any]:
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("the run ended or stalled before the kill point")
             time.sleep(POLL_S)
+        killed_at = time.monotonic()  # system-wide on Linux: the server's clock too
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         # The dead client's sockets close; the server counts the answers it could not send.
@@ -95,6 +103,7 @@ def _once(tmp: Path, n: int, kill_at: float, index: int) -> dict[str, Any]:
             if time.monotonic() > deadline:
                 raise RuntimeError("requests still in flight long after the kill")
             time.sleep(POLL_S)
+        at_kill = server.stats(f"/_stats?at={killed_at!r}")
         committed = db_count(db_url, "SELECT count(*) FROM results")
         resumed = run_measured(
             batchrunner(db_url, "run", batch_id, "--concurrency", CONCURRENCY, "--quiet"),
@@ -106,13 +115,16 @@ def _once(tmp: Path, n: int, kill_at: float, index: int) -> dict[str, Any]:
     if final != n:
         raise RuntimeError(f"expected {n} results after resuming, found {final}")
     re_sent = after["resent"] - at_kill["resent"]
+    recovered = RECOVERED.search(resumed.stderr)
     return {
         "kill_at_share_answered": kill_at,
         "sent_before_kill": at_kill["requests_total"],
-        "in_flight_at_kill": at_kill["lost"],
+        "in_flight_at_kill": at_kill["received_by_at"] - at_kill["answered_by_at"],
+        "closed_unanswered": at_kill["lost"],
         "committed_at_kill": committed,
         "sent_not_committed_at_kill": at_kill["requests_total"] - committed,
         "re_sent": re_sent,
+        "recorded_from_journal": int(recovered.group(1)) if recovered else 0,
         "resume_wall_s": resumed.wall_s,
         "requests_total": after["requests_total"],
     }
@@ -158,7 +170,8 @@ def main() -> None:
             f"re-sent vs {in_flight} awaiting an answer",
             all(r["re_sent"] <= r["in_flight_at_kill"] for r in runs),
             f"{setting}; the strict reading: only requests the server had not answered; "
-            f"{uncommitted - in_flight} answers had arrived but were not yet committed",
+            f"{uncommitted - in_flight} answers had arrived but were not yet committed, "
+            f"{sum(r['recorded_from_journal'] for r in runs)} recorded from the answer journal",
         ),
     ]
     report(

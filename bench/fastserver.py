@@ -9,12 +9,16 @@ It also counts what the benchmarks need to know about the client:
 
 - `requests_total`, `answered`, `in_flight`, `distinct_bodies`, `resent` (requests whose exact
   body had been received before);
-- `lost`: requests whose connection closed before their answer was written, i.e. requests in
-  flight when the client died;
+- `lost`: requests whose connection closed before their answer was written;
+- with `?at=T` (a `time.monotonic()`, e.g. the instant a client was killed): `received_by_at`
+  and `answered_by_at`, the requests received and answered up to then. Their difference is what
+  was in flight at T. (`lost` undercounts that: an answer falling due between the client's death
+  and the server noticing its closed connection is written to a dead socket and counted as
+  answered.)
 - `first_request_s` / `last_request_s`: `time.monotonic()` (system-wide on Linux) of the first
   and last request since the last reset.
 
-`GET /_stats` returns them as JSON, `POST /_reset` clears them.
+`GET /_stats[?at=T]` returns them as JSON, `POST /_reset` clears them.
 
     python bench/fastserver.py --port 0 [--latency-ms 200 --latency-dist lognormal]
 
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import math
 import random
 import signal
@@ -107,10 +112,20 @@ class Counters:
         self.bodies: set[int] = set()
         self.first_request_s: float | None = None
         self.last_request_s: float | None = None
+        #: `time.monotonic()` of each completion request received and answered, in order.
+        self.received_at: list[float] = []
+        self.answered_at: list[float] = []
 
-    def to_json(self) -> bytes:
+    def to_json(self, at: float | None = None) -> bytes:
+        upto = {}
+        if at is not None:
+            upto = {
+                "received_by_at": bisect.bisect_right(self.received_at, at),
+                "answered_by_at": bisect.bisect_right(self.answered_at, at),
+            }
         return orjson.dumps(
             {
+                **upto,
                 "requests_total": self.requests_total,
                 "answered": self.answered,
                 "in_flight": self.in_flight,
@@ -206,6 +221,7 @@ class HttpProtocol(asyncio.Protocol):
             if counters.first_request_s is None:
                 counters.first_request_s = now
             counters.last_request_s = now
+            counters.received_at.append(now)
             counters.requests_total += 1
             counters.in_flight += 1
             key = hash(body)
@@ -222,7 +238,9 @@ class HttpProtocol(asyncio.Protocol):
             transport.close()
             return
         if method == b"GET" and path.endswith(b"/_stats"):
-            transport.write(_plain(b"200 OK", self.counters.to_json()))
+            query = rest.partition(b" ")[0].partition(b"?")[2]
+            at = float(query[3:]) if query.startswith(b"at=") else None
+            transport.write(_plain(b"200 OK", self.counters.to_json(at)))
         elif method == b"POST" and path.endswith(b"/_reset"):
             self.counters.reset()
             transport.write(_plain(b"200 OK", b'{"ok":true}'))
@@ -245,6 +263,7 @@ class HttpProtocol(asyncio.Protocol):
         counters = self.counters
         counters.in_flight -= 1
         counters.answered += 1
+        counters.answered_at.append(time.monotonic())
         transport.write(OK_RESPONSE)
         if self.pending:
             self._schedule()

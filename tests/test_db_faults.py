@@ -311,6 +311,9 @@ async def test_disk_full_stops_the_run_and_the_next_run_finishes_at_once(
         stderr = await _finish(proc)
         assert proc.returncode == 0, stderr
         await _assert_finished_once(store, batch_id, srv, resendable)
+        # Nor is anything sent twice: the answers the failed run could not write waited in
+        # its journal (on the same full disk: a journal's segment stays under the limit).
+        assert set(srv.stats.requests_by_body.values()) == {1}, stderr
 
 
 async def test_a_worker_marked_stopped_holds_no_job(store: JobStore, make_file: MakeFile) -> None:

@@ -103,7 +103,7 @@ async def test_a_dead_runs_journal_is_recorded_once_and_jobs_ended_since_are_lef
     dead = journal.Journal(directory, batch_id, "w-dead")
     for job in (kept, given_back, ended_since, half_logged):
         dead.add(_success(job, f"kept {job.id}"), _tries(job, t0))
-    dead.close()  # what the kernel does for a dead run: its segment stays, unlocked
+    dead.close(committed=False)  # as the kernel does for a dead run: unlocked, kept
     assert len(_segments(directory)) == 1
 
     assert await journal.recover(store, batch_id, directory, time.time()) == 3
@@ -138,16 +138,70 @@ async def test_a_live_runs_journal_is_not_touched(
     directory = tmp_path / "answers"
     live = journal.Journal(directory, batch_id, "w-live")
     live.add(_success(job, "live"), _tries(job, time.time()))
+    await asyncio.sleep(0)  # the next turn of the event loop writes it
     try:
+        assert len(_segments(directory)) == 1
         assert await journal.recover(store, batch_id, directory, time.time()) == 0
         assert len(_segments(directory)) == 1
         assert await _rows(store, "SELECT job_id FROM results") == []
     finally:
-        segment = live.seal()
-        assert segment is not None
-        segment.committed()
-        live.close()
+        live.close(committed=True)
     assert not directory.exists()
+
+
+async def test_every_field_comes_back_as_it_was_written(tmp_path: Path) -> None:
+    ends = [
+        Ended(
+            1,
+            "w-a.1",
+            JobState.SUCCEEDED,
+            3,
+            200,
+            1.5,
+            "req_1",
+            '{"a": "\u00e9\\n"}',
+            "gpt-4o",
+            10,
+            20,
+            5,
+            7,
+            30,
+            True,
+        ),
+        Ended(
+            2,
+            "w-a.2",
+            JobState.FAILED,
+            1,
+            400,
+            2.25,
+            "req_2",
+            error_kind="http_400",
+            error='{"error": {"message": "bad"}}',
+        ),
+        Ended(3, "w-a.2", JobState.FAILED, 5, None, 0.0, error_kind="timeout", error=None),
+    ]
+    tries = [
+        [
+            AttemptRecord(1, 429, "rate_limited", 1.0, None, 1.5),
+            AttemptRecord(1, 200, None, 2.0, "r", 9.25),
+        ],
+        [AttemptRecord(2, 400, "http_400", 3.0, "req_2", 7.0)],
+        [],
+    ]
+    directory = tmp_path / "answers"
+    dead = journal.Journal(directory, "batch_x", "w-a")
+    for end, attempts in zip(ends, tries, strict=True):
+        dead.add(end, attempts)
+    dead.close(committed=False)
+    kept = journal.Kept()
+    (segment,) = journal._dead_segments(directory, "batch_x")
+    try:
+        journal._read(segment, kept)
+    finally:
+        segment.keep()
+    assert kept.unreadable == 0
+    assert kept.by_worker == {"w-a": list(zip(ends, tries, strict=True))}
 
 
 async def test_a_line_cut_short_is_skipped_and_the_rest_recorded(
@@ -158,7 +212,7 @@ async def test_a_line_cut_short_is_skipped_and_the_rest_recorded(
     dead = journal.Journal(directory, batch_id, "w-dead")
     dead.add(_success(whole, "whole"), [])
     dead.add(_success(cut, "cut"), [])
-    dead.close()
+    dead.close(committed=False)
     (path,) = _segments(directory)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) - 20])  # the machine went down mid-write
@@ -177,7 +231,7 @@ async def test_other_batches_journals_wait_for_their_own_runs(
     directory = tmp_path / "answers"
     dead = journal.Journal(directory, "batch_someother", "w-dead")
     dead.add(_success(job, "other"), [])
-    dead.close()
+    dead.close(committed=False)
     assert await journal.recover(store, batch_id, directory, time.time()) == 0
     assert len(_segments(directory)) == 1
 
