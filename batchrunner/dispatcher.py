@@ -702,18 +702,19 @@ class Dispatcher:
         ended, self._ended = self._ended, []
         attempts, self._attempts = self._attempts, []
         commit, self._next_commit = self._next_commit, None
-        segment = self._journal.seal() if self._journal is not None else None
+        journal = self._journal
+        mark = journal.mark() if journal is not None else None
         written = False
         try:
             written = await self._record(ended, attempts)
         finally:
             if not written:
                 self._lost_write = True
-            if segment is not None:
+            if journal is not None and mark is not None:
                 if self._lost_write:
-                    segment.keep()  # its answers wait for the next run to record them
+                    journal.kept(mark)  # its answers wait for the next run
                 else:
-                    segment.committed()
+                    journal.committed(mark)
             # Also when the write failed for good: the run is stopping, nobody may hang.
             if commit is not None and not commit.done():
                 commit.set_result(None)

@@ -3,23 +3,26 @@
 The dispatcher records ended jobs in batched transactions. An answer that has arrived and waits
 for the next commit would be lost by a `kill -9` and its request sent again by the next run.
 So each ended job first goes to a segment file of this run's journal: the kernel keeps what
-was written when the process dies. The answers of one turn of the event loop go in one
-`write()`, at the start of the next turn. (Not when the machine does:
-an fsync per answer would cost a disk flush on the hot path; a lost machine re-sends what was
-not committed, at most `--concurrency` requests, as before.) Once a segment has grown past
-`SEGMENT_BYTES`, the writer seals it when it takes the jobs added so far into a transaction,
-and deletes it once that transaction commits: creating and deleting a file per transaction
-cost more than the writes. Recording a segment again is harmless (below), so a segment may
-hold answers already committed.
+was written when the process dies (not what the machine does when it goes down: an fsync per
+answer would cost a disk flush on the hot path; a lost machine re-sends what was not committed,
+at most `--concurrency` requests, as before). The answers of one turn of the event loop go in
+one `write()`, at the start of the next turn.
 
-The next run of the batch on this machine records what the segments of dead runs hold before
-it claims anything (`recover`): each answer whose job has not ended since, and the attempts that
-led to it, exactly once.
+When the writer takes the jobs ended so far into a transaction it takes a `Mark`; once the
+transaction commits, a line in the segment says how many of its answers are committed. A
+segment that has grown past `SEGMENT_BYTES` is sealed instead, and deleted once committed
+(creating and deleting a file per transaction cost more than the writes themselves). After a
+write that failed nothing more is marked committed: the answers wait for the next run.
 
-Files: `<directory>/<batch id>.<worker id>.<n>.jnl`, one JSON array per line and ended job:
-the fields of `Ended` in order, then the job's attempts in this run, each the fields of
-`AttemptRecord` in order. A run holds an exclusive `flock` on each segment it has not yet
-deleted; a segment whose lock can be taken belongs to a run that has ended or died.
+The next run of the batch on this machine records what the segments of dead runs hold past
+their last committed mark, before it claims anything (`recover`): each answer whose job has not
+ended since, with the attempts that led to it, exactly once.
+
+Files: `<directory>/<batch id>.<worker id>.<n>.jnl`, one JSON value per line: an ended job as
+an array, the fields of `Ended` in order, then the job's attempts in this run, each the fields
+of `AttemptRecord` in order; or `{"committed": n}`, the first n answers of the segment being
+committed. A run holds an exclusive `flock` on each segment it has not yet deleted; a segment
+whose lock can be taken belongs to a run that has ended or died.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import logging
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import orjson
 
@@ -102,9 +105,18 @@ class Segment:
         os.close(self.fd)
 
 
+class Mark(NamedTuple):
+    """The answers of a segment handed to one transaction: its first `answers` lines."""
+
+    segment: Segment
+    answers: int
+    #: Closed to new answers: deleted once the transaction commits.
+    sealed: bool
+
+
 class Journal:
-    """One run's journal: `add` on every ended job, `seal` when the writer takes the jobs
-    added so far into a transaction."""
+    """One run's journal: `add` on every ended job; `mark` when the writer takes the jobs
+    added so far into a transaction, then `committed` or `kept` with that mark."""
 
     def __init__(self, directory: Path, batch_id: str, worker_id: str) -> None:
         directory.mkdir(parents=True, exist_ok=True)
@@ -113,6 +125,7 @@ class Journal:
         self._seq = 0
         self._current: Segment | None = None
         self._current_bytes = 0
+        self._current_answers = 0
         #: Lines added and not yet written, and whether their write is scheduled.
         self._pending: list[bytes] = []
         self._scheduled = False
@@ -132,40 +145,66 @@ class Journal:
         if not self._pending or self.failed:
             return
         data = b"".join(self._pending)
-        self._pending.clear()
         try:
-            if self._current is None:
-                self._current = self._open_segment()
-            view = memoryview(data)
-            while view:
-                view = view[os.write(self._current.fd, view) :]
-            self._current_bytes += len(data)
+            self._append(data)
+            self._current_answers += len(self._pending)
         except OSError as exc:
-            # A full disk must not stop the run: answers are still committed as they come,
-            # a kill just loses (and re-sends) the ones waiting for their commit.
-            self.failed = True
-            log.warning("the answer journal in %s stopped: %s", self.directory, exc)
+            self._stop(exc)
+        self._pending.clear()
 
-    def seal(self, *, whatever_its_size: bool = False) -> Segment | None:
-        """The current segment, closed to new jobs, once it has grown past SEGMENT_BYTES:
-        it holds no job added after this call. None while it goes on."""
+    def mark(self, *, seal: bool = False) -> Mark | None:
+        """The answers added so far, for the transaction about to be written; None when
+        there are none in the current segment. The segment is sealed when it has grown past
+        SEGMENT_BYTES (or `seal`)."""
         self.write()
-        if self._current_bytes < SEGMENT_BYTES and not whatever_its_size:
+        segment = self._current
+        if segment is None:
             return None
-        segment, self._current = self._current, None
-        self._current_bytes = 0
-        return segment
+        mark = Mark(segment, self._current_answers, seal or self._current_bytes >= SEGMENT_BYTES)
+        if mark.sealed:
+            self._current = None
+            self._current_bytes = self._current_answers = 0
+        return mark
+
+    def committed(self, mark: Mark) -> None:
+        """The mark's transaction committed."""
+        if mark.sealed:
+            mark.segment.committed()
+        elif mark.segment is self._current and not self.failed:
+            try:
+                self._append(orjson.dumps({"committed": mark.answers}, option=_NEWLINE))
+            except OSError as exc:
+                self._stop(exc)
+
+    def kept(self, mark: Mark) -> None:
+        """The mark's transaction failed: its answers wait for the next run."""
+        if mark.sealed:
+            mark.segment.keep()
 
     def close(self, *, committed: bool) -> None:
-        """At the end of the run. Its segment is deleted when every job added was committed,
-        else kept for a later run to record."""
-        segment = self.seal(whatever_its_size=True)
-        if segment is not None and committed:
-            segment.committed()
-        elif segment is not None:
-            segment.keep()
+        """At the end of the run: its segment is deleted when every job added was
+        committed, else kept for a later run to record."""
+        mark = self.mark(seal=True)
+        if mark is not None and committed:
+            mark.segment.committed()
+        elif mark is not None:
+            mark.segment.keep()
         with contextlib.suppress(OSError):
             self.directory.rmdir()  # only when empty
+
+    def _append(self, data: bytes) -> None:
+        if self._current is None:
+            self._current = self._open_segment()
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._current.fd, view) :]
+        self._current_bytes += len(data)
+
+    def _stop(self, exc: OSError) -> None:
+        # A full disk must not stop the run: answers are still committed as they come, a
+        # kill just loses (and re-sends) the ones waiting for their commit.
+        self.failed = True
+        log.warning("the answer journal in %s stopped: %s", self.directory, exc)
 
     def _open_segment(self) -> Segment:
         self._seq += 1
@@ -211,8 +250,11 @@ def _encode(end: Ended, attempts: Sequence[AttemptRecord]) -> bytes:
                 for a in attempts
             ],
         ),
-        option=orjson.OPT_APPEND_NEWLINE,
+        option=_NEWLINE,
     )
+
+
+_NEWLINE = orjson.OPT_APPEND_NEWLINE
 
 
 def _decode(line: bytes) -> tuple[Ended, list[AttemptRecord]]:
@@ -263,12 +305,17 @@ def _read(segment: Segment, kept: Kept) -> None:
     lines = data.split(b"\n")
     # A last line without its newline was cut short (the machine went down mid-write).
     kept.unreadable += len(lines[-1]) > 0
-    entries = kept.by_worker.setdefault(worker_id, [])
+    answers: list[tuple[Ended, list[AttemptRecord]]] = []
+    committed = 0
     for line in lines[:-1]:
         try:
-            entries.append(_decode(line))
-        except (orjson.JSONDecodeError, TypeError, ValueError):
+            if line.startswith(b"{"):
+                committed = max(committed, int(orjson.loads(line)["committed"]))
+            else:
+                answers.append(_decode(line))
+        except (orjson.JSONDecodeError, TypeError, ValueError, KeyError):
             kept.unreadable += 1
+    kept.by_worker.setdefault(worker_id, []).extend(answers[committed:])
 
 
 async def recover(store: JobStore, batch_id: str, directory: Path, now: float) -> int:

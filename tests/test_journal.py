@@ -131,6 +131,32 @@ async def test_a_dead_runs_journal_is_recorded_once_and_jobs_ended_since_are_lef
     assert await journal.recover(store, batch_id, directory, time.time()) == 0
 
 
+async def test_answers_marked_committed_are_not_recorded_again(
+    store: JobStore, make_file: MakeFile, tmp_path: Path
+) -> None:
+    """A job whose failure the dead run committed was sent back to pending by `retry`: the
+    journal must not end it again with the old answer. Only answers past the segment's last
+    committed mark are recovered."""
+    batch_id, (retried, unwritten) = await _claimed(store, make_file, 2)
+    directory = tmp_path / "answers"
+    dead = journal.Journal(directory, batch_id, "w-dead")
+    failure = Ended(retried.id, retried.lease_token, JobState.FAILED, 1, 400, 2.0, error="bad")
+    dead.add(failure, [])
+    mark = dead.mark()
+    assert mark is not None and mark.answers == 1 and not mark.sealed
+    await store.record(batch_id, "w-dead", [failure], [], time.time())
+    dead.committed(mark)
+    dead.add(_success(unwritten, "unwritten"), [])
+    dead.close(committed=False)
+    assert await store.retry_failed(batch_id) == 1
+
+    assert await journal.recover(store, batch_id, directory, time.time()) == 1
+
+    states = dict(await _rows(store, "SELECT id, state FROM jobs"))
+    assert states == {retried.id: "pending", unwritten.id: "succeeded"}
+    assert _segments(directory) == []
+
+
 async def test_a_live_runs_journal_is_not_touched(
     store: JobStore, make_file: MakeFile, tmp_path: Path
 ) -> None:
