@@ -121,6 +121,7 @@ def _once(tmp: Path, n: int, kill_at: float, index: int) -> dict[str, Any]:
         "sent_before_kill": at_kill["requests_total"],
         "in_flight_at_kill": at_kill["received_by_at"] - at_kill["answered_by_at"],
         "closed_unanswered": at_kill["lost"],
+        "answered_in_10ms_before_kill": at_kill["answered_in_10ms_before_at"],
         "committed_at_kill": committed,
         "sent_not_committed_at_kill": at_kill["requests_total"] - committed,
         "re_sent": re_sent,
@@ -170,8 +171,11 @@ def main() -> None:
             f"re-sent vs {in_flight} awaiting an answer",
             all(r["re_sent"] <= r["in_flight_at_kill"] for r in runs),
             f"{setting}; the strict reading: only requests the server had not answered; "
-            f"{uncommitted - in_flight} answers had arrived but were not yet committed, "
-            f"{sum(r['recorded_from_journal'] for r in runs)} recorded from the answer journal",
+            f"{uncommitted - in_flight} answered and not yet committed, "
+            f"{sum(r['recorded_from_journal'] for r in runs)} of them recorded from the answer "
+            "journal (the others were still on their way into the client: "
+            f"{sum(r['answered_in_10ms_before_kill'] for r in runs)} answers were written in "
+            "the last 10 ms before the kills)",
         ),
     ]
     report(

@@ -11,7 +11,8 @@ It also counts what the benchmarks need to know about the client:
   body had been received before);
 - `lost`: requests whose connection closed before their answer was written;
 - with `?at=T` (a `time.monotonic()`, e.g. the instant a client was killed): `received_by_at`
-  and `answered_by_at`, the requests received and answered up to then. Their difference is what
+  and `answered_by_at`, the requests received and answered up to then, and
+  `answered_in_10ms_before_at`. Their difference is what
   was in flight at T. (`lost` undercounts that: an answer falling due between the client's death
   and the server noticing its closed connection is written to a dead socket and counted as
   answered.)
@@ -119,9 +120,13 @@ class Counters:
     def to_json(self, at: float | None = None) -> bytes:
         upto = {}
         if at is not None:
+            answered = bisect.bisect_right(self.answered_at, at)
             upto = {
                 "received_by_at": bisect.bisect_right(self.received_at, at),
-                "answered_by_at": bisect.bisect_right(self.answered_at, at),
+                "answered_by_at": answered,
+                # Answers that may still have been on their way into the client at T.
+                "answered_in_10ms_before_at": answered
+                - bisect.bisect_right(self.answered_at, at - 0.01),
             }
         return orjson.dumps(
             {
