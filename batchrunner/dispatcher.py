@@ -8,7 +8,9 @@ One run is a handful of tasks around an in-memory queue:
                job, so that no more than `concurrency` requests are ever sent and unrecorded:
                the most a crash can make the next run send again
     writer     records ended jobs and the attempts log in batched transactions, each row
-               fenced by the lease token it was claimed with
+               fenced by the lease token it was claimed with; every end is first appended to
+               the run's answer journal (journal.py), which the next run records from should
+               this one die before the commit
     coordinator  (coordination.py) extends the leases of the jobs this worker holds, shares
                the batch's rate limits and the server's pauses with the other live workers
 
