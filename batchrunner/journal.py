@@ -186,9 +186,9 @@ class Journal:
         committed, else kept for a later run to record."""
         mark = self.mark(seal=True)
         if mark is not None and committed:
-            mark.segment.committed()
+            self.committed(mark)
         elif mark is not None:
-            mark.segment.keep()
+            self.kept(mark)
         with contextlib.suppress(OSError):
             self.directory.rmdir()  # only when empty
 

@@ -347,22 +347,11 @@ async def test_answers_waiting_for_their_commit_are_not_sent_again_after_kill_9(
 ) -> None:
     total = 12
     rows = [chat(f"journalled {i}") for i in range(total)]
-    cmd = [
-        sys.executable,
-        "-m",
-        "batchrunner",
-        "--db",
-        db_url,
-        "run",
-        "BATCH",
-        "--concurrency",
-        str(CONCURRENCY),
-        "--quiet",
-    ]
     env = {k: v for k, v in os.environ.items() if k != "BATCHRUNNER_DB"}
     async with FakeServer(FakeConfig(latency_ms=ANSWER_MS)) as srv:
         batch_id = (await submit_file(store, make_file(rows), base_url=srv.url)).batch.id
-        cmd[cmd.index("BATCH")] = batch_id
+        cmd = [sys.executable, "-m", "batchrunner", "--db", db_url, "run", batch_id]
+        cmd += ["--concurrency", str(CONCURRENCY), "--quiet"]
         proc = await asyncio.create_subprocess_exec(
             *cmd, cwd=tmp_path, env=env, stderr=asyncio.subprocess.PIPE
         )
