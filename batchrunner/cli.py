@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
+import gc
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
@@ -570,6 +572,7 @@ def db_downgrade(ctx: _Context, revision: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    _quick_exit()
     # Not click's standalone mode: it turns Ctrl-C into "Aborted!" and exit 1, and an
     # interrupted command must exit 130 wherever it was (loading a file, checking prices).
     try:
@@ -581,3 +584,19 @@ def main(argv: list[str] | None = None) -> None:
         exc.show()
         sys.exit(exc.exit_code)
     sys.exit(code if isinstance(code, int) else EXIT_OK)
+
+
+_quick_exit_registered = False
+
+
+def _quick_exit() -> None:
+    """Freeze the collector's objects when the interpreter exits, before it tears the
+    modules down: its exit runs several full collections, each a walk over every object that
+    SQLAlchemy and aiohttp made at import (~0.2 s of a command's ~0.9 s on a small machine).
+    Objects are still freed as their last reference goes; only cyclic garbage left at the very
+    end stays for the operating system to reclaim. Everything of ours is closed before then
+    (databases, journals, worker processes), so nothing waits on a collection to be written."""
+    global _quick_exit_registered
+    if not _quick_exit_registered:
+        _quick_exit_registered = True
+        atexit.register(gc.freeze)
