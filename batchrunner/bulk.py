@@ -30,6 +30,7 @@ WORKER_STOP_S = 10.0
 #: ...looked at this often.
 WORKER_POLL_S = 0.05
 _NO_MORE: Any = object()
+_ORPHANED: Any = object()
 
 
 @contextlib.contextmanager
@@ -79,10 +80,12 @@ class OrderedWorkers(Generic[T, R]):
     For CPU-bound Python (parsing a request file, turning rows into CSV), which one process
     runs on one core whatever the machine has. Each worker calls `setup(*args)` once (a
     module-level coroutine function: it is imported by name in the worker) for the `Handler`
-    of its tasks. At most `TASKS_AHEAD_PER_WORKER` tasks per worker are handed out ahead of
-    the result wanted next, so memory stays flat. A task that raises in a worker fails the
-    whole map with `error(its message)`; a worker that dies fails it too. Every worker is
-    stopped on the way out.
+    of its tasks; `args` come with the tasks (`map`), so that the workers may be started
+    first (`start`) and start up (import, which takes most of a second) while this process
+    is still working out what they will need. At most `TASKS_AHEAD_PER_WORKER` tasks per
+    worker are handed out ahead of the result wanted next, so memory stays flat. A task that
+    raises in a worker fails the whole map with `error(its message)`; a worker that dies
+    fails it too. Every worker is stopped at the end of `map`, or by `close`.
 
     Workers are started with multiprocessing's "spawn", which imports the main module again:
     a program using this must guard its main module with `if __name__ == "__main__":`.
@@ -91,32 +94,52 @@ class OrderedWorkers(Generic[T, R]):
     def __init__(
         self,
         setup: Callable[..., Awaitable[Handler[T, R]]],
-        args: tuple[Any, ...],
         workers: int,
         *,
         name: str,
         error: type[BatchrunnerError] = BatchrunnerError,
     ) -> None:
         context = multiprocessing.get_context("spawn")
+        self._setup_args: Any = context.Queue()
         self._tasks: Any = context.Queue()
         self._results: Any = context.Queue()
         self._error = error
         self._processes = [
             context.Process(
                 target=_serve,
-                args=(setup, args, self._tasks, self._results),
+                args=(setup, self._setup_args, self._tasks, self._results),
                 name=f"batchrunner-{name}-{i}",
                 daemon=True,
             )
             for i in range(workers)
         ]
+        self._started = False
+        self._args_sent = False
+        self._stopped = False
 
-    async def map(self, tasks: Iterable[T]) -> AsyncGenerator[R, None]:
+    def start(self) -> None:
+        """Start the worker processes (`map` does, if this was not called)."""
+        if not self._started:
+            self._started = True
+            for process in self._processes:
+                process.start()
+
+    async def close(self) -> None:
+        """Stop the workers (waiting for them in a thread); nothing once they are stopped."""
+        if self._started and not self._stopped:
+            await asyncio.get_running_loop().run_in_executor(None, self._stop)
+
+    async def map(self, args: tuple[Any, ...], tasks: Iterable[T]) -> AsyncGenerator[R, None]:
+        """The results of `tasks`, in their order, from workers set up with `setup(*args)`."""
+        if self._args_sent:
+            raise RuntimeError("the workers of an OrderedWorkers run one map only")
         loop = asyncio.get_running_loop()
         pending = iter(tasks)
-        for process in self._processes:
-            process.start()
+        self.start()
         try:
+            self._args_sent = True
+            for _ in self._processes:
+                self._setup_args.put(args)
             asked = 0
             done: dict[int, R] = {}
             for index in itertools.count():
@@ -133,7 +156,7 @@ class OrderedWorkers(Generic[T, R]):
                     done[number] = result
                 yield done.pop(index)
         finally:
-            await loop.run_in_executor(None, self._stop)
+            await self.close()
 
     def _next_result(self) -> tuple[int, R]:
         while True:
@@ -151,12 +174,14 @@ class OrderedWorkers(Generic[T, R]):
             return index, result
 
     def _stop(self) -> None:
+        self._stopped = True
+        # A worker still waiting for its setup stops at None there, one at work at None
+        # among the tasks.
+        stop = self._tasks if self._args_sent else self._setup_args
         for _ in self._processes:
-            self._tasks.put(None)
+            stop.put(None)
         deadline = time.monotonic() + WORKER_STOP_S
         for process in self._processes:
-            if process.pid is None:
-                continue  # never started
             while process.exitcode is None and time.monotonic() < deadline:
                 # Results nobody will read (the map was left early) are read all the same:
                 # a worker cannot exit while its last ones are stuck in a full pipe.
@@ -165,8 +190,8 @@ class OrderedWorkers(Generic[T, R]):
             if process.exitcode is None:
                 process.terminate()
                 process.join()
-        self._tasks.cancel_join_thread()
-        self._results.cancel_join_thread()
+        for q in (self._setup_args, self._tasks, self._results):
+            q.cancel_join_thread()
 
     def _discard_results(self) -> None:
         with contextlib.suppress(queue.Empty):
@@ -176,16 +201,30 @@ class OrderedWorkers(Generic[T, R]):
 
 def _serve(
     setup: Callable[..., Awaitable[Handler[Any, Any]]],
-    args: tuple[Any, ...],
+    setup_args: Any,
     tasks: Any,
     results: Any,
 ) -> None:
-    """A worker process of `OrderedWorkers`: (index, task) in, (index, result, error) out,
-    until None comes."""
+    """A worker process of `OrderedWorkers`: its setup's arguments (or None: stop) first, then
+    (index, task) in, (index, result, error) out, until None comes."""
     gc.disable()  # as collector_paused: bulk work makes no cycles worth a collection
     # Ctrl-C reaches the whole process group: it is the parent's to handle, and it stops us.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    asyncio.run(_serve_tasks(setup, args, tasks, results))
+    args = _get_or_orphaned(setup_args)
+    if args is not None and args is not _ORPHANED:
+        asyncio.run(_serve_tasks(setup, args, tasks, results))
+
+
+def _get_or_orphaned(source: Any) -> Any:
+    """The next item of a queue from the parent; `_ORPHANED` once the parent is gone."""
+    parent = multiprocessing.parent_process()
+    while True:
+        try:
+            # Blocking is fine: a worker's event loop runs nothing else meanwhile.
+            return source.get(timeout=WORKER_CHECK_S)
+        except queue.Empty:
+            if parent is not None and not parent.is_alive():
+                return _ORPHANED
 
 
 async def _serve_tasks(
@@ -199,19 +238,14 @@ async def _serve_tasks(
     except Exception as exc:
         results.put((-1, None, _error_text(exc)))
         return
-    parent = multiprocessing.parent_process()
     try:
         while True:
-            try:
-                # Blocking here is fine: this event loop runs nothing else meanwhile.
-                item = tasks.get(timeout=WORKER_CHECK_S)
-            except queue.Empty:
-                if parent is not None and not parent.is_alive():
-                    # The process that asked was killed: nobody wants the rest, nor the
-                    # results not yet through the pipe (waiting to flush them would hang).
-                    results.cancel_join_thread()
-                    return
-                continue
+            item = _get_or_orphaned(tasks)
+            if item is _ORPHANED:
+                # The process that asked was killed: nobody wants the rest, nor the results
+                # not yet through the pipe (waiting to flush them would hang).
+                results.cancel_join_thread()
+                return
             if item is None:
                 return
             index, task = item

@@ -43,7 +43,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
-from collections.abc import AsyncIterator, Callable, Collection, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Collection, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import IO, Any, BinaryIO, Final, Literal, TextIO
@@ -143,25 +143,34 @@ async def export_batch(
         with collector_paused():
             written = await _write_jsonl(rows, sink, _request_id_prefix(batch.id))
     else:
-        meta_keys = await batch_meta_keys(store, batch_id)
-        prices = prices or PriceBook.load()
         url = store.url_for_other_processes()
         # Only an export that may use workers needs the span up front.
         span = await store.export_span(batch_id) if url is not None and workers != 0 else None
         if workers is None:
             jobs = 0 if span is None else span[1] - span[0] + 1
             workers = workers_for(jobs >= PARALLEL_MIN_JOBS)
+        prices = prices or PriceBook.load()
         with collector_paused():
-            if span is not None and workers > 0:
+            if url is not None and span is not None and workers > 0:
                 pool: OrderedWorkers[tuple[int, int], tuple[str, int]] = OrderedWorkers(
-                    _open_csv_pages,
-                    (url, batch_id, failed_only, prices, meta_keys),
-                    workers,
-                    name="export",
-                    error=StoreError,
+                    _open_csv_pages, workers, name="export", error=StoreError
                 )
-                written = await _write_csv_by_workers(pool, span, sink, meta_keys, bom=bom)
+                # The workers start up while this process reads the metadata keys (which
+                # reads every job's metadata: a second for a million jobs).
+                pool.start()
+                try:
+                    meta_keys = await batch_meta_keys(store, batch_id)
+                    setup = (url, batch_id, failed_only, prices, meta_keys)
+                    written = await _write_csv_by_workers(
+                        pool.map(setup, export_page_ranges(span, PAGE_ROWS)),
+                        sink,
+                        meta_keys,
+                        bom=bom,
+                    )
+                finally:
+                    await pool.close()
             else:
+                meta_keys = await batch_meta_keys(store, batch_id)
                 pages = store.iter_export_pages(
                     batch_id, failed_only=failed_only, chunk_rows=PAGE_ROWS
                 )
@@ -291,8 +300,7 @@ async def _open_csv_pages(
 
 
 async def _write_csv_by_workers(
-    workers: OrderedWorkers[tuple[int, int], tuple[str, int]],
-    span: tuple[int, int],
+    pages: AsyncGenerator[tuple[str, int], None],
     sink: _Sink,
     meta_keys: list[str],
     *,
@@ -303,7 +311,7 @@ async def _write_csv_by_workers(
     sink.write_text(buffer.getvalue())
     written = 0
     # Closed here, so that the workers stop even when writing fails.
-    async with contextlib.aclosing(workers.map(export_page_ranges(span, PAGE_ROWS))) as pages:
+    async with contextlib.aclosing(pages):
         async for page_text, count in pages:
             sink.write_text(page_text)
             written += count

@@ -331,9 +331,9 @@ async def _parsed_in_process(path: Path) -> AsyncGenerator[_ParsedBlock, None]:
 
 def _parsed_by_workers(path: Path, workers: int) -> AsyncGenerator[_ParsedBlock, None]:
     pool: OrderedWorkers[tuple[int, bytes], _ParsedBlock] = OrderedWorkers(
-        _open_block_parser, (str(path),), workers, name="submit"
+        _open_block_parser, workers, name="submit"
     )
-    return pool.map(_blocks(path))
+    return pool.map((str(path),), _blocks(path))
 
 
 def _duplicate_ids(path: Path) -> list[LineError]:

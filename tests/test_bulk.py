@@ -41,8 +41,8 @@ async def _doubler(fail_on: int | None = None) -> _Doubler:
 
 @pytest.mark.slow
 async def test_results_come_back_in_the_order_of_the_tasks() -> None:
-    workers: OrderedWorkers[int, tuple[int, int]] = OrderedWorkers(_doubler, (), 3, name="test")
-    results = [result async for result in workers.map(range(40))]
+    workers: OrderedWorkers[int, tuple[int, int]] = OrderedWorkers(_doubler, 3, name="test")
+    results = [result async for result in workers.map((), range(40))]
     assert [doubled for doubled, _ in results] == [2 * i for i in range(40)]
     assert len({pid for _, pid in results} - {os.getpid()}) >= 2  # spread over the workers
 
@@ -50,11 +50,11 @@ async def test_results_come_back_in_the_order_of_the_tasks() -> None:
 @pytest.mark.slow
 async def test_a_task_that_raises_fails_the_map_with_its_message() -> None:
     workers: OrderedWorkers[int, tuple[int, int]] = OrderedWorkers(
-        _doubler, (5,), 2, name="test", error=StoreError
+        _doubler, 2, name="test", error=StoreError
     )
     seen = []
     with pytest.raises(StoreError, match="ValueError: cannot double 5"):
-        async for doubled, _ in workers.map(range(10)):
+        async for doubled, _ in workers.map((5,), range(10)):
             seen.append(doubled)
     # The error comes as soon as it is known, perhaps before results of earlier tasks.
     assert seen == [2 * i for i in range(len(seen))] and len(seen) <= 5
@@ -62,9 +62,37 @@ async def test_a_task_that_raises_fails_the_map_with_its_message() -> None:
 
 @pytest.mark.slow
 async def test_a_failing_setup_fails_the_map() -> None:
-    workers: OrderedWorkers[int, int] = OrderedWorkers(_doubler, ("too", "many"), 1, name="test")
+    workers: OrderedWorkers[int, int] = OrderedWorkers(_doubler, 1, name="test")
     with pytest.raises(BatchrunnerError, match="TypeError"):
-        async for _ in workers.map(range(3)):
+        async for _ in workers.map(("too", "many"), range(3)):
+            pass
+
+
+@pytest.mark.slow
+async def test_workers_started_early_stop_when_closed_before_any_map() -> None:
+    """Export starts its workers before it knows their setup: when it fails in between,
+    closing stops workers still waiting for it."""
+    workers: OrderedWorkers[int, tuple[int, int]] = OrderedWorkers(_doubler, 2, name="test")
+    workers.start()
+    assert all(p.pid is not None and p.exitcode is None for p in workers._processes)
+    await workers.close()
+    # Each left by itself, none terminated.
+    assert [p.exitcode for p in workers._processes] == [0, 0]
+    await workers.close()  # nothing more to do
+
+
+@pytest.mark.slow
+async def test_workers_started_early_take_their_setup_with_the_tasks() -> None:
+    workers: OrderedWorkers[int, tuple[int, int]] = OrderedWorkers(
+        _doubler, 2, name="test", error=StoreError
+    )
+    workers.start()
+    await asyncio.sleep(0.2)  # the workers wait for their setup meanwhile
+    with pytest.raises(StoreError, match="cannot double 3"):
+        async for _ in workers.map((3,), range(6)):
+            pass
+    with pytest.raises(RuntimeError, match="one map"):
+        async for _ in workers.map((), range(1)):
             pass
 
 
@@ -74,8 +102,8 @@ from batchrunner.bulk import OrderedWorkers
 from tests.test_bulk import _doubler
 
 async def main():
-    workers = OrderedWorkers(_doubler, (), 2, name="test")
-    async for _ in workers.map(range(10**9)):
+    workers = OrderedWorkers(_doubler, 2, name="test")
+    async for _ in workers.map((), range(10**9)):
         for process in workers._processes:
             print(process.pid, flush=True)
         await asyncio.sleep(3600)
@@ -137,8 +165,8 @@ async def _big() -> _Big:
 @pytest.mark.slow
 async def test_leaving_early_does_not_wait_for_results_nobody_reads() -> None:
     """A submit that meets a repeated id stops reading its workers' results at once."""
-    workers: OrderedWorkers[int, bytes] = OrderedWorkers(_big, (), 2, name="test")
-    async with contextlib.aclosing(workers.map(range(100))) as results:
+    workers: OrderedWorkers[int, bytes] = OrderedWorkers(_big, 2, name="test")
+    async with contextlib.aclosing(workers.map((), range(100))) as results:
         async for result in results:
             assert len(result) == 1 << 20
             break

@@ -677,12 +677,9 @@ async def test_csv_made_by_worker_processes_is_the_same_file(
 @pytest.mark.slow
 async def test_a_worker_that_cannot_read_the_database_fails_the_export(tmp_path: Path) -> None:
     workers: OrderedWorkers[tuple[int, int], tuple[str, int]] = OrderedWorkers(
-        export_module._open_csv_pages,
-        (f"sqlite:///{tmp_path}/no/such/dir/x.db", "batch_x", False, PriceBook(), []),
-        2,
-        name="export",
-        error=StoreError,
+        export_module._open_csv_pages, 2, name="export", error=StoreError
     )
+    args = (f"sqlite:///{tmp_path}/no/such/dir/x.db", "batch_x", False, PriceBook(), [])
     with pytest.raises(StoreError, match="database"):
-        async for _ in workers.map([(0, 10), (10, 20)]):
+        async for _ in workers.map(args, [(0, 10), (10, 20)]):
             pass
