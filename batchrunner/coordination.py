@@ -13,8 +13,9 @@ fenced by its token); this module keeps them polite to the API they share. It ow
 - pauses across workers: when the server pauses this worker (a 429 with Retry-After, an exhausted
   `x-ratelimit-*` header), the pause's end goes to its row within ``PAUSE_CHECK_S``; when another
   live worker's published pause lies in the future, this worker's pacer waits until then too;
-- dead workers on this machine: a registered worker whose process is gone is marked stopped and
-  its jobs are claimable at once; its share comes back at the next look. A worker on another
+- dead workers on this machine: a registered worker whose process is gone has the answers its
+  journal kept recorded (journal.py: they are not sent again), is marked stopped and its other
+  jobs are claimable at once; its share comes back at the next look. A worker on another
   machine that stops heartbeating gives its share back once its heartbeat is ``STALE_HEARTBEATS``
   intervals old, and its jobs once their leases expire.
 
@@ -36,7 +37,9 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
+from batchrunner import journal
 from batchrunner.errors import StoreError
 from batchrunner.limiter import Pacer
 from batchrunner.store import JobStore, WorkerInfo, pid_alive, this_host
@@ -111,6 +114,7 @@ class Coordinator:
         lease_s: float,
         heartbeat_s: float,
         counters: Callable[[], WorkerCounters],
+        journal_dir: Path | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
@@ -125,6 +129,10 @@ class Coordinator:
         self.stale_s = STALE_HEARTBEATS * heartbeat_s
         self.host = this_host()
         self._counters = counters
+        #: Where the answer journals of the batch's runs on this machine are, if kept.
+        self.journal_dir = journal_dir
+        #: Jobs ended from the journals of dead workers found by this coordinator's looks.
+        self.recovered = 0
         self._clock = clock
         #: Live workers the limits are divided by now (0: not divided yet).
         self._shared_by = 0
@@ -202,6 +210,9 @@ class Coordinator:
         if paused_until is not None:
             self._follow(paused_until, now)
         if dead:
+            # Their answers first: once reaped, the jobs they hold would be claimed and sent
+            # again.
+            await self._recover(now)
             released = await self.store.reap_workers(self.batch_id, dead, now)
             log.info(
                 "%d worker(s) of this machine are gone; %d of their job(s) are claimable again",
@@ -238,6 +249,20 @@ class Coordinator:
         self.leases_until = now + self.lease_s
 
     # -- helpers -----------------------------------------------------------------------------
+
+    async def _recover(self, now: float) -> None:
+        """Record what the journals of the batch's dead runs on this machine kept."""
+        if self.journal_dir is None:
+            return
+        try:
+            recovered = await journal.recover(self.store, self.batch_id, self.journal_dir, now)
+        except OSError as exc:
+            # Their jobs are reaped all the same: sent again, as without a journal.
+            log.warning("could not read the answer journal of a dead worker: %s", exc)
+            return
+        if recovered:
+            self.recovered += recovered
+            log.info("%d answer(s) kept by dead worker(s) of this machine recorded", recovered)
 
     def _share(self, workers: int) -> None:
         if workers == self._shared_by:

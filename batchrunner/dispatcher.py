@@ -31,6 +31,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -108,8 +109,9 @@ class RunStats:
     lost_leases: int = 0
     #: Ended jobs the writer has not yet committed.
     unwritten: int = 0
-    #: Jobs ended by answers that an earlier run received and had not yet written when it
-    #: died, recorded from its journal before this run began.
+    #: Jobs ended by answers that another run of this machine received and had not yet
+    #: written when it died, recorded from its journal (before this run began, or when this
+    #: run found it dead).
     recovered: int = 0
 
     @property
@@ -288,6 +290,8 @@ class Dispatcher:
         self._forced = False
         #: Every ended job goes here first, until its transaction commits (journal.py).
         self._journal: journal.Journal | None = None
+        #: Where this machine's journals of the batch are (None: kept nowhere).
+        self._journal_dir: Path | None = None
         #: A batch of ends could not be written: the journal keeps everything from then on.
         self._lost_write = False
 
@@ -324,7 +328,7 @@ class Dispatcher:
     async def _open_journal(self) -> None:
         """Record what dead runs of the batch kept in their journals (before registering,
         which releases their jobs), then start this run's."""
-        directory = journal.directory_for(self.store)
+        directory = self._journal_dir = journal.directory_for(self.store)
         if directory is None:
             return
         self.stats.recovered = await journal.recover(
@@ -351,6 +355,7 @@ class Dispatcher:
             lease_s=self.config.lease_s,
             heartbeat_s=heartbeat_interval_s(self.config.lease_s, self.config.lease_renew_s),
             counters=self._counters,
+            journal_dir=self._journal_dir,
         )
         # This worker's share of the batch's limits, before its first request.
         await self._coordinator.join()
@@ -399,6 +404,7 @@ class Dispatcher:
             await asyncio.gather(*workers, return_exceptions=True)
             coordinator.cancel()
             await asyncio.gather(coordinator, return_exceptions=True)
+            self.stats.recovered += self._coordinator.recovered
             self._feeder_done.set()
             self._wake_writer.set()
             await writer

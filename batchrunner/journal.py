@@ -16,7 +16,8 @@ write that failed nothing more is marked committed: the answers wait for the nex
 
 The next run of the batch on this machine records what the segments of dead runs hold past
 their last committed mark, before it claims anything (`recover`): each answer whose job has not
-ended since, with the attempts that led to it, exactly once.
+ended since, with the attempts that led to it, exactly once. A run already going does the same
+when it finds a run of this machine dead (coordination.py), before that run's jobs are released.
 
 Files: `<directory>/<batch id>.<worker id>.<n>.jnl`, one JSON value per line: an ended job as
 an array, the fields of `Ended` in order, then the job's attempts in this run, each the fields

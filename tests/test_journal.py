@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import sqlite3
 import sys
@@ -22,6 +23,7 @@ from sqlalchemy import text
 
 from batchrunner import journal
 from batchrunner.config import RunConfig
+from batchrunner.coordination import JOIN_HOLD_S
 from batchrunner.dispatcher import Dispatcher, StopReason
 from batchrunner.fakeapi import FakeConfig, FakeServer
 from batchrunner.ingest import submit_file
@@ -307,9 +309,13 @@ class _HeldWrites:
     """Holds up the run's writes from outside: SQLite's write lock, or PostgreSQL's lock on
     `results` (claims, which do not touch it, go on)."""
 
-    def __init__(self, store: JobStore, db_url: str) -> None:
+    def __init__(self, store: JobStore, db_url: str, *, end_other_sessions: bool = True) -> None:
         self.store = store
         self.db_url = db_url
+        #: PostgreSQL: end every other session on release (a killed run's statement, queued
+        #: behind the lock, goes at once); otherwise the server ends it once it finds its
+        #: client gone.
+        self.end_other_sessions = end_other_sessions
         self._sqlite: sqlite3.Connection | None = None
         self._pg: Any = None
 
@@ -328,7 +334,7 @@ class _HeldWrites:
         if self._sqlite is not None:
             self._sqlite.execute("ROLLBACK")
             self._sqlite.close()
-        if self._pg is not None:
+        if self._pg is not None and self.end_other_sessions:
             # The server would run a dead client's queued statement once the lock is free;
             # it goes, as it would once the server noticed its client had gone.
             await self._pg.execute(
@@ -337,6 +343,7 @@ class _HeldWrites:
                     " WHERE datname = current_database() AND pid <> pg_backend_pid()"
                 )
             )
+        if self._pg is not None:
             await self._pg.rollback()
             await self._pg.close()
 
@@ -386,7 +393,84 @@ async def test_answers_waiting_for_their_commit_are_not_sent_again_after_kill_9(
     assert resumed.returncode == 0, stderr
     # Every request sent exactly once: the killed run's answers came from its journal.
     assert len(received) == total and set(received.values()) == {1}
-    assert f"note: {CONCURRENCY} answer(s) that an earlier run received" in stderr
+    assert f"note: {CONCURRENCY} answer(s) that another run received" in stderr
+    counts = await store.counts(batch_id)
+    assert counts.counts["succeeded"] == total and counts.unfinished == 0
+    results = await _rows(store, "SELECT job_id, attempts FROM results")
+    assert len(results) == total and {r.attempts for r in results} == {1}
+    assert len(await _rows(store, "SELECT job_id FROM attempts")) == total
+
+
+async def _live_workers(store: JobStore, batch_id: str) -> list[Any]:
+    return await _rows(
+        store,
+        "SELECT id, pid FROM workers WHERE batch_id = :b AND stopped_at IS NULL",
+        b=batch_id,
+    )
+
+
+@pytest.mark.slow
+async def test_a_peer_records_what_a_run_killed_beside_it_had_received(
+    store: JobStore, db_url: str, make_file: MakeFile, tmp_path: Path
+) -> None:
+    """Two runs share a batch on one machine; one is killed while its answers wait for the
+    database. The other, still running, records them from the killed run's journal as soon as
+    it finds it gone, before its jobs are claimable again: nothing is sent twice."""
+    total = 160
+    rows = [chat(f"peer {i}") for i in range(total)]
+    env = {k: v for k, v in os.environ.items() if k != "BATCHRUNNER_DB"}
+    async with FakeServer(FakeConfig(latency_ms=ANSWER_MS)) as srv:
+        batch_id = (await submit_file(store, make_file(rows), base_url=srv.url)).batch.id
+        cmd = [sys.executable, "-m", "batchrunner", "--db", db_url, "run", batch_id]
+        cmd += ["--concurrency", str(CONCURRENCY), "--quiet"]
+        runs: list[asyncio.subprocess.Process] = []
+        try:
+            # The run to be killed first, sending on its own; then its peer, until it sends
+            # too (after its join hold).
+            for _ in range(2):
+                runs.append(
+                    await asyncio.create_subprocess_exec(
+                        *cmd, cwd=tmp_path, env=env, stderr=asyncio.subprocess.PIPE
+                    )
+                )
+                while len(await _live_workers(store, batch_id)) < len(runs):
+                    assert all(run.returncode is None for run in runs)
+                    await asyncio.sleep(0.01)
+                while srv.stats.requests_total == 0:
+                    assert all(run.returncode is None for run in runs)
+                    await asyncio.sleep(0.01)
+            killed, peer = runs
+            await asyncio.sleep(JOIN_HOLD_S + SETTLE_S)
+            async with _HeldWrites(store, db_url, end_other_sessions=False):
+                # Both runs wait for their commits; every request they sent is answered.
+                while srv.stats.in_flight:
+                    assert killed.returncode is None and peer.returncode is None
+                    await asyncio.sleep(0.005)
+                await asyncio.sleep(SETTLE_S)
+                killed.send_signal(signal.SIGKILL)
+                await killed.wait()
+            _, err = await asyncio.wait_for(peer.communicate(), RUN_TIMEOUT_S)
+            received = srv.stats.requests_by_body
+        finally:
+            for proc in runs:
+                if proc.returncode is None:
+                    proc.kill()
+                    await proc.wait()
+
+    stderr = err.decode()
+    assert peer.returncode == 0, stderr
+    # Every request sent exactly once: the killed run's answers came from its journal.
+    assert len(received) == total and set(received.values()) == {1}
+    note = re.search(r"note: (\d+) answer\(s\) that another run received", stderr)
+    if store.is_sqlite:
+        # A SQLite transaction dies with its process: the journal had them all.
+        assert note is not None, stderr
+        assert 1 <= int(note.group(1)) <= CONCURRENCY
+    else:
+        # PostgreSQL runs the killed run's statement once the lock is free and may commit it
+        # before it finds the client gone: then those jobs had ended, and only the rest came
+        # from the journal.
+        assert note is None or 1 <= int(note.group(1)) <= CONCURRENCY
     counts = await store.counts(batch_id)
     assert counts.counts["succeeded"] == total and counts.unfinished == 0
     results = await _rows(store, "SELECT job_id, attempts FROM results")
