@@ -15,7 +15,8 @@ import orjson
 import pytest
 
 from batchrunner.journal import STATE_DIR_ENV
-from batchrunner.store import JobStore
+from batchrunner.states import JobState
+from batchrunner.store import ClaimedJob, Ended, JobStore
 
 #: The PostgreSQL server the tests may use, e.g. postgresql://postgres@127.0.0.1:5432/test.
 PG_ENV = "BATCHRUNNER_TEST_PG"
@@ -137,3 +138,22 @@ def run_cli(
         timeout=120,
         env={**os.environ, **(env or {})},
     )
+
+
+def succeeded(job: ClaimedJob, answer: str, **fields: Any) -> Ended:
+    """A successful end of a claimed job, answered `answer`; `fields` set any others."""
+    values: dict[str, Any] = {
+        "attempts": 1,
+        "status_code": 200,
+        "latency_ms": 12.0,
+        "request_id": f"req_{answer}",
+        "response": f'{{"answer": "{answer}"}}',
+        "model": "gpt-4o-mini",
+        "prompt_tokens": 3,
+        "completion_tokens": 4,
+        "cached_tokens": 0,
+        "reasoning_tokens": 0,
+        "total_tokens": 7,
+    }
+    values.update(fields)
+    return Ended(job_id=job.id, lease_token=job.lease_token, state=JobState.SUCCEEDED, **values)

@@ -26,7 +26,7 @@ from batchrunner.fakeapi import FakeConfig, FakeServer
 from batchrunner.ingest import submit_file
 from batchrunner.models import JobState
 from batchrunner.store import AttemptRecord, ClaimedJob, Ended, JobStore
-from tests.conftest import chat
+from tests.conftest import chat, succeeded
 
 MakeFile = Callable[..., Path]
 
@@ -34,25 +34,6 @@ MakeFile = Callable[..., Path]
 SHORT_LEASE_S = 0.5
 TAKEOVER_S = 1.0
 LONG_LEASE_S = 60.0
-
-
-def _success(job: ClaimedJob, answer: str) -> Ended:
-    return Ended(
-        job_id=job.id,
-        lease_token=job.lease_token,
-        state=JobState.SUCCEEDED,
-        attempts=1,
-        status_code=200,
-        latency_ms=12.0,
-        request_id=f"req_{answer}",
-        response=f'{{"answer": "{answer}"}}',
-        model="gpt-4o-mini",
-        prompt_tokens=3,
-        completion_tokens=4,
-        cached_tokens=0,
-        reasoning_tokens=0,
-        total_tokens=7,
-    )
 
 
 def _failure(job: ClaimedJob) -> Ended:
@@ -99,16 +80,16 @@ async def test_the_late_answer_of_an_expired_lease_is_fenced(
     a, b, t0 = await _take_over(store, batch_id)
     now = t0 + TAKEOVER_S + 0.5
 
-    late = await store.record(batch_id, "worker-a", [_success(a, "A")], [_attempt(a, now)], now)
+    late = await store.record(batch_id, "worker-a", [succeeded(a, "A")], [_attempt(a, now)], now)
     assert (late.recorded, late.fenced) == (0, 1)
     assert await _rows(store, "SELECT job_id FROM results") == []
     (job,) = await _rows(store, "SELECT state, lease_token, attempts FROM jobs")
     assert (job.state, job.lease_token, job.attempts) == ("running", "token-b", 0)
 
-    current = await store.record(batch_id, "worker-b", [_success(b, "B")], [], now + 0.1)
+    current = await store.record(batch_id, "worker-b", [succeeded(b, "B")], [], now + 0.1)
     assert (current.recorded, current.fenced) == (1, 0)
     # A tries again after B's end is in: still nothing.
-    again = await store.record(batch_id, "worker-a", [_success(a, "A")], [], now + 0.2)
+    again = await store.record(batch_id, "worker-a", [succeeded(a, "A")], [], now + 0.2)
     assert (again.recorded, again.fenced) == (0, 1)
 
     (result,) = await _rows(store, "SELECT job_id, response, request_id FROM results")
@@ -129,9 +110,9 @@ async def test_fenced_and_recorded_ends_are_counted_right_in_one_transaction(
     new = await store.claim(batch_id, "worker-b", "token-b", 10, t0 + TAKEOVER_S, LONG_LEASE_S)
     assert len(old) == len(new) == 3
     now = t0 + TAKEOVER_S + 0.5
-    late = await store.record(batch_id, "worker-a", [_success(j, "A") for j in old], [], now)
+    late = await store.record(batch_id, "worker-a", [succeeded(j, "A") for j in old], [], now)
     assert (late.recorded, late.fenced) == (0, 3)
-    mixed = [_success(new[0], "B"), _success(old[1], "A"), _failure(new[2])]
+    mixed = [succeeded(new[0], "B"), succeeded(old[1], "A"), _failure(new[2])]
     current = await store.record(batch_id, "worker-b", mixed, [], now + 0.1)
     assert (current.recorded, current.fenced) == (2, 1)
     assert len(await _rows(store, "SELECT job_id FROM results")) == 1
@@ -143,7 +124,7 @@ async def test_a_late_failure_cannot_overwrite_the_current_result(
     batch_id = await _one_job_batch(store, make_file)
     a, b, t0 = await _take_over(store, batch_id)
     now = t0 + TAKEOVER_S + 0.5
-    assert (await store.record(batch_id, "worker-b", [_success(b, "B")], [], now)).recorded == 1
+    assert (await store.record(batch_id, "worker-b", [succeeded(b, "B")], [], now)).recorded == 1
     late = await store.record(batch_id, "worker-a", [_failure(a)], [], now + 0.1)
     assert (late.recorded, late.fenced) == (0, 1)
     (job,) = await _rows(store, "SELECT state, error_kind FROM jobs")
@@ -158,7 +139,7 @@ async def test_a_late_success_cannot_revive_a_job_the_new_holder_failed(
     a, b, t0 = await _take_over(store, batch_id)
     now = t0 + TAKEOVER_S + 0.5
     assert (await store.record(batch_id, "worker-b", [_failure(b)], [], now)).recorded == 1
-    late = await store.record(batch_id, "worker-a", [_success(a, "A")], [], now + 0.1)
+    late = await store.record(batch_id, "worker-a", [succeeded(a, "A")], [], now + 0.1)
     assert (late.recorded, late.fenced) == (0, 1)
     assert await _rows(store, "SELECT job_id FROM results") == []
     (job,) = await _rows(store, "SELECT state, error_kind FROM jobs")
@@ -196,7 +177,7 @@ async def test_an_expired_lease_nobody_took_over_still_records(
     t0 = time.time()
     (a,) = await store.claim(batch_id, "worker-a", "token-a", 10, t0, SHORT_LEASE_S)
     now = t0 + TAKEOVER_S
-    done = await store.record(batch_id, "worker-a", [_success(a, "A")], [], now)
+    done = await store.record(batch_id, "worker-a", [succeeded(a, "A")], [], now)
     assert (done.recorded, done.fenced) == (1, 0)
     # ...and a claim after that finds nothing to take.
     assert await store.claim(batch_id, "worker-b", "token-b", 10, now + 1, LONG_LEASE_S) == []

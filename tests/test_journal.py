@@ -29,7 +29,7 @@ from batchrunner.fakeapi import FakeConfig, FakeServer
 from batchrunner.ingest import submit_file
 from batchrunner.models import JobState
 from batchrunner.store import AttemptRecord, ClaimedJob, Ended, JobStore
-from tests.conftest import chat
+from tests.conftest import chat, succeeded
 
 MakeFile = Callable[..., Path]
 
@@ -44,22 +44,8 @@ RUN_TIMEOUT_S = 60.0
 
 
 def _success(job: ClaimedJob, answer: str) -> Ended:
-    return Ended(
-        job_id=job.id,
-        lease_token=job.lease_token,
-        state=JobState.SUCCEEDED,
-        attempts=2,
-        status_code=200,
-        latency_ms=12.5,
-        request_id=f"req_{answer}",
-        response=f'{{"answer": "{answer}"}}',
-        model="gpt-4o-mini",
-        prompt_tokens=3,
-        completion_tokens=4,
-        cached_tokens=1,
-        reasoning_tokens=0,
-        total_tokens=7,
-    )
+    """After a retry, with some of the prompt cached: fields the journal must keep."""
+    return succeeded(job, answer, attempts=2, latency_ms=12.5, cached_tokens=1)
 
 
 def _tries(job: ClaimedJob, t0: float) -> list[AttemptRecord]:
@@ -348,20 +334,25 @@ class _HeldWrites:
             await self._pg.close()
 
 
+async def _start_run(db_url: str, batch_id: str, cwd: Path) -> asyncio.subprocess.Process:
+    """`batchrunner run` of the batch at CONCURRENCY, as a user starts it; stderr is piped."""
+    env = {k: v for k, v in os.environ.items() if k != "BATCHRUNNER_DB"}
+    cmd = [sys.executable, "-m", "batchrunner", "--db", db_url, "run", batch_id]
+    cmd += ["--concurrency", str(CONCURRENCY), "--quiet"]
+    return await asyncio.create_subprocess_exec(
+        *cmd, cwd=cwd, env=env, stderr=asyncio.subprocess.PIPE
+    )
+
+
 @pytest.mark.slow
 async def test_answers_waiting_for_their_commit_are_not_sent_again_after_kill_9(
     store: JobStore, db_url: str, make_file: MakeFile, tmp_path: Path
 ) -> None:
     total = 12
     rows = [chat(f"journalled {i}") for i in range(total)]
-    env = {k: v for k, v in os.environ.items() if k != "BATCHRUNNER_DB"}
     async with FakeServer(FakeConfig(latency_ms=ANSWER_MS)) as srv:
         batch_id = (await submit_file(store, make_file(rows), base_url=srv.url)).batch.id
-        cmd = [sys.executable, "-m", "batchrunner", "--db", db_url, "run", batch_id]
-        cmd += ["--concurrency", str(CONCURRENCY), "--quiet"]
-        proc = await asyncio.create_subprocess_exec(
-            *cmd, cwd=tmp_path, env=env, stderr=asyncio.subprocess.PIPE
-        )
+        proc = await _start_run(db_url, batch_id, tmp_path)
         try:
             while srv.stats.requests_total == 0:
                 assert proc.returncode is None
@@ -383,9 +374,7 @@ async def test_answers_waiting_for_their_commit_are_not_sent_again_after_kill_9(
         assert answered == srv.stats.requests_total == CONCURRENCY
         assert await _rows(store, "SELECT job_id FROM results") == []
 
-        resumed = await asyncio.create_subprocess_exec(
-            *cmd, cwd=tmp_path, env=env, stderr=asyncio.subprocess.PIPE
-        )
+        resumed = await _start_run(db_url, batch_id, tmp_path)
         _, err = await asyncio.wait_for(resumed.communicate(), RUN_TIMEOUT_S)
         received = srv.stats.requests_by_body
 
@@ -418,21 +407,14 @@ async def test_a_peer_records_what_a_run_killed_beside_it_had_received(
     it finds it gone, before its jobs are claimable again: nothing is sent twice."""
     total = 160
     rows = [chat(f"peer {i}") for i in range(total)]
-    env = {k: v for k, v in os.environ.items() if k != "BATCHRUNNER_DB"}
     async with FakeServer(FakeConfig(latency_ms=ANSWER_MS)) as srv:
         batch_id = (await submit_file(store, make_file(rows), base_url=srv.url)).batch.id
-        cmd = [sys.executable, "-m", "batchrunner", "--db", db_url, "run", batch_id]
-        cmd += ["--concurrency", str(CONCURRENCY), "--quiet"]
         runs: list[asyncio.subprocess.Process] = []
         try:
             # The run to be killed first, sending on its own; then its peer, until it sends
             # too (after its join hold).
             for _ in range(2):
-                runs.append(
-                    await asyncio.create_subprocess_exec(
-                        *cmd, cwd=tmp_path, env=env, stderr=asyncio.subprocess.PIPE
-                    )
-                )
+                runs.append(await _start_run(db_url, batch_id, tmp_path))
                 while len(await _live_workers(store, batch_id)) < len(runs):
                     assert all(run.returncode is None for run in runs)
                     await asyncio.sleep(0.01)
