@@ -8,6 +8,7 @@ import gc
 import itertools
 import multiprocessing
 import os
+import pickle
 import queue
 import signal
 import time
@@ -127,6 +128,7 @@ class OrderedWorkers(Generic[T, R]):
     async def close(self) -> None:
         """Stop the workers (waiting for them in a thread); nothing once they are stopped."""
         if self._started and not self._stopped:
+            self._stopped = True
             await asyncio.get_running_loop().run_in_executor(None, self._stop)
 
     async def map(self, args: tuple[Any, ...], tasks: Iterable[T]) -> AsyncGenerator[R, None]:
@@ -135,11 +137,14 @@ class OrderedWorkers(Generic[T, R]):
             raise RuntimeError("the workers of an OrderedWorkers run one map only")
         loop = asyncio.get_running_loop()
         pending = iter(tasks)
-        self.start()
         try:
+            # Pickled here, so that arguments that cannot be fail the map (the queue's own
+            # thread would only print the error, and the workers wait for them for ever).
+            setup_args = pickle.dumps(args)
+            self.start()
             self._args_sent = True
             for _ in self._processes:
-                self._setup_args.put(args)
+                self._setup_args.put(setup_args)
             asked = 0
             done: dict[int, R] = {}
             for index in itertools.count():
@@ -174,7 +179,6 @@ class OrderedWorkers(Generic[T, R]):
             return index, result
 
     def _stop(self) -> None:
-        self._stopped = True
         # A worker still waiting for its setup stops at None there, one at work at None
         # among the tasks.
         stop = self._tasks if self._args_sent else self._setup_args
@@ -182,6 +186,8 @@ class OrderedWorkers(Generic[T, R]):
             stop.put(None)
         deadline = time.monotonic() + WORKER_STOP_S
         for process in self._processes:
+            if process.pid is None:
+                continue  # never started: a start of an earlier one failed
             while process.exitcode is None and time.monotonic() < deadline:
                 # Results nobody will read (the map was left early) are read all the same:
                 # a worker cannot exit while its last ones are stuck in a full pipe.
@@ -205,14 +211,14 @@ def _serve(
     tasks: Any,
     results: Any,
 ) -> None:
-    """A worker process of `OrderedWorkers`: its setup's arguments (or None: stop) first, then
-    (index, task) in, (index, result, error) out, until None comes."""
+    """A worker process of `OrderedWorkers`: its setup's arguments, pickled (or None: stop)
+    first, then (index, task) in, (index, result, error) out, until None comes."""
     gc.disable()  # as collector_paused: bulk work makes no cycles worth a collection
     # Ctrl-C reaches the whole process group: it is the parent's to handle, and it stops us.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     args = _get_or_orphaned(setup_args)
     if args is not None and args is not _ORPHANED:
-        asyncio.run(_serve_tasks(setup, args, tasks, results))
+        asyncio.run(_serve_tasks(setup, pickle.loads(args), tasks, results))
 
 
 def _get_or_orphaned(source: Any) -> Any:

@@ -279,7 +279,7 @@ def run(
     if st.recovered:
         _err(
             f"note: {st.recovered} answer(s) that another run received and had not yet"
-            " written when it died were recorded from its journal, not sent again"
+            " written were recorded from its journal, not sent again"
         )
     if st.fenced:
         _err(

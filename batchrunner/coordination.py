@@ -211,8 +211,11 @@ class Coordinator:
             self._follow(paused_until, now)
         if dead:
             # Their answers first: once reaped, the jobs they hold would be claimed and sent
-            # again.
-            await self._recover(now)
+            # again. A dead worker whose journal another process is still recording is
+            # reaped at a later look.
+            spare = await self._recover(now)
+            dead = [w for w in dead if w not in spare]
+        if dead:
             released = await self.store.reap_workers(self.batch_id, dead, now)
             log.info(
                 "%d worker(s) of this machine are gone; %d of their job(s) are claimable again",
@@ -250,19 +253,23 @@ class Coordinator:
 
     # -- helpers -----------------------------------------------------------------------------
 
-    async def _recover(self, now: float) -> None:
-        """Record what the journals of the batch's dead runs on this machine kept."""
+    async def _recover(self, now: float) -> set[str]:
+        """Record what the journals of the batch's dead runs on this machine kept; returns
+        the workers whose segments are still there (live, or being recorded by another
+        process)."""
         if self.journal_dir is None:
-            return
+            return set()
         try:
             recovered = await journal.recover(self.store, self.batch_id, self.journal_dir, now)
+            spare = journal.workers_with_segments(self.journal_dir, self.batch_id)
         except OSError as exc:
             # Their jobs are reaped all the same: sent again, as without a journal.
             log.warning("could not read the answer journal of a dead worker: %s", exc)
-            return
+            return set()
         if recovered:
             self.recovered += recovered
             log.info("%d answer(s) kept by dead worker(s) of this machine recorded", recovered)
+        return spare
 
     def _share(self, workers: int) -> None:
         if workers == self._shared_by:

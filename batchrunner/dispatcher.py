@@ -344,7 +344,9 @@ class Dispatcher:
         self.stats.total = counts.total
         self.stats.ended_before = counts.total - counts.unfinished
         now = time.time()
-        await self.store.register_worker(self.worker_id, self.batch.id, now)
+        # Dead runs whose journal another process is recording keep their jobs meanwhile.
+        spare = journal.workers_with_segments(self._journal_dir, self.batch.id)
+        await self.store.register_worker(self.worker_id, self.batch.id, now, spare=spare)
         self._coordinator = Coordinator(
             self.store,
             self.batch.id,
@@ -369,6 +371,7 @@ class Dispatcher:
                 with _gc_for_dispatch():
                     await self._run_with(client)
         finally:
+            self.stats.recovered += self._coordinator.recovered
             try:
                 await self.store.stop_worker(self.worker_id, time.time())
             except StoreError as exc:
@@ -404,7 +407,6 @@ class Dispatcher:
             await asyncio.gather(*workers, return_exceptions=True)
             coordinator.cancel()
             await asyncio.gather(coordinator, return_exceptions=True)
-            self.stats.recovered += self._coordinator.recovered
             self._feeder_done.set()
             self._wake_writer.set()
             await writer

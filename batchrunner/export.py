@@ -155,10 +155,10 @@ async def export_batch(
                 pool: OrderedWorkers[tuple[int, int], tuple[str, int]] = OrderedWorkers(
                     _open_csv_pages, workers, name="export", error=StoreError
                 )
-                # The workers start up while this process reads the metadata keys (which
-                # reads every job's metadata: a second for a million jobs).
-                pool.start()
                 try:
+                    # The workers start up while this process reads the metadata keys
+                    # (which reads every job's metadata: a second for a million jobs).
+                    pool.start()
                     meta_keys = await batch_meta_keys(store, batch_id)
                     setup = (url, batch_id, failed_only, prices, meta_keys)
                     written = await _write_csv_by_workers(

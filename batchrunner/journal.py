@@ -18,6 +18,8 @@ The next run of the batch on this machine records what the segments of dead runs
 their last committed mark, before it claims anything (`recover`): each answer whose job has not
 ended since, with the attempts that led to it, exactly once. A run already going does the same
 when it finds a run of this machine dead (coordination.py), before that run's jobs are released.
+A dead run's jobs are not released while its segments are still here: another process holds
+them and is recording them.
 
 Files: `<directory>/<batch id>.<worker id>.<n>.jnl`, one JSON value per line: an ended job as
 an array, the fields of `Ended` in order, then the job's attempts in this run, each the fields
@@ -317,6 +319,14 @@ def _read(segment: Segment, kept: Kept) -> None:
         except (orjson.JSONDecodeError, TypeError, ValueError, KeyError):
             kept.unreadable += 1
     kept.by_worker.setdefault(worker_id, []).extend(answers[committed:])
+
+
+def workers_with_segments(directory: Path | None, batch_id: str) -> set[str]:
+    """The workers of the batch that have segments here: live runs, and dead runs whose
+    journal another process is recording (their jobs must not be released meanwhile)."""
+    if directory is None or not directory.is_dir():
+        return set()
+    return {p.name.split(".")[1] for p in directory.glob(f"{batch_id}.*{SEGMENT_SUFFIX}")}
 
 
 async def recover(store: JobStore, batch_id: str, directory: Path, now: float) -> int:

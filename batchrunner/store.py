@@ -15,7 +15,15 @@ import socket
 import sqlite3
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Callable,
+    Collection,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
@@ -749,10 +757,13 @@ class JobStore:
 
     # -- workers and leases -----------------------------------------------------------------
 
-    async def register_worker(self, worker_id: str, batch_id: str, now: float) -> None:
+    async def register_worker(
+        self, worker_id: str, batch_id: str, now: float, *, spare: Collection[str] = ()
+    ) -> None:
         """Record this process as a worker of the batch, and release the leases of workers
         on this host whose process is gone, and of stopped workers anywhere (no need to wait
-        for their leases to expire)."""
+        for their leases to expire). Dead workers in `spare` keep theirs for now (another
+        process is recording their answer journal)."""
         host = this_host()
         async with self._write() as conn:
             rows = (
@@ -764,7 +775,7 @@ class JobStore:
                     {"b": batch_id, "h": host},
                 )
             ).all()
-            dead = [wid for wid, pid in rows if not pid_alive(int(pid))]
+            dead = [wid for wid, pid in rows if wid not in spare and not pid_alive(int(pid))]
             # A worker marked stopped sends nothing more, wherever it ran; jobs it still holds
             # (its give-back failed) need not wait out their leases.
             stopped = (
@@ -1037,7 +1048,9 @@ class JobStore:
                 params = {
                     "b": batch_id,
                     "ids": chunk,
-                    "w": worker_id,
+                    # Not the dead worker's own id: releasing its jobs (`reap_workers`) must
+                    # not give these back before they are recorded.
+                    "w": f"{worker_id}.kept",
                     "t": token,
                     "exp": now + KEPT_LEASE_S,
                     "now": now,

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -94,6 +95,17 @@ async def test_workers_started_early_take_their_setup_with_the_tasks() -> None:
     with pytest.raises(RuntimeError, match="one map"):
         async for _ in workers.map((), range(1)):
             pass
+
+
+@pytest.mark.slow
+async def test_setup_arguments_that_cannot_be_pickled_fail_the_map_at_once() -> None:
+    workers: OrderedWorkers[int, tuple[int, int]] = OrderedWorkers(_doubler, 2, name="test")
+    workers.start()
+    with pytest.raises(TypeError, match="pickle"):
+        async for _ in workers.map((threading.Lock(),), range(3)):
+            pass
+    # The workers waiting for them were stopped.
+    assert [p.exitcode for p in workers._processes] == [0, 0]
 
 
 _PARENT = """

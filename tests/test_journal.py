@@ -8,6 +8,7 @@ the database holds up its writes, so that every answer it has received is still 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import re
 import signal
@@ -23,13 +24,14 @@ from sqlalchemy import text
 
 from batchrunner import journal
 from batchrunner.config import RunConfig
-from batchrunner.coordination import JOIN_HOLD_S
+from batchrunner.coordination import JOIN_HOLD_S, Coordinator, WorkerCounters
 from batchrunner.dispatcher import Dispatcher, StopReason
 from batchrunner.fakeapi import FakeConfig, FakeServer
 from batchrunner.ingest import submit_file
+from batchrunner.limiter import Pacer
 from batchrunner.models import JobState
 from batchrunner.store import AttemptRecord, ClaimedJob, Ended, JobStore
-from tests.conftest import chat, succeeded
+from tests.conftest import chat, dead_pid, succeeded
 
 MakeFile = Callable[..., Path]
 
@@ -143,6 +145,60 @@ async def test_answers_marked_committed_are_not_recorded_again(
     states = dict(await _rows(store, "SELECT id, state FROM jobs"))
     assert states == {retried.id: "pending", unwritten.id: "succeeded"}
     assert _segments(directory) == []
+
+
+async def test_a_dead_runs_jobs_wait_while_another_process_records_its_journal(
+    store: JobStore, make_file: MakeFile, tmp_path: Path
+) -> None:
+    """A run that finds a dead run of this machine whose journal another process is recording
+    (that process holds the segment's lock) leaves the dead run's jobs alone: released, they
+    would be claimed and sent again before that process records their answers."""
+    now = time.time()
+    batch_id, jobs = await _claimed(store, make_file, 3)
+    await store.register_worker("w-me", batch_id, now)
+    await store.register_worker("w-dead", batch_id, now)
+    async with store.engine.begin() as conn:
+        await conn.execute(
+            text("UPDATE workers SET pid = :pid WHERE id = 'w-dead'"), {"pid": dead_pid()}
+        )
+    directory = tmp_path / "answers"
+    dead = journal.Journal(directory, batch_id, "w-dead")
+    for job in jobs:
+        dead.add(_success(job, f"kept {job.id}"), [])
+    dead.close(committed=False)
+    [segment] = _segments(directory)
+    held = os.open(segment, os.O_RDONLY)
+    fcntl.flock(held, fcntl.LOCK_EX)  # the other process, recording it
+    coordinator = Coordinator(
+        store,
+        batch_id,
+        "w-me",
+        Pacer(None, None),
+        rpm=None,
+        tpm=None,
+        lease_s=LEASE_S,
+        heartbeat_s=15.0,
+        counters=lambda: WorkerCounters(0, 0, 0, 0),
+        journal_dir=directory,
+    )
+    dead_jobs = "SELECT id FROM jobs WHERE state = 'running' AND lease_owner = 'w-dead'"
+    try:
+        assert (await coordinator.look()).reaped == 0
+        assert coordinator.recovered == 0
+        # Nor does a run that starts meanwhile.
+        spare = journal.workers_with_segments(directory, batch_id)
+        assert spare == {"w-dead"}
+        await store.register_worker("w-new", batch_id, time.time(), spare=spare)
+        assert len(await _rows(store, dead_jobs)) == 3
+    finally:
+        os.close(held)
+
+    # That process died before it recorded anything: the next look records and releases.
+    assert (await coordinator.look()).reaped == 1
+    assert coordinator.recovered == 3
+    assert _segments(directory) == []
+    counts = await store.counts(batch_id)
+    assert counts.counts["succeeded"] == 3 and counts.unfinished == 0
 
 
 async def test_a_live_runs_journal_is_not_touched(
@@ -411,14 +467,14 @@ async def test_a_peer_records_what_a_run_killed_beside_it_had_received(
         batch_id = (await submit_file(store, make_file(rows), base_url=srv.url)).batch.id
         runs: list[asyncio.subprocess.Process] = []
         try:
-            # The run to be killed first, sending on its own; then its peer, until it sends
-            # too (after its join hold).
+            # The run to be killed first, until it sends on its own; then its peer, until it
+            # has registered and is past its join hold (it sends too then).
             for _ in range(2):
                 runs.append(await _start_run(db_url, batch_id, tmp_path))
-                while len(await _live_workers(store, batch_id)) < len(runs):
-                    assert all(run.returncode is None for run in runs)
-                    await asyncio.sleep(0.01)
-                while srv.stats.requests_total == 0:
+                while (
+                    len(await _live_workers(store, batch_id)) < len(runs)
+                    or srv.stats.requests_total == 0
+                ):
                     assert all(run.returncode is None for run in runs)
                     await asyncio.sleep(0.01)
             killed, peer = runs

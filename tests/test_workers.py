@@ -32,7 +32,7 @@ from batchrunner.limiter import Pacer
 from batchrunner.models import JobState
 from batchrunner.outcome import Outcome, OutcomeKind
 from batchrunner.store import Ended, JobStore
-from tests.conftest import chat
+from tests.conftest import chat, dead_pid
 
 MakeFile = Callable[..., Path]
 
@@ -98,17 +98,6 @@ def _rate_limited(retry_after_s: float) -> Outcome:
     return Outcome(OutcomeKind.RETRY, 429, error_kind="rate_limit", retry_after_s=retry_after_s)
 
 
-def _dead_pid() -> int:
-    """The id of a process of this machine that has ended."""
-    child = subprocess.run(
-        [sys.executable, "-c", "import os; print(os.getpid())"],
-        capture_output=True,
-        check=True,
-        text=True,
-    )
-    return int(child.stdout)
-
-
 async def _batch(store: JobStore, make_file: MakeFile, jobs: int, base_url: str) -> str:
     rows = [chat(f"shared question {i}", metadata={"i": i}) for i in range(jobs)]
     return (await submit_file(store, make_file(rows), base_url=base_url)).batch.id
@@ -162,7 +151,7 @@ async def test_a_dead_worker_of_this_machine_is_reaped_and_its_jobs_come_back(
     await store.register_worker("w-gone", batch_id, now)
     async with store.engine.begin() as conn:
         await conn.execute(
-            text("UPDATE workers SET pid = :pid WHERE id = 'w-gone'"), {"pid": _dead_pid()}
+            text("UPDATE workers SET pid = :pid WHERE id = 'w-gone'"), {"pid": dead_pid()}
         )
     held = await store.claim(batch_id, "w-gone", "w-gone.1", 3, now, 600.0)
     assert len(held) == 3
