@@ -110,8 +110,8 @@ class RunStats:
     #: Ended jobs the writer has not yet committed.
     unwritten: int = 0
     #: Jobs ended by answers that another run of this machine received and had not yet
-    #: written when it died, recorded from its journal (before this run began, or when this
-    #: run found it dead).
+    #: written (it died, or its database stopped taking writes), recorded from its journal
+    #: before this run began, or when this run found it dead.
     recovered: int = 0
 
     @property

@@ -302,7 +302,7 @@ def _dead_segments(directory: Path, batch_id: str) -> Iterator[Segment]:
 
 
 def _read(segment: Segment, kept: Kept) -> None:
-    worker_id = segment.path.name.split(".")[1]
+    worker_id = _worker_of(segment.path)
     with os.fdopen(os.dup(segment.fd), "rb") as f:
         data = f.read()
     lines = data.split(b"\n")
@@ -326,7 +326,12 @@ def workers_with_segments(directory: Path | None, batch_id: str) -> set[str]:
     journal another process is recording (their jobs must not be released meanwhile)."""
     if directory is None or not directory.is_dir():
         return set()
-    return {p.name.split(".")[1] for p in directory.glob(f"{batch_id}.*{SEGMENT_SUFFIX}")}
+    return {_worker_of(p) for p in directory.glob(f"{batch_id}.*{SEGMENT_SUFFIX}")}
+
+
+def _worker_of(path: Path) -> str:
+    """The worker a segment file belongs to: `<batch id>.<worker id>.<n>.jnl`."""
+    return path.name.split(".")[1]
 
 
 async def recover(store: JobStore, batch_id: str, directory: Path, now: float) -> int:
