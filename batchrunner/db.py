@@ -26,7 +26,7 @@ SQLITE_CACHE_KIB = 65_536
 READ_ONLY = "batchrunner_read_only"
 #: The newest migration (migrations/versions); a test checks it is alembic's head. Start-up
 #: compares the database's revision with it instead of loading alembic's script directory.
-SCHEMA_HEAD = "0003"
+SCHEMA_HEAD = "0004"
 #: SQLite connections kept open: the feeder's claim, the writer's record and the
 #: coordinator's heartbeat each hold one at times; opening one costs ~1.5 ms (a thread, the
 #: file and the PRAGMAs), which the hot path would otherwise pay per transaction.

@@ -178,8 +178,9 @@ def _check_body(body: dict[str, Any]) -> str:
     return model
 
 
-def parse_line(raw: bytes, number: int) -> NewJob:
-    """One line of either input format -> a job; raises _BadLine with the reason."""
+def parse_line(raw: bytes, number: int, meta_keys: set[str] | None = None) -> NewJob:
+    """One line of either input format -> a job; raises _BadLine with the reason. The keys of
+    the job's metadata are added to `meta_keys`."""
     try:
         value = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -220,7 +221,11 @@ def parse_line(raw: bytes, number: int) -> NewJob:
         raise _BadLine(f"'metadata' must be an object, not {_json_type(meta)}")
     n = body.get("n") or 1
     est = _prompt_estimate(body, body_text) + (max_output_tokens(body) or 0) * n
-    meta_text = _dumps(meta, "'metadata'") if meta else None
+    meta_text = None
+    if meta:
+        meta_text = _dumps(meta, "'metadata'")
+        if meta_keys is not None:
+            meta_keys.update(meta)
     stream = bool(body.get("stream", False))
     # Positional: keywords to a named tuple cost as much as building it, once per line.
     return NewJob(number, custom_id, CHAT_ENDPOINT, body_text, meta_text, model, stream, est)
@@ -235,13 +240,14 @@ def _prompt_estimate(body: dict[str, Any], body_text: str) -> int:
     return count_prompt_tokens(body)
 
 
-def read_jobs(path: Path) -> Iterator[NewJob | LineError]:
-    """Every request of a file in order, or the reason a line is bad. Blank lines are skipped."""
-    return _parse_lines(str(path), _numbered_lines(path))
+def read_jobs(path: Path, meta_keys: set[str] | None = None) -> Iterator[NewJob | LineError]:
+    """Every request of a file in order, or the reason a line is bad. Blank lines are skipped.
+    The keys of the jobs' metadata are added to `meta_keys`."""
+    return _parse_lines(str(path), _numbered_lines(path), meta_keys)
 
 
 def _parse_lines(
-    name: str, lines: Iterable[tuple[int, bytes, bool]]
+    name: str, lines: Iterable[tuple[int, bytes, bool]], meta_keys: set[str] | None = None
 ) -> Iterator[NewJob | LineError]:
     for number, raw, ended in lines:
         if number == 1 and raw.startswith(_BOM):
@@ -249,7 +255,7 @@ def _parse_lines(
         if not raw.strip():
             continue
         try:
-            yield parse_line(raw, number)
+            yield parse_line(raw, number, meta_keys)
         except _BadLine as bad:
             reason = bad.reason
             if not ended and reason.startswith("invalid JSON"):
@@ -287,8 +293,9 @@ def _block_lines(first: int, block: bytes) -> Iterator[tuple[int, bytes, bool]]:
 
 
 #: What a worker sends back for a block: its jobs as plain tuples (in `NewJob`'s field order;
-#: a named tuple costs twice as much to send) and its bad lines, each in line order.
-_ParsedBlock = tuple[list[JobRow], list[LineError]]
+#: a named tuple costs twice as much to send) and its bad lines, each in line order, and the
+#: keys of its jobs' metadata.
+_ParsedBlock = tuple[list[JobRow], list[LineError], set[str]]
 
 
 class _BlockParser:
@@ -300,12 +307,13 @@ class _BlockParser:
     async def handle(self, block: tuple[int, bytes]) -> _ParsedBlock:
         jobs: list[JobRow] = []
         errors: list[LineError] = []
-        for item in _parse_lines(self._name, _block_lines(*block)):
+        meta_keys: set[str] = set()
+        for item in _parse_lines(self._name, _block_lines(*block), meta_keys):
             if isinstance(item, LineError):
                 errors.append(item)
             else:
                 jobs.append(cast(JobRow, tuple(item)))
-        return jobs, errors
+        return jobs, errors, meta_keys
 
     async def close(self) -> None:
         pass
@@ -318,15 +326,16 @@ async def _open_block_parser(name: str) -> _BlockParser:
 async def _parsed_in_process(path: Path) -> AsyncGenerator[_ParsedBlock, None]:
     jobs: list[JobRow] = []
     errors: list[LineError] = []
-    for item in read_jobs(path):
+    meta_keys: set[str] = set()
+    for item in read_jobs(path, meta_keys):
         if isinstance(item, LineError):
             errors.append(item)
             continue
         jobs.append(item)
         if len(jobs) >= CHUNK_ROWS:
-            yield jobs, errors
-            jobs, errors = [], []
-    yield jobs, errors
+            yield jobs, errors, meta_keys
+            jobs, errors, meta_keys = [], [], set()
+    yield jobs, errors, meta_keys
 
 
 def _parsed_by_workers(path: Path, workers: int) -> AsyncGenerator[_ParsedBlock, None]:
@@ -453,12 +462,13 @@ async def _load(
     errors: list[LineError] = []
     error_total = 0
     jobs = 0
+    meta_keys: set[str] = set()
     inserting: asyncio.Future[None] | None = None
     try:
         async with store.loading(batch) as loader:
             chunk: list[JobRow] = []
             bad: list[tuple[int, str]] = []
-            async for block_jobs, block_errors in parsed:
+            async for block_jobs, block_errors, block_keys in parsed:
                 if skip:
                     # The second pass after repeated custom_ids: they are bad lines now.
                     block_errors = sorted(
@@ -466,6 +476,9 @@ async def _load(
                         key=lambda e: e.line,
                     )
                     block_jobs = [j for j in block_jobs if j[0] not in skip]
+                    # Only the keys of the jobs kept: a repeated line may have others.
+                    block_keys = _meta_keys_of(block_jobs)
+                meta_keys |= block_keys
                 for error in block_errors:
                     error_total += 1
                     if len(errors) < SHOWN_ERRORS:
@@ -500,6 +513,7 @@ async def _load(
             await loader.add_jobs(chunk)
             jobs += len(chunk)
             await loader.add_invalid(bad)
+            loader.meta_keys = sorted(meta_keys)
             if jobs == 0:
                 raise _Rejected(
                     errors[:SHOWN_ERRORS] or [LineError(str(path), 0, "the file has no requests")],
@@ -519,6 +533,15 @@ async def _load(
         await parsed.aclose()
     loaded = BatchInfo(**{**_as_dict(batch), "total_jobs": jobs, "invalid_lines": error_total})
     return SubmitResult(loaded, True, jobs, errors, error_total, notices)
+
+
+def _meta_keys_of(jobs: Iterable[JobRow]) -> set[str]:
+    keys: set[str] = set()
+    for job in jobs:
+        meta = NewJob(*job).meta
+        if meta is not None:
+            keys.update(orjson.loads(meta))
+    return keys
 
 
 def _as_dict(batch: BatchInfo) -> dict[str, Any]:

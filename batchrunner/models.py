@@ -64,6 +64,9 @@ class Batch(Base):
     options: Mapped[dict[str, object]] = mapped_column(JSON, default=dict)
     total_jobs: Mapped[int] = mapped_column(Integer, default=0)
     invalid_lines: Mapped[int] = mapped_column(Integer, default=0)
+    #: Every key of the jobs' metadata, sorted, as a JSON array: the CSV export's columns.
+    #: NULL for batches loaded before it was kept (see migration 0004).
+    meta_keys: Mapped[str | None] = mapped_column(Text, nullable=True)
     #: Unix times, like every timestamp in the database.
     created_at: Mapped[float] = mapped_column(Float)
     cancelled_at: Mapped[float | None] = mapped_column(Float, nullable=True)

@@ -1269,6 +1269,8 @@ class BatchLoader:
         self._now = time.time()
         self.jobs = 0
         self.invalid = 0
+        #: Every key of the jobs' metadata, sorted; None: not known (the export reads them).
+        self.meta_keys: list[str] | None = None
         # add_jobs may run as a task beside add_invalid; one statement at a time on the
         # connection (asyncpg's COPY does not go through SQLAlchemy's own lock).
         self._lock = asyncio.Lock()
@@ -1351,9 +1353,13 @@ class BatchLoader:
 
     async def finish(self) -> None:
         async with self._lock:
+            keys = None if self.meta_keys is None else orjson.dumps(self.meta_keys).decode()
             await self._conn.execute(
-                text("UPDATE batches SET total_jobs = :n, invalid_lines = :bad WHERE id = :b"),
-                {"n": self.jobs, "bad": self.invalid, "b": self._batch_id},
+                text(
+                    "UPDATE batches SET total_jobs = :n, invalid_lines = :bad, meta_keys = :keys"
+                    " WHERE id = :b"
+                ),
+                {"n": self.jobs, "bad": self.invalid, "keys": keys, "b": self._batch_id},
             )
 
 

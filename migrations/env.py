@@ -48,7 +48,9 @@ if connection is not None:
 else:
     if config.config_file_name is not None:
         fileConfig(config.config_file_name, disable_existing_loggers=False)
-    url = context.get_x_argument(as_dictionary=True).get("db") or config.get_main_option(
-        "sqlalchemy.url"
-    ) or db_url_from_env()
+    url = (
+        context.get_x_argument(as_dictionary=True).get("db")
+        or config.get_main_option("sqlalchemy.url")
+        or db_url_from_env()
+    )
     asyncio.run(_run_from_url(url))

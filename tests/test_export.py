@@ -481,6 +481,28 @@ async def test_metadata_keys_with_control_characters(store: JobStore, make_file:
     assert second["meta.a\x00b"] == second["meta.plain"] == ""
 
 
+async def test_metadata_keys_kept_at_submit_or_read_from_the_jobs(
+    store: JobStore, make_file: MakeFile
+) -> None:
+    """Submit keeps the keys for the header; a batch loaded before it did (NULL) has them
+    read from its jobs, to the same file."""
+    rows = [chat("a", metadata={"b": 1, "a": "x"}), chat("b", metadata={"c": None}), chat("c")]
+    batch_id = await _submit(store, make_file(rows))
+    await store.cancel(batch_id)
+    kept_sql = text("SELECT meta_keys FROM batches WHERE id = :b")
+    async with store.engine.connect() as conn:
+        kept = (await conn.execute(kept_sql, {"b": batch_id})).scalar()
+    assert orjson.loads(kept) == ["a", "b", "c"]
+    exported = await _csv(store, batch_id)
+    assert exported[0] == [*CSV_COLUMNS, "meta.a", "meta.b", "meta.c"]
+    async with store.engine.begin() as conn:
+        await conn.execute(
+            text("UPDATE batches SET meta_keys = NULL WHERE id = :b"), {"b": batch_id}
+        )
+    assert await _csv(store, batch_id) == exported
+    assert [row["meta.b"] for row in exported[1]] == ["1", "", ""]
+
+
 async def test_an_unknown_batch_is_an_error(store: JobStore) -> None:
     with pytest.raises(BatchNotFound):
         await export_batch(store, "batch_nope", io.BytesIO(), fmt="csv")

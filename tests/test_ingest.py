@@ -247,7 +247,9 @@ def _awkward_file(tmp_path: Path, *, bad: bool) -> Path:
     custom_ids and (with `bad`) bad lines, the last line without a newline."""
     lines = [b"\xef\xbb\xbf" + orjson.dumps(chat("first", metadata={"k": "v"}))]
     for i in range(40):
-        lines.append(orjson.dumps(batch_line(f"id-{i % 37}", chat(f"q{i}"))))
+        # The repeated ids (i >= 37) bring a metadata key of their own, which no job keeps.
+        extra = {"metadata": {"repeated": i}} if i >= 37 else {}
+        lines.append(orjson.dumps(batch_line(f"id-{i % 37}", chat(f"q{i}"), **extra)))
         lines.append(orjson.dumps(chat("x" * (300 if i % 9 == 0 else 5), metadata={"i": i})))
         lines.append(b"" if i % 5 else b"   ")
         if bad and i % 7 == 3:
@@ -258,8 +260,12 @@ def _awkward_file(tmp_path: Path, *, bad: bool) -> Path:
     return path
 
 
-async def _loaded(store: JobStore, batch_id: str) -> tuple[list[Any], list[Any]]:
+async def _loaded(store: JobStore, batch_id: str) -> tuple[list[Any], list[Any], Any]:
+    """The batch's jobs, bad lines and metadata keys as the database holds them."""
     async with store.engine.connect() as conn:
+        meta_keys = (
+            await conn.execute(text("SELECT meta_keys FROM batches WHERE id = :b"), {"b": batch_id})
+        ).scalar()
         jobs = (
             await conn.execute(
                 text(
@@ -269,7 +275,7 @@ async def _loaded(store: JobStore, batch_id: str) -> tuple[list[Any], list[Any]]
                 {"b": batch_id},
             )
         ).all()
-    return [tuple(j) for j in jobs], await store.invalid_lines(batch_id)
+    return [tuple(j) for j in jobs], await store.invalid_lines(batch_id), meta_keys
 
 
 @pytest.mark.slow
@@ -292,6 +298,7 @@ async def test_worker_processes_load_what_one_process_loads(
     )
     assert await _loaded(store, result.batch.id) == expected_rows
     assert result.invalid_total == (9 if bad else 3)  # the repeated ids, and the bad lines
+    assert orjson.loads(expected_rows[2]) == ["i", "k"]
 
 
 @pytest.mark.slow

@@ -171,7 +171,6 @@ def upgrade() -> None:
         batch_op.create_index(batch_op.f("ix_results_batch_id"), ["batch_id"], unique=False)
 
 
-
 def downgrade() -> None:
     with op.batch_alter_table("results", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_results_batch_id"))
