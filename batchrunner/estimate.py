@@ -34,7 +34,8 @@ import orjson
 
 from batchrunner.errors import LineError, UsageError
 from batchrunner.export import iter_job_requests
-from batchrunner.ingest import SHOWN_ERRORS, read_jobs
+from batchrunner.ingest import SHOWN_ERRORS
+from batchrunner.lines import read_jobs
 from batchrunner.models import UNFINISHED_STATES
 from batchrunner.pricing import PriceBook, UsageCounts
 from batchrunner.store import JobStore

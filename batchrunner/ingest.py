@@ -3,9 +3,10 @@
 A file is read twice, streaming both times so that memory does not grow with its size:
 once to hash it (the same content is the same batch), once to validate and load it inside
 one transaction. A large file loaded into SQLite is validated by worker processes, a block of
-lines each at a time, while this process loads what they send back in line order. A
-duplicate `custom_id` is caught by the database's unique constraint; only then is the file
-read a third time, with a set of ids, to say which lines repeat.
+lines each at a time (`batchrunner.lines`, which they import without the database code),
+while this process loads what they send back in line order. A duplicate `custom_id` is
+caught by the database's unique constraint; only then is the file read a third time, with a
+set of ids, to say which lines repeat.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import time
 from collections.abc import AsyncGenerator, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import orjson
 
@@ -29,15 +30,15 @@ from batchrunner.config import (
     check_key_env,
 )
 from batchrunner.errors import InputError, LineError, StoreError, UsageError
-from batchrunner.store import (
-    BatchExists,
-    BatchInfo,
-    DuplicateCustomId,
+from batchrunner.lines import (
+    BOM,
     JobRow,
-    JobStore,
     NewJob,
+    ParsedBlock,
+    open_block_parser,
+    read_jobs,
 )
-from batchrunner.tokens import count_prompt_tokens, max_output_tokens, quick_prompt_tokens
+from batchrunner.store import BatchExists, BatchInfo, DuplicateCustomId, JobStore
 
 #: Jobs handed to the database per INSERT.
 CHUNK_ROWS = 5_000
@@ -50,15 +51,7 @@ PARALLEL_MIN_BYTES = 16 << 20
 BLOCK_BYTES = 1 << 20
 #: How many bad lines an error message lists before it only counts them.
 SHOWN_ERRORS = 20
-#: The only endpoint a line may name, in either spelling.
-CHAT_ENDPOINT = "/v1/chat/completions"
-_CHAT_ENDPOINTS = frozenset({"/v1/chat/completions", "/chat/completions"})
-_BOM = b"\xef\xbb\xbf"
-#: Inline data (`data:image/png;base64,...`, audio and file parts) is marked by this.
-_INLINE_DATA = ";base64,"
 _HASH_BLOCK_BYTES = 1 << 20
-#: How deep orjson nests when it writes: it reads deeper documents than it can write back.
-MAX_WRITE_DEPTH = 255
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,12 +67,6 @@ class SubmitResult:
     notices: list[str]
 
 
-class _BadLine(Exception):
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
@@ -90,177 +77,6 @@ def file_sha256(path: Path) -> str:
 
 def batch_id_for(sha256: str) -> str:
     return f"batch_{sha256[:16]}"
-
-
-def _numbered_lines(path: Path) -> Iterator[tuple[int, bytes, bool]]:
-    """(line number, raw line without its newline, whether it ended with a newline)."""
-    with path.open("rb") as f:
-        for number, raw in enumerate(f, start=1):
-            if raw.endswith(b"\n"):
-                yield number, raw[:-1].rstrip(b"\r"), True
-            else:
-                yield number, raw, False
-
-
-def _require_object(value: Any, what: str) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise _BadLine(f"{what} must be a JSON object, not {_json_type(value)}")
-    return value
-
-
-def _json_type(value: Any) -> str:
-    if isinstance(value, list):
-        return "an array"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return "a number"
-    if value is None:
-        return "null"
-    return "an object"
-
-
-def _check_text(value: Any, name: str) -> str:
-    """A non-empty string the database can store as it is (PostgreSQL text holds no NUL)."""
-    if not isinstance(value, str) or not value:
-        raise _BadLine(f"'{name}' must be a non-empty string")
-    if "\x00" in value:
-        raise _BadLine(f"'{name}' contains a NUL character")
-    return value
-
-
-def _dumps(value: Any, what: str) -> str:
-    try:
-        return orjson.dumps(value).decode()
-    except TypeError:
-        # The only thing parsed JSON can fail to be written for is its depth.
-        raise _BadLine(f"{what} is nested more than {MAX_WRITE_DEPTH} levels deep") from None
-
-
-def _check_body(body: dict[str, Any]) -> str:
-    """Validate a chat-completion request body; returns its model.
-
-    Checks exact types (`type(x) is int`, which is also how a bool is kept out): orjson makes
-    only plain dicts, lists, strings and numbers, and isinstance costs more on every line.
-    """
-    model = body.get("model")
-    if type(model) is not str or not model.strip() or "\x00" in model:
-        if model is None:
-            raise _BadLine("missing 'model'")
-        if type(model) is not str or not model.strip():
-            raise _BadLine("'model' must be a non-empty string")
-        _check_text(model, "model")  # raises on the NUL
-    messages = body.get("messages")
-    if type(messages) is not list or not messages:
-        if messages is None:
-            raise _BadLine("missing 'messages'")
-        if not isinstance(messages, list):
-            raise _BadLine(f"'messages' must be an array, not {_json_type(messages)}")
-        raise _BadLine("'messages' is empty")
-    for i, message in enumerate(messages):
-        if type(message) is not dict:
-            raise _BadLine(f"messages[{i}] must be an object, not {_json_type(message)}")
-        role = message.get("role")
-        if type(role) is not str or not role:
-            raise _BadLine(f"messages[{i}] has no 'role'")
-    stream = body.get("stream", False)
-    if stream is not False and stream is not True:
-        raise _BadLine("'stream' must be true or false")
-    n = body.get("n", 1)
-    if n is not None and (type(n) is not int or n < 1):
-        raise _BadLine("'n' must be a positive integer")
-    for key in ("max_tokens", "max_completion_tokens"):
-        value = body.get(key)
-        if value is not None and (type(value) is not int or value < 1):
-            raise _BadLine(f"'{key}' must be a positive integer")
-    return model
-
-
-def parse_line(raw: bytes, number: int, meta_keys: set[str] | None = None) -> NewJob:
-    """One line of either input format -> a job; raises _BadLine with the reason. The keys of
-    the job's metadata are added to `meta_keys`."""
-    try:
-        value = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        if _BOM in raw:
-            raise _BadLine("byte order mark inside the file (were two files joined?)") from None
-        try:
-            raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise _BadLine("not valid UTF-8") from None
-        raise _BadLine(f"invalid JSON: {exc}") from None
-    obj = _require_object(value, "a line")
-
-    if "body" in obj and ("custom_id" in obj or "url" in obj or "method" in obj):
-        # OpenAI Batch API line.
-        custom_id = _check_text(obj.get("custom_id"), "custom_id")
-        method = obj.get("method", "POST")
-        if not isinstance(method, str) or method.upper() != "POST":
-            raise _BadLine(f"unsupported method {method!r}: only POST")
-        url = obj.get("url", CHAT_ENDPOINT)
-        if not isinstance(url, str) or url not in _CHAT_ENDPOINTS:
-            raise _BadLine(f"unsupported url {url!r}: only {CHAT_ENDPOINT}")
-        body = _require_object(obj["body"], "'body'")
-        meta = obj.get("metadata")
-        model = _check_body(body)
-        body_text = _dumps(body, "'body'")
-    else:
-        # A plain request body: metadata and custom_id stay with the job, never sent.
-        body = obj
-        meta = body.pop("metadata", None)
-        custom_id = body.pop("custom_id", None)
-        if custom_id is None:
-            custom_id = f"line-{number}"
-        else:
-            _check_text(custom_id, "custom_id")
-        model = _check_body(body)
-        body_text = _dumps(body, "the request")
-    if meta is not None and not isinstance(meta, dict):
-        raise _BadLine(f"'metadata' must be an object, not {_json_type(meta)}")
-    n = body.get("n") or 1
-    est = _prompt_estimate(body, body_text) + (max_output_tokens(body) or 0) * n
-    meta_text = None
-    if meta:
-        meta_text = _dumps(meta, "'metadata'")
-        if meta_keys is not None:
-            meta_keys.update(meta)
-    stream = bool(body.get("stream", False))
-    # Positional: keywords to a named tuple cost as much as building it, once per line.
-    return NewJob(number, custom_id, CHAT_ENDPOINT, body_text, meta_text, model, stream, est)
-
-
-def _prompt_estimate(body: dict[str, Any], body_text: str) -> int:
-    """Characters / 4 (as OpenAI's own limiter estimates), except for bodies with inline
-    base64 data, whose characters are not text: those are counted part by part, as the API
-    bills them (a 3 MB photo is about a thousand tokens, not 800,000)."""
-    if _INLINE_DATA not in body_text:
-        return quick_prompt_tokens(len(body_text))
-    return count_prompt_tokens(body)
-
-
-def read_jobs(path: Path, meta_keys: set[str] | None = None) -> Iterator[NewJob | LineError]:
-    """Every request of a file in order, or the reason a line is bad. Blank lines are skipped.
-    The keys of the jobs' metadata are added to `meta_keys`."""
-    return _parse_lines(str(path), _numbered_lines(path), meta_keys)
-
-
-def _parse_lines(
-    name: str, lines: Iterable[tuple[int, bytes, bool]], meta_keys: set[str] | None = None
-) -> Iterator[NewJob | LineError]:
-    for number, raw, ended in lines:
-        if number == 1 and raw.startswith(_BOM):
-            raw = raw[len(_BOM) :]
-        if not raw.strip():
-            continue
-        try:
-            yield parse_line(raw, number, meta_keys)
-        except _BadLine as bad:
-            reason = bad.reason
-            if not ended and reason.startswith("invalid JSON"):
-                reason = "truncated last line (no newline at the end and not valid JSON)"
-            yield LineError(name, number, reason)
 
 
 def _blocks(path: Path) -> Iterator[tuple[int, bytes]]:
@@ -282,48 +98,7 @@ def _blocks(path: Path) -> Iterator[tuple[int, bytes]]:
         yield number, rest
 
 
-def _block_lines(first: int, block: bytes) -> Iterator[tuple[int, bytes, bool]]:
-    """`_numbered_lines` of one of `_blocks`."""
-    lines = block.split(b"\n")
-    last = lines.pop()  # after the last newline: empty, or a last line without one
-    for number, raw in enumerate(lines, start=first):
-        yield number, raw.rstrip(b"\r"), True
-    if last:
-        yield first + len(lines), last, False
-
-
-#: What a worker sends back for a block: its jobs as plain tuples (in `NewJob`'s field order;
-#: a named tuple costs twice as much to send) and its bad lines, each in line order, and the
-#: keys of its jobs' metadata.
-_ParsedBlock = tuple[list[JobRow], list[LineError], set[str]]
-
-
-class _BlockParser:
-    """In a worker process of a parallel submit: blocks of the file in, jobs and errors out."""
-
-    def __init__(self, name: str) -> None:
-        self._name = name
-
-    async def handle(self, block: tuple[int, bytes]) -> _ParsedBlock:
-        jobs: list[JobRow] = []
-        errors: list[LineError] = []
-        meta_keys: set[str] = set()
-        for item in _parse_lines(self._name, _block_lines(*block), meta_keys):
-            if isinstance(item, LineError):
-                errors.append(item)
-            else:
-                jobs.append(cast(JobRow, tuple(item)))
-        return jobs, errors, meta_keys
-
-    async def close(self) -> None:
-        pass
-
-
-async def _open_block_parser(name: str) -> _BlockParser:
-    return _BlockParser(name)
-
-
-async def _parsed_in_process(path: Path) -> AsyncGenerator[_ParsedBlock, None]:
+async def _parsed_in_process(path: Path) -> AsyncGenerator[ParsedBlock, None]:
     jobs: list[JobRow] = []
     errors: list[LineError] = []
     meta_keys: set[str] = set()
@@ -338,9 +113,9 @@ async def _parsed_in_process(path: Path) -> AsyncGenerator[_ParsedBlock, None]:
     yield jobs, errors, meta_keys
 
 
-def _parsed_by_workers(path: Path, workers: int) -> AsyncGenerator[_ParsedBlock, None]:
-    pool: OrderedWorkers[tuple[int, bytes], _ParsedBlock] = OrderedWorkers(
-        _open_block_parser, workers, name="submit"
+def _parsed_by_workers(path: Path, workers: int) -> AsyncGenerator[ParsedBlock, None]:
+    pool: OrderedWorkers[tuple[int, bytes], ParsedBlock] = OrderedWorkers(
+        open_block_parser, workers, name="submit"
     )
     return pool.map((str(path),), _blocks(path))
 
@@ -392,7 +167,7 @@ async def submit_file(
         return _submitted_before(existing, base_url, api_key_env)
     notices = []
     with path.open("rb") as f:
-        if f.read(len(_BOM)) == _BOM:
+        if f.read(len(BOM)) == BOM:
             notices.append(f"{path}:1: UTF-8 byte order mark ignored")
     batch = BatchInfo(
         id=batch_id_for(sha),
@@ -453,7 +228,7 @@ class _Rejected(Exception):
 async def _load(
     store: JobStore,
     path: Path,
-    parsed: AsyncGenerator[_ParsedBlock, None],
+    parsed: AsyncGenerator[ParsedBlock, None],
     batch: BatchInfo,
     skip_invalid: bool,
     skip: dict[int, LineError],

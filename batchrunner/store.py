@@ -37,6 +37,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from batchrunner import db
 from batchrunner.errors import BatchNotFound, StoreError, UsageError
+from batchrunner.lines import JobRow, NewJob
 from batchrunner.states import JobState
 
 T = TypeVar("T")
@@ -60,27 +61,6 @@ class BatchInfo:
     invalid_lines: int
     created_at: float
     cancelled_at: float | None
-
-
-class NewJob(NamedTuple):
-    """A validated request line, ready to insert.
-
-    A named tuple whose fields are in `BatchLoader`'s column order: submit makes one per line,
-    and the tuple goes to the driver as it is.
-    """
-
-    line: int
-    custom_id: str
-    endpoint: str
-    body: str
-    meta: str | None
-    model: str
-    stream: bool
-    est_tokens: int
-
-
-#: A `NewJob` as a plain tuple, as a parallel submit's worker processes send it back.
-JobRow = tuple[int, str, str, str, str | None, str, bool, int]
 
 
 # ClaimedJob, AttemptRecord and Ended are not frozen: one of each is made for every request, and

@@ -2,7 +2,8 @@
 
 A batch of 1,000,000 succeeded jobs, each with metadata and a stored completion, is written
 straight into a fresh database with SQL (the schema made by `JobStore.open`, so it is the real
-one; the batch row as submit leaves it, with its jobs' metadata keys), untimed. Then, timed in a child process with its peak RSS from `wait4`:
+one; the batch row as submit leaves it, with its jobs' metadata keys), untimed. Then, timed in
+a child process with its peak RSS from `wait4`:
 
     python -m batchrunner --db URL export BATCH --format csv -o OUT
 
@@ -100,7 +101,7 @@ _BATCH_SQL = (
     "INSERT INTO batches (id, name, source_file, content_sha256, base_url, api_key_env, options,"
     " total_jobs, invalid_lines, meta_keys, created_at) VALUES ('{batch}', 'bench',"
     " 'bench.jsonl', '{sha}', 'http://127.0.0.1:9/v1', 'OPENAI_API_KEY', '{{}}', {n}, 0,"
-    " '[\"row\",\"set\"]', 1735689600)"
+    ' \'["row","set"]\', 1735689600)'
 )
 # `{seq}` is a row source of i = 1..n; `{text}` the cast of i to text.
 _JOBS_SQL = (

@@ -13,8 +13,10 @@ from hypothesis import strategies as st
 from sqlalchemy import text
 
 from batchrunner import bulk, ingest
+from batchrunner import lines as lines_module
 from batchrunner.errors import InputError, UsageError
-from batchrunner.ingest import batch_id_for, file_sha256, parse_line, submit_file
+from batchrunner.ingest import batch_id_for, file_sha256, submit_file
+from batchrunner.lines import parse_line
 from batchrunner.store import JobStore
 from tests.conftest import chat
 
@@ -232,11 +234,11 @@ async def test_large_file_loads_in_chunks(sqlite_url: str, make_file: MakeFile) 
 @settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow], deadline=None)
 @given(st.binary(max_size=300) | st.text(max_size=300).map(str.encode))
 def test_parse_line_never_crashes(raw: bytes) -> None:
-    from batchrunner.ingest import _BadLine
+    from batchrunner.lines import BadLine
 
     try:
         job = parse_line(raw, 7)
-    except _BadLine as bad:
+    except BadLine as bad:
         assert bad.reason
     else:
         assert job.line == 7 and orjson.loads(job.body)["messages"]
@@ -324,8 +326,8 @@ def test_blocks_are_whole_lines_numbered_from_one(
     path = tmp_path / "lines.jsonl"
     path.write_bytes(b"a\nbb\r\n" + b"c" * 50 + b"\n\nd")
     monkeypatch.setattr(ingest, "BLOCK_BYTES", 4)
-    lines = [line for block in ingest._blocks(path) for line in ingest._block_lines(*block)]
-    assert lines == list(ingest._numbered_lines(path))
+    lines = [line for block in ingest._blocks(path) for line in lines_module.block_lines(*block)]
+    assert lines == list(lines_module.numbered_lines(path))
     assert lines == [
         (1, b"a", True),
         (2, b"bb", True),

@@ -1,0 +1,265 @@
+"""Request lines: both input formats parsed and validated, one line or a block of lines.
+
+What a submit's worker processes run, kept apart from the database code: a worker imports
+this module and what it needs (orjson, the token estimates), not SQLAlchemy, and so starts in
+a fraction of the time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, NamedTuple, cast
+
+import orjson
+
+from batchrunner.errors import LineError
+from batchrunner.tokens import count_prompt_tokens, max_output_tokens, quick_prompt_tokens
+
+#: The only endpoint a line may name, in either spelling.
+CHAT_ENDPOINT = "/v1/chat/completions"
+_CHAT_ENDPOINTS = frozenset({"/v1/chat/completions", "/chat/completions"})
+BOM = b"\xef\xbb\xbf"
+#: Inline data (`data:image/png;base64,...`, audio and file parts) is marked by this.
+_INLINE_DATA = ";base64,"
+#: How deep orjson nests when it writes: it reads deeper documents than it can write back.
+MAX_WRITE_DEPTH = 255
+
+
+class NewJob(NamedTuple):
+    """A validated request line, ready to insert.
+
+    A named tuple whose fields are in `BatchLoader`'s column order: submit makes one per line,
+    and the tuple goes to the driver as it is.
+    """
+
+    line: int
+    custom_id: str
+    endpoint: str
+    body: str
+    meta: str | None
+    model: str
+    stream: bool
+    est_tokens: int
+
+
+#: A `NewJob` as a plain tuple, as a parallel submit's worker processes send it back.
+JobRow = tuple[int, str, str, str, str | None, str, bool, int]
+
+
+class BadLine(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def numbered_lines(path: Path) -> Iterator[tuple[int, bytes, bool]]:
+    """(line number, raw line without its newline, whether it ended with a newline)."""
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if raw.endswith(b"\n"):
+                yield number, raw[:-1].rstrip(b"\r"), True
+            else:
+                yield number, raw, False
+
+
+def _require_object(value: Any, what: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise BadLine(f"{what} must be a JSON object, not {_json_type(value)}")
+    return value
+
+
+def _json_type(value: Any) -> str:
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if value is None:
+        return "null"
+    return "an object"
+
+
+def _check_text(value: Any, name: str) -> str:
+    """A non-empty string the database can store as it is (PostgreSQL text holds no NUL)."""
+    if not isinstance(value, str) or not value:
+        raise BadLine(f"'{name}' must be a non-empty string")
+    if "\x00" in value:
+        raise BadLine(f"'{name}' contains a NUL character")
+    return value
+
+
+def _dumps(value: Any, what: str) -> str:
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:
+        # The only thing parsed JSON can fail to be written for is its depth.
+        raise BadLine(f"{what} is nested more than {MAX_WRITE_DEPTH} levels deep") from None
+
+
+def _check_body(body: dict[str, Any]) -> str:
+    """Validate a chat-completion request body; returns its model.
+
+    Checks exact types (`type(x) is int`, which is also how a bool is kept out): orjson makes
+    only plain dicts, lists, strings and numbers, and isinstance costs more on every line.
+    """
+    model = body.get("model")
+    if type(model) is not str or not model.strip() or "\x00" in model:
+        if model is None:
+            raise BadLine("missing 'model'")
+        if type(model) is not str or not model.strip():
+            raise BadLine("'model' must be a non-empty string")
+        _check_text(model, "model")  # raises on the NUL
+    messages = body.get("messages")
+    if type(messages) is not list or not messages:
+        if messages is None:
+            raise BadLine("missing 'messages'")
+        if not isinstance(messages, list):
+            raise BadLine(f"'messages' must be an array, not {_json_type(messages)}")
+        raise BadLine("'messages' is empty")
+    for i, message in enumerate(messages):
+        if type(message) is not dict:
+            raise BadLine(f"messages[{i}] must be an object, not {_json_type(message)}")
+        role = message.get("role")
+        if type(role) is not str or not role:
+            raise BadLine(f"messages[{i}] has no 'role'")
+    stream = body.get("stream", False)
+    if stream is not False and stream is not True:
+        raise BadLine("'stream' must be true or false")
+    n = body.get("n", 1)
+    if n is not None and (type(n) is not int or n < 1):
+        raise BadLine("'n' must be a positive integer")
+    for key in ("max_tokens", "max_completion_tokens"):
+        value = body.get(key)
+        if value is not None and (type(value) is not int or value < 1):
+            raise BadLine(f"'{key}' must be a positive integer")
+    return model
+
+
+def parse_line(raw: bytes, number: int, meta_keys: set[str] | None = None) -> NewJob:
+    """One line of either input format -> a job; raises BadLine with the reason. The keys of
+    the job's metadata are added to `meta_keys`."""
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        if BOM in raw:
+            raise BadLine("byte order mark inside the file (were two files joined?)") from None
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise BadLine("not valid UTF-8") from None
+        raise BadLine(f"invalid JSON: {exc}") from None
+    obj = _require_object(value, "a line")
+
+    if "body" in obj and ("custom_id" in obj or "url" in obj or "method" in obj):
+        # OpenAI Batch API line.
+        custom_id = _check_text(obj.get("custom_id"), "custom_id")
+        method = obj.get("method", "POST")
+        if not isinstance(method, str) or method.upper() != "POST":
+            raise BadLine(f"unsupported method {method!r}: only POST")
+        url = obj.get("url", CHAT_ENDPOINT)
+        if not isinstance(url, str) or url not in _CHAT_ENDPOINTS:
+            raise BadLine(f"unsupported url {url!r}: only {CHAT_ENDPOINT}")
+        body = _require_object(obj["body"], "'body'")
+        meta = obj.get("metadata")
+        model = _check_body(body)
+        body_text = _dumps(body, "'body'")
+    else:
+        # A plain request body: metadata and custom_id stay with the job, never sent.
+        body = obj
+        meta = body.pop("metadata", None)
+        custom_id = body.pop("custom_id", None)
+        if custom_id is None:
+            custom_id = f"line-{number}"
+        else:
+            _check_text(custom_id, "custom_id")
+        model = _check_body(body)
+        body_text = _dumps(body, "the request")
+    if meta is not None and not isinstance(meta, dict):
+        raise BadLine(f"'metadata' must be an object, not {_json_type(meta)}")
+    n = body.get("n") or 1
+    est = _prompt_estimate(body, body_text) + (max_output_tokens(body) or 0) * n
+    meta_text = None
+    if meta:
+        meta_text = _dumps(meta, "'metadata'")
+        if meta_keys is not None:
+            meta_keys.update(meta)
+    stream = bool(body.get("stream", False))
+    # Positional: keywords to a named tuple cost as much as building it, once per line.
+    return NewJob(number, custom_id, CHAT_ENDPOINT, body_text, meta_text, model, stream, est)
+
+
+def _prompt_estimate(body: dict[str, Any], body_text: str) -> int:
+    """Characters / 4 (as OpenAI's own limiter estimates), except for bodies with inline
+    base64 data, whose characters are not text: those are counted part by part, as the API
+    bills them (a 3 MB photo is about a thousand tokens, not 800,000)."""
+    if _INLINE_DATA not in body_text:
+        return quick_prompt_tokens(len(body_text))
+    return count_prompt_tokens(body)
+
+
+def read_jobs(path: Path, meta_keys: set[str] | None = None) -> Iterator[NewJob | LineError]:
+    """Every request of a file in order, or the reason a line is bad. Blank lines are skipped.
+    The keys of the jobs' metadata are added to `meta_keys`."""
+    return _parse_lines(str(path), numbered_lines(path), meta_keys)
+
+
+def _parse_lines(
+    name: str, lines: Iterable[tuple[int, bytes, bool]], meta_keys: set[str] | None = None
+) -> Iterator[NewJob | LineError]:
+    for number, raw, ended in lines:
+        if number == 1 and raw.startswith(BOM):
+            raw = raw[len(BOM) :]
+        if not raw.strip():
+            continue
+        try:
+            yield parse_line(raw, number, meta_keys)
+        except BadLine as bad:
+            reason = bad.reason
+            if not ended and reason.startswith("invalid JSON"):
+                reason = "truncated last line (no newline at the end and not valid JSON)"
+            yield LineError(name, number, reason)
+
+
+def block_lines(first: int, block: bytes) -> Iterator[tuple[int, bytes, bool]]:
+    """`numbered_lines` of one of `_blocks`."""
+    lines = block.split(b"\n")
+    last = lines.pop()  # after the last newline: empty, or a last line without one
+    for number, raw in enumerate(lines, start=first):
+        yield number, raw.rstrip(b"\r"), True
+    if last:
+        yield first + len(lines), last, False
+
+
+#: What a worker sends back for a block: its jobs as plain tuples (in `NewJob`'s field order;
+#: a named tuple costs twice as much to send) and its bad lines, each in line order, and the
+#: keys of its jobs' metadata.
+ParsedBlock = tuple[list[JobRow], list[LineError], set[str]]
+
+
+class _BlockParser:
+    """In a worker process of a parallel submit: blocks of the file in, jobs and errors out."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    async def handle(self, block: tuple[int, bytes]) -> ParsedBlock:
+        jobs: list[JobRow] = []
+        errors: list[LineError] = []
+        meta_keys: set[str] = set()
+        for item in _parse_lines(self._name, block_lines(*block), meta_keys):
+            if isinstance(item, LineError):
+                errors.append(item)
+            else:
+                jobs.append(cast(JobRow, tuple(item)))
+        return jobs, errors, meta_keys
+
+    async def close(self) -> None:
+        pass
+
+
+async def open_block_parser(name: str) -> _BlockParser:
+    return _BlockParser(name)
