@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Collection, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Collection
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import IO, Any, BinaryIO, Final, Literal, TextIO
@@ -56,42 +56,26 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from batchrunner import db
 from batchrunner.bulk import OrderedWorkers, collector_paused, workers_for
 from batchrunner.errors import StoreError
-from batchrunner.models import JobState
-from batchrunner.pricing import PRICE_PERIOD_S, PriceBook, price_period_time
-from batchrunner.store import ExportRow, JobStore, export_page_ranges
+from batchrunner.exportrows import (
+    CANCELLED,
+    CRLF,
+    SUCCEEDED,
+    CsvLines,
+    ExportRow,
+    cell,
+    csv_header,
+    csv_text,
+    error_body,
+    failure,
+    loads_object,
+    open_csv_pages,
+)
+from batchrunner.pricing import PriceBook
+from batchrunner.states import JobState
+from batchrunner.store import JobStore, export_page_ranges
 
 ExportFormat = Literal["csv", "jsonl"]
 
-#: The CSV columns before the metadata ones, in order.
-CSV_COLUMNS: Final = (
-    "custom_id",
-    "line",
-    "state",
-    "choice",
-    "model",
-    "finish_reason",
-    "content",
-    "tool_calls",
-    "refusal",
-    "prompt_tokens",
-    "cached_tokens",
-    "completion_tokens",
-    "reasoning_tokens",
-    "total_tokens",
-    "cost_usd",
-    "latency_ms",
-    "attempts",
-    "request_id",
-    "schema_valid",
-    "status_code",
-    "error_kind",
-    "error",
-)
-#: Prefix of the metadata columns: `meta.topic` for a job whose metadata has a key `topic`.
-META_PREFIX: Final = "meta."
-#: More distinct metadata keys than this (ids used as keys, say) would make an unreadable sheet:
-#: the whole metadata object goes into one `meta` column instead.
-MAX_META_COLUMNS: Final = 200
 #: Jobs the store reads per query.
 PAGE_ROWS: Final = 5_000
 #: CSV exports of batches of this many jobs or more are made by worker processes, one per
@@ -150,14 +134,18 @@ async def export_batch(
         with collector_paused():
             if url is not None and span is not None and workers > 0:
                 pool: OrderedWorkers[tuple[int, int], tuple[str, int]] = OrderedWorkers(
-                    _open_csv_pages, workers, name="export", error=StoreError
+                    open_csv_pages, workers, name="export", error=StoreError
                 )
                 try:
                     # The workers start up while this process reads the metadata keys
-                    # (which reads every job's metadata: a second for a million jobs).
+                    # (for a batch loaded before submit kept them, that reads every job's
+                    # metadata: a second for a million jobs).
                     pool.start()
                     meta_keys = await batch_meta_keys(store, batch_id)
-                    setup = (url, batch_id, failed_only, prices, meta_keys)
+                    path = store.sqlite_path()
+                    # SQLite workers read with sqlite3 alone (see batchrunner.exportrows).
+                    sqlite_file = None if path is None else (path, db.SQLITE_BUSY_TIMEOUT_MS)
+                    setup = (url, sqlite_file, batch_id, failed_only, prices, meta_keys)
                     written = await _write_csv_by_workers(
                         pool.map(setup, export_page_ranges(span, PAGE_ROWS)),
                         sink,
@@ -209,13 +197,6 @@ async def export_requests(
     return written
 
 
-def csv_header(meta_keys: Sequence[str]) -> list[str]:
-    """The CSV header for a batch whose metadata has these keys (see `batch_meta_keys`)."""
-    if len(meta_keys) > MAX_META_COLUMNS:
-        return [*CSV_COLUMNS, "meta"]
-    return [*CSV_COLUMNS, *(META_PREFIX + key for key in meta_keys)]
-
-
 # --- CSV -----------------------------------------------------------------------------------
 
 
@@ -228,54 +209,18 @@ async def _write_csv(
     bom: bool,
 ) -> int:
     sink.write_text(_header_text(meta_keys, bom=bom))
-    add = _CsvLines(prices, meta_keys).add
+    add = CsvLines(prices, meta_keys).add
     written = 0
     async for page in pages:
-        text, count = _csv_text(page, add)
+        text, count = csv_text(page, add)
         sink.write_text(text)
         written += count
     return written
 
 
 def _header_text(meta_keys: list[str], *, bom: bool) -> str:
-    header = ",".join(map(_cell, csv_header(meta_keys))) + _CRLF
+    header = ",".join(map(cell, csv_header(meta_keys))) + CRLF
     return _UTF8_BOM + header if bom else header
-
-
-def _csv_text(
-    page: list[ExportRow], add: Callable[[ExportRow, list[str]], None]
-) -> tuple[str, int]:
-    """A page's CSV text, and how many records (lines) it holds."""
-    lines: list[str] = []
-    for row in page:
-        add(row, lines)
-    return "".join(lines), len(lines)
-
-
-class _CsvPages:
-    """In a worker process of a parallel export: pages of the batch in, their CSV text out."""
-
-    def __init__(self, store: JobStore, batch_id: str, failed_only: bool, lines: _CsvLines) -> None:
-        self._store = store
-        self._batch_id = batch_id
-        self._failed_only = failed_only
-        self._add = lines.add
-
-    async def handle(self, ids: tuple[int, int]) -> tuple[str, int]:
-        """The CSV text of the jobs with ids in (lo, hi], and how many records it holds."""
-        lo, hi = ids
-        page = await self._store.export_page(self._batch_id, lo, hi, failed_only=self._failed_only)
-        return _csv_text(page, self._add)
-
-    async def close(self) -> None:
-        await self._store.close()
-
-
-async def _open_csv_pages(
-    url: str, batch_id: str, failed_only: bool, prices: PriceBook, meta_keys: list[str]
-) -> _CsvPages:
-    store = await JobStore.open(url)
-    return _CsvPages(store, batch_id, failed_only, _CsvLines(prices, meta_keys))
 
 
 async def _write_csv_by_workers(
@@ -293,208 +238,6 @@ async def _write_csv_by_workers(
             sink.write_text(page_text)
             written += count
     return written
-
-
-def _cell(value: object) -> str:
-    """One CSV cell, as RFC 4180 and Python's csv module (QUOTE_MINIMAL) write it: None is
-    empty, anything else its str(); quoted when it holds a comma, a quote or a line break,
-    with its quotes doubled."""
-    if value is None:
-        return _EMPTY
-    cell = value if type(value) is str else str(value)
-    if '"' in cell:
-        return '"' + cell.replace('"', '""') + '"'
-    if "," in cell or "\n" in cell or "\r" in cell:
-        return '"' + cell + '"'
-    return cell
-
-
-class _CsvLines:
-    """Turns exported jobs into CSV lines (one per choice), cells written by `_cell`.
-
-    `add` runs once per exported job, a million times for a large batch: it reads the row as
-    a tuple, prices it from its token counts directly and writes each line with one f-string
-    (the csv module's writer took a third of a row's time), each step measured to matter.
-    """
-
-    def __init__(self, prices: PriceBook, meta_keys: list[str]) -> None:
-        self._prices = prices
-        self._price = prices.tokens_cost
-        # The usage cells (token counts and cost) of each (model, token counts, price period)
-        # already written: a batch's answers repeat the same few counts, and pricing plus
-        # formatting a Decimal is a tenth of a row's work. The period is -1 for models whose
-        # price does not change in time.
-        self._usage: dict[tuple[str, int, int, int, int, int, int], str] = {}
-        #: Whether each model's price changes with the date or time of day.
-        self._varies: dict[str, bool] = {}
-        self._meta_keys = meta_keys
-        self._whole_meta = len(meta_keys) > MAX_META_COLUMNS
-        # The metadata cells of a job without metadata: empty ones, each after its comma.
-        self._no_meta = "," * (1 if self._whole_meta else len(meta_keys))
-
-    def add(self, row: ExportRow, lines: list[str]) -> None:
-        """Append the CSV lines of `row` to `lines`."""
-        (
-            _id,
-            line,
-            custom_id,
-            state,
-            job_model,
-            meta_text,
-            attempts,
-            _error_kind,
-            _last_status,
-            _last_error,
-            response,
-            status_code,
-            request_id,
-            prompt_tokens,
-            completion_tokens,
-            cached_tokens,
-            reasoning_tokens,
-            total_tokens,
-            schema_valid,
-            latency_ms,
-            finished_at,
-        ) = row
-        meta = self._meta_text(meta_text) if meta_text else self._no_meta
-        latency = None if latency_ms is None else round(latency_ms, 1)
-        if response is None or state != _SUCCEEDED:
-            cells = (
-                custom_id,
-                line,
-                state,
-                None,
-                job_model,
-                None,
-                None,
-                None,
-                None,
-                *_NO_USAGE,
-                latency,
-                attempts,
-                request_id,
-                None,
-                row.last_status,
-                row.error_kind,
-                _failure(row)[1],
-            )
-            lines.append(",".join(map(_cell, cells)) + meta + _CRLF)
-            return
-        completion = _loads_object(response)
-        model = completion.get("model")
-        if type(model) is not str or not model:
-            model = job_model
-        if prompt_tokens is not None and type(completion.get("usage")) is dict:
-            completion_tokens = completion_tokens or 0
-            cached_tokens = cached_tokens or 0
-            reasoning_tokens = reasoning_tokens or 0
-            total_tokens = total_tokens or 0
-            varies = self._varies.get(model)
-            if varies is None:
-                shape = self._prices.shape(model)
-                varies = self._varies[model] = shape is not None and shape.varies_in_time
-            period = int(finished_at // PRICE_PERIOD_S) if varies and finished_at else -1
-            key = (
-                model,
-                prompt_tokens,
-                cached_tokens,
-                completion_tokens,
-                reasoning_tokens,
-                total_tokens,
-                period,
-            )
-            try:
-                usage = self._usage[key]
-            except KeyError:
-                usage = self._usage_cells(key)
-        else:
-            # No usage in the answer: unknown, which is not zero.
-            usage = _NO_USAGE_TEXT
-        # The cells after the usage ones, the same on every line of the job.
-        tail = (
-            f",{_EMPTY if latency is None else latency},{attempts},{_cell(request_id)},"
-            f"{_BOOL_CELLS[schema_valid]},{_EMPTY if status_code is None else status_code},,"
-            f"{meta}{_CRLF}"
-        )
-        head = f"{_cell(custom_id)},{line},{_SUCCEEDED},"
-        model_cell = _cell(model)
-        choices = completion.get("choices")
-        if type(choices) is not list or not choices:
-            choices = [{}]
-        for number, choice in enumerate(choices):
-            if type(choice) is not dict:
-                choice = {}
-            message = choice.get("message")
-            if type(message) is not dict:
-                message = {}
-            content = message.get("content")
-            if content is not None and type(content) is not str:
-                content = _json_text(content)
-            refusal = message.get("refusal")
-            if refusal is not None and type(refusal) is not str:
-                refusal = _json_text(refusal)
-            tool_calls = message.get("tool_calls")
-            index = choice.get("index")
-            lines.append(
-                f"{head}{index if type(index) is int else number},{model_cell},"
-                f"{_cell(choice.get('finish_reason'))},"
-                f"{_cell(content)},"
-                f"{_cell(_json_text(tool_calls)) if tool_calls else _EMPTY},"
-                f"{_cell(refusal)},"
-                f"{usage if number == 0 else _NO_USAGE_TEXT}{tail}"
-            )
-
-    def _usage_cells(self, key: tuple[str, int, int, int, int, int, int]) -> str:
-        model, prompt, cached, completion, reasoning, total, period = key
-        # Priced as the request ran: within a period the price stays the same.
-        at = None if period < 0 else price_period_time(period)
-        cost = self._price(model, prompt, cached, completion, reasoning, at=at)
-        cost_cell = _EMPTY if cost is None else format(cost, "f")  # str() could say 4.5E-7
-        cells = f"{prompt},{cached},{completion},{reasoning},{total},{cost_cell}"
-        if len(self._usage) >= _MAX_USAGE:
-            self._usage.clear()
-        self._usage[key] = cells
-        return cells
-
-    def _meta_text(self, meta_text: str) -> str:
-        """The job's metadata cells, each after its comma."""
-        if self._whole_meta:
-            return "," + _cell(meta_text)
-        meta = _loads_object(meta_text)
-        # Strings and whole numbers as they are (an int's text is its JSON text); anything
-        # else as its JSON text.
-        return "".join(
-            [
-                ","
-                + (
-                    _cell(value)
-                    if type(value) is str
-                    else str(value)
-                    if type(value) is int
-                    else _EMPTY
-                    if value is None
-                    else _cell(_json_text(value))
-                )
-                for value in map(meta.get, self._meta_keys)
-            ]
-        )
-
-
-_NO_USAGE: Final = (None,) * 6
-_NO_USAGE_TEXT: Final = ",,,,,"
-_CRLF: Final = "\r\n"
-#: Usage cells remembered at most (a few MB); past that the memo starts again.
-_MAX_USAGE: Final = 50_000
-
-
-_SUCCEEDED: Final = JobState.SUCCEEDED.value
-_CANCELLED: Final = JobState.CANCELLED.value
-_BOOL_CELLS: Final[dict[bool | None, str]] = {None: _EMPTY, True: "true", False: "false"}
-
-
-def _json_text(value: object) -> str:
-    return orjson.dumps(value).decode()
 
 
 # --- JSONL ---------------------------------------------------------------------------------
@@ -520,7 +263,7 @@ def _request_id_prefix(batch_id: str) -> str:
 
 def _jsonl_record(row: ExportRow, id_prefix: str) -> dict[str, Any]:
     record: dict[str, Any] = {"id": f"{id_prefix}{row.line}", "custom_id": row.custom_id}
-    if row.state == _SUCCEEDED and row.response is not None:
+    if row.state == SUCCEEDED and row.response is not None:
         record["response"] = {
             "status_code": row.status_code,
             "request_id": row.request_id,
@@ -528,11 +271,11 @@ def _jsonl_record(row: ExportRow, id_prefix: str) -> dict[str, Any]:
         }
         record["error"] = None
         return record
-    if row.state == _CANCELLED:
+    if row.state == CANCELLED:
         record["response"] = None
         record["error"] = {"code": CANCELLED_CODE, "message": CANCELLED_MESSAGE}
         return record
-    body, (code, message) = _error_body(row.last_error), _failure(row)
+    body, (code, message) = error_body(row.last_error), failure(row)
     record["response"] = (
         None
         if row.last_status is None
@@ -551,42 +294,7 @@ def _one_line_json(text: str) -> bytes:
     return text.encode()
 
 
-def _error_body(error_text: str | None) -> dict[str, Any] | None:
-    if not error_text or not error_text.lstrip().startswith("{"):
-        return None
-    try:
-        body = orjson.loads(error_text)
-    except orjson.JSONDecodeError:
-        return None
-    return body if isinstance(body, dict) else None
-
-
-def _failure(row: ExportRow) -> tuple[str, str]:
-    """(code, message) of a job that did not succeed, in OpenAI's terms where it gave them."""
-    code = row.error_kind or row.state
-    message = row.last_error or _EMPTY
-    body = _error_body(row.last_error)
-    error = body.get("error") if body is not None else None
-    if isinstance(error, dict):
-        if isinstance(error.get("message"), str):
-            message = error["message"]
-        api_code = error.get("code") or error.get("type")
-        if isinstance(api_code, str) and api_code:
-            code = api_code
-    elif isinstance(error, str):
-        message = error
-    return code, message
-
-
 # --- output --------------------------------------------------------------------------------
-
-
-def _loads_object(json_text: str) -> dict[str, Any]:
-    try:
-        value = orjson.loads(json_text)
-    except orjson.JSONDecodeError:
-        return {}
-    return value if isinstance(value, dict) else {}
 
 
 class _Sink:
@@ -686,7 +394,7 @@ async def batch_meta_keys(store: JobStore, batch_id: str) -> list[str]:
         for (meta,) in await conn.execute(
             _META_WITH_NUL_SQLITE if sqlite else _META_WITH_NUL_POSTGRES, params
         ):
-            keys.update(_loads_object(meta))
+            keys.update(loads_object(meta))
     return sorted(keys)
 
 

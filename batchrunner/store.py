@@ -31,12 +31,13 @@ from operator import itemgetter
 from typing import Any, NamedTuple, TypeVar
 
 import orjson
-from sqlalchemy import Row, TextClause, bindparam, insert, text
+from sqlalchemy import Row, bindparam, insert, text
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from batchrunner import db
 from batchrunner.errors import BatchNotFound, StoreError, UsageError
+from batchrunner.exportrows import ENDED_STATES, FAILED_ONLY, ExportRow, export_page_sql
 from batchrunner.lines import JobRow, NewJob
 from batchrunner.states import JobState
 
@@ -177,38 +178,6 @@ class UsageGroup(NamedTuple):
     completion_tokens: int
     reasoning_tokens: int
     total_tokens: int
-
-
-class ExportRow(NamedTuple):
-    """A job and, when it succeeded, its result: what export writes. A failed job's
-    `request_id` and `latency_ms` are those of its last attempt.
-
-    A named tuple, not a dataclass: export makes one per row, a million of them for a large
-    batch, and a tuple is several times cheaper to build.
-    """
-
-    id: int
-    line: int
-    custom_id: str
-    state: str
-    model: str
-    meta: str | None
-    attempts: int
-    error_kind: str | None
-    last_status: int | None
-    last_error: str | None
-    response: str | None
-    status_code: int | None
-    request_id: str | None
-    prompt_tokens: int | None
-    completion_tokens: int | None
-    cached_tokens: int | None
-    reasoning_tokens: int | None
-    total_tokens: int | None
-    schema_valid: bool | None
-    latency_ms: float | None
-    #: When the result was recorded (Unix time): prices may depend on it.
-    finished_at: float | None
 
 
 def _batch_info(row: Row[Any]) -> BatchInfo:
@@ -474,6 +443,13 @@ class JobStore:
         if self.is_sqlite and url.database in (None, "", ":memory:"):
             return None
         return url.render_as_string(hide_password=False)
+
+    def sqlite_path(self) -> str | None:
+        """The file of a SQLite database; None for another database or an in-memory one."""
+        database = self.engine.url.database
+        if not self.is_sqlite or database in (None, "", ":memory:"):
+            return None
+        return database
 
     @classmethod
     async def open(cls, url: str, *, pool_size: int = 5) -> JobStore:
@@ -1108,7 +1084,7 @@ class JobStore:
         """The batch's ended jobs (failed only, with `failed_only`) with ids in (lo, hi], in id
         order, with their results."""
         sqlite = self.is_sqlite
-        sql = _export_page_sql(sqlite, _FAILED_ONLY if failed_only else _ENDED_STATES).text
+        sql = export_page_sql(sqlite, FAILED_ONLY if failed_only else ENDED_STATES)
         if not sqlite:
             # asyncpg's own placeholders; :b, :lo and :hi are $1, $2 and $3.
             sql = sql.replace(":b", "$1").replace(":lo", "$2").replace(":hi", "$3")
@@ -1186,10 +1162,6 @@ def export_page_ranges(span: tuple[int, int], rows: int) -> Iterator[tuple[int, 
         yield lo, min(lo + rows, last)
 
 
-_ENDED_STATES = (JobState.SUCCEEDED.value, JobState.FAILED.value, JobState.CANCELLED.value)
-_FAILED_ONLY = (JobState.FAILED.value,)
-
-
 # The first and last job id of each state: one index seek each on ix_jobs_claim, where a plain
 # MIN(id), MAX(id) over the batch reads all its index entries (0.5 s a million on SQLite).
 _BATCH_ID_SPAN = text(
@@ -1200,39 +1172,6 @@ _BATCH_ID_SPAN = text(
         for end in ("MIN", "MAX")
     )
 )
-
-
-def _last_attempt(column: str) -> str:
-    """A failed job's answer lives in its last attempt (written with its end): only failed
-    rows look it up, through ix_attempts_job."""
-    return (
-        f"CASE WHEN j.state = 'failed' THEN (SELECT a.{column} FROM attempts a"
-        " WHERE a.job_id = j.id ORDER BY a.id DESC LIMIT 1) END"
-    )
-
-
-def _export_page_sql(sqlite: bool, states: Sequence[str]) -> TextClause:
-    """The export query for the jobs in `states` with ids in (:lo, :hi].
-
-    On SQLite the unary `+` keeps the planner off ix_jobs_claim (batch_id, state, id): through
-    it, each page would read every state's rows and sort them; on the primary key a page is a
-    plain range scan. PostgreSQL has no unary `+` for text and plans the range well by itself
-    (merge join of both primary keys; the results' range is spelled out for that).
-    """
-    in_states = ", ".join(f"'{state}'" for state in states)
-    plus = "+" if sqlite else ""
-    return text(
-        "SELECT j.id, j.line, j.custom_id, j.state, j.model, j.meta, j.attempts,"
-        " j.error_kind, j.last_status, j.last_error, r.response, r.status_code,"
-        f" COALESCE(r.request_id, {_last_attempt('request_id')}),"
-        " r.prompt_tokens, r.completion_tokens, r.cached_tokens,"
-        " r.reasoning_tokens, r.total_tokens, r.schema_valid,"
-        f" COALESCE(r.latency_ms, {_last_attempt('latency_ms')}), r.finished_at"
-        " FROM jobs j LEFT JOIN results r"
-        " ON r.job_id = j.id AND r.job_id > :lo AND r.job_id <= :hi"
-        f" WHERE {plus}j.batch_id = :b AND {plus}j.state IN ({in_states})"
-        " AND j.id > :lo AND j.id <= :hi ORDER BY j.id"
-    )
 
 
 class BatchLoader:

@@ -185,3 +185,18 @@ async def test_leaving_early_does_not_wait_for_results_nobody_reads() -> None:
     # Each worker left by itself: one stuck on its unread results is terminated instead
     # (exit code -SIGTERM) once the stop has waited WORKER_STOP_S for it.
     assert [p.exitcode for p in workers._processes] == [0, 0]
+
+
+@pytest.mark.parametrize("module", ["batchrunner.lines", "batchrunner.exportrows"])
+def test_what_worker_processes_import_leaves_the_database_code_out(module: str) -> None:
+    """Submit's and a SQLite export's workers start in a fraction of a second because these
+    modules (and the pool's) import neither SQLAlchemy nor the database drivers."""
+    code = (
+        f"import sys, batchrunner.bulk, {module}\n"
+        "heavy = ('sqlalchemy', 'aiosqlite', 'asyncpg', 'alembic', 'click')\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules if m.startswith(heavy)}))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True
+    )
+    assert done.stdout.strip() == "[]"

@@ -21,17 +21,12 @@ from openai.types.chat import ChatCompletion
 from sqlalchemy import text
 
 from batchrunner import export as export_module
-from batchrunner import report
+from batchrunner import exportrows, report
 from batchrunner.bulk import OrderedWorkers
 from batchrunner.config import RunConfig
 from batchrunner.errors import BatchNotFound, StoreError
-from batchrunner.export import (
-    CANCELLED_CODE,
-    CSV_COLUMNS,
-    MAX_META_COLUMNS,
-    export_batch,
-    export_requests,
-)
+from batchrunner.export import CANCELLED_CODE, export_batch, export_requests
+from batchrunner.exportrows import CSV_COLUMNS, MAX_META_COLUMNS
 from batchrunner.fakeapi import FakeConfig, FakeServer
 from batchrunner.ingest import submit_file
 from batchrunner.models import JobState
@@ -585,7 +580,7 @@ def test_cells_are_written_as_the_csv_module_writes_them(values: list[Any]) -> N
     byte, and read back to the same cells."""
     expected = io.StringIO()
     csv.writer(expected).writerow(values)
-    line = ",".join(map(export_module._cell, values)) + "\r\n"
+    line = ",".join(map(exportrows.cell, values)) + "\r\n"
     assert line == expected.getvalue()
     (back,) = csv.reader(io.StringIO(line, newline=""))
     assert back == ["" if v is None else str(v) for v in values]
@@ -720,10 +715,13 @@ async def test_csv_made_by_worker_processes_is_the_same_file(
 
 @pytest.mark.slow
 async def test_a_worker_that_cannot_read_the_database_fails_the_export(tmp_path: Path) -> None:
+    """A SQLite worker opens the file it is given and never creates one where it is gone."""
     workers: OrderedWorkers[tuple[int, int], tuple[str, int]] = OrderedWorkers(
-        export_module._open_csv_pages, 2, name="export", error=StoreError
+        exportrows.open_csv_pages, 2, name="export", error=StoreError
     )
-    args = (f"sqlite:///{tmp_path}/no/such/dir/x.db", "batch_x", False, PriceBook(), [])
+    gone = tmp_path / "gone.db"
+    args = (f"sqlite:///{gone}", (str(gone), 1_000), "batch_x", False, PriceBook(), [])
     with pytest.raises(StoreError, match="database"):
         async for _ in workers.map(args, [(0, 10), (10, 20)]):
             pass
+    assert not gone.exists()
