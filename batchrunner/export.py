@@ -6,7 +6,7 @@ processes, one per core (`workers=None`, as `batchrunner export` does), and writ
 order. Only jobs that have ended are exported: an export taken while a run is going shows what
 has ended so far, and taking it again later shows more.
 
-CSV (`CSV_COLUMNS`, then one `meta.<key>` column per key of the jobs' metadata):
+CSV (`exportrows.CSV_COLUMNS`, then one `meta.<key>` column per key of the jobs' metadata):
 
 * One row per job; a completion with `n` > 1 choices gives one row per choice, numbered in the
   `choice` column. Usage and cost are per request, so the token and `cost_usd` cells are filled
@@ -88,7 +88,6 @@ CANCELLED_CODE: Final = "batch_cancelled"
 CANCELLED_MESSAGE: Final = "This request was not executed because the batch was cancelled."
 
 _UTF8_BOM: Final = "\ufeff"
-_EMPTY: Final = ""
 
 
 async def export_batch(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Final, NamedTuple
-from urllib.request import pathname2url
+from urllib.parse import quote
 
 import orjson
 
@@ -57,7 +57,7 @@ _EMPTY: Final = ""
 
 
 def csv_header(meta_keys: Sequence[str]) -> list[str]:
-    """The CSV header for a batch whose metadata has these keys (see `batch_meta_keys`)."""
+    """The CSV header for a batch whose metadata has these keys (`export.batch_meta_keys`)."""
     if len(meta_keys) > MAX_META_COLUMNS:
         return [*CSV_COLUMNS, "meta"]
     return [*CSV_COLUMNS, *(META_PREFIX + key for key in meta_keys)]
@@ -149,12 +149,12 @@ def cell(value: object) -> str:
     with its quotes doubled."""
     if value is None:
         return _EMPTY
-    cell = value if type(value) is str else str(value)
-    if '"' in cell:
-        return '"' + cell.replace('"', '""') + '"'
-    if "," in cell or "\n" in cell or "\r" in cell:
-        return '"' + cell + '"'
-    return cell
+    text = value if type(value) is str else str(value)
+    if '"' in text:
+        return '"' + text.replace('"', '""') + '"'
+    if "," in text or "\n" in text or "\r" in text:
+        return '"' + text + '"'
+    return text
 
 
 class CsvLines:
@@ -413,14 +413,14 @@ class _SqlitePages(_Pages):
         super().__init__(batch_id, failed_only, lines)
         self._sql = export_page_sql(True, FAILED_ONLY if failed_only else ENDED_STATES)
         try:
-            # mode=rw: never create an empty database where the batch's was.
+            # mode=rw: never create an empty database where the batch's was. (quote is
+            # pathname2url on POSIX, without importing urllib.request into every run.)
             self._conn = sqlite3.connect(
-                f"file:{pathname2url(path)}?mode=rw",
+                f"file:{quote(path)}?mode=rw",
                 uri=True,
                 timeout=busy_timeout_ms / 1000,
                 # Each query is its own read transaction, as JobStore.export_page's is.
                 isolation_level=None,
-                check_same_thread=False,
             )
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open the database {path}: {exc}") from exc

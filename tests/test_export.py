@@ -714,6 +714,23 @@ async def test_csv_made_by_worker_processes_is_the_same_file(
 
 
 @pytest.mark.slow
+async def test_workers_open_a_database_whose_path_needs_quoting(
+    tmp_path: Path, make_file: MakeFile
+) -> None:
+    """SQLite workers open the file by URI: a space, a hash (a fragment in a URI) and a
+    non-ASCII letter in its path must reach the same file."""
+    odd = tmp_path / "a b#1 ü"
+    odd.mkdir()
+    async with await JobStore.open(f"sqlite:///{odd / 'jobs.db'}") as store:
+        batch_id = await _mixed_batch(store, make_file)
+        alone, by_workers = io.BytesIO(), io.BytesIO()
+        await export_batch(store, batch_id, alone, fmt="csv")
+        await export_batch(store, batch_id, by_workers, fmt="csv", workers=2)
+    assert by_workers.getvalue() == alone.getvalue()
+    assert len(_read_csv(alone.getvalue())) == 8
+
+
+@pytest.mark.slow
 async def test_a_worker_that_cannot_read_the_database_fails_the_export(tmp_path: Path) -> None:
     """A SQLite worker opens the file it is given and never creates one where it is gone."""
     workers: OrderedWorkers[tuple[int, int], tuple[str, int]] = OrderedWorkers(
