@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, Final, NamedTuple
+from typing import Any, Final, NamedTuple, Protocol
 from urllib.parse import quote
 
 import orjson
@@ -18,9 +18,6 @@ import orjson
 from batchrunner.errors import StoreError
 from batchrunner.pricing import PRICE_PERIOD_S, PriceBook, price_period_time
 from batchrunner.states import JobState
-
-if TYPE_CHECKING:
-    from batchrunner.store import JobStore
 
 #: The CSV columns before the metadata ones, in order.
 CSV_COLUMNS: Final = (
@@ -383,35 +380,21 @@ def loads_object(text: str) -> dict[str, Any]:
 # --- the pages of a worker process ---------------------------------------------------------
 
 
-class _Pages:
-    """In a worker process of a parallel export: pages of the batch in, their CSV text out."""
+class _PageSource(Protocol):
+    """Where a worker reads its pages: `JobStore` itself, or `_SqliteReader`."""
 
-    def __init__(self, batch_id: str, failed_only: bool, lines: CsvLines) -> None:
-        self._batch_id = batch_id
-        self._failed_only = failed_only
-        self._add = lines.add
+    async def export_page(
+        self, batch_id: str, lo: int, hi: int, *, failed_only: bool = False
+    ) -> list[ExportRow]: ...
 
-    async def handle(self, ids: tuple[int, int]) -> tuple[str, int]:
-        """The CSV text of the jobs with ids in (lo, hi], and how many records it holds."""
-        lo, hi = ids
-        return csv_text(await self._page(lo, hi), self._add)
-
-    async def _page(self, lo: int, hi: int) -> list[ExportRow]:
-        raise NotImplementedError
-
-    async def close(self) -> None:
-        pass
+    async def close(self) -> None: ...
 
 
-class _SqlitePages(_Pages):
-    """SQLite: the store's export query, through the standard library's sqlite3. Blocking is
-    fine: the worker's event loop runs nothing else meanwhile."""
+class _SqliteReader:
+    """SQLite: `JobStore.export_page`'s query, through the standard library's sqlite3.
+    Blocking is fine: the worker's event loop runs nothing else meanwhile."""
 
-    def __init__(
-        self, path: str, busy_timeout_ms: int, batch_id: str, failed_only: bool, lines: CsvLines
-    ) -> None:
-        super().__init__(batch_id, failed_only, lines)
-        self._sql = export_page_sql(True, FAILED_ONLY if failed_only else ENDED_STATES)
+    def __init__(self, path: str, busy_timeout_ms: int) -> None:
         try:
             # mode=rw: never create an empty database where the batch's was. (quote is
             # pathname2url on POSIX, without importing urllib.request into every run.)
@@ -425,10 +408,12 @@ class _SqlitePages(_Pages):
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open the database {path}: {exc}") from exc
 
-    async def _page(self, lo: int, hi: int) -> list[ExportRow]:
-        params = {"b": self._batch_id, "lo": lo, "hi": hi}
+    async def export_page(
+        self, batch_id: str, lo: int, hi: int, *, failed_only: bool = False
+    ) -> list[ExportRow]:
+        sql = export_page_sql(True, FAILED_ONLY if failed_only else ENDED_STATES)
         try:
-            rows = self._conn.execute(self._sql, params).fetchall()
+            rows = self._conn.execute(sql, {"b": batch_id, "lo": lo, "hi": hi}).fetchall()
         except sqlite3.Error as exc:
             raise StoreError(f"database read failed: {exc}") from exc
         make = ExportRow._make
@@ -438,18 +423,25 @@ class _SqlitePages(_Pages):
         self._conn.close()
 
 
-class _StorePages(_Pages):
-    """PostgreSQL: through the job store."""
+class _Pages:
+    """In a worker process of a parallel export: pages of the batch in, their CSV text out."""
 
-    def __init__(self, store: JobStore, batch_id: str, failed_only: bool, lines: CsvLines) -> None:
-        super().__init__(batch_id, failed_only, lines)
-        self._store = store
+    def __init__(
+        self, source: _PageSource, batch_id: str, failed_only: bool, lines: CsvLines
+    ) -> None:
+        self._source = source
+        self._batch_id = batch_id
+        self._failed_only = failed_only
+        self._add = lines.add
 
-    async def _page(self, lo: int, hi: int) -> list[ExportRow]:
-        return await self._store.export_page(self._batch_id, lo, hi, failed_only=self._failed_only)
+    async def handle(self, ids: tuple[int, int]) -> tuple[str, int]:
+        """The CSV text of the jobs with ids in (lo, hi], and how many records it holds."""
+        lo, hi = ids
+        page = await self._source.export_page(self._batch_id, lo, hi, failed_only=self._failed_only)
+        return csv_text(page, self._add)
 
     async def close(self) -> None:
-        await self._store.close()
+        await self._source.close()
 
 
 async def open_csv_pages(
@@ -464,7 +456,7 @@ async def open_csv_pages(
     SQLite database's path and busy timeout (ms), None for another database, opened by `url`."""
     lines = CsvLines(prices, meta_keys)
     if sqlite_file is not None:
-        return _SqlitePages(*sqlite_file, batch_id, failed_only, lines)
+        return _Pages(_SqliteReader(*sqlite_file), batch_id, failed_only, lines)
     from batchrunner.store import JobStore  # SQLAlchemy and asyncpg: only for PostgreSQL
 
-    return _StorePages(await JobStore.open(url), batch_id, failed_only, lines)
+    return _Pages(await JobStore.open(url), batch_id, failed_only, lines)

@@ -439,10 +439,9 @@ class JobStore:
     def url_for_other_processes(self) -> str | None:
         """The URL another process opens this same database with; None when it cannot (an
         in-memory SQLite database is this process's own)."""
-        url = self.engine.url
-        if self.is_sqlite and url.database in (None, "", ":memory:"):
+        if self.is_sqlite and self.sqlite_path() is None:
             return None
-        return url.render_as_string(hide_password=False)
+        return self.engine.url.render_as_string(hide_password=False)
 
     def sqlite_path(self) -> str | None:
         """The file of a SQLite database; None for another database or an in-memory one."""
