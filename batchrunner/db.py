@@ -1,35 +1,32 @@
-"""Database engines: plain URLs to async drivers, SQLite settings, and migrations to head."""
+"""SQLAlchemy's side of the database: engines for plain URLs, migrations to head, and
+PostgreSQL's connections for the store (SQLite's are in database.py, without SQLAlchemy)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from functools import lru_cache
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import event, text
+from sqlalchemy import TextClause, event, text
 from sqlalchemy.engine import Connection, make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import AsyncAdaptedQueuePool
 
-from batchrunner.errors import StoreError, UsageError
+from batchrunner.database import SCHEMA_HEAD, Params, Result, configure_sqlite_connection
+from batchrunner.errors import ConstraintViolation, StoreError, UsageError
 
 if TYPE_CHECKING:
     # alembic costs ~0.1 s to import and is needed only to migrate: imported where used.
     from alembic.config import Config
 
-#: How long SQLite waits for another writer before giving up.
-SQLITE_BUSY_TIMEOUT_MS = 30_000
-#: SQLite's page cache per connection. The default 2 MB makes bulk inserts spill index pages
-#: and run at half speed; 64 MB keeps a million-row load's indexes in memory.
-SQLITE_CACHE_KIB = 65_536
 #: Execution option: read in a deferred transaction instead of taking the write lock.
 READ_ONLY = "batchrunner_read_only"
-#: The newest migration (migrations/versions); a test checks it is alembic's head. Start-up
-#: compares the database's revision with it instead of loading alembic's script directory.
-SCHEMA_HEAD = "0004"
-#: SQLite connections kept open: the feeder's claim, the writer's record and the
-#: coordinator's heartbeat each hold one at times; opening one costs ~1.5 ms (a thread, the
-#: file and the PRAGMAs), which the hot path would otherwise pay per transaction.
+#: SQLite connections kept open by an engine (migrations, tests).
 SQLITE_POOL_SIZE = 2
 #: Further SQLite connections opened when the pool is busy, closed again when returned.
 SQLITE_POOL_OVERFLOW = 8
@@ -83,21 +80,6 @@ def create_engine(url: str, *, pool_size: int = 5) -> AsyncEngine:
     if engine.dialect.name == "sqlite":
         _configure_sqlite(engine)
     return engine
-
-
-def configure_sqlite_connection(dbapi_conn: Any) -> None:
-    """The settings every SQLite connection of ours gets (sqlite3's or aiosqlite's adapter)."""
-    # Take transactions into our own hands: pysqlite's implicit BEGIN is deferred, and a
-    # deferred transaction that reads then writes fails at once with "database is locked"
-    # when another process writes.
-    dbapi_conn.isolation_level = None
-    cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA synchronous=NORMAL")
-    cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
-    cur.execute("PRAGMA foreign_keys=ON")
-    cur.execute(f"PRAGMA cache_size=-{SQLITE_CACHE_KIB}")
-    cur.close()
 
 
 def _configure_sqlite(engine: AsyncEngine) -> None:
@@ -186,3 +168,126 @@ async def ensure_schema(engine: AsyncEngine) -> None:
         raise StoreError(f"cannot open the database: {describe(exc)}") from exc
     if current != SCHEMA_HEAD:
         await upgrade(engine)
+
+
+# -- PostgreSQL -----------------------------------------------------------------------------
+
+
+#: Statements as SQLAlchemy clauses, made once each.
+_clause = lru_cache(maxsize=1024)(text)
+
+
+def _failed(exc: DBAPIError, what: str) -> StoreError:
+    if isinstance(exc, IntegrityError):
+        return ConstraintViolation(f"database write failed: {describe(exc)}")
+    return StoreError(f"database {what} failed: {describe(exc)}")
+
+
+class _PgConnection:
+    """A transaction's statements through SQLAlchemy, as `database.Connection` has them."""
+
+    __slots__ = ("_conn", "_what")
+
+    def __init__(self, conn: AsyncConnection, what: str) -> None:
+        self._conn = conn
+        self._what = what
+
+    async def execute(self, sql: str, params: Params = ()) -> Result:
+        clause: TextClause = _clause(sql)
+        try:
+            result = await self._conn.execute(clause, dict(params) if params else None)
+        except DBAPIError as exc:
+            raise _failed(exc, self._what) from exc
+        rows = list(result.all()) if result.returns_rows else []
+        return Result(rows, result.rowcount)
+
+    async def executemany(self, sql: str, params: Sequence[Params]) -> int:
+        try:
+            result = await self._conn.execute(_clause(sql), [dict(p) for p in params])
+        except DBAPIError as exc:
+            raise _failed(exc, self._what) from exc
+        return max(result.rowcount, 0)
+
+    async def driver(self) -> Any:
+        """asyncpg's own connection under this one (COPY)."""
+        raw = await self._conn.get_raw_connection()
+        return raw.driver_connection
+
+
+class PgDatabase:
+    """A PostgreSQL database through an SQLAlchemy engine on asyncpg."""
+
+    is_sqlite = False
+
+    def __init__(self, url: str, *, pool_size: int = 5) -> None:
+        self.engine = create_engine(url, pool_size=pool_size)
+        self.url = self.engine.url.render_as_string(hide_password=False)
+        #: The dispatcher's records: a connection of their own, in autocommit.
+        self._recorder: AsyncConnection | None = None
+        #: One statement at a time on it.
+        self._recorder_lock = asyncio.Lock()
+
+    @asynccontextmanager
+    async def read(self) -> AsyncIterator[_PgConnection]:
+        try:
+            async with self.engine.connect() as conn:
+                yield _PgConnection(conn, "read")
+        except DBAPIError as exc:
+            raise _failed(exc, "read") from exc
+
+    @asynccontextmanager
+    async def write(self) -> AsyncIterator[_PgConnection]:
+        try:
+            async with self.engine.begin() as conn:
+                yield _PgConnection(conn, "write")
+        except DBAPIError as exc:
+            raise _failed(exc, "write") from exc
+
+    async def fetch(self, sql: str, *args: Any) -> list[Any]:
+        """The rows of one statement in asyncpg's own placeholders ($1, ...), straight from
+        the driver: SQLAlchemy's result rows would cost a third of an export's read."""
+        async with self.engine.connect() as conn:
+            raw = await conn.get_raw_connection()
+            try:
+                return list(await raw.driver_connection.fetch(sql, *args))  # type: ignore[union-attr]
+            except Exception as exc:
+                if hasattr(exc, "sqlstate"):
+                    raise StoreError(f"database read failed: {exc}") from exc
+                raise
+
+    async def record(self, sql: str, params: Sequence[Any]) -> int:
+        """Run one statement that returns a count, in a transaction of its own.
+
+        The statement is a transaction of its own in autocommit, without a BEGIN and a COMMIT
+        to wait for; kept checked out, the connection is not pinged before each record as the
+        pool's are. A connection that failed is dropped and the next record opens another.
+        """
+        async with self._recorder_lock:
+            if self._recorder is None:
+                conn = await self.engine.connect()
+                try:
+                    await conn.execution_options(isolation_level="AUTOCOMMIT")
+                except BaseException:
+                    await conn.close()
+                    raise
+                self._recorder = conn
+            try:
+                return int((await self._recorder.exec_driver_sql(sql, tuple(params))).scalar_one())
+            except BaseException as exc:
+                conn, self._recorder = self._recorder, None
+                with contextlib.suppress(Exception):
+                    await conn.invalidate()
+                if isinstance(exc, DBAPIError):
+                    raise _failed(exc, "write") from exc
+                raise
+
+    async def ensure_schema(self) -> None:
+        await ensure_schema(self.engine)
+
+    async def close(self) -> None:
+        async with self._recorder_lock:
+            if self._recorder is not None:
+                conn, self._recorder = self._recorder, None
+                with contextlib.suppress(Exception):
+                    await conn.close()
+        await self.engine.dispose()

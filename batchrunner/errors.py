@@ -66,6 +66,11 @@ class StoreError(BatchrunnerError):
     """The job database failed."""
 
 
+class ConstraintViolation(StoreError):
+    """A write broke one of the database's constraints (a unique key); the message is the
+    driver's, which names it."""
+
+
 class RunAborted(BatchrunnerError):
     """The run stopped before every job ended; run it again to resume."""
 

@@ -44,17 +44,13 @@ from __future__ import annotations
 import contextlib
 import io
 from collections.abc import AsyncGenerator, AsyncIterator, Collection
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import IO, Any, BinaryIO, Final, Literal, TextIO
 
 import orjson
-from sqlalchemy import text
-from sqlalchemy.exc import DBAPIError, OperationalError
-from sqlalchemy.ext.asyncio import AsyncConnection
 
-from batchrunner import db
 from batchrunner.bulk import OrderedWorkers, collector_paused, workers_for
+from batchrunner.database import SQLITE_BUSY_TIMEOUT_MS
 from batchrunner.errors import StoreError
 from batchrunner.exportrows import (
     CANCELLED,
@@ -143,7 +139,7 @@ async def export_batch(
                     meta_keys = await batch_meta_keys(store, batch_id)
                     path = store.sqlite_path()
                     # SQLite workers read with sqlite3 alone (see batchrunner.exportrows).
-                    sqlite_file = None if path is None else (path, db.SQLITE_BUSY_TIMEOUT_MS)
+                    sqlite_file = None if path is None else (path, SQLITE_BUSY_TIMEOUT_MS)
                     setup = (url, sqlite_file, batch_id, failed_only, prices, meta_keys)
                     written = await _write_csv_by_workers(
                         pool.map(setup, export_page_ranges(span, PAGE_ROWS)),
@@ -339,32 +335,32 @@ class JobRequest:
 # Metadata holding a NUL character (written `\u0000` in its JSON) is read in Python: SQLite's
 # json_each cuts a key at a NUL, and PostgreSQL's text cannot hold one.
 _NUL_ESCAPE = "\\u0000"
-_META_KEYS_SQLITE = text(
+_META_KEYS_SQLITE = (
     "SELECT DISTINCT k.key FROM jobs j, json_each(j.meta) k"
     " WHERE j.batch_id = :b AND j.meta IS NOT NULL AND instr(j.meta, :nul) = 0"
 )
-_META_KEYS_POSTGRES = text(
+_META_KEYS_POSTGRES = (
     "SELECT DISTINCT k FROM jobs j, json_object_keys(j.meta::json) AS k"
     " WHERE j.batch_id = :b AND j.meta IS NOT NULL AND strpos(j.meta, :nul) = 0"
 )
-_META_WITH_NUL_SQLITE = text(
+_META_WITH_NUL_SQLITE = (
     "SELECT meta FROM jobs WHERE batch_id = :b AND meta IS NOT NULL AND instr(meta, :nul) > 0"
 )
-_META_WITH_NUL_POSTGRES = text(
+_META_WITH_NUL_POSTGRES = (
     "SELECT meta FROM jobs WHERE batch_id = :b AND meta IS NOT NULL AND strpos(meta, :nul) > 0"
 )
 
 
-_LAST_JOB_ID = text("SELECT MAX(id) FROM jobs WHERE batch_id = :b")
+_LAST_JOB_ID = "SELECT MAX(id) FROM jobs WHERE batch_id = :b"
 _REQUEST_COLUMNS = "id, line, custom_id, state, endpoint, model, body, meta"
 # Pages walk the primary key between the batch's first and last ids. On SQLite the unary `+`
 # keeps the planner off ix_jobs_claim, through which ORDER BY id would sort every remaining row
 # of the batch on each page.
-_JOB_REQUESTS_SQLITE = text(
+_JOB_REQUESTS_SQLITE = (
     f"SELECT {_REQUEST_COLUMNS} FROM jobs WHERE id > :after AND id <= :last"
     " AND +batch_id = :b ORDER BY id LIMIT :limit"
 )
-_JOB_REQUESTS_POSTGRES = text(
+_JOB_REQUESTS_POSTGRES = (
     f"SELECT {_REQUEST_COLUMNS} FROM jobs WHERE batch_id = :b AND id > :after AND id <= :last"
     " ORDER BY id LIMIT :limit"
 )
@@ -378,10 +374,8 @@ async def batch_meta_keys(store: JobStore, batch_id: str) -> list[str]:
     jobs (a second per million jobs)."""
     params = {"b": batch_id, "nul": _NUL_ESCAPE}
     sqlite = store.is_sqlite
-    async with _read(store) as conn:
-        kept = (
-            await conn.execute(text("SELECT meta_keys FROM batches WHERE id = :b"), params)
-        ).scalar()
+    async with store.reading() as conn:
+        kept = (await conn.execute("SELECT meta_keys FROM batches WHERE id = :b", params)).scalar()
         if kept is not None:
             return [str(key) for key in orjson.loads(kept)]
         keys = {
@@ -407,7 +401,7 @@ async def iter_job_requests(
     """The batch's jobs (those in `states`, default all) in line order, with their bodies;
     pages by id, like `JobStore.iter_export_rows`, so that no read transaction stays open."""
     wanted = None if states is None else {JobState(s).value for s in states}
-    async with _read(store) as conn:
+    async with store.reading() as conn:
         last = (await conn.execute(_LAST_JOB_ID, {"b": batch_id})).scalar()
     if last is None:
         return
@@ -415,7 +409,7 @@ async def iter_job_requests(
     after = 0
     while True:
         params = {"b": batch_id, "after": after, "last": last, "limit": chunk_rows}
-        async with _read(store) as conn:
+        async with store.reading() as conn:
             rows = (await conn.execute(sql, params)).all()
         for r in rows:
             if wanted is None or r[3] in wanted:
@@ -423,14 +417,3 @@ async def iter_job_requests(
         if len(rows) < chunk_rows:
             return
         after = rows[-1][0]
-
-
-@asynccontextmanager
-async def _read(store: JobStore) -> AsyncIterator[AsyncConnection]:
-    # As JobStore._read: a plain BEGIN, so that reading never takes SQLite's write lock.
-    try:
-        async with store.engine.connect() as conn:
-            await conn.execution_options(**{db.READ_ONLY: True})
-            yield conn
-    except (OperationalError, DBAPIError) as exc:
-        raise StoreError(f"database read failed: {exc.orig or exc}") from exc

@@ -70,13 +70,13 @@ def directory_for(store: JobStore) -> Path | None:
     flock on this platform)."""
     if fcntl is None:
         return None
-    url = store.engine.url
     if store.is_sqlite:
-        database = url.database or ""
-        if database in ("", ":memory:") or database.startswith("file:"):
+        database = store.sqlite_path()
+        if database is None or database.startswith("file:"):
             return None
         path = Path(database).absolute()
         return path.with_name(path.name + SQLITE_SUFFIX)
+    url = store.engine.url
     # One directory per database: host, port, database and user (never the password).
     where = url.set(drivername="postgresql", password=None).render_as_string()
     key = hashlib.sha256(where.encode()).hexdigest()[:16]

@@ -1,6 +1,6 @@
 """JobStore: the only module that speaks SQL.
 
-Every write is one short transaction (SQLite: `BEGIN IMMEDIATE`, see db.py). The dispatcher's
+Every write is one short transaction (SQLite: `BEGIN IMMEDIATE`, see database.py). The dispatcher's
 hot path touches the database only in chunks: it claims jobs a few hundred at a time and records
 ended jobs in batched transactions, each row fenced by the lease token it was claimed with.
 """
@@ -17,29 +17,29 @@ import time
 import uuid
 from collections.abc import (
     AsyncIterator,
-    Callable,
     Collection,
     Iterable,
     Iterator,
     Mapping,
     Sequence,
 )
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field, replace
 from operator import itemgetter
-from typing import Any, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import orjson
-from sqlalchemy import Row, bindparam, insert, text
-from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from batchrunner import db
-from batchrunner.errors import BatchNotFound, StoreError, UsageError
+from batchrunner.database import Connection, Database, SqliteDatabase, is_sqlite_url
+from batchrunner.errors import BatchNotFound, ConstraintViolation, StoreError, UsageError
 from batchrunner.exportrows import ENDED_STATES, FAILED_ONLY, ExportRow, export_page_sql
 from batchrunner.lines import JobRow, NewJob
 from batchrunner.states import JobState
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
+    from batchrunner.db import PgDatabase
 
 T = TypeVar("T")
 
@@ -180,22 +180,25 @@ class UsageGroup(NamedTuple):
     total_tokens: int
 
 
-def _batch_info(row: Row[Any]) -> BatchInfo:
-    options = row.options
-    if isinstance(options, str):
+def _batch_info(row: Sequence[Any]) -> BatchInfo:
+    """A row of `_BATCH_COLUMNS`, which are BatchInfo's fields in order."""
+    options = row[6]
+    if isinstance(options, str):  # SQLite keeps JSON as text
         options = orjson.loads(options)
+    id_, name, source_file, sha256, base_url, key_env = row[:6]
+    total, invalid, created, cancelled = row[7:]
     return BatchInfo(
-        id=row.id,
-        name=row.name,
-        source_file=row.source_file,
-        content_sha256=row.content_sha256,
-        base_url=row.base_url,
-        api_key_env=row.api_key_env,
-        options=options or {},
-        total_jobs=row.total_jobs,
-        invalid_lines=row.invalid_lines,
-        created_at=row.created_at,
-        cancelled_at=row.cancelled_at,
+        id_,
+        name,
+        source_file,
+        sha256,
+        base_url,
+        key_env,
+        options or {},
+        total,
+        invalid,
+        created,
+        cancelled,
     )
 
 
@@ -210,8 +213,7 @@ _EXPIRE_LEASES_SQL = (
     " lease_expires_at = NULL, updated_at = :now"
     " WHERE batch_id = :batch AND state = 'running' AND lease_expires_at < :now"
 )
-_EXPIRE_LEASES = text(_EXPIRE_LEASES_SQL)
-# SQLite's claim goes to sqlite3 as it is (see JobStore._sqlite_transaction): sqlite3 binds the
+# SQLite's claim goes to sqlite3 as it is (see SqliteDatabase.transaction): sqlite3 binds the
 # named parameters itself.
 _CLAIM_SQLITE = (
     "UPDATE jobs SET state = 'running', lease_owner = :owner, lease_token = :token,"
@@ -220,7 +222,7 @@ _CLAIM_SQLITE = (
     " AND (not_before IS NULL OR not_before <= :now) ORDER BY id LIMIT :limit)"
     f" RETURNING {_CLAIM_COLUMNS}"
 )
-_CLAIM_POSTGRES = text(
+_CLAIM_POSTGRES = (
     "WITH picked AS (SELECT id FROM jobs WHERE batch_id = :batch AND state = 'pending'"
     " AND (not_before IS NULL OR not_before <= :now) ORDER BY id LIMIT :limit"
     " FOR UPDATE SKIP LOCKED)"
@@ -307,14 +309,21 @@ _IDS_PER_STATEMENT = 500
 #: long enough that no claim takes it meanwhile; should this process die in between, the next
 #: run on this host releases it at once (the lease names the dead worker).
 KEPT_LEASE_S = 60.0
-_ATTEMPT_STARTS_AMONG = text(
-    "SELECT job_id, started_at FROM attempts WHERE job_id IN :ids"
-).bindparams(bindparam("ids", expanding=True))
-_TAKE_BACK = text(
+_ATTEMPT_STARTS_AMONG = "SELECT job_id, started_at FROM attempts WHERE job_id IN {ids}"
+_TAKE_BACK = (
     "UPDATE jobs SET state = 'running', lease_owner = :w, lease_token = :t,"
     " lease_expires_at = :exp, updated_at = :now"
-    " WHERE batch_id = :b AND state IN ('pending', 'running') AND id IN :ids RETURNING id"
-).bindparams(bindparam("ids", expanding=True))
+    " WHERE batch_id = :b AND state IN ('pending', 'running') AND id IN {ids} RETURNING id"
+)
+
+
+def _in_list(values: Sequence[Any], params: dict[str, Any], name: str = "id") -> str:
+    """`(:id0, :id1, ...)` for an IN, with the values added to `params`."""
+    marks = []
+    for i, value in enumerate(values):
+        params[f"{name}{i}"] = value
+        marks.append(f":{name}{i}")
+    return f"({', '.join(marks)})"
 
 
 class BatchExists(Exception):
@@ -330,143 +339,81 @@ _BATCH_KEYS = ("batches.id", "batches.content_sha256", "pk_batches", "uq_batches
 _CUSTOM_ID_KEYS = ("jobs.custom_id", "uq_jobs_batch_id")
 
 
-def _violates(exc: IntegrityError, *names: str) -> bool:
+def _violates(exc: ConstraintViolation, *names: str) -> bool:
     """Whether the driver's message names one of these constraints or columns."""
-    message = db.describe(exc)
-    return any(name in message for name in names)
-
-
-class _SqliteWriter:
-    """A thread with a plain sqlite3 connection of its own, for the dispatcher's SQLite writes.
-
-    Through aiosqlite every statement is a hop to its thread and back, and the way back waits
-    for a turn of an event loop busy with requests (~10 ms at a zero-latency server). A record
-    is five statements, and each worker waits for its record's commit before it takes another
-    job. Here the whole transaction, `BEGIN IMMEDIATE` to `COMMIT`, is one hop; sqlite3 lets
-    the event loop run while it works.
-    """
-
-    def __init__(self, engine: AsyncEngine) -> None:
-        # The file as SQLAlchemy opens it (a URI's read-only mode included).
-        (database, *_), options = engine.dialect.create_connect_args(engine.url)
-        self._database = str(database)
-        self._uri = bool(options.get("uri", False))
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batchrunner-sqlite")
-        self._conn: sqlite3.Connection | None = None
-
-    async def run(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._thread, self._transaction, work)
-
-    def _transaction(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        if self._conn is None:
-            conn = sqlite3.connect(self._database, uri=self._uri, check_same_thread=False)
-            db.configure_sqlite_connection(conn)
-            self._conn = conn
-        conn = self._conn
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            result = work(conn)
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-        return result
-
-    async def close(self) -> None:
-        # A store that never wrote through the thread (status, export, submit) never started it.
-        if self._conn is not None:
-            conn, self._conn = self._conn, None
-            await asyncio.get_running_loop().run_in_executor(self._thread, conn.close)
-        self._thread.shutdown()
-
-
-class _PgRecorder:
-    """A connection of its own for the dispatcher's PostgreSQL records, in autocommit.
-
-    `_RECORD_PG` is one statement, so autocommit makes it a transaction of its own without a
-    BEGIN and a COMMIT to wait for; kept checked out, the connection is not pinged before each
-    record as the pool's are. A connection that failed is dropped and the next record opens
-    another.
-    """
-
-    def __init__(self, engine: AsyncEngine) -> None:
-        self._engine = engine
-        self._conn: AsyncConnection | None = None
-        #: One statement at a time on the connection.
-        self._lock = asyncio.Lock()
-
-    async def fetch_count(self, sql: str, params: _Params) -> int:
-        async with self._lock:
-            if self._conn is None:
-                conn = await self._engine.connect()
-                try:
-                    await conn.execution_options(isolation_level="AUTOCOMMIT")
-                except BaseException:
-                    await conn.close()
-                    raise
-                self._conn = conn
-            try:
-                return int((await self._conn.exec_driver_sql(sql, params)).scalar_one())
-            except BaseException:
-                conn, self._conn = self._conn, None
-                with contextlib.suppress(Exception):
-                    await conn.invalidate()
-                raise
-
-    async def close(self) -> None:
-        async with self._lock:
-            if self._conn is not None:
-                conn, self._conn = self._conn, None
-                with contextlib.suppress(Exception):
-                    await conn.close()
+    return any(name in str(exc) for name in names)
 
 
 class JobStore:
     """Batches, jobs and results in one database (SQLite or PostgreSQL)."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
-        self.engine = engine
-        self.is_sqlite = db.is_sqlite(engine)
-        #: SQLite: this process's write transactions, one at a time. A writer waiting here is
-        #: let in as soon as the previous one commits; waiting on SQLite's lock instead, it
-        #: would poll in the busy handler with sleeps of up to 100 ms.
-        self._sqlite_writer = asyncio.Lock()
-        self._sqlite_thread = _SqliteWriter(engine) if self.is_sqlite else None
-        self._pg_recorder = None if self.is_sqlite else _PgRecorder(engine)
+    def __init__(self, database: Database) -> None:
+        self._db = database
+        self.is_sqlite = database.is_sqlite
+        #: The URL as given (SQLite) or with the driver named (PostgreSQL).
+        self.url = database.url
+        #: SQLite: an SQLAlchemy engine on the same file, made on first use (`engine`).
+        self._engine: AsyncEngine | None = None
+
+    @classmethod
+    def for_url(cls, url: str, *, pool_size: int = 5) -> JobStore:
+        """A store for the database at a plain URL, without touching it yet."""
+        if is_sqlite_url(url):
+            return cls(SqliteDatabase(url))
+        # SQLAlchemy and asyncpg: imported only for PostgreSQL.
+        from batchrunner.db import PgDatabase
+
+        return cls(PgDatabase(url, pool_size=pool_size))
+
+    @classmethod
+    async def open(cls, url: str, *, pool_size: int = 5) -> JobStore:
+        """Open the database at a plain URL, creating or upgrading it to head."""
+        store = cls.for_url(url, pool_size=pool_size)
+        try:
+            await store._db.ensure_schema()
+        except BaseException:
+            await store.close()
+            raise
+        return store
+
+    @property
+    def engine(self) -> AsyncEngine:
+        """An SQLAlchemy engine on the store's database: PostgreSQL's own; for SQLite one made
+        on first use (the store itself goes through sqlite3), for migrations and inspection."""
+        if not self.is_sqlite:
+            return self._pg.engine
+        if self._engine is None:
+            from batchrunner import db
+
+            self._engine = db.create_engine(self.url)
+        return self._engine
+
+    @property
+    def _pg(self) -> PgDatabase:
+        assert not self.is_sqlite
+        return self._db  # type: ignore[return-value]
+
+    @property
+    def _sqlite(self) -> SqliteDatabase:
+        assert isinstance(self._db, SqliteDatabase)
+        return self._db
 
     def url_for_other_processes(self) -> str | None:
         """The URL another process opens this same database with; None when it cannot (an
         in-memory SQLite database is this process's own)."""
         if self.is_sqlite and self.sqlite_path() is None:
             return None
-        return self.engine.url.render_as_string(hide_password=False)
+        return self.url
 
     def sqlite_path(self) -> str | None:
         """The file of a SQLite database; None for another database or an in-memory one."""
-        database = self.engine.url.database
-        if not self.is_sqlite or database in (None, "", ":memory:"):
-            return None
-        return database
-
-    @classmethod
-    async def open(cls, url: str, *, pool_size: int = 5) -> JobStore:
-        """Open the database at a plain URL, creating or upgrading it to head."""
-        engine = db.create_engine(url, pool_size=pool_size)
-        try:
-            await db.ensure_schema(engine)
-        except BaseException:
-            await engine.dispose()
-            raise
-        return cls(engine)
+        return self._sqlite.path if self.is_sqlite else None
 
     async def close(self) -> None:
-        if self._sqlite_thread is not None:
-            await self._sqlite_thread.close()
-        if self._pg_recorder is not None:
-            await self._pg_recorder.close()
-        await self.engine.dispose()
+        if self._engine is not None:
+            engine, self._engine = self._engine, None
+            await engine.dispose()
+        await self._db.close()
 
     async def __aenter__(self) -> JobStore:
         return self
@@ -476,42 +423,17 @@ class JobStore:
 
     # -- transactions ---------------------------------------------------------------------
 
-    @asynccontextmanager
-    async def _write(self) -> AsyncIterator[AsyncConnection]:
-        try:
-            if self.is_sqlite:
-                # The lock covers the transaction only, not checking the connection out and in.
-                async with self.engine.connect() as conn, self._sqlite_writer, conn.begin():
-                    yield conn
-            else:
-                async with self.engine.begin() as conn:
-                    yield conn
-        except (OperationalError, DBAPIError) as exc:
-            if isinstance(exc, IntegrityError):
-                raise
-            raise StoreError(f"database write failed: {db.describe(exc)}") from exc
+    def _write(self) -> AbstractAsyncContextManager[Connection]:
+        """A write transaction: `async with store._write() as conn`, committed at the end."""
+        return self._db.write()
 
-    async def _sqlite_transaction(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        """Run `work` in one SQLite write transaction on the writer thread (see _SqliteWriter),
-        for the dispatcher's claims and records."""
-        assert self._sqlite_thread is not None
-        try:
-            # As in _write: this process's SQLite writes one at a time.
-            async with self._sqlite_writer:
-                return await self._sqlite_thread.run(work)
-        except sqlite3.Error as exc:
-            if isinstance(exc, sqlite3.IntegrityError):
-                raise
-            raise StoreError(f"database write failed: {exc}") from exc
+    def _read(self) -> AbstractAsyncContextManager[Connection]:
+        return self._db.read()
 
-    @asynccontextmanager
-    async def _read(self) -> AsyncIterator[AsyncConnection]:
-        try:
-            async with self.engine.connect() as conn:
-                await conn.execution_options(**{db.READ_ONLY: True})
-                yield conn
-        except (OperationalError, DBAPIError) as exc:
-            raise StoreError(f"database read failed: {db.describe(exc)}") from exc
+    def reading(self) -> AbstractAsyncContextManager[Connection]:
+        """A read transaction on the store's database (`async with ... as conn`), for queries
+        that belong with another module (export.py)."""
+        return self._db.read()
 
     # -- batches ----------------------------------------------------------------------------
 
@@ -519,7 +441,7 @@ class JobStore:
         async with self._read() as conn:
             row = (
                 await conn.execute(
-                    text(f"SELECT {_BATCH_COLUMNS} FROM batches WHERE content_sha256 = :sha"),
+                    f"SELECT {_BATCH_COLUMNS} FROM batches WHERE content_sha256 = :sha",
                     {"sha": sha256},
                 )
             ).first()
@@ -529,7 +451,7 @@ class JobStore:
         async with self._read() as conn:
             row = (
                 await conn.execute(
-                    text(f"SELECT {_BATCH_COLUMNS} FROM batches WHERE id = :id"), {"id": batch_id}
+                    f"SELECT {_BATCH_COLUMNS} FROM batches WHERE id = :id", {"id": batch_id}
                 )
             ).first()
         if row is None:
@@ -539,9 +461,7 @@ class JobStore:
     async def list_batches(self) -> list[BatchInfo]:
         async with self._read() as conn:
             rows = (
-                await conn.execute(
-                    text(f"SELECT {_BATCH_COLUMNS} FROM batches ORDER BY created_at")
-                )
+                await conn.execute(f"SELECT {_BATCH_COLUMNS} FROM batches ORDER BY created_at")
             ).all()
         return [_batch_info(r) for r in rows]
 
@@ -551,32 +471,29 @@ class JobStore:
 
         Nothing is visible to other connections until the block ends without an error.
         """
-        from batchrunner.models import Batch  # the ORM mapping: not needed to run a batch
-
         async with self._write() as conn:
             try:
                 await conn.execute(
-                    insert(Batch),
+                    f"INSERT INTO batches ({_BATCH_COLUMNS}) VALUES (:id, :name, :source_file,"
+                    " :sha, :base_url, :key_env, :options, 0, 0, :created_at, NULL)",
                     {
                         "id": batch.id,
                         "name": batch.name,
                         "source_file": batch.source_file,
-                        "content_sha256": batch.content_sha256,
+                        "sha": batch.content_sha256,
                         "base_url": batch.base_url,
-                        "api_key_env": batch.api_key_env,
-                        "options": batch.options,
-                        "total_jobs": 0,
-                        "invalid_lines": 0,
+                        "key_env": batch.api_key_env,
+                        # JSON text: SQLite keeps it so, and PostgreSQL's json takes it as is.
+                        "options": orjson.dumps(batch.options).decode(),
                         "created_at": batch.created_at,
-                        "cancelled_at": None,
                     },
                 )
-            except IntegrityError as exc:
+            except ConstraintViolation as exc:
                 # The batch id and the content hash are both the content's: either one.
                 if _violates(exc, *_BATCH_KEYS):
                     raise BatchExists(batch.id) from exc
                 raise
-            loader = BatchLoader(conn, batch.id)
+            loader = BatchLoader(conn, batch.id, sqlite=self.is_sqlite)
             yield loader
             await loader.finish()
 
@@ -586,7 +503,7 @@ class JobStore:
         async with self._read() as conn:
             rows = (
                 await conn.execute(
-                    text("SELECT state, COUNT(*) FROM jobs WHERE batch_id = :b GROUP BY state"),
+                    "SELECT state, COUNT(*) FROM jobs WHERE batch_id = :b GROUP BY state",
                     {"b": batch_id},
                 )
             ).all()
@@ -628,14 +545,12 @@ class JobStore:
         async with self._read() as conn:
             rows = (
                 await conn.execute(
-                    text(
-                        f"SELECT {model}, {period}, {tier}, COUNT(*), COUNT(r.prompt_tokens),"
-                        " COALESCE(SUM(r.prompt_tokens), 0), COALESCE(SUM(r.cached_tokens), 0),"
-                        " COALESCE(SUM(r.completion_tokens), 0),"
-                        " COALESCE(SUM(r.reasoning_tokens), 0), COALESCE(SUM(r.total_tokens), 0)"
-                        " FROM jobs j JOIN results r ON r.job_id = j.id"
-                        f" WHERE j.batch_id = :b{only} GROUP BY 1, 2, 3 ORDER BY 1, 2, 3"
-                    ),
+                    f"SELECT {model}, {period}, {tier}, COUNT(*), COUNT(r.prompt_tokens),"
+                    " COALESCE(SUM(r.prompt_tokens), 0), COALESCE(SUM(r.cached_tokens), 0),"
+                    " COALESCE(SUM(r.completion_tokens), 0),"
+                    " COALESCE(SUM(r.reasoning_tokens), 0), COALESCE(SUM(r.total_tokens), 0)"
+                    " FROM jobs j JOIN results r ON r.job_id = j.id"
+                    f" WHERE j.batch_id = :b{only} GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
                     params,
                 )
             ).all()
@@ -646,11 +561,9 @@ class JobStore:
         async with self._read() as conn:
             rows = (
                 await conn.execute(
-                    text(
-                        "SELECT COALESCE(error_kind, 'unknown') AS k, COUNT(*) AS n FROM jobs"
-                        " WHERE batch_id = :b AND state = 'failed' GROUP BY k"
-                        " ORDER BY n DESC, k LIMIT :limit"
-                    ),
+                    "SELECT COALESCE(error_kind, 'unknown') AS k, COUNT(*) AS n FROM jobs"
+                    " WHERE batch_id = :b AND state = 'failed' GROUP BY k"
+                    " ORDER BY n DESC, k LIMIT :limit",
                     {"b": batch_id, "limit": limit},
                 )
             ).all()
@@ -661,12 +574,10 @@ class JobStore:
         async with self._read() as conn:
             rows = (
                 await conn.execute(
-                    text(
-                        "SELECT a.error_kind, COUNT(*) AS n"
-                        " FROM jobs j JOIN attempts a ON a.job_id = j.id"
-                        " WHERE j.batch_id = :b AND a.error_kind IS NOT NULL"
-                        " GROUP BY a.error_kind ORDER BY n DESC, a.error_kind"
-                    ),
+                    "SELECT a.error_kind, COUNT(*) AS n"
+                    " FROM jobs j JOIN attempts a ON a.job_id = j.id"
+                    " WHERE j.batch_id = :b AND a.error_kind IS NOT NULL"
+                    " GROUP BY a.error_kind ORDER BY n DESC, a.error_kind",
                     {"b": batch_id},
                 )
             ).all()
@@ -676,9 +587,7 @@ class JobStore:
         async with self._read() as conn:
             rows = (
                 await conn.execute(
-                    text(
-                        "SELECT line, reason FROM invalid_lines WHERE batch_id = :b ORDER BY line"
-                    ),
+                    "SELECT line, reason FROM invalid_lines WHERE batch_id = :b ORDER BY line",
                     {"b": batch_id},
                 )
             ).all()
@@ -688,10 +597,8 @@ class JobStore:
         async with self._read() as conn:
             row = (
                 await conn.execute(
-                    text(
-                        "SELECT MIN(a.started_at), MAX(a.started_at + a.latency_ms / 1000.0)"
-                        " FROM jobs j JOIN attempts a ON a.job_id = j.id WHERE j.batch_id = :b"
-                    ),
+                    "SELECT MIN(a.started_at), MAX(a.started_at + a.latency_ms / 1000.0)"
+                    " FROM jobs j JOIN attempts a ON a.job_id = j.id WHERE j.batch_id = :b",
                     {"b": batch_id},
                 )
             ).one()
@@ -701,10 +608,8 @@ class JobStore:
         async with self._read() as conn:
             rows = (
                 await conn.execute(
-                    text(
-                        "SELECT job_id, status_code, error_kind, latency_ms, request_id, started_at"
-                        " FROM attempts WHERE job_id = :j ORDER BY id"
-                    ),
+                    "SELECT job_id, status_code, error_kind, latency_ms, request_id, started_at"
+                    " FROM attempts WHERE job_id = :j ORDER BY id",
                     {"j": job_id},
                 )
             ).all()
@@ -723,10 +628,8 @@ class JobStore:
         async with self._write() as conn:
             rows = (
                 await conn.execute(
-                    text(
-                        "SELECT id, pid FROM workers WHERE batch_id = :b AND host = :h"
-                        " AND stopped_at IS NULL"
-                    ),
+                    "SELECT id, pid FROM workers WHERE batch_id = :b AND host = :h"
+                    " AND stopped_at IS NULL",
                     {"b": batch_id, "h": host},
                 )
             ).all()
@@ -735,21 +638,17 @@ class JobStore:
             # (its give-back failed) need not wait out their leases.
             stopped = (
                 await conn.execute(
-                    text(
-                        "SELECT DISTINCT lease_owner FROM jobs WHERE batch_id = :b"
-                        " AND state = 'running' AND lease_owner IN (SELECT id FROM workers"
-                        " WHERE batch_id = :b AND stopped_at IS NOT NULL)"
-                    ),
+                    "SELECT DISTINCT lease_owner FROM jobs WHERE batch_id = :b"
+                    " AND state = 'running' AND lease_owner IN (SELECT id FROM workers"
+                    " WHERE batch_id = :b AND stopped_at IS NOT NULL)",
                     {"b": batch_id},
                 )
             ).scalars()
             await _reap(conn, batch_id, [*dead, *stopped], now)
             await conn.execute(
-                text(
-                    "INSERT INTO workers (id, batch_id, host, pid, started_at, heartbeat_at,"
-                    " sent, succeeded, failed, tokens)"
-                    " VALUES (:id, :b, :h, :pid, :now, :now, 0, 0, 0, 0)"
-                ),
+                "INSERT INTO workers (id, batch_id, host, pid, started_at, heartbeat_at,"
+                " sent, succeeded, failed, tokens)"
+                " VALUES (:id, :b, :h, :pid, :now, :now, 0, 0, 0, 0)",
                 {"id": worker_id, "b": batch_id, "h": host, "pid": os.getpid(), "now": now},
             )
 
@@ -769,17 +668,13 @@ class JobStore:
         """Extend the leases of every job this worker holds and refresh its heartbeat."""
         async with self._write() as conn:
             await conn.execute(
-                text(
-                    "UPDATE jobs SET lease_expires_at = :exp WHERE batch_id = :b"
-                    " AND state = 'running' AND lease_owner = :w"
-                ),
+                "UPDATE jobs SET lease_expires_at = :exp WHERE batch_id = :b"
+                " AND state = 'running' AND lease_owner = :w",
                 {"exp": now + lease_s, "b": batch_id, "w": worker_id},
             )
             await conn.execute(
-                text(
-                    "UPDATE workers SET heartbeat_at = :now, sent = :sent, succeeded = :ok,"
-                    " failed = :failed, tokens = :tokens, paused_until = :paused WHERE id = :w"
-                ),
+                "UPDATE workers SET heartbeat_at = :now, sent = :sent, succeeded = :ok,"
+                " failed = :failed, tokens = :tokens, paused_until = :paused WHERE id = :w",
                 {
                     "now": now,
                     "sent": sent,
@@ -794,7 +689,7 @@ class JobStore:
     async def stop_worker(self, worker_id: str, now: float) -> None:
         async with self._write() as conn:
             await conn.execute(
-                text("UPDATE workers SET stopped_at = :now WHERE id = :w"),
+                "UPDATE workers SET stopped_at = :now WHERE id = :w",
                 {"now": now, "w": worker_id},
             )
 
@@ -802,11 +697,9 @@ class JobStore:
         async with self._read() as conn:
             rows = (
                 await conn.execute(
-                    text(
-                        "SELECT id, host, pid, started_at, heartbeat_at, stopped_at, paused_until,"
-                        " sent, succeeded, failed, tokens FROM workers WHERE batch_id = :b"
-                        " AND stopped_at IS NULL AND heartbeat_at >= :since ORDER BY started_at"
-                    ),
+                    "SELECT id, host, pid, started_at, heartbeat_at, stopped_at, paused_until,"
+                    " sent, succeeded, failed, tokens FROM workers WHERE batch_id = :b"
+                    " AND stopped_at IS NULL AND heartbeat_at >= :since ORDER BY started_at",
                     {"b": batch_id, "since": now - WORKER_STALE_S},
                 )
             ).all()
@@ -823,12 +716,10 @@ class JobStore:
         async with self._read() as conn:
             rows = (
                 await conn.execute(
-                    text(
-                        "SELECT id, host, pid, started_at, heartbeat_at, stopped_at, paused_until,"
-                        " sent, succeeded, failed, tokens FROM workers WHERE batch_id = :b"
-                        " AND stopped_at IS NULL AND (heartbeat_at >= :since OR host = :h)"
-                        " ORDER BY started_at"
-                    ),
+                    "SELECT id, host, pid, started_at, heartbeat_at, stopped_at, paused_until,"
+                    " sent, succeeded, failed, tokens FROM workers WHERE batch_id = :b"
+                    " AND stopped_at IS NULL AND (heartbeat_at >= :since OR host = :h)"
+                    " ORDER BY started_at",
                     {"b": batch_id, "since": since, "h": host},
                 )
             ).all()
@@ -849,7 +740,7 @@ class JobStore:
         """Tell the batch's other workers that the server asked this one to wait until then."""
         async with self._write() as conn:
             await conn.execute(
-                text("UPDATE workers SET paused_until = :p WHERE id = :w"),
+                "UPDATE workers SET paused_until = :p WHERE id = :w",
                 {"p": paused_until, "w": worker_id},
             )
 
@@ -872,10 +763,10 @@ class JobStore:
                 conn.execute(_EXPIRE_LEASES_SQL, {"batch": batch_id, "now": now})
                 return conn.execute(_CLAIM_SQLITE, params).fetchall()
 
-            rows = await self._sqlite_transaction(claim)
+            rows = await self._sqlite.transaction(claim)
         else:
             async with self._write() as conn:
-                await conn.execute(_EXPIRE_LEASES, {"batch": batch_id, "now": now})
+                await conn.execute(_EXPIRE_LEASES_SQL, {"batch": batch_id, "now": now})
                 rows = (await conn.execute(_CLAIM_POSTGRES, params)).all()
         # Columns by position, in _CLAIM_COLUMNS order: hundreds of rows per claim.
         jobs = [
@@ -907,16 +798,13 @@ class JobStore:
         if not params:
             return 0
         async with self._write() as conn:
-            result = await conn.execute(
-                text(
-                    "UPDATE jobs SET state = 'pending', lease_owner = NULL, lease_token = NULL,"
-                    " lease_expires_at = NULL, not_before = :nb, updated_at = :now"
-                    " WHERE id = :id AND lease_token = :token AND lease_owner = :w"
-                    " AND state = 'running'"
-                ),
+            return await conn.executemany(
+                "UPDATE jobs SET state = 'pending', lease_owner = NULL, lease_token = NULL,"
+                " lease_expires_at = NULL, not_before = :nb, updated_at = :now"
+                " WHERE id = :id AND lease_token = :token AND lease_owner = :w"
+                " AND state = 'running'",
                 params,
             )
-        return max(result.rowcount, 0)
 
     async def release_all(self, worker_id: str, batch_id: str) -> int:
         """Give back every job this worker still holds: at the end of a run it holds none
@@ -924,11 +812,9 @@ class JobStore:
         failed)."""
         async with self._write() as conn:
             result = await conn.execute(
-                text(
-                    "UPDATE jobs SET state = 'pending', lease_owner = NULL, lease_token = NULL,"
-                    " lease_expires_at = NULL, updated_at = :now"
-                    " WHERE batch_id = :b AND state = 'running' AND lease_owner = :w"
-                ),
+                "UPDATE jobs SET state = 'pending', lease_owner = NULL, lease_token = NULL,"
+                " lease_expires_at = NULL, updated_at = :now"
+                " WHERE batch_id = :b AND state = 'running' AND lease_owner = :w",
                 {"b": batch_id, "w": worker_id, "now": time.time()},
             )
         return max(result.rowcount, 0)
@@ -959,19 +845,13 @@ class JobStore:
                     conn.executemany(_INSERT_ATTEMPT_SQL, log)
                 return done if done >= 0 else len(ends)
 
-            recorded = await self._sqlite_transaction(write)
+            recorded = await self._sqlite.transaction(write)
             return RecordOutcome(recorded=recorded, fenced=len(ends) - recorded)
-        assert self._pg_recorder is not None
         # In id order: see _RECORD_PG.
         ends.sort(key=_END_JOB_ID)
-        try:
-            recorded = await self._pg_recorder.fetch_count(
-                _RECORD_PG, _record_arrays(batch_id, worker_id, results, ends, log, now)
-            )
-        except (OperationalError, DBAPIError) as exc:
-            if isinstance(exc, IntegrityError):
-                raise
-            raise StoreError(f"database write failed: {db.describe(exc)}") from exc
+        recorded = await self._pg.record(
+            _RECORD_PG, _record_arrays(batch_id, worker_id, results, ends, log, now)
+        )
         return RecordOutcome(recorded=recorded, fenced=len(ends) - recorded)
 
     async def record_kept(
@@ -1000,9 +880,8 @@ class JobStore:
         async with self._write() as conn:
             for lo in range(0, len(ids), _IDS_PER_STATEMENT):
                 chunk = ids[lo : lo + _IDS_PER_STATEMENT]
-                params = {
+                params: dict[str, Any] = {
                     "b": batch_id,
-                    "ids": chunk,
                     # Not the dead worker's own id: releasing its jobs (`reap_workers`) must
                     # not give these back before they are recorded.
                     "w": f"{worker_id}.kept",
@@ -1010,8 +889,11 @@ class JobStore:
                     "exp": now + KEPT_LEASE_S,
                     "now": now,
                 }
-                taken.extend((await conn.execute(_TAKE_BACK, params)).scalars())
-                rows = await conn.execute(_ATTEMPT_STARTS_AMONG, {"ids": chunk})
+                among = _in_list(chunk, params)
+                taken.extend((await conn.execute(_TAKE_BACK.format(ids=among), params)).scalars())
+                among_params: dict[str, Any] = {}
+                among = _in_list(chunk, among_params)
+                rows = await conn.execute(_ATTEMPT_STARTS_AMONG.format(ids=among), among_params)
                 logged.update((job_id, started_at) for job_id, started_at in rows)
         if not taken:
             return 0
@@ -1034,12 +916,10 @@ class JobStore:
             raise UsageError(f"batch {batch_id} was cancelled, and cancel is for good")
         async with self._write() as conn:
             result = await conn.execute(
-                text(
-                    "UPDATE jobs SET state = 'pending', attempts = 0, error_kind = NULL,"
-                    " last_status = NULL, last_error = NULL, finished_at = NULL,"
-                    " not_before = NULL, updated_at = :now"
-                    " WHERE batch_id = :b AND state = 'failed'"
-                ),
+                "UPDATE jobs SET state = 'pending', attempts = 0, error_kind = NULL,"
+                " last_status = NULL, last_error = NULL, finished_at = NULL,"
+                " not_before = NULL, updated_at = :now"
+                " WHERE batch_id = :b AND state = 'failed'",
                 {"b": batch_id, "now": time.time()},
             )
         return max(result.rowcount, 0)
@@ -1050,15 +930,13 @@ class JobStore:
         now = time.time()
         async with self._write() as conn:
             result = await conn.execute(
-                text(
-                    "UPDATE jobs SET state = 'cancelled', lease_owner = NULL, lease_token = NULL,"
-                    " lease_expires_at = NULL, finished_at = :now, updated_at = :now"
-                    " WHERE batch_id = :b AND state IN ('pending', 'running')"
-                ),
+                "UPDATE jobs SET state = 'cancelled', lease_owner = NULL, lease_token = NULL,"
+                " lease_expires_at = NULL, finished_at = :now, updated_at = :now"
+                " WHERE batch_id = :b AND state IN ('pending', 'running')",
                 {"b": batch_id, "now": now},
             )
             await conn.execute(
-                text("UPDATE batches SET cancelled_at = :now WHERE id = :b"),
+                "UPDATE batches SET cancelled_at = :now WHERE id = :b",
                 {"b": batch_id, "now": now},
             )
         return max(result.rowcount, 0)
@@ -1084,24 +962,15 @@ class JobStore:
         order, with their results."""
         sqlite = self.is_sqlite
         sql = export_page_sql(sqlite, FAILED_ONLY if failed_only else ENDED_STATES)
-        if not sqlite:
+        # One statement, so no transaction is begun: the statement's own snapshot is the
+        # page's, as it was inside a read transaction of one query.
+        rows: Sequence[Any]
+        if sqlite:
+            rows = await self._sqlite.fetch(sql, {"b": batch_id, "lo": lo, "hi": hi})
+        else:
             # asyncpg's own placeholders; :b, :lo and :hi are $1, $2 and $3.
             sql = sql.replace(":b", "$1").replace(":lo", "$2").replace(":hi", "$3")
-        # Straight to the driver: SQLAlchemy's result rows cost a third of the whole read
-        # (2.5 of 7.7 us a row). One statement, so no transaction is begun: the statement's
-        # own snapshot is the page's, as it was inside a read transaction of one query.
-        async with self._read() as conn:
-            raw = await conn.get_raw_connection()
-            driver: Any = raw.driver_connection
-            try:
-                if sqlite:
-                    rows = await driver.execute_fetchall(sql, {"b": batch_id, "lo": lo, "hi": hi})
-                else:
-                    rows = await driver.fetch(sql, batch_id, lo, hi)
-            except Exception as exc:
-                if isinstance(exc, sqlite3.Error) or hasattr(exc, "sqlstate"):
-                    raise StoreError(f"database read failed: {exc}") from exc
-                raise
+            rows = await self._pg.fetch(sql, batch_id, lo, hi)
         make = ExportRow._make
         return [make(r) for r in rows]
 
@@ -1163,13 +1032,10 @@ def export_page_ranges(span: tuple[int, int], rows: int) -> Iterator[tuple[int, 
 
 # The first and last job id of each state: one index seek each on ix_jobs_claim, where a plain
 # MIN(id), MAX(id) over the batch reads all its index entries (0.5 s a million on SQLite).
-_BATCH_ID_SPAN = text(
-    "SELECT "
-    + ", ".join(
-        f"(SELECT {end}(id) FROM jobs WHERE batch_id = :b AND state = '{state.value}')"
-        for state in JobState
-        for end in ("MIN", "MAX")
-    )
+_BATCH_ID_SPAN = "SELECT " + ", ".join(
+    f"(SELECT {end}(id) FROM jobs WHERE batch_id = :b AND state = '{state.value}')"
+    for state in JobState
+    for end in ("MIN", "MAX")
 )
 
 
@@ -1181,7 +1047,7 @@ class BatchLoader:
     #: The columns every job of a batch starts with the same value in.
     _COMMON_COLUMNS = ("batch_id", "method", "state", "attempts", "created_at", "updated_at")
 
-    def __init__(self, conn: AsyncConnection, batch_id: str) -> None:
+    def __init__(self, conn: Connection, batch_id: str, *, sqlite: bool) -> None:
         self._conn = conn
         self._batch_id = batch_id
         self._now = time.time()
@@ -1193,7 +1059,7 @@ class BatchLoader:
         # connection (asyncpg's COPY does not go through SQLAlchemy's own lock).
         self._lock = asyncio.Lock()
         self._common = (batch_id, "POST", JobState.PENDING.value, 0, self._now, self._now)
-        self._sqlite = conn.dialect.paramstyle == "qmark"
+        self._sqlite = sqlite
         # SQLite: statements of many rows, which SQLite runs in one step with the GIL released,
         # so that parsing goes on beside it. An INSERT per row (executemany) takes the GIL
         # back for every row and, with the parser holding it, waits for it each time.
@@ -1225,12 +1091,10 @@ class BatchLoader:
                     size = -(-len(jobs) // parts)
                     for start in range(0, len(jobs), size):
                         part = jobs[start : start + size]
-                        # Plain values straight to the driver: SQLAlchemy's parameter processing
-                        # cost more than the INSERT itself.
-                        await self._conn.exec_driver_sql(
+                        await self._conn.execute(
                             self._insert_sql(len(part)), tuple(itertools.chain.from_iterable(part))
                         )
-        except IntegrityError as exc:
+        except ConstraintViolation as exc:
             if _violates(exc, *_CUSTOM_ID_KEYS):
                 raise DuplicateCustomId() from exc
             raise
@@ -1238,9 +1102,7 @@ class BatchLoader:
 
     async def _copy(self, jobs: Sequence[JobRow]) -> None:
         """PostgreSQL: COPY through asyncpg, several times faster than an INSERT per row."""
-        raw = await self._conn.get_raw_connection()
-        driver = raw.driver_connection
-        assert driver is not None
+        driver = await self._conn.driver()  # type: ignore[attr-defined]  # db._PgConnection
         common = self._common
         try:
             await driver.copy_records_to_table(
@@ -1249,23 +1111,20 @@ class BatchLoader:
                 columns=self._JOB_COLUMNS + self._COMMON_COLUMNS,
             )
         except Exception as exc:
-            # As SQLAlchemy would have raised them, for the callers' handlers.
             sqlstate = str(getattr(exc, "sqlstate", ""))
             if sqlstate.startswith("23"):  # integrity constraint violation
-                raise IntegrityError("COPY jobs", None, exc) from exc
+                raise ConstraintViolation(f"database write failed: {exc}") from exc
             if sqlstate:
-                raise DBAPIError("COPY jobs", None, exc) from exc
+                raise StoreError(f"database write failed: {exc}") from exc
             raise
 
     async def add_invalid(self, lines: Sequence[tuple[int, str]]) -> None:
         if not lines:
             return
-        from batchrunner.models import InvalidLine
-
         async with self._lock:
-            await self._conn.execute(
-                insert(InvalidLine),
-                [{"batch_id": self._batch_id, "line": n, "reason": r} for n, r in lines],
+            await self._conn.executemany(
+                "INSERT INTO invalid_lines (batch_id, line, reason) VALUES (:b, :line, :reason)",
+                [{"b": self._batch_id, "line": n, "reason": r} for n, r in lines],
             )
         self.invalid += len(lines)
 
@@ -1273,10 +1132,8 @@ class BatchLoader:
         async with self._lock:
             keys = None if self.meta_keys is None else orjson.dumps(self.meta_keys).decode()
             await self._conn.execute(
-                text(
-                    "UPDATE batches SET total_jobs = :n, invalid_lines = :bad, meta_keys = :keys"
-                    " WHERE id = :b"
-                ),
+                "UPDATE batches SET total_jobs = :n, invalid_lines = :bad, meta_keys = :keys"
+                " WHERE id = :b",
                 {"n": self.jobs, "bad": self.invalid, "keys": keys, "b": self._batch_id},
             )
 
@@ -1382,22 +1239,20 @@ def _columns(rows: Sequence[_Params], width: int) -> list[list[Any]]:
     return [list(column) for column in zip(*rows, strict=True)]
 
 
-async def _reap(conn: AsyncConnection, batch_id: str, worker_ids: Sequence[str], now: float) -> int:
+async def _reap(conn: Connection, batch_id: str, worker_ids: Sequence[str], now: float) -> int:
     """These workers' running jobs back to pending, and the workers marked stopped (those not
     marked yet)."""
     released = 0
     for wid in worker_ids:
         result = await conn.execute(
-            text(
-                "UPDATE jobs SET state = 'pending', lease_owner = NULL, lease_token = NULL,"
-                " lease_expires_at = NULL, updated_at = :now"
-                " WHERE batch_id = :b AND state = 'running' AND lease_owner = :w"
-            ),
+            "UPDATE jobs SET state = 'pending', lease_owner = NULL, lease_token = NULL,"
+            " lease_expires_at = NULL, updated_at = :now"
+            " WHERE batch_id = :b AND state = 'running' AND lease_owner = :w",
             {"b": batch_id, "w": wid, "now": now},
         )
         released += max(result.rowcount, 0)
         await conn.execute(
-            text("UPDATE workers SET stopped_at = :now WHERE id = :w AND stopped_at IS NULL"),
+            "UPDATE workers SET stopped_at = :now WHERE id = :w AND stopped_at IS NULL",
             {"now": now, "w": wid},
         )
     return released

@@ -62,7 +62,7 @@ RESUME_LIMIT_S = 30.0
 FAILING_RUN_LIMIT_S = 60.0
 #: Runs the product with a short SQLite busy timeout: `python -c WRAPPER MS batchrunner-args...`.
 WRAPPER = (
-    "import sys, batchrunner.db as db; db.SQLITE_BUSY_TIMEOUT_MS = int(sys.argv.pop(1)); "
+    "import sys, batchrunner.database as db; db.SQLITE_BUSY_TIMEOUT_MS = int(sys.argv.pop(1)); "
     "from batchrunner.cli import main; main()"
 )
 #: Holds SQLite's write lock: `python -c LOCKER PATH SECONDS`; prints "locked" once it holds

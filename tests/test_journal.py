@@ -307,8 +307,6 @@ async def test_other_batches_journals_wait_for_their_own_runs(
 
 
 async def test_where_the_journal_lives(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from sqlalchemy.ext.asyncio import create_async_engine
-
     monkeypatch.setenv(journal.STATE_DIR_ENV, str(tmp_path / "state"))
     dirs: dict[str, Path | None] = {}
     for url in (
@@ -319,7 +317,7 @@ async def test_where_the_journal_lives(tmp_path: Path, monkeypatch: pytest.Monke
         "postgresql+asyncpg://u:other@db.example:5432/a",
         "postgresql+asyncpg://u@db.example:5432/b",
     ):
-        store = JobStore(create_async_engine(url))
+        store = JobStore.for_url(url)
         dirs[url] = journal.directory_for(store)
         await store.close()
     urls = list(dirs)

@@ -9,7 +9,7 @@ from alembic.migration import MigrationContext
 from sqlalchemy import inspect
 from sqlalchemy.engine import Connection
 
-from batchrunner import db
+from batchrunner import database, db
 from batchrunner.models import Base
 from batchrunner.store import JobStore
 
@@ -58,15 +58,16 @@ async def test_store_creates_schema_on_first_use(db_url: str) -> None:
 
 
 async def test_sqlite_settings(sqlite_url: str) -> None:
-    from sqlalchemy import text
-
-    async with await JobStore.open(sqlite_url) as store, store.engine.connect() as conn:
-        assert (await conn.execute(text("PRAGMA journal_mode"))).scalar() == "wal"
-        # NORMAL is 1.
-        assert (await conn.execute(text("PRAGMA synchronous"))).scalar() == 1
-        assert (
-            await conn.execute(text("PRAGMA busy_timeout"))
-        ).scalar() == db.SQLITE_BUSY_TIMEOUT_MS
+    async with await JobStore.open(sqlite_url) as store:
+        for transaction in (store.reading, store._write):
+            async with transaction() as conn:
+                assert (await conn.execute("PRAGMA journal_mode")).scalar() == "wal"
+                # NORMAL is 1.
+                assert (await conn.execute("PRAGMA synchronous")).scalar() == 1
+                assert (await conn.execute("PRAGMA busy_timeout")).scalar() == (
+                    database.SQLITE_BUSY_TIMEOUT_MS
+                )
+                assert (await conn.execute("PRAGMA foreign_keys")).scalar() == 1
 
 
 def test_plain_urls_pick_async_drivers() -> None:
@@ -78,7 +79,7 @@ def test_plain_urls_pick_async_drivers() -> None:
 
 def test_schema_head_is_alembic_head() -> None:
     # Start-up compares the database with SCHEMA_HEAD instead of loading alembic.
-    assert db.alembic_head() == db.SCHEMA_HEAD
+    assert db.alembic_head() == database.SCHEMA_HEAD
 
 
 async def test_dropping_the_hot_foreign_keys_keeps_every_row(db_url: str) -> None:

@@ -1,0 +1,383 @@
+"""The store's way to its database: SQL text in, rows out.
+
+SQLite goes through the standard library's `sqlite3`, each connection on a thread of its own;
+PostgreSQL through SQLAlchemy and asyncpg (`db.PgDatabase`). This module imports neither
+SQLAlchemy nor a driver: SQLAlchemy is a quarter of a second of start-up, which a run, a
+status or an export of a SQLite database at the current schema no longer pays. It is imported
+to create or upgrade the schema, and for PostgreSQL.
+
+Statements name their parameters (`:name`, bound from a dict) on both backends; SQLite's own
+hot statements may use `?N` with tuples.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+from urllib.parse import parse_qsl, unquote, urlencode
+
+from batchrunner.errors import ConstraintViolation, StoreError, UsageError
+
+T = TypeVar("T")
+#: A statement's parameters: by name, or (SQLite's `?N`) by position.
+Params = Mapping[str, Any] | tuple[Any, ...]
+
+#: The newest migration (migrations/versions); a test checks it is alembic's head. Opening a
+#: database compares its revision with this instead of loading alembic's script directory.
+SCHEMA_HEAD = "0004"
+#: How long SQLite waits for another writer before giving up.
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+#: SQLite's page cache per connection. The default 2 MB makes bulk inserts spill index pages
+#: and run at half speed; 64 MB keeps a million-row load's indexes in memory.
+SQLITE_CACHE_KIB = 65_536
+#: Read connections kept open for the next read: opening one costs ~1.5 ms (a thread, the
+#: file and the PRAGMAs). More are opened while these are busy, and closed when returned.
+SQLITE_IDLE_READERS = 2
+
+
+class Result:
+    """The rows of a statement (tuples) and the rows it changed."""
+
+    __slots__ = ("rowcount", "rows")
+
+    def __init__(self, rows: list[Any], rowcount: int) -> None:
+        self.rows = rows
+        self.rowcount = rowcount
+
+    def __iter__(self) -> Any:
+        return iter(self.rows)
+
+    def all(self) -> list[Any]:
+        return self.rows
+
+    def first(self) -> Any | None:
+        return self.rows[0] if self.rows else None
+
+    def one(self) -> Any:
+        if len(self.rows) != 1:
+            raise StoreError(f"expected one row from the database, got {len(self.rows)}")
+        return self.rows[0]
+
+    def scalar(self) -> Any:
+        """The first column of the first row; None without rows."""
+        return self.rows[0][0] if self.rows else None
+
+    def scalars(self) -> list[Any]:
+        return [row[0] for row in self.rows]
+
+
+class Connection(Protocol):
+    """A connection inside one of the database's transactions."""
+
+    async def execute(self, sql: str, params: Params = ()) -> Result: ...
+
+    async def executemany(self, sql: str, params: Sequence[Params]) -> int:
+        """Run `sql` once for each set of parameters; returns the rows changed."""
+        ...
+
+
+class Database(Protocol):
+    is_sqlite: bool
+    #: The URL as given: what another process opens the same database with.
+    url: str
+
+    def read(self) -> AbstractAsyncContextManager[Connection]:
+        """A read transaction."""
+        ...
+
+    def write(self) -> AbstractAsyncContextManager[Connection]:
+        """A write transaction, committed when the block ends without an error."""
+        ...
+
+    async def ensure_schema(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+# -- SQLite ---------------------------------------------------------------------------------
+
+
+def is_sqlite_url(url: str) -> bool:
+    scheme = url.partition(":")[0]
+    return scheme == "sqlite" or scheme.startswith("sqlite+")
+
+
+@dataclass(frozen=True, slots=True)
+class SqliteTarget:
+    """What `sqlite3.connect` is given for a `sqlite:///` URL, read as SQLAlchemy reads it:
+    the path after the third slash (percent-escapes decoded; a fourth slash makes it
+    absolute), `:memory:` when there is none, and with `uri=true` the path as a SQLite URI
+    with the URL's other query parameters."""
+
+    #: The URL's database part: a path, `:memory:`, or (`uri`) a `file:` URI's path.
+    database: str
+    #: What sqlite3 opens: `database` made absolute, or with `uri` the URI with its parameters.
+    filename: str
+    uri: bool
+
+    @classmethod
+    def parse(cls, url: str) -> SqliteTarget:
+        _, sep, rest = url.partition("://")
+        if not sep:
+            raise UsageError(f"not a database URL: {url!r} (try sqlite:///batchrunner.db)")
+        location, _, query = rest.partition("?")
+        host, slash, path = location.partition("/")
+        if host:
+            raise UsageError(f"a SQLite URL names no host: {url!r} (try sqlite:///batchrunner.db)")
+        database = unquote(path) if slash and path else ":memory:"
+        options = dict(parse_qsl(query, keep_blank_values=True))
+        uri = options.pop("uri", "false").lower() in ("true", "1", "yes")
+        if not uri:
+            if options:
+                raise UsageError(
+                    f"unsupported SQLite URL option(s) {', '.join(sorted(options))} in {url!r}"
+                    " (SQLite URI parameters need uri=true)"
+                )
+            # Absolute, as SQLAlchemy opens it: the same file whatever the working directory
+            # is by the time a connection opens.
+            filename = database if database == ":memory:" else os.path.abspath(database)
+            return cls(database, filename, uri=False)
+        filename = f"{database}?{urlencode(options)}" if options else database
+        return cls(database, filename, uri=True)
+
+    @property
+    def in_memory(self) -> bool:
+        return self.database in ("", ":memory:")
+
+
+def configure_sqlite_connection(conn: Any) -> None:
+    """The settings every SQLite connection of ours gets (sqlite3's, or SQLAlchemy's when it
+    migrates)."""
+    # Take transactions into our own hands: pysqlite's implicit BEGIN is deferred, and a
+    # deferred transaction that reads then writes fails at once with "database is locked"
+    # when another process writes.
+    conn.isolation_level = None
+    cur = conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute(f"PRAGMA cache_size=-{SQLITE_CACHE_KIB}")
+    cur.close()
+
+
+def _execute(sql: str, params: Params, conn: sqlite3.Connection) -> Result:
+    cur = conn.execute(sql, params)
+    try:
+        return Result(cur.fetchall(), cur.rowcount)
+    finally:
+        cur.close()
+
+
+def _executemany(sql: str, params: Sequence[Params], conn: sqlite3.Connection) -> int:
+    cur = conn.executemany(sql, params)
+    try:
+        return max(cur.rowcount, 0)
+    finally:
+        cur.close()
+
+
+def _end(conn: sqlite3.Connection, sql: str) -> None:
+    if conn.in_transaction:
+        conn.execute(sql)
+
+
+def _failed(exc: sqlite3.Error, what: str) -> StoreError:
+    if isinstance(exc, sqlite3.IntegrityError):
+        return ConstraintViolation(f"database write failed: {exc}")
+    return StoreError(f"database {what} failed: {exc}")
+
+
+class _Link:
+    """One sqlite3 connection and the thread its statements run on: sqlite3 releases the GIL
+    while SQLite works, so the event loop goes on meanwhile."""
+
+    def __init__(self, target: SqliteTarget) -> None:
+        self._target = target
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batchrunner-sqlite")
+        self._conn: sqlite3.Connection | None = None
+
+    def _call(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        conn = self._conn
+        if conn is None:
+            target = self._target
+            conn = sqlite3.connect(target.filename, uri=target.uri, check_same_thread=False)
+            try:
+                configure_sqlite_connection(conn)
+            except BaseException:
+                conn.close()
+                raise
+            self._conn = conn
+        return work(conn)
+
+    async def call(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._thread, self._call, work)
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            with suppress(sqlite3.Error):
+                await asyncio.get_running_loop().run_in_executor(self._thread, conn.close)
+        self._thread.shutdown()
+
+
+class _SqliteConnection:
+    """A transaction's statements, each a hop to its connection's thread."""
+
+    __slots__ = ("_link", "_what")
+
+    def __init__(self, link: _Link, what: str) -> None:
+        self._link = link
+        self._what = what
+
+    async def execute(self, sql: str, params: Params = ()) -> Result:
+        try:
+            return await self._link.call(lambda conn: _execute(sql, params, conn))
+        except sqlite3.Error as exc:
+            raise _failed(exc, self._what) from exc
+
+    async def executemany(self, sql: str, params: Sequence[Params]) -> int:
+        try:
+            return await self._link.call(lambda conn: _executemany(sql, params, conn))
+        except sqlite3.Error as exc:
+            raise _failed(exc, self._what) from exc
+
+
+class SqliteDatabase:
+    """A SQLite file: one connection for this process's writes, one at a time, and more for
+    reads, which WAL lets run beside a write."""
+
+    is_sqlite = True
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.target = SqliteTarget.parse(url)
+        self._writer = _Link(self.target)
+        #: This process's write transactions, one at a time. A writer waiting here is let in
+        #: as soon as the previous one commits; waiting on SQLite's lock instead, it would
+        #: poll in the busy handler with sleeps of up to 100 ms.
+        self._write_lock = asyncio.Lock()
+        self._idle: list[_Link] = []
+        self._closed = False
+
+    @property
+    def path(self) -> str | None:
+        """The database file; None for a database in memory."""
+        return None if self.target.in_memory else self.target.database
+
+    @asynccontextmanager
+    async def write(self) -> AsyncIterator[Connection]:
+        async with self._write_lock:
+            link = self._writer
+            try:
+                await link.call(lambda conn: conn.execute("BEGIN IMMEDIATE"))
+            except sqlite3.Error as exc:
+                raise _failed(exc, "write") from exc
+            try:
+                yield _SqliteConnection(link, "write")
+            except BaseException:
+                with suppress(sqlite3.Error):
+                    await link.call(lambda conn: _end(conn, "ROLLBACK"))
+                raise
+            try:
+                await link.call(lambda conn: conn.execute("COMMIT"))
+            except sqlite3.Error as exc:
+                with suppress(sqlite3.Error):
+                    await link.call(lambda conn: _end(conn, "ROLLBACK"))
+                raise _failed(exc, "write") from exc
+
+    async def transaction(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `work` in one write transaction in a single hop to the writer's thread, for
+        the dispatcher's claims and records: a hop per statement waits each time for a turn
+        of an event loop busy with requests (~10 ms at a zero-latency server)."""
+
+        def run(conn: sqlite3.Connection) -> T:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = work(conn)
+                conn.execute("COMMIT")
+            except BaseException:
+                _end(conn, "ROLLBACK")
+                raise
+            return result
+
+        try:
+            async with self._write_lock:
+                return await self._writer.call(run)
+        except sqlite3.Error as exc:
+            raise _failed(exc, "write") from exc
+
+    @asynccontextmanager
+    async def _reader(self) -> AsyncIterator[_Link]:
+        link = self._idle.pop() if self._idle else _Link(self.target)
+        try:
+            yield link
+        except BaseException:
+            await link.close()
+            raise
+        if self._closed or len(self._idle) >= SQLITE_IDLE_READERS:
+            await link.close()
+        else:
+            self._idle.append(link)
+
+    @asynccontextmanager
+    async def read(self) -> AsyncIterator[Connection]:
+        # A plain (deferred) BEGIN: reading never takes the write lock, and the statements of
+        # one read see one snapshot.
+        async with self._reader() as link:
+            try:
+                await link.call(lambda conn: conn.execute("BEGIN"))
+            except sqlite3.Error as exc:
+                raise _failed(exc, "read") from exc
+            try:
+                yield _SqliteConnection(link, "read")
+            finally:
+                with suppress(sqlite3.Error):
+                    await link.call(lambda conn: _end(conn, "ROLLBACK"))
+
+    async def fetch(self, sql: str, params: Params) -> list[Any]:
+        """The rows of one read statement, outside a transaction: its own snapshot is enough,
+        and a page of an export needs no BEGIN and ROLLBACK around it."""
+        async with self._reader() as link:
+            try:
+                return await link.call(lambda conn: conn.execute(sql, params).fetchall())
+            except sqlite3.Error as exc:
+                raise _failed(exc, "read") from exc
+
+    async def ensure_schema(self) -> None:
+        """Create or upgrade the database to head on first use. Only then is SQLAlchemy (and
+        alembic) imported."""
+        try:
+            async with self.read() as conn:
+                exists = await conn.execute(
+                    "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'alembic_version'"
+                )
+                rows = (
+                    (await conn.execute("SELECT version_num FROM alembic_version")).all()
+                    if exists.rows
+                    else []
+                )
+        except StoreError as exc:
+            raise StoreError(f"cannot open the database: {exc.__cause__ or exc}") from exc
+        # More than one row would be branches: not this project's, alembic sorts it out.
+        current = str(rows[0][0]) if len(rows) == 1 else None
+        if current != SCHEMA_HEAD:
+            from batchrunner import db
+
+            engine = db.create_engine(self.url)
+            try:
+                await db.upgrade(engine)
+            finally:
+                await engine.dispose()
+
+    async def close(self) -> None:
+        self._closed = True
+        idle, self._idle = self._idle, []
+        for link in (self._writer, *idle):
+            await link.close()

@@ -1,0 +1,211 @@
+"""The store's SQLite connections (database.py): URLs read as SQLAlchemy reads them, reads
+beside a write, errors, the connections kept, and no SQLAlchemy for a database at head."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import orjson
+import pytest
+from sqlalchemy.dialects.sqlite.pysqlite import SQLiteDialect_pysqlite
+from sqlalchemy.engine import make_url
+
+from batchrunner import database
+from batchrunner.database import SqliteDatabase, SqliteTarget
+from batchrunner.errors import ConstraintViolation, StoreError, UsageError
+from batchrunner.fakeapi import FakeConfig, FakeServer
+from batchrunner.ingest import submit_file
+from batchrunner.store import JobStore
+from tests.conftest import chat
+
+MakeFile = Callable[..., Path]
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "sqlite:///jobs.db",
+        "sqlite:////var/lib/batchrunner/jobs.db",
+        "sqlite+aiosqlite:///jobs.db",
+        "sqlite+pysqlite:///data/a%20b.db",
+        "sqlite:///a b#1 ü.db",
+        "sqlite://",
+        "sqlite:///:memory:",
+        "sqlite:///file:/tmp/jobs.db?mode=ro&uri=true",
+        "sqlite:///file:jobs.db?uri=true",
+    ],
+)
+def test_sqlite_urls_open_what_sqlalchemy_opens(url: str) -> None:
+    (filename, *_), options = SQLiteDialect_pysqlite().create_connect_args(make_url(url))
+    target = SqliteTarget.parse(url)
+    assert (target.filename, target.uri) == (filename, bool(options.get("uri")))
+    assert target.database == (make_url(url).database or ":memory:")
+
+
+@pytest.mark.parametrize(
+    ("url", "words"),
+    [
+        ("sqlite://somehost/jobs.db", "names no host"),
+        ("sqlite:///jobs.db?mode=ro", "need uri=true"),
+        ("sqlite:jobs.db", "not a database URL"),
+    ],
+)
+def test_sqlite_urls_sqlite_cannot_open_are_refused(url: str, words: str) -> None:
+    with pytest.raises(UsageError, match=words):
+        SqliteTarget.parse(url)
+
+
+_ADD_WORKER = (
+    "INSERT INTO workers (id, batch_id, host, pid, started_at, heartbeat_at, sent, succeeded,"
+    " failed, tokens) VALUES (:id, :b, 'h', 1, 0, 0, 0, 0, 0, 0)"
+)
+
+
+async def _store_with_a_batch(tmp_path: Path) -> tuple[JobStore, str]:
+    """A store and the id of an empty batch (workers belong to one)."""
+    store = await JobStore.open(f"sqlite:///{tmp_path / 'jobs.db'}")
+    (tmp_path / "empty.jsonl").write_text(orjson.dumps(chat("hi")).decode())
+    batch = (
+        await submit_file(store, tmp_path / "empty.jsonl", base_url="http://127.0.0.1:9")
+    ).batch
+    return store, batch.id
+
+
+async def test_a_read_beside_an_open_write_sees_the_last_commit(tmp_path: Path) -> None:
+    store, batch_id = await _store_with_a_batch(tmp_path)
+    async with store:
+        writing = asyncio.Event()
+        release = asyncio.Event()
+
+        async def write() -> None:
+            async with store._write() as conn:
+                await conn.execute(_ADD_WORKER, {"id": "w", "b": batch_id})
+                writing.set()
+                await release.wait()
+
+        writer = asyncio.create_task(write())
+        await asyncio.wait_for(writing.wait(), 10)
+        # WAL: the read neither waits for the write nor sees it before its commit.
+        async with store.reading() as conn:
+            assert (await conn.execute("SELECT COUNT(*) FROM workers")).scalar() == 0
+        release.set()
+        await writer
+        async with store.reading() as conn:
+            assert (await conn.execute("SELECT COUNT(*) FROM workers")).scalar() == 1
+
+
+async def test_a_failed_write_is_rolled_back_and_the_next_one_goes_through(
+    tmp_path: Path,
+) -> None:
+    store, b = await _store_with_a_batch(tmp_path)
+    async with store:
+        async with store._write() as conn:
+            await conn.execute(_ADD_WORKER, {"id": "w1", "b": b})
+        with pytest.raises(ConstraintViolation, match=r"UNIQUE constraint failed: workers\.id"):
+            async with store._write() as conn:
+                await conn.execute(_ADD_WORKER, {"id": "w2", "b": b})
+                await conn.execute(_ADD_WORKER, {"id": "w1", "b": b})
+        with pytest.raises(StoreError, match="database read failed: no such table: missing"):
+            async with store.reading() as conn:
+                await conn.execute("SELECT * FROM missing")
+        async with store._write() as conn:
+            await conn.execute(_ADD_WORKER, {"id": "w3", "b": b})
+        async with store.reading() as conn:
+            ids = (await conn.execute("SELECT id FROM workers ORDER BY id")).scalars()
+        assert ids == ["w1", "w3"]  # w2 went with its transaction
+
+
+def _sqlite_threads() -> int:
+    return sum(t.name.startswith("batchrunner-sqlite") for t in threading.enumerate())
+
+
+async def test_reads_at_once_open_connections_that_are_not_all_kept(tmp_path: Path) -> None:
+    store = await JobStore.open(f"sqlite:///{tmp_path / 'jobs.db'}")
+    try:
+        inside = 0
+        all_in = asyncio.Event()
+
+        async def read() -> None:
+            nonlocal inside
+            async with store.reading() as conn:
+                await conn.execute("SELECT 1")
+                inside += 1
+                if inside == 5:
+                    all_in.set()
+                await all_in.wait()
+
+        await asyncio.wait_for(asyncio.gather(*(read() for _ in range(5))), 10)
+        # Five at once had five connections; two stay open for the next reads.
+        assert len(store._sqlite._idle) == database.SQLITE_IDLE_READERS
+    finally:
+        await store.close()
+    assert _sqlite_threads() == 0
+
+
+async def test_a_database_at_head_is_run_reported_and_exported_without_sqlalchemy(
+    tmp_path: Path, make_file: MakeFile
+) -> None:
+    """SQLAlchemy, its drivers and alembic are imported to create or upgrade the schema and
+    for PostgreSQL; a SQLite database at head is run, reported on and exported without them
+    (they cost a quarter of a second of every command's start-up)."""
+    url = f"sqlite:///{tmp_path / 'jobs.db'}"
+    code = (
+        "import atexit, sys\n"
+        "heavy = ('sqlalchemy', 'aiosqlite', 'asyncpg', 'alembic')\n"
+        "atexit.register(lambda: print('imported:', sorted({m.split('.')[0] for m in"
+        " sys.modules if m.startswith(heavy)}), file=sys.stderr))\n"
+        "from batchrunner.cli import main\n"
+        "main()\n"
+    )
+    async with FakeServer(FakeConfig()) as srv:
+        async with await JobStore.open(url) as store:
+            rows = [chat(f"question {i}") for i in range(20)]
+            batch = (await submit_file(store, make_file(rows), base_url=srv.url)).batch
+        for args in (
+            ["run", batch.id, "--quiet"],
+            ["status", batch.id],
+            ["export", batch.id, "-o", str(tmp_path / "out.csv")],
+        ):
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-c",
+                code,
+                "--db",
+                url,
+                *args,
+                cwd=REPO,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
+            _, err = await proc.communicate()
+            assert proc.returncode == 0, err.decode()
+            assert "imported: []" in err.decode(), (args, err.decode())
+        assert srv.stats.requests_total == 20
+    assert len((tmp_path / "out.csv").read_text().splitlines()) == 21
+
+
+async def test_a_database_behind_head_is_upgraded_on_first_use(tmp_path: Path) -> None:
+    from batchrunner import db
+
+    url = f"sqlite:///{tmp_path / 'jobs.db'}"
+    engine = db.create_engine(url)
+    try:
+        await db.upgrade(engine, "0003")
+    finally:
+        await engine.dispose()
+    target = SqliteDatabase(url)
+    await target.ensure_schema()
+    async with target.read() as conn:
+        assert (
+            await conn.execute("SELECT version_num FROM alembic_version")
+        ).scalar() == database.SCHEMA_HEAD
+        # 0004's column is there.
+        columns = [r[1] for r in (await conn.execute("PRAGMA table_info(batches)")).all()]
+    await target.close()
+    assert "meta_keys" in columns
