@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
-from urllib.parse import parse_qsl, unquote, urlencode
+from urllib.parse import parse_qsl, quote, unquote, urlencode
 
 from batchrunner.errors import ConstraintViolation, StoreError, UsageError
 
@@ -148,7 +148,20 @@ class SqliteTarget:
 
     @property
     def in_memory(self) -> bool:
-        return self.database in ("", ":memory:")
+        if self.uri:
+            return self.database.startswith(("file::memory:", ":memory:")) or (
+                "mode=memory" in self.filename
+            )
+        return self.database == ":memory:"
+
+    def uri_for_existing(self) -> str:
+        """A URI (for `sqlite3.connect(uri, uri=True)`) that opens this database and never
+        creates an empty one in its place: `mode=rw`, unless the URL gives a mode."""
+        if not self.uri:
+            return f"file:{quote(self.filename)}?mode=rw"
+        if "mode=" in self.filename.partition("?")[2]:
+            return self.filename
+        return f"{self.filename}{'&' if '?' in self.filename else '?'}mode=rw"
 
 
 def configure_sqlite_connection(conn: Any) -> None:
@@ -258,6 +271,12 @@ class SqliteDatabase:
     def __init__(self, url: str) -> None:
         self.url = url
         self.target = SqliteTarget.parse(url)
+        if self.target.in_memory:
+            raise UsageError(
+                f"{url!r} is a SQLite database in memory, which ends with the connection that"
+                " made it (and every command is a process of its own): give a file, such as"
+                " sqlite:///batchrunner.db"
+            )
         self._writer = _Link(self.target)
         #: This process's write transactions, one at a time. A writer waiting here is let in
         #: as soon as the previous one commits; waiting on SQLite's lock instead, it would
@@ -265,11 +284,6 @@ class SqliteDatabase:
         self._write_lock = asyncio.Lock()
         self._idle: list[_Link] = []
         self._closed = False
-
-    @property
-    def path(self) -> str | None:
-        """The database file; None for a database in memory."""
-        return None if self.target.in_memory else self.target.database
 
     @asynccontextmanager
     async def write(self) -> AsyncIterator[Connection]:

@@ -59,10 +59,6 @@ def describe(exc: BaseException) -> str:
     return str(exc)
 
 
-def is_sqlite(engine: AsyncEngine) -> bool:
-    return engine.dialect.name == "sqlite"
-
-
 def create_engine(url: str, *, pool_size: int = 5) -> AsyncEngine:
     """An async engine for a plain URL, with the SQLite settings from DESIGN.md."""
     full = async_url(url)

@@ -119,15 +119,14 @@ async def export_batch(
         with collector_paused():
             written = await _write_jsonl(rows, sink, _request_id_prefix(batch.id))
     else:
-        url = store.url_for_other_processes()
         # Only an export that may use workers needs the span up front.
-        span = await store.export_span(batch_id) if url is not None and workers != 0 else None
+        span = await store.export_span(batch_id) if workers != 0 else None
         if workers is None:
             jobs = 0 if span is None else span[1] - span[0] + 1
             workers = workers_for(jobs >= PARALLEL_MIN_JOBS)
         prices = prices or PriceBook.load()
         with collector_paused():
-            if url is not None and span is not None and workers > 0:
+            if span is not None and workers > 0:
                 pool: OrderedWorkers[tuple[int, int], tuple[str, int]] = OrderedWorkers(
                     open_csv_pages, workers, name="export", error=StoreError
                 )
@@ -137,10 +136,14 @@ async def export_batch(
                     # metadata: a second for a million jobs).
                     pool.start()
                     meta_keys = await batch_meta_keys(store, batch_id)
-                    path = store.sqlite_path()
                     # SQLite workers read with sqlite3 alone (see batchrunner.exportrows).
-                    sqlite_file = None if path is None else (path, SQLITE_BUSY_TIMEOUT_MS)
-                    setup = (url, sqlite_file, batch_id, failed_only, prices, meta_keys)
+                    target = store.sqlite_target
+                    sqlite_file = (
+                        None
+                        if target is None
+                        else (target.uri_for_existing(), SQLITE_BUSY_TIMEOUT_MS)
+                    )
+                    setup = (store.url, sqlite_file, batch_id, failed_only, prices, meta_keys)
                     written = await _write_csv_by_workers(
                         pool.map(setup, export_page_ranges(span, PAGE_ROWS)),
                         sink,

@@ -11,7 +11,6 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Callable, Sequence
 from typing import Any, Final, NamedTuple, Protocol
-from urllib.parse import quote
 
 import orjson
 
@@ -394,19 +393,19 @@ class _SqliteReader:
     """SQLite: `JobStore.export_page`'s query, through the standard library's sqlite3.
     Blocking is fine: the worker's event loop runs nothing else meanwhile."""
 
-    def __init__(self, path: str, busy_timeout_ms: int) -> None:
+    def __init__(self, uri: str, busy_timeout_ms: int) -> None:
         try:
-            # mode=rw: never create an empty database where the batch's was. (quote is
-            # pathname2url on POSIX, without importing urllib.request into every run.)
+            # A URI that never creates an empty database where the batch's was
+            # (SqliteTarget.uri_for_existing).
             self._conn = sqlite3.connect(
-                f"file:{quote(path)}?mode=rw",
+                uri,
                 uri=True,
                 timeout=busy_timeout_ms / 1000,
                 # Each query is its own read transaction, as JobStore.export_page's is.
                 isolation_level=None,
             )
         except sqlite3.Error as exc:
-            raise StoreError(f"cannot open the database {path}: {exc}") from exc
+            raise StoreError(f"cannot open the database {uri}: {exc}") from exc
 
     async def export_page(
         self, batch_id: str, lo: int, hi: int, *, failed_only: bool = False
@@ -453,7 +452,8 @@ async def open_csv_pages(
     meta_keys: list[str],
 ) -> _Pages:
     """The setup of an export's worker process (see `OrderedWorkers`): `sqlite_file` is the
-    SQLite database's path and busy timeout (ms), None for another database, opened by `url`."""
+    SQLite database's URI (see SqliteTarget.uri_for_existing) and busy timeout (ms), None for
+    another database, opened by `url`."""
     lines = CsvLines(prices, meta_keys)
     if sqlite_file is not None:
         return _Pages(_SqliteReader(*sqlite_file), batch_id, failed_only, lines)

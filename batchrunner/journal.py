@@ -66,15 +66,15 @@ SEGMENT_BYTES = 4 * 1024 * 1024
 
 
 def directory_for(store: JobStore) -> Path | None:
-    """The journal directory of the store's database; None when it has none (in memory, or no
-    flock on this platform)."""
+    """The journal directory of the store's database; None when it has none (a SQLite
+    database given as a URI, or no flock on this platform)."""
     if fcntl is None:
         return None
-    if store.is_sqlite:
-        database = store.sqlite_path()
-        if database is None or database.startswith("file:"):
+    target = store.sqlite_target
+    if target is not None:
+        if target.uri:
             return None
-        path = Path(database).absolute()
+        path = Path(target.database).absolute()
         return path.with_name(path.name + SQLITE_SUFFIX)
     url = store.engine.url
     # One directory per database: host, port, database and user (never the password).

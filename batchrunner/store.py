@@ -26,11 +26,17 @@ from collections.abc import (
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field, replace
 from operator import itemgetter
-from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import orjson
 
-from batchrunner.database import Connection, Database, SqliteDatabase, is_sqlite_url
+from batchrunner.database import (
+    Connection,
+    Database,
+    SqliteDatabase,
+    SqliteTarget,
+    is_sqlite_url,
+)
 from batchrunner.errors import BatchNotFound, ConstraintViolation, StoreError, UsageError
 from batchrunner.exportrows import ENDED_STATES, FAILED_ONLY, ExportRow, export_page_sql
 from batchrunner.lines import JobRow, NewJob
@@ -40,8 +46,6 @@ if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
 
     from batchrunner.db import PgDatabase
-
-T = TypeVar("T")
 
 #: Rows per INSERT round trip when loading a file.
 LOAD_CHUNK_ROWS = 5_000
@@ -391,23 +395,17 @@ class JobStore:
     @property
     def _pg(self) -> PgDatabase:
         assert not self.is_sqlite
-        return self._db  # type: ignore[return-value]
+        return cast("PgDatabase", self._db)
 
     @property
     def _sqlite(self) -> SqliteDatabase:
         assert isinstance(self._db, SqliteDatabase)
         return self._db
 
-    def url_for_other_processes(self) -> str | None:
-        """The URL another process opens this same database with; None when it cannot (an
-        in-memory SQLite database is this process's own)."""
-        if self.is_sqlite and self.sqlite_path() is None:
-            return None
-        return self.url
-
-    def sqlite_path(self) -> str | None:
-        """The file of a SQLite database; None for another database or an in-memory one."""
-        return self._sqlite.path if self.is_sqlite else None
+    @property
+    def sqlite_target(self) -> SqliteTarget | None:
+        """What a SQLite database's URL opens; None for PostgreSQL."""
+        return self._sqlite.target if self.is_sqlite else None
 
     async def close(self) -> None:
         if self._engine is not None:

@@ -4,11 +4,13 @@ beside a write, errors, the connections kept, and no SQLAlchemy for a database a
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import quote
 
 import orjson
 import pytest
@@ -75,6 +77,30 @@ async def _store_with_a_batch(tmp_path: Path) -> tuple[JobStore, str]:
         await submit_file(store, tmp_path / "empty.jsonl", base_url="http://127.0.0.1:9")
     ).batch
     return store, batch.id
+
+
+@pytest.mark.parametrize(
+    "url", ["sqlite://", "sqlite:///:memory:", "sqlite:///file::memory:?cache=shared&uri=true"]
+)
+def test_a_database_in_memory_is_refused(url: str) -> None:
+    with pytest.raises(UsageError, match="in memory"):
+        JobStore.for_url(url)
+
+
+@pytest.mark.parametrize(
+    ("url", "uri"),
+    [
+        ("sqlite:///a b#1/jobs.db", f"file:{quote(os.path.abspath('a b#1/jobs.db'))}?mode=rw"),
+        ("sqlite:///file:/d/jobs.db?mode=ro&uri=true", "file:/d/jobs.db?mode=ro"),
+        (
+            "sqlite:///file:/d/jobs.db?cache=private&uri=true",
+            "file:/d/jobs.db?cache=private&mode=rw",
+        ),
+        ("sqlite:///file:/d/jobs.db?uri=true", "file:/d/jobs.db?mode=rw"),
+    ],
+)
+def test_the_uri_for_an_existing_database_never_creates_one(url: str, uri: str) -> None:
+    assert SqliteTarget.parse(url).uri_for_existing() == uri
 
 
 async def test_a_read_beside_an_open_write_sees_the_last_commit(tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ from batchrunner import export as export_module
 from batchrunner import exportrows, report
 from batchrunner.bulk import OrderedWorkers
 from batchrunner.config import RunConfig
+from batchrunner.database import SqliteTarget
 from batchrunner.errors import BatchNotFound, StoreError
 from batchrunner.export import CANCELLED_CODE, export_batch, export_requests
 from batchrunner.exportrows import CSV_COLUMNS, MAX_META_COLUMNS
@@ -731,13 +732,38 @@ async def test_workers_open_a_database_whose_path_needs_quoting(
 
 
 @pytest.mark.slow
+async def test_workers_read_a_database_given_as_a_read_only_uri(
+    tmp_path: Path, make_file: MakeFile
+) -> None:
+    """`sqlite:///file:PATH?mode=ro&uri=true` (reading without write access) reaches the
+    workers as the same URI, not as a file named after it."""
+    path = tmp_path / "jobs.db"
+    async with await JobStore.open(f"sqlite:///{path}") as store:
+        batch_id = await _mixed_batch(store, make_file)
+        alone = io.BytesIO()
+        await export_batch(store, batch_id, alone, fmt="csv")
+    by_workers = io.BytesIO()
+    async with await JobStore.open(f"sqlite:///file:{path}?mode=ro&uri=true") as read_only:
+        await export_batch(read_only, batch_id, by_workers, fmt="csv", workers=2)
+    assert by_workers.getvalue() == alone.getvalue()
+
+
+@pytest.mark.slow
 async def test_a_worker_that_cannot_read_the_database_fails_the_export(tmp_path: Path) -> None:
     """A SQLite worker opens the file it is given and never creates one where it is gone."""
     workers: OrderedWorkers[tuple[int, int], tuple[str, int]] = OrderedWorkers(
         exportrows.open_csv_pages, 2, name="export", error=StoreError
     )
     gone = tmp_path / "gone.db"
-    args = (f"sqlite:///{gone}", (str(gone), 1_000), "batch_x", False, PriceBook(), [])
+    url = f"sqlite:///{gone}"
+    args = (
+        url,
+        (SqliteTarget.parse(url).uri_for_existing(), 1_000),
+        "batch_x",
+        False,
+        PriceBook(),
+        [],
+    )
     with pytest.raises(StoreError, match="database"):
         async for _ in workers.map(args, [(0, 10), (10, 20)]):
             pass

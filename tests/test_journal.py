@@ -311,8 +311,8 @@ async def test_where_the_journal_lives(tmp_path: Path, monkeypatch: pytest.Monke
     dirs: dict[str, Path | None] = {}
     for url in (
         f"sqlite+aiosqlite:///{tmp_path / 'jobs.db'}",
-        "sqlite+aiosqlite://",
-        "sqlite+aiosqlite:///:memory:",
+        f"sqlite:///file:{tmp_path / 'jobs.db'}?mode=ro&uri=true",
+        f"sqlite:///{tmp_path / 'other.db'}",
         "postgresql+asyncpg://u:secret@db.example:5432/a",
         "postgresql+asyncpg://u:other@db.example:5432/a",
         "postgresql+asyncpg://u@db.example:5432/b",
@@ -321,9 +321,10 @@ async def test_where_the_journal_lives(tmp_path: Path, monkeypatch: pytest.Monke
         dirs[url] = journal.directory_for(store)
         await store.close()
     urls = list(dirs)
-    # SQLite: beside the database file; none for a database in memory.
+    # SQLite: beside the database file; none for a database given as a URI.
     assert dirs[urls[0]] == tmp_path / "jobs.db-answers"
-    assert dirs[urls[1]] is None and dirs[urls[2]] is None
+    assert dirs[urls[1]] is None
+    assert dirs[urls[2]] == tmp_path / "other.db-answers"
     # PostgreSQL: one directory per database, whatever the password.
     assert dirs[urls[3]] == dirs[urls[4]] != dirs[urls[5]]
     assert all(dirs[u].parent == tmp_path / "state" / "answers" for u in urls[3:])  # type: ignore[union-attr]
