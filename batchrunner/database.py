@@ -136,8 +136,10 @@ class SqliteTarget:
         if not uri:
             if options:
                 raise UsageError(
-                    f"unsupported SQLite URL option(s) {', '.join(sorted(options))} in {url!r}"
-                    " (SQLite URI parameters need uri=true)"
+                    f"unsupported SQLite URL option(s) {', '.join(sorted(options))} in {url!r}:"
+                    " batchrunner sets its own connection options (it waits"
+                    f" {SQLITE_BUSY_TIMEOUT_MS // 1000} s for a locked database), and SQLite URI"
+                    " parameters such as mode=ro need uri=true"
                 )
             # Absolute, as SQLAlchemy opens it: the same file whatever the working directory
             # is by the time a connection opens.

@@ -55,6 +55,7 @@ def test_sqlite_urls_open_what_sqlalchemy_opens(url: str) -> None:
     [
         ("sqlite://somehost/jobs.db", "names no host"),
         ("sqlite:///jobs.db?mode=ro", "need uri=true"),
+        ("sqlite:///jobs.db?timeout=5", "waits 30 s for a locked database"),
         ("sqlite:jobs.db", "not a database URL"),
     ],
 )
