@@ -62,7 +62,7 @@ from batchrunner.exportrows import (
     csv_header,
     csv_text,
     error_body,
-    failure,
+    failure_in,
     loads_object,
     open_csv_pages,
 )
@@ -273,7 +273,8 @@ def _jsonl_record(row: ExportRow, id_prefix: str) -> dict[str, Any]:
         record["response"] = None
         record["error"] = {"code": CANCELLED_CODE, "message": CANCELLED_MESSAGE}
         return record
-    body, (code, message) = error_body(row.last_error), failure(row)
+    body = error_body(row.last_error)
+    code, message = failure_in(row, body)
     record["response"] = (
         None
         if row.last_status is None

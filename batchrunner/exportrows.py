@@ -353,9 +353,13 @@ def error_body(error_text: str | None) -> dict[str, Any] | None:
 
 def failure(row: ExportRow) -> tuple[str, str]:
     """(code, message) of a job that did not succeed, in OpenAI's terms where it gave them."""
+    return failure_in(row, error_body(row.last_error))
+
+
+def failure_in(row: ExportRow, body: dict[str, Any] | None) -> tuple[str, str]:
+    """`failure` of a row whose error body (`error_body(row.last_error)`) is parsed already."""
     code = row.error_kind or row.state
     message = row.last_error or _EMPTY
-    body = error_body(row.last_error)
     error = body.get("error") if body is not None else None
     if isinstance(error, dict):
         if isinstance(error.get("message"), str):
