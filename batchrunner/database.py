@@ -203,10 +203,12 @@ def _end(conn: sqlite3.Connection, sql: str) -> None:
         conn.execute(sql)
 
 
-def _failed(exc: sqlite3.Error, what: str) -> StoreError:
-    if isinstance(exc, sqlite3.IntegrityError):
-        return ConstraintViolation(f"database write failed: {exc}")
-    return StoreError(f"database {what} failed: {exc}")
+def failed(what: str, message: object, *, constraint: bool = False) -> StoreError:
+    """The error for a database `what` ("read" or "write") that failed with the driver's
+    `message`; a ConstraintViolation when it broke a constraint. Both backends' words."""
+    if constraint:
+        return ConstraintViolation(f"database write failed: {message}")
+    return StoreError(f"database {what} failed: {message}")
 
 
 class _Link:
@@ -231,8 +233,13 @@ class _Link:
             self._conn = conn
         return work(conn)
 
-    async def call(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._thread, self._call, work)
+    async def call(self, work: Callable[[sqlite3.Connection], T], what: str) -> T:
+        """`work` on the connection, in its thread; SQLite's errors come out as `failed`'s
+        for a database `what`."""
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._thread, self._call, work)
+        except sqlite3.Error as exc:
+            raise failed(what, exc, constraint=isinstance(exc, sqlite3.IntegrityError)) from exc
 
     async def close(self) -> None:
         if self._conn is not None:
@@ -252,16 +259,10 @@ class _SqliteConnection:
         self._what = what
 
     async def execute(self, sql: str, params: Params = ()) -> Result:
-        try:
-            return await self._link.call(lambda conn: _execute(sql, params, conn))
-        except sqlite3.Error as exc:
-            raise _failed(exc, self._what) from exc
+        return await self._link.call(lambda conn: _execute(sql, params, conn), self._what)
 
     async def executemany(self, sql: str, params: Sequence[Params]) -> int:
-        try:
-            return await self._link.call(lambda conn: _executemany(sql, params, conn))
-        except sqlite3.Error as exc:
-            raise _failed(exc, self._what) from exc
+        return await self._link.call(lambda conn: _executemany(sql, params, conn), self._what)
 
 
 class SqliteDatabase:
@@ -291,22 +292,14 @@ class SqliteDatabase:
     async def write(self) -> AsyncIterator[Connection]:
         async with self._write_lock:
             link = self._writer
-            try:
-                await link.call(lambda conn: conn.execute("BEGIN IMMEDIATE"))
-            except sqlite3.Error as exc:
-                raise _failed(exc, "write") from exc
+            await link.call(lambda conn: conn.execute("BEGIN IMMEDIATE"), "write")
             try:
                 yield _SqliteConnection(link, "write")
+                await link.call(lambda conn: conn.execute("COMMIT"), "write")
             except BaseException:
-                with suppress(sqlite3.Error):
-                    await link.call(lambda conn: _end(conn, "ROLLBACK"))
+                with suppress(StoreError):
+                    await link.call(lambda conn: _end(conn, "ROLLBACK"), "write")
                 raise
-            try:
-                await link.call(lambda conn: conn.execute("COMMIT"))
-            except sqlite3.Error as exc:
-                with suppress(sqlite3.Error):
-                    await link.call(lambda conn: _end(conn, "ROLLBACK"))
-                raise _failed(exc, "write") from exc
 
     async def transaction(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """Run `work` in one write transaction in a single hop to the writer's thread, for
@@ -323,11 +316,8 @@ class SqliteDatabase:
                 raise
             return result
 
-        try:
-            async with self._write_lock:
-                return await self._writer.call(run)
-        except sqlite3.Error as exc:
-            raise _failed(exc, "write") from exc
+        async with self._write_lock:
+            return await self._writer.call(run, "write")
 
     @asynccontextmanager
     async def _reader(self) -> AsyncIterator[_Link]:
@@ -347,24 +337,18 @@ class SqliteDatabase:
         # A plain (deferred) BEGIN: reading never takes the write lock, and the statements of
         # one read see one snapshot.
         async with self._reader() as link:
-            try:
-                await link.call(lambda conn: conn.execute("BEGIN"))
-            except sqlite3.Error as exc:
-                raise _failed(exc, "read") from exc
+            await link.call(lambda conn: conn.execute("BEGIN"), "read")
             try:
                 yield _SqliteConnection(link, "read")
             finally:
-                with suppress(sqlite3.Error):
-                    await link.call(lambda conn: _end(conn, "ROLLBACK"))
+                with suppress(StoreError):
+                    await link.call(lambda conn: _end(conn, "ROLLBACK"), "read")
 
     async def fetch(self, sql: str, params: Params) -> list[Any]:
         """The rows of one read statement, outside a transaction: its own snapshot is enough,
         and a page of an export needs no BEGIN and ROLLBACK around it."""
         async with self._reader() as link:
-            try:
-                return await link.call(lambda conn: conn.execute(sql, params).fetchall())
-            except sqlite3.Error as exc:
-                raise _failed(exc, "read") from exc
+            return await link.call(lambda conn: conn.execute(sql, params).fetchall(), "read")
 
     async def ensure_schema(self) -> None:
         """Create or upgrade the database to head on first use. Only then is SQLAlchemy (and

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from functools import lru_cache
 from importlib import resources
 from typing import TYPE_CHECKING, Any
@@ -17,8 +17,14 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import AsyncAdaptedQueuePool
 
-from batchrunner.database import SCHEMA_HEAD, Params, Result, configure_sqlite_connection
-from batchrunner.errors import ConstraintViolation, StoreError, UsageError
+from batchrunner.database import (
+    SCHEMA_HEAD,
+    Params,
+    Result,
+    configure_sqlite_connection,
+    failed,
+)
+from batchrunner.errors import StoreError, UsageError
 
 if TYPE_CHECKING:
     # alembic costs ~0.1 s to import and is needed only to migrate: imported where used.
@@ -174,9 +180,7 @@ _clause = lru_cache(maxsize=1024)(text)
 
 
 def _failed(exc: DBAPIError, what: str) -> StoreError:
-    if isinstance(exc, IntegrityError):
-        return ConstraintViolation(f"database write failed: {describe(exc)}")
-    return StoreError(f"database {what} failed: {describe(exc)}")
+    return failed(what, describe(exc), constraint=isinstance(exc, IntegrityError))
 
 
 class _PgConnection:
@@ -223,21 +227,21 @@ class PgDatabase:
         #: One statement at a time on it.
         self._recorder_lock = asyncio.Lock()
 
-    @asynccontextmanager
-    async def read(self) -> AsyncIterator[_PgConnection]:
-        try:
-            async with self.engine.connect() as conn:
-                yield _PgConnection(conn, "read")
-        except DBAPIError as exc:
-            raise _failed(exc, "read") from exc
+    def read(self) -> AbstractAsyncContextManager[_PgConnection]:
+        return self._transaction(self.engine.connect(), "read")
+
+    def write(self) -> AbstractAsyncContextManager[_PgConnection]:
+        return self._transaction(self.engine.begin(), "write")
 
     @asynccontextmanager
-    async def write(self) -> AsyncIterator[_PgConnection]:
+    async def _transaction(
+        self, opening: AbstractAsyncContextManager[AsyncConnection], what: str
+    ) -> AsyncIterator[_PgConnection]:
         try:
-            async with self.engine.begin() as conn:
-                yield _PgConnection(conn, "write")
+            async with opening as conn:
+                yield _PgConnection(conn, what)
         except DBAPIError as exc:
-            raise _failed(exc, "write") from exc
+            raise _failed(exc, what) from exc
 
     async def fetch(self, sql: str, *args: Any) -> list[Any]:
         """The rows of one statement in asyncpg's own placeholders ($1, ...), straight from
@@ -248,7 +252,7 @@ class PgDatabase:
                 return list(await raw.driver_connection.fetch(sql, *args))  # type: ignore[union-attr]
             except Exception as exc:
                 if hasattr(exc, "sqlstate"):
-                    raise StoreError(f"database read failed: {exc}") from exc
+                    raise failed("read", exc) from exc
                 raise
 
     async def record(self, sql: str, params: Sequence[Any]) -> int:

@@ -35,9 +35,10 @@ from batchrunner.database import (
     Database,
     SqliteDatabase,
     SqliteTarget,
+    failed,
     is_sqlite_url,
 )
-from batchrunner.errors import BatchNotFound, ConstraintViolation, StoreError, UsageError
+from batchrunner.errors import BatchNotFound, ConstraintViolation, UsageError
 from batchrunner.exportrows import ENDED_STATES, FAILED_ONLY, ExportRow, export_page_sql
 from batchrunner.lines import JobRow, NewJob
 from batchrunner.states import JobState
@@ -425,18 +426,15 @@ class JobStore:
         """A write transaction: `async with store._write() as conn`, committed at the end."""
         return self._db.write()
 
-    def _read(self) -> AbstractAsyncContextManager[Connection]:
-        return self._db.read()
-
     def reading(self) -> AbstractAsyncContextManager[Connection]:
-        """A read transaction on the store's database (`async with ... as conn`), for queries
-        that belong with another module (export.py)."""
+        """A read transaction on the store's database (`async with ... as conn`): the store's
+        own queries, and those that belong with another module (export.py)."""
         return self._db.read()
 
     # -- batches ----------------------------------------------------------------------------
 
     async def find_batch_by_content(self, sha256: str) -> BatchInfo | None:
-        async with self._read() as conn:
+        async with self.reading() as conn:
             row = (
                 await conn.execute(
                     f"SELECT {_BATCH_COLUMNS} FROM batches WHERE content_sha256 = :sha",
@@ -446,7 +444,7 @@ class JobStore:
         return _batch_info(row) if row else None
 
     async def get_batch(self, batch_id: str) -> BatchInfo:
-        async with self._read() as conn:
+        async with self.reading() as conn:
             row = (
                 await conn.execute(
                     f"SELECT {_BATCH_COLUMNS} FROM batches WHERE id = :id", {"id": batch_id}
@@ -457,7 +455,7 @@ class JobStore:
         return _batch_info(row)
 
     async def list_batches(self) -> list[BatchInfo]:
-        async with self._read() as conn:
+        async with self.reading() as conn:
             rows = (
                 await conn.execute(f"SELECT {_BATCH_COLUMNS} FROM batches ORDER BY created_at")
             ).all()
@@ -498,7 +496,7 @@ class JobStore:
     # -- state ------------------------------------------------------------------------------
 
     async def counts(self, batch_id: str) -> BatchCounts:
-        async with self._read() as conn:
+        async with self.reading() as conn:
             rows = (
                 await conn.execute(
                     "SELECT state, COUNT(*) FROM jobs WHERE batch_id = :b GROUP BY state",
@@ -540,7 +538,7 @@ class JobStore:
             if self.is_sqlite
             else "CAST(FLOOR(r.finished_at / :p) AS BIGINT)"
         )
-        async with self._read() as conn:
+        async with self.reading() as conn:
             rows = (
                 await conn.execute(
                     f"SELECT {model}, {period}, {tier}, COUNT(*), COUNT(r.prompt_tokens),"
@@ -556,7 +554,7 @@ class JobStore:
 
     async def error_counts(self, batch_id: str, limit: int = 10) -> list[tuple[str, int]]:
         """Failed jobs by error kind, most frequent first."""
-        async with self._read() as conn:
+        async with self.reading() as conn:
             rows = (
                 await conn.execute(
                     "SELECT COALESCE(error_kind, 'unknown') AS k, COUNT(*) AS n FROM jobs"
@@ -569,7 +567,7 @@ class JobStore:
 
     async def attempt_error_counts(self, batch_id: str) -> list[tuple[str, int]]:
         """Every attempt that did not succeed, by kind: retries included."""
-        async with self._read() as conn:
+        async with self.reading() as conn:
             rows = (
                 await conn.execute(
                     "SELECT a.error_kind, COUNT(*) AS n"
@@ -582,7 +580,7 @@ class JobStore:
         return [(str(k), int(n)) for k, n in rows]
 
     async def invalid_lines(self, batch_id: str) -> list[tuple[int, str]]:
-        async with self._read() as conn:
+        async with self.reading() as conn:
             rows = (
                 await conn.execute(
                     "SELECT line, reason FROM invalid_lines WHERE batch_id = :b ORDER BY line",
@@ -592,7 +590,7 @@ class JobStore:
         return [(int(line), str(reason)) for line, reason in rows]
 
     async def first_and_last_finish(self, batch_id: str) -> tuple[float | None, float | None]:
-        async with self._read() as conn:
+        async with self.reading() as conn:
             row = (
                 await conn.execute(
                     "SELECT MIN(a.started_at), MAX(a.started_at + a.latency_ms / 1000.0)"
@@ -603,7 +601,7 @@ class JobStore:
         return row[0], row[1]
 
     async def attempts_of(self, job_id: int) -> list[AttemptRecord]:
-        async with self._read() as conn:
+        async with self.reading() as conn:
             rows = (
                 await conn.execute(
                     "SELECT job_id, status_code, error_kind, latency_ms, request_id, started_at"
@@ -692,7 +690,7 @@ class JobStore:
             )
 
     async def live_workers(self, batch_id: str, now: float) -> list[WorkerInfo]:
-        async with self._read() as conn:
+        async with self.reading() as conn:
             rows = (
                 await conn.execute(
                     "SELECT id, host, pid, started_at, heartbeat_at, stopped_at, paused_until,"
@@ -711,7 +709,7 @@ class JobStore:
 
         The one read a worker's coordinator makes every second: a handful of rows.
         """
-        async with self._read() as conn:
+        async with self.reading() as conn:
             rows = (
                 await conn.execute(
                     "SELECT id, host, pid, started_at, heartbeat_at, stopped_at, paused_until,"
@@ -944,7 +942,7 @@ class JobStore:
     async def export_span(self, batch_id: str) -> tuple[int, int] | None:
         """The first and last job id of the batch (None when it has no jobs): export pages
         cover ids in (first - 1, last], whatever state the jobs are in when a page is read."""
-        async with self._read() as conn:
+        async with self.reading() as conn:
             ends = (await conn.execute(_BATCH_ID_SPAN, {"b": batch_id})).one()
         if all(end is None for end in ends):
             return None
@@ -1110,10 +1108,8 @@ class BatchLoader:
             )
         except Exception as exc:
             sqlstate = str(getattr(exc, "sqlstate", ""))
-            if sqlstate.startswith("23"):  # integrity constraint violation
-                raise ConstraintViolation(f"database write failed: {exc}") from exc
-            if sqlstate:
-                raise StoreError(f"database write failed: {exc}") from exc
+            if sqlstate:  # class 23: integrity constraint violation
+                raise failed("write", exc, constraint=sqlstate.startswith("23")) from exc
             raise
 
     async def add_invalid(self, lines: Sequence[tuple[int, str]]) -> None:
