@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
@@ -39,6 +40,8 @@ SQLITE_CACHE_KIB = 65_536
 #: Read connections kept open for the next read: opening one costs ~1.5 ms (a thread, the
 #: file and the PRAGMAs). More are opened while these are busy, and closed when returned.
 SQLITE_IDLE_READERS = 2
+#: How often a change into WAL mode that met a writer is tried again.
+_MODE_RETRY_S = 0.05
 
 
 class Result:
@@ -93,6 +96,11 @@ class Database(Protocol):
 
     def write(self) -> AbstractAsyncContextManager[Connection]:
         """A write transaction, committed when the block ends without an error."""
+        ...
+
+    def bulk_write(self, only_if_empty: str) -> AbstractAsyncContextManager[Connection]:
+        """`write`, for a load of many rows; SQLite writes it without WAL when the query
+        `only_if_empty` finds nothing (`SqliteDatabase.bulk_write`)."""
         ...
 
     async def ensure_schema(self) -> None: ...
@@ -174,12 +182,63 @@ def configure_sqlite_connection(conn: Any) -> None:
     # when another process writes.
     conn.isolation_level = None
     cur = conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA synchronous=NORMAL")
+    # First, so that the journal mode's change below waits for a writer too.
     cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+    _into_wal(cur)
+    cur.execute("PRAGMA synchronous=NORMAL")
     cur.execute("PRAGMA foreign_keys=ON")
     cur.execute(f"PRAGMA cache_size=-{SQLITE_CACHE_KIB}")
     cur.close()
+
+
+def _into_wal(cur: Any) -> None:
+    """The database into WAL mode (a no-op when it is), waiting as long as for a writer.
+
+    SQLite's busy handler waits for a writer that holds the database's exclusive lock, but a
+    mode change that meets a writer still before its first write to the file (a rollback
+    journal's load, see `SqliteDatabase.bulk_write`) fails at once: it is retried here.
+    """
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            cur.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+        time.sleep(_MODE_RETRY_S)
+
+
+def _out_of_wal(conn: sqlite3.Connection, only_if_empty: str) -> bool:
+    """`bulk_write`'s rollback journal, when `only_if_empty` finds nothing and no other
+    connection has the database open; False: WAL it stays."""
+    if conn.execute(only_if_empty).fetchone() is not None:
+        return False
+    # Another connection makes the change fail at once; the busy handler is off all the same,
+    # in case it ever waits instead.
+    conn.execute("PRAGMA busy_timeout=0")
+    try:
+        mode = conn.execute("PRAGMA journal_mode=DELETE").fetchone()[0]
+    except sqlite3.OperationalError:
+        return False
+    finally:
+        conn.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+    if mode != "delete":
+        return False
+    # A rollback journal is safe from a power cut only with FULL; NORMAL is enough for WAL.
+    conn.execute("PRAGMA synchronous=FULL")
+    return True
+
+
+def _back_into_wal(conn: sqlite3.Connection) -> None:
+    try:
+        _into_wal(conn)
+    except sqlite3.OperationalError:
+        # Still held by a connection of some other program after the busy timeout: the load
+        # is committed all the same, and the next connection of ours tries again. This one
+        # keeps FULL, which its rollback journal needs.
+        return
+    conn.execute("PRAGMA synchronous=NORMAL")
 
 
 def _execute(sql: str, params: Params, conn: sqlite3.Connection) -> Result:
@@ -290,16 +349,51 @@ class SqliteDatabase:
 
     @asynccontextmanager
     async def write(self) -> AsyncIterator[Connection]:
+        async with self._write_lock, self._immediate() as conn:
+            yield conn
+
+    @asynccontextmanager
+    async def bulk_write(self, only_if_empty: str) -> AsyncIterator[Connection]:
+        """`write`, for a load of many rows. When the query `only_if_empty` finds no row and
+        no other connection has the database open, the transaction is written with a rollback
+        journal instead of WAL, and the database is back in WAL when the block ends.
+
+        WAL writes every page twice: into the log as the transaction goes, and into the
+        database when the checkpoint after the commit copies it back. A rollback journal
+        keeps the old content of the pages a transaction changes, and the pages a load adds
+        to the end of the file have none: they are written once. A plain sqlite3 load of a
+        million jobs into a new database: 13.2 -> 8.1 s (docs/BENCHMARKS.md, goal 6). The price:
+        while it loads, other connections wait for it (up to the busy timeout) where WAL
+        would let them read, so the store asks for it only where there is nothing to read.
+        """
         async with self._write_lock:
-            link = self._writer
-            await link.call(lambda conn: conn.execute("BEGIN IMMEDIATE"), "write")
+            idle, self._idle = self._idle, []
+            for link in idle:  # our own readers would keep the database in WAL
+                await link.close()
+            journal = await self._writer.call(
+                lambda conn: _out_of_wal(conn, only_if_empty), "write"
+            )
             try:
-                yield _SqliteConnection(link, "write")
-                await link.call(lambda conn: conn.execute("COMMIT"), "write")
-            except BaseException:
-                with suppress(StoreError):
-                    await link.call(lambda conn: _end(conn, "ROLLBACK"), "write")
-                raise
+                async with self._immediate() as conn:
+                    yield conn
+            finally:
+                if journal:
+                    # Whatever this says, the load is committed or rolled back by now; the
+                    # next connection of ours puts the database into WAL in any case.
+                    with suppress(StoreError):
+                        await self._writer.call(_back_into_wal, "write")
+
+    @asynccontextmanager
+    async def _immediate(self) -> AsyncIterator[Connection]:
+        link = self._writer
+        await link.call(lambda conn: conn.execute("BEGIN IMMEDIATE"), "write")
+        try:
+            yield _SqliteConnection(link, "write")
+            await link.call(lambda conn: conn.execute("COMMIT"), "write")
+        except BaseException:
+            with suppress(StoreError):
+                await link.call(lambda conn: _end(conn, "ROLLBACK"), "write")
+            raise
 
     async def transaction(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """Run `work` in one write transaction in a single hop to the writer's thread, for

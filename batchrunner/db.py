@@ -233,6 +233,10 @@ class PgDatabase:
     def write(self) -> AbstractAsyncContextManager[_PgConnection]:
         return self._transaction(self.engine.begin(), "write")
 
+    def bulk_write(self, only_if_empty: str) -> AbstractAsyncContextManager[_PgConnection]:
+        """`write`: PostgreSQL's log is the same for any load."""
+        return self.write()
+
     @asynccontextmanager
     async def _transaction(
         self, opening: AbstractAsyncContextManager[AsyncConnection], what: str

@@ -465,9 +465,11 @@ class JobStore:
     async def loading(self, batch: BatchInfo) -> AsyncIterator[BatchLoader]:
         """One transaction that creates `batch` and takes its jobs in chunks.
 
-        Nothing is visible to other connections until the block ends without an error.
+        Nothing is visible to other connections until the block ends without an error. The
+        first batch of a SQLite database is loaded without WAL (`SqliteDatabase.bulk_write`):
+        other commands wait for it, and there is nothing for them to read before it.
         """
-        async with self._write() as conn:
+        async with self._db.bulk_write("SELECT 1 FROM batches LIMIT 1") as conn:
             try:
                 await conn.execute(
                     f"INSERT INTO batches ({_BATCH_COLUMNS}) VALUES (:id, :name, :source_file,"

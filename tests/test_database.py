@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -22,7 +23,7 @@ from batchrunner.database import SqliteDatabase, SqliteTarget
 from batchrunner.errors import ConstraintViolation, StoreError, UsageError
 from batchrunner.fakeapi import FakeConfig, FakeServer
 from batchrunner.ingest import submit_file
-from batchrunner.store import JobStore
+from batchrunner.store import BatchInfo, JobStore
 from tests.conftest import chat
 
 MakeFile = Callable[..., Path]
@@ -236,3 +237,172 @@ async def test_a_database_behind_head_is_upgraded_on_first_use(tmp_path: Path) -
         columns = [r[1] for r in (await conn.execute("PRAGMA table_info(batches)")).all()]
     await target.close()
     assert "meta_keys" in columns
+
+
+# -- a load without WAL -----------------------------------------------------------------------
+
+_EMPTY = "SELECT 1 FROM t LIMIT 1"
+
+
+def _file_in_wal(path: Path) -> bool:
+    """What the file's header says (bytes 18 and 19: 2 for WAL, 1 for a rollback journal),
+    not what a connection of ours would make of it."""
+    return path.read_bytes()[18:20] == b"\x02\x02"
+
+
+async def _database_with_table(path: Path) -> SqliteDatabase:
+    db = SqliteDatabase(f"sqlite:///{path}")
+    async with db.write() as conn:
+        await conn.execute("CREATE TABLE t (x)")
+    return db
+
+
+async def _mode(conn: database.Connection) -> str:
+    return str((await conn.execute("PRAGMA journal_mode")).scalar())
+
+
+async def test_a_load_into_an_empty_database_goes_without_wal_and_ends_in_it(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "jobs.db"
+    db = await _database_with_table(path)
+    try:
+        async with db.read() as conn:  # an idle reader of ours is closed for the load
+            await conn.execute("SELECT 1")
+        async with db.bulk_write(_EMPTY) as conn:
+            assert await _mode(conn) == "delete"
+            # A rollback journal is safe from a power cut only with synchronous=FULL (2).
+            assert (await conn.execute("PRAGMA synchronous")).scalar() == 2
+            await conn.executemany("INSERT INTO t VALUES (?)", [(i,) for i in range(1000)])
+        assert _file_in_wal(path)
+        async with db.write() as conn:
+            assert await _mode(conn) == "wal"
+            assert (await conn.execute("PRAGMA synchronous")).scalar() == 1  # NORMAL again
+            assert (await conn.execute("SELECT COUNT(*) FROM t")).scalar() == 1000
+    finally:
+        await db.close()
+
+
+async def test_a_load_stays_in_wal_when_the_database_holds_rows_or_is_open_elsewhere(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "jobs.db"
+    db = await _database_with_table(path)
+    try:
+        other = sqlite3.connect(path)
+        try:
+            other.execute("SELECT * FROM t").fetchall()
+            async with db.bulk_write(_EMPTY) as conn:
+                assert await _mode(conn) == "wal"  # another connection has it open
+                await conn.execute("INSERT INTO t VALUES (1)")
+        finally:
+            other.close()
+        async with db.bulk_write(_EMPTY) as conn:
+            assert await _mode(conn) == "wal"  # it holds a row: others may be reading it
+        assert _file_in_wal(path)
+    finally:
+        await db.close()
+
+
+async def test_a_failed_load_without_wal_is_rolled_back_and_back_in_wal(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.db"
+    db = await _database_with_table(path)
+    try:
+        with pytest.raises(ConstraintViolation):
+            async with db.bulk_write(_EMPTY) as conn:
+                assert await _mode(conn) == "delete"
+                await conn.execute("CREATE UNIQUE INDEX one ON t (x)")
+                await conn.executemany("INSERT INTO t VALUES (?)", [(1,), (2,), (1,)])
+        assert _file_in_wal(path)
+        async with db.read() as conn:
+            assert (await conn.execute("SELECT COUNT(*) FROM t")).scalar() == 0
+    finally:
+        await db.close()
+
+
+async def test_a_connection_opened_during_a_load_without_wal_waits_for_its_commit(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "jobs.db"
+    db = await _database_with_table(path)
+    other = SqliteDatabase(f"sqlite:///{path}")
+    try:
+        async with db.bulk_write(_EMPTY) as conn:
+            assert await _mode(conn) == "delete"
+            # Nothing written to the file yet: a change of journal mode meeting this fails at
+            # once instead of waiting, and a new connection retries it.
+            await conn.execute("INSERT INTO t VALUES (1)")
+
+            async def count() -> int:
+                async with other.read() as reading:
+                    return int((await reading.execute("SELECT COUNT(*) FROM t")).scalar())
+
+            counting = asyncio.create_task(count())
+            await asyncio.sleep(0.3)
+            assert not counting.done()
+        assert await asyncio.wait_for(counting, 30) == 1
+    finally:
+        await other.close()
+        await db.close()
+
+
+_KILLED_MID_LOAD = """
+import asyncio, os, signal, sys
+from batchrunner.database import SqliteDatabase
+
+async def main():
+    db = SqliteDatabase(sys.argv[1])
+    async with db.bulk_write("SELECT 1 FROM t LIMIT 1") as conn:
+        # A small cache: pages go to the file (and old ones to the journal) as the load goes.
+        await conn.execute("PRAGMA cache_size=20")
+        await conn.executemany("INSERT INTO t VALUES (?)", [(i * 100,) for i in range(20000)])
+        os.kill(os.getpid(), signal.SIGKILL)
+
+asyncio.run(main())
+"""
+
+
+def test_a_load_without_wal_killed_part_way_leaves_nothing_of_it(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.db"
+
+    async def before() -> None:
+        db = await _database_with_table(path)
+        async with db.write() as conn:
+            await conn.execute("CREATE INDEX x ON t (x)")  # pages that exist before the load
+        await db.close()
+
+    async def after() -> tuple[int, str]:
+        db = SqliteDatabase(f"sqlite:///{path}")
+        try:
+            async with db.read() as conn:
+                rows = (await conn.execute("SELECT COUNT(*) FROM t")).scalar()
+                return rows, (await conn.execute("PRAGMA integrity_check")).scalar()
+        finally:
+            await db.close()
+
+    asyncio.run(before())
+    killed = subprocess.run(
+        [sys.executable, "-c", _KILLED_MID_LOAD, f"sqlite:///{path}"],
+        capture_output=True,
+        cwd=REPO,
+        timeout=120,
+    )
+    assert killed.returncode == -9, killed.stderr.decode()
+    assert Path(f"{path}-journal").exists()  # a hot journal: what to undo
+    assert asyncio.run(after()) == (0, "ok")
+    assert _file_in_wal(path)
+
+
+async def test_the_first_batch_of_a_database_is_loaded_without_wal(tmp_path: Path) -> None:
+    store = await JobStore.open(f"sqlite:///{tmp_path / 'jobs.db'}")
+    async with store:
+        modes = []
+        for n in range(2):
+            info = BatchInfo(
+                f"b{n}", "b", "f", f"sha{n}", "http://127.0.0.1:9", "K", {}, 0, 0, 0, None
+            )
+            async with store.loading(info) as loader:
+                modes.append(await _mode(loader._conn))
+                await loader.add_jobs([(1, "a", "/v1/chat/completions", "{}", None, "m", 0, 1)])
+        assert modes == ["delete", "wal"]
+        assert _file_in_wal(tmp_path / "jobs.db")
