@@ -37,6 +37,7 @@ from batchrunner.lines import (
     ParsedBlock,
     open_block_parser,
     read_jobs,
+    read_rows,
 )
 from batchrunner.store import BatchExists, BatchInfo, DuplicateCustomId, JobStore
 
@@ -102,7 +103,7 @@ async def _parsed_in_process(path: Path) -> AsyncGenerator[ParsedBlock, None]:
     jobs: list[JobRow] = []
     errors: list[LineError] = []
     meta_keys: set[str] = set()
-    for item in read_jobs(path, meta_keys):
+    for item in read_rows(path, meta_keys):
         if isinstance(item, LineError):
             errors.append(item)
             continue

@@ -18,6 +18,7 @@ from batchrunner.errors import InputError, UsageError
 from batchrunner.ingest import batch_id_for, file_sha256, submit_file
 from batchrunner.lines import parse_line
 from batchrunner.store import JobStore
+from batchrunner.tokens import quick_prompt_tokens
 from tests.conftest import chat
 
 MakeFile = Callable[..., Path]
@@ -356,3 +357,23 @@ async def test_automatic_workers_parse_large_files_into_sqlite_only(
     for path in (small, large):
         assert (await submit_file(store, path, workers=None)).jobs == path.read_bytes().count(b"\n")
     assert used == ([2] if store.is_sqlite else [])
+
+
+@pytest.mark.parametrize(
+    ("extra", "output"),
+    [
+        ({}, 0),
+        ({"max_tokens": 64}, 64),
+        ({"max_tokens": 64, "n": 3}, 192),
+        ({"max_completion_tokens": 100, "max_tokens": 64}, 100),
+        ({"max_completion_tokens": 100, "n": 2}, 200),
+        ({"max_tokens": 64, "n": None}, 64),
+    ],
+)
+def test_a_job_estimates_its_prompt_and_its_output_cap_for_every_choice(
+    extra: dict[str, Any], output: int
+) -> None:
+    body = {**chat("Summarise item 7 in one sentence."), **extra}
+    job = parse_line(orjson.dumps({**body, "custom_id": "c", "metadata": {"k": 1}}), 3)
+    assert job.body == orjson.dumps(body).decode()  # custom_id and metadata are not sent
+    assert job.est_tokens == quick_prompt_tokens(len(job.body)) + output
