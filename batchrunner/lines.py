@@ -136,12 +136,12 @@ def _check_body(body: dict[str, Any]) -> tuple[str, bool, int, int]:
     n = body.get("n")
     if n is not None and (type(n) is not int or n < 1):
         raise BadLine("'n' must be a positive integer")
-    cap = body.get("max_completion_tokens")
-    if cap is not None and (type(cap) is not int or cap < 1):
-        raise BadLine("'max_completion_tokens' must be a positive integer")
     max_tokens = body.get("max_tokens")
     if max_tokens is not None and (type(max_tokens) is not int or max_tokens < 1):
         raise BadLine("'max_tokens' must be a positive integer")
+    cap = body.get("max_completion_tokens")
+    if cap is not None and (type(cap) is not int or cap < 1):
+        raise BadLine("'max_completion_tokens' must be a positive integer")
     return model, stream, n or 1, cap or max_tokens or 0
 
 
