@@ -3,8 +3,9 @@
 SQLite goes through the standard library's `sqlite3`, each connection on a thread of its own;
 PostgreSQL through SQLAlchemy and asyncpg (`db.PgDatabase`). This module imports neither
 SQLAlchemy nor a driver: SQLAlchemy is a quarter of a second of start-up, which a run, a
-status or an export of a SQLite database at the current schema no longer pays. It is imported
-to create or upgrade the schema, and for PostgreSQL.
+status or an export of a SQLite database at the current schema no longer pays, nor does a new
+SQLite database (made from `sqlite_schema`). It is imported to upgrade a schema made before,
+and for PostgreSQL.
 
 Statements name their parameters (`:name`, bound from a dict) on both backends; SQLite's own
 hot statements may use `?N` with tuples.
@@ -241,6 +242,26 @@ def _back_into_wal(conn: sqlite3.Connection) -> None:
     conn.execute("PRAGMA synchronous=NORMAL")
 
 
+def _create_at_head(conn: sqlite3.Connection) -> bool:
+    """The head schema in a database with no table, in one transaction, stamped as alembic
+    stamps it; False when a table was there by the time the transaction began."""
+    from batchrunner.sqlite_schema import STATEMENTS
+
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table'").fetchone():
+            conn.execute("ROLLBACK")
+            return False
+        for statement in STATEMENTS:
+            conn.execute(statement)
+        conn.execute("INSERT INTO alembic_version (version_num) VALUES (?)", (SCHEMA_HEAD,))
+        conn.execute("COMMIT")
+    except BaseException:
+        _end(conn, "ROLLBACK")
+        raise
+    return True
+
+
 def _execute(sql: str, params: Params, conn: sqlite3.Connection) -> Result:
     cur = conn.execute(sql, params)
     try:
@@ -445,22 +466,14 @@ class SqliteDatabase:
             return await link.call(lambda conn: conn.execute(sql, params).fetchall(), "read")
 
     async def ensure_schema(self) -> None:
-        """Create or upgrade the database to head on first use. Only then is SQLAlchemy (and
-        alembic) imported."""
-        try:
-            async with self.read() as conn:
-                exists = await conn.execute(
-                    "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'alembic_version'"
-                )
-                rows = (
-                    (await conn.execute("SELECT version_num FROM alembic_version")).all()
-                    if exists.rows
-                    else []
-                )
-        except StoreError as exc:
-            raise StoreError(f"cannot open the database: {exc.__cause__ or exc}") from exc
-        # More than one row would be branches: not this project's, alembic sorts it out.
-        current = str(rows[0][0]) if len(rows) == 1 else None
+        """Create or upgrade the database to head on first use. A new database is made from
+        the head schema's statements (`sqlite_schema`); SQLAlchemy and alembic are imported
+        only to upgrade one made before."""
+        current, empty = await self._revision()
+        if empty:
+            if await self._writer.call(_create_at_head, "write"):
+                return
+            current, _ = await self._revision()  # made meanwhile by another process
         if current != SCHEMA_HEAD:
             from batchrunner import db
 
@@ -469,6 +482,24 @@ class SqliteDatabase:
                 await db.upgrade(engine)
             finally:
                 await engine.dispose()
+
+    async def _revision(self) -> tuple[str | None, bool]:
+        """The database's alembic revision (None: none or several), and whether it has no
+        table at all."""
+        try:
+            async with self.read() as conn:
+                tables = (
+                    await conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+                ).scalars()
+                rows = (
+                    (await conn.execute("SELECT version_num FROM alembic_version")).all()
+                    if "alembic_version" in tables
+                    else []
+                )
+        except StoreError as exc:
+            raise StoreError(f"cannot open the database: {exc.__cause__ or exc}") from exc
+        # More than one row would be branches: not this project's, alembic sorts it out.
+        return (str(rows[0][0]) if len(rows) == 1 else None), not tables
 
     async def close(self) -> None:
         self._closed = True

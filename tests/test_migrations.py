@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
+from pathlib import Path
 from typing import Any
 
 from alembic.autogenerate import compare_metadata
@@ -9,7 +12,7 @@ from alembic.migration import MigrationContext
 from sqlalchemy import inspect
 from sqlalchemy.engine import Connection
 
-from batchrunner import database, db
+from batchrunner import database, db, sqlite_schema
 from batchrunner.models import Base
 from batchrunner.store import JobStore
 
@@ -75,6 +78,52 @@ def test_plain_urls_pick_async_drivers() -> None:
     assert db.async_url("postgresql://u@h/d") == "postgresql+asyncpg://u@h/d"
     assert db.async_url("postgres://u@h/d") == "postgresql+asyncpg://u@h/d"
     assert db.async_url("sqlite+aiosqlite:///x.db") == "sqlite+aiosqlite:///x.db"
+
+
+def _sqlite_schema(path: Path) -> tuple[list[tuple[str, ...]], list[str]]:
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        master = conn.execute(
+            "SELECT type, name, tbl_name, sql FROM sqlite_master ORDER BY name"
+        ).fetchall()
+        revision = [r for (r,) in conn.execute("SELECT version_num FROM alembic_version")]
+    return master, revision
+
+
+async def test_a_new_sqlite_database_is_made_as_the_migrations_make_it(tmp_path: Path) -> None:
+    """`sqlite_schema` is what the migrations leave, statement for statement; when a new
+    migration changes that, the failure shows the statements it should hold."""
+    migrated = tmp_path / "migrated.db"
+    engine = db.create_engine(f"sqlite:///{migrated}")
+    try:
+        await db.upgrade(engine)
+    finally:
+        await engine.dispose()
+    made = tmp_path / "made.db"
+    async with await JobStore.open(f"sqlite:///{made}"):
+        pass
+    with contextlib.closing(sqlite3.connect(migrated)) as conn:
+        statements = [
+            sql
+            for (sql,) in conn.execute(
+                "SELECT sql FROM sqlite_master WHERE sql IS NOT NULL ORDER BY rowid"
+            )
+        ]
+    assert list(sqlite_schema.STATEMENTS) == statements, (
+        "batchrunner/sqlite_schema.py should hold:\n" + "\n".join(map(repr, statements))
+    )
+    assert _sqlite_schema(made) == _sqlite_schema(migrated)
+    assert _sqlite_schema(made)[1] == [database.SCHEMA_HEAD]
+    # alembic takes it as its own: down to nothing and up again.
+    engine = db.create_engine(f"sqlite:///{made}")
+    try:
+        await db.downgrade(engine, "base")
+        async with engine.connect() as conn:
+            assert await conn.run_sync(_tables) <= {"alembic_version"}
+        await db.upgrade(engine)
+        async with engine.connect() as conn:
+            assert await conn.run_sync(_diff) == []
+    finally:
+        await engine.dispose()
 
 
 def test_schema_head_is_alembic_head() -> None:
