@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import hashlib
 import time
+from collections import deque
 from collections.abc import AsyncGenerator, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,9 @@ from batchrunner.store import BatchExists, BatchInfo, DuplicateCustomId, JobStor
 
 #: Jobs handed to the database per INSERT.
 CHUNK_ROWS = 5_000
+#: Chunks handed to the database before the oldest is waited for: the next one is queued on
+#: the writer's thread while it inserts one, so that it never waits for this process.
+INSERTS_AHEAD = 2
 #: Files this large or larger are parsed by worker processes, one per usable core (on two
 #: cores or more), while this process loads what they send back into SQLite: parsing and
 #: binding the INSERT both need the interpreter, so in one process they take turns. Below
@@ -239,7 +243,7 @@ async def _load(
     error_total = 0
     jobs = 0
     meta_keys: set[str] = set()
-    inserting: asyncio.Future[None] | None = None
+    inserting: deque[asyncio.Future[None]] = deque()
     try:
         async with store.loading(batch) as loader:
             chunk: list[JobRow] = []
@@ -269,17 +273,16 @@ async def _load(
                     # keeps (several MB for thousands of rows), and blocks vary in size.
                     ready, chunk = chunk[:CHUNK_ROWS], chunk[CHUNK_ROWS:]
                     # The database inserts this chunk while the next one is parsed.
-                    if inserting is not None:
-                        await inserting
-                    inserting = asyncio.ensure_future(loader.add_jobs(ready))
+                    if len(inserting) >= INSERTS_AHEAD:
+                        await inserting.popleft()
+                    inserting.append(asyncio.ensure_future(loader.add_jobs(ready)))
                     await asyncio.sleep(0)
                     jobs += len(ready)
                 if len(bad) >= CHUNK_ROWS:
                     await loader.add_invalid(bad)
                     bad = []
-            if inserting is not None:
-                await inserting
-                inserting = None
+            while inserting:
+                await inserting.popleft()
             if error_total and not skip_invalid:
                 # Repeated ids are found by the database, which saw none of this file: count
                 # them too, or the user fixes the bad lines only to be told of more.
@@ -300,11 +303,11 @@ async def _load(
             raise InputError(rejected.errors, 1, f"{path}: the file has no requests") from None
         raise InputError(rejected.errors[:SHOWN_ERRORS], rejected.total) from None
     finally:
-        if inserting is not None and not inserting.done():
+        for left in inserting:
             # Left behind by an error while parsing: the transaction is rolled back anyway.
-            inserting.cancel()
+            left.cancel()
             with contextlib.suppress(BaseException):
-                await inserting
+                await left
         # Stops the worker processes of a parallel parse left part way (a duplicate id).
         await parsed.aclose()
     loaded = BatchInfo(**{**_as_dict(batch), "total_jobs": jobs, "invalid_lines": error_total})

@@ -1053,8 +1053,9 @@ class BatchLoader:
         self.invalid = 0
         #: Every key of the jobs' metadata, sorted; None: not known (the export reads them).
         self.meta_keys: list[str] | None = None
-        # add_jobs may run as a task beside add_invalid; one statement at a time on the
-        # connection (asyncpg's COPY does not go through SQLAlchemy's own lock).
+        # add_jobs may run as a task beside add_invalid (and beside itself): one statement at a
+        # time on PostgreSQL's connection (asyncpg's COPY does not go through SQLAlchemy's
+        # own lock). SQLite's statements queue on its writer's thread, in the order given.
         self._lock = asyncio.Lock()
         self._common = (batch_id, "POST", JobState.PENDING.value, 0, self._now, self._now)
         self._sqlite = sqlite
@@ -1080,18 +1081,28 @@ class BatchLoader:
         if not jobs:
             return
         try:
-            async with self._lock:
-                if not self._sqlite:
+            if not self._sqlite:
+                async with self._lock:
                     await self._copy(jobs)
-                else:
-                    # Equal parts, so that a chunk of jobs is one or two statements to prepare.
-                    parts = -(-len(jobs) // self._rows_per_insert)
-                    size = -(-len(jobs) // parts)
-                    for start in range(0, len(jobs), size):
-                        part = jobs[start : start + size]
-                        await self._conn.execute(
+            else:
+                # Equal parts, so that a chunk of jobs is one or two statements to prepare.
+                parts = -(-len(jobs) // self._rows_per_insert)
+                size = -(-len(jobs) // parts)
+                # Handed to the writer's thread all at once: it runs them back to back, in
+                # order, without waiting for a turn of this event loop between them.
+                done = await asyncio.gather(
+                    *(
+                        self._conn.execute(
                             self._insert_sql(len(part)), tuple(itertools.chain.from_iterable(part))
                         )
+                        for start in range(0, len(jobs), size)
+                        for part in (jobs[start : start + size],)
+                    ),
+                    return_exceptions=True,  # every part's, so that none is left unread
+                )
+                for outcome in done:
+                    if isinstance(outcome, BaseException):
+                        raise outcome
         except ConstraintViolation as exc:
             if _violates(exc, *_CUSTOM_ID_KEYS):
                 raise DuplicateCustomId() from exc
