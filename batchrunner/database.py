@@ -388,9 +388,7 @@ class SqliteDatabase:
         would let them read, so the store asks for it only where there is nothing to read.
         """
         async with self._write_lock:
-            idle, self._idle = self._idle, []
-            for link in idle:  # our own readers would keep the database in WAL
-                await link.close()
+            await self._close_idle()  # our own readers would keep the database in WAL
             journal = await self._writer.call(
                 lambda conn: _out_of_wal(conn, only_if_empty), "write"
             )
@@ -501,8 +499,13 @@ class SqliteDatabase:
         # More than one row would be branches: not this project's, alembic sorts it out.
         return (str(rows[0][0]) if len(rows) == 1 else None), not tables
 
+    async def _close_idle(self) -> None:
+        """Close the read connections kept for the next reads."""
+        idle, self._idle = self._idle, []
+        for link in idle:
+            await link.close()
+
     async def close(self) -> None:
         self._closed = True
-        idle, self._idle = self._idle, []
-        for link in (self._writer, *idle):
-            await link.close()
+        await self._close_idle()
+        await self._writer.close()
