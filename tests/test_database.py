@@ -9,7 +9,8 @@ import sqlite3
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from urllib.parse import quote
 
@@ -252,11 +253,16 @@ def _file_in_wal(path: Path) -> bool:
     return path.read_bytes()[18:20] == b"\x02\x02"
 
 
-async def _database_with_table(path: Path) -> SqliteDatabase:
+@asynccontextmanager
+async def _database_with_table(path: Path) -> AsyncIterator[SqliteDatabase]:
+    """A database at `path` holding one empty table `t`, closed at the end."""
     db = SqliteDatabase(f"sqlite:///{path}")
-    async with db.write() as conn:
-        await conn.execute("CREATE TABLE t (x)")
-    return db
+    try:
+        async with db.write() as conn:
+            await conn.execute("CREATE TABLE t (x)")
+        yield db
+    finally:
+        await db.close()
 
 
 async def _mode(conn: database.Connection) -> str:
@@ -267,8 +273,7 @@ async def test_a_load_into_an_empty_database_goes_without_wal_and_ends_in_it(
     tmp_path: Path,
 ) -> None:
     path = tmp_path / "jobs.db"
-    db = await _database_with_table(path)
-    try:
+    async with _database_with_table(path) as db:
         async with db.read() as conn:  # an idle reader of ours is closed for the load
             await conn.execute("SELECT 1")
         async with db.bulk_write(_EMPTY) as conn:
@@ -281,16 +286,13 @@ async def test_a_load_into_an_empty_database_goes_without_wal_and_ends_in_it(
             assert await _mode(conn) == "wal"
             assert (await conn.execute("PRAGMA synchronous")).scalar() == 1  # NORMAL again
             assert (await conn.execute("SELECT COUNT(*) FROM t")).scalar() == 1000
-    finally:
-        await db.close()
 
 
 async def test_a_load_stays_in_wal_when_the_database_holds_rows_or_is_open_elsewhere(
     tmp_path: Path,
 ) -> None:
     path = tmp_path / "jobs.db"
-    db = await _database_with_table(path)
-    try:
+    async with _database_with_table(path) as db:
         other = sqlite3.connect(path)
         try:
             other.execute("SELECT * FROM t").fetchall()
@@ -302,14 +304,11 @@ async def test_a_load_stays_in_wal_when_the_database_holds_rows_or_is_open_elsew
         async with db.bulk_write(_EMPTY) as conn:
             assert await _mode(conn) == "wal"  # it holds a row: others may be reading it
         assert _file_in_wal(path)
-    finally:
-        await db.close()
 
 
 async def test_a_failed_load_without_wal_is_rolled_back_and_back_in_wal(tmp_path: Path) -> None:
     path = tmp_path / "jobs.db"
-    db = await _database_with_table(path)
-    try:
+    async with _database_with_table(path) as db:
         with pytest.raises(ConstraintViolation):
             async with db.bulk_write(_EMPTY) as conn:
                 assert await _mode(conn) == "delete"
@@ -318,34 +317,31 @@ async def test_a_failed_load_without_wal_is_rolled_back_and_back_in_wal(tmp_path
         assert _file_in_wal(path)
         async with db.read() as conn:
             assert (await conn.execute("SELECT COUNT(*) FROM t")).scalar() == 0
-    finally:
-        await db.close()
 
 
 async def test_a_connection_opened_during_a_load_without_wal_waits_for_its_commit(
     tmp_path: Path,
 ) -> None:
     path = tmp_path / "jobs.db"
-    db = await _database_with_table(path)
     other = SqliteDatabase(f"sqlite:///{path}")
     try:
-        async with db.bulk_write(_EMPTY) as conn:
-            assert await _mode(conn) == "delete"
-            # Nothing written to the file yet: a change of journal mode meeting this fails at
-            # once instead of waiting, and a new connection retries it.
-            await conn.execute("INSERT INTO t VALUES (1)")
+        async with _database_with_table(path) as db:
+            async with db.bulk_write(_EMPTY) as conn:
+                assert await _mode(conn) == "delete"
+                # Nothing written to the file yet: a change of journal mode meeting this fails
+                # at once instead of waiting, and a new connection retries it.
+                await conn.execute("INSERT INTO t VALUES (1)")
 
-            async def count() -> int:
-                async with other.read() as reading:
-                    return int((await reading.execute("SELECT COUNT(*) FROM t")).scalar())
+                async def count() -> int:
+                    async with other.read() as reading:
+                        return int((await reading.execute("SELECT COUNT(*) FROM t")).scalar())
 
-            counting = asyncio.create_task(count())
-            await asyncio.sleep(0.3)
-            assert not counting.done()
-        assert await asyncio.wait_for(counting, 30) == 1
+                counting = asyncio.create_task(count())
+                await asyncio.sleep(0.3)
+                assert not counting.done()
+            assert await asyncio.wait_for(counting, 30) == 1
     finally:
         await other.close()
-        await db.close()
 
 
 _KILLED_MID_LOAD = """
@@ -368,10 +364,8 @@ def test_a_load_without_wal_killed_part_way_leaves_nothing_of_it(tmp_path: Path)
     path = tmp_path / "jobs.db"
 
     async def before() -> None:
-        db = await _database_with_table(path)
-        async with db.write() as conn:
+        async with _database_with_table(path) as db, db.write() as conn:
             await conn.execute("CREATE INDEX x ON t (x)")  # pages that exist before the load
-        await db.close()
 
     async def after() -> tuple[int, str]:
         db = SqliteDatabase(f"sqlite:///{path}")
