@@ -1,11 +1,10 @@
 """The store's way to its database: SQL text in, rows out.
 
 SQLite goes through the standard library's `sqlite3`, each connection on a thread of its own;
-PostgreSQL through SQLAlchemy and asyncpg (`db.PgDatabase`). This module imports neither
-SQLAlchemy nor a driver: SQLAlchemy is a quarter of a second of start-up, which a run, a
-status or an export of a SQLite database at the current schema no longer pays, nor does a new
-SQLite database (made from `sqlite_schema`). It is imported to upgrade a schema made before,
-and for PostgreSQL.
+PostgreSQL through asyncpg (`postgres.PgDatabase`). Neither imports SQLAlchemy: it is a
+quarter of a second of start-up, which a run, a status or an export of a database at the
+current schema does not pay, nor does a new SQLite database (made from `sqlite_schema`). It is
+imported to create a PostgreSQL schema or upgrade one made before (alembic).
 
 Statements name their parameters (`:name`, bound from a dict) on both backends; SQLite's own
 hot statements may use `?N` with tuples.

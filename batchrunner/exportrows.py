@@ -461,6 +461,6 @@ async def open_csv_pages(
     lines = CsvLines(prices, meta_keys)
     if sqlite_file is not None:
         return _Pages(_SqliteReader(*sqlite_file), batch_id, failed_only, lines)
-    from batchrunner.store import JobStore  # SQLAlchemy and asyncpg: only for PostgreSQL
+    from batchrunner.store import JobStore  # and with it asyncpg: only for PostgreSQL
 
     return _Pages(await JobStore.open(url), batch_id, failed_only, lines)

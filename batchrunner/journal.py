@@ -76,9 +76,8 @@ def directory_for(store: JobStore) -> Path | None:
             return None
         path = Path(target.database).absolute()
         return path.with_name(path.name + SQLITE_SUFFIX)
-    url = store.engine.url
     # One directory per database: host, port, database and user (never the password).
-    where = url.set(drivername="postgresql", password=None).render_as_string()
+    where = store.postgres_location or ""
     key = hashlib.sha256(where.encode()).hexdigest()[:16]
     return _state_dir() / "answers" / key
 

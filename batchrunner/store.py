@@ -46,7 +46,7 @@ from batchrunner.states import JobState
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
 
-    from batchrunner.db import PgDatabase
+    from batchrunner.postgres import PgDatabase
 
 #: Rows per INSERT round trip when loading a file.
 LOAD_CHUNK_ROWS = 5_000
@@ -236,9 +236,8 @@ _CLAIM_POSTGRES = (
     " RETURNING jobs.id, jobs.custom_id, jobs.line, jobs.endpoint, jobs.body, jobs.model,"
     " jobs.stream, jobs.est_tokens, jobs.attempts"
 )
-# SQLite's `record` statements, with positional parameters: plain tuples through the driver
-# skip SQLAlchemy's per-row parameter processing, which cost more than the database's own work
-# for the row (as in BatchLoader.add_jobs).
+# SQLite's `record` statements, with positional parameters: plain tuples, which sqlite3 binds
+# faster than a dict per row.
 _INSERT_RESULT_SQL = (
     "INSERT INTO results (job_id, batch_id, status_code, response, request_id, model,"
     " prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens, total_tokens,"
@@ -357,7 +356,7 @@ class JobStore:
         self.is_sqlite = database.is_sqlite
         #: The URL as given (SQLite) or with the driver named (PostgreSQL).
         self.url = database.url
-        #: SQLite: an SQLAlchemy engine on the same file, made on first use (`engine`).
+        #: An SQLAlchemy engine on the same database, made on first use (`engine`).
         self._engine: AsyncEngine | None = None
 
     @classmethod
@@ -365,8 +364,8 @@ class JobStore:
         """A store for the database at a plain URL, without touching it yet."""
         if is_sqlite_url(url):
             return cls(SqliteDatabase(url))
-        # SQLAlchemy and asyncpg: imported only for PostgreSQL.
-        from batchrunner.db import PgDatabase
+        # asyncpg: imported only for PostgreSQL.
+        from batchrunner.postgres import PgDatabase
 
         return cls(PgDatabase(url, pool_size=pool_size))
 
@@ -383,10 +382,8 @@ class JobStore:
 
     @property
     def engine(self) -> AsyncEngine:
-        """An SQLAlchemy engine on the store's database: PostgreSQL's own; for SQLite one made
-        on first use (the store itself goes through sqlite3), for migrations and inspection."""
-        if not self.is_sqlite:
-            return self._pg.engine
+        """An SQLAlchemy engine on the store's database, made on first use (the store itself
+        goes through sqlite3 or asyncpg), for migrations and inspection."""
         if self._engine is None:
             from batchrunner import db
 
@@ -407,6 +404,12 @@ class JobStore:
     def sqlite_target(self) -> SqliteTarget | None:
         """What a SQLite database's URL opens; None for PostgreSQL."""
         return self._sqlite.target if self.is_sqlite else None
+
+    @property
+    def postgres_location(self) -> str | None:
+        """A PostgreSQL database's address without its password (`PgUrl.location`); None for
+        SQLite."""
+        return None if self.is_sqlite else self._pg.target.location()
 
     async def close(self) -> None:
         if self._engine is not None:
@@ -1054,8 +1057,8 @@ class BatchLoader:
         #: Every key of the jobs' metadata, sorted; None: not known (the export reads them).
         self.meta_keys: list[str] | None = None
         # add_jobs may run as a task beside add_invalid (and beside itself): one statement at a
-        # time on PostgreSQL's connection (asyncpg's COPY does not go through SQLAlchemy's
-        # own lock). SQLite's statements queue on its writer's thread, in the order given.
+        # time on PostgreSQL's connection, which asyncpg refuses to run two at once. SQLite's
+        # statements queue on its writer's thread, in the order given.
         self._lock = asyncio.Lock()
         self._common = (batch_id, "POST", JobState.PENDING.value, 0, self._now, self._now)
         self._sqlite = sqlite
@@ -1111,14 +1114,17 @@ class BatchLoader:
 
     async def _copy(self, jobs: Sequence[JobRow]) -> None:
         """PostgreSQL: COPY through asyncpg, several times faster than an INSERT per row."""
-        driver = await self._conn.driver()  # type: ignore[attr-defined]  # db._PgConnection
         common = self._common
+        await self._copy_rows(
+            "jobs", [(*job, *common) for job in jobs], self._JOB_COLUMNS + self._COMMON_COLUMNS
+        )
+
+    async def _copy_rows(
+        self, table: str, records: Sequence[tuple[Any, ...]], columns: Sequence[str]
+    ) -> None:
+        driver = await self._conn.driver()  # type: ignore[attr-defined]  # postgres._PgConnection
         try:
-            await driver.copy_records_to_table(
-                "jobs",
-                records=[(*job, *common) for job in jobs],
-                columns=self._JOB_COLUMNS + self._COMMON_COLUMNS,
-            )
+            await driver.copy_records_to_table(table, records=records, columns=columns)
         except Exception as exc:
             sqlstate = str(getattr(exc, "sqlstate", ""))
             if sqlstate:  # class 23: integrity constraint violation
@@ -1129,10 +1135,19 @@ class BatchLoader:
         if not lines:
             return
         async with self._lock:
-            await self._conn.executemany(
-                "INSERT INTO invalid_lines (batch_id, line, reason) VALUES (:b, :line, :reason)",
-                [{"b": self._batch_id, "line": n, "reason": r} for n, r in lines],
-            )
+            if self._sqlite:
+                await self._conn.executemany(
+                    "INSERT INTO invalid_lines (batch_id, line, reason) VALUES (?, ?, ?)",
+                    [(self._batch_id, n, reason) for n, reason in lines],
+                )
+            else:
+                # A file of many bad lines: COPY, where asyncpg's executemany gives no count
+                # and the store's runs a statement per row.
+                await self._copy_rows(
+                    "invalid_lines",
+                    [(self._batch_id, n, reason) for n, reason in lines],
+                    ("batch_id", "line", "reason"),
+                )
         self.invalid += len(lines)
 
     async def finish(self) -> None:

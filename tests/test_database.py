@@ -180,10 +180,11 @@ async def test_reads_at_once_open_connections_that_are_not_all_kept(tmp_path: Pa
 async def test_a_new_database_is_made_run_reported_and_exported_without_sqlalchemy(
     tmp_path: Path, make_file: MakeFile
 ) -> None:
-    """SQLAlchemy, its drivers and alembic are imported to upgrade a schema made before and
-    for PostgreSQL; a new SQLite database is made (`sqlite_schema`), loaded, run, reported on
-    and exported without them (they cost a quarter of a second of every command's start-up,
-    and running the migrations another three quarters of a new database's)."""
+    """SQLAlchemy, its drivers and alembic are imported to upgrade a schema made before (and
+    to make PostgreSQL's, tests/test_postgres.py); a new SQLite database is made
+    (`sqlite_schema`), loaded, run, reported on and exported without them (they cost a quarter
+    of a second of every command's start-up, and running the migrations another three
+    quarters of a new database's)."""
     url = f"sqlite:///{tmp_path / 'jobs.db'}"
     code = (
         "import atexit, sys\n"

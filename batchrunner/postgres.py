@@ -1,0 +1,349 @@
+"""PostgreSQL for the store: asyncpg's own connections, without SQLAlchemy.
+
+A run, a status or an export of a PostgreSQL database at the current schema imports asyncpg
+alone. SQLAlchemy was ~0.17 s of every command's start-up, and a layer of Python (a greenlet
+hop, a cursor adapter) around each of a run's claims and records. It is imported to create or
+upgrade the schema with alembic (`db.py`), as it is for SQLite.
+
+The store's statements name their parameters (`:name`, bound from a dict) on both backends;
+here they become asyncpg's `$1, $2, ...` (`positional`). A statement that already uses `$n`
+takes a tuple.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+from urllib.parse import parse_qsl, quote, quote_plus, unquote
+
+import asyncpg  # type: ignore[import-untyped]  # no type stubs
+
+from batchrunner.database import SCHEMA_HEAD, Connection, Params, Result, failed
+from batchrunner.errors import StoreError, UsageError
+
+#: URL schemes that name PostgreSQL (with SQLAlchemy's name of the driver we use, or none).
+_SCHEMES = ("postgresql", "postgres", "postgresql+asyncpg", "postgres+asyncpg")
+#: The errors of a statement or a connection that failed: the server's (with an SQLSTATE),
+#: asyncpg's own (a closed connection), the network's, a connect that timed out.
+_DRIVER_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+
+
+@dataclass(frozen=True, slots=True)
+class PgUrl:
+    """A `postgresql://` URL, read as SQLAlchemy reads one: user and password percent-decoded,
+    an IPv6 host in brackets, the database after the first slash."""
+
+    scheme: str
+    user: str | None
+    password: str | None
+    host: str | None
+    port: int | None
+    database: str | None
+    query: tuple[tuple[str, str], ...]
+    #: What asyncpg connects with: the URL itself, under the scheme asyncpg knows.
+    dsn: str
+
+    @classmethod
+    def parse(cls, url: str) -> PgUrl:
+        scheme, sep, rest = url.partition("://")
+        if not sep or scheme not in _SCHEMES:
+            raise UsageError(
+                f"not a PostgreSQL URL batchrunner can open: {_without_password(url)!r}"
+                " (postgresql://USER@HOST:PORT/DATABASE; batchrunner connects through asyncpg)"
+            )
+        location, _, query = rest.partition("?")
+        authority, slash, path = location.partition("/")
+        credentials, at, hostport = authority.rpartition("@")
+        user = password = None
+        if at:
+            name, colon, secret = credentials.partition(":")
+            user = unquote(name)
+            password = unquote(secret) if colon else None
+        host, port = _host_and_port(hostport, url)
+        return cls(
+            scheme=scheme,
+            user=user,
+            password=password,
+            host=host,
+            port=port,
+            database=unquote(path) if slash else None,
+            query=tuple(sorted(parse_qsl(query), key=lambda kv: kv[0])),
+            dsn=f"postgresql://{rest}",
+        )
+
+    def location(self) -> str:
+        """The database's address without its password or driver, written as SQLAlchemy
+        renders it (`postgresql://user:***@host:port/db`, the stars there when the URL has a
+        password): answer journals are kept per location (journal.py), and earlier versions
+        named it this way."""
+        text = "postgresql://"
+        if self.user is not None:
+            text += quote(self.user, safe=" +")
+            text += "@" if self.password is None else ":***@"
+        if self.host is not None:
+            text += f"[{self.host}]" if ":" in self.host else self.host
+        if self.port is not None:
+            text += f":{self.port}"
+        if self.database is not None:
+            text += "/" + quote(self.database, safe=" +/")
+        if self.query:
+            text += "?" + "&".join(f"{quote_plus(k)}={quote_plus(v)}" for k, v in self.query)
+        return text
+
+
+def _host_and_port(hostport: str, url: str) -> tuple[str | None, int | None]:
+    if hostport.startswith("["):
+        host, _, after = hostport[1:].partition("]")
+        port = after.removeprefix(":")
+    else:
+        host, _, port = hostport.partition(":")
+    if not port:
+        return host or None, None
+    if not port.isdigit():
+        raise UsageError(f"not a port number: {port!r} in {_without_password(url)!r}")
+    return host or None, int(port)
+
+
+def _without_password(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    credentials, at, after = rest.rpartition("@")
+    if not at or ":" not in credentials:
+        return url
+    return f"{scheme}{sep}{credentials.partition(':')[0]}:***@{after}"
+
+
+# A parameter name after a colon; not the second colon of a cast (`meta::json`), nor a colon
+# inside a word.
+_NAMED_PARAMETER = re.compile(r"(?<![:\w]):([A-Za-z_]\w*)")
+
+
+@lru_cache(maxsize=1024)
+def positional(sql: str) -> tuple[str, tuple[str, ...]]:
+    """`sql` with its `:name` parameters as `$1, $2, ...`, and the names in that order (a name
+    used twice is one parameter)."""
+    names: dict[str, int] = {}
+
+    def number(match: re.Match[str]) -> str:
+        return f"${names.setdefault(match[1], len(names) + 1)}"
+
+    return _NAMED_PARAMETER.sub(number, sql), tuple(names)
+
+
+_RETURNS_ROWS = re.compile(r"^\s*(?:SELECT|WITH|VALUES|SHOW|TABLE)\b|\bRETURNING\b", re.I)
+
+
+@lru_cache(maxsize=1024)
+def _returns_rows(sql: str) -> bool:
+    """Whether a statement answers with rows (read with `fetch`), or only a status whose count
+    is its rowcount (`execute`). A WITH whose last part changes rows without RETURNING counts
+    as answering rows: none of the store's statements is one."""
+    return _RETURNS_ROWS.search(sql) is not None
+
+
+def _bound(sql: str, params: Params) -> tuple[str, Sequence[Any]]:
+    if isinstance(params, tuple):
+        return sql, params
+    query, names = positional(sql)
+    return query, [params[name] for name in names]
+
+
+def _rowcount(status: str) -> int:
+    """The rows a command changed, from its status ("UPDATE 3", "INSERT 0 5"); -1: unknown."""
+    count = status.rpartition(" ")[2]
+    return int(count) if count.isdigit() else -1
+
+
+def _failed(exc: BaseException, what: str) -> StoreError:
+    sqlstate = str(getattr(exc, "sqlstate", "") or "")
+    return failed(what, exc, constraint=sqlstate.startswith("23"))
+
+
+class _PgConnection:
+    """A transaction's statements on one asyncpg connection."""
+
+    __slots__ = ("_conn", "_what")
+
+    def __init__(self, conn: asyncpg.Connection, what: str) -> None:
+        self._conn = conn
+        self._what = what
+
+    async def execute(self, sql: str, params: Params = ()) -> Result:
+        query, args = _bound(sql, params)
+        try:
+            if _returns_rows(sql):
+                rows = await self._conn.fetch(query, *args)
+                return Result([tuple(row) for row in rows], len(rows))
+            status = await self._conn.execute(query, *args)
+        except _DRIVER_ERRORS as exc:
+            raise _failed(exc, self._what) from exc
+        return Result([], _rowcount(status))
+
+    async def executemany(self, sql: str, params: Sequence[Params]) -> int:
+        """One statement per set of parameters, for the rowcount asyncpg's executemany does
+        not give: the store's are a handful of rows (jobs given back at a stop)."""
+        changed = 0
+        for one in params:
+            changed += max((await self.execute(sql, one)).rowcount, 0)
+        return changed
+
+    async def driver(self) -> asyncpg.Connection:
+        """asyncpg's connection itself (COPY)."""
+        return self._conn
+
+
+class PgDatabase:
+    """A PostgreSQL database: connections kept for the next transaction, and one of its own,
+    in autocommit, for the dispatcher's records."""
+
+    is_sqlite = False
+
+    def __init__(self, url: str, *, pool_size: int = 5) -> None:
+        self.url = url
+        self.target = PgUrl.parse(url)
+        #: Connections open at once, at most (a transaction waits for one beyond that).
+        self._slots = asyncio.Semaphore(2 * pool_size)
+        #: Idle connections kept for the next transactions.
+        self._keep = pool_size
+        self._idle: list[asyncpg.Connection] = []
+        self._recorder: asyncpg.Connection | None = None
+        #: One statement at a time on it.
+        self._recorder_lock = asyncio.Lock()
+        self._closed = False
+
+    async def _connect(self) -> asyncpg.Connection:
+        return await asyncpg.connect(self.target.dsn)
+
+    @asynccontextmanager
+    async def _connection(self, what: str) -> AsyncIterator[asyncpg.Connection]:
+        """A connection for one transaction or statement, given back when it ends; a
+        connection that failed under it is closed instead (the next opens anew)."""
+        async with self._slots:
+            conn = None
+            while self._idle and conn is None:
+                kept = self._idle.pop()
+                # A backend that ended (a restart, pg_terminate_backend) closed the socket,
+                # which the event loop has seen by now.
+                conn = None if kept.is_closed() else kept
+            if conn is None:
+                try:
+                    conn = await self._connect()
+                except _DRIVER_ERRORS as exc:
+                    raise _failed(exc, what) from exc
+            try:
+                yield conn
+            except BaseException:
+                conn.terminate()
+                raise
+            if self._closed or len(self._idle) >= self._keep or conn.is_in_transaction():
+                await _close(conn)
+            else:
+                self._idle.append(conn)
+
+    @asynccontextmanager
+    async def _transaction(self, what: str) -> AsyncIterator[Connection]:
+        async with self._connection(what) as conn:
+            try:
+                await conn.execute("BEGIN")
+            except _DRIVER_ERRORS as exc:
+                raise _failed(exc, what) from exc
+            try:
+                yield _PgConnection(conn, what)
+            except Exception:
+                with suppress(*_DRIVER_ERRORS):
+                    await conn.execute("ROLLBACK")
+                raise
+            try:
+                await conn.execute("COMMIT" if what == "write" else "ROLLBACK")
+            except _DRIVER_ERRORS as exc:
+                raise _failed(exc, what) from exc
+
+    def read(self) -> AbstractAsyncContextManager[Connection]:
+        return self._transaction("read")
+
+    def write(self) -> AbstractAsyncContextManager[Connection]:
+        return self._transaction("write")
+
+    def bulk_write(self, only_if_empty: str) -> AbstractAsyncContextManager[Connection]:
+        """`write`: PostgreSQL's log is the same for any load."""
+        return self.write()
+
+    async def fetch(self, sql: str, *args: Any) -> list[Any]:
+        """The rows of one read statement in asyncpg's own placeholders ($1, ...), outside a
+        transaction: its own snapshot is enough."""
+        async with self._connection("read") as conn:
+            try:
+                return list(await conn.fetch(sql, *args))
+            except _DRIVER_ERRORS as exc:
+                raise _failed(exc, "read") from exc
+
+    async def record(self, sql: str, params: Sequence[Any]) -> int:
+        """Run one statement that returns a count, in a transaction of its own.
+
+        The statement is a transaction of its own in autocommit, without a BEGIN and a COMMIT
+        to wait for, on a connection kept for it. A connection that failed is dropped and the
+        next record opens another.
+        """
+        async with self._recorder_lock:
+            try:
+                if self._recorder is None:
+                    self._recorder = await self._connect()
+                return int(await self._recorder.fetchval(sql, *params))
+            except BaseException as exc:
+                conn, self._recorder = self._recorder, None
+                if conn is not None:
+                    conn.terminate()
+                if isinstance(exc, _DRIVER_ERRORS):
+                    raise _failed(exc, "write") from exc
+                raise
+
+    async def ensure_schema(self) -> None:
+        """Create or upgrade the database to head on first use (alembic, and with it
+        SQLAlchemy, is imported only then)."""
+        try:
+            async with self.read() as conn:
+                exists = await conn.execute("SELECT to_regclass('alembic_version') IS NOT NULL")
+                rows = (
+                    (await conn.execute("SELECT version_num FROM alembic_version")).all()
+                    if exists.scalar()
+                    else []
+                )
+        except StoreError as exc:
+            raise StoreError(f"cannot open the database: {exc.__cause__ or exc}") from exc
+        # More than one row would be branches: not this project's, alembic sorts it out.
+        if len(rows) == 1 and rows[0][0] == SCHEMA_HEAD:
+            return
+        from batchrunner import db
+
+        engine = db.create_engine(self.url)
+        try:
+            await db.upgrade(engine)
+        finally:
+            await engine.dispose()
+
+    async def close(self) -> None:
+        self._closed = True
+        idle, self._idle = self._idle, []
+        async with self._recorder_lock:
+            if self._recorder is not None:
+                idle.append(self._recorder)
+                self._recorder = None
+        for conn in idle:
+            await _close(conn)
+
+
+#: How long a connection's orderly close may take before it is cut.
+_CLOSE_TIMEOUT_S = 5.0
+
+
+async def _close(conn: asyncpg.Connection) -> None:
+    try:
+        await conn.close(timeout=_CLOSE_TIMEOUT_S)
+    except BaseException as exc:
+        conn.terminate()  # the server ends the session when the socket closes
+        if not isinstance(exc, Exception):
+            raise

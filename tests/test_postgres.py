@@ -1,0 +1,202 @@
+"""The store's PostgreSQL connections (postgres.py): URLs read as SQLAlchemy reads them, named
+parameters made positional, connections that die while kept, errors, and no SQLAlchemy for a
+database at head."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import asyncpg  # type: ignore[import-untyped]  # no type stubs
+import pytest
+from sqlalchemy.engine import make_url
+
+from batchrunner.errors import ConstraintViolation, StoreError, UsageError
+from batchrunner.fakeapi import FakeConfig, FakeServer
+from batchrunner.postgres import PgDatabase, PgUrl, positional
+from batchrunner.store import JobStore
+from tests.conftest import chat
+
+MakeFile = Callable[..., Path]
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize(
+    ("sql", "query", "names"),
+    [
+        ("SELECT 1", "SELECT 1", ()),
+        (
+            "SELECT * FROM t WHERE a = :a AND b = :b",
+            "SELECT * FROM t WHERE a = $1 AND b = $2",
+            ("a", "b"),
+        ),
+        # A name used twice is one parameter.
+        (
+            "UPDATE t SET x = :now WHERE y < :now AND z = :batch",
+            "UPDATE t SET x = $1 WHERE y < $1 AND z = $2",
+            ("now", "batch"),
+        ),
+        # Casts are not parameters.
+        (
+            "SELECT k FROM json_object_keys(:m::json) AS k",
+            "SELECT k FROM json_object_keys($1::json) AS k",
+            ("m",),
+        ),
+        ("SELECT a::text FROM t WHERE b = :b_2", "SELECT a::text FROM t WHERE b = $1", ("b_2",)),
+        ("SELECT $1::bigint", "SELECT $1::bigint", ()),
+    ],
+)
+def test_named_parameters_become_positional(sql: str, query: str, names: tuple[str, ...]) -> None:
+    assert positional(sql) == (query, names)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://postgres@127.0.0.1:5432/test",
+        "postgresql://u:secret@db.example.com/jobs",
+        "postgres://u@h/d",
+        "postgresql+asyncpg://u:p@h:6543/d",
+        "postgresql://us%40er:p%3Ass@h/d%20b",
+        "postgresql://u@[::1]:5432/d",
+        "postgresql://u@h/d?sslmode=require&application_name=batch%20runner",
+        "postgresql://h/d",
+        "postgresql:///d",
+        "postgresql://u@h",
+    ],
+)
+def test_a_database_is_located_as_sqlalchemy_renders_it(url: str) -> None:
+    """The answer journals of a PostgreSQL database are kept under a key of its location
+    (journal.py), which earlier versions took from SQLAlchemy: the same URL must give the
+    same key."""
+    expected = make_url(url).set(drivername="postgresql", password=None).render_as_string()
+    assert PgUrl.parse(url).location() == expected
+
+
+def test_the_url_is_what_asyncpg_connects_with() -> None:
+    target = PgUrl.parse("postgresql+asyncpg://u:p%40ss@h:6543/d?sslmode=disable")
+    assert target.dsn == "postgresql://u:p%40ss@h:6543/d?sslmode=disable"
+    assert (target.user, target.password, target.host, target.port, target.database) == (
+        "u",
+        "p@ss",
+        "h",
+        6543,
+        "d",
+    )
+
+
+@pytest.mark.parametrize(
+    ("url", "words"),
+    [
+        ("postgresql+psycopg2://u:hunter2@h/d", "asyncpg"),
+        ("mysql://u:hunter2@h/d", "not a PostgreSQL URL"),
+        ("postgresql://u:hunter2@h:port/d", "not a port number"),
+    ],
+)
+def test_urls_it_cannot_open_are_refused_without_their_password(url: str, words: str) -> None:
+    with pytest.raises(UsageError) as caught:
+        PgUrl.parse(url)
+    assert words in str(caught.value)
+    assert "hunter2" not in str(caught.value)
+
+
+@pytest.mark.postgres
+async def test_connections_ended_while_kept_are_opened_anew(pg_url: str) -> None:
+    """A kept connection whose backend ended (a server restart, pg_terminate_backend) is not
+    handed to the next transaction."""
+    async with await JobStore.open(pg_url) as store:
+        await store.list_batches()
+        async with store.reading() as conn:
+            pid = (await conn.execute("SELECT pg_backend_pid()")).scalar()
+        admin = await asyncpg.connect(PgUrl.parse(pg_url).dsn)
+        try:
+            assert await admin.fetchval("SELECT pg_terminate_backend($1)", pid)
+        finally:
+            await admin.close()
+        for _ in range(100):  # the event loop sees the socket close
+            await asyncio.sleep(0.01)
+            async with store.reading() as conn:
+                now = (await conn.execute("SELECT pg_backend_pid()")).scalar()
+            if now != pid:
+                break
+        assert now != pid
+        assert await store.list_batches() == []
+
+
+@pytest.mark.postgres
+async def test_errors_are_the_stores_own(pg_url: str) -> None:
+    database = PgDatabase(pg_url)
+    try:
+        async with database.write() as conn:
+            await conn.execute("CREATE TABLE t (k int PRIMARY KEY, v text)")
+            inserted = await conn.executemany(
+                "INSERT INTO t (k, v) VALUES (:k, :v)", [{"k": 1, "v": "a"}, {"k": 2, "v": "b"}]
+            )
+            changed = await conn.execute("UPDATE t SET v = :v", {"v": "c"})
+        assert (inserted, changed.rowcount) == (2, 2)
+        with pytest.raises(ConstraintViolation, match="duplicate key"):
+            async with database.write() as conn:
+                await conn.execute("INSERT INTO t (k, v) VALUES (:k, :v)", {"k": 3, "v": "d"})
+                await conn.execute("INSERT INTO t (k, v) VALUES (:k, :v)", {"k": 1, "v": "e"})
+        with pytest.raises(StoreError, match=r"database read failed: .*no_such_table"):
+            async with database.read() as conn:
+                await conn.execute("SELECT * FROM no_such_table")
+        async with database.read() as conn:
+            rows = (await conn.execute("SELECT k, v FROM t ORDER BY k")).all()
+        assert rows == [(1, "c"), (2, "c")]  # the failed write left nothing
+    finally:
+        await database.close()
+
+
+async def test_an_unreachable_server_is_a_store_error() -> None:
+    # A port on loopback that nothing listens on: the connection is refused at once.
+    with pytest.raises(StoreError, match="cannot open the database"):
+        await JobStore.open("postgresql://postgres@127.0.0.1:9/none")
+
+
+@pytest.mark.postgres
+async def test_a_database_at_head_is_loaded_run_reported_and_exported_without_sqlalchemy(
+    pg_url: str, tmp_path: Path, make_file: MakeFile
+) -> None:
+    """SQLAlchemy and alembic make or upgrade the schema; a database at head is loaded, run,
+    reported on and exported with asyncpg alone (SQLAlchemy was ~0.17 s of every command's
+    start-up and a layer around every statement of a run)."""
+    async with await JobStore.open(pg_url):
+        pass  # the schema, made by alembic
+    code = (
+        "import atexit, sys\n"
+        "heavy = ('sqlalchemy', 'aiosqlite', 'alembic')\n"
+        "atexit.register(lambda: print('imported:', sorted({m.split('.')[0] for m in"
+        " sys.modules if m.startswith(heavy)}), file=sys.stderr))\n"
+        "from batchrunner.cli import main\n"
+        "main()\n"
+    )
+
+    async def batchrunner(*args: str) -> str:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            code,
+            "--db",
+            pg_url,
+            *args,
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        out, err = await proc.communicate()
+        assert proc.returncode == 0, err.decode()
+        assert "imported: []" in err.decode(), (args, err.decode())
+        return out.decode().strip()
+
+    async with FakeServer(FakeConfig()) as srv:
+        rows = [chat(f"question {i}") for i in range(20)]
+        batch_id = await batchrunner("submit", str(make_file(rows)), "--base-url", srv.url)
+        await batchrunner("run", batch_id, "--quiet")
+        await batchrunner("status", batch_id)
+        await batchrunner("export", batch_id, "-o", str(tmp_path / "out.csv"))
+        assert srv.stats.requests_total == 20
+    assert len((tmp_path / "out.csv").read_text().splitlines()) == 21
