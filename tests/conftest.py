@@ -3,6 +3,7 @@ request files, and the local fake API server."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -138,6 +139,53 @@ def run_cli(
         timeout=120,
         env={**os.environ, **(env or {})},
     )
+
+
+_REPO = Path(__file__).resolve().parent.parent
+#: A command line that reports, as it exits, which of the modules named after it it imported.
+_WATCHING_IMPORTS = (
+    "import atexit, sys\n"
+    "heavy = tuple(sys.argv.pop(1).split(','))\n"
+    "atexit.register(lambda: print('imported:', sorted({m.split('.')[0] for m in"
+    " sys.modules if m.startswith(heavy)}), file=sys.stderr))\n"
+    "from batchrunner.cli import main\n"
+    "main()\n"
+)
+
+
+async def batch_without_importing(
+    db: str, unwanted: tuple[str, ...], make_file: Callable[..., Path], out_dir: Path
+) -> None:
+    """Submit, run, report on and export a small batch with the command line, each command a
+    process that must import none of the `unwanted` modules."""
+    from batchrunner.fakeapi import FakeConfig, FakeServer
+
+    async def batchrunner(*args: str) -> str:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            _WATCHING_IMPORTS,
+            ",".join(unwanted),
+            "--db",
+            db,
+            *args,
+            cwd=_REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        out, err = await proc.communicate()
+        assert proc.returncode == 0, err.decode()
+        assert "imported: []" in err.decode(), (args, err.decode())
+        return out.decode().strip()
+
+    async with FakeServer(FakeConfig()) as srv:
+        rows = [chat(f"question {i}") for i in range(20)]
+        batch_id = await batchrunner("submit", str(make_file(rows)), "--base-url", srv.url)
+        await batchrunner("run", batch_id, "--quiet")
+        await batchrunner("status", batch_id)
+        await batchrunner("export", batch_id, "-o", str(out_dir / "out.csv"))
+        assert srv.stats.requests_total == 20
+    assert len((out_dir / "out.csv").read_text().splitlines()) == 21
 
 
 def succeeded(job: ClaimedJob, answer: str, **fields: Any) -> Ended:

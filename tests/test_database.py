@@ -22,10 +22,9 @@ from sqlalchemy.engine import make_url
 from batchrunner import database
 from batchrunner.database import SqliteDatabase, SqliteTarget
 from batchrunner.errors import ConstraintViolation, StoreError, UsageError
-from batchrunner.fakeapi import FakeConfig, FakeServer
 from batchrunner.ingest import submit_file
 from batchrunner.store import BatchInfo, JobStore
-from tests.conftest import chat
+from tests.conftest import batch_without_importing, chat
 
 MakeFile = Callable[..., Path]
 REPO = Path(__file__).resolve().parent.parent
@@ -186,40 +185,9 @@ async def test_a_new_database_is_made_run_reported_and_exported_without_sqlalche
     of a second of every command's start-up, and running the migrations another three
     quarters of a new database's)."""
     url = f"sqlite:///{tmp_path / 'jobs.db'}"
-    code = (
-        "import atexit, sys\n"
-        "heavy = ('sqlalchemy', 'aiosqlite', 'asyncpg', 'alembic')\n"
-        "atexit.register(lambda: print('imported:', sorted({m.split('.')[0] for m in"
-        " sys.modules if m.startswith(heavy)}), file=sys.stderr))\n"
-        "from batchrunner.cli import main\n"
-        "main()\n"
+    await batch_without_importing(
+        url, ("sqlalchemy", "aiosqlite", "asyncpg", "alembic"), make_file, tmp_path
     )
-
-    async def batchrunner(*args: str) -> str:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-c",
-            code,
-            "--db",
-            url,
-            *args,
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        out, err = await proc.communicate()
-        assert proc.returncode == 0, err.decode()
-        assert "imported: []" in err.decode(), (args, err.decode())
-        return out.decode().strip()
-
-    async with FakeServer(FakeConfig()) as srv:
-        rows = [chat(f"question {i}") for i in range(20)]
-        batch_id = await batchrunner("submit", str(make_file(rows)), "--base-url", srv.url)
-        await batchrunner("run", batch_id, "--quiet")
-        await batchrunner("status", batch_id)
-        await batchrunner("export", batch_id, "-o", str(tmp_path / "out.csv"))
-        assert srv.stats.requests_total == 20
-    assert len((tmp_path / "out.csv").read_text().splitlines()) == 21
 
 
 async def test_a_database_behind_head_is_upgraded_on_first_use(tmp_path: Path) -> None:

@@ -5,8 +5,6 @@ database at head."""
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,13 +13,11 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from batchrunner.errors import ConstraintViolation, StoreError, UsageError
-from batchrunner.fakeapi import FakeConfig, FakeServer
 from batchrunner.postgres import PgDatabase, PgUrl, positional
 from batchrunner.store import JobStore
-from tests.conftest import chat
+from tests.conftest import batch_without_importing
 
 MakeFile = Callable[..., Path]
-REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.parametrize(
@@ -166,37 +162,6 @@ async def test_a_database_at_head_is_loaded_run_reported_and_exported_without_sq
     start-up and a layer around every statement of a run)."""
     async with await JobStore.open(pg_url):
         pass  # the schema, made by alembic
-    code = (
-        "import atexit, sys\n"
-        "heavy = ('sqlalchemy', 'aiosqlite', 'alembic')\n"
-        "atexit.register(lambda: print('imported:', sorted({m.split('.')[0] for m in"
-        " sys.modules if m.startswith(heavy)}), file=sys.stderr))\n"
-        "from batchrunner.cli import main\n"
-        "main()\n"
+    await batch_without_importing(
+        pg_url, ("sqlalchemy", "aiosqlite", "alembic"), make_file, tmp_path
     )
-
-    async def batchrunner(*args: str) -> str:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-c",
-            code,
-            "--db",
-            pg_url,
-            *args,
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        out, err = await proc.communicate()
-        assert proc.returncode == 0, err.decode()
-        assert "imported: []" in err.decode(), (args, err.decode())
-        return out.decode().strip()
-
-    async with FakeServer(FakeConfig()) as srv:
-        rows = [chat(f"question {i}") for i in range(20)]
-        batch_id = await batchrunner("submit", str(make_file(rows)), "--base-url", srv.url)
-        await batchrunner("run", batch_id, "--quiet")
-        await batchrunner("status", batch_id)
-        await batchrunner("export", batch_id, "-o", str(tmp_path / "out.csv"))
-        assert srv.stats.requests_total == 20
-    assert len((tmp_path / "out.csv").read_text().splitlines()) == 21
