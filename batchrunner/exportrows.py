@@ -97,7 +97,7 @@ FAILED_ONLY = (JobState.FAILED.value,)
 
 def _last_attempt(column: str) -> str:
     """A failed job's answer lives in its last attempt (written with its end): only failed
-    rows look it up, through ix_attempts_job."""
+    rows look it up, through uq_attempts_job_started."""
     return (
         f"CASE WHEN j.state = 'failed' THEN (SELECT a.{column} FROM attempts a"
         " WHERE a.job_id = j.id ORDER BY a.id DESC LIMIT 1) END"

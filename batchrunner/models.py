@@ -143,8 +143,9 @@ class Attempt(Base):
 
     __tablename__ = "attempts"
     # One index only: every request adds a row, and a batch's attempts are reached through
-    # its jobs (see migration 0002).
-    __table_args__ = (Index("ix_attempts_job", "job_id"),)
+    # its jobs (see migration 0002). Unique: an attempt is logged once, whichever of two
+    # statements that log it comes first (see migration 0005).
+    __table_args__ = (Index("uq_attempts_job_started", "job_id", "started_at", unique=True),)
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     job_id: Mapped[int] = mapped_column(BigId)

@@ -103,7 +103,6 @@ STATEMENTS: Final = (
         "\tCONSTRAINT pk_attempts PRIMARY KEY (id)\n"
         ")"
     ),
-    ("CREATE INDEX ix_attempts_job ON attempts (job_id)"),
     (
         'CREATE TABLE "jobs" (\n'
         "\tid INTEGER NOT NULL, \n"
@@ -134,4 +133,5 @@ STATEMENTS: Final = (
         ")"
     ),
     ("CREATE INDEX ix_jobs_claim ON jobs (batch_id, state, id)"),
+    ("CREATE UNIQUE INDEX uq_attempts_job_started ON attempts (job_id, started_at)"),
 )

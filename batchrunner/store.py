@@ -252,9 +252,12 @@ _END_JOB_SQL = (
     " error_kind = ?3, last_status = ?4, last_error = ?5, finished_at = ?6, updated_at = ?6"
     " WHERE id = ?7 AND lease_token = ?8 AND state = 'running'"
 )
+# An attempt already logged (by a statement of a dead run that ran after the run recording
+# its journal, see record_kept) is not logged again.
 _INSERT_ATTEMPT_SQL = (
     "INSERT INTO attempts (job_id, batch_id, worker_id, status_code, error_kind, latency_ms,"
     " request_id, started_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
+    " ON CONFLICT (job_id, started_at) DO NOTHING"
 )
 
 
@@ -302,6 +305,7 @@ WITH ended AS (
   FROM unnest($24::bigint[], $25::int[], $26::text[], $27::float8[], $28::text[],
               $29::float8[])
     AS a(job_id, status_code, error_kind, latency_ms, request_id, started_at)
+  ON CONFLICT (job_id, started_at) DO NOTHING
 )
 SELECT count(*) FROM done
 """
@@ -313,7 +317,6 @@ _IDS_PER_STATEMENT = 500
 #: long enough that no claim takes it meanwhile; should this process die in between, the next
 #: run on this host releases it at once (the lease names the dead worker).
 KEPT_LEASE_S = 60.0
-_ATTEMPT_STARTS_AMONG = "SELECT job_id, started_at FROM attempts WHERE job_id IN {ids}"
 _TAKE_BACK = (
     "UPDATE jobs SET state = 'running', lease_owner = :w, lease_token = :t,"
     " lease_expires_at = :exp, updated_at = :now"
@@ -868,15 +871,15 @@ class JobStore:
         Only jobs of the batch that have not ended since. They are first taken back under a
         lease token of their own, from whichever worker holds them now (its answer, or a
         statement of the dead run still queued at the server, is then fenced: each job is
-        recorded once, whoever sent it), then recorded as `record` does. Attempts that an
-        earlier transaction of the dead run logged are not logged again.
+        recorded once, whoever sent it), then recorded as `record` does. Attempts that the
+        dead run logged already, before or after this, are logged once: attempts are unique by
+        job and start time.
         """
         first: dict[int, tuple[Ended, Sequence[AttemptRecord]]] = {}
         for end, attempts in entries:
             first.setdefault(end.job_id, (end, attempts))
         token = f"{worker_id}.kept.{uuid.uuid4().hex[:12]}"
         taken: list[int] = []
-        logged: set[tuple[int, float]] = set()
         ids = list(first)
         async with self._write() as conn:
             for lo in range(0, len(ids), _IDS_PER_STATEMENT):
@@ -892,20 +895,11 @@ class JobStore:
                 }
                 among = _in_list(chunk, params)
                 taken.extend((await conn.execute(_TAKE_BACK.format(ids=among), params)).scalars())
-                among_params: dict[str, Any] = {}
-                among = _in_list(chunk, among_params)
-                rows = await conn.execute(_ATTEMPT_STARTS_AMONG.format(ids=among), among_params)
-                logged.update((job_id, started_at) for job_id, started_at in rows)
         if not taken:
             return 0
         taken.sort()
         ended = [replace(first[job_id][0], lease_token=token) for job_id in taken]
-        attempts = [
-            a
-            for job_id in taken
-            for a in first[job_id][1]
-            if (a.job_id, a.started_at) not in logged
-        ]
+        attempts = [a for job_id in taken for a in first[job_id][1]]
         return (await self.record(batch_id, worker_id, ended, attempts, now)).recorded
 
     # -- batch-wide changes -----------------------------------------------------------------

@@ -121,6 +121,31 @@ async def test_a_dead_runs_journal_is_recorded_once_and_jobs_ended_since_are_lef
     assert await journal.recover(store, batch_id, directory, time.time()) == 0
 
 
+async def test_a_dead_runs_last_record_that_runs_after_its_journal_logs_nothing_twice(
+    store: JobStore, make_file: MakeFile, tmp_path: Path
+) -> None:
+    """A run killed with its last record sent but not yet run by the server (PostgreSQL runs
+    a statement whose client has gone): the next run records the answers from the journal
+    first, and the dead run's statement comes after. Its ends are fenced by the new lease;
+    its attempts, already logged from the journal, are not logged again."""
+    batch_id, (job,) = await _claimed(store, make_file, 1)
+    t0 = time.time()
+    directory = tmp_path / "answers"
+    dead = journal.Journal(directory, batch_id, "w-dead")
+    dead.add(_success(job, "answer"), _tries(job, t0))
+    dead.close(committed=False)
+    assert await journal.recover(store, batch_id, directory, time.time()) == 1
+
+    late = await store.record(batch_id, "w-dead", [_success(job, "answer")], _tries(job, t0), t0)
+
+    assert (late.recorded, late.fenced) == (0, 1)
+    log = await _rows(
+        store, "SELECT status_code, started_at FROM attempts WHERE job_id = :j", j=job.id
+    )
+    assert sorted(log) == [(200, t0 + 1.25), (500, t0)]
+    assert len(await _rows(store, "SELECT job_id FROM results")) == 1
+
+
 async def test_answers_marked_committed_are_not_recorded_again(
     store: JobStore, make_file: MakeFile, tmp_path: Path
 ) -> None:

@@ -176,3 +176,42 @@ async def test_dropping_the_hot_foreign_keys_keeps_every_row(db_url: str) -> Non
         assert await counts(engine) == [1, 2, 1, 2, 1]
     finally:
         await engine.dispose()
+
+
+async def test_attempts_logged_twice_before_0005_are_kept_once(db_url: str) -> None:
+    """0005 makes attempts unique by job and start time: an attempt logged twice before it
+    (a dead run's late record) keeps its first row; other attempts are left as they were."""
+    from sqlalchemy import text
+
+    logged = [
+        (1, 500, 1.0),
+        (1, 500, 1.0),  # the same attempt again
+        (1, 200, 2.5),
+        (2, 200, 1.0),  # another job's attempt at the same moment
+        (1, 200, 2.5),  # and the first job's second attempt again
+    ]
+    engine = db.create_engine(db_url)
+    try:
+        await db.upgrade(engine, "0004")
+        async with engine.begin() as conn:
+            for job_id, status, started_at in logged:
+                await conn.execute(
+                    text(
+                        "INSERT INTO attempts (job_id, batch_id, worker_id, status_code,"
+                        " latency_ms, started_at) VALUES (:j, 'b', 'w', :s, 1.0, :t)"
+                    ),
+                    {"j": job_id, "s": status, "t": started_at},
+                )
+        await db.upgrade(engine)
+        async with engine.connect() as conn:
+            rows = (
+                await conn.execute(
+                    text("SELECT id, job_id, status_code, started_at FROM attempts ORDER BY id")
+                )
+            ).all()
+            assert await conn.run_sync(_diff) == []
+        assert [tuple(r) for r in rows] == [(1, 1, 500, 1.0), (3, 1, 200, 2.5), (4, 2, 200, 1.0)]
+        await db.downgrade(engine, "0004")
+        await db.upgrade(engine)
+    finally:
+        await engine.dispose()
