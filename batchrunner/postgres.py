@@ -191,9 +191,14 @@ class _PgConnection:
             changed += max((await self.execute(sql, one)).rowcount, 0)
         return changed
 
-    async def driver(self) -> asyncpg.Connection:
-        """asyncpg's connection itself (COPY)."""
-        return self._conn
+    async def copy_records(
+        self, table: str, records: Sequence[tuple[Any, ...]], columns: Sequence[str]
+    ) -> None:
+        """Rows into `table` by COPY, several times faster than an INSERT per row."""
+        try:
+            await self._conn.copy_records_to_table(table, records=records, columns=columns)
+        except _DRIVER_ERRORS as exc:
+            raise _failed(exc, self._what) from exc
 
 
 class PgDatabase:

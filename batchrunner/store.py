@@ -35,7 +35,6 @@ from batchrunner.database import (
     Database,
     SqliteDatabase,
     SqliteTarget,
-    failed,
     is_sqlite_url,
 )
 from batchrunner.errors import BatchNotFound, ConstraintViolation, UsageError
@@ -1116,14 +1115,9 @@ class BatchLoader:
     async def _copy_rows(
         self, table: str, records: Sequence[tuple[Any, ...]], columns: Sequence[str]
     ) -> None:
-        driver = await self._conn.driver()  # type: ignore[attr-defined]  # postgres._PgConnection
-        try:
-            await driver.copy_records_to_table(table, records=records, columns=columns)
-        except Exception as exc:
-            sqlstate = str(getattr(exc, "sqlstate", ""))
-            if sqlstate:  # class 23: integrity constraint violation
-                raise failed("write", exc, constraint=sqlstate.startswith("23")) from exc
-            raise
+        # PostgreSQL's connection (postgres._PgConnection) copies; SQLite's never gets here.
+        copy = self._conn.copy_records  # type: ignore[attr-defined]
+        await copy(table, records, columns)
 
     async def add_invalid(self, lines: Sequence[tuple[int, str]]) -> None:
         if not lines:
