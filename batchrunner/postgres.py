@@ -29,8 +29,15 @@ from batchrunner.errors import StoreError, UsageError
 #: URL schemes that name PostgreSQL (with SQLAlchemy's name of the driver we use, or none).
 _SCHEMES = ("postgresql", "postgres", "postgresql+asyncpg", "postgres+asyncpg")
 #: The errors of a statement or a connection that failed: the server's (with an SQLSTATE),
-#: asyncpg's own (a closed connection), the network's, a connect that timed out.
-_DRIVER_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+#: asyncpg's own (a closed connection; a statement begun on a connection whose end the event
+#: loop has yet to see), the network's, a connect that timed out.
+_DRIVER_ERRORS = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    OSError,
+    TimeoutError,
+)
 
 
 @dataclass(frozen=True, slots=True)

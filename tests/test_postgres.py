@@ -14,7 +14,7 @@ from sqlalchemy.engine import make_url
 
 from batchrunner.errors import ConstraintViolation, StoreError, UsageError
 from batchrunner.postgres import PgDatabase, PgUrl, positional
-from batchrunner.store import JobStore
+from batchrunner.store import BatchInfo, JobStore
 from tests.conftest import batch_without_importing
 
 MakeFile = Callable[..., Path]
@@ -107,11 +107,7 @@ async def test_connections_ended_while_kept_are_opened_anew(pg_url: str) -> None
         await store.list_batches()
         async with store.reading() as conn:
             pid = (await conn.execute("SELECT pg_backend_pid()")).scalar()
-        admin = await asyncpg.connect(PgUrl.parse(pg_url).dsn)
-        try:
-            assert await admin.fetchval("SELECT pg_terminate_backend($1)", pid)
-        finally:
-            await admin.close()
+        await _terminate(pg_url, pid)
         for _ in range(100):  # the event loop sees the socket close
             await asyncio.sleep(0.01)
             async with store.reading() as conn:
@@ -145,6 +141,30 @@ async def test_errors_are_the_stores_own(pg_url: str) -> None:
         assert rows == [(1, "c"), (2, "c")]  # the failed write left nothing
     finally:
         await database.close()
+
+
+@pytest.mark.postgres
+async def test_a_load_whose_connection_is_cut_fails_with_the_stores_error(pg_url: str) -> None:
+    """A connection cut under a load's COPY (the server restarted) is the store's error, which
+    the command line reports in one line, and the load leaves nothing behind."""
+    job = (1, "a", "/v1/chat/completions", "{}", None, "m", False, 1)
+    async with await JobStore.open(pg_url) as store:
+        batch = BatchInfo("b", "b", "f", "sha", "http://127.0.0.1:9", "K", {}, 0, 0, 0, None)
+        with pytest.raises(StoreError, match="database write failed"):
+            async with store.loading(batch) as loader:
+                await loader.add_jobs([job])
+                pid = (await loader._conn.execute("SELECT pg_backend_pid()")).scalar()
+                await _terminate(pg_url, pid)
+                await loader.add_jobs([(2, "b", *job[2:])])
+        assert await store.list_batches() == []
+
+
+async def _terminate(pg_url: str, pid: int) -> None:
+    admin = await asyncpg.connect(PgUrl.parse(pg_url).dsn)
+    try:
+        assert await admin.fetchval("SELECT pg_terminate_backend($1)", pid)
+    finally:
+        await admin.close()
 
 
 async def test_an_unreachable_server_is_a_store_error() -> None:
