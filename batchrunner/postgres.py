@@ -58,10 +58,17 @@ class PgUrl:
     @classmethod
     def parse(cls, url: str) -> PgUrl:
         scheme, sep, rest = url.partition("://")
-        if not sep or scheme not in _SCHEMES:
+        shown = _without_password(url)
+        if not sep:
+            raise UsageError(f"not a database URL: {shown!r} (try sqlite:///batchrunner.db)")
+        if scheme.partition("+")[0] not in ("postgresql", "postgres"):
             raise UsageError(
-                f"not a PostgreSQL URL batchrunner can open: {_without_password(url)!r}"
-                " (postgresql://USER@HOST:PORT/DATABASE; batchrunner connects through asyncpg)"
+                f"unsupported database {scheme!r} in {shown!r}: use sqlite:/// or postgresql://"
+            )
+        if scheme not in _SCHEMES:
+            raise UsageError(
+                f"batchrunner connects to PostgreSQL through asyncpg, not {scheme!r}: use"
+                f" postgresql://USER@HOST:PORT/DATABASE (in {shown!r})"
             )
         location, _, query = rest.partition("?")
         authority, slash, path = location.partition("/")

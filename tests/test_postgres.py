@@ -87,8 +87,9 @@ def test_the_url_is_what_asyncpg_connects_with() -> None:
 @pytest.mark.parametrize(
     ("url", "words"),
     [
-        ("postgresql+psycopg2://u:hunter2@h/d", "asyncpg"),
-        ("mysql://u:hunter2@h/d", "not a PostgreSQL URL"),
+        ("postgresql+psycopg2://u:hunter2@h/d", "through asyncpg"),
+        ("mysql://u:hunter2@h/d", "unsupported database 'mysql'"),
+        ("jobs.db", "not a database URL"),
         ("postgresql://u:hunter2@h:port/d", "not a port number"),
     ],
 )
