@@ -199,7 +199,7 @@ class _PgConnection:
 
     async def executemany(self, sql: str, params: Sequence[Params]) -> int:
         """One statement per set of parameters, for the rowcount asyncpg's executemany does
-        not give: the store's are a handful of rows (jobs given back at a stop)."""
+        not give: the store runs it for a few rows (`JobStore.release`); loads go by COPY."""
         changed = 0
         for one in params:
             changed += max((await self.execute(sql, one)).rowcount, 0)
