@@ -474,11 +474,7 @@ class SqliteDatabase:
         if current != SCHEMA_HEAD:
             from batchrunner import db
 
-            engine = db.create_engine(self.url)
-            try:
-                await db.upgrade(engine)
-            finally:
-                await engine.dispose()
+            await db.upgrade_url(self.url)
 
     async def _revision(self) -> tuple[str | None, bool]:
         """The database's alembic revision (None: none or several), and whether it has no

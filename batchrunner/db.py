@@ -119,6 +119,15 @@ async def upgrade(engine: AsyncEngine, revision: str = "head") -> None:
     await _alembic(engine, "upgrade", revision)
 
 
+async def upgrade_url(url: str) -> None:
+    """Bring the database at a plain URL to head, with an engine of its own for the while."""
+    engine = create_engine(url)
+    try:
+        await upgrade(engine)
+    finally:
+        await engine.dispose()
+
+
 async def downgrade(engine: AsyncEngine, revision: str = "base") -> None:
     await _alembic(engine, "downgrade", revision)
 

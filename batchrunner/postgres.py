@@ -45,7 +45,6 @@ class PgUrl:
     """A `postgresql://` URL, read as SQLAlchemy reads one: user and password percent-decoded,
     an IPv6 host in brackets, the database after the first slash."""
 
-    scheme: str
     user: str | None
     password: str | None
     host: str | None
@@ -78,9 +77,8 @@ class PgUrl:
             name, colon, secret = credentials.partition(":")
             user = unquote(name)
             password = unquote(secret) if colon else None
-        host, port = _host_and_port(hostport, url)
+        host, port = _host_and_port(hostport, shown)
         return cls(
-            scheme=scheme,
             user=user,
             password=password,
             host=host,
@@ -110,7 +108,7 @@ class PgUrl:
         return text
 
 
-def _host_and_port(hostport: str, url: str) -> tuple[str | None, int | None]:
+def _host_and_port(hostport: str, shown: str) -> tuple[str | None, int | None]:
     if hostport.startswith("["):
         host, _, after = hostport[1:].partition("]")
         port = after.removeprefix(":")
@@ -119,7 +117,7 @@ def _host_and_port(hostport: str, url: str) -> tuple[str | None, int | None]:
     if not port:
         return host or None, None
     if not port.isdigit():
-        raise UsageError(f"not a port number: {port!r} in {_without_password(url)!r}")
+        raise UsageError(f"not a port number: {port!r} in {shown!r}")
     return host or None, int(port)
 
 
@@ -258,7 +256,7 @@ class PgDatabase:
             except BaseException:
                 conn.terminate()
                 raise
-            if self._closed or len(self._idle) >= self._keep or conn.is_in_transaction():
+            if self._closed or len(self._idle) >= self._keep:
                 await _close(conn)
             else:
                 self._idle.append(conn)
@@ -338,11 +336,7 @@ class PgDatabase:
             return
         from batchrunner import db
 
-        engine = db.create_engine(self.url)
-        try:
-            await db.upgrade(engine)
-        finally:
-            await engine.dispose()
+        await db.upgrade_url(self.url)
 
     async def close(self) -> None:
         self._closed = True

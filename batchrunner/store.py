@@ -356,7 +356,7 @@ class JobStore:
     def __init__(self, database: Database) -> None:
         self._db = database
         self.is_sqlite = database.is_sqlite
-        #: The URL as given (SQLite) or with the driver named (PostgreSQL).
+        #: The URL as given: what another process opens the same database with.
         self.url = database.url
         #: An SQLAlchemy engine on the same database, made on first use (`engine`).
         self._engine: AsyncEngine | None = None
@@ -1122,20 +1122,16 @@ class BatchLoader:
     async def add_invalid(self, lines: Sequence[tuple[int, str]]) -> None:
         if not lines:
             return
+        rows = [(self._batch_id, n, reason) for n, reason in lines]
         async with self._lock:
             if self._sqlite:
                 await self._conn.executemany(
-                    "INSERT INTO invalid_lines (batch_id, line, reason) VALUES (?, ?, ?)",
-                    [(self._batch_id, n, reason) for n, reason in lines],
+                    "INSERT INTO invalid_lines (batch_id, line, reason) VALUES (?, ?, ?)", rows
                 )
             else:
                 # A file of many bad lines: COPY, where asyncpg's executemany gives no count
                 # and the store's runs a statement per row.
-                await self._copy_rows(
-                    "invalid_lines",
-                    [(self._batch_id, n, reason) for n, reason in lines],
-                    ("batch_id", "line", "reason"),
-                )
+                await self._copy_rows("invalid_lines", rows, ("batch_id", "line", "reason"))
         self.invalid += len(lines)
 
     async def finish(self) -> None:
