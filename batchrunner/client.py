@@ -17,6 +17,7 @@ import io
 import ipaddress
 import math
 import re
+import sys
 import time
 from collections.abc import Mapping
 from types import TracebackType
@@ -37,6 +38,13 @@ STREAMED_BODY_BYTES: Final = 1 << 20
 Headers: TypeAlias = Mapping[str, str]
 
 USER_AGENT: Final = f"batchrunner/{__version__}"
+
+#: glibc's malloc settings for a run (`keep_read_buffers_on_the_heap`): blocks up to 1 MiB come
+#: from the heap, and up to 8 MiB of free heap is kept for the next ones.
+MALLOC_MMAP_THRESHOLD_BYTES: Final = 1 << 20
+MALLOC_TRIM_THRESHOLD_BYTES: Final = 8 << 20
+_M_TRIM_THRESHOLD: Final = -1  # mallopt(3)'s parameter numbers (malloc.h)
+_M_MMAP_THRESHOLD: Final = -3
 
 #: How much of an unparsable error body goes into an Outcome message.
 MESSAGE_BODY_CHARS: Final = 300
@@ -758,6 +766,35 @@ def _stream_outcome(
 # --- the client -------------------------------------------------------------------------
 
 
+_malloc_tuned = False
+
+
+def keep_read_buffers_on_the_heap() -> None:
+    """Make glibc serve asyncio's socket read buffers from the heap, not from mmap.
+
+    asyncio reads each socket into a new 256 KiB buffer (its transports' `max_size`) and
+    shrinks it to what arrived. glibc gives a block that large its own mapping when the heap
+    has no room for it, and only learns to stop doing that when such a block is freed at its
+    full size (its dynamic threshold, mallopt(3)); a shrunk one never is. A run then paid an
+    mmap, an mremap, a munmap and a page fault for every answer it read: 60,000 system calls
+    for 20,000 answers. Fixed thresholds keep those buffers on the heap, and the heap's top
+    in place between them. Once per process; nothing on other C libraries (musl's mallopt
+    does nothing) or platforms.
+    """
+    global _malloc_tuned
+    if _malloc_tuned or not sys.platform.startswith("linux"):
+        return
+    _malloc_tuned = True
+    import ctypes  # 2 ms, against a run's 250 ms of imports
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD_BYTES)
+    mallopt(_M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD_BYTES)
+
+
 class ApiClient:
     """Sends requests to one OpenAI-compatible API over one connection pool.
 
@@ -790,6 +827,7 @@ class ApiClient:
         return f"ApiClient({self.base_url!r}, concurrency={self.concurrency})"
 
     async def __aenter__(self) -> ApiClient:
+        keep_read_buffers_on_the_heap()
         connector = aiohttp.TCPConnector(
             limit=self.concurrency,
             # One API host: the per-host limit would only be a second, smaller cap.

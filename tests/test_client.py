@@ -6,7 +6,10 @@ import asyncio
 import contextlib
 import email.utils
 import itertools
+import platform
 import socket
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -820,3 +823,52 @@ def test_join_url(base_url: str, endpoint: str, url: str) -> None:
 )
 def test_is_insecure(base_url: str, insecure: bool) -> None:
     assert is_insecure(base_url) is insecure
+
+
+# Reads in a new interpreter how many of twenty 256 KiB blocks (asyncio's read buffer size)
+# glibc gives mappings of their own, with or without an ApiClient having been opened first.
+_MAPPED_BLOCKS = """
+import asyncio, ctypes, sys
+from batchrunner.client import ApiClient
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd",
+        "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+mallinfo2 = ctypes.CDLL(None).mallinfo2
+mallinfo2.restype = MallInfo2
+
+async def main():
+    if sys.argv[1] == "client":
+        async with ApiClient("http://127.0.0.1:9/v1", None, concurrency=1, timeout_s=1):
+            pass
+    before = mallinfo2().hblks
+    kept = [bytes(256 * 1024) for _ in range(20)]
+    print(mallinfo2().hblks - before)
+
+asyncio.run(main())
+"""
+
+
+def _glibc_version() -> tuple[int, ...]:
+    libc, version = platform.libc_ver()
+    return tuple(int(part) for part in version.split(".")[:2]) if libc == "glibc" else ()
+
+
+@pytest.mark.skipif(_glibc_version() < (2, 33), reason="reads glibc's mallinfo2 (2.33 and later)")
+def test_an_open_client_keeps_socket_read_buffers_off_mmap() -> None:
+    def mapped(variant: str) -> int:
+        child = subprocess.run(
+            [sys.executable, "-c", _MAPPED_BLOCKS, variant],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        return int(child.stdout)
+
+    # Without the client's settings each block is a mapping (an mmap and a munmap per read);
+    # with them, none is.
+    assert mapped("plain") == 20
+    assert mapped("client") == 0
