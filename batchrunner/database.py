@@ -282,6 +282,26 @@ def _end(conn: sqlite3.Connection, sql: str) -> None:
         conn.execute(sql)
 
 
+#: The PostgreSQL URL parameter that sets asyncpg's prepared-statement cache (postgres.PgUrl).
+STATEMENT_CACHE_SIZE = "statement_cache_size"
+#: SQLSTATEs of a prepared statement that exists already (42P05) or no longer (26000): what a
+#: pooler in transaction or statement mode does to the statements a connection keeps.
+_POOLER_SQLSTATES = frozenset({"42P05", "26000"})
+
+
+def driver_words(exc: BaseException) -> str:
+    """The driver's message for a database error; for a statement cache that a pooler broke,
+    its first line and what to do (the driver's own hint names its API, not our URL)."""
+    words = str(exc)
+    if str(getattr(exc, "sqlstate", "") or "") in _POOLER_SQLSTATES:
+        first_line = words.partition("\n")[0]
+        return (
+            f"{first_line}; a pooler in transaction or statement mode (pgbouncer) is in front"
+            f" of PostgreSQL: add ?{STATEMENT_CACHE_SIZE}=0 to the database URL"
+        )
+    return words
+
+
 def failed(what: str, message: object, *, constraint: bool = False) -> StoreError:
     """The error for a database `what` ("read" or "write") that failed with the driver's
     `message`; a ConstraintViolation when it broke a constraint. Both backends' words."""

@@ -13,7 +13,7 @@ from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import AsyncAdaptedQueuePool
 
-from batchrunner.database import configure_sqlite_connection
+from batchrunner.database import STATEMENT_CACHE_SIZE, configure_sqlite_connection, driver_words
 from batchrunner.errors import StoreError, UsageError
 
 if TYPE_CHECKING:
@@ -51,7 +51,7 @@ def async_url(url: str) -> str:
 def describe(exc: BaseException) -> str:
     """The driver's own words for a database error, without SQLAlchemy's SQL and help link."""
     if isinstance(exc, DBAPIError) and exc.orig is not None:
-        return str(exc.orig)
+        return driver_words(exc.orig)
     return str(exc)
 
 
@@ -68,10 +68,37 @@ def create_engine(url: str, *, pool_size: int = 5) -> AsyncEngine:
         kwargs["pool_size"] = pool_size
         kwargs["max_overflow"] = pool_size
         kwargs["pool_pre_ping"] = True
+        full, kwargs["connect_args"] = _asyncpg_options(full)
     engine = create_async_engine(full, **kwargs)
     if engine.dialect.name == "sqlite":
         _configure_sqlite(engine)
     return engine
+
+
+def _asyncpg_options(full: str) -> tuple[str, dict[str, Any]]:
+    """The URL without batchrunner's own parameters (SQLAlchemy would hand them to asyncpg as
+    text), and the connect arguments they stand for (postgres.PgUrl)."""
+    from batchrunner.postgres import PgUrl
+
+    parsed = make_url(full)
+    if STATEMENT_CACHE_SIZE not in parsed.query:
+        return full, {}
+    cache_size = PgUrl.parse(full).statement_cache_size
+    args: dict[str, Any] = {STATEMENT_CACHE_SIZE: cache_size}
+    if cache_size == 0:
+        # SQLAlchemy prepares each statement under a name of its own as well: behind
+        # pgbouncer, names that no other client's statement can have (its documentation's
+        # recipe), and none kept.
+        args["prepared_statement_cache_size"] = 0
+        args["prepared_statement_name_func"] = _unique_statement_name
+    url = parsed.difference_update_query([STATEMENT_CACHE_SIZE])
+    return url.render_as_string(hide_password=False), args
+
+
+def _unique_statement_name() -> str:
+    from uuid import uuid4
+
+    return f"__asyncpg_{uuid4()}__"
 
 
 def _configure_sqlite(engine: AsyncEngine) -> None:

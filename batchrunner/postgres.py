@@ -23,7 +23,15 @@ from urllib.parse import parse_qsl, quote, quote_plus, unquote
 
 import asyncpg  # type: ignore[import-untyped]  # no type stubs
 
-from batchrunner.database import SCHEMA_HEAD, Connection, Params, Result, failed
+from batchrunner.database import (
+    SCHEMA_HEAD,
+    STATEMENT_CACHE_SIZE,
+    Connection,
+    Params,
+    Result,
+    driver_words,
+    failed,
+)
 from batchrunner.errors import StoreError, UsageError
 
 #: URL schemes that name PostgreSQL (with SQLAlchemy's name of the driver we use, or none).
@@ -50,9 +58,15 @@ class PgUrl:
     host: str | None
     port: int | None
     database: str | None
+    #: The URL's other parameters (asyncpg's: sslmode, host=/path for a Unix socket, ...).
     query: tuple[tuple[str, str], ...]
-    #: What asyncpg connects with: the URL itself, under the scheme asyncpg knows.
+    #: What asyncpg connects with: the URL under the scheme asyncpg knows, without the
+    #: parameters that are batchrunner's (asyncpg would send them to the server as settings).
     dsn: str
+    #: `?statement_cache_size=N`: asyncpg's cache of prepared statements per connection
+    #: (None: asyncpg's default). 0 behind pgbouncer in transaction or statement mode, where
+    #: a connection's next statement may reach another server connection than its last.
+    statement_cache_size: int | None = None
 
     @classmethod
     def parse(cls, url: str) -> PgUrl:
@@ -78,6 +92,19 @@ class PgUrl:
             user = unquote(name)
             password = unquote(secret) if colon else None
         host, port = _host_and_port(hostport, shown)
+        # batchrunner's own parameters come out of what asyncpg is given; the others stay
+        # as they were written.
+        cache_size = None
+        kept = []
+        for part in query.split("&") if query else ():
+            key, _, value = part.partition("=")
+            if unquote(key) == STATEMENT_CACHE_SIZE:
+                cache_size = _cache_size(unquote(value), shown)
+            else:
+                kept.append(part)
+        if cache_size is not None:
+            query = "&".join(kept)
+            rest = f"{location}?{query}" if query else location
         return cls(
             user=user,
             password=password,
@@ -86,7 +113,14 @@ class PgUrl:
             database=unquote(path) if slash else None,
             query=tuple(sorted(parse_qsl(query), key=lambda kv: kv[0])),
             dsn=f"postgresql://{rest}",
+            statement_cache_size=cache_size,
         )
+
+    def connect_kwargs(self) -> dict[str, Any]:
+        """asyncpg.connect's keyword arguments besides the DSN."""
+        if self.statement_cache_size is None:
+            return {}
+        return {"statement_cache_size": self.statement_cache_size}
 
     def location(self) -> str:
         """The database's address without its password or driver, written as SQLAlchemy
@@ -106,6 +140,15 @@ class PgUrl:
         if self.query:
             text += "?" + "&".join(f"{quote_plus(k)}={quote_plus(v)}" for k, v in self.query)
         return text
+
+
+def _cache_size(text: str, shown: str) -> int:
+    if not text.isdigit():
+        raise UsageError(
+            f"{STATEMENT_CACHE_SIZE} must be a whole number of statements (0 turns the cache"
+            f" off, as pgbouncer in transaction mode needs), not {text!r} in {shown!r}"
+        )
+    return int(text)
 
 
 def _host_and_port(hostport: str, shown: str) -> tuple[str | None, int | None]:
@@ -172,7 +215,7 @@ def _rowcount(status: str) -> int:
 
 def _failed(exc: BaseException, what: str) -> StoreError:
     sqlstate = str(getattr(exc, "sqlstate", "") or "")
-    return failed(what, exc, constraint=sqlstate.startswith("23"))
+    return failed(what, driver_words(exc), constraint=sqlstate.startswith("23"))
 
 
 class _PgConnection:
@@ -233,7 +276,7 @@ class PgDatabase:
         self._closed = False
 
     async def _connect(self) -> asyncpg.Connection:
-        return await asyncpg.connect(self.target.dsn)
+        return await asyncpg.connect(self.target.dsn, **self.target.connect_kwargs())
 
     @asynccontextmanager
     async def _connection(self, what: str) -> AsyncIterator[asyncpg.Connection]:
@@ -330,7 +373,8 @@ class PgDatabase:
                     else []
                 )
         except StoreError as exc:
-            raise StoreError(f"cannot open the database: {exc.__cause__ or exc}") from exc
+            cause = driver_words(exc.__cause__) if exc.__cause__ else exc.message
+            raise StoreError(f"cannot open the database: {cause}") from exc
         # More than one row would be branches: not this project's, alembic sorts it out.
         if len(rows) == 1 and rows[0][0] == SCHEMA_HEAD:
             return

@@ -1,21 +1,34 @@
 """The store's PostgreSQL connections (postgres.py): URLs read as SQLAlchemy reads them, named
-parameters made positional, connections that die while kept, errors, and no SQLAlchemy for a
-database at head."""
+parameters made positional, connections that die while kept, errors, no SQLAlchemy for a
+database at head, and pgbouncer in transaction mode."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import contextlib
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import asyncpg  # type: ignore[import-untyped]  # no type stubs
 import pytest
 from sqlalchemy.engine import make_url
 
+from batchrunner import db
+from batchrunner.database import driver_words
 from batchrunner.errors import ConstraintViolation, StoreError, UsageError
+from batchrunner.fakeapi import FakeConfig, FakeServer
 from batchrunner.postgres import PgDatabase, PgUrl, positional
 from batchrunner.store import BatchInfo, JobStore
-from tests.conftest import batch_without_importing
+from tests.conftest import batch_without_importing, chat
 
 MakeFile = Callable[..., Path]
 
@@ -91,6 +104,7 @@ def test_the_url_is_what_asyncpg_connects_with() -> None:
         ("mysql://u:hunter2@h/d", "unsupported database 'mysql'"),
         ("jobs.db", "not a database URL"),
         ("postgresql://u:hunter2@h:port/d", "not a port number"),
+        ("postgresql://u:hunter2@h/d?statement_cache_size=off", "a whole number"),
     ],
 )
 def test_urls_it_cannot_open_are_refused_without_their_password(url: str, words: str) -> None:
@@ -98,6 +112,37 @@ def test_urls_it_cannot_open_are_refused_without_their_password(url: str, words:
         PgUrl.parse(url)
     assert words in str(caught.value)
     assert "hunter2" not in str(caught.value)
+
+
+def test_the_statement_cache_size_is_asyncpgs_argument_not_a_server_setting() -> None:
+    """asyncpg sends a URL's unknown parameters to the server as settings, which refuses this
+    one: it is taken out of the URL and given to asyncpg.connect, and the database's location
+    (the key of its answer journals) stays that of the same URL without it."""
+    plain = "postgresql://u:p@h/d?sslmode=disable&host=/run/postgresql"
+    with_it = PgUrl.parse(plain.replace("?", "?statement_cache_size=0&"))
+    without = PgUrl.parse(plain)
+    assert with_it.dsn == without.dsn == plain
+    assert with_it.location() == without.location()
+    assert with_it.connect_kwargs() == {"statement_cache_size": 0}
+    assert without.connect_kwargs() == {}
+    assert PgUrl.parse("postgresql://u@h/d?statement_cache_size=25").dsn == "postgresql://u@h/d"
+
+
+def test_migrations_behind_a_pooler_keep_no_statements_under_reused_names() -> None:
+    url, args = db._asyncpg_options(
+        "postgresql+asyncpg://u@h/d?statement_cache_size=0&sslmode=require"
+    )
+    assert dict(make_url(url).query) == {"sslmode": "require"}
+    assert args["statement_cache_size"] == 0
+    assert args["prepared_statement_cache_size"] == 0
+    assert len({args["prepared_statement_name_func"]() for _ in range(3)}) == 3
+    assert db._asyncpg_options("postgresql+asyncpg://u@h/d") == ("postgresql+asyncpg://u@h/d", {})
+
+
+def test_a_statement_cache_broken_by_a_pooler_says_what_to_do() -> None:
+    exc = asyncpg.DuplicatePreparedStatementError('prepared statement "__asyncpg_stmt_1__" exists')
+    assert "add ?statement_cache_size=0 to the database URL" in driver_words(exc)
+    assert driver_words(asyncpg.UniqueViolationError("duplicate key")) == "duplicate key"
 
 
 @pytest.mark.postgres
@@ -186,3 +231,120 @@ async def test_a_database_at_head_is_loaded_run_reported_and_exported_without_sq
     await batch_without_importing(
         pg_url, ("sqlalchemy", "aiosqlite", "alembic"), make_file, tmp_path
     )
+
+
+def _pgbouncer_binary() -> str | None:
+    return shutil.which("pgbouncer") or shutil.which("pgbouncer", path="/usr/sbin:/usr/local/sbin")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def _pgbouncer(pg_url: str) -> Iterator[int]:
+    """pgbouncer in transaction mode in front of `pg_url`'s server, with one server connection
+    per database (so that whatever a client leaves on it, the next client meets); yields its
+    port."""
+    binary = _pgbouncer_binary()
+    if binary is None:
+        pytest.skip("pgbouncer is not installed (Debian: apt-get install pgbouncer)")
+    server = urlsplit(pg_url)
+    user = server.username or "postgres"
+    run_as: list[str] = []
+    if os.geteuid() == 0:  # pgbouncer refuses to run as root
+        try:
+            run_as = ["-u", pwd.getpwnam("postgres").pw_name]
+        except KeyError:
+            pytest.skip("pgbouncer does not run as root, and there is no postgres user")
+    port = _free_port()
+    directory = Path(tempfile.mkdtemp(prefix="pgbouncer-"))
+    directory.chmod(0o755)
+    (directory / "users.txt").write_text(f'"{user}" ""\n')
+    (directory / "pgbouncer.ini").write_text(
+        f"[databases]\n* = host={server.hostname} port={server.port or 5432}\n"
+        f"[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n"
+        "auth_type = trust\nauth_file = users.txt\npool_mode = transaction\n"
+        "default_pool_size = 1\n"
+    )
+    for path in directory.iterdir():
+        path.chmod(0o644)
+    proc = subprocess.Popen(
+        [binary, *run_as, "pgbouncer.ini"],
+        cwd=directory,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        for _ in range(100):
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.1):
+                break
+            if proc.poll() is not None:
+                raise RuntimeError(f"pgbouncer ended: {proc.communicate()[1].decode()}")
+            time.sleep(0.1)
+        else:
+            raise RuntimeError(f"pgbouncer is not listening on port {port} after 10 s")
+        yield port
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=10)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+async def _cli(db_url: str, *args: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "batchrunner",
+        "--db",
+        db_url,
+        *args,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    out, err = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode().strip(), err.decode()
+
+
+@pytest.mark.postgres
+async def test_a_batch_goes_through_pgbouncer_in_transaction_mode(
+    pg_url: str, tmp_path: Path, make_file: MakeFile
+) -> None:
+    """Behind pgbouncer in transaction mode a client's next statement may reach a server
+    connection where another client left asyncpg's prepared statements: with
+    ?statement_cache_size=0 every command works, the schema's migrations too; without it a
+    command fails and says to add it."""
+    with _pgbouncer(pg_url) as port:
+        location = urlsplit(pg_url)
+        pooled = location._replace(netloc=f"{location.username}@127.0.0.1:{port}").geturl()
+        url = f"{pooled}?statement_cache_size=0"
+        async with FakeServer(FakeConfig()) as srv:
+            rows = [chat(f"question {i}") for i in range(30)]
+            steps = [
+                ("db", "upgrade"),
+                ("db", "downgrade", "base"),
+                ("submit", str(make_file(rows)), "--base-url", srv.url),
+            ]
+            for step in steps:
+                code, out, err = await _cli(url, *step)
+                assert code == 0, (step, err)
+            batch_id = out.splitlines()[-1]
+            for step in [
+                ("run", batch_id, "--quiet", "--concurrency", "8"),
+                ("status", batch_id),
+                ("export", batch_id, "-o", str(tmp_path / "out.csv")),
+                ("status", batch_id, "--json"),
+            ]:
+                code, out, err = await _cli(url, *step)
+                assert code == 0, (step, err)
+            assert srv.stats.requests_total == 30
+        assert len((tmp_path / "out.csv").read_text().splitlines()) == 31
+
+        # Without it: the first command leaves its statements on the one server connection,
+        # where the next one meets them.
+        results = [await _cli(pooled, "status", batch_id) for _ in range(2)]
+        assert [code for code, _, _ in results] == [0, 1]
+        assert "add ?statement_cache_size=0 to the database URL" in results[1][2]
