@@ -349,7 +349,12 @@ class _Link:
 
 
 class _SqliteConnection:
-    """A transaction's statements, each a hop to its connection's thread."""
+    """A transaction's statements, each a hop to its connection's thread.
+
+    A write's statement that reaches the thread after its transaction ended (a task left
+    running past a rollback) is refused there: run, it would be a transaction of its own,
+    committed at once.
+    """
 
     __slots__ = ("_link", "_what")
 
@@ -358,10 +363,26 @@ class _SqliteConnection:
         self._what = what
 
     async def execute(self, sql: str, params: Params = ()) -> Result:
+        if self._what == "write":
+            return await self._link.call(
+                lambda conn: _execute(sql, params, _in_transaction(conn)), "write"
+            )
         return await self._link.call(lambda conn: _execute(sql, params, conn), self._what)
 
     async def executemany(self, sql: str, params: Sequence[Params]) -> int:
+        if self._what == "write":
+            return await self._link.call(
+                lambda conn: _executemany(sql, params, _in_transaction(conn)), "write"
+            )
         return await self._link.call(lambda conn: _executemany(sql, params, conn), self._what)
+
+
+def _in_transaction(conn: sqlite3.Connection) -> sqlite3.Connection:
+    if not conn.in_transaction:
+        raise StoreError(
+            "database write failed: a statement of a transaction that had ended was refused"
+        )
+    return conn
 
 
 class SqliteDatabase:

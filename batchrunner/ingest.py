@@ -16,7 +16,7 @@ import contextlib
 import hashlib
 import time
 from collections import deque
-from collections.abc import AsyncGenerator, Iterable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -245,7 +245,7 @@ async def _load(
     meta_keys: set[str] = set()
     inserting: deque[asyncio.Future[None]] = deque()
     try:
-        async with store.loading(batch) as loader:
+        async with store.loading(batch) as loader, _finishing(inserting):
             chunk: list[JobRow] = []
             bad: list[tuple[int, str]] = []
             async for block_jobs, block_errors, block_keys in parsed:
@@ -303,15 +303,25 @@ async def _load(
             raise InputError(rejected.errors, 1, f"{path}: the file has no requests") from None
         raise InputError(rejected.errors[:SHOWN_ERRORS], rejected.total) from None
     finally:
-        for left in inserting:
-            # Left behind by an error while parsing: the transaction is rolled back anyway.
-            left.cancel()
-            with contextlib.suppress(BaseException):
-                await left
         # Stops the worker processes of a parallel parse left part way (a duplicate id).
         await parsed.aclose()
     loaded = BatchInfo(**{**_as_dict(batch), "total_jobs": jobs, "invalid_lines": error_total})
     return SubmitResult(loaded, True, jobs, errors, error_total, notices)
+
+
+@contextlib.asynccontextmanager
+async def _finishing(inserting: deque[asyncio.Future[None]]) -> AsyncIterator[None]:
+    """Inserts left behind by an error or a Ctrl-C are cancelled and waited for before the
+    load's transaction ends: one that reached the database after the rollback would have
+    been a statement of its own, committed (jobs without their batch)."""
+    try:
+        yield
+    finally:
+        for left in inserting:
+            left.cancel()
+        while inserting:
+            with contextlib.suppress(BaseException):
+                await inserting.popleft()
 
 
 def _meta_keys_of(jobs: Iterable[JobRow]) -> set[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from batchrunner import lines as lines_module
 from batchrunner.errors import InputError, UsageError
 from batchrunner.ingest import batch_id_for, file_sha256, submit_file
 from batchrunner.lines import parse_line
-from batchrunner.store import JobStore
+from batchrunner.store import BatchLoader, JobStore
 from batchrunner.tokens import quick_prompt_tokens
 from tests.conftest import chat
 
@@ -230,6 +231,39 @@ async def test_large_file_loads_in_chunks(sqlite_url: str, make_file: MakeFile) 
         result = await submit_file(store, make_file(chat(f"q{i}") for i in range(12_345)))
         assert result.jobs == 12_345
         assert (await store.counts(result.batch.id)).counts["pending"] == 12_345
+
+
+async def test_a_load_cancelled_at_any_moment_leaves_nothing(
+    sqlite_url: str, make_file: MakeFile, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C cancels a submit wherever it is; nothing of the load may stay. The worst moment:
+    a chunk's insert has just been handed to a task of its own when the cancel lands, and the
+    rollback must not overtake it (run after the rollback, the insert would be a statement of
+    its own, committed: jobs without their batch)."""
+    path = make_file(chat(f"q{i}") for i in range(4 * ingest.CHUNK_ROWS))
+    load: asyncio.Task[Any] | None = None
+    cancel_at_chunk = 0
+    chunks = 0
+    add_jobs = BatchLoader.add_jobs
+
+    async def add_jobs_then_ctrl_c(self: BatchLoader, jobs: Any) -> None:
+        nonlocal chunks
+        chunks += 1
+        if chunks == cancel_at_chunk and load is not None:
+            load.cancel()  # the load waits for this task's first step to end
+        await add_jobs(self, jobs)
+
+    monkeypatch.setattr(BatchLoader, "add_jobs", add_jobs_then_ctrl_c)
+    async with await JobStore.open(sqlite_url) as store:
+        for cancel_at_chunk in (1, 2, 3):
+            chunks = 0
+            load = asyncio.create_task(submit_file(store, path))
+            with pytest.raises(asyncio.CancelledError):
+                await load
+            async with store.reading() as conn:
+                jobs = (await conn.execute("SELECT COUNT(*) FROM jobs")).scalar()
+                batches = (await conn.execute("SELECT COUNT(*) FROM batches")).scalar()
+            assert (batches, jobs) == (0, 0), cancel_at_chunk
 
 
 @settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow], deadline=None)
