@@ -271,25 +271,27 @@ def _pgbouncer(pg_url: str) -> Iterator[int]:
     )
     for path in directory.iterdir():
         path.chmod(0o644)
-    proc = subprocess.Popen(
-        [binary, *run_as, "pgbouncer.ini"],
-        cwd=directory,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    log = directory / "pgbouncer.log"
+    with log.open("wb") as log_file:  # a file: a pipe nobody reads would fill and stall it
+        proc = subprocess.Popen(
+            [binary, *run_as, "pgbouncer.ini"],
+            cwd=directory,
+            stdout=subprocess.DEVNULL,
+            stderr=log_file,
+        )
     try:
         for _ in range(100):
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.1):
                 break
             if proc.poll() is not None:
-                raise RuntimeError(f"pgbouncer ended: {proc.communicate()[1].decode()}")
+                raise RuntimeError(f"pgbouncer ended: {log.read_text()}")
             time.sleep(0.1)
         else:
             raise RuntimeError(f"pgbouncer is not listening on port {port} after 10 s")
         yield port
     finally:
         proc.terminate()
-        proc.communicate(timeout=10)
+        proc.wait(10)
         shutil.rmtree(directory, ignore_errors=True)
 
 
