@@ -223,12 +223,12 @@ _CLAIM_SQLITE = (
     "UPDATE jobs SET state = 'running', lease_owner = :owner, lease_token = :token,"
     " lease_expires_at = :expires, updated_at = :now"
     " WHERE id IN (SELECT id FROM jobs WHERE batch_id = :batch AND state = 'pending'"
-    " AND (not_before IS NULL OR not_before <= :now) ORDER BY id LIMIT :limit)"
+    " AND id > :after AND (not_before IS NULL OR not_before <= :now) ORDER BY id LIMIT :limit)"
     f" RETURNING {_CLAIM_COLUMNS}"
 )
 _CLAIM_POSTGRES = (
     "WITH picked AS (SELECT id FROM jobs WHERE batch_id = :batch AND state = 'pending'"
-    " AND (not_before IS NULL OR not_before <= :now) ORDER BY id LIMIT :limit"
+    " AND id > :after AND (not_before IS NULL OR not_before <= :now) ORDER BY id LIMIT :limit"
     " FOR UPDATE SKIP LOCKED)"
     " UPDATE jobs SET state = 'running', lease_owner = :owner, lease_token = :token,"
     " lease_expires_at = :expires, updated_at = :now FROM picked WHERE jobs.id = picked.id"
@@ -748,9 +748,28 @@ class JobStore:
             )
 
     async def claim(
-        self, batch_id: str, worker_id: str, token: str, limit: int, now: float, lease_s: float
+        self,
+        batch_id: str,
+        worker_id: str,
+        token: str,
+        limit: int,
+        now: float,
+        lease_s: float,
+        *,
+        after: int = 0,
+        expire_leases: bool = True,
     ) -> list[ClaimedJob]:
-        """Take up to `limit` pending jobs (and those whose lease expired) in line order."""
+        """Take up to `limit` pending jobs in line order, from the first after job id `after`;
+        with `expire_leases`, jobs whose lease has expired are made pending first.
+
+        On PostgreSQL every claim and every end leaves the job's old row version behind, and
+        its entry in `ix_jobs_claim` with it, until a vacuum: a claim from the batch's first
+        line walks past one dead entry per job claimed before, and so does the search for
+        expired leases among the running. 40 % into a million-job run they took 16 and 10 ms
+        (0.5 ms at the start), and the run had slowed from 7,800 to 6,100 requests/s. So the
+        dispatcher claims on from where its last claim ended (`after`), and looks for expired
+        leases and from the first line only now and then (dispatcher.LOOK_BACK_S).
+        """
         params = {
             "batch": batch_id,
             "owner": worker_id,
@@ -758,18 +777,21 @@ class JobStore:
             "expires": now + lease_s,
             "now": now,
             "limit": limit,
+            "after": after,
         }
         rows: Iterable[Sequence[Any]]
         if self.is_sqlite:
 
             def claim(conn: sqlite3.Connection) -> list[Any]:
-                conn.execute(_EXPIRE_LEASES_SQL, {"batch": batch_id, "now": now})
+                if expire_leases:
+                    conn.execute(_EXPIRE_LEASES_SQL, {"batch": batch_id, "now": now})
                 return conn.execute(_CLAIM_SQLITE, params).fetchall()
 
             rows = await self._sqlite.transaction(claim)
         else:
             async with self._write() as conn:
-                await conn.execute(_EXPIRE_LEASES_SQL, {"batch": batch_id, "now": now})
+                if expire_leases:
+                    await conn.execute(_EXPIRE_LEASES_SQL, {"batch": batch_id, "now": now})
                 rows = (await conn.execute(_CLAIM_POSTGRES, params)).all()
         # Columns by position, in _CLAIM_COLUMNS order: hundreds of rows per claim.
         jobs = [

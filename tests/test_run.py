@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -262,6 +263,46 @@ async def test_running_a_finished_batch_again_sends_nothing(
         rep = await _run(store, batch_id)
         assert rep.exit_code == EXIT_OK and srv.stats.requests_total == before
     assert await _count(store, "SELECT COUNT(*) FROM results") == 10
+
+
+async def test_claims_go_on_after_the_last_and_look_back_for_expired_leases(
+    store: JobStore, make_file: MakeFile
+) -> None:
+    batch_id = (await submit_file(store, make_file([chat(f"q{i}") for i in range(8)]))).batch.id
+    now = time.time()
+    # The jobs of one load have consecutive ids, in line order.
+    first = [job.id for job in await store.claim(batch_id, "w-a", "t1", 3, now, 1.0)]
+    j1 = first[0]
+    assert first == [j1, j1 + 1, j1 + 2]
+    onward = await store.claim(batch_id, "w-b", "t2", 2, now, 60.0, after=j1 + 3)
+    assert [job.id for job in onward] == [j1 + 4, j1 + 5]
+    # w-a's leases have run out; only a claim that looks for expired leases takes them.
+    later = now + 5
+    rest = await store.claim(batch_id, "w-b", "t3", 8, later, 60.0, expire_leases=False)
+    assert [job.id for job in rest] == [j1 + 3, j1 + 6, j1 + 7]
+    taken = await store.claim(batch_id, "w-b", "t4", 8, later, 60.0)
+    assert [job.id for job in taken] == first
+
+
+async def test_jobs_given_back_behind_the_claims_are_sent(
+    store: JobStore, make_file: MakeFile
+) -> None:
+    """A run claims on from its last claim; jobs that become pending behind it (here: the
+    first three, whose worker's lease runs out while the run goes on) are found when it looks
+    back, and every job is sent once by this run."""
+    rows = [chat(f"q{i}") for i in range(200)]
+    async with FakeServer(FakeConfig(latency_ms=20)) as srv:
+        batch_id = await _submit(store, make_file(rows), srv)
+        held = await store.claim(batch_id, "w-gone", "w-gone.1", 3, time.time(), 1.0)
+        rep = await _run(store, batch_id, replace(FAST, concurrency=4))
+        assert rep.exit_code == EXIT_OK
+        assert srv.stats.requests_total == 200
+    states = await _count(
+        store,
+        "SELECT COUNT(*) FROM jobs WHERE batch_id = :b AND state = 'succeeded'",
+        b=batch_id,
+    )
+    assert states == 200 and len(held) == 3
 
 
 async def test_a_worker_holds_only_a_short_stretch_of_work(
