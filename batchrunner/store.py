@@ -759,8 +759,8 @@ class JobStore:
         after: int = 0,
         expire_leases: bool = True,
     ) -> list[ClaimedJob]:
-        """Take up to `limit` pending jobs in line order, from the first after job id `after`;
-        with `expire_leases`, jobs whose lease has expired are made pending first.
+        """Take up to `limit` pending jobs whose id is above `after`, in line order; with
+        `expire_leases`, jobs whose lease has expired are made pending first.
 
         On PostgreSQL every claim and every end leaves the job's old row version behind, and
         its entry in `ix_jobs_claim` with it, until a vacuum: a claim from the batch's first

@@ -233,13 +233,13 @@ async def test_large_file_loads_in_chunks(sqlite_url: str, make_file: MakeFile) 
         assert (await store.counts(result.batch.id)).counts["pending"] == 12_345
 
 
-async def test_a_load_cancelled_at_any_moment_leaves_nothing(
+async def test_a_load_cancelled_as_an_insert_starts_leaves_nothing(
     sqlite_url: str, make_file: MakeFile, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Ctrl-C cancels a submit wherever it is; nothing of the load may stay. The worst moment:
-    a chunk's insert has just been handed to a task of its own when the cancel lands, and the
-    rollback must not overtake it (run after the rollback, the insert would be a statement of
-    its own, committed: jobs without their batch)."""
+    """Ctrl-C cancels a submit wherever it is, and nothing of the load may stay. The worst
+    moment: a chunk's insert has just been handed to a task of its own when the cancel lands.
+    The rollback must not overtake it: run after the rollback, the insert would be a statement
+    of its own, committed (jobs without their batch, as a Ctrl-C of `run FILE` once left)."""
     path = make_file(chat(f"q{i}") for i in range(4 * ingest.CHUNK_ROWS))
     load: asyncio.Task[Any] | None = None
     cancel_at_chunk = 0
