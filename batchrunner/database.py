@@ -318,6 +318,8 @@ class _Link:
         self._target = target
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batchrunner-sqlite")
         self._conn: sqlite3.Connection | None = None
+        #: Transactions begun by `begin`, counted on the connection's thread.
+        self.begun = 0
 
     def _call(self, work: Callable[[sqlite3.Connection], T]) -> T:
         conn = self._conn
@@ -340,6 +342,17 @@ class _Link:
         except sqlite3.Error as exc:
             raise failed(what, exc, constraint=isinstance(exc, sqlite3.IntegrityError)) from exc
 
+    async def begin(self, sql: str, what: str) -> int:
+        """Begin a transaction (`sql`: BEGIN or BEGIN IMMEDIATE); returns its number, which
+        its statements carry (`_SqliteConnection`)."""
+
+        def begin(conn: sqlite3.Connection) -> int:
+            conn.execute(sql)
+            self.begun += 1
+            return self.begun
+
+        return await self.call(begin, what)
+
     async def close(self) -> None:
         if self._conn is not None:
             conn, self._conn = self._conn, None
@@ -351,38 +364,37 @@ class _Link:
 class _SqliteConnection:
     """A transaction's statements, each a hop to its connection's thread.
 
-    A write's statement that reaches the thread after its transaction ended (a task left
-    running past a rollback) is refused there: run, it would be a transaction of its own,
-    committed at once.
+    A statement that reaches the thread after its transaction ended (a task left running past
+    a rollback) is refused there: run, it would have been a transaction of its own, committed
+    at once, or a part of the next one.
     """
 
-    __slots__ = ("_link", "_what")
+    __slots__ = ("_link", "_number", "_what")
 
-    def __init__(self, link: _Link, what: str) -> None:
+    def __init__(self, link: _Link, what: str, number: int) -> None:
         self._link = link
         self._what = what
+        #: The transaction's number (`_Link.begin`).
+        self._number = number
 
     async def execute(self, sql: str, params: Params = ()) -> Result:
-        if self._what == "write":
-            return await self._link.call(
-                lambda conn: _execute(sql, params, _in_transaction(conn)), "write"
-            )
-        return await self._link.call(lambda conn: _execute(sql, params, conn), self._what)
+        return await self._link.call(
+            lambda conn: _execute(sql, params, self._open(conn)), self._what
+        )
 
     async def executemany(self, sql: str, params: Sequence[Params]) -> int:
-        if self._what == "write":
-            return await self._link.call(
-                lambda conn: _executemany(sql, params, _in_transaction(conn)), "write"
-            )
-        return await self._link.call(lambda conn: _executemany(sql, params, conn), self._what)
-
-
-def _in_transaction(conn: sqlite3.Connection) -> sqlite3.Connection:
-    if not conn.in_transaction:
-        raise StoreError(
-            "database write failed: a statement of a transaction that had ended was refused"
+        return await self._link.call(
+            lambda conn: _executemany(sql, params, self._open(conn)), self._what
         )
-    return conn
+
+    def _open(self, conn: sqlite3.Connection) -> sqlite3.Connection:
+        """The connection, while this transaction is still the one open on it."""
+        if not conn.in_transaction or self._link.begun != self._number:
+            raise StoreError(
+                f"database {self._what} failed: a statement of a transaction that had ended"
+                " was refused"
+            )
+        return conn
 
 
 class SqliteDatabase:
@@ -445,9 +457,9 @@ class SqliteDatabase:
     @asynccontextmanager
     async def _immediate(self) -> AsyncIterator[Connection]:
         link = self._writer
-        await link.call(lambda conn: conn.execute("BEGIN IMMEDIATE"), "write")
+        number = await link.begin("BEGIN IMMEDIATE", "write")
         try:
-            yield _SqliteConnection(link, "write")
+            yield _SqliteConnection(link, "write", number)
             await link.call(lambda conn: conn.execute("COMMIT"), "write")
         except BaseException:
             with suppress(StoreError):
@@ -490,9 +502,9 @@ class SqliteDatabase:
         # A plain (deferred) BEGIN: reading never takes the write lock, and the statements of
         # one read see one snapshot.
         async with self._reader() as link:
-            await link.call(lambda conn: conn.execute("BEGIN"), "read")
+            number = await link.begin("BEGIN", "read")
             try:
-                yield _SqliteConnection(link, "read")
+                yield _SqliteConnection(link, "read", number)
             finally:
                 with suppress(StoreError):
                     await link.call(lambda conn: _end(conn, "ROLLBACK"), "read")

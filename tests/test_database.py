@@ -151,19 +151,23 @@ async def test_a_failed_write_is_rolled_back_and_the_next_one_goes_through(
 
 async def test_a_statement_of_a_write_that_ended_is_refused_not_committed(tmp_path: Path) -> None:
     """A statement that reaches the writer's thread after its transaction was rolled back (a
-    task left running) would run as a transaction of its own and be committed."""
+    task left running) would run as a transaction of its own and be committed, or become a
+    part of the next transaction."""
     store, b = await _store_with_a_batch(tmp_path)
     async with store:
         with pytest.raises(RuntimeError, match="given up"):
-            async with store._write() as conn:
-                await conn.execute(_ADD_WORKER, {"id": "w1", "b": b})
+            async with store._write() as ended:
+                await ended.execute(_ADD_WORKER, {"id": "w1", "b": b})
                 raise RuntimeError("given up")
         with pytest.raises(StoreError, match="a transaction that had ended"):
-            await conn.execute(_ADD_WORKER, {"id": "late", "b": b})
-        with pytest.raises(StoreError, match="a transaction that had ended"):
-            await conn.executemany(_ADD_WORKER, [{"id": "later", "b": b}])
+            await ended.execute(_ADD_WORKER, {"id": "late", "b": b})
+        async with store._write() as conn:
+            await conn.execute(_ADD_WORKER, {"id": "w2", "b": b})
+            with pytest.raises(StoreError, match="a transaction that had ended"):
+                await ended.executemany(_ADD_WORKER, [{"id": "later", "b": b}])
         async with store.reading() as reader:
-            assert (await reader.execute("SELECT COUNT(*) FROM workers")).scalar() == 0
+            ids = (await reader.execute("SELECT id FROM workers")).scalars()
+        assert ids == ["w2"]
 
 
 def _sqlite_threads() -> int:
