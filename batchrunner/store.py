@@ -1183,6 +1183,16 @@ _Params = tuple[Any, ...]
 _END_JOB_ID = itemgetter(6)
 
 
+def _text(value: str | None) -> str | None:
+    """Text as both databases keep it. PostgreSQL's text cannot hold a NUL character: one
+    answer carrying it (an error body, a completion's `model` written with `\\u0000`) would
+    fail every write of the run, and of every run after it. It becomes U+FFFD, as bytes that
+    are not UTF-8 do when an answer is decoded."""
+    if value is None or "\x00" not in value:
+        return value
+    return value.replace("\x00", "\ufffd")
+
+
 def _record_rows(
     batch_id: str,
     worker_id: str,
@@ -1195,9 +1205,9 @@ def _record_rows(
     results = [
         (
             e.status_code,
-            e.response,
-            e.request_id,
-            e.model,
+            e.response,  # valid JSON, which holds a NUL only as an escape
+            _text(e.request_id),
+            _text(e.model),
             e.prompt_tokens,
             e.completion_tokens,
             e.cached_tokens,
@@ -1219,7 +1229,7 @@ def _record_rows(
             e.attempts,
             e.error_kind,
             e.status_code,
-            e.error,
+            _text(e.error),
             now,
             e.job_id,
             e.lease_token,
@@ -1234,7 +1244,7 @@ def _record_rows(
             a.status_code,
             a.error_kind,
             a.latency_ms,
-            a.request_id,
+            _text(a.request_id),
             a.started_at,
         )
         for a in attempts

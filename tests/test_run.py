@@ -11,6 +11,7 @@ from typing import Any
 
 import orjson
 import pytest
+from aiohttp import web
 from openai.types.chat import ChatCompletion
 from sqlalchemy import text
 
@@ -21,6 +22,7 @@ from batchrunner.ingest import submit_file
 from batchrunner.runner import EXIT_ABORTED, EXIT_OK, EXIT_SOME_FAILED, RunReport, run
 from batchrunner.store import JobStore
 from tests.conftest import chat
+from tests.test_client import running
 
 MakeFile = Callable[..., Path]
 
@@ -159,6 +161,49 @@ async def test_requests_that_cannot_succeed_fail_at_once(
     assert bad.error_kind == kind and bad.last_status == int(status)
     assert "error" in orjson.loads(bad.last_error)  # the error body as received
     assert bad.response is None
+
+
+async def test_an_answer_carrying_a_nul_character_is_recorded(
+    store: JobStore, make_file: MakeFile
+) -> None:
+    # PostgreSQL's text cannot hold NUL: such an answer must not stop the run (nor every
+    # run after it, each sending the request again).
+    completion = {
+        "id": "chatcmpl-nul",
+        "object": "chat.completion",
+        "created": 1,
+        "model": "gpt\u0000mini",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "a\u0000b"},
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5},
+    }
+    raw = orjson.dumps(completion)
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        if "error" in (await request.text()):
+            return web.Response(status=400, body=b"bad\x00request", content_type="text/plain")
+        return web.Response(body=raw, content_type="application/json")
+
+    rows = [chat("error please"), chat("fine")]
+    async with running(handler) as base_url:
+        batch_id = (await submit_file(store, make_file(rows), base_url=base_url)).batch.id
+        rep = await _run(store, batch_id)
+    assert rep.exit_code == EXIT_SOME_FAILED and rep.result.reason is StopReason.DONE
+    bad, good = await _job_rows(store, batch_id)
+    assert bad.state == "failed" and bad.last_error == "bad\ufffdrequest"
+    assert good.state == "succeeded"
+    assert good.response == raw.decode()  # as received, the escape with it
+    assert orjson.loads(good.response)["choices"][0]["message"]["content"] == "a\x00b"
+    async with store.engine.connect() as conn:
+        model = (
+            await conn.execute(text("SELECT model FROM results WHERE job_id = :j"), {"j": good.id})
+        ).scalar_one()
+    assert model == "gpt\ufffdmini"
 
 
 async def test_attempts_are_capped(store: JobStore, make_file: MakeFile) -> None:
