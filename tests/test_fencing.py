@@ -2,6 +2,7 @@
 
 First on the store itself, where the lease clock is a parameter and nothing has to sleep; then
 with a real `batchrunner run` process frozen mid-request while another worker takes over.
+And what a record writes when nothing is fenced, field by field.
 """
 
 from __future__ import annotations
@@ -181,6 +182,71 @@ async def test_an_expired_lease_nobody_took_over_still_records(
     assert (done.recorded, done.fenced) == (1, 0)
     # ...and a claim after that finds nothing to take.
     assert await store.claim(batch_id, "worker-b", "token-b", 10, now + 1, LONG_LEASE_S) == []
+
+
+async def test_a_record_keeps_every_field_exactly(store: JobStore, make_file: MakeFile) -> None:
+    """Not fencing: what a record writes, field by field, in both jobs' order and out of it."""
+    rows = [chat(f"field {i}") for i in range(3)]
+    batch_id = (await submit_file(store, make_file(rows))).batch.id
+    now = 1_733_260_000.1234567
+    jobs = await store.claim(batch_id, "worker-a", "token-a", 10, now, LONG_LEASE_S)
+    first, second, third = jobs
+    long_answer = '{"choices": [{"message": {"content": "' + "é\\\"'\\n" * 20_000 + '"}}]}'
+    ends = [
+        _failure(third),
+        succeeded(
+            first,
+            "x",
+            response=long_answer,
+            request_id="req-ü",
+            model="gpt-4o-2024-08-06",
+            prompt_tokens=2**31 - 1,
+            cached_tokens=None,
+            reasoning_tokens=17,
+            schema_valid=False,
+            latency_ms=1e-7,
+        ),
+        succeeded(second, "y", schema_valid=True, attempts=3, latency_ms=123456.789012345),
+    ]
+    log = [
+        AttemptRecord(second.id, 503, "server_error", 0.1 + 0.2, "req-1", now + 1e-6),
+        AttemptRecord(second.id, None, "timeout", 30000.0, None, now + 2 / 3),
+    ]
+    done = await store.record(batch_id, "worker-a", ends, log, now + 1)
+    assert (done.recorded, done.fenced) == (3, 0)
+
+    results = await _rows(
+        store,
+        "SELECT job_id, status_code, response, request_id, model, prompt_tokens,"
+        " completion_tokens, cached_tokens, reasoning_tokens, total_tokens, schema_valid,"
+        " latency_ms, attempts, finished_at FROM results ORDER BY job_id",
+    )
+    first_row = (first.id, 200, long_answer, "req-ü", "gpt-4o-2024-08-06", 2**31 - 1, 4, None)
+    second_row = (second.id, 200, '{"answer": "y"}', "req_y", "gpt-4o-mini", 3, 4, 0)
+    assert [tuple(r) for r in results] == [
+        (*first_row, 17, 7, False, 1e-7, 1, now + 1),
+        (*second_row, 0, 7, True, 123456.789012345, 3, now + 1),
+    ]
+    (failed,) = await _rows(
+        store,
+        "SELECT state, attempts, error_kind, last_status, last_error, finished_at FROM jobs"
+        " WHERE id = :j",
+        j=third.id,
+    )
+    assert tuple(failed) == ("failed", 1, "http_400", 400, '{"error": {"message": "bad"}}', now + 1)
+    logged = await _rows(
+        store,
+        "SELECT job_id, batch_id, worker_id, status_code, error_kind, latency_ms, request_id,"
+        " started_at FROM attempts ORDER BY started_at",
+    )
+    assert [tuple(a) for a in logged] == [
+        (second.id, batch_id, "worker-a", 503, "server_error", 0.1 + 0.2, "req-1", now + 1e-6),
+        (second.id, batch_id, "worker-a", None, "timeout", 30000.0, None, now + 2 / 3),
+    ]
+    # The same attempts again (a dead run's journal) are not logged twice.
+    again = await store.record(batch_id, "worker-a", [], log, now + 2)
+    assert (again.recorded, again.fenced) == (0, 0)
+    assert len(await _rows(store, "SELECT id FROM attempts")) == 2
 
 
 #: Fast retries and writes for the worker that takes over.
