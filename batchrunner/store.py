@@ -1190,6 +1190,21 @@ def _text(value: str | None) -> str | None:
     return value.replace("\x00", "\ufffd")
 
 
+def _result_columns(e: Ended) -> _Params:
+    """A result's columns from `request_id` to `latency_ms`, as both databases write them."""
+    return (
+        _text(e.request_id),
+        _text(e.model),
+        e.prompt_tokens,
+        e.completion_tokens,
+        e.cached_tokens,
+        e.reasoning_tokens,
+        e.total_tokens,
+        e.schema_valid,
+        e.latency_ms,
+    )
+
+
 def _record_rows(
     batch_id: str,
     worker_id: str,
@@ -1200,23 +1215,8 @@ def _record_rows(
     """The parameters of `record`'s three statements, in their order: results, ends, log."""
     succeeded = JobState.SUCCEEDED
     results = [
-        (
-            e.status_code,
-            e.response,  # valid JSON, which holds a NUL only as an escape
-            _text(e.request_id),
-            _text(e.model),
-            e.prompt_tokens,
-            e.completion_tokens,
-            e.cached_tokens,
-            e.reasoning_tokens,
-            e.total_tokens,
-            e.schema_valid,
-            e.latency_ms,
-            e.attempts,
-            now,
-            e.job_id,
-            e.lease_token,
-        )
+        # The response is valid JSON, which holds a NUL only as an escape.
+        (e.status_code, e.response, *_result_columns(e), e.attempts, now, e.job_id, e.lease_token)
         for e in ended
         if e.state is succeeded
     ]
@@ -1268,21 +1268,7 @@ def _record_params(
         )
         errors.append(_text(e.error))
         if e.state is succeeded:
-            results.append(
-                (
-                    e.job_id,
-                    e.status_code,
-                    _text(e.request_id),
-                    _text(e.model),
-                    e.prompt_tokens,
-                    e.completion_tokens,
-                    e.cached_tokens,
-                    e.reasoning_tokens,
-                    e.total_tokens,
-                    e.schema_valid,
-                    e.latency_ms,
-                )
-            )
+            results.append((e.job_id, e.status_code, *_result_columns(e)))
             responses.append(e.response)
     log = [
         (a.job_id, a.status_code, a.error_kind, a.latency_ms, _text(a.request_id), a.started_at)
