@@ -315,11 +315,20 @@ class PriceBook:
 # --- usage parsing -----------------------------------------------------------------------
 
 
+#: Token counts above this are not counts: no request comes near it (the largest context
+#: windows hold a few million tokens). A usage object from a broken or hostile gateway could
+#: carry anything; counts past what results' integer columns hold would fail every write of
+#: the run, and of every run after it, each sending the request again. The sums `_usage_counts`
+#: makes of a few counts stay within those columns too.
+MAX_TOKEN_COUNT = 2**28
+
+
 def _count(value: object) -> int | None:
-    """A token count, or None for anything that is not a non-negative whole number."""
+    """A token count, or None for anything that is not a whole number from 0 to
+    MAX_TOKEN_COUNT."""
     if type(value) is int:
-        return value if value >= 0 else None
-    if type(value) is float and value >= 0 and value.is_integer():
+        return value if 0 <= value <= MAX_TOKEN_COUNT else None
+    if type(value) is float and 0 <= value <= MAX_TOKEN_COUNT and value.is_integer():
         return int(value)
     return None
 

@@ -257,6 +257,8 @@ def test_any_usage_object_parses_to_sane_counts(raw: dict[str, Any]) -> None:
     assert min(counts.prompt_tokens, counts.completion_tokens, counts.total_tokens) >= 0
     assert 0 <= counts.cached_tokens <= counts.prompt_tokens
     assert 0 <= counts.reasoning_tokens <= counts.completion_tokens
+    # What results' integer columns hold (PostgreSQL's is 32 bits).
+    assert max(counts.prompt_tokens, counts.completion_tokens, counts.total_tokens) < 2**31
 
 
 # --- genai-prices costs --------------------------------------------------------------------

@@ -206,6 +206,48 @@ async def test_an_answer_carrying_a_nul_character_is_recorded(
     assert model == "gpt\ufffdmini"
 
 
+async def test_token_counts_no_column_can_hold_are_not_counts(
+    store: JobStore, make_file: MakeFile
+) -> None:
+    # A gateway's usage with counts past what a results column holds (2**40 overflows
+    # PostgreSQL's integer, 1e300 every integer) must not stop the run, nor every run after
+    # it: the completion is kept as received, the counts taken for missing.
+    completion = {
+        "id": "chatcmpl-huge",
+        "object": "chat.completion",
+        "created": 1,
+        "model": "gpt-4o-mini",
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}
+        ],
+        "usage": {"prompt_tokens": 2**40, "completion_tokens": 1e300, "total_tokens": 7},
+    }
+    raw = orjson.dumps(completion)
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return web.Response(body=raw, content_type="application/json")
+
+    async with running(handler) as base_url:
+        batch_id = (
+            await submit_file(store, make_file([chat("hello")]), base_url=base_url)
+        ).batch.id
+        rep = await _run(store, batch_id)
+    assert rep.exit_code == 0 and rep.result.reason is StopReason.DONE
+    (job,) = await _job_rows(store, batch_id)
+    assert job.state == "succeeded" and job.response == raw.decode()
+    async with store.engine.connect() as conn:
+        counts = (
+            await conn.execute(
+                text(
+                    "SELECT prompt_tokens, completion_tokens, total_tokens FROM results"
+                    " WHERE job_id = :j"
+                ),
+                {"j": job.id},
+            )
+        ).one()
+    assert tuple(counts) == (0, 0, 7)
+
+
 async def test_attempts_are_capped(store: JobStore, make_file: MakeFile) -> None:
     rows = [chat("[[fault:500]] always")]
     async with FakeServer(FakeConfig()) as srv:
