@@ -26,6 +26,10 @@ BOM = b"\xef\xbb\xbf"
 _INLINE_DATA = ";base64,"
 #: How deep orjson nests when it writes: it reads deeper documents than it can write back.
 MAX_WRITE_DEPTH = 255
+#: A job's token estimate is kept at most this (what the jobs table's integer column holds):
+#: an output cap of 10**12 is the API's to refuse, not a reason for the load to fail. It is
+#: past any tokens-per-minute limit either way.
+MAX_EST_TOKENS = 2**31 - 1
 
 
 class NewJob(NamedTuple):
@@ -200,6 +204,7 @@ def parse_row(raw: bytes, number: int, meta_keys: set[str] | None = None) -> Job
         est = count_prompt_tokens(body) + cap * n
     else:
         est = quick_prompt_tokens(len(body_text)) + cap * n
+    est = min(est, MAX_EST_TOKENS)
     meta_text = None
     if meta:
         meta_text = _dumps(meta, "'metadata'")

@@ -17,6 +17,7 @@ import re
 import shutil
 import sqlite3
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
 from pathlib import Path
@@ -31,6 +32,7 @@ from hypothesis import strategies as st
 from batchrunner.cli import cli
 from batchrunner.errors import InputError
 from batchrunner.ingest import submit_file
+from batchrunner.lines import MAX_EST_TOKENS
 from batchrunner.store import JobStore
 from tests.conftest import chat
 
@@ -290,3 +292,15 @@ async def test_text_the_database_cannot_store_is_a_line_error(
         await submit_file(store, path)
     assert [(e.line, e.path) for e in caught.value.errors] == [(2, str(path)), (3, str(path))]
     assert await store.list_batches() == []
+
+
+async def test_an_output_cap_past_the_estimate_column_still_loads(
+    store: JobStore, make_file: MakeFile
+) -> None:
+    """A token estimate is kept in a 32-bit column on PostgreSQL: an absurd output cap (the
+    API's to refuse) must load, its estimate kept at the column's limit, not fail the whole
+    load with an overflow."""
+    rows = [chat("huge cap", max_tokens=10**12), chat("many choices", max_tokens=10**7, n=10**4)]
+    result = await submit_file(store, make_file(rows))
+    jobs = await store.claim(result.batch.id, "w", "t", 10, time.time(), 60.0)
+    assert [(j.line, j.est_tokens) for j in jobs] == [(1, MAX_EST_TOKENS), (2, MAX_EST_TOKENS)]
