@@ -9,6 +9,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from batchrunner.errors import UsageError
+from batchrunner.states import KEY_ENV_CHARS
 
 DEFAULT_DB_URL = "sqlite:///batchrunner.db"
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
@@ -60,6 +61,8 @@ def check_key_env(name: str) -> str:
             "--api-key-env takes the name of the environment variable that holds the key"
             " (such as OPENAI_API_KEY), not the key itself"
         )
+    if len(name) > KEY_ENV_CHARS:
+        raise UsageError(f"--api-key-env takes a name of at most {KEY_ENV_CHARS} characters")
     return name
 
 

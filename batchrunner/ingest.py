@@ -40,6 +40,7 @@ from batchrunner.lines import (
     read_jobs,
     read_rows,
 )
+from batchrunner.states import BATCH_NAME_CHARS
 from batchrunner.store import BatchExists, BatchInfo, DuplicateCustomId, JobStore
 
 #: Jobs handed to the database per INSERT.
@@ -166,6 +167,8 @@ async def submit_file(
         raise UsageError(f"no such file: {path}")
     base_url = check_base_url(base_url) if base_url else DEFAULT_BASE_URL
     api_key_env = check_key_env(api_key_env) if api_key_env else DEFAULT_API_KEY_ENV
+    if name is not None and len(name) > BATCH_NAME_CHARS:
+        raise UsageError(f"--name is longer than {BATCH_NAME_CHARS} characters ({len(name)})")
     sha = file_sha256(path)
     existing = await store.find_batch_by_content(sha)
     if existing is not None:
@@ -176,7 +179,8 @@ async def submit_file(
             notices.append(f"{path}:1: UTF-8 byte order mark ignored")
     batch = BatchInfo(
         id=batch_id_for(sha),
-        name=name or path.stem,
+        # A file name may be longer than the column (255 bytes): its start names the batch.
+        name=name or path.stem[:BATCH_NAME_CHARS],
         source_file=str(path),
         content_sha256=sha,
         base_url=base_url,

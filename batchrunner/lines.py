@@ -14,6 +14,7 @@ from typing import Any, NamedTuple, TypeVar
 import orjson
 
 from batchrunner.errors import LineError
+from batchrunner.states import CUSTOM_ID_CHARS, MODEL_CHARS
 from batchrunner.tokens import count_prompt_tokens, quick_prompt_tokens
 
 T = TypeVar("T")
@@ -89,12 +90,15 @@ def _json_type(value: Any) -> str:
     return "an object"
 
 
-def _check_text(value: Any, name: str) -> str:
-    """A non-empty string the database can store as it is (PostgreSQL text holds no NUL)."""
+def _check_text(value: Any, name: str, width: int) -> str:
+    """A non-empty string the database can store as it is: PostgreSQL text holds no NUL, and
+    its column holds `width` characters."""
     if not isinstance(value, str) or not value:
         raise BadLine(f"'{name}' must be a non-empty string")
     if "\x00" in value:
         raise BadLine(f"'{name}' contains a NUL character")
+    if len(value) > width:
+        raise BadLine(f"'{name}' is longer than {width} characters ({len(value)})")
     return value
 
 
@@ -115,12 +119,12 @@ def _check_body(body: dict[str, Any]) -> tuple[str, bool, int, int]:
     only plain dicts, lists, strings and numbers, and isinstance costs more on every line.
     """
     model = body.get("model")
-    if type(model) is not str or not model.strip() or "\x00" in model:
+    if type(model) is not str or not model.strip() or "\x00" in model or len(model) > MODEL_CHARS:
         if model is None:
             raise BadLine("missing 'model'")
         if type(model) is not str or not model.strip():
             raise BadLine("'model' must be a non-empty string")
-        _check_text(model, "model")  # raises on the NUL
+        _check_text(model, "model", MODEL_CHARS)  # raises on the NUL or the length
     messages = body.get("messages")
     if type(messages) is not list or not messages:
         if messages is None:
@@ -173,7 +177,7 @@ def parse_row(raw: bytes, number: int, meta_keys: set[str] | None = None) -> Job
 
     if "body" in obj and ("custom_id" in obj or "url" in obj or "method" in obj):
         # OpenAI Batch API line.
-        custom_id = _check_text(obj.get("custom_id"), "custom_id")
+        custom_id = _check_text(obj.get("custom_id"), "custom_id", CUSTOM_ID_CHARS)
         method = obj.get("method", "POST")
         if not isinstance(method, str) or method.upper() != "POST":
             raise BadLine(f"unsupported method {method!r}: only POST")
@@ -192,7 +196,7 @@ def parse_row(raw: bytes, number: int, meta_keys: set[str] | None = None) -> Job
         if custom_id is None:
             custom_id = f"line-{number}"
         else:
-            _check_text(custom_id, "custom_id")
+            _check_text(custom_id, "custom_id", CUSTOM_ID_CHARS)
         model, stream, n, cap = _check_body(body)
         body_text = _dumps(body, "the request")
     if meta is not None and not isinstance(meta, dict):

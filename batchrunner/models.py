@@ -18,7 +18,16 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 # The states live in states.py (no ORM needed); imported from here too, as before.
-from batchrunner.states import ENDED_STATES, UNFINISHED_STATES, JobState
+from batchrunner.states import (
+    BATCH_NAME_CHARS,
+    CUSTOM_ID_CHARS,
+    ENDED_STATES,
+    KEY_ENV_CHARS,
+    MODEL_CHARS,
+    REQUEST_ID_CHARS,
+    UNFINISHED_STATES,
+    JobState,
+)
 
 __all__ = [
     "ENDED_STATES",
@@ -56,11 +65,11 @@ class Batch(Base):
     __tablename__ = "batches"
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
-    name: Mapped[str] = mapped_column(String(200))
+    name: Mapped[str] = mapped_column(String(BATCH_NAME_CHARS))
     source_file: Mapped[str] = mapped_column(Text)
     content_sha256: Mapped[str] = mapped_column(String(64), unique=True)
     base_url: Mapped[str] = mapped_column(Text)
-    api_key_env: Mapped[str] = mapped_column(String(200))
+    api_key_env: Mapped[str] = mapped_column(String(KEY_ENV_CHARS))
     options: Mapped[dict[str, object]] = mapped_column(JSON, default=dict)
     total_jobs: Mapped[int] = mapped_column(Integer, default=0)
     invalid_lines: Mapped[int] = mapped_column(Integer, default=0)
@@ -86,14 +95,14 @@ class Job(Base):
     #: No foreign keys on jobs, results and attempts: see migration 0003.
     batch_id: Mapped[str] = mapped_column(String(40))
     line: Mapped[int] = mapped_column(Integer)
-    custom_id: Mapped[str] = mapped_column(String(512))
+    custom_id: Mapped[str] = mapped_column(String(CUSTOM_ID_CHARS))
     method: Mapped[str] = mapped_column(String(10), default="POST")
     endpoint: Mapped[str] = mapped_column(String(200))
     #: The request body exactly as it will be sent (JSON text).
     body: Mapped[str] = mapped_column(Text)
     #: The line's `metadata`, kept with the job and never sent (JSON text).
     meta: Mapped[str | None] = mapped_column(Text, nullable=True)
-    model: Mapped[str] = mapped_column(String(200))
+    model: Mapped[str] = mapped_column(String(MODEL_CHARS))
     stream: Mapped[bool] = mapped_column(Boolean, default=False)
     #: Cheap estimate of prompt + maximum output tokens, for tokens-per-minute pacing.
     est_tokens: Mapped[int] = mapped_column(Integer, default=0)
@@ -124,8 +133,8 @@ class Result(Base):
     status_code: Mapped[int] = mapped_column(Integer)
     #: The completion object exactly as received (streams: the reassembled object).
     response: Mapped[str] = mapped_column(Text)
-    request_id: Mapped[str | None] = mapped_column(String(200), nullable=True)
-    model: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    request_id: Mapped[str | None] = mapped_column(String(REQUEST_ID_CHARS), nullable=True)
+    model: Mapped[str | None] = mapped_column(String(MODEL_CHARS), nullable=True)
     prompt_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
     completion_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
     cached_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
@@ -154,7 +163,7 @@ class Attempt(Base):
     status_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
     error_kind: Mapped[str | None] = mapped_column(String(64), nullable=True)
     latency_ms: Mapped[float] = mapped_column(Float)
-    request_id: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    request_id: Mapped[str | None] = mapped_column(String(REQUEST_ID_CHARS), nullable=True)
     started_at: Mapped[float] = mapped_column(Float)
 
 

@@ -40,7 +40,7 @@ from batchrunner.database import (
 from batchrunner.errors import BatchNotFound, ConstraintViolation, UsageError
 from batchrunner.exportrows import ENDED_STATES, FAILED_ONLY, ExportRow, export_page_sql
 from batchrunner.lines import JobRow, NewJob
-from batchrunner.states import JobState
+from batchrunner.states import MODEL_CHARS, REQUEST_ID_CHARS, JobState
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
@@ -1190,11 +1190,21 @@ def _text(value: str | None) -> str | None:
     return value.replace("\x00", "\ufffd")
 
 
+def _name(value: str | None, width: int) -> str | None:
+    """A name from an answer (a request id, a model) as its column holds it: `_text`, cut to
+    `width` characters. PostgreSQL refuses a longer value, which would fail every record of the
+    run; the completion itself keeps the model whole."""
+    value = _text(value)
+    if value is None or len(value) <= width:
+        return value
+    return value[:width]
+
+
 def _result_columns(e: Ended) -> _Params:
     """A result's columns from `request_id` to `latency_ms`, as both databases write them."""
     return (
-        _text(e.request_id),
-        _text(e.model),
+        _name(e.request_id, REQUEST_ID_CHARS),
+        _name(e.model, MODEL_CHARS),
         e.prompt_tokens,
         e.completion_tokens,
         e.cached_tokens,
@@ -1241,7 +1251,7 @@ def _record_rows(
             a.status_code,
             a.error_kind,
             a.latency_ms,
-            _text(a.request_id),
+            _name(a.request_id, REQUEST_ID_CHARS),
             a.started_at,
         )
         for a in attempts
@@ -1271,7 +1281,14 @@ def _record_params(
             results.append((e.job_id, e.status_code, *_result_columns(e)))
             responses.append(e.response)
     log = [
-        (a.job_id, a.status_code, a.error_kind, a.latency_ms, _text(a.request_id), a.started_at)
+        (
+            a.job_id,
+            a.status_code,
+            a.error_kind,
+            a.latency_ms,
+            _name(a.request_id, REQUEST_ID_CHARS),
+            a.started_at,
+        )
         for a in attempts
     ]
     return (

@@ -33,6 +33,7 @@ from batchrunner.cli import cli
 from batchrunner.errors import InputError
 from batchrunner.ingest import submit_file
 from batchrunner.lines import MAX_EST_TOKENS
+from batchrunner.states import CUSTOM_ID_CHARS, MODEL_CHARS
 from batchrunner.store import JobStore
 from tests.conftest import chat
 
@@ -292,6 +293,31 @@ async def test_text_the_database_cannot_store_is_a_line_error(
         await submit_file(store, path)
     assert [(e.line, e.path) for e in caught.value.errors] == [(2, str(path)), (3, str(path))]
     assert await store.list_batches() == []
+
+
+async def test_names_longer_than_their_columns_are_line_errors(
+    store: JobStore, make_file: MakeFile
+) -> None:
+    """PostgreSQL refuses a custom_id or model longer than its column: the line is refused
+    with its number, on both databases, rather than the whole load with a database error."""
+    batch_line = {"custom_id": "c" * (CUSTOM_ID_CHARS + 1), "method": "POST", "body": chat("x")}
+    rows = [
+        chat("fine", custom_id="c" * CUSTOM_ID_CHARS, model="m" * MODEL_CHARS),
+        chat("long id", custom_id="c" * (CUSTOM_ID_CHARS + 1)),
+        chat("long model", model="m" * (MODEL_CHARS + 1)),
+        batch_line,
+    ]
+    path = make_file(rows)
+    with pytest.raises(InputError) as caught:
+        await submit_file(store, path)
+    assert [(e.line, e.reason) for e in caught.value.errors] == [
+        (2, f"'custom_id' is longer than {CUSTOM_ID_CHARS} characters ({CUSTOM_ID_CHARS + 1})"),
+        (3, f"'model' is longer than {MODEL_CHARS} characters ({MODEL_CHARS + 1})"),
+        (4, f"'custom_id' is longer than {CUSTOM_ID_CHARS} characters ({CUSTOM_ID_CHARS + 1})"),
+    ]
+    result = await submit_file(store, path, skip_invalid=True)
+    (job,) = await store.claim(result.batch.id, "w", "t", 10, time.time(), 60.0)
+    assert (job.custom_id, job.model) == ("c" * CUSTOM_ID_CHARS, "m" * MODEL_CHARS)
 
 
 async def test_an_output_cap_past_the_estimate_column_still_loads(

@@ -18,6 +18,7 @@ from batchrunner import lines as lines_module
 from batchrunner.errors import InputError, UsageError
 from batchrunner.ingest import batch_id_for, file_sha256, submit_file
 from batchrunner.lines import parse_line
+from batchrunner.states import BATCH_NAME_CHARS, KEY_ENV_CHARS
 from batchrunner.store import BatchLoader, JobStore
 from batchrunner.tokens import quick_prompt_tokens
 from tests.conftest import chat
@@ -224,6 +225,22 @@ async def test_options_stored_with_the_batch(store: JobStore, make_file: MakeFil
     )
     batch = await store.get_batch(result.batch.id)
     assert (batch.base_url, batch.api_key_env) == ("http://127.0.0.1:9/api/v1", "GW_KEY")
+
+
+async def test_names_longer_than_their_columns(store: JobStore, make_file: MakeFile) -> None:
+    # PostgreSQL refuses a value longer than its column: a name given too long is a usage
+    # error before anything is loaded, a file name too long is cut to name the batch.
+    path = make_file([chat("a")])
+    with pytest.raises(UsageError, match=f"--name is longer than {BATCH_NAME_CHARS}"):
+        await submit_file(store, path, name="n" * (BATCH_NAME_CHARS + 1))
+    with pytest.raises(UsageError, match=f"at most {KEY_ENV_CHARS} characters"):
+        await submit_file(store, path, api_key_env="K" * (KEY_ENV_CHARS + 1))
+    assert await store.list_batches() == []
+    long_file = path.rename(path.with_name("f" * 240 + ".jsonl"))
+    result = await submit_file(store, long_file, api_key_env="K" * KEY_ENV_CHARS)
+    batch = await store.get_batch(result.batch.id)
+    assert batch.name == "f" * BATCH_NAME_CHARS
+    assert batch.api_key_env == "K" * KEY_ENV_CHARS
 
 
 async def test_large_file_loads_in_chunks(sqlite_url: str, make_file: MakeFile) -> None:

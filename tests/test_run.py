@@ -20,6 +20,7 @@ from batchrunner.dispatcher import StopReason
 from batchrunner.fakeapi import FakeConfig, FakeServer
 from batchrunner.ingest import submit_file
 from batchrunner.runner import EXIT_ABORTED, EXIT_OK, EXIT_SOME_FAILED, RunReport, run
+from batchrunner.states import MODEL_CHARS, REQUEST_ID_CHARS
 from batchrunner.store import JobStore
 from tests.conftest import chat
 from tests.test_client import running
@@ -204,6 +205,52 @@ async def test_an_answer_carrying_a_nul_character_is_recorded(
             await conn.execute(text("SELECT model FROM results WHERE job_id = :j"), {"j": good.id})
         ).scalar_one()
     assert model == "gpt\ufffdmini"
+
+
+async def test_names_in_an_answer_longer_than_their_columns_are_cut(
+    store: JobStore, make_file: MakeFile
+) -> None:
+    # A request id or a model longer than its column would fail every record of the run on
+    # PostgreSQL: they are cut to fit (on both databases), the completion kept whole.
+    completion = {
+        "id": "chatcmpl-long",
+        "object": "chat.completion",
+        "created": 1,
+        "model": "m" * (MODEL_CHARS + 50),
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}
+        ],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5},
+    }
+    raw = orjson.dumps(completion)
+    request_id = "r" * (REQUEST_ID_CHARS + 50)
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return web.Response(
+            body=raw, content_type="application/json", headers={"x-request-id": request_id}
+        )
+
+    async with running(handler) as base_url:
+        batch_id = (
+            await submit_file(store, make_file([chat("hello")]), base_url=base_url)
+        ).batch.id
+        rep = await _run(store, batch_id)
+    assert rep.exit_code == 0 and rep.result.reason is StopReason.DONE
+    (job,) = await _job_rows(store, batch_id)
+    assert job.state == "succeeded" and job.response == raw.decode()
+    async with store.engine.connect() as conn:
+        saved = (
+            await conn.execute(
+                text("SELECT model, request_id FROM results WHERE job_id = :j"), {"j": job.id}
+            )
+        ).one()
+        logged = (
+            await conn.execute(
+                text("SELECT request_id FROM attempts WHERE job_id = :j"), {"j": job.id}
+            )
+        ).scalar_one()
+    assert tuple(saved) == ("m" * MODEL_CHARS, "r" * REQUEST_ID_CHARS)
+    assert logged == "r" * REQUEST_ID_CHARS
 
 
 async def test_token_counts_no_column_can_hold_are_not_counts(
