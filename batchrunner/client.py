@@ -166,6 +166,23 @@ def parse_retry_after_s(headers: Headers) -> float | None:
     return value
 
 
+def _header_text(value: str | None) -> str | None:
+    """Text from a status line or header as it can be kept: aiohttp keeps bytes that are not
+    UTF-8 (a proxy writing Latin-1) as lone surrogates, which neither JSON nor either database
+    can hold; they become U+FFFD, as in an answer's body."""
+    if value is None or value.isascii():
+        return value
+    try:
+        raw = value.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate that does not stand for a byte
+        raw = value.encode("utf-8", "surrogatepass")
+    return raw.decode("utf-8", "replace")
+
+
+def _request_id(headers: Headers) -> str | None:
+    return _header_text(headers.get("x-request-id") or headers.get("request-id"))
+
+
 def _int_header(headers: Headers, name: str) -> int | None:
     text = headers.get(name)
     if text is None:
@@ -281,7 +298,7 @@ def _classify(
 ) -> Outcome:
     """The Outcome of a complete, non-streamed answer."""
     scrub = scrub or _NO_SCRUB
-    request_id = headers.get("x-request-id") or headers.get("request-id")
+    request_id = _request_id(headers)
     ratelimit = parse_ratelimit(headers)
     parsed: object = None
     parse_error: str | None = None
@@ -348,7 +365,8 @@ def _classify(
         # key travel to another host): sending the same request again cannot help.
         kind, error_kind = OutcomeKind.FAIL_JOB, f"http_{status}"
         if 300 <= status < 400 and "location" in headers:
-            message = f"{message}; redirected to {headers['location']}: fix the base URL"
+            location = _header_text(headers["location"])
+            message = f"{message}; redirected to {location}: fix the base URL"
     return Outcome(
         kind,
         status,
@@ -363,7 +381,7 @@ def _classify(
 
 
 def _fallback_message(status: int, reason: str | None, text: str) -> str:
-    head = f"HTTP {status}" + (f" {reason}" if reason else "")
+    head = f"HTTP {status}" + (f" {_header_text(reason)}" if reason else "")
     snippet = " ".join(text.split())[:MESSAGE_BODY_CHARS]
     # An HTML error page says nothing a person wants to read in a status line.
     if snippet and not snippet.startswith("<"):
@@ -714,7 +732,7 @@ def _stream_outcome(
     scrub: _Scrubber,
     broken: str | None,
 ) -> Outcome:
-    request_id = headers.get("x-request-id") or headers.get("request-id")
+    request_id = _request_id(headers)
     ratelimit = parse_ratelimit(headers)
     error = assembler.error
     if error is not None:
@@ -930,9 +948,7 @@ class ApiClient:
             None if response is None else response.status,
             error_kind=error_kind,
             message=self._scrub(message),
-            request_id=None
-            if headers is None
-            else headers.get("x-request-id") or headers.get("request-id"),
+            request_id=None if headers is None else _request_id(headers),
             latency_s=time.monotonic() - started,
         )
 

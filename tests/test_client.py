@@ -21,6 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from batchrunner import __version__
+from batchrunner import client as client_module
 from batchrunner.client import (
     ApiClient,
     StreamAssembler,
@@ -313,6 +314,23 @@ async def test_retry_after(
     else:
         assert outcome.retry_after_s is not None
         assert low - 1e-9 <= outcome.retry_after_s <= high + 1e-9
+
+
+@pytest.mark.parametrize(
+    ("value", "kept"),
+    [
+        (None, None),
+        ("req-123", "req-123"),
+        ("req-café", "req-café"),  # UTF-8 as sent
+        ("req-caf\udce9", "req-caf\ufffd"),  # a Latin-1 byte, as aiohttp keeps it
+        ("\udcff\udcfe", "\ufffd\ufffd"),
+        ("a\ud800b", "a\ufffd\ufffd\ufffdb"),  # a surrogate that stands for no byte
+    ],
+)
+def test_header_text_is_text_a_database_can_hold(value: str | None, kept: str | None) -> None:
+    assert client_module._header_text(value) == kept
+    if kept is not None:
+        kept.encode("utf-8")  # what JSON and both databases need
 
 
 def test_retry_after_parser_takes_plain_mappings() -> None:

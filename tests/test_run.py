@@ -253,6 +253,66 @@ async def test_names_in_an_answer_longer_than_their_columns_are_cut(
     assert logged == "r" * REQUEST_ID_CHARS
 
 
+async def test_header_bytes_that_are_not_utf8_are_recorded(
+    store: JobStore, make_file: MakeFile
+) -> None:
+    # aiohttp keeps such bytes as lone surrogates, which neither the answer journal's JSON nor
+    # either database can hold: one such request id broke the worker and stopped every run.
+    # Here a raw server writes them, as a proxy speaking Latin-1 might: in the request id of a
+    # completion, and in the reason phrase and Location of a redirect (which fails the job).
+    completion = orjson.dumps(
+        {
+            "id": "chatcmpl-bytes",
+            "object": "chat.completion",
+            "created": 1,
+            "model": "gpt-4o-mini",
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": "hi"},
+                    "finish_reason": "stop",
+                }
+            ],
+        }
+    )
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+        body = await reader.readexactly(length)
+        if b"redirect" in body:
+            status = b"307 Temporary Red\xe9rect\r\nLocation: http://h\xf4te.example/v1"
+            payload = b""
+        else:
+            status = b"200 OK\r\nx-request-id: req-caf\xe9-\xff\xfe"
+            payload = completion
+        writer.write(
+            b"HTTP/1.1 " + status + b"\r\nContent-Type: application/json\r\nConnection: close"
+            b"\r\nContent-Length: " + str(len(payload)).encode() + b"\r\n\r\n" + payload
+        )
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        path = make_file([chat("hello"), chat("redirect me")])
+        batch_id = (await submit_file(store, path, base_url=f"http://127.0.0.1:{port}/v1")).batch.id
+        rep = await _run(store, batch_id)
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert rep.exit_code == EXIT_SOME_FAILED and rep.result.reason is StopReason.DONE
+    good, moved = await _job_rows(store, batch_id)
+    assert good.state == "succeeded" and good.response == completion.decode()
+    assert good.request_id == "req-caf\ufffd-\ufffd\ufffd"
+    assert moved.state == "failed" and moved.error_kind == "http_307"
+    assert moved.last_error == (
+        "HTTP 307 Temporary Red\ufffdrect; redirected to http://h\ufffdte.example/v1:"
+        " fix the base URL"
+    )
+
+
 async def test_token_counts_no_column_can_hold_are_not_counts(
     store: JobStore, make_file: MakeFile
 ) -> None:
