@@ -954,6 +954,7 @@ class ApiClient:
 
 
 def _describe(exc: BaseException) -> str:
-    text = str(exc)
+    # An exception's text may quote what came over the wire, as aiohttp decoded it.
+    text = _header_text(str(exc))
     name = type(exc).__name__
     return f"{name}: {text}" if text else name
