@@ -166,10 +166,10 @@ def parse_retry_after_s(headers: Headers) -> float | None:
     return value
 
 
-def _header_text(value: str | None) -> str | None:
-    """Text from a status line or header as it can be kept: aiohttp keeps bytes that are not
-    UTF-8 (a proxy writing Latin-1) as lone surrogates, which neither JSON nor either database
-    can hold; they become U+FFFD, as in an answer's body."""
+def _kept_text(value: str | None) -> str | None:
+    """Text from a status line, a header or an exception, as it can be kept: aiohttp keeps
+    bytes that are not UTF-8 (a proxy writing Latin-1) as lone surrogates, which neither JSON
+    nor either database can hold; they become U+FFFD, as in an answer's body."""
     if value is None or value.isascii():
         return value
     try:
@@ -180,7 +180,7 @@ def _header_text(value: str | None) -> str | None:
 
 
 def _request_id(headers: Headers) -> str | None:
-    return _header_text(headers.get("x-request-id") or headers.get("request-id"))
+    return _kept_text(headers.get("x-request-id") or headers.get("request-id"))
 
 
 def _int_header(headers: Headers, name: str) -> int | None:
@@ -365,7 +365,7 @@ def _classify(
         # key travel to another host): sending the same request again cannot help.
         kind, error_kind = OutcomeKind.FAIL_JOB, f"http_{status}"
         if 300 <= status < 400 and "location" in headers:
-            location = _header_text(headers["location"])
+            location = _kept_text(headers["location"])
             message = f"{message}; redirected to {location}: fix the base URL"
     return Outcome(
         kind,
@@ -381,7 +381,7 @@ def _classify(
 
 
 def _fallback_message(status: int, reason: str | None, text: str) -> str:
-    head = f"HTTP {status}" + (f" {_header_text(reason)}" if reason else "")
+    head = f"HTTP {status}" + (f" {_kept_text(reason)}" if reason else "")
     snippet = " ".join(text.split())[:MESSAGE_BODY_CHARS]
     # An HTML error page says nothing a person wants to read in a status line.
     if snippet and not snippet.startswith("<"):
@@ -955,6 +955,6 @@ class ApiClient:
 
 def _describe(exc: BaseException) -> str:
     # An exception's text may quote what came over the wire, as aiohttp decoded it.
-    text = _header_text(str(exc))
+    text = _kept_text(str(exc))
     name = type(exc).__name__
     return f"{name}: {text}" if text else name

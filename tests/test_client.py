@@ -327,8 +327,10 @@ async def test_retry_after(
         ("a\ud800b", "a\ufffd\ufffd\ufffdb"),  # a surrogate that stands for no byte
     ],
 )
-def test_header_text_is_text_a_database_can_hold(value: str | None, kept: str | None) -> None:
-    assert client_module._header_text(value) == kept
+def test_text_from_the_wire_is_text_a_database_can_hold(
+    value: str | None, kept: str | None
+) -> None:
+    assert client_module._kept_text(value) == kept
     if kept is not None:
         kept.encode("utf-8")  # what JSON and both databases need
 
