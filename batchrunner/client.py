@@ -29,6 +29,7 @@ import orjson
 
 from batchrunner import __version__
 from batchrunner.outcome import Outcome, OutcomeKind, RateLimitInfo
+from batchrunner.states import kept_text
 
 #: Larger request bodies (base64 images, files) go to aiohttp as a stream, which it writes in
 #: pieces; raw bytes above 1 MiB make it warn (ResourceWarning) and copy them whole.
@@ -166,21 +167,8 @@ def parse_retry_after_s(headers: Headers) -> float | None:
     return value
 
 
-def _kept_text(value: str | None) -> str | None:
-    """Text from a status line, a header or an exception, as it can be kept: aiohttp keeps
-    bytes that are not UTF-8 (a proxy writing Latin-1) as lone surrogates, which neither JSON
-    nor either database can hold; they become U+FFFD, as in an answer's body."""
-    if value is None or value.isascii():
-        return value
-    try:
-        raw = value.encode("utf-8", "surrogateescape")
-    except UnicodeEncodeError:  # a surrogate that does not stand for a byte
-        raw = value.encode("utf-8", "surrogatepass")
-    return raw.decode("utf-8", "replace")
-
-
 def _request_id(headers: Headers) -> str | None:
-    return _kept_text(headers.get("x-request-id") or headers.get("request-id"))
+    return kept_text(headers.get("x-request-id") or headers.get("request-id"))
 
 
 def _int_header(headers: Headers, name: str) -> int | None:
@@ -365,7 +353,7 @@ def _classify(
         # key travel to another host): sending the same request again cannot help.
         kind, error_kind = OutcomeKind.FAIL_JOB, f"http_{status}"
         if 300 <= status < 400 and "location" in headers:
-            location = _kept_text(headers["location"])
+            location = kept_text(headers["location"])
             message = f"{message}; redirected to {location}: fix the base URL"
     return Outcome(
         kind,
@@ -381,7 +369,7 @@ def _classify(
 
 
 def _fallback_message(status: int, reason: str | None, text: str) -> str:
-    head = f"HTTP {status}" + (f" {_kept_text(reason)}" if reason else "")
+    head = f"HTTP {status}" + (f" {kept_text(reason)}" if reason else "")
     snippet = " ".join(text.split())[:MESSAGE_BODY_CHARS]
     # An HTML error page says nothing a person wants to read in a status line.
     if snippet and not snippet.startswith("<"):
@@ -955,6 +943,6 @@ class ApiClient:
 
 def _describe(exc: BaseException) -> str:
     # An exception's text may quote what came over the wire, as aiohttp decoded it.
-    text = _kept_text(str(exc))
+    text = kept_text(str(exc))
     name = type(exc).__name__
     return f"{name}: {text}" if text else name

@@ -40,7 +40,7 @@ from batchrunner.lines import (
     read_jobs,
     read_rows,
 )
-from batchrunner.states import BATCH_NAME_CHARS
+from batchrunner.states import BATCH_NAME_CHARS, kept_text
 from batchrunner.store import BatchExists, BatchInfo, DuplicateCustomId, JobStore
 
 #: Jobs handed to the database per INSERT.
@@ -180,8 +180,8 @@ async def submit_file(
     batch = BatchInfo(
         id=batch_id_for(sha),
         # A file name may be longer than the column (255 bytes): its start names the batch.
-        name=name or path.stem[:BATCH_NAME_CHARS],
-        source_file=str(path),
+        name=name or kept_text(path.stem)[:BATCH_NAME_CHARS],
+        source_file=kept_text(str(path)),
         content_sha256=sha,
         base_url=base_url,
         api_key_env=api_key_env,

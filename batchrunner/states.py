@@ -1,5 +1,5 @@
-"""The states a job goes through, and the widths of text columns, apart from the mapped
-tables (models.py).
+"""What the job tables hold, apart from the mapped tables (models.py): the states a job goes
+through, the widths of text columns, and text as both databases can keep it.
 
 The dispatcher and the store need only these; importing models.py would build the ORM mapping
 of every table on every run (~30 ms of start-up) for the few statements that use it.
@@ -8,6 +8,7 @@ of every table on every run (~30 ms of start-up) for the few statements that use
 from __future__ import annotations
 
 import enum
+from typing import overload
 
 
 class JobState(enum.StrEnum):
@@ -37,3 +38,21 @@ MODEL_CHARS = 200
 REQUEST_ID_CHARS = 200
 BATCH_NAME_CHARS = 200
 KEY_ENV_CHARS = 200
+
+
+@overload
+def kept_text(value: str) -> str: ...
+@overload
+def kept_text(value: None) -> None: ...
+def kept_text(value: str | None) -> str | None:
+    """Text from outside (a status line, a header, an exception, a file name) as it can be kept:
+    Python keeps bytes that are not UTF-8 as lone surrogates (aiohttp for a proxy writing
+    Latin-1, the file system for a name in another encoding), which neither JSON nor either
+    database can hold; they become U+FFFD, as in an answer's body."""
+    if value is None or value.isascii():
+        return value
+    try:
+        raw = value.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate that does not stand for a byte
+        raw = value.encode("utf-8", "surrogatepass")
+    return raw.decode("utf-8", "replace")

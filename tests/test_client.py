@@ -21,7 +21,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from batchrunner import __version__
-from batchrunner import client as client_module
 from batchrunner.client import (
     ApiClient,
     StreamAssembler,
@@ -31,6 +30,7 @@ from batchrunner.client import (
     parse_retry_after_s,
 )
 from batchrunner.outcome import Outcome, OutcomeKind, RateLimitInfo
+from batchrunner.states import kept_text
 
 ENDPOINT = "/v1/chat/completions"
 KEY = "sk-test-3f9a1c77e2b84d0c9d1e"
@@ -330,7 +330,7 @@ async def test_retry_after(
 def test_text_from_the_wire_is_text_a_database_can_hold(
     value: str | None, kept: str | None
 ) -> None:
-    assert client_module._kept_text(value) == kept
+    assert kept_text(value) == kept
     if kept is not None:
         kept.encode("utf-8")  # what JSON and both databases need
 

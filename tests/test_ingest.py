@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -241,6 +242,20 @@ async def test_names_longer_than_their_columns(store: JobStore, make_file: MakeF
     batch = await store.get_batch(result.batch.id)
     assert batch.name == "f" * BATCH_NAME_CHARS
     assert batch.api_key_env == "K" * KEY_ENV_CHARS
+
+
+async def test_a_file_name_that_is_not_utf8_names_the_batch(
+    store: JobStore, make_file: MakeFile
+) -> None:
+    # Python keeps its bytes as lone surrogates, which neither database can hold: the load
+    # failed with a traceback (SQLite) or a database error (PostgreSQL).
+    path = make_file([chat("a")])
+    latin1 = path.rename(path.with_name(os.fsdecode(b"caf\xe9.jsonl")))
+    result = await submit_file(store, latin1)
+    batch = await store.get_batch(result.batch.id)
+    assert batch.name == "caf\ufffd"
+    assert batch.source_file == str(latin1.parent / "caf\ufffd.jsonl")
+    assert (await store.counts(result.batch.id)).total == 1
 
 
 async def test_large_file_loads_in_chunks(sqlite_url: str, make_file: MakeFile) -> None:
