@@ -9,7 +9,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from batchrunner.errors import UsageError
-from batchrunner.states import KEY_ENV_CHARS
+from batchrunner.states import KEY_ENV_CHARS, kept_text
 
 DEFAULT_DB_URL = "sqlite:///batchrunner.db"
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
@@ -43,6 +43,8 @@ def check_base_url(base_url: str) -> str:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError on a port that is not a number
         usable = parts.scheme.lower() in ("http", "https") and bool(parts.hostname)
+        # Bytes that are not UTF-8 (in an argument or OPENAI_BASE_URL) name no host.
+        usable = usable and kept_text(url) == url
     except ValueError:  # an unclosed [IPv6 bracket, a port that is not a number
         usable = False
     if not usable:

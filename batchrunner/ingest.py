@@ -167,6 +167,7 @@ async def submit_file(
         raise UsageError(f"no such file: {path}")
     base_url = check_base_url(base_url) if base_url else DEFAULT_BASE_URL
     api_key_env = check_key_env(api_key_env) if api_key_env else DEFAULT_API_KEY_ENV
+    name = kept_text(name)
     if name is not None and len(name) > BATCH_NAME_CHARS:
         raise UsageError(f"--name is longer than {BATCH_NAME_CHARS} characters ({len(name)})")
     sha = file_sha256(path)

@@ -139,6 +139,7 @@ def test_a_batch_already_over_its_budget_is_an_abort_not_a_usage_error(
         "ftp://example.com/v1",
         "http://host:port/v1",
         "http://[not-an-address/v1",
+        "http://h\udcf4te.example/v1",  # a byte that is not UTF-8 on the command line
         "",
     ],
 )
