@@ -400,6 +400,10 @@ class Dispatcher:
     async def _run_with(self, client: ApiClient) -> None:
         writer = asyncio.create_task(self._writer(), name="writer")
         coordinator = asyncio.create_task(self._coordinator.run(), name="coordinator")
+        # Neither ends before the run does, unless broken: without heartbeats the leases lapse
+        # and other workers take the jobs back, so the run stops rather than go on without.
+        writer.add_done_callback(self._stop_if_broken)
+        coordinator.add_done_callback(self._stop_if_broken)
         feeder = asyncio.create_task(self._feeder(), name="feeder")
         workers = [
             asyncio.create_task(self._worker(client), name=f"worker-{i}")
@@ -419,8 +423,17 @@ class Dispatcher:
             await asyncio.gather(coordinator, return_exceptions=True)
             self._feeder_done.set()
             self._wake_writer.set()
-            await writer
+            # A writer that broke has stopped the run already (_stop_if_broken), and the
+            # journal keeps what it had not written.
+            await asyncio.gather(writer, return_exceptions=True)
             await self._give_back()
+
+    def _stop_if_broken(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        exc = task.exception()
+        log.error("the %s broke", task.get_name(), exc_info=exc)
+        self.stop(StopReason.ERROR, f"internal error in the {task.get_name()}: {exc!r}")
 
     async def _wait_until_done(self, feeder: asyncio.Task[None], workers: list[Any]) -> None:
         stop_wait = asyncio.create_task(self._stopping.wait())
@@ -768,6 +781,12 @@ class Dispatcher:
                 log.warning("recording results failed (%s); trying again", exc.message)
                 await asyncio.sleep(WRITE_RETRY_S * attempt)
                 continue
+            except Exception as exc:
+                # A bug, not the database: trying again cannot help. The writer goes on (the
+                # workers wait for its commits) and the answers wait in the journal.
+                log.exception("recording results broke the writer")
+                self.stop(StopReason.ERROR, f"internal error recording results: {exc!r}")
+                return False
             self.stats.fenced += outcome.fenced
             self.stats.unwritten = len(self._ended)
             return True

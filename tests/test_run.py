@@ -355,6 +355,65 @@ async def test_token_counts_no_column_can_hold_are_not_counts(
     assert tuple(counts) == (0, 0, 7)
 
 
+async def test_a_bug_in_recording_stops_the_run_and_keeps_its_answers(
+    store: JobStore, make_file: MakeFile, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A write that fails with something other than a database error is a bug: retrying it
+    # cannot help, and a writer that died of it left every worker waiting for a commit that
+    # never came. The run stops at once; its answers wait in its journal for the next run,
+    # which records them without sending anything again.
+    real_record = store.record
+
+    async def broken_record(*args: Any, **kwargs: Any) -> Any:
+        raise TypeError("a bug in the write")
+
+    monkeypatch.setattr(store, "record", broken_record)
+    async with FakeServer(FakeConfig()) as srv:
+        batch_id = await _submit(store, make_file([chat(f"q{i}") for i in range(20)]), srv)
+        rep = await asyncio.wait_for(_run(store, batch_id), timeout=60)
+        assert rep.exit_code == EXIT_ABORTED and rep.result.reason is StopReason.ERROR
+        assert "a bug in the write" in (rep.result.message or "")
+        sent = srv.stats.requests_total
+        assert sent >= 1
+        assert {row.state for row in await _job_rows(store, batch_id)} <= {"pending", "running"}
+
+        monkeypatch.setattr(store, "record", real_record)
+        again = await _run(store, batch_id)
+        assert again.exit_code == EXIT_OK
+        assert srv.stats.requests_total == sent + (20 - again.result.stats.recovered)
+        assert again.result.stats.recovered >= 1
+    assert {row.state for row in await _job_rows(store, batch_id)} == {"succeeded"}
+
+
+async def test_a_bug_in_coordination_stops_the_run(
+    store: JobStore, make_file: MakeFile, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Without its coordinator a run's leases would lapse unseen and other workers take its
+    # jobs: it stops instead, and the next run finishes the batch.
+    real_view = store.coordination_view
+    looks = 0
+
+    async def broken_view(*args: Any, **kwargs: Any) -> Any:
+        nonlocal looks
+        looks += 1
+        if looks == 1:  # the look before the first request (join)
+            return await real_view(*args, **kwargs)
+        raise TypeError("a bug in coordination")
+
+    monkeypatch.setattr(store, "coordination_view", broken_view)
+    async with FakeServer(FakeConfig(latency_ms=50)) as srv:
+        batch_id = await _submit(store, make_file([chat(f"q{i}") for i in range(2_000)]), srv)
+        slow = replace(FAST, concurrency=4)
+        rep = await asyncio.wait_for(_run(store, batch_id, slow), timeout=60)
+        assert rep.exit_code == EXIT_ABORTED and rep.result.reason is StopReason.ERROR
+        assert "internal error in the coordinator" in (rep.result.message or "")
+        assert "a bug in coordination" in (rep.result.message or "")
+        assert rep.result.unfinished > 0
+        monkeypatch.setattr(store, "coordination_view", real_view)
+        again = await _run(store, batch_id, replace(FAST, concurrency=64))
+    assert again.exit_code == EXIT_OK and again.result.unfinished == 0
+
+
 async def test_attempts_are_capped(store: JobStore, make_file: MakeFile) -> None:
     rows = [chat("[[fault:500]] always")]
     async with FakeServer(FakeConfig()) as srv:
