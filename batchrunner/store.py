@@ -1215,6 +1215,17 @@ def _result_columns(e: Ended) -> _Params:
     )
 
 
+def _attempt_columns(a: AttemptRecord) -> _Params:
+    """An attempt's columns from `status_code` to `started_at`, as both databases write them."""
+    return (
+        a.status_code,
+        a.error_kind,
+        a.latency_ms,
+        _name(a.request_id, REQUEST_ID_CHARS),
+        a.started_at,
+    )
+
+
 def _record_rows(
     batch_id: str,
     worker_id: str,
@@ -1243,19 +1254,7 @@ def _record_rows(
         )
         for e in ended
     ]
-    log = [
-        (
-            a.job_id,
-            batch_id,
-            worker_id,
-            a.status_code,
-            a.error_kind,
-            a.latency_ms,
-            _name(a.request_id, REQUEST_ID_CHARS),
-            a.started_at,
-        )
-        for a in attempts
-    ]
+    log = [(a.job_id, batch_id, worker_id, *_attempt_columns(a)) for a in attempts]
     return results, ends, log
 
 
@@ -1280,17 +1279,7 @@ def _record_params(
         if e.state is succeeded:
             results.append((e.job_id, e.status_code, *_result_columns(e)))
             responses.append(e.response)
-    log = [
-        (
-            a.job_id,
-            a.status_code,
-            a.error_kind,
-            a.latency_ms,
-            _name(a.request_id, REQUEST_ID_CHARS),
-            a.started_at,
-        )
-        for a in attempts
-    ]
+    log = [(a.job_id, *_attempt_columns(a)) for a in attempts]
     return (
         _json(ends),
         errors,

@@ -75,6 +75,44 @@ async def _count(store: JobStore, sql: str, **params: Any) -> int:
         return int((await conn.execute(text(sql), params)).scalar_one())
 
 
+async def _one_row(store: JobStore, sql: str, **params: Any) -> tuple[Any, ...]:
+    async with store.engine.connect() as conn:
+        return tuple((await conn.execute(text(sql), params)).one())
+
+
+def _completion(
+    content: str = "hi", model: str = "gpt-4o-mini", usage: dict[str, Any] | None = None
+) -> bytes:
+    """A chat completion's body as a server sends it (without usage when none is given)."""
+    completion: dict[str, Any] = {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "created": 1,
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": content},
+                "finish_reason": "stop",
+            }
+        ],
+    }
+    if usage is not None:
+        completion["usage"] = usage
+    return orjson.dumps(completion)
+
+
+async def _run_against(
+    store: JobStore, make_file: MakeFile, handler: Any, rows: list[Any]
+) -> tuple[RunReport, list[Any]]:
+    """Submit `rows`, run them against a local server answering with `handler`: the report and
+    the jobs' rows (`_job_rows`)."""
+    async with running(handler) as base_url:
+        batch_id = (await submit_file(store, make_file(rows), base_url=base_url)).batch.id
+        rep = await _run(store, batch_id)
+    return rep, await _job_rows(store, batch_id)
+
+
 async def test_every_job_succeeds_and_everything_is_kept(
     store: JobStore, make_file: MakeFile
 ) -> None:
@@ -169,42 +207,24 @@ async def test_an_answer_carrying_a_nul_character_is_recorded(
 ) -> None:
     # PostgreSQL's text cannot hold NUL: such an answer must not stop the run (nor every
     # run after it, each sending the request again).
-    completion = {
-        "id": "chatcmpl-nul",
-        "object": "chat.completion",
-        "created": 1,
-        "model": "gpt\u0000mini",
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": "a\u0000b"},
-                "finish_reason": "stop",
-            }
-        ],
-        "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5},
-    }
-    raw = orjson.dumps(completion)
+    usage = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+    raw = _completion("a\u0000b", model="gpt\u0000mini", usage=usage)
 
     async def handler(request: web.Request) -> web.StreamResponse:
         if "error" in (await request.text()):
             return web.Response(status=400, body=b"bad\x00request", content_type="text/plain")
         return web.Response(body=raw, content_type="application/json")
 
-    rows = [chat("error please"), chat("fine")]
-    async with running(handler) as base_url:
-        batch_id = (await submit_file(store, make_file(rows), base_url=base_url)).batch.id
-        rep = await _run(store, batch_id)
+    rep, (bad, good) = await _run_against(
+        store, make_file, handler, [chat("error please"), chat("fine")]
+    )
     assert rep.exit_code == EXIT_SOME_FAILED and rep.result.reason is StopReason.DONE
-    bad, good = await _job_rows(store, batch_id)
     assert bad.state == "failed" and bad.last_error == "bad\ufffdrequest"
     assert good.state == "succeeded"
     assert good.response == raw.decode()  # as received, the escape with it
     assert orjson.loads(good.response)["choices"][0]["message"]["content"] == "a\x00b"
-    async with store.engine.connect() as conn:
-        model = (
-            await conn.execute(text("SELECT model FROM results WHERE job_id = :j"), {"j": good.id})
-        ).scalar_one()
-    assert model == "gpt\ufffdmini"
+    saved = await _one_row(store, "SELECT model FROM results WHERE job_id = :j", j=good.id)
+    assert saved == ("gpt\ufffdmini",)
 
 
 async def test_names_in_an_answer_longer_than_their_columns_are_cut(
@@ -212,17 +232,7 @@ async def test_names_in_an_answer_longer_than_their_columns_are_cut(
 ) -> None:
     # A request id or a model longer than its column would fail every record of the run on
     # PostgreSQL: they are cut to fit (on both databases), the completion kept whole.
-    completion = {
-        "id": "chatcmpl-long",
-        "object": "chat.completion",
-        "created": 1,
-        "model": "m" * (MODEL_CHARS + 50),
-        "choices": [
-            {"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}
-        ],
-        "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5},
-    }
-    raw = orjson.dumps(completion)
+    raw = _completion(model="m" * (MODEL_CHARS + 50))
     request_id = "r" * (REQUEST_ID_CHARS + 50)
 
     async def handler(request: web.Request) -> web.StreamResponse:
@@ -230,27 +240,15 @@ async def test_names_in_an_answer_longer_than_their_columns_are_cut(
             body=raw, content_type="application/json", headers={"x-request-id": request_id}
         )
 
-    async with running(handler) as base_url:
-        batch_id = (
-            await submit_file(store, make_file([chat("hello")]), base_url=base_url)
-        ).batch.id
-        rep = await _run(store, batch_id)
+    rep, (job,) = await _run_against(store, make_file, handler, [chat("hello")])
     assert rep.exit_code == 0 and rep.result.reason is StopReason.DONE
-    (job,) = await _job_rows(store, batch_id)
     assert job.state == "succeeded" and job.response == raw.decode()
-    async with store.engine.connect() as conn:
-        saved = (
-            await conn.execute(
-                text("SELECT model, request_id FROM results WHERE job_id = :j"), {"j": job.id}
-            )
-        ).one()
-        logged = (
-            await conn.execute(
-                text("SELECT request_id FROM attempts WHERE job_id = :j"), {"j": job.id}
-            )
-        ).scalar_one()
-    assert tuple(saved) == ("m" * MODEL_CHARS, "r" * REQUEST_ID_CHARS)
-    assert logged == "r" * REQUEST_ID_CHARS
+    saved = await _one_row(
+        store, "SELECT model, request_id FROM results WHERE job_id = :j", j=job.id
+    )
+    assert saved == ("m" * MODEL_CHARS, "r" * REQUEST_ID_CHARS)
+    logged = await _one_row(store, "SELECT request_id FROM attempts WHERE job_id = :j", j=job.id)
+    assert logged == ("r" * REQUEST_ID_CHARS,)
 
 
 async def test_header_bytes_that_are_not_utf8_are_recorded(
@@ -260,21 +258,7 @@ async def test_header_bytes_that_are_not_utf8_are_recorded(
     # either database can hold: one such request id broke the worker and stopped every run.
     # Here a raw server writes them, as a proxy speaking Latin-1 might: in the request id of a
     # completion, and in the reason phrase and Location of a redirect (which fails the job).
-    completion = orjson.dumps(
-        {
-            "id": "chatcmpl-bytes",
-            "object": "chat.completion",
-            "created": 1,
-            "model": "gpt-4o-mini",
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": "hi"},
-                    "finish_reason": "stop",
-                }
-            ],
-        }
-    )
+    completion = _completion()
 
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = await reader.readuntil(b"\r\n\r\n")
@@ -319,40 +303,20 @@ async def test_token_counts_no_column_can_hold_are_not_counts(
     # A gateway's usage with counts past what a results column holds (2**40 overflows
     # PostgreSQL's integer, 1e300 every integer) must not stop the run, nor every run after
     # it: the completion is kept as received, the counts taken for missing.
-    completion = {
-        "id": "chatcmpl-huge",
-        "object": "chat.completion",
-        "created": 1,
-        "model": "gpt-4o-mini",
-        "choices": [
-            {"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}
-        ],
-        "usage": {"prompt_tokens": 2**40, "completion_tokens": 1e300, "total_tokens": 7},
-    }
-    raw = orjson.dumps(completion)
+    raw = _completion(usage={"prompt_tokens": 2**40, "completion_tokens": 1e300, "total_tokens": 7})
 
     async def handler(request: web.Request) -> web.StreamResponse:
         return web.Response(body=raw, content_type="application/json")
 
-    async with running(handler) as base_url:
-        batch_id = (
-            await submit_file(store, make_file([chat("hello")]), base_url=base_url)
-        ).batch.id
-        rep = await _run(store, batch_id)
+    rep, (job,) = await _run_against(store, make_file, handler, [chat("hello")])
     assert rep.exit_code == 0 and rep.result.reason is StopReason.DONE
-    (job,) = await _job_rows(store, batch_id)
     assert job.state == "succeeded" and job.response == raw.decode()
-    async with store.engine.connect() as conn:
-        counts = (
-            await conn.execute(
-                text(
-                    "SELECT prompt_tokens, completion_tokens, total_tokens FROM results"
-                    " WHERE job_id = :j"
-                ),
-                {"j": job.id},
-            )
-        ).one()
-    assert tuple(counts) == (0, 0, 7)
+    counts = await _one_row(
+        store,
+        "SELECT prompt_tokens, completion_tokens, total_tokens FROM results WHERE job_id = :j",
+        j=job.id,
+    )
+    assert counts == (0, 0, 7)
 
 
 async def test_a_bug_in_recording_stops_the_run_and_keeps_its_answers(
