@@ -7,7 +7,7 @@ import logging
 import os
 import signal
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal
 from pathlib import Path
 
@@ -20,12 +20,20 @@ from batchrunner.pricing import PriceBook
 from batchrunner.progress import show
 from batchrunner.store import BatchInfo, JobStore
 
+try:
+    import resource
+except ImportError:  # pragma: no cover - Windows: no open-file limit to raise
+    resource = None  # type: ignore[assignment]
+
 log = logging.getLogger(__name__)
 
 EXIT_OK = 0
 EXIT_ABORTED = 1
 EXIT_SOME_FAILED = 3
 EXIT_INTERRUPTED = 130
+#: Files a run keeps open besides its connections to the API: the database's (SQLite's file,
+#: WAL and journal, or PostgreSQL's connections), the answer journal's, the interpreter's own.
+OTHER_OPEN_FILES = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +119,7 @@ async def run(
                 " run again with a higher cap to go on"
             )
 
+    config = _within_open_files(config, warn)
     dispatcher = Dispatcher(
         store, batch, config, api_key=api_key, base_url=base_url, prices=prices, spent_usd=spent
     )
@@ -144,3 +153,34 @@ async def run(
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
     return RunReport(batch, result)
+
+
+def _within_open_files(config: RunConfig, warn: Callable[[str], None]) -> RunConfig:
+    """Room for `--concurrency` connections under the process's open-file limit.
+
+    A soft limit of 1,024 is common: a run with more connections than that failed request
+    after request with "Too many open files", then stopped. The soft limit is raised as far as
+    the hard one allows; when even that is too low, the run goes on with the concurrency that
+    fits, and says so.
+    """
+    if resource is None:
+        return config
+    wanted = config.concurrency + OTHER_OPEN_FILES
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return config
+    raised = wanted if hard == resource.RLIM_INFINITY else min(hard, wanted)
+    if raised > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+            soft = raised
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise the open-file limit to %d: %s", raised, exc)
+    if soft >= wanted:
+        return config
+    fits = max(1, soft - OTHER_OPEN_FILES)
+    warn(
+        f"warning: --concurrency {config.concurrency} needs {wanted} open files and this"
+        f" process may have {soft} (ulimit -n); running with --concurrency {fits}"
+    )
+    return replace(config, concurrency=fits)

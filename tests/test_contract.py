@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import resource
 import signal
 import sqlite3
 import subprocess
@@ -22,7 +24,7 @@ from batchrunner.config import RunConfig
 from batchrunner.errors import InputError, UsageError
 from batchrunner.fakeapi import FakeConfig, FakeServer, FakeServerThread
 from batchrunner.ingest import submit_file
-from batchrunner.runner import EXIT_SOME_FAILED, run
+from batchrunner.runner import EXIT_SOME_FAILED, OTHER_OPEN_FILES, run
 from batchrunner.store import JobStore
 from tests.conftest import chat, run_cli, write_jsonl
 
@@ -229,3 +231,28 @@ async def test_two_submits_of_one_file_at_once_give_one_batch(
 )
 def test_the_endpoint_goes_on_the_base_url_s_path(base_url: str, url: str) -> None:
     assert join_url(base_url, "/v1/chat/completions") == url
+
+
+@pytest.mark.parametrize(("soft", "hard"), [(100, None), (150, 150)])
+def test_a_concurrency_past_the_open_file_limit_still_runs(
+    make_file: MakeFile, sqlite_url: str, soft: int, hard: int | None
+) -> None:
+    """A soft limit of open files below --concurrency is raised as far as the hard one allows;
+    past the hard one the run goes on with what fits, and says so. Before, request after
+    request failed with "Too many open files" and the run stopped with an internal error."""
+    path = make_file([chat(f"q{i}") for i in range(600)])
+    limits = (soft, resource.getrlimit(resource.RLIMIT_NOFILE)[1] if hard is None else hard)
+    with FakeServerThread(FakeConfig(latency_ms=200)) as srv:
+        args = ["run", str(path), "--base-url", srv.url, "--concurrency", "200", "--quiet"]
+        done = subprocess.run(
+            [sys.executable, "-m", "batchrunner", "--db", sqlite_url, *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=os.environ,
+            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, limits),
+        )
+    assert done.returncode == 0, done.stderr
+    assert "Too many open files" not in done.stderr
+    narrowed = f"running with --concurrency {150 - OTHER_OPEN_FILES}"
+    assert (narrowed in done.stderr) == (hard is not None), done.stderr
