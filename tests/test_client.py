@@ -791,6 +791,72 @@ def test_assembler_concatenates_any_text(pieces: list[str], points: list[int]) -
     assert content == ("".join(pieces) if pieces else None)
 
 
+_JSON_KEYS = st.sampled_from(
+    [
+        "index",
+        "delta",
+        "content",
+        "role",
+        "tool_calls",
+        "function",
+        "arguments",
+        "name",
+        "id",
+        "type",
+        "logprobs",
+        "refusal",
+        "finish_reason",
+        "choices",
+        "usage",
+        "error",
+        "model",
+    ]
+)
+_ANY_JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=6),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_JSON_KEYS, inner, max_size=4),
+    max_leaves=15,
+)
+_ANY_CHOICE = st.fixed_dictionaries(
+    {},
+    optional={
+        "index": _ANY_JSON,
+        "delta": st.dictionaries(
+            st.sampled_from(["content", "role", "tool_calls", "function_call", "reasoning"]),
+            _ANY_JSON,
+            max_size=3,
+        )
+        | _ANY_JSON,
+        "logprobs": _ANY_JSON,
+        "finish_reason": _ANY_JSON,
+    },
+)
+_ANY_EVENT = st.fixed_dictionaries(
+    {},
+    optional={
+        "id": _ANY_JSON,
+        "model": _ANY_JSON,
+        "choices": st.lists(_ANY_CHOICE, max_size=3) | _ANY_JSON,
+        "usage": _ANY_JSON,
+        "error": _ANY_JSON,
+    },
+)
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(events=st.lists(_ANY_EVENT | _ANY_JSON, max_size=5))
+def test_any_stream_of_json_events_assembles_into_json(events: list[Any]) -> None:
+    """Whatever shape a gateway's events take, assembling them raises nothing and gives a
+    completion that can be written as JSON (the journal and both databases keep it so)."""
+    completion, done, _, _ = assemble([sse(*events)])
+    assert done
+    assert orjson.loads(orjson.dumps(completion)) == completion
+
+
 def test_assembler_every_byte_apart() -> None:
     data = N2_STREAM.replace(b"\n", b"\r\n")
     assert assemble([data[i : i + 1] for i in range(len(data))]) == assemble([data])
