@@ -129,15 +129,20 @@ def make_file(tmp_path: Path) -> Callable[..., Path]:
 
 
 def run_cli(
-    *args: str, db: str, env: dict[str, str] | None = None
+    *args: str,
+    db: str,
+    env: dict[str, str] | None = None,
+    preexec_fn: Callable[[], object] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """`batchrunner --db DB ARGS...` as a user runs it: a process of its own."""
+    """`batchrunner --db DB ARGS...` as a user runs it: a process of its own (`preexec_fn`
+    runs in it before batchrunner starts, to set a limit, say)."""
     return subprocess.run(
         [sys.executable, "-m", "batchrunner", "--db", db, *args],
         capture_output=True,
         text=True,
         timeout=120,
         env={**os.environ, **(env or {})},
+        preexec_fn=preexec_fn,
     )
 
 

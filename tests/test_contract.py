@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import resource
 import signal
 import sqlite3
@@ -243,13 +242,9 @@ def test_a_concurrency_past_the_open_file_limit_still_runs(
     path = make_file([chat(f"q{i}") for i in range(600)])
     limits = (soft, resource.getrlimit(resource.RLIMIT_NOFILE)[1] if hard is None else hard)
     with FakeServerThread(FakeConfig(latency_ms=200)) as srv:
-        args = ["run", str(path), "--base-url", srv.url, "--concurrency", "200", "--quiet"]
-        done = subprocess.run(
-            [sys.executable, "-m", "batchrunner", "--db", sqlite_url, *args],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            env=os.environ,
+        done = run_cli(
+            *("run", str(path), "--base-url", srv.url, "--concurrency", "200", "--quiet"),
+            db=sqlite_url,
             preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, limits),
         )
     assert done.returncode == 0, done.stderr
