@@ -35,6 +35,9 @@ class BatchStatus:
     workers: list[WorkerInfo]
     first_s: float | None
     last_s: float | None
+    #: How long the batch's workers ran, the time between runs left out (None: no worker
+    #: of it is known).
+    run_s: float | None = None
     now: float = field(default_factory=time.time)
 
     @property
@@ -60,13 +63,23 @@ class BatchStatus:
 
     @property
     def requests_per_s(self) -> float | None:
+        """Jobs ended per second: the pace of the live workers while the batch runs, else
+        the batch's own over the time its runs took."""
+        if self.workers:
+            return _live_pace([(w, w.succeeded + w.failed) for w in self.workers])
         ended = self.counts.counts["succeeded"] + self.counts.counts["failed"]
-        return ended / self.elapsed_s if self.elapsed_s and ended else None
+        return self._over_runs(ended)
 
     @property
     def tokens_per_s(self) -> float | None:
-        total = self.tokens["total_tokens"]
-        return total / self.elapsed_s if self.elapsed_s and total else None
+        if self.workers:
+            return _live_pace([(w, w.tokens) for w in self.workers])
+        return self._over_runs(self.tokens["total_tokens"])
+
+    def _over_runs(self, amount: int) -> float | None:
+        # A batch run twice an hour apart did not go at half its speed.
+        span = self.run_s or self.elapsed_s
+        return amount / span if span and amount else None
 
     @property
     def eta_s(self) -> float | None:
@@ -133,6 +146,7 @@ async def batch_status(
     costs = await model_costs(store, batch_id, groups, prices)
     models = [ModelCost(u, costs[u.model]) for u in usage_by_model(groups)]
     first, last = await store.first_and_last_finish(batch_id)
+    run_s = _union_s(await store.worker_spans(batch_id))
     return BatchStatus(
         batch=batch,
         counts=await store.counts(batch_id),
@@ -142,7 +156,30 @@ async def batch_status(
         workers=await store.live_workers(batch_id, time.time()),
         first_s=first,
         last_s=last,
+        run_s=run_s or None,
     )
+
+
+def _live_pace(reported: list[tuple[WorkerInfo, int]]) -> float | None:
+    """The sum of each live worker's pace: what it had done by its last heartbeat over the
+    time since it started. None until one of them has reported some."""
+    pace = sum(
+        amount / (w.heartbeat_at - w.started_at)
+        for w, amount in reported
+        if amount and w.heartbeat_at > w.started_at
+    )
+    return pace or None
+
+
+def _union_s(spans: list[tuple[float, float]]) -> float:
+    """The length of the union of the spans: workers running side by side count once."""
+    total = 0.0
+    covered_to = float("-inf")
+    for start, end in sorted(spans):
+        if end > covered_to:
+            total += end - max(start, covered_to)
+            covered_to = end
+    return total
 
 
 def usage_by_model(groups: list[UsageGroup]) -> list[ModelUsage]:

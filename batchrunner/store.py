@@ -708,6 +708,19 @@ class JobStore:
             ).all()
         return [WorkerInfo(*r) for r in rows]
 
+    async def worker_spans(self, batch_id: str) -> list[tuple[float, float]]:
+        """When each of the batch's workers ran: from its start to its stop, or to its last
+        heartbeat when it has not stopped (still running, or killed)."""
+        async with self.reading() as conn:
+            rows = (
+                await conn.execute(
+                    "SELECT started_at, COALESCE(stopped_at, heartbeat_at) FROM workers"
+                    " WHERE batch_id = :b",
+                    {"b": batch_id},
+                )
+            ).all()
+        return [(start, end) for start, end in rows]
+
     async def coordination_view(
         self, batch_id: str, *, since: float, host: str
     ) -> list[WorkerInfo]:

@@ -695,6 +695,81 @@ async def test_status_figures_of_two_batches_in_one_database_stay_apart(
         )
 
 
+async def _end_jobs(store: JobStore, batch_id: str, n: int, started: float) -> None:
+    """Claim and record n of the batch's jobs as succeeded, 30 tokens each, their one
+    attempt started at `started`."""
+    jobs = await store.claim(batch_id, "w-old", "token-old", n, started, 60.0)
+    ended = [
+        Ended(
+            job_id=job.id,
+            lease_token=job.lease_token,
+            state=JobState.SUCCEEDED,
+            attempts=1,
+            status_code=200,
+            latency_ms=500.0,
+            request_id="req",
+            response=orjson.dumps(_completion("answer")).decode(),
+            model="gpt-4o-mini",
+            prompt_tokens=29,
+            completion_tokens=1,
+            cached_tokens=0,
+            reasoning_tokens=0,
+            total_tokens=30,
+        )
+        for job in jobs
+    ]
+    attempts = [AttemptRecord(job.id, 200, None, 500.0, None, started) for job in jobs]
+    assert (await store.record(batch_id, "w-old", ended, attempts, started)).recorded == n
+
+
+async def test_status_pace_of_a_resumed_run_is_the_live_workers(
+    store: JobStore, make_file: MakeFile
+) -> None:
+    """A batch resumed an hour after its first run: the speed and the ETA are the run's own,
+    not the batch's ended jobs spread over the hour between."""
+    now = time.time()
+    path = make_file([chat(f"question {i}") for i in range(6)])
+    batch_id = (await submit_file(store, path)).batch.id
+    await _end_jobs(store, batch_id, 2, now - 3600.0)
+    await store.register_worker("w-live", batch_id, now - 20.0)
+    status = await report.batch_status(store, batch_id)
+    assert status.requests_per_s is None  # nothing reported yet: not known, not guessed
+    assert "speed     -" in report.render_status(status)
+    await store.heartbeat(
+        "w-live", batch_id, now - 2.0, 60.0,
+        sent=40, succeeded=30, failed=6, tokens=1080, paused_until=None,
+    )  # fmt: skip
+    status = await report.batch_status(store, batch_id)
+    assert status.requests_per_s == pytest.approx(36 / 18.0)
+    assert status.tokens_per_s == pytest.approx(1080 / 18.0)
+    assert status.eta_s == pytest.approx(4 / 2.0)  # the 4 unfinished jobs at 2 a second
+    assert "speed     2.0 req/s, 60 tokens/s, ETA 0m02s" in report.render_status(status)
+
+
+async def test_status_pace_of_an_ended_batch_leaves_out_the_time_between_runs(
+    store: JobStore, make_file: MakeFile
+) -> None:
+    """Three jobs, ended in runs an hour apart: 10 s, then two workers side by side from
+    100 s to 50 s ago. The speed is over those 60 s, not over the hour."""
+    now = time.time()
+    path = make_file([chat(f"question {i}") for i in range(3)])
+    batch_id = (await submit_file(store, path)).batch.id
+    await _end_jobs(store, batch_id, 3, now - 3695.0)
+    for worker_id, started, stopped in (
+        ("w-1", now - 3700.0, now - 3690.0),
+        ("w-2", now - 100.0, now - 60.0),
+        ("w-3", now - 80.0, now - 50.0),
+    ):
+        await store.register_worker(worker_id, batch_id, started)
+        await store.stop_worker(worker_id, stopped)
+    status = await report.batch_status(store, batch_id)
+    assert not status.workers
+    assert status.run_s == pytest.approx(60.0)
+    assert status.requests_per_s == pytest.approx(3 / 60.0)
+    assert status.tokens_per_s == pytest.approx(90 / 60.0)
+    assert status.eta_s is None
+
+
 @pytest.mark.slow
 async def test_csv_made_by_worker_processes_is_the_same_file(
     store: JobStore, make_file: MakeFile, monkeypatch: pytest.MonkeyPatch
