@@ -36,6 +36,16 @@ What it owns
   With no configured request limit, a 429 starts request pacing at the accepted rate (once that
   rests on enough attempts), and probing then raises it without a ceiling.
 
+  4. A few 429s, under ``SPORADIC_FRACTION`` (5 %) of what was sent in the window, lower the
+     pace set by one ``DECREASE_MARGIN`` step each, at most ``SPORADIC_DECREASES`` (2) times
+     in a row, and never start pacing a run that has none. A rate just over the server's limit
+     draws few 429s, and a step takes it under; but a server that refuses one request in a
+     hundred whatever the rate (an overloaded upstream behind a gateway) refuses as many at any
+     rate, and every slowdown drew the next one: 1 % of such 429s made a run at 200 ms latency
+     take 9 times as long. Their pauses still hold every acquirer, and probing still starts
+     over at each of them. A 429 among more refusals lowers the rate as in 2. and starts the
+     count over, and so does a probe's step up (five seconds went by without a 429).
+
 Contract: every ``acquire`` is followed by exactly one ``observe`` with the same token estimate,
 whatever happened to the attempt; the in-flight counts the header checks rely on come from that.
 Passing the time ``acquire`` returned as ``observe(..., sent_at_s=...)`` tells exactly which 429s
@@ -97,6 +107,10 @@ PROBE_STEP = 1.02
 #: 429: the limit is likely just above, and each 429 costs a pause of the whole run.
 PROBE_NEAR_CEILING_INTERVAL_S = 20.0
 CEILING_FRACTION = 0.98
+#: 429s under this fraction of the attempts sent in the window are "a few"...
+SPORADIC_FRACTION = 0.05
+#: ...and lower the rate at most this many times in a row (see the module's text, 4.).
+SPORADIC_DECREASES = 2
 #: The effective request rate never falls below this (or the configured rate, if lower).
 MIN_EFFECTIVE_RPM = 1.0
 #: The task waiting on the limits rechecks at least this often, so a raised limit or tokens
@@ -231,6 +245,8 @@ class Pacer:
         self._decreased_at_s = -math.inf
         #: The rate being sent when the last 429 episode began.
         self._ceiling_rpm = math.inf
+        #: Slowdowns in a row for a few 429s (SPORADIC_FRACTION).
+        self._sporadic_decreases = 0
         self._backoff_s = DEFAULT_BACKOFF_S
         self._rate_limited_count = 0
         self._in_flight = 0
@@ -336,6 +352,10 @@ class Pacer:
     def _slow_down(self, now: float, known_until_s: float) -> None:
         rates = self._rates(now, known_until_s)
         current = self._effective_rpm
+        if rates.sent_rpm - rates.accepted_rpm < SPORADIC_FRACTION * rates.sent_rpm:
+            self._slow_down_for_a_few(now, current)
+            return
+        self._sporadic_decreases = 0
         if current is None and rates.accepted < UNLIMITED_MIN_SAMPLES:
             return  # too little to start pacing from: the pause alone has to do
         # What was really being sent: less than the effective rate when the run sends less.
@@ -345,8 +365,20 @@ class Pacer:
             sending_rpm * DECREASE_MARGIN,
         )
         lowest_rpm = MIN_EFFECTIVE_RPM if current is None else min(MIN_EFFECTIVE_RPM, current)
-        self._set_effective(now, max(new_rpm, lowest_rpm))
-        self._ceiling_rpm = sending_rpm
+        self._decrease(now, max(new_rpm, lowest_rpm), sending_rpm)
+
+    def _slow_down_for_a_few(self, now: float, current: float | None) -> None:
+        """A few 429s (module text, 4.): one step down from the pace set, at most
+        SPORADIC_DECREASES in a row; they never start pacing a run that has none."""
+        if current is None or self._sporadic_decreases >= SPORADIC_DECREASES:
+            return
+        self._sporadic_decreases += 1
+        lowest_rpm = min(MIN_EFFECTIVE_RPM, current)
+        self._decrease(now, max(current * DECREASE_MARGIN, lowest_rpm), current)
+
+    def _decrease(self, now: float, rpm: float, ceiling_rpm: float) -> None:
+        self._set_effective(now, rpm)
+        self._ceiling_rpm = ceiling_rpm
         self._decreased_at_s = now
         self._stale_outcomes = self._in_flight
 
@@ -365,6 +397,8 @@ class Pacer:
             new_rpm = min(new_rpm, self._rpm)
         self._set_effective(now, new_rpm)
         self._last_rate_change_s = now
+        # Five seconds without a 429: a few more, at a higher rate, may come from the rate.
+        self._sporadic_decreases = 0
 
     def _set_effective(self, now: float, rpm: float) -> None:
         self._effective_rpm = rpm

@@ -304,6 +304,46 @@ async def test_a_run_converges_on_a_server_allowing_half_the_configured_rate(
     assert effective is not None and effective <= 1.05 * limit_per_s * 60
 
 
+@pytest.mark.parametrize("rpm", [6000.0, None], ids=["rpm", "no-rpm"])
+async def test_a_few_429s_that_do_not_come_from_the_rate_lower_it_only_twice(
+    rpm: float | None,
+) -> None:
+    """A server that refuses one request in a hundred whatever the rate (a gateway's overloaded
+    upstream, say): two slowdowns of 5 % at most, then the rate holds; without a configured
+    rate, no pacing starts. Before, every 429 after a slowdown slowed the run again, and a run
+    at 200 ms latency took 9 times as long."""
+    vt = VirtualTime()
+    p = pacer(vt, rpm)
+    answered = itertools.count(1)
+    refused = 0
+    jobs = 6000
+    todo = list(range(jobs))
+
+    async def worker() -> None:
+        nonlocal refused
+        while todo:
+            todo.pop()
+            while True:
+                sent_at_s = await p.acquire()
+                await vt.sleep(0.01)  # virtual time runs on per answer: 100 a second
+                if next(answered) % 100 == 0:
+                    refused += 1
+                    p.observe(rate_limited(0.1), sent_at_s=sent_at_s)
+                    continue
+                p.observe(success(), sent_at_s=sent_at_s)
+                break
+
+    await asyncio.gather(*(worker() for _ in range(10)))
+    assert refused >= 60
+    effective = p.snapshot().effective_rpm
+    if rpm is None:
+        assert effective is None  # a few 429s start no pacing
+    else:
+        assert effective is not None and effective >= 0.95**2 * rpm
+    # 60 s at 100 a second, the 429s' pauses and the two slowdowns.
+    assert vt.elapsed_s() <= 1.3 * jobs / 100
+
+
 async def test_pacing_at_the_servers_exact_limit_draws_almost_no_429s() -> None:
     vt = VirtualTime()
     p = pacer(vt, rpm=600)
@@ -429,7 +469,8 @@ async def test_set_limits_keeps_what_was_learned_as_a_fraction_of_the_share() ->
 async def test_repeating_the_same_limits_keeps_a_rate_learned_without_an_rpm() -> None:
     vt = VirtualTime()
     p = pacer(vt, None, tpm=1_000_000)
-    for _ in range(20):
+    # One 429 in eleven: more than a few (a few start no pacing).
+    for _ in range(10):
         await p.acquire(10.0)
         p.observe(success(10), 10.0)
     await p.acquire(10.0)
