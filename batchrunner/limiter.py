@@ -36,15 +36,17 @@ What it owns
   With no configured request limit, a 429 starts request pacing at the accepted rate (once that
   rests on enough attempts), and probing then raises it without a ceiling.
 
-  4. A few 429s, under ``SPORADIC_FRACTION`` (5 %) of what was sent in the window, lower the
-     pace set by one ``DECREASE_MARGIN`` step each, at most ``SPORADIC_DECREASES`` (2) times
-     in a row, and never start pacing a run that has none. A rate just over the server's limit
-     draws few 429s, and a step takes it under; but a server that refuses one request in a
-     hundred whatever the rate (an overloaded upstream behind a gateway) refuses as many at any
-     rate, and every slowdown drew the next one: 1 % of such 429s made a run at 200 ms latency
-     take 9 times as long. Their pauses still hold every acquirer, and probing still starts
-     over at each of them. A 429 among more refusals lowers the rate as in 2. and starts the
-     count over, and so does a probe's step up (five seconds went by without a 429).
+  4. A few 429s (under ``SPORADIC_FRACTION``, 5 %, of what was sent in the window, or no more
+     than ``SPORADIC_REFUSALS``, 3, in it) lower the pace set by one ``DECREASE_MARGIN`` step
+     each, at most ``SPORADIC_DECREASES`` (2) times in a row, and never start pacing a run that
+     has none. A rate just over the server's limit draws few 429s, and a step takes it under;
+     but a server that refuses one request in a hundred whatever the rate (an overloaded
+     upstream behind a gateway) refuses as many at any rate, and every slowdown drew the next
+     one: 1 % of such 429s made a run at 200 ms latency take 9 times as long. After those two
+     steps, a few 429s take a rate that probing raised back to the pace the steps left, no
+     lower. Their pauses still hold every acquirer, and probing still starts over at each of
+     them. A 429 among more refusals, or one whose ``x-ratelimit-remaining-*`` header is 0,
+     lowers the rate as in 2. and starts over.
 
 Contract: every ``acquire`` is followed by exactly one ``observe`` with the same token estimate,
 whatever happened to the attempt; the in-flight counts the header checks rely on come from that.
@@ -107,8 +109,10 @@ PROBE_STEP = 1.02
 #: 429: the limit is likely just above, and each 429 costs a pause of the whole run.
 PROBE_NEAR_CEILING_INTERVAL_S = 20.0
 CEILING_FRACTION = 0.98
-#: 429s under this fraction of the attempts sent in the window are "a few"...
+#: 429s under this fraction of the attempts sent in the window are "a few", and so are this
+#: many or fewer in the window (at a run's start, two in thirty say nothing yet)...
 SPORADIC_FRACTION = 0.05
+SPORADIC_REFUSALS = 3
 #: ...and lower the rate at most this many times in a row (see the module's text, 4.).
 SPORADIC_DECREASES = 2
 #: The effective request rate never falls below this (or the configured rate, if lower).
@@ -193,6 +197,11 @@ def _check_limit(name: str, value: float | None) -> None:
         raise ValueError(f"{name} must be a positive number or None, not {value!r}")
 
 
+def _exhausted(info: RateLimitInfo | None) -> bool:
+    """Whether a 429's own headers say a limit of ours ran out: a rate limit, however few."""
+    return info is not None and (info.remaining_requests == 0 or info.remaining_tokens == 0)
+
+
 def _total_tokens(outcome: Outcome) -> float | None:
     """The server's count of tokens used by a successful attempt, if it sent one."""
     if outcome.kind is not OutcomeKind.SUCCESS or outcome.completion is None:
@@ -245,8 +254,9 @@ class Pacer:
         self._decreased_at_s = -math.inf
         #: The rate being sent when the last 429 episode began.
         self._ceiling_rpm = math.inf
-        #: Slowdowns in a row for a few 429s (SPORADIC_FRACTION).
+        #: Slowdowns in a row for a few 429s (SPORADIC_FRACTION), and the pace they left.
         self._sporadic_decreases = 0
+        self._sporadic_floor_rpm = 0.0
         self._backoff_s = DEFAULT_BACKOFF_S
         self._rate_limited_count = 0
         self._in_flight = 0
@@ -327,7 +337,13 @@ class Pacer:
             self._stale_outcomes = max(0, self._stale_outcomes - 1)
         if outcome.error_kind == "rate_limit":
             self._refused.append(now)
-            self._on_rate_limited(now, outcome.retry_after_s, stale=stale, sent_at_s=sent_at_s)
+            self._on_rate_limited(
+                now,
+                outcome.retry_after_s,
+                stale=stale,
+                sent_at_s=sent_at_s,
+                exhausted=_exhausted(outcome.ratelimit),
+            )
         elif outcome.kind is OutcomeKind.SUCCESS:
             self._backoff_s = DEFAULT_BACKOFF_S
             self._correct_tokens(outcome, estimated_tokens)
@@ -336,7 +352,13 @@ class Pacer:
         self._forget_before(now - self._window_s())
 
     def _on_rate_limited(
-        self, now: float, retry_after_s: float | None, *, stale: bool, sent_at_s: float | None
+        self,
+        now: float,
+        retry_after_s: float | None,
+        *,
+        stale: bool,
+        sent_at_s: float | None,
+        exhausted: bool = False,
     ) -> None:
         self._rate_limited_count += 1
         # Probing starts over: the server just said the current rate is too much.
@@ -347,12 +369,15 @@ class Pacer:
             self._pause(now, now + self._backoff_s)
             self._backoff_s = min(self._backoff_s * 2, DEFAULT_BACKOFF_MAX_S)
         if not stale:
-            self._slow_down(now, now if sent_at_s is None else sent_at_s)
+            self._slow_down(now, now if sent_at_s is None else sent_at_s, exhausted=exhausted)
 
-    def _slow_down(self, now: float, known_until_s: float) -> None:
+    def _slow_down(self, now: float, known_until_s: float, *, exhausted: bool = False) -> None:
         rates = self._rates(now, known_until_s)
         current = self._effective_rpm
-        if rates.sent_rpm - rates.accepted_rpm < SPORADIC_FRACTION * rates.sent_rpm:
+        few = len(self._refused) <= SPORADIC_REFUSALS or (
+            rates.sent_rpm - rates.accepted_rpm < SPORADIC_FRACTION * rates.sent_rpm
+        )
+        if few and not exhausted:
             self._slow_down_for_a_few(now, current)
             return
         self._sporadic_decreases = 0
@@ -368,13 +393,22 @@ class Pacer:
         self._decrease(now, max(new_rpm, lowest_rpm), sending_rpm)
 
     def _slow_down_for_a_few(self, now: float, current: float | None) -> None:
-        """A few 429s (module text, 4.): one step down from the pace set, at most
-        SPORADIC_DECREASES in a row; they never start pacing a run that has none."""
-        if current is None or self._sporadic_decreases >= SPORADIC_DECREASES:
+        """A few 429s (module text, 4.): one step down from the pace set, SPORADIC_DECREASES
+        times in a row, then no lower than the pace those steps left; they never start pacing
+        a run that has none."""
+        if current is None:
             return
-        self._sporadic_decreases += 1
         lowest_rpm = min(MIN_EFFECTIVE_RPM, current)
-        self._decrease(now, max(current * DECREASE_MARGIN, lowest_rpm), current)
+        new_rpm = max(current * DECREASE_MARGIN, lowest_rpm)
+        if self._sporadic_decreases < SPORADIC_DECREASES:
+            self._sporadic_decreases += 1
+            self._sporadic_floor_rpm = new_rpm
+        elif current > self._sporadic_floor_rpm:
+            # Probing took the rate above that pace, and 429s came again: back towards it.
+            new_rpm = max(new_rpm, self._sporadic_floor_rpm)
+        else:
+            return
+        self._decrease(now, new_rpm, current)
 
     def _decrease(self, now: float, rpm: float, ceiling_rpm: float) -> None:
         self._set_effective(now, rpm)
@@ -397,8 +431,6 @@ class Pacer:
             new_rpm = min(new_rpm, self._rpm)
         self._set_effective(now, new_rpm)
         self._last_rate_change_s = now
-        # Five seconds without a 429: a few more, at a higher rate, may come from the rate.
-        self._sporadic_decreases = 0
 
     def _set_effective(self, now: float, rpm: float) -> None:
         self._effective_rpm = rpm
