@@ -369,10 +369,14 @@ async def _answer_all(
     batch_id: str,
     answer: Callable[[int], dict[str, Any] | str],
     usage: Callable[[int], tuple[str, int, int]] = _mini_usage,
+    *,
+    limit: int = 10_000,
+    started: float | None = None,
 ) -> None:
-    """Claim every job and record `answer(line)` as its completion (a str: sent as is), with
-    the model and the prompt and completion tokens `usage(line)` in the result's columns."""
-    jobs = await store.claim(batch_id, "w-test", "t-1", 10_000, time.time(), 60.0)
+    """Claim every job (or `limit` of them) and record `answer(line)` as its completion (a str:
+    sent as is), with the model and the prompt and completion tokens `usage(line)` in the
+    result's columns; with `started`, each with one attempt started then."""
+    jobs = await store.claim(batch_id, "w-test", "t-1", limit, time.time(), 60.0)
     ended = []
     for job in jobs:
         completion = answer(job.line)
@@ -396,7 +400,12 @@ async def _answer_all(
                 total_tokens=prompt + completed,
             )
         )
-    outcome = await store.record(batch_id, "w-test", ended, [], time.time())
+    attempts = (
+        []
+        if started is None
+        else [AttemptRecord(j.id, 200, None, 12.5, None, started) for j in jobs]
+    )
+    outcome = await store.record(batch_id, "w-test", ended, attempts, time.time())
     assert outcome.recorded == len(jobs)
 
 
@@ -695,33 +704,6 @@ async def test_status_figures_of_two_batches_in_one_database_stay_apart(
         )
 
 
-async def _end_jobs(store: JobStore, batch_id: str, n: int, started: float) -> None:
-    """Claim and record n of the batch's jobs as succeeded, 30 tokens each, their one
-    attempt started at `started`."""
-    jobs = await store.claim(batch_id, "w-old", "token-old", n, started, 60.0)
-    ended = [
-        Ended(
-            job_id=job.id,
-            lease_token=job.lease_token,
-            state=JobState.SUCCEEDED,
-            attempts=1,
-            status_code=200,
-            latency_ms=500.0,
-            request_id="req",
-            response=orjson.dumps(_completion("answer")).decode(),
-            model="gpt-4o-mini",
-            prompt_tokens=29,
-            completion_tokens=1,
-            cached_tokens=0,
-            reasoning_tokens=0,
-            total_tokens=30,
-        )
-        for job in jobs
-    ]
-    attempts = [AttemptRecord(job.id, 200, None, 500.0, None, started) for job in jobs]
-    assert (await store.record(batch_id, "w-old", ended, attempts, started)).recorded == n
-
-
 async def test_status_pace_of_a_resumed_run_is_the_live_workers(
     store: JobStore, make_file: MakeFile
 ) -> None:
@@ -730,7 +712,9 @@ async def test_status_pace_of_a_resumed_run_is_the_live_workers(
     now = time.time()
     path = make_file([chat(f"question {i}") for i in range(6)])
     batch_id = (await submit_file(store, path)).batch.id
-    await _end_jobs(store, batch_id, 2, now - 3600.0)
+    await _answer_all(
+        store, batch_id, lambda line: _completion("answer"), limit=2, started=now - 3600
+    )
     await store.register_worker("w-live", batch_id, now - 20.0)
     status = await report.batch_status(store, batch_id)
     assert status.requests_per_s is None  # nothing reported yet: not known, not guessed
@@ -754,7 +738,7 @@ async def test_status_pace_of_an_ended_batch_leaves_out_the_time_between_runs(
     now = time.time()
     path = make_file([chat(f"question {i}") for i in range(3)])
     batch_id = (await submit_file(store, path)).batch.id
-    await _end_jobs(store, batch_id, 3, now - 3695.0)
+    await _answer_all(store, batch_id, lambda line: _completion("answer"), started=now - 3695)
     for worker_id, started, stopped in (
         ("w-1", now - 3700.0, now - 3690.0),
         ("w-2", now - 100.0, now - 60.0),
@@ -766,7 +750,7 @@ async def test_status_pace_of_an_ended_batch_leaves_out_the_time_between_runs(
     assert not status.workers
     assert status.run_s == pytest.approx(60.0)
     assert status.requests_per_s == pytest.approx(3 / 60.0)
-    assert status.tokens_per_s == pytest.approx(90 / 60.0)
+    assert status.tokens_per_s == pytest.approx(3 * 12 / 60.0)  # 12 tokens a job
     assert status.eta_s is None
 
 
