@@ -8,6 +8,7 @@ import time
 from typing import TextIO
 
 from batchrunner.dispatcher import Dispatcher
+from batchrunner.limiter import PacerStats
 
 #: Without a terminal, one status line this often.
 PLAIN_EVERY_S = 5.0
@@ -24,6 +25,15 @@ def _fmt_eta(seconds: float | None) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
+def slowed_to(snap: PacerStats) -> float | None:
+    """The request rate 429s have set below the one asked for (without `--rpm`, any rate
+    they have set), or None: a slow run says why."""
+    rpm = snap.effective_rpm
+    if rpm is None or (snap.rpm is not None and rpm >= snap.rpm):
+        return None
+    return rpm
+
+
 def status_line(d: Dispatcher) -> str:
     st = d.stats
     now = time.monotonic()
@@ -38,8 +48,8 @@ def status_line(d: Dispatcher) -> str:
     )
     if snap.pause_left_s > 0:
         line += f", paused {snap.pause_left_s:.1f}s by the server"
-    if snap.effective_rpm is not None and snap.rpm is not None and snap.effective_rpm < snap.rpm:
-        line += f", slowed to {snap.effective_rpm:.0f} rpm"
+    if (rpm := slowed_to(snap)) is not None:
+        line += f", slowed to {rpm:.0f} rpm by 429s"
     return line
 
 
@@ -81,6 +91,8 @@ async def _live(d: Dispatcher, out: TextIO) -> None:
                 )
                 if snap.pause_left_s > 0:
                     detail += f"  paused {snap.pause_left_s:.1f}s"
+                if (rpm := slowed_to(snap)) is not None:
+                    detail += f"  slowed to {rpm:.0f} rpm"
                 bar.update(
                     task,
                     total=st.total or None,

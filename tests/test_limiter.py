@@ -9,6 +9,7 @@ import math
 
 import pytest
 
+from batchrunner import progress
 from batchrunner.limiter import (
     BURST_S,
     DEFAULT_BACKOFF_S,
@@ -519,6 +520,21 @@ async def test_repeating_the_same_limits_keeps_a_rate_learned_without_an_rpm() -
 
     p.set_limits(None, 1_000_000)
     assert p.snapshot().effective_rpm == learned
+
+
+@pytest.mark.parametrize("rpm", [6000.0, None], ids=["rpm", "no-rpm"])
+async def test_progress_says_when_429s_slowed_the_run(rpm: float | None) -> None:
+    """With or without --rpm, a rate the 429s set is shown; the rate asked for is not."""
+    vt = VirtualTime()
+    p = pacer(vt, rpm)
+    assert progress.slowed_to(p.snapshot()) is None
+    for _ in range(10):
+        p.observe(success(), sent_at_s=await p.acquire())
+    for _ in range(SPORADIC_REFUSALS + 1):
+        p.observe(rate_limited(1.0), sent_at_s=await p.acquire())
+    effective = p.snapshot().effective_rpm
+    assert effective is not None and effective < 6000
+    assert progress.slowed_to(p.snapshot()) == effective
 
 
 async def test_snapshot_of_a_fresh_pacer() -> None:
