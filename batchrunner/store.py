@@ -212,9 +212,17 @@ _BATCH_COLUMNS = (
 )
 _CLAIM_COLUMNS = "id, custom_id, line, endpoint, body, model, stream, est_tokens, attempts"
 
+# A running job given back to pending (its run stopped, died or lost its lease) may have been
+# retried under that lease, and its holder logged those attempts: they count against
+# --max-attempts like those of runs that ended the job, and the job's attempts stay those of
+# its log. Its claim set updated_at; heartbeats leave it alone.
+_COUNT_LOGGED = (
+    "attempts = attempts + (SELECT count(*) FROM attempts a WHERE a.job_id = jobs.id"
+    " AND a.worker_id = jobs.lease_owner AND a.started_at >= jobs.updated_at)"
+)
 _EXPIRE_LEASES_SQL = (
     "UPDATE jobs SET state = 'pending', lease_owner = NULL, lease_token = NULL,"
-    " lease_expires_at = NULL, updated_at = :now"
+    f" lease_expires_at = NULL, updated_at = :now, {_COUNT_LOGGED}"
     " WHERE batch_id = :batch AND state = 'running' AND lease_expires_at < :now"
 )
 # SQLite's claim goes to sqlite3 as it is (see SqliteDatabase.transaction): sqlite3 binds the
@@ -838,7 +846,7 @@ class JobStore:
         async with self._write() as conn:
             return await conn.executemany(
                 "UPDATE jobs SET state = 'pending', lease_owner = NULL, lease_token = NULL,"
-                " lease_expires_at = NULL, not_before = :nb, updated_at = :now"
+                f" lease_expires_at = NULL, not_before = :nb, updated_at = :now, {_COUNT_LOGGED}"
                 " WHERE id = :id AND lease_token = :token AND lease_owner = :w"
                 " AND state = 'running'",
                 params,
@@ -851,7 +859,7 @@ class JobStore:
         async with self._write() as conn:
             result = await conn.execute(
                 "UPDATE jobs SET state = 'pending', lease_owner = NULL, lease_token = NULL,"
-                " lease_expires_at = NULL, updated_at = :now"
+                f" lease_expires_at = NULL, updated_at = :now, {_COUNT_LOGGED}"
                 " WHERE batch_id = :b AND state = 'running' AND lease_owner = :w",
                 {"b": batch_id, "w": worker_id, "now": time.time()},
             )
@@ -1316,7 +1324,7 @@ async def _reap(conn: Connection, batch_id: str, worker_ids: Sequence[str], now:
     for wid in worker_ids:
         result = await conn.execute(
             "UPDATE jobs SET state = 'pending', lease_owner = NULL, lease_token = NULL,"
-            " lease_expires_at = NULL, updated_at = :now"
+            f" lease_expires_at = NULL, updated_at = :now, {_COUNT_LOGGED}"
             " WHERE batch_id = :b AND state = 'running' AND lease_owner = :w",
             {"b": batch_id, "w": wid, "now": now},
         )

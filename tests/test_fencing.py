@@ -184,6 +184,66 @@ async def test_an_expired_lease_nobody_took_over_still_records(
     assert await store.claim(batch_id, "worker-b", "token-b", 10, now + 1, LONG_LEASE_S) == []
 
 
+@pytest.mark.parametrize("given_back", ["release", "release_all", "reap", "expiry"])
+async def test_attempts_logged_under_a_lease_given_back_count_for_the_job(
+    store: JobStore, make_file: MakeFile, given_back: str
+) -> None:
+    """A run stopped, dead or out of its lease while it retried a job had logged those
+    attempts: they count for the job when it goes back to pending (against --max-attempts,
+    and in its attempts), and its final count is its log's. Before, they were in the log only."""
+    batch_id = await _one_job_batch(store, make_file)
+    t0 = time.time()
+    lease_s = SHORT_LEASE_S if given_back == "expiry" else LONG_LEASE_S
+    (a,) = await store.claim(batch_id, "worker-a", "token-a", 10, t0, lease_s)
+    # What the writer logs every flush for a job still being retried: attempts, no end.
+    tried = [AttemptRecord(a.id, 500, "http_500", 5.0, None, t0 + k * 0.1) for k in (1, 2)]
+    assert (await store.record(batch_id, "worker-a", [], tried, t0 + 0.3)).recorded == 0
+    if given_back == "release":
+        assert await store.release("worker-a", [(a.id, a.lease_token)]) == 1
+    elif given_back == "release_all":
+        assert await store.release_all("worker-a", batch_id) == 1
+    elif given_back == "reap":
+        assert await store.reap_workers(batch_id, ["worker-a"], t0 + 0.4) == 1
+    (b,) = await store.claim(batch_id, "worker-b", "token-b", 10, t0 + TAKEOVER_S, LONG_LEASE_S)
+    assert b.attempts == 2
+    last = AttemptRecord(b.id, 200, None, 5.0, None, t0 + TAKEOVER_S + 0.1)
+    done = await store.record(batch_id, "worker-b", [succeeded(b, "B")], [last], t0 + 2.0)
+    assert done.recorded == 1
+    (job,) = await _rows(store, "SELECT attempts FROM jobs")
+    (logged,) = await _rows(store, "SELECT count(*) AS n FROM attempts")
+    assert job.attempts == logged.n == 3
+
+
+async def test_attempts_before_a_retry_do_not_count_again_when_its_run_stops(
+    store: JobStore, make_file: MakeFile
+) -> None:
+    """`retry` gives a failed job a fresh allowance and keeps its log; a run stopped while it
+    retried the job adds only its own attempts."""
+    batch_id = await _one_job_batch(store, make_file)
+    t0 = time.time()
+    (a,) = await store.claim(batch_id, "worker-a", "token-a", 10, t0, LONG_LEASE_S)
+    first = [AttemptRecord(a.id, 500, "http_500", 5.0, None, t0 + k * 0.1) for k in (1, 2)]
+    failed = Ended(
+        job_id=a.id,
+        lease_token=a.lease_token,
+        state=JobState.FAILED,
+        attempts=2,
+        status_code=500,
+        latency_ms=5.0,
+        error_kind="http_500",
+        error="no",
+    )
+    assert (await store.record(batch_id, "worker-a", [failed], first, t0 + 0.3)).recorded == 1
+    assert await store.retry_failed(batch_id) == 1
+    (b,) = await store.claim(batch_id, "worker-a", "token-b", 10, t0 + 1.0, LONG_LEASE_S)
+    assert b.attempts == 0
+    again = [AttemptRecord(b.id, 500, "http_500", 5.0, None, t0 + 1.1)]
+    await store.record(batch_id, "worker-a", [], again, t0 + 1.2)
+    assert await store.release_all("worker-a", batch_id) == 1
+    (job,) = await _rows(store, "SELECT attempts FROM jobs")
+    assert job.attempts == 1
+
+
 async def test_a_record_keeps_every_field_exactly(store: JobStore, make_file: MakeFile) -> None:
     """Not fencing: what a record writes, field by field, in both jobs' order and out of it."""
     rows = [chat(f"field {i}") for i in range(3)]
