@@ -14,6 +14,7 @@ import sqlite3
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -223,16 +224,7 @@ async def test_attempts_before_a_retry_do_not_count_again_when_its_run_stops(
     t0 = time.time()
     (a,) = await store.claim(batch_id, "worker-a", "token-a", 10, t0, LONG_LEASE_S)
     first = [AttemptRecord(a.id, 500, "http_500", 5.0, None, t0 + k * 0.1) for k in (1, 2)]
-    failed = Ended(
-        job_id=a.id,
-        lease_token=a.lease_token,
-        state=JobState.FAILED,
-        attempts=2,
-        status_code=500,
-        latency_ms=5.0,
-        error_kind="http_500",
-        error="no",
-    )
+    failed = replace(_failure(a), attempts=2)
     assert (await store.record(batch_id, "worker-a", [failed], first, t0 + 0.3)).recorded == 1
     assert await store.retry_failed(batch_id) == 1
     (b,) = await store.claim(batch_id, "worker-a", "token-b", 10, t0 + 1.0, LONG_LEASE_S)
