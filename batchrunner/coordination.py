@@ -65,6 +65,9 @@ HEARTBEATS_PER_LEASE = 3
 STALE_HEARTBEATS = 4
 #: After a failed heartbeat, the next try comes this soon rather than a whole interval later.
 HEARTBEAT_RETRY_S = 1.0
+#: The first heartbeat comes this soon after the start: `status` takes a run's speed from its
+#: heartbeats, and showed none for the whole first interval (15 s).
+FIRST_HEARTBEAT_S = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,7 +168,7 @@ class Coordinator:
     async def run(self) -> None:
         """Publish pauses, look and beat on their own schedules until cancelled."""
         next_look = time.monotonic() + COORDINATE_EVERY_S
-        next_beat = time.monotonic() + self.heartbeat_s
+        next_beat = time.monotonic() + min(FIRST_HEARTBEAT_S, self.heartbeat_s)
         while True:
             await asyncio.sleep(PAUSE_CHECK_S)
             try:

@@ -9,6 +9,7 @@ named by BATCHRUNNER_TEST_PG; the coordinator tests run on SQLite and PostgreSQL
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import signal
@@ -24,6 +25,7 @@ import orjson
 import pytest
 from sqlalchemy import text
 
+from batchrunner import report
 from batchrunner.config import LEASE_ENV
 from batchrunner.coordination import JOIN_HOLD_S, Coordinator, WorkerCounters
 from batchrunner.fakeapi import FakeConfig, FakeServerThread
@@ -31,7 +33,7 @@ from batchrunner.ingest import submit_file
 from batchrunner.limiter import Pacer
 from batchrunner.models import JobState
 from batchrunner.outcome import Outcome, OutcomeKind
-from batchrunner.store import Ended, JobStore
+from batchrunner.store import Ended, JobStore, this_host
 from tests.conftest import chat, dead_pid
 
 MakeFile = Callable[..., Path]
@@ -140,6 +142,42 @@ async def test_without_limits_nothing_is_divided(store: JobStore, make_file: Mak
     assert (await _coordinator(store, batch_id, "w-a", pacer).look()).workers == 2
     snap = pacer.snapshot()
     assert snap.rpm is None and snap.tpm is None
+
+
+async def test_the_first_heartbeat_reports_progress_within_seconds(
+    store: JobStore, make_file: MakeFile
+) -> None:
+    """`status` takes a run's speed from its heartbeats: with the first a whole interval (15 s)
+    in, it showed "speed -" for the first quarter of a minute of every run."""
+    batch_id = await _batch(store, make_file, 1, "http://127.0.0.1:9/v1")
+    started = time.time()
+    await store.register_worker("w-a", batch_id, started)
+    coordinator = Coordinator(
+        store,
+        batch_id,
+        "w-a",
+        Pacer(None, None),
+        rpm=None,
+        tpm=None,
+        lease_s=60.0,
+        heartbeat_s=15.0,
+        counters=lambda: WorkerCounters(sent=5, succeeded=4, failed=1, tokens=90),
+    )
+    beating = asyncio.create_task(coordinator.run())
+    try:
+        for _ in range(100):  # 10 s at most, still well within the 15 s interval
+            await asyncio.sleep(0.1)
+            (worker,) = await store.coordination_view(batch_id, since=started, host=this_host())
+            if worker.sent:
+                break
+    finally:
+        beating.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await beating
+    assert (worker.sent, worker.succeeded, worker.failed, worker.tokens) == (5, 4, 1, 90)
+    assert worker.heartbeat_at - started < 15.0
+    status = await report.batch_status(store, batch_id)
+    assert status.requests_per_s is not None and status.requests_per_s > 0
 
 
 async def test_a_dead_worker_of_this_machine_is_reaped_and_its_jobs_come_back(
@@ -360,6 +398,11 @@ def launcher(tmp_path: Path) -> Iterator[Launcher]:
         yield started
     finally:
         started.kill_all()
+
+
+async def _published_pauses(store: JobStore, batch_id: str) -> int:
+    sql = "SELECT COUNT(*) FROM workers WHERE batch_id = :b AND paused_until IS NOT NULL"
+    return int(await _scalar(store, sql, b=batch_id))
 
 
 async def _wait_for_exit(workers: list[WorkerProcess], timeout_s: float = RUN_TIMEOUT_S) -> None:
@@ -666,7 +709,13 @@ async def test_workers_above_the_server_s_limit_slow_down_and_lose_nothing(
             concurrency=8,
             extra=("--rpm", str(2 * server_rpm), "--max-attempts", "30"),
         )
-        await _wait_for_exit(workers)
+        # Watched while they run: a heartbeat after a pause has ended clears it from the row.
+        published = 0
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while any(w.proc.poll() is None for w in workers) and time.monotonic() < deadline:
+            published = max(published, await _published_pauses(store, batch_id))
+            await asyncio.sleep(POLL_S)
+        await _wait_for_exit(workers, timeout_s=0.0)
         stats = srv.stats
 
     _assert_exited_cleanly(workers)
@@ -675,9 +724,4 @@ async def test_workers_above_the_server_s_limit_slow_down_and_lose_nothing(
     refused = stats.answers_by_status.get("429", 0)
     # Refusals happened, and the workers adapted instead of sending everything twice.
     assert 0 < refused < total, stats.answers_by_status
-    published = await _scalar(
-        store,
-        "SELECT COUNT(*) FROM workers WHERE batch_id = :b AND paused_until IS NOT NULL",
-        b=batch_id,
-    )
     assert published >= 1
