@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -405,11 +405,18 @@ async def _published_pauses(store: JobStore, batch_id: str) -> int:
     return int(await _scalar(store, sql, b=batch_id))
 
 
-async def _wait_for_exit(workers: list[WorkerProcess], timeout_s: float = RUN_TIMEOUT_S) -> None:
+async def _wait_for_exit(
+    workers: list[WorkerProcess],
+    timeout_s: float = RUN_TIMEOUT_S,
+    *,
+    each_poll: Callable[[], Awaitable[None]] | None = None,
+) -> None:
     deadline = time.monotonic() + timeout_s
     while any(w.proc.poll() is None for w in workers):
         if time.monotonic() > deadline:
             raise AssertionError(f"workers still running after {timeout_s}s")
+        if each_poll is not None:
+            await each_poll()
         await asyncio.sleep(POLL_S)
 
 
@@ -711,11 +718,12 @@ async def test_workers_above_the_server_s_limit_slow_down_and_lose_nothing(
         )
         # Watched while they run: a heartbeat after a pause has ended clears it from the row.
         published = 0
-        deadline = time.monotonic() + RUN_TIMEOUT_S
-        while any(w.proc.poll() is None for w in workers) and time.monotonic() < deadline:
+
+        async def watch() -> None:
+            nonlocal published
             published = max(published, await _published_pauses(store, batch_id))
-            await asyncio.sleep(POLL_S)
-        await _wait_for_exit(workers, timeout_s=0.0)
+
+        await _wait_for_exit(workers, each_poll=watch)
         stats = srv.stats
 
     _assert_exited_cleanly(workers)
