@@ -220,10 +220,17 @@ _COUNT_LOGGED = (
     "attempts = attempts + (SELECT count(*) FROM attempts a WHERE a.job_id = jobs.id"
     " AND a.worker_id = jobs.lease_owner AND a.started_at >= jobs.updated_at)"
 )
-_EXPIRE_LEASES_SQL = (
+#: Running jobs back to pending: every way a job is given back goes through this.
+_GIVE_BACK = (
     "UPDATE jobs SET state = 'pending', lease_owner = NULL, lease_token = NULL,"
     f" lease_expires_at = NULL, updated_at = :now, {_COUNT_LOGGED}"
-    " WHERE batch_id = :batch AND state = 'running' AND lease_expires_at < :now"
+)
+_EXPIRE_LEASES_SQL = (
+    f"{_GIVE_BACK} WHERE batch_id = :batch AND state = 'running' AND lease_expires_at < :now"
+)
+#: Every job a worker of the batch holds (`release_all`, and `_reap` for dead workers).
+_GIVE_BACK_WORKER_SQL = (
+    f"{_GIVE_BACK} WHERE batch_id = :b AND state = 'running' AND lease_owner = :w"
 )
 # SQLite's claim goes to sqlite3 as it is (see SqliteDatabase.transaction): sqlite3 binds the
 # named parameters itself.
@@ -845,8 +852,7 @@ class JobStore:
             return 0
         async with self._write() as conn:
             return await conn.executemany(
-                "UPDATE jobs SET state = 'pending', lease_owner = NULL, lease_token = NULL,"
-                f" lease_expires_at = NULL, not_before = :nb, updated_at = :now, {_COUNT_LOGGED}"
+                f"{_GIVE_BACK}, not_before = :nb"
                 " WHERE id = :id AND lease_token = :token AND lease_owner = :w"
                 " AND state = 'running'",
                 params,
@@ -858,10 +864,7 @@ class JobStore:
         failed)."""
         async with self._write() as conn:
             result = await conn.execute(
-                "UPDATE jobs SET state = 'pending', lease_owner = NULL, lease_token = NULL,"
-                f" lease_expires_at = NULL, updated_at = :now, {_COUNT_LOGGED}"
-                " WHERE batch_id = :b AND state = 'running' AND lease_owner = :w",
-                {"b": batch_id, "w": worker_id, "now": time.time()},
+                _GIVE_BACK_WORKER_SQL, {"b": batch_id, "w": worker_id, "now": time.time()}
             )
         return max(result.rowcount, 0)
 
@@ -1322,12 +1325,7 @@ async def _reap(conn: Connection, batch_id: str, worker_ids: Sequence[str], now:
     marked yet)."""
     released = 0
     for wid in worker_ids:
-        result = await conn.execute(
-            "UPDATE jobs SET state = 'pending', lease_owner = NULL, lease_token = NULL,"
-            f" lease_expires_at = NULL, updated_at = :now, {_COUNT_LOGGED}"
-            " WHERE batch_id = :b AND state = 'running' AND lease_owner = :w",
-            {"b": batch_id, "w": wid, "now": now},
-        )
+        result = await conn.execute(_GIVE_BACK_WORKER_SQL, {"b": batch_id, "w": wid, "now": now})
         released += max(result.rowcount, 0)
         await conn.execute(
             "UPDATE workers SET stopped_at = :now WHERE id = :w AND stopped_at IS NULL",
