@@ -213,6 +213,9 @@ def _rowcount(status: str) -> int:
     return int(count) if count.isdigit() else -1
 
 
+_BEGIN = {"read": "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY", "write": "BEGIN"}
+
+
 def _failed(exc: BaseException, what: str) -> StoreError:
     sqlstate = str(getattr(exc, "sqlstate", "") or "")
     return failed(what, driver_words(exc), constraint=sqlstate.startswith("23"))
@@ -308,7 +311,9 @@ class PgDatabase:
     async def _transaction(self, what: str) -> AsyncIterator[Connection]:
         async with self._connection(what) as conn:
             try:
-                await conn.execute("BEGIN")
+                # A read's statements see one snapshot, as SQLite's do; a reader never fails
+                # for it (only writers meet serialization failures).
+                await conn.execute(_BEGIN[what])
             except _DRIVER_ERRORS as exc:
                 raise _failed(exc, what) from exc
             try:

@@ -140,8 +140,15 @@ class BatchStatus:
 async def batch_status(
     store: JobStore, batch_id: str, prices: PriceBook | None = None
 ) -> BatchStatus:
-    batch = await store.get_batch(batch_id)
+    """What `status` says of a batch: every figure from one snapshot of the database, so
+    that those of a running batch agree with each other."""
     prices = prices or PriceBook.load()
+    async with store.snapshot() as view:
+        return await _batch_status(view, batch_id, prices)
+
+
+async def _batch_status(store: JobStore, batch_id: str, prices: PriceBook) -> BatchStatus:
+    batch = await store.get_batch(batch_id)
     groups = await store.usage_groups(batch_id, PRICE_PERIOD_S)
     costs = await model_costs(store, batch_id, groups, prices)
     models = [ModelCost(u, costs[u.model]) for u in usage_by_model(groups)]
@@ -255,7 +262,8 @@ class BatchLine:
 
 
 async def all_batches(store: JobStore) -> list[BatchLine]:
-    return [BatchLine(b, await store.counts(b.id)) for b in await store.list_batches()]
+    async with store.snapshot() as view:
+        return [BatchLine(b, await view.counts(b.id)) for b in await view.list_batches()]
 
 
 def _usd(amount: Decimal) -> str:

@@ -375,6 +375,8 @@ class JobStore:
         self.url = database.url
         #: An SQLAlchemy engine on the same database, made on first use (`engine`).
         self._engine: AsyncEngine | None = None
+        #: In a view made by `snapshot`: the read transaction every read of it goes through.
+        self._held: Connection | None = None
 
     @classmethod
     def for_url(cls, url: str, *, pool_size: int = 5) -> JobStore:
@@ -448,8 +450,25 @@ class JobStore:
 
     def reading(self) -> AbstractAsyncContextManager[Connection]:
         """A read transaction on the store's database (`async with ... as conn`): the store's
-        own queries, and those that belong with another module (export.py)."""
+        own queries, and those that belong with another module (export.py). In a view made by
+        `snapshot`, the view's one transaction."""
+        if self._held is not None:
+            return contextlib.nullcontext(self._held)
         return self._db.read()
+
+    @asynccontextmanager
+    async def snapshot(self) -> AsyncIterator[JobStore]:
+        """A view of the store whose reads all see the database as it stood at one moment.
+
+        Figures read one after another while a run records (`status`: counts, tokens, cost,
+        errors) would each see a later moment: thousands more jobs succeeded than results
+        counted. Through the view they come from one read transaction, which is also what holds
+        the moment (SQLite's snapshot from its first read, PostgreSQL's REPEATABLE READ). The
+        view is for the block only; closing the store closes it."""
+        async with self._db.read() as conn:
+            view = JobStore(self._db)
+            view._held = conn
+            yield view
 
     # -- batches ----------------------------------------------------------------------------
 

@@ -704,6 +704,38 @@ async def test_status_figures_of_two_batches_in_one_database_stay_apart(
         )
 
 
+async def test_status_figures_of_a_running_batch_come_from_one_moment(
+    store: JobStore, make_file: MakeFile, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run records more results while `status` reads one figure after another: the counts,
+    the tokens and the cost all stop at the moment of its first read."""
+    batch_id = await _submit(store, make_file([chat(f"question {i}") for i in range(6)]))
+    await _answer_all(store, batch_id, lambda line: _completion("answer"), limit=2)
+    read_usage = JobStore.usage_groups
+    recorded_meanwhile = []
+
+    async def usage_then_a_run_records(view: JobStore, *args: Any, **kwargs: Any) -> Any:
+        groups = await read_usage(view, *args, **kwargs)
+        if not recorded_meanwhile:
+            # Through the store, not the view: another connection, as a run's own.
+            await _answer_all(store, batch_id, lambda line: _completion("later"), limit=2)
+            recorded_meanwhile.append(True)
+        return groups
+
+    monkeypatch.setattr(JobStore, "usage_groups", usage_then_a_run_records)
+    status = await report.batch_status(store, batch_id)
+    assert recorded_meanwhile
+    assert (status.counts.counts["succeeded"], status.counts.counts["pending"]) == (2, 4)
+    assert [m.usage.results for m in status.models] == [2]
+    assert status.tokens["total_tokens"] == 2 * 12
+    monkeypatch.undo()
+    status = await report.batch_status(store, batch_id)
+    assert (status.counts.counts["succeeded"], status.counts.counts["pending"]) == (4, 2)
+    assert [m.usage.results for m in status.models] == [4]
+    (line,) = await report.all_batches(store)
+    assert (line.counts.counts["succeeded"], line.counts.counts["pending"]) == (4, 2)
+
+
 async def test_status_pace_of_a_resumed_run_is_the_live_workers(
     store: JobStore, make_file: MakeFile
 ) -> None:
