@@ -18,6 +18,7 @@ import time
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +44,12 @@ from batchrunner.lines import (
 from batchrunner.states import BATCH_NAME_CHARS, kept_text
 from batchrunner.store import BatchExists, BatchInfo, DuplicateCustomId, JobStore
 
-#: Jobs handed to the database per INSERT.
+#: Jobs handed to the database per INSERT...
 CHUNK_ROWS = 5_000
+#: ...or fewer, when their request bodies hold this many characters: a file of large lines
+#: (images as base64) would otherwise be held in memory thousands of lines at a time, a
+#: chunk being parsed and two being inserted.
+CHUNK_BODY_CHARS = 8 << 20
 #: Chunks handed to the database before the oldest is waited for: the next one is queued on
 #: the writer's thread while it inserts one, so that it never waits for this process.
 INSERTS_AHEAD = 2
@@ -104,19 +109,44 @@ def _blocks(path: Path) -> Iterator[tuple[int, bytes]]:
         yield number, rest
 
 
+#: Where a `JobRow` holds the request body.
+_BODY = NewJob._fields.index("body")
+_body_of = itemgetter(_BODY)
+
+
 async def _parsed_in_process(path: Path) -> AsyncGenerator[ParsedBlock, None]:
     jobs: list[JobRow] = []
     errors: list[LineError] = []
     meta_keys: set[str] = set()
+    chars = 0
     for item in read_rows(path, meta_keys):
         if isinstance(item, LineError):
             errors.append(item)
             continue
         jobs.append(item)
-        if len(jobs) >= CHUNK_ROWS:
+        chars += len(_body_of(item))
+        if len(jobs) >= CHUNK_ROWS or chars >= CHUNK_BODY_CHARS:
             yield jobs, errors, meta_keys
             jobs, errors, meta_keys = [], [], set()
+            chars = 0
     yield jobs, errors, meta_keys
+
+
+def _body_chars(jobs: list[JobRow]) -> int:
+    return sum(map(len, map(_body_of, jobs)))
+
+
+def _rows_to_insert(chunk: list[JobRow], chars: int) -> int:
+    """How many of the chunk's first jobs go to the database now (0: none yet).
+
+    CHUNK_ROWS at a time; or, once the chunk's bodies hold CHUNK_BODY_CHARS, the largest power
+    of two of its jobs. Each size of INSERT is a statement SQLite prepares and keeps (several
+    MB for thousands of rows), and blocks vary in size: powers of two keep them few."""
+    if len(chunk) >= CHUNK_ROWS:
+        return CHUNK_ROWS
+    if chars >= CHUNK_BODY_CHARS:
+        return 1 << (len(chunk).bit_length() - 1)
+    return 0
 
 
 def _parsed_by_workers(path: Path, workers: int) -> AsyncGenerator[ParsedBlock, None]:
@@ -252,6 +282,7 @@ async def _load(
     try:
         async with store.loading(batch) as loader, _finishing(inserting):
             chunk: list[JobRow] = []
+            chunk_chars = 0
             bad: list[tuple[int, str]] = []
             async for block_jobs, block_errors, block_keys in parsed:
                 if skip:
@@ -273,10 +304,10 @@ async def _load(
                 if error_total and not skip_invalid:
                     continue  # nothing will be loaded; keep reading only to count errors
                 chunk += block_jobs
-                while len(chunk) >= CHUNK_ROWS:
-                    # Always CHUNK_ROWS: each size of INSERT is a statement SQLite prepares and
-                    # keeps (several MB for thousands of rows), and blocks vary in size.
-                    ready, chunk = chunk[:CHUNK_ROWS], chunk[CHUNK_ROWS:]
+                chunk_chars += _body_chars(block_jobs)
+                while rows := _rows_to_insert(chunk, chunk_chars):
+                    ready, chunk = chunk[:rows], chunk[rows:]
+                    chunk_chars = _body_chars(chunk)
                     # The database inserts this chunk while the next one is parsed.
                     if len(inserting) >= INSERTS_AHEAD:
                         await inserting.popleft()

@@ -390,6 +390,38 @@ async def test_worker_processes_reject_a_bad_file_as_one_process_does(
     assert await store.list_batches() == []
 
 
+@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])
+async def test_large_lines_go_to_the_database_a_few_at_a_time(
+    store: JobStore, make_file: MakeFile, monkeypatch: pytest.MonkeyPatch, workers: int
+) -> None:
+    """Lines of images as base64 are loaded a bounded number of characters at a time, not
+    CHUNK_ROWS lines at a time (which held a file of such lines in memory whole), in
+    statements of a few sizes."""
+    if workers and not store.is_sqlite:
+        pytest.skip("worker processes parse for SQLite only")
+    monkeypatch.setattr(ingest, "CHUNK_BODY_CHARS", 50_000)
+    monkeypatch.setattr(ingest, "BLOCK_BYTES", 20_000)
+    picture = "x" * 9_000
+    rows = [chat(f"picture {i}: {picture[: 1_000 * (i % 10)]}{picture}") for i in range(45)]
+    inserted: list[tuple[int, int]] = []
+    add_jobs = BatchLoader.add_jobs
+
+    async def counting(loader: BatchLoader, jobs: Any) -> None:
+        inserted.append((len(jobs), sum(len(job[3]) for job in jobs)))
+        await add_jobs(loader, jobs)
+
+    monkeypatch.setattr(BatchLoader, "add_jobs", counting)
+    result = await submit_file(store, make_file(rows), workers=workers)
+    assert result.jobs == sum(n for n, _ in inserted) == 45
+    assert len(inserted) > 4
+    # Under twice the limit, and a block of the file or a line, whatever the file's size.
+    assert max(chars for _, chars in inserted) < 2 * 50_000 + 20_000 + 20_000
+    # Powers of two (a few sizes of statement to prepare), but for the last.
+    assert all(n & (n - 1) == 0 for n, _ in inserted[:-1])
+    jobs, _, _ = await _loaded(store, result.batch.id)
+    assert [orjson.loads(body) for _, _, _, body, *_ in jobs] == rows
+
+
 def test_blocks_are_whole_lines_numbered_from_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
