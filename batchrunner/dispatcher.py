@@ -58,6 +58,11 @@ CLAIM_ROWS_PER_SLOT = 16
 #: ...and at least (and MIN_CLAIM_ROWS), before the pace is known and when it is slow.
 MIN_CLAIM_ROWS_PER_SLOT = 2
 MIN_CLAIM_ROWS = 16
+#: A claim's request bodies hold about this many characters at most (one job at least): with
+#: large bodies (images as base64) a claim of hundreds of jobs, and the queue of a claim or two
+#: behind the workers, held gigabytes. Until a claim has shown how large the bodies are, a
+#: claim takes MIN_CLAIM_ROWS at most.
+CLAIM_BODY_CHARS = 16 << 20
 #: In between, a claim is this many seconds of work at the run's pace: enough that the next
 #: claim lands before the queue runs dry, little enough that workers joining the batch on
 #: other machines find jobs left to take.
@@ -293,6 +298,8 @@ class Dispatcher:
         self._token_seq = 0
         #: The highest job id claimed so far; the next claim goes on after it.
         self._claimed_up_to = 0
+        #: Characters in a request body, on average over the last claim (None: none yet).
+        self._body_chars: float | None = None
         #: When the next claim looks back: expired leases, and from the first line (monotonic).
         self._look_back_at = 0.0
         #: Lease expiry (Unix) of each claim, as claimed; heartbeats extend them all.
@@ -496,6 +503,7 @@ class Dispatcher:
             if jobs:
                 self._claims[token] = claimed_at + self.config.lease_s
                 self._claimed_up_to = jobs[-1].id  # in id order
+                self._body_chars = sum(len(job.body) for job in jobs) / len(jobs)
             for job in jobs:
                 self._queue.put_nowait(job)
             if len(jobs) < claim_rows and not look_back:
@@ -515,12 +523,15 @@ class Dispatcher:
 
     def _claim_rows(self) -> int:
         """How many jobs to claim now: CLAIM_AHEAD_S of work at the pace so far, within the
-        bounds per unit of concurrency."""
+        bounds per unit of concurrency, and within CLAIM_BODY_CHARS."""
         slots = self.config.concurrency
         low = min(MAX_CLAIM_ROWS, max(MIN_CLAIM_ROWS, MIN_CLAIM_ROWS_PER_SLOT * slots))
         high = min(MAX_CLAIM_ROWS, max(low, CLAIM_ROWS_PER_SLOT * slots))
         paced = int(self.stats.rate_per_s(time.monotonic()) * CLAIM_AHEAD_S)
-        return max(low, min(high, paced))
+        rows = max(low, min(high, paced))
+        if self._body_chars is None:
+            return min(rows, MIN_CLAIM_ROWS)
+        return max(1, min(rows, int(CLAIM_BODY_CHARS / max(self._body_chars, 1.0))))
 
     async def _flushed(self) -> None:
         while self._ended or self._attempts:

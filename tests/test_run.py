@@ -15,6 +15,7 @@ from aiohttp import web
 from openai.types.chat import ChatCompletion
 from sqlalchemy import text
 
+from batchrunner import dispatcher
 from batchrunner.config import RunConfig
 from batchrunner.dispatcher import StopReason
 from batchrunner.fakeapi import FakeConfig, FakeServer
@@ -546,3 +547,48 @@ async def test_a_worker_holds_only_a_short_stretch_of_work(
     # 16 in flight, about half a second of work (40 jobs at 80/s) claimed ahead, and the
     # next claim taken while one is still queued.
     assert held and max(held) <= 120, max(held)
+
+
+async def test_claims_of_large_bodies_hold_a_bounded_number_of_characters(
+    store: JobStore, make_file: MakeFile, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Requests carrying images as base64: a claim takes as many jobs as fit in
+    CLAIM_BODY_CHARS (hundreds of them held gigabytes), and MIN_CLAIM_ROWS before a claim has
+    shown how large the bodies are."""
+    monkeypatch.setattr(dispatcher, "CLAIM_BODY_CHARS", 200_000)
+    picture = "data:image/png;base64," + "A" * 40_000
+    rows = [
+        {
+            "model": "gpt-4o-mini",
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": f"what is in picture {i}?"},
+                        {"type": "image_url", "image_url": {"url": picture}},
+                    ],
+                }
+            ],
+        }
+        for i in range(80)
+    ]
+    claims: list[tuple[int, int]] = []
+    claim = JobStore.claim
+
+    async def counted(self: JobStore, *args: Any, **kwargs: Any) -> Any:
+        jobs = await claim(self, *args, **kwargs)
+        if jobs:
+            claims.append((len(jobs), sum(len(job.body) for job in jobs)))
+        return jobs
+
+    monkeypatch.setattr(JobStore, "claim", counted)
+    async with FakeServer(FakeConfig(latency_ms=10)) as srv:
+        batch_id = await _submit(store, make_file(rows), srv)
+        report = await _run(store, batch_id)
+        assert report.exit_code == EXIT_OK
+        assert srv.stats.requests_total == 80
+    (first_rows, _), *later = claims
+    assert first_rows == dispatcher.MIN_CLAIM_ROWS
+    body = max(chars // rows for rows, chars in claims)
+    assert later and all(chars <= 200_000 for _, chars in later), later
+    assert all(rows == 200_000 // body for rows, _ in later[:-1]), later
