@@ -77,8 +77,9 @@ PAGE_ROWS: Final = 5_000
 #: CSV exports of batches of this many jobs or more are made by worker processes, one per
 #: usable core (on two cores or more): below that, starting them costs more than they save.
 PARALLEL_MIN_JOBS: Final = 50_000
-#: JSONL lines written in one piece.
+#: JSONL lines written in one piece, or fewer when they hold this many bytes.
 WRITE_CHUNK_ROWS: Final = 2_000
+WRITE_CHUNK_BYTES: Final = 4 << 20
 #: OpenAI's code and message for a request of a cancelled batch.
 CANCELLED_CODE: Final = "batch_cancelled"
 CANCELLED_MESSAGE: Final = "This request was not executed because the batch was cancelled."
@@ -144,8 +145,9 @@ async def export_batch(
                         else (target.uri_for_existing(), SQLITE_BUSY_TIMEOUT_MS)
                     )
                     setup = (store.url, sqlite_file, batch_id, failed_only, prices, meta_keys)
+                    page_ids = await store.page_ids(batch_id, span, PAGE_ROWS)
                     written = await _write_csv_by_workers(
-                        pool.map(setup, export_page_ranges(span, PAGE_ROWS)),
+                        pool.map(setup, export_page_ranges(span, page_ids)),
                         sink,
                         meta_keys,
                         bom=bom,
@@ -174,7 +176,7 @@ async def export_requests(
     metadata, in line order. Returns the lines written."""
     await store.get_batch(batch_id)
     sink = _Sink(out)
-    written = 0
+    written = size = 0
     chunk: list[bytes] = []
     async for job in iter_job_requests(store, batch_id, states=states):
         line: dict[str, Any] = {
@@ -187,9 +189,11 @@ async def export_requests(
             line["metadata"] = orjson.Fragment(_one_line_json(job.meta))
         chunk.append(orjson.dumps(line))
         written += 1
-        if len(chunk) >= WRITE_CHUNK_ROWS:
+        size += len(chunk[-1])
+        if len(chunk) >= WRITE_CHUNK_ROWS or size >= WRITE_CHUNK_BYTES:
             sink.write_lines(chunk)
             chunk = []
+            size = 0
     sink.write_lines(chunk)
     sink.flush()
     return written
@@ -242,14 +246,17 @@ async def _write_csv_by_workers(
 
 
 async def _write_jsonl(rows: AsyncIterator[ExportRow], sink: _Sink, id_prefix: str) -> int:
-    written = 0
+    written = size = 0
     chunk: list[bytes] = []
     async for row in rows:
-        chunk.append(orjson.dumps(_jsonl_record(row, id_prefix)))
-        if len(chunk) >= WRITE_CHUNK_ROWS:
+        line = orjson.dumps(_jsonl_record(row, id_prefix))
+        chunk.append(line)
+        size += len(line)
+        if len(chunk) >= WRITE_CHUNK_ROWS or size >= WRITE_CHUNK_BYTES:
             sink.write_lines(chunk)
             written += len(chunk)
             chunk = []
+            size = 0
     sink.write_lines(chunk)
     return written + len(chunk)
 
@@ -355,7 +362,6 @@ _META_WITH_NUL_POSTGRES = (
 )
 
 
-_LAST_JOB_ID = "SELECT MAX(id) FROM jobs WHERE batch_id = :b"
 _REQUEST_COLUMNS = "id, line, custom_id, state, endpoint, model, body, meta"
 # Pages walk the primary key between the batch's first and last ids. On SQLite the unary `+`
 # keeps the planner off ix_jobs_claim, through which ORDER BY id would sort every remaining row
@@ -403,12 +409,15 @@ async def iter_job_requests(
     chunk_rows: int = 2_000,
 ) -> AsyncIterator[JobRequest]:
     """The batch's jobs (those in `states`, default all) in line order, with their bodies;
-    pages by id, like `JobStore.iter_export_rows`, so that no read transaction stays open."""
+    pages by id, like `JobStore.iter_export_rows`, so that no read transaction stays open: of
+    `chunk_rows` jobs, or fewer where the bodies are large (images as base64, see
+    `JobStore.page_ids`)."""
     wanted = None if states is None else {JobState(s).value for s in states}
-    async with store.reading() as conn:
-        last = (await conn.execute(_LAST_JOB_ID, {"b": batch_id})).scalar()
-    if last is None:
+    span = await store.export_span(batch_id)
+    if span is None:
         return
+    last = span[1]
+    chunk_rows = await store.page_ids(batch_id, span, chunk_rows, bodies=True)
     sql = _JOB_REQUESTS_SQLITE if store.is_sqlite else _JOB_REQUESTS_POSTGRES
     after = 0
     while True:

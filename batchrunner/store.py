@@ -327,6 +327,10 @@ SELECT count(*) FROM done
 
 #: Job ids bound in one IN (...) list: well under SQLite's parameter limit.
 _IDS_PER_STATEMENT = 500
+#: Characters of answers (or request bodies) a page of an export holds, about (`page_ids`)...
+PAGE_CHARS = 16 << 20
+#: ...as measured on this many jobs.
+PAGE_SAMPLE_JOBS = 64
 #: Lease of a job taken back for an answer from a journal, until it is recorded a moment later:
 #: long enough that no claim takes it meanwhile; should this process die in between, the next
 #: run on this host releases it at once (the lease names the dead worker).
@@ -1011,6 +1015,36 @@ class JobStore:
             max(end for end in ends if end is not None),
         )
 
+    async def page_ids(
+        self, batch_id: str, span: tuple[int, int], most: int, *, bodies: bool = False
+    ) -> int:
+        """How many job ids a page of the batch's export (or, with `bodies`, of its request
+        bodies) should span: `most`, or fewer where pages of `most` would hold much more than
+        PAGE_CHARS characters of answers (or of bodies). The answers with logprobs of long
+        completions run to hundreds of kB each, bodies with images to megabytes: pages of
+        thousands held gigabytes. Measured on up to PAGE_SAMPLE_JOBS jobs spread over `span`.
+        """
+        first, last = span
+        step = max(1, (last - first + 1) // PAGE_SAMPLE_JOBS)
+        ids = range(first, last + 1, step)[:PAGE_SAMPLE_JOBS]
+        size = "length" if self.is_sqlite else "octet_length"
+        chars = (
+            f"COALESCE(SUM({size}(j.body)), 0)"
+            if bodies
+            else f"COALESCE(SUM({size}(r.response)), 0) + COALESCE(SUM({size}(j.last_error)), 0)"
+        )
+        params: dict[str, Any] = {"b": batch_id}
+        sql = (
+            f"SELECT {chars}, COUNT(*) FROM jobs j"
+            f"{'' if bodies else ' LEFT JOIN results r ON r.job_id = j.id'}"
+            f" WHERE j.batch_id = :b AND j.id IN {_in_list(ids, params)}"
+        )
+        async with self.reading() as conn:
+            total, jobs = (await conn.execute(sql, params)).one()
+        if not total:
+            return most
+        return max(1, min(most, int(PAGE_CHARS * jobs / total)))
+
     async def export_page(
         self, batch_id: str, lo: int, hi: int, *, failed_only: bool = False
     ) -> list[ExportRow]:
@@ -1046,7 +1080,8 @@ class JobStore:
         """`iter_export_rows` a page at a time (a page may be empty), for callers that handle
         each row in a few microseconds and would spend as much again resuming a generator.
 
-        Pages by ranges of `chunk_rows` ids between the batch's first and last job rather than
+        Pages by ranges of `chunk_rows` ids (fewer where the answers are long, see `page_ids`)
+        between the batch's first and last job rather than
         holding one cursor open, so that a long export never holds a read transaction (SQLite's
         WAL could not be checkpointed behind it). A range, unlike `id > :after LIMIT n`, bounds
         every page's work whatever plan the database picks; the next page is read while the
@@ -1055,7 +1090,7 @@ class JobStore:
         span = await self.export_span(batch_id)
         if span is None:
             return
-        ranges = export_page_ranges(span, chunk_rows)
+        ranges = export_page_ranges(span, await self.page_ids(batch_id, span, chunk_rows))
 
         def page(ids: tuple[int, int] | None) -> asyncio.Future[list[ExportRow]] | None:
             if ids is None:

@@ -22,6 +22,7 @@ from sqlalchemy import text
 
 from batchrunner import export as export_module
 from batchrunner import exportrows, report
+from batchrunner import store as store_module
 from batchrunner.bulk import OrderedWorkers
 from batchrunner.config import RunConfig
 from batchrunner.database import SqliteTarget
@@ -702,6 +703,64 @@ async def test_status_figures_of_two_batches_in_one_database_stay_apart(
         assert await store.first_and_last_finish(batch_id) == pytest.approx(
             (started, started + errors + 1.0)
         )
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+async def test_long_answers_are_exported_a_few_at_a_time(
+    store: JobStore, make_file: MakeFile, monkeypatch: pytest.MonkeyPatch, fmt: str
+) -> None:
+    """The answers of long completions with their logprobs run to hundreds of kB each: a page
+    of an export spans fewer jobs, so that it holds about PAGE_CHARS of them."""
+    monkeypatch.setattr(store_module, "PAGE_CHARS", 100_000)
+    batch_id = await _submit(store, make_file([chat(f"question {i}") for i in range(40)]))
+    long = "word " * 4_000
+    await _answer_all(store, batch_id, lambda line: _completion(f"answer {line}: {long}"))
+    widths: list[int] = []
+    export_page = JobStore.export_page
+
+    async def measured(self: JobStore, batch_id: str, lo: int, hi: int, **kw: Any) -> Any:
+        widths.append(hi - lo)
+        return await export_page(self, batch_id, lo, hi, **kw)
+
+    monkeypatch.setattr(JobStore, "export_page", measured)
+    if fmt == "csv":
+        _, rows = await _csv(store, batch_id)
+        contents = [row["content"] for row in rows]
+    else:
+        records = await _jsonl(store, batch_id)
+        contents = [r["response"]["body"]["choices"][0]["message"]["content"] for r in records]
+    assert contents == [f"answer {line}: {long}" for line in range(1, 41)]
+    # Answers of some 20,000 characters: no more than 5 of them to a page of 100,000.
+    assert max(widths) <= 5 and len(widths) >= 8
+
+
+async def test_pages_of_short_answers_and_bodies_span_as_many_jobs_as_asked(
+    store: JobStore, make_file: MakeFile
+) -> None:
+    batch_id = await _submit(store, make_file([chat(f"question {i}") for i in range(300)]))
+    span = await store.export_span(batch_id)
+    assert span is not None
+    assert await store.page_ids(batch_id, span, 5_000) == 5_000  # no answers yet
+    await _answer_all(store, batch_id, lambda line: _completion(f"answer {line}"))
+    assert await store.page_ids(batch_id, span, 5_000) == 5_000
+    assert await store.page_ids(batch_id, span, 2_000, bodies=True) == 2_000
+
+
+async def test_large_request_bodies_are_read_a_few_at_a_time(
+    store: JobStore, make_file: MakeFile, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bodies with images as base64 run to megabytes: `export --as-requests` and `estimate`
+    read them a few at a time."""
+    monkeypatch.setattr(store_module, "PAGE_CHARS", 100_000)
+    rows = [chat(f"picture {i}: " + "A" * 20_000) for i in range(30)]
+    batch_id = await _submit(store, make_file(rows))
+    span = await store.export_span(batch_id)
+    assert span is not None
+    chars = sum(len(orjson.dumps(row)) for row in rows)
+    assert await store.page_ids(batch_id, span, 2_000, bodies=True) == 100_000 * 30 // chars
+    out = io.BytesIO()
+    assert await export_requests(store, batch_id, out, states=(JobState.PENDING,)) == 30
+    assert [orjson.loads(line)["body"] for line in out.getvalue().splitlines()] == rows
 
 
 async def test_status_figures_of_a_running_batch_come_from_one_moment(
