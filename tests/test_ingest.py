@@ -390,15 +390,26 @@ async def test_worker_processes_reject_a_bad_file_as_one_process_does(
     assert await store.list_batches() == []
 
 
-@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])
 async def test_large_lines_go_to_the_database_a_few_at_a_time(
-    store: JobStore, make_file: MakeFile, monkeypatch: pytest.MonkeyPatch, workers: int
+    store: JobStore, make_file: MakeFile, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Lines of images as base64 are loaded a bounded number of characters at a time, not
     CHUNK_ROWS lines at a time (which held a file of such lines in memory whole), in
     statements of a few sizes."""
-    if workers and not store.is_sqlite:
-        pytest.skip("worker processes parse for SQLite only")
+    await _loads_large_lines_a_few_at_a_time(store, make_file, monkeypatch, workers=0)
+
+
+@pytest.mark.slow
+async def test_worker_processes_send_large_lines_a_few_at_a_time(
+    sqlite_url: str, make_file: MakeFile, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with await JobStore.open(sqlite_url) as store:
+        await _loads_large_lines_a_few_at_a_time(store, make_file, monkeypatch, workers=2)
+
+
+async def _loads_large_lines_a_few_at_a_time(
+    store: JobStore, make_file: MakeFile, monkeypatch: pytest.MonkeyPatch, *, workers: int
+) -> None:
     monkeypatch.setattr(ingest, "CHUNK_BODY_CHARS", 50_000)
     monkeypatch.setattr(ingest, "BLOCK_BYTES", 20_000)
     picture = "x" * 9_000
