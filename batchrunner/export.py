@@ -145,9 +145,9 @@ async def export_batch(
                         else (target.uri_for_existing(), SQLITE_BUSY_TIMEOUT_MS)
                     )
                     setup = (store.url, sqlite_file, batch_id, failed_only, prices, meta_keys)
-                    page_ids = await store.page_ids(batch_id, span, PAGE_ROWS)
+                    ids_per_page = await store.ids_per_page(batch_id, span, PAGE_ROWS)
                     written = await _write_csv_by_workers(
-                        pool.map(setup, export_page_ranges(span, page_ids)),
+                        pool.map(setup, export_page_ranges(span, ids_per_page)),
                         sink,
                         meta_keys,
                         bom=bom,
@@ -411,13 +411,13 @@ async def iter_job_requests(
     """The batch's jobs (those in `states`, default all) in line order, with their bodies;
     pages by id, like `JobStore.iter_export_rows`, so that no read transaction stays open: of
     `chunk_rows` jobs, or fewer where the bodies are large (images as base64, see
-    `JobStore.page_ids`)."""
+    `JobStore.ids_per_page`)."""
     wanted = None if states is None else {JobState(s).value for s in states}
     span = await store.export_span(batch_id)
     if span is None:
         return
     last = span[1]
-    chunk_rows = await store.page_ids(batch_id, span, chunk_rows, bodies=True)
+    chunk_rows = await store.ids_per_page(batch_id, span, chunk_rows, bodies=True)
     sql = _JOB_REQUESTS_SQLITE if store.is_sqlite else _JOB_REQUESTS_POSTGRES
     after = 0
     while True:

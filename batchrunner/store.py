@@ -327,7 +327,8 @@ SELECT count(*) FROM done
 
 #: Job ids bound in one IN (...) list: well under SQLite's parameter limit.
 _IDS_PER_STATEMENT = 500
-#: Characters of answers (or request bodies) a page of an export holds, about (`page_ids`)...
+#: Characters of answers (or request bodies) a page of an export holds, about
+#: (`ids_per_page`)...
 PAGE_CHARS = 16 << 20
 #: ...as measured on this many jobs.
 PAGE_SAMPLE_JOBS = 64
@@ -1015,7 +1016,7 @@ class JobStore:
             max(end for end in ends if end is not None),
         )
 
-    async def page_ids(
+    async def ids_per_page(
         self, batch_id: str, span: tuple[int, int], most: int, *, bodies: bool = False
     ) -> int:
         """How many job ids a page of the batch's export (or, with `bodies`, of its request
@@ -1083,17 +1084,17 @@ class JobStore:
         """`iter_export_rows` a page at a time (a page may be empty), for callers that handle
         each row in a few microseconds and would spend as much again resuming a generator.
 
-        Pages by ranges of `chunk_rows` ids (fewer where the answers are long, see `page_ids`)
-        between the batch's first and last job rather than
-        holding one cursor open, so that a long export never holds a read transaction (SQLite's
-        WAL could not be checkpointed behind it). A range, unlike `id > :after LIMIT n`, bounds
+        Pages by ranges of `chunk_rows` ids (fewer where the answers are long: `ids_per_page`)
+        between the batch's first and last job rather than holding one cursor open, so that a
+        long export never holds a read transaction (SQLite's WAL could not be checkpointed
+        behind it). A range, unlike `id > :after LIMIT n`, bounds
         every page's work whatever plan the database picks; the next page is read while the
         caller works through the current one.
         """
         span = await self.export_span(batch_id)
         if span is None:
             return
-        ranges = export_page_ranges(span, await self.page_ids(batch_id, span, chunk_rows))
+        ranges = export_page_ranges(span, await self.ids_per_page(batch_id, span, chunk_rows))
 
         def page(ids: tuple[int, int] | None) -> asyncio.Future[list[ExportRow]] | None:
             if ids is None:

@@ -745,10 +745,10 @@ async def test_pages_of_short_answers_and_bodies_span_as_many_jobs_as_asked(
     batch_id = await _submit(store, make_file([chat(f"question {i}") for i in range(300)]))
     span = await store.export_span(batch_id)
     assert span is not None
-    assert await store.page_ids(batch_id, span, 5_000) == 5_000  # no answers yet
+    assert await store.ids_per_page(batch_id, span, 5_000) == 5_000  # no answers yet
     await _answer_all(store, batch_id, lambda line: _completion(f"answer {line}"))
-    assert await store.page_ids(batch_id, span, 5_000) == 5_000
-    assert await store.page_ids(batch_id, span, 2_000, bodies=True) == 2_000
+    assert await store.ids_per_page(batch_id, span, 5_000) == 5_000
+    assert await store.ids_per_page(batch_id, span, 2_000, bodies=True) == 2_000
 
 
 async def test_large_request_bodies_are_read_a_few_at_a_time(
@@ -762,7 +762,7 @@ async def test_large_request_bodies_are_read_a_few_at_a_time(
     span = await store.export_span(batch_id)
     assert span is not None
     chars = sum(len(orjson.dumps(row)) for row in rows)
-    assert await store.page_ids(batch_id, span, 2_000, bodies=True) == 100_000 * 30 // chars
+    assert await store.ids_per_page(batch_id, span, 2_000, bodies=True) == 100_000 * 30 // chars
     out = io.BytesIO()
     assert await export_requests(store, batch_id, out, states=(JobState.PENDING,)) == 30
     assert [orjson.loads(line)["body"] for line in out.getvalue().splitlines()] == rows
