@@ -1030,24 +1030,26 @@ class JobStore:
         ids = range(first, last + 1, step)[:PAGE_SAMPLE_JOBS]
         size = "length" if self.is_sqlite else "octet_length"
         chars = (
-            f"COALESCE(SUM({size}(j.body)), 0)"
+            f"{size}(j.body)"
             if bodies
-            else f"COALESCE(SUM({size}(r.response)), 0) + COALESCE(SUM({size}(j.last_error)), 0)"
+            else f"COALESCE({size}(r.response), 0) + COALESCE({size}(j.last_error), 0)"
         )
-        params: dict[str, Any] = {"b": batch_id}
-        # SQLite's unary `+` keeps its planner off ix_jobs_claim, through which it read every
-        # job of the batch to find the few asked for by id.
+        params: dict[str, Any] = {}
+        # Looked up by id alone, the batch picked out here: a condition on the batch let the
+        # planners go through ix_jobs_claim and read every job of the batch (SQLite always,
+        # PostgreSQL before its statistics knew the batch).
         sql = (
-            f"SELECT {chars}, COUNT(*) FROM jobs j"
+            f"SELECT j.batch_id, {chars} FROM jobs j"
             f"{'' if bodies else ' LEFT JOIN results r ON r.job_id = j.id'}"
-            f" WHERE {'+' if self.is_sqlite else ''}j.batch_id = :b"
-            f" AND j.id IN {_in_list(ids, params)}"
+            f" WHERE j.id IN {_in_list(ids, params)}"
         )
         async with self.reading() as conn:
-            total, jobs = (await conn.execute(sql, params)).one()
+            rows = (await conn.execute(sql, params)).all()
+        sizes = [int(n or 0) for batch, n in rows if batch == batch_id]
+        total = sum(sizes)
         if not total:
             return most
-        return max(1, min(most, int(PAGE_CHARS * jobs / total)))
+        return max(1, min(most, int(PAGE_CHARS * len(sizes) / total)))
 
     async def export_page(
         self, batch_id: str, lo: int, hi: int, *, failed_only: bool = False
