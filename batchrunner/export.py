@@ -176,8 +176,7 @@ async def export_requests(
     metadata, in line order. Returns the lines written."""
     await store.get_batch(batch_id)
     sink = _Sink(out)
-    written = size = 0
-    chunk: list[bytes] = []
+    written = 0
     async for job in iter_job_requests(store, batch_id, states=states):
         line: dict[str, Any] = {
             "custom_id": job.custom_id,
@@ -187,14 +186,8 @@ async def export_requests(
         }
         if job.meta:
             line["metadata"] = orjson.Fragment(_one_line_json(job.meta))
-        chunk.append(orjson.dumps(line))
+        sink.write_line(orjson.dumps(line))
         written += 1
-        size += len(chunk[-1])
-        if len(chunk) >= WRITE_CHUNK_ROWS or size >= WRITE_CHUNK_BYTES:
-            sink.write_lines(chunk)
-            chunk = []
-            size = 0
-    sink.write_lines(chunk)
     sink.flush()
     return written
 
@@ -246,19 +239,11 @@ async def _write_csv_by_workers(
 
 
 async def _write_jsonl(rows: AsyncIterator[ExportRow], sink: _Sink, id_prefix: str) -> int:
-    written = size = 0
-    chunk: list[bytes] = []
+    written = 0
     async for row in rows:
-        line = orjson.dumps(_jsonl_record(row, id_prefix))
-        chunk.append(line)
-        size += len(line)
-        if len(chunk) >= WRITE_CHUNK_ROWS or size >= WRITE_CHUNK_BYTES:
-            sink.write_lines(chunk)
-            written += len(chunk)
-            chunk = []
-            size = 0
-    sink.write_lines(chunk)
-    return written + len(chunk)
+        sink.write_line(orjson.dumps(_jsonl_record(row, id_prefix)))
+        written += 1
+    return written
 
 
 def _request_id_prefix(batch_id: str) -> str:
@@ -309,18 +294,33 @@ class _Sink:
     def __init__(self, out: IO[Any]) -> None:
         self._out = out
         self._text = isinstance(out, io.TextIOBase) or "b" not in getattr(out, "mode", "b")
+        #: JSONL lines not yet written, and how many bytes they hold.
+        self._lines: list[bytes] = []
+        self._line_bytes = 0
 
     def write_text(self, chunk: str) -> None:
         if chunk:
             self._out.write(chunk if self._text else chunk.encode())
 
-    def write_lines(self, lines: list[bytes]) -> None:
-        if not lines:
+    def write_line(self, line: bytes) -> None:
+        """One JSONL line (without its newline); they go out WRITE_CHUNK_ROWS at a time, or
+        fewer once they hold WRITE_CHUNK_BYTES."""
+        self._lines.append(line)
+        self._line_bytes += len(line)
+        if len(self._lines) >= WRITE_CHUNK_ROWS or self._line_bytes >= WRITE_CHUNK_BYTES:
+            self._write_lines()
+
+    def _write_lines(self) -> None:
+        if not self._lines:
             return
-        data = b"\n".join(lines) + b"\n"
+        data = b"\n".join(self._lines) + b"\n"
+        self._lines = []
+        self._line_bytes = 0
         self._out.write(data.decode() if self._text else data)
 
     def flush(self) -> None:
+        """Write out the lines still held, and flush the stream."""
+        self._write_lines()
         self._out.flush()
 
 
