@@ -8,7 +8,7 @@ import gc
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
-from typing import Any, BinaryIO, TypeVar
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 import click
 import orjson
@@ -17,6 +17,9 @@ from batchrunner import __version__
 from batchrunner.config import DEFAULT_DB_URL, LEASE_ENV, LEASE_S, db_url_from_env
 from batchrunner.errors import BatchrunnerError, UsageError
 from batchrunner.store import JobStore
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
 
 T = TypeVar("T")
 
@@ -537,15 +540,7 @@ def db_upgrade(ctx: _Context, revision: str) -> None:
     """
     from batchrunner import db
 
-    async def go() -> str | None:
-        engine = db.create_engine(ctx.db_url)
-        try:
-            await db.upgrade(engine, revision)
-            return await db.current_revision(engine)
-        finally:
-            await engine.dispose()
-
-    _err(f"database at revision {_run(go())}")
+    _err(f"database at revision {_migrate(ctx, db.upgrade, revision)}")
 
 
 @db_group.command("downgrade")
@@ -560,15 +555,24 @@ def db_downgrade(ctx: _Context, revision: str) -> None:
     """
     from batchrunner import db
 
+    _err(f"database at revision {_migrate(ctx, db.downgrade, revision) or 'base'}")
+
+
+def _migrate(
+    ctx: _Context, step: Callable[[AsyncEngine, str], Awaitable[None]], revision: str
+) -> str | None:
+    """Run a migration `step` to `revision`; the revision the database is at after it."""
+    from batchrunner import db
+
     async def go() -> str | None:
         engine = db.create_engine(ctx.db_url)
         try:
-            await db.downgrade(engine, revision)
+            await step(engine, revision)
             return await db.current_revision(engine)
         finally:
             await engine.dispose()
 
-    _err(f"database at revision {_run(go()) or 'base'}")
+    return _run(go())
 
 
 def main(argv: list[str] | None = None) -> None:
