@@ -244,8 +244,9 @@ def run(
     """Send a batch's unfinished jobs until every job has ended; running it again resumes.
 
     TARGET is a batch id, or a request file (submitted first, as `submit` would).
-    Exit codes: 0 every job succeeded; 3 finished, some jobs failed; 1 aborted (bad key, no
-    balance, budget, database); 2 usage error; 130 interrupted (run again to resume).
+    Exit codes: 0 every job succeeded; 3 finished, some jobs failed (or the batch was
+    cancelled); 1 aborted (bad key, no balance, budget, database); 2 usage error; 130
+    interrupted (run again to resume).
 
     \b
     Example:
@@ -254,6 +255,7 @@ def run(
     """
     from batchrunner import runner
     from batchrunner.config import RunConfig
+    from batchrunner.dispatcher import StopReason
 
     config = RunConfig(
         concurrency=concurrency,
@@ -294,6 +296,8 @@ def run(
         _err(f"error: {res.message or res.reason.value}")
     elif code == runner.EXIT_INTERRUPTED:
         _err(f"interrupted: run `batchrunner run {rep.batch.id}` to resume")
+    elif res.reason is StopReason.CANCELLED:
+        _err(f"stopped: {res.message}")
     elif code == runner.EXIT_SOME_FAILED:
         _err(f"finished with failures: see `batchrunner status {rep.batch.id}`")
     sys.exit(code)

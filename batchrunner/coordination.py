@@ -17,7 +17,10 @@ fenced by its token); this module keeps them polite to the API they share. It ow
   journal kept recorded (journal.py: they are not sent again), is marked stopped and its other
   jobs are claimable at once; its share comes back at the next look. A worker on another
   machine that stops heartbeating gives its share back once its heartbeat is ``STALE_HEARTBEATS``
-  intervals old, and its jobs once their leases expire.
+  intervals old, and its jobs once their leases expire;
+- a cancel: `batchrunner cancel` ends the batch's jobs in the database, where the run holding
+  them would only find out when recording their answers (fenced). The look that finds the batch
+  cancelled tells the run (``on_cancelled``), which stops sending within ``COORDINATE_EVERY_S``.
 
 The database load per worker: one small read per ``COORDINATE_EVERY_S``, one write per heartbeat,
 and a write only when this worker's own pause changes. Pauses are exchanged as Unix times, so
@@ -90,6 +93,8 @@ class Look:
     paused_until: float | None
     #: Workers on this machine found dead and marked stopped by this look.
     reaped: int
+    #: The batch has been cancelled.
+    cancelled: bool = False
 
 
 def heartbeat_interval_s(lease_s: float, lease_renew_s: float) -> float:
@@ -118,6 +123,7 @@ class Coordinator:
         heartbeat_s: float,
         counters: Callable[[], WorkerCounters],
         journal_dir: Path | None = None,
+        on_cancelled: Callable[[], None] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
@@ -134,6 +140,8 @@ class Coordinator:
         self._counters = counters
         #: Where the answer journals of the batch's runs on this machine are, if kept.
         self.journal_dir = journal_dir
+        #: Called by each look that finds the batch cancelled.
+        self._on_cancelled = on_cancelled
         #: Jobs ended from the journals of dead workers found by this coordinator's looks.
         self.recovered = 0
         self._clock = clock
@@ -193,13 +201,16 @@ class Coordinator:
     # -- the steps ---------------------------------------------------------------------------
 
     async def look(self) -> Look:
-        """One read: share the limits by the live workers, follow their pauses, reap the dead."""
+        """One read: share the limits by the live workers, follow their pauses, reap the dead,
+        and tell the run if the batch has been cancelled."""
         now = self._clock()
         since = now - self.stale_s
-        rows = await self.store.coordination_view(self.batch_id, since=since, host=self.host)
+        view = await self.store.coordination_view(self.batch_id, since=since, host=self.host)
+        if view.cancelled and self._on_cancelled is not None:
+            self._on_cancelled()
         others: list[WorkerInfo] = []
         dead: list[str] = []
-        for w in rows:
+        for w in view.workers:
             if w.id == self.worker_id:
                 continue
             if w.host == self.host and not pid_alive(w.pid):
@@ -225,7 +236,12 @@ class Coordinator:
                 len(dead),
                 released,
             )
-        return Look(workers=1 + len(others), paused_until=paused_until, reaped=len(dead))
+        return Look(
+            workers=1 + len(others),
+            paused_until=paused_until,
+            reaped=len(dead),
+            cancelled=view.cancelled,
+        )
 
     async def publish_pause(self) -> float | None:
         """Write this worker's own pause to its row if it is new; returns what was written."""

@@ -16,6 +16,8 @@ One run is a handful of tasks around an in-memory queue:
 
 A stop (Ctrl-C, a bad key, an empty balance, the budget) stops the feeder, lets requests already
 sent finish within a grace period, records what ended and gives every other job back as pending.
+A cancel of the batch (`batchrunner cancel`, seen by the coordinator within a second) stops the
+run at once: the answers still to come could not be recorded.
 """
 
 from __future__ import annotations
@@ -93,6 +95,8 @@ class StopReason(enum.Enum):
     DONE = "done"
     #: Ctrl-C / SIGTERM.
     INTERRUPTED = "interrupted"
+    #: `batchrunner cancel` ended the batch while the run went on.
+    CANCELLED = "cancelled"
     AUTH = "auth"
     QUOTA = "quota"
     BUDGET = "budget"
@@ -328,6 +332,12 @@ class Dispatcher:
         self._forced = True
         self.stop()
 
+    def _on_cancelled(self) -> None:
+        """The batch was cancelled: nothing more is sent, and no answer still to come is
+        waited for (its job is cancelled: it could not be recorded)."""
+        self._forced = True
+        self.stop(StopReason.CANCELLED, "the batch was cancelled while this run went on")
+
     @property
     def stopping(self) -> bool:
         return self._stopping.is_set()
@@ -375,6 +385,7 @@ class Dispatcher:
             heartbeat_s=heartbeat_interval_s(self.config.lease_s, self.config.lease_renew_s),
             counters=self._counters,
             journal_dir=self._journal_dir,
+            on_cancelled=self._on_cancelled,
         )
         # This worker's share of the batch's limits, before its first request.
         await self._coordinator.join()
@@ -584,6 +595,10 @@ class Dispatcher:
             sent_at = self.pacer.acquire_now(job.est_tokens)
             if sent_at is None:
                 sent_at = await self.pacer.acquire(job.est_tokens)
+                if self.stopping:
+                    # The run stopped while this attempt waited its turn: not sent.
+                    self.pacer.observe(_CANCELLED, job.est_tokens, sent_at_s=sent_at)
+                    raise _Abandon()
             if not self._lease_alive(job):
                 # Stalled past the lease (a stopped process, a lost database): another
                 # worker may have the job by now; its answer would be fenced anyway.
@@ -821,7 +836,7 @@ class Dispatcher:
 
 def exit_reason_error(result: RunResult) -> RunAborted | None:
     """The error a stopped run reports, or None when it was not aborted."""
-    if result.reason in (StopReason.DONE, StopReason.INTERRUPTED):
+    if result.reason in (StopReason.DONE, StopReason.INTERRUPTED, StopReason.CANCELLED):
         return None
     kinds: dict[StopReason, type[RunAborted]] = {
         StopReason.AUTH: AuthError,

@@ -46,6 +46,8 @@ class RunReport:
         reason = self.result.reason
         if reason is StopReason.INTERRUPTED:
             return EXIT_INTERRUPTED
+        if reason is StopReason.CANCELLED:
+            return EXIT_SOME_FAILED  # cancelled is an end: the batch is finished, for good
         if reason is not StopReason.DONE:
             return EXIT_ABORTED
         if self.result.unfinished or self.result.failed_in_batch or self.result.cancelled_in_batch:

@@ -166,6 +166,16 @@ class WorkerInfo:
     tokens: int
 
 
+@dataclass(frozen=True, slots=True)
+class CoordinationView:
+    """What a worker's coordinator reads of its batch every second."""
+
+    #: The batch's live workers (`JobStore.coordination_view`).
+    workers: list[WorkerInfo]
+    #: `batchrunner cancel` ended the batch: its jobs are no longer anyone's to send.
+    cancelled: bool
+
+
 class UsageGroup(NamedTuple):
     """Token sums of the results of one model, price period and prompt-size tier
     (`JobStore.usage_groups`)."""
@@ -762,9 +772,10 @@ class JobStore:
 
     async def coordination_view(
         self, batch_id: str, *, since: float, host: str
-    ) -> list[WorkerInfo]:
+    ) -> CoordinationView:
         """The batch's workers not marked stopped whose heartbeat is at or after `since`, and
-        those on `host` whatever their heartbeat (their process can be looked at).
+        those on `host` whatever their heartbeat (their process can be looked at); and whether
+        the batch has been cancelled.
 
         The one read a worker's coordinator makes every second: a handful of rows.
         """
@@ -778,7 +789,12 @@ class JobStore:
                     {"b": batch_id, "since": since, "h": host},
                 )
             ).all()
-        return [WorkerInfo(*r) for r in rows]
+            cancelled_at = (
+                await conn.execute(
+                    "SELECT cancelled_at FROM batches WHERE id = :b", {"b": batch_id}
+                )
+            ).scalar()
+        return CoordinationView([WorkerInfo(*r) for r in rows], cancelled_at is not None)
 
     async def reap_workers(self, batch_id: str, worker_ids: Sequence[str], now: float) -> int:
         """Mark workers known to be dead as stopped and make their jobs claimable at once.

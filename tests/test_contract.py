@@ -20,6 +20,7 @@ import pytest
 
 from batchrunner.client import join_url
 from batchrunner.config import RunConfig
+from batchrunner.dispatcher import Dispatcher, StopReason
 from batchrunner.errors import InputError, UsageError
 from batchrunner.fakeapi import FakeConfig, FakeServer, FakeServerThread
 from batchrunner.ingest import submit_file
@@ -106,6 +107,60 @@ async def test_a_batch_cancelled_while_it_runs_does_not_exit_0(
     assert report.exit_code == EXIT_SOME_FAILED
     counts = (await store.counts(batch_id)).counts
     assert counts["succeeded"] + counts["cancelled"] == len(rows)
+
+
+async def test_a_run_stops_sending_within_a_look_of_the_cancel(
+    store: JobStore, make_file: MakeFile
+) -> None:
+    """Jobs claimed ahead wait their turn at --rpm; a cancel must stop them from being sent
+    (and paid for, then not recorded), not only the ones not yet claimed."""
+    rows = [chat(f"paced {i}") for i in range(300)]
+    async with FakeServer(FakeConfig(latency_ms=20)) as srv:
+        batch_id = (await submit_file(store, make_file(rows), base_url=srv.url)).batch.id
+        config = RunConfig(concurrency=64, rpm=600, flush_s=0.05, grace_s=10.0)
+        running = asyncio.create_task(
+            run(store, batch_id, config, warn=lambda _: None, progress=False, install_signals=False)
+        )
+        while srv.stats.requests_total < 10:  # noqa: ASYNC110 - a counter the server owns
+            await asyncio.sleep(0.01)
+        sent_at_cancel = srv.stats.requests_total
+        await store.cancel(batch_id)
+        report = await asyncio.wait_for(running, 60)
+        sent_after = srv.stats.requests_total - sent_at_cancel
+    # 10 a second for the look's second and a little more, against the ~200 jobs the run held.
+    assert sent_after <= 25, sent_after
+    assert report.result.reason is StopReason.CANCELLED
+    assert report.exit_code == EXIT_SOME_FAILED
+    counts = (await store.counts(batch_id)).counts
+    assert counts["cancelled"] >= len(rows) - sent_at_cancel - sent_after
+    assert counts["succeeded"] + counts["cancelled"] == len(rows)
+
+
+async def test_a_stopped_run_does_not_send_what_waits_for_its_turn(
+    store: JobStore, make_file: MakeFile
+) -> None:
+    """At --rpm most workers wait their turn at the pacer, a job in hand; a stop (Ctrl-C)
+    lets the requests already sent finish, and sends none of those."""
+    rows = [chat(f"paced {i}") for i in range(300)]
+    async with FakeServer(FakeConfig(latency_ms=500)) as srv:
+        batch = (await submit_file(store, make_file(rows), base_url=srv.url)).batch
+        config = RunConfig(concurrency=64, rpm=600, flush_s=0.05, grace_s=10.0)
+        dispatcher = Dispatcher(store, batch, config, api_key=None, base_url=srv.url)
+        running = asyncio.create_task(dispatcher.run())
+        while srv.stats.requests_total < 10:  # noqa: ASYNC110 - a counter the server owns
+            await asyncio.sleep(0.01)
+        sent_at_stop = srv.stats.requests_total
+        in_flight_at_stop = dispatcher.stats.in_flight
+        dispatcher.stop()
+        result = await asyncio.wait_for(running, 60)
+        sent_after = srv.stats.requests_total - sent_at_stop
+    assert result.reason is StopReason.INTERRUPTED
+    # One sent as the server was read may not have reached it yet.
+    assert sent_after <= 1, sent_after
+    assert in_flight_at_stop > 0  # the grace period had answers to wait for
+    counts = (await store.counts(batch.id)).counts
+    assert counts["succeeded"] == srv.stats.successes
+    assert counts["pending"] == len(rows) - counts["succeeded"]
 
 
 async def test_retry_does_not_revive_a_cancelled_batch(
