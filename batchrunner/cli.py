@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import gc
+import math
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
@@ -16,6 +17,7 @@ import orjson
 from batchrunner import __version__
 from batchrunner.config import DEFAULT_DB_URL, LEASE_ENV, LEASE_S, db_url_from_env
 from batchrunner.errors import BatchrunnerError, UsageError
+from batchrunner.lines import names_a_file
 from batchrunner.store import JobStore
 
 if TYPE_CHECKING:
@@ -71,6 +73,17 @@ class _Context:
 
 
 pass_ctx = click.make_pass_decorator(_Context)
+
+
+class _FiniteRange(click.FloatRange):
+    """A FloatRange of numbers only: FloatRange lets "nan" through (every comparison with it is
+    false) and "inf" past an open end, and the pacer, the budget or the clock broke on them."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -167,12 +180,12 @@ def submit(
 )
 @click.option(
     "--rpm",
-    type=click.FloatRange(min=0, min_open=True),
+    type=_FiniteRange(min=0, min_open=True),
     help="Requests per minute for the whole batch (spread evenly).",
 )
 @click.option(
     "--tpm",
-    type=click.FloatRange(min=0, min_open=True),
+    type=_FiniteRange(min=0, min_open=True),
     help="Tokens per minute for the whole batch (prompt estimate + max output).",
 )
 @click.option(
@@ -186,7 +199,7 @@ def submit(
 @click.option(
     "--timeout",
     "timeout_s",
-    type=click.FloatRange(min=0, min_open=True),
+    type=_FiniteRange(min=0, min_open=True),
     default=600.0,
     show_default=True,
     help="Seconds one request may take.",
@@ -194,7 +207,7 @@ def submit(
 @click.option(
     "--max-cost",
     "max_cost_usd",
-    type=click.FloatRange(min=0, min_open=True),
+    type=_FiniteRange(min=0, min_open=True),
     help="Stop before the batch could cost more than this many US dollars.",
 )
 @click.option("--base-url", help="Override the base URL stored with the batch.")
@@ -216,7 +229,7 @@ def submit(
 @click.option(
     "--lease",
     "lease_s",
-    type=click.FloatRange(min=0.5, max=86_400),
+    type=_FiniteRange(min=0.5, max=86_400),
     default=LEASE_S,
     show_default=True,
     envvar=LEASE_ENV,
@@ -394,19 +407,32 @@ def export(
             workers=None,
         )
 
+    async def to_file(store: JobStore, target: Path) -> int:
+        await store.get_batch(batch_id)  # no batch: say so before making a file
+        # A file is written aside and renamed at the end: a file at PATH is always a whole
+        # export. A pipe or a device (/dev/stdout, /dev/null) is written as it is: renamed
+        # over, it would be replaced by a file.
+        aside = not target.exists() or target.is_file()
+        partial = target.with_name(f".{target.name}.partial") if aside else target
+        try:
+            f = partial.open("wb")
+        except OSError as exc:
+            raise UsageError(f"cannot write {target}: {exc.strerror or exc}") from None
+        try:
+            with f:
+                n = await write(store, f)
+            if aside:
+                partial.replace(target)
+        finally:
+            if aside:
+                partial.unlink(missing_ok=True)
+        return n
+
     if output == "-":
         n = ctx.with_store(lambda store: write(store, sys.stdout.buffer))
         sys.stdout.flush()
     else:
-        # Written aside and renamed at the end: a file at PATH is always a whole export.
-        target = Path(output)
-        partial = target.with_name(f".{target.name}.partial")
-        try:
-            with partial.open("wb") as f:
-                n = ctx.with_store(lambda store: write(store, f))
-            partial.replace(target)
-        finally:
-            partial.unlink(missing_ok=True)
+        n = ctx.with_store(lambda store: to_file(store, Path(output)))
     _err(f"exported {n} row(s) of {batch_id}" + ("" if output == "-" else f" to {output}"))
 
 
@@ -436,7 +462,7 @@ def estimate(ctx: _Context, target: str, as_json: bool, prices_path: Path | None
     from batchrunner.pricing import PriceBook
 
     prices = PriceBook.load(prices_path)
-    if Path(target).is_file():
+    if Path(target).is_file() or names_a_file(target):
         result = _run(est.estimate_file(target, prices))
     else:
         result = ctx.with_store(lambda store: est.estimate_batch(store, target, prices))
@@ -591,6 +617,12 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
+    except OSError as exc:
+        # A file or pipe the command reads or writes failed on the way (a full disk under an
+        # export, a closed pipe): the reason, not a traceback.
+        where = f": {exc.filename}" if exc.filename else ""
+        _err(f"error: {exc.strerror or exc}{where}")
+        sys.exit(EXIT_ABORTED)
     sys.exit(code if isinstance(code, int) else EXIT_OK)
 
 

@@ -32,10 +32,10 @@ from typing import Any, Final, Literal
 
 import orjson
 
-from batchrunner.errors import LineError, UsageError
+from batchrunner.errors import LineError
 from batchrunner.export import iter_job_requests
 from batchrunner.ingest import SHOWN_ERRORS
-from batchrunner.lines import read_jobs
+from batchrunner.lines import check_request_file, read_jobs
 from batchrunner.models import UNFINISHED_STATES
 from batchrunner.pricing import PriceBook, UsageCounts
 from batchrunner.store import JobStore
@@ -178,8 +178,7 @@ async def estimate_file(path: str | Path, prices: PriceBook | None = None) -> Es
     """Estimate every valid request of a request file (either input format). Bad lines are
     left out and counted; `submit` would refuse the file unless told `--skip-invalid`."""
     path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"no such file: {path}")
+    check_request_file(path)
     prices = prices or PriceBook.load()
     est = Estimate(source=str(path), kind="file")
     for count, item in enumerate(read_jobs(path), start=1):

@@ -37,6 +37,7 @@ from batchrunner.lines import (
     JobRow,
     NewJob,
     ParsedBlock,
+    check_request_file,
     open_block_parser,
     read_jobs,
     read_rows,
@@ -193,8 +194,7 @@ async def submit_file(
     Worker processes are started with multiprocessing's "spawn": a program that asks for them
     must guard its main module with `if __name__ == "__main__":`.
     """
-    if not path.is_file():
-        raise UsageError(f"no such file: {path}")
+    check_request_file(path)
     base_url = check_base_url(base_url) if base_url else DEFAULT_BASE_URL
     api_key_env = check_key_env(api_key_env) if api_key_env else DEFAULT_API_KEY_ENV
     name = kept_text(name)

