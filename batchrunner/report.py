@@ -328,7 +328,8 @@ def render_status(st: BatchStatus) -> str:
     if st.errors:
         out.append("failed    " + ", ".join(f"{k} {n}" for k, n in st.errors))
     if st.attempt_errors:
-        out.append("retried   " + ", ".join(f"{k} {n}" for k, n in st.attempt_errors))
+        # Every attempt that did not succeed: those retried and the last of each failed job.
+        out.append("attempts  with errors: " + ", ".join(f"{k} {n}" for k, n in st.attempt_errors))
     if st.workers:
         out.append(f"workers   {len(st.workers)} live")
         for w in st.workers:

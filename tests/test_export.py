@@ -705,6 +705,7 @@ async def test_status_figures_of_two_batches_in_one_database_stay_apart(
         status = await report.batch_status(store, batch_id)
         assert status.tokens["total_tokens"] == 2 * tokens
         assert status.attempt_errors == [("http_500", 2 * errors)]
+        assert f"attempts  with errors: http_500 {2 * errors}" in report.render_status(status)
         assert await store.first_and_last_finish(batch_id) == pytest.approx(
             (started, started + errors + 1.0)
         )
