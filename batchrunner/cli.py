@@ -407,12 +407,8 @@ def export(
             workers=None,
         )
 
-    async def to_file(store: JobStore, target: Path) -> int:
+    async def to_file(store: JobStore, target: Path, aside: bool) -> int:
         await store.get_batch(batch_id)  # no batch: say so before making a file
-        # A file is written aside and renamed at the end: a file at PATH is always a whole
-        # export. A pipe or a device (/dev/stdout, /dev/null) is written as it is: renamed
-        # over, it would be replaced by a file.
-        aside = not target.exists() or target.is_file()
         partial = target.with_name(f".{target.name}.partial") if aside else target
         try:
             f = partial.open("wb")
@@ -432,7 +428,12 @@ def export(
         n = ctx.with_store(lambda store: write(store, sys.stdout.buffer))
         sys.stdout.flush()
     else:
-        n = ctx.with_store(lambda store: to_file(store, Path(output)))
+        target = Path(output)
+        # A file is written aside and renamed at the end: a file at PATH is always a whole
+        # export. A pipe or a device (/dev/stdout, /dev/null) is written as it is: renamed
+        # over, it would be replaced by a file.
+        aside = not target.exists() or target.is_file()
+        n = ctx.with_store(lambda store: to_file(store, target, aside))
     _err(f"exported {n} row(s) of {batch_id}" + ("" if output == "-" else f" to {output}"))
 
 

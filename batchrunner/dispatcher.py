@@ -813,10 +813,25 @@ class Dispatcher:
                 log.exception("recording results broke the writer")
                 self.stop(StopReason.ERROR, f"internal error recording results: {exc!r}")
                 return False
-            self.stats.fenced += outcome.fenced
+            if outcome.fenced_ids:
+                self._uncount(ended, outcome.fenced_ids)
             self.stats.unwritten = len(self._ended)
             return True
         return False
+
+    def _uncount(self, ended: list[Ended], fenced_ids: frozenset[int]) -> None:
+        """Ends the database refused (the job was cancelled, or taken over by another worker)
+        were counted as they ended: they are counted as fenced instead."""
+        st = self.stats
+        for end in ended:
+            if end.job_id not in fenced_ids:
+                continue
+            st.fenced += 1
+            if end.state is JobState.SUCCEEDED:
+                st.succeeded -= 1
+                st.tokens -= end.total_tokens or 0
+            else:
+                st.failed -= 1
 
     async def _give_back(self) -> None:
         """Every job still held goes back to pending for the next run."""

@@ -346,8 +346,8 @@ class PgDatabase:
             except _DRIVER_ERRORS as exc:
                 raise _failed(exc, "read") from exc
 
-    async def record(self, sql: str, params: Sequence[Any]) -> int:
-        """Run one statement that returns a count, in a transaction of its own.
+    async def record(self, sql: str, params: Sequence[Any]) -> Any:
+        """Run one statement that returns one value, in a transaction of its own.
 
         The statement is a transaction of its own in autocommit, without a BEGIN and a COMMIT
         to wait for, on a connection kept for it. A connection that failed is dropped and the
@@ -357,7 +357,7 @@ class PgDatabase:
             try:
                 if self._recorder is None:
                     self._recorder = await self._connect()
-                return int(await self._recorder.fetchval(sql, *params))
+                return await self._recorder.fetchval(sql, *params)
             except BaseException as exc:
                 conn, self._recorder = self._recorder, None
                 if conn is not None:

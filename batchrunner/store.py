@@ -126,8 +126,11 @@ class Ended:
 @dataclass(frozen=True, slots=True)
 class RecordOutcome:
     recorded: int
-    #: Ends refused because the lease had passed to another worker (fencing).
+    #: Ends refused because the lease had passed to another worker or the job was cancelled
+    #: (fencing)...
     fenced: int
+    #: ...and their jobs.
+    fenced_ids: frozenset[int] = frozenset()
 
 
 @dataclass(slots=True)
@@ -270,6 +273,9 @@ _INSERT_RESULT_SQL = (
     " FROM jobs WHERE id = ?14 AND lease_token = ?15 AND state = 'running'"
     " ON CONFLICT (job_id) DO NOTHING"
 )
+#: Where `_record_rows` puts the job's id in a result's and in an end's parameters.
+_RESULT_JOB_ID = 13
+_END_JOB_ID = 6
 _END_JOB_SQL = (
     "UPDATE jobs SET state = ?1, attempts = attempts + ?2, lease_owner = NULL,"
     " lease_token = NULL, lease_expires_at = NULL, not_before = NULL,"
@@ -290,9 +296,10 @@ _INSERT_ATTEMPT_SQL = (
 # waiting for a turn of an event loop busy with requests. `done` ends the jobs still running
 # under the ended jobs' lease tokens; the UPDATE re-checks that condition on a row another
 # transaction changed meanwhile, so a lease that passed to another worker records nothing.
-# Results and the count go by `done`. (Locking the rows first with SELECT ... FOR UPDATE, as
-# this did before, wrote each row twice: 11 % of the server's CPU in a run.) The ends come
-# sorted by job id, so that rows are locked in the order claims and heartbeats lock them.
+# Results go by `done`, and the statement returns the ends it fenced (NULL: none). (Locking
+# the rows first with SELECT ... FOR UPDATE, as this did before, wrote each row twice: 11 % of
+# the server's CPU in a run.) The ends come sorted by job id, so that rows are locked in the
+# order claims and heartbeats lock them.
 #
 # The rows come as JSON, one array per row ($1, $4, $8, from `_record_params`), and the long
 # free text (error bodies, completions) beside them as text arrays ($2, $5), row for row. A
@@ -331,7 +338,7 @@ WITH ended AS (
   FROM jsonb_array_elements($8::jsonb) AS a(v)
   ON CONFLICT (job_id, started_at) DO NOTHING
 )
-SELECT count(*) FROM done
+SELECT array_agg(e.id) FROM ended e WHERE e.id NOT IN (SELECT id FROM done)
 """
 
 
@@ -360,6 +367,10 @@ def _in_list(values: Sequence[Any], params: dict[str, Any], name: str = "id") ->
         params[f"{name}{i}"] = value
         marks.append(f":{name}{i}")
     return f"({', '.join(marks)})"
+
+
+class _SomeFenced(Exception):
+    """Some ends of a SQLite record were fenced: it is undone and written end by end."""
 
 
 class BatchExists(Exception):
@@ -922,23 +933,59 @@ class JobStore:
         a late answer from a worker whose lease passed to another changes nothing.
         """
         if self.is_sqlite:
-            results, ends, log = _record_rows(batch_id, worker_id, ended, attempts, now)
-
-            def write(conn: sqlite3.Connection) -> int:
-                # Results first: the insert checks the lease while the job is still `running`.
-                if results:
-                    conn.executemany(_INSERT_RESULT_SQL, results)
-                done = conn.executemany(_END_JOB_SQL, ends).rowcount if ends else 0
-                if log:
-                    conn.executemany(_INSERT_ATTEMPT_SQL, log)
-                return done if done >= 0 else len(ends)
-
-            recorded = await self._sqlite.transaction(write)
-            return RecordOutcome(recorded=recorded, fenced=len(ends) - recorded)
-        recorded = await self._pg.record(
-            _RECORD_PG, _record_params(batch_id, worker_id, ended, attempts, now)
+            fenced = await self._record_sqlite(batch_id, worker_id, ended, attempts, now)
+        else:
+            fenced = await self._pg.record(
+                _RECORD_PG, _record_params(batch_id, worker_id, ended, attempts, now)
+            )
+        fenced_ids = frozenset(fenced or ())
+        return RecordOutcome(
+            recorded=len(ended) - len(fenced_ids), fenced=len(fenced_ids), fenced_ids=fenced_ids
         )
-        return RecordOutcome(recorded=recorded, fenced=len(ended) - recorded)
+
+    async def _record_sqlite(
+        self,
+        batch_id: str,
+        worker_id: str,
+        ended: Sequence[Ended],
+        attempts: Sequence[AttemptRecord],
+        now: float,
+    ) -> list[int]:
+        """`record` on SQLite; returns the fenced jobs.
+
+        A statement per kind of row for all the ends at once, which says how many it changed,
+        not which: when some were fenced (rarely), the transaction is undone and written again
+        end by end.
+        """
+        results, ends, log = _record_rows(batch_id, worker_id, ended, attempts, now)
+
+        def write(conn: sqlite3.Connection) -> list[int]:
+            # Results first: the insert checks the lease while the job is still `running`.
+            if results:
+                conn.executemany(_INSERT_RESULT_SQL, results)
+            if ends and conn.executemany(_END_JOB_SQL, ends).rowcount < len(ends):
+                raise _SomeFenced()
+            if log:
+                conn.executemany(_INSERT_ATTEMPT_SQL, log)
+            return []
+
+        def write_each(conn: sqlite3.Connection) -> list[int]:
+            result_of = {row[_RESULT_JOB_ID]: row for row in results}
+            fenced = []
+            for end in ends:
+                job_id = end[_END_JOB_ID]
+                if job_id in result_of:
+                    conn.execute(_INSERT_RESULT_SQL, result_of[job_id])
+                if conn.execute(_END_JOB_SQL, end).rowcount == 0:
+                    fenced.append(job_id)
+            if log:
+                conn.executemany(_INSERT_ATTEMPT_SQL, log)
+            return fenced
+
+        try:
+            return await self._sqlite.transaction(write)
+        except _SomeFenced:
+            return await self._sqlite.transaction(write_each)
 
     async def record_kept(
         self,

@@ -18,12 +18,14 @@ from pathlib import Path
 import orjson
 import pytest
 
+from batchrunner import coordination
 from batchrunner.client import join_url
 from batchrunner.config import RunConfig
 from batchrunner.dispatcher import Dispatcher, StopReason
 from batchrunner.errors import InputError, UsageError
 from batchrunner.fakeapi import FakeConfig, FakeServer, FakeServerThread
 from batchrunner.ingest import submit_file
+from batchrunner.report import batch_status
 from batchrunner.runner import EXIT_SOME_FAILED, OTHER_OPEN_FILES, run
 from batchrunner.store import JobStore
 from tests.conftest import chat, run_cli, write_jsonl
@@ -134,6 +136,31 @@ async def test_a_run_stops_sending_within_a_look_of_the_cancel(
     counts = (await store.counts(batch_id)).counts
     assert counts["cancelled"] >= len(rows) - sent_at_cancel - sent_after
     assert counts["succeeded"] + counts["cancelled"] == len(rows)
+
+
+async def test_answers_after_a_cancel_count_as_not_recorded_not_as_succeeded(
+    store: JobStore, make_file: MakeFile, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Until the run sees the cancel, its answers are refused by the database (fenced): the
+    run's own figures must say so, not count them as succeeded."""
+    monkeypatch.setattr(coordination, "COORDINATE_EVERY_S", 3.0)  # a late look
+    rows = [chat(f"paced {i}") for i in range(300)]
+    async with FakeServer(FakeConfig(latency_ms=20)) as srv:
+        batch_id = (await submit_file(store, make_file(rows), base_url=srv.url)).batch.id
+        config = RunConfig(concurrency=8, rpm=600, flush_s=0.05)
+        running = asyncio.create_task(
+            run(store, batch_id, config, warn=lambda _: None, progress=False, install_signals=False)
+        )
+        while srv.stats.successes < 10:  # noqa: ASYNC110 - a counter the server owns
+            await asyncio.sleep(0.01)
+        await store.cancel(batch_id)
+        report = await asyncio.wait_for(running, 60)
+    stats = report.result.stats
+    counts = (await store.counts(batch_id)).counts
+    assert stats.fenced >= 5  # about 10 a second until the look
+    assert stats.succeeded == counts["succeeded"]
+    assert stats.succeeded + stats.fenced <= srv.stats.successes
+    assert stats.tokens == (await batch_status(store, batch_id)).tokens["total_tokens"]
 
 
 async def test_a_stopped_run_does_not_send_what_waits_for_its_turn(

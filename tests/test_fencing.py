@@ -114,10 +114,14 @@ async def test_fenced_and_recorded_ends_are_counted_right_in_one_transaction(
     now = t0 + TAKEOVER_S + 0.5
     late = await store.record(batch_id, "worker-a", [succeeded(j, "A") for j in old], [], now)
     assert (late.recorded, late.fenced) == (0, 3)
+    assert late.fenced_ids == {j.id for j in old}
     mixed = [succeeded(new[0], "B"), succeeded(old[1], "A"), _failure(new[2])]
     current = await store.record(batch_id, "worker-b", mixed, [], now + 0.1)
     assert (current.recorded, current.fenced) == (2, 1)
-    assert len(await _rows(store, "SELECT job_id FROM results")) == 1
+    assert current.fenced_ids == {old[1].id}
+    assert await _rows(store, "SELECT job_id FROM results") == [(new[0].id,)]
+    states = dict(await _rows(store, "SELECT id, state FROM jobs"))
+    assert states == {new[0].id: "succeeded", new[1].id: "running", new[2].id: "failed"}
 
 
 async def test_a_late_failure_cannot_overwrite_the_current_result(
