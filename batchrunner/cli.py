@@ -497,7 +497,14 @@ def cancel(ctx: _Context, batch_id: str) -> None:
     Example:
         batchrunner cancel batch_0123456789abcdef
     """
-    n = ctx.with_store(lambda store: store.cancel(batch_id))
+    from batchrunner import runner
+
+    recorded, n = ctx.with_store(lambda store: runner.cancel(store, batch_id))
+    if recorded:
+        _err(
+            f"recorded {recorded} answer(s) that a run of this machine had received and not"
+            " yet written"
+        )
     _err(f"cancelled {n} unfinished job(s) of {batch_id}")
 
 

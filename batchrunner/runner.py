@@ -6,12 +6,13 @@ import asyncio
 import logging
 import os
 import signal
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from decimal import Decimal
 from pathlib import Path
 
-from batchrunner import report
+from batchrunner import journal, report
 from batchrunner.client import is_insecure, is_loopback
 from batchrunner.config import RunConfig, check_base_url, check_key_env
 from batchrunner.dispatcher import Dispatcher, RunResult, StopReason
@@ -151,6 +152,21 @@ async def run(
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
     return RunReport(batch, result)
+
+
+async def cancel(store: JobStore, batch_id: str) -> tuple[int, int]:
+    """Stop a batch for good: (answers recorded first, jobs cancelled).
+
+    Answers that a run of this machine received and died before writing wait in its journal
+    for the next run, and a cancelled batch has none: they are recorded first (they were paid
+    for), then every unfinished job is cancelled. A live run sees the cancel within a second.
+    """
+    await store.get_batch(batch_id)
+    directory = journal.directory_for(store)
+    recorded = 0
+    if directory is not None:
+        recorded = await journal.recover(store, batch_id, directory, time.time())
+    return recorded, await store.cancel(batch_id)
 
 
 def _within_open_files(config: RunConfig, warn: Callable[[str], None]) -> RunConfig:

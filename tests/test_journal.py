@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 
-from batchrunner import journal
+from batchrunner import journal, runner
 from batchrunner.config import RunConfig
 from batchrunner.coordination import JOIN_HOLD_S, Coordinator, WorkerCounters
 from batchrunner.dispatcher import Dispatcher, StopReason
@@ -119,6 +119,27 @@ async def test_a_dead_runs_journal_is_recorded_once_and_jobs_ended_since_are_lef
         assert sorted(by_job[job.id]) == [("w-dead", 200, t0 + 1.25), ("w-dead", 500, t0)]
     # Nothing left to do the second time.
     assert await journal.recover(store, batch_id, directory, time.time()) == 0
+
+
+async def test_cancel_records_the_answers_a_dead_run_kept_first(
+    store: JobStore, make_file: MakeFile
+) -> None:
+    """A cancelled batch has no next run to record what a killed run had received (and paid
+    for) but not written: `cancel` records it, then cancels the rest."""
+    batch_id, (kept, other) = await _claimed(store, make_file, 2)
+    directory = journal.directory_for(store)
+    assert directory is not None
+    dead = journal.Journal(directory, batch_id, "w-dead")
+    dead.add(_success(kept, "paid for"), _tries(kept, time.time()))
+    dead.close(committed=False)
+
+    assert await runner.cancel(store, batch_id) == (1, 1)
+
+    states = dict(await _rows(store, "SELECT id, state FROM jobs"))
+    assert states == {kept.id: "succeeded", other.id: "cancelled"}
+    (result,) = await _rows(store, "SELECT job_id, response FROM results")
+    assert (result.job_id, result.response) == (kept.id, '{"answer": "paid for"}')
+    assert [p for p in _segments(directory) if batch_id in p.name] == []
 
 
 async def test_a_dead_runs_last_record_that_runs_after_its_journal_logs_nothing_twice(
