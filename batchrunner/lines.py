@@ -7,6 +7,8 @@ a fraction of the time.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import stat
 from collections.abc import Callable, Iterable, Iterator
@@ -27,6 +29,8 @@ _CHAT_ENDPOINTS = frozenset({"/v1/chat/completions", "/chat/completions"})
 BOM = b"\xef\xbb\xbf"
 #: Inline data (`data:image/png;base64,...`, audio and file parts) is marked by this.
 _INLINE_DATA = ";base64,"
+#: A value quoted in a line's error is cut to this many characters.
+SHOWN_VALUE_CHARS = 80
 #: How deep orjson nests when it writes: it reads deeper documents than it can write back.
 MAX_WRITE_DEPTH = 255
 #: A job's token estimate is kept at most this (what the jobs table's integer column holds):
@@ -62,6 +66,20 @@ class BadLine(Exception):
         self.reason = reason
 
 
+#: What a request file that is not JSON lines starts with, and what it is then: each of its
+#: lines would be refused as "not valid UTF-8", with no word of why.
+_NOT_JSONL = (
+    (b"\x1f\x8b", "gzip-compressed (gunzip -k it first)"),
+    (b"\x28\xb5\x2f\xfd", "zstd-compressed (unzstd it first)"),
+    (b"BZh", "bzip2-compressed (bunzip2 -k it first)"),
+    (b"\xfd7zXZ\x00", "xz-compressed (unxz -k it first)"),
+    (b"PK\x03\x04", "a zip archive (unzip it first)"),
+    (b"\xff\xfe", "UTF-16 text (save it as UTF-8)"),
+    (b"\xfe\xff", "UTF-16 text (save it as UTF-8)"),
+)
+_LONGEST_MAGIC = max(len(magic) for magic, _ in _NOT_JSONL)
+
+
 def names_a_file(target: str) -> bool:
     """Whether a FILE|BATCH_ID argument that is no file names one all the same (a batch id
     has neither a path separator nor a file's extension)."""
@@ -83,12 +101,15 @@ def check_request_file(path: Path) -> None:
                 f"{path} is not a regular file (a pipe or a device); requests are read from a"
                 " file twice, so write them to one first"
             )
-        with path.open("rb"):
-            pass
+        with path.open("rb") as f:
+            start = f.read(_LONGEST_MAGIC)
     except FileNotFoundError:
         raise UsageError(f"no such file: {path}") from None
     except OSError as exc:
         raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
+    for magic, what in _NOT_JSONL:
+        if start.startswith(magic):
+            raise UsageError(f"{path} is {what}; requests are read from UTF-8 JSON lines")
 
 
 def numbered_lines(path: Path) -> Iterator[tuple[int, bytes, bool]]:
@@ -131,6 +152,47 @@ def _check_text(value: Any, name: str, width: int) -> str:
     if len(value) > width:
         raise BadLine(f"'{name}' is longer than {width} characters ({len(value)})")
     return value
+
+
+def _shown(value: Any) -> str:
+    """A value for a message, cut short: a line may hold megabytes where it is wrong."""
+    text = repr(value)
+    return text if len(text) <= SHOWN_VALUE_CHARS else text[: SHOWN_VALUE_CHARS - 3] + "..."
+
+
+def _wrote_an_exponent(text: str) -> bool:
+    """Whether orjson wrote a number with a positive exponent into `text` (`1e+16`,
+    `1.8446744073709552e+19`): a digit, `e+`, digits, then what ends a number in JSON. Text
+    inside strings rarely looks so (base64 data has `e+` every few kilobytes, but never before
+    a comma or a bracket)."""
+    at = text.find("e+")
+    while at > 0:
+        end = at + 2
+        while end < len(text) and text[end].isdigit():
+            end += 1
+        if text[at - 1].isdigit() and end > at + 2 and end < len(text) and text[end] in ",}]":
+            return True
+        at = text.find("e+", end)
+    return False
+
+
+def _check_integers(raw: bytes) -> None:
+    """Refuse an integer outside 64 bits: orjson reads it as a float without a word, and the
+    request would go out with 2**64 as 1.8446744073709552e+19. Called only for a line whose
+    JSON, as written back, has a number with an exponent, as such an integer always has."""
+
+    def checked(literal: str) -> int:
+        value = int(literal)
+        if not -(2**63) <= value < 2**64:
+            raise BadLine(
+                f"the integer {_shown(value)} is outside 64 bits: it would be sent as a float"
+            )
+        return value
+
+    # orjson has read the line already: what the standard parser would refuse otherwise
+    # (it reads less deep, and more loosely) is orjson's to judge.
+    with contextlib.suppress(ValueError, RecursionError):
+        json.loads(raw, parse_int=checked)
 
 
 def _dumps(value: Any, what: str) -> str:
@@ -206,19 +268,21 @@ def parse_row(raw: bytes, number: int, meta_keys: set[str] | None = None) -> Job
         raise BadLine(f"invalid JSON: {exc}") from None
     obj = _require_object(value, "a line")
 
-    if "body" in obj and ("custom_id" in obj or "url" in obj or "method" in obj):
+    plain = "model" in obj or "messages" in obj
+    if "body" in obj and (not plain or "custom_id" in obj or "url" in obj or "method" in obj):
         # OpenAI Batch API line.
-        custom_id = _check_text(obj.get("custom_id"), "custom_id", CUSTOM_ID_CHARS)
         method = obj.get("method", "POST")
         if not isinstance(method, str) or method.upper() != "POST":
-            raise BadLine(f"unsupported method {method!r}: only POST")
+            raise BadLine(f"unsupported method {_shown(method)}: only POST")
         url = obj.get("url", CHAT_ENDPOINT)
         if not isinstance(url, str) or url not in _CHAT_ENDPOINTS:
-            raise BadLine(f"unsupported url {url!r}: only {CHAT_ENDPOINT}")
+            raise BadLine(f"unsupported url {_shown(url)}: only {CHAT_ENDPOINT}")
+        custom_id = _check_text(obj.get("custom_id"), "custom_id", CUSTOM_ID_CHARS)
         body = _require_object(obj["body"], "'body'")
         meta = obj.get("metadata")
-        model, stream, n, cap = _check_body(body)
         body_text = _dumps(body, "'body'")
+    elif not plain and ("url" in obj or "method" in obj):
+        raise BadLine("missing 'body' (an OpenAI Batch API line has custom_id, method, url, body)")
     else:
         # A plain request body: metadata and custom_id stay with the job, never sent.
         body = obj
@@ -228,8 +292,10 @@ def parse_row(raw: bytes, number: int, meta_keys: set[str] | None = None) -> Job
             custom_id = f"line-{number}"
         else:
             _check_text(custom_id, "custom_id", CUSTOM_ID_CHARS)
-        model, stream, n, cap = _check_body(body)
         body_text = _dumps(body, "the request")
+    if _wrote_an_exponent(body_text):
+        _check_integers(raw)
+    model, stream, n, cap = _check_body(body)
     if meta is not None and not isinstance(meta, dict):
         raise BadLine(f"'metadata' must be an object, not {_json_type(meta)}")
     # Characters / 4 (as OpenAI's own limiter estimates), except for bodies with inline
@@ -243,6 +309,8 @@ def parse_row(raw: bytes, number: int, meta_keys: set[str] | None = None) -> Job
     meta_text = None
     if meta:
         meta_text = _dumps(meta, "'metadata'")
+        if _wrote_an_exponent(meta_text):
+            _check_integers(raw)
         if meta_keys is not None:
             meta_keys.update(meta)
     return (number, custom_id, CHAT_ENDPOINT, body_text, meta_text, model, stream, est)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import os
 import signal
 import sqlite3
@@ -134,10 +135,16 @@ def test_a_request_file_that_cannot_be_read_says_why(tmp_path: Path, sqlite_url:
     folder.mkdir()
     pipe = tmp_path / "pipe.jsonl"
     os.mkfifo(pipe)
+    gzipped = tmp_path / "requests.jsonl.gz"
+    gzipped.write_bytes(gzip.compress(orjson.dumps(chat("q")) + b"\n"))
+    utf16 = tmp_path / "utf16.jsonl"
+    utf16.write_bytes((orjson.dumps(chat("q")).decode() + "\n").encode("utf-16"))
     for target, reason in [
         (folder, "is a directory"),
         (pipe, "is not a regular file"),
         (tmp_path / "missing.jsonl", "no such file"),
+        (gzipped, "is gzip-compressed"),
+        (utf16, "is UTF-16 text"),
     ]:
         for command in ["submit", "run", "estimate"]:
             result = run_cli(command, str(target), db=sqlite_url)

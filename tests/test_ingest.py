@@ -123,6 +123,20 @@ BAD_LINES: list[tuple[bytes, str]] = [
     (orjson.dumps(chat("q", stream="yes")), "'stream' must be true or false"),
     (orjson.dumps(chat("q", metadata=[1])), "'metadata' must be an object"),
     (b"\xff\xfe{}", "not valid UTF-8"),
+    # orjson reads integers outside 64 bits as floats: 2**64 would go out as 1.8446744073709552e+19.
+    (b'{"model": "m", "messages": [{"role": "user"}], "seed": 18446744073709551616}', "64 bits"),
+    (b'{"model": "m", "messages": [{"role": "user"}], "seed": -9223372036854775809}', "64 bits"),
+    (
+        b'{"model": "m", "messages": [{"role": "user"}], "max_tokens": 1' + b"0" * 30 + b"}",
+        "64 bits",
+    ),
+    (orjson.dumps(chat("q"))[:-1] + b', "metadata": {"n": 99999999999999999999}}', "64 bits"),
+    (
+        orjson.dumps({"custom_id": "i", "method": "POST", "url": "/v1/chat/completions"}),
+        "missing 'body'",
+    ),
+    (orjson.dumps({"body": chat("q")}), "'custom_id' must be a non-empty string"),
+    (orjson.dumps({"url": "/v1/embeddings", "body": chat("q")}), "unsupported url"),
     (b'\xef\xbb\xbf{"model": "m"}', "byte order mark inside the file"),
 ]
 
@@ -140,6 +154,28 @@ async def test_bad_line_in_the_middle_loads_nothing(
     assert reason in err.reason
     assert f"{path}:3:" in info.value.message
     assert await store.list_batches() == []
+
+
+async def test_integers_at_the_edges_of_64_bits_and_large_floats_are_kept(
+    store: JobStore, make_file: MakeFile
+) -> None:
+    line = (
+        b'{"model": "m", "messages": [{"role": "user", "content": "5e+10] base64 e+1,"}],'
+        b' "seed": 18446744073709551615, "x_low": -9223372036854775808, "x_float": 1e300}'
+    )
+    result = await submit_file(store, make_file([line]))
+    (row,) = await _jobs(store, result.batch.id)
+    body = orjson.loads(row.body)
+    assert (body["seed"], body["x_low"]) == (2**64 - 1, -(2**63))
+    assert body["x_float"] == 1e300
+
+
+async def test_a_long_wrong_value_is_quoted_short(store: JobStore, make_file: MakeFile) -> None:
+    line = orjson.dumps({**batch_line("x", chat("q")), "url": "/" + "u" * 2_000_000})
+    with pytest.raises(InputError) as info:
+        await submit_file(store, make_file([line]))
+    (err,) = info.value.errors
+    assert "unsupported url '/uuu" in err.reason and len(err.reason) < 200
 
 
 async def test_error_message_lists_first_errors_and_the_total(
