@@ -161,6 +161,28 @@ async def test_a_file_with_images_tools_and_n(make_file: MakeFile) -> None:
     assert f"{sum(EXPECTED_PROMPT.values()):,}" in text
 
 
+async def test_lines_submit_would_refuse_are_left_out_as_submit_says(
+    store: JobStore, make_file: MakeFile
+) -> None:
+    """estimate FILE and submit agree on which lines are bad: a repeated custom_id too."""
+    url = "/v1/chat/completions"
+    rows = [
+        {"custom_id": "a", "method": "POST", "url": url, "body": chat("one")},
+        {"custom_id": "b", "method": "POST", "url": url, "body": chat("two")},
+        b"not json",
+        {"custom_id": "a", "method": "POST", "url": url, "body": chat("again")},
+        chat("plain, its id made from the line"),
+    ]
+    path = make_file(rows)
+    est = await estimate_file(path, PriceBook())
+    assert est.everything.total.requests == 3
+    assert [(e.line, e.reason) for e in est.invalid][1] == (4, "duplicate custom_id 'a'")
+    result = await submit_file(store, path, skip_invalid=True)
+    assert (result.jobs, result.invalid_total) == (3, 2)
+    assert est.invalid_lines == result.invalid_total
+    assert [e.line for e in est.invalid] == [e.line for e in result.invalid]
+
+
 async def test_a_base64_image_is_counted_by_its_size(make_file: MakeFile) -> None:
     small, large = _png_data_url(600, 300), _png_data_url(2048, 4096)
     est = await estimate_file(
