@@ -236,6 +236,11 @@ def submit(
     help=f"Seconds a claimed job stays this worker's without a heartbeat (env {LEASE_ENV}); "
     "a dead worker's jobs go to the others after it.",
 )
+@click.option(
+    "--skip-invalid",
+    is_flag=True,
+    help="With FILE: load the good lines and record the bad ones, as submit does.",
+)
 @click.option("--quiet", is_flag=True, help="No progress display.")
 @pass_ctx
 def run(
@@ -252,6 +257,7 @@ def run(
     retry_invalid_json: bool,
     prices_path: Path | None,
     lease_s: float,
+    skip_invalid: bool,
     quiet: bool,
 ) -> None:
     """Send a batch's unfinished jobs until every job has ended; running it again resumes.
@@ -284,7 +290,9 @@ def run(
         lease_s=lease_s,
     )
     rep = ctx.with_store(
-        lambda store: runner.run(store, target, config, warn=_err, progress=not quiet)
+        lambda store: runner.run(
+            store, target, config, warn=_err, progress=not quiet, skip_invalid=skip_invalid
+        )
     )
     res = rep.result
     st = res.stats
@@ -362,6 +370,12 @@ def status(ctx: _Context, batch_id: str | None, as_json: bool) -> None:
     is_flag=True,
     help="Write the failed jobs as a request file to submit again (implies --failed).",
 )
+@click.option(
+    "--invalid",
+    "invalid_lines",
+    is_flag=True,
+    help="Write the lines `submit --skip-invalid` left out, with the reason for each.",
+)
 @click.option("--bom", is_flag=True, help="Start a CSV with a UTF-8 byte order mark (for Excel).")
 @click.option(
     "--prices",
@@ -378,6 +392,7 @@ def export(
     output: str,
     failed_only: bool,
     as_requests: bool,
+    invalid_lines: bool,
     bom: bool,
     prices_path: Path | None,
 ) -> None:
@@ -388,11 +403,19 @@ def export(
         batchrunner export batch_0123456789abcdef -o results.csv
         batchrunner export batch_0123456789abcdef --format jsonl --failed -o failed.jsonl
         batchrunner export batch_0123456789abcdef --as-requests -o again.jsonl
+        batchrunner export batch_0123456789abcdef --invalid -o bad-lines.csv
     """
-    from batchrunner.export import export_batch, export_requests
+    from batchrunner.export import export_batch, export_invalid_lines, export_requests
     from batchrunner.pricing import PriceBook
 
+    if invalid_lines and (as_requests or failed_only):
+        raise click.UsageError("--invalid writes the lines left out at submit: no jobs with them")
+
     async def write(store: JobStore, out: BinaryIO) -> int:
+        if invalid_lines:
+            return await export_invalid_lines(
+                store, batch_id, out, fmt="jsonl" if fmt == "jsonl" else "csv"
+            )
         if as_requests:
             return await export_requests(store, batch_id, out)
         return await export_batch(

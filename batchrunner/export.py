@@ -192,6 +192,25 @@ async def export_requests(
     return written
 
 
+async def export_invalid_lines(
+    store: JobStore, batch_id: str, out: BinaryIO | TextIO, *, fmt: Literal["csv", "jsonl"]
+) -> int:
+    """Write the lines that `submit --skip-invalid` left out of the batch, each with its
+    reason, in line order: CSV `line,reason`, or JSONL `{"line": N, "reason": "..."}`.
+    Returns how many."""
+    await store.get_batch(batch_id)
+    sink = _Sink(out)
+    invalid = await store.invalid_lines(batch_id)
+    if fmt == "csv":
+        sink.write_text(f"line,reason{CRLF}")
+        sink.write_text("".join(f"{line},{cell(reason)}{CRLF}" for line, reason in invalid))
+    else:
+        for line, reason in invalid:
+            sink.write_line(orjson.dumps({"line": line, "reason": reason}))
+    sink.flush()
+    return len(invalid)
+
+
 # --- CSV -----------------------------------------------------------------------------------
 
 

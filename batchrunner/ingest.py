@@ -256,6 +256,11 @@ def _submitted_before(batch: BatchInfo, base_url: str, api_key_env: str) -> Subm
         )
         if kept != asked
     ]
+    if batch.invalid_lines:
+        notices.append(
+            f"it was loaded with --skip-invalid: {batch.invalid_lines} bad line(s) left out"
+            f" (`batchrunner export {batch.id} --invalid` lists them)"
+        )
     return SubmitResult(batch, False, batch.total_jobs, [], batch.invalid_lines, notices)
 
 

@@ -302,7 +302,11 @@ def render_status(st: BatchStatus) -> str:
         f"endpoint  {b.base_url}",
         f"jobs      {st.counts.total} total: pending {c['pending']}, running {c['running']}, "
         f"succeeded {c['succeeded']}, failed {c['failed']}, cancelled {c['cancelled']}"
-        + (f"  (invalid lines skipped: {b.invalid_lines})" if b.invalid_lines else ""),
+        + (
+            f"  (invalid lines skipped: {b.invalid_lines}; `export --invalid` lists them)"
+            if b.invalid_lines
+            else ""
+        ),
     ]
     t = st.tokens
     out.append(

@@ -65,8 +65,12 @@ async def run(
     warn: Callable[[str], None],
     progress: bool = True,
     install_signals: bool = True,
+    skip_invalid: bool = False,
 ) -> RunReport:
-    """Run a batch (by id, or a file to submit first) until every job has ended or it stops."""
+    """Run a batch (by id, or a file to submit first) until every job has ended or it stops.
+
+    `skip_invalid`: a file's bad lines are left out (and recorded), as `submit --skip-invalid`
+    does, rather than refusing the file."""
     if Path(target).is_file() or names_a_file(target):
         # Imported here: the load's machinery (ingest.py, bulk.py) is start-up that a run of
         # a submitted batch does not need. A name that is no file fails here with the reason.
@@ -78,10 +82,16 @@ async def run(
             Path(target),
             base_url=config.base_url or os.environ.get("OPENAI_BASE_URL"),
             api_key_env=config.api_key_env,
+            skip_invalid=skip_invalid,
             workers=None,
         )
         if submitted.created:
             warn(f"loaded {submitted.jobs} job(s) from {target} as batch {submitted.batch.id}")
+            if submitted.invalid_total:
+                warn(
+                    f"skipped {submitted.invalid_total} bad line(s): `batchrunner export"
+                    f" {submitted.batch.id} --invalid` lists them"
+                )
         batch = submitted.batch
     else:
         batch = await store.get_batch(target)

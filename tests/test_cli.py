@@ -210,6 +210,34 @@ def test_a_full_disk_under_an_export_is_an_error_not_a_traceback(
     assert stat.S_ISCHR(os.stat("/dev/full").st_mode)
 
 
+def test_lines_skipped_at_submit_can_be_listed_again(
+    make_file: MakeFile, sqlite_url: str, server: FakeServerThread
+) -> None:
+    """--skip-invalid records the bad lines; the run of a file takes it too, a second submit
+    says the batch has them, and `export --invalid` lists every one (the first 20 only were
+    shown, once)."""
+    bad = [b"{bad", orjson.dumps({"model": "m"})] * 15
+    path = make_file([chat("good 1"), *bad, chat("good 2")])
+    done = run_cli(
+        "run", str(path), "--skip-invalid", "--base-url", server.url, "--quiet", db=sqlite_url
+    )
+    assert done.returncode == 0, done.stderr
+    assert "skipped 30 bad line(s)" in done.stderr
+    again = run_cli("submit", str(path), db=sqlite_url)
+    batch_id = again.stdout.strip()
+    assert "loaded with --skip-invalid: 30 bad line(s) left out" in again.stderr
+
+    listed = run_cli("export", batch_id, "--invalid", db=sqlite_url)
+    assert listed.returncode == 0, listed.stderr
+    rows = listed.stdout.splitlines()
+    assert rows[0] == "line,reason" and len(rows) == 31
+    assert rows[1].startswith('2,"invalid JSON') and rows[2] == "3,missing 'messages'"
+    as_jsonl = run_cli("export", batch_id, "--invalid", "--format", "jsonl", db=sqlite_url)
+    lines = [orjson.loads(line) for line in as_jsonl.stdout.splitlines()]
+    assert [line["line"] for line in lines] == list(range(2, 32))
+    assert lines[1] == {"line": 3, "reason": "missing 'messages'"}
+
+
 def _results(db_file: Path) -> int:
     with sqlite3.connect(db_file) as conn:
         try:
