@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import os
 import socket
@@ -26,6 +27,7 @@ from collections.abc import (
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field, replace
 from operator import attrgetter
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import orjson
@@ -1457,9 +1459,23 @@ async def _reap(conn: Connection, batch_id: str, worker_ids: Sequence[str], now:
     return released
 
 
+#: The kernel's id of this boot (Linux): machines cloned from one image share a host name.
+_BOOT_ID_FILE = Path("/proc/sys/kernel/random/boot_id")
+
+
+@functools.cache
 def this_host() -> str:
-    """The name workers of this machine register under."""
-    return socket.gethostname()
+    """The name workers of this machine register under: its host name, and where the system
+    says so, the first part of the id of its boot (`host (97e70539)`). Workers of one host
+    name are taken for this machine's, whose processes can be looked up, and their jobs given
+    back when the process is gone: two machines cloned from one image, names and all, would
+    each take the other's live workers for dead."""
+    host = socket.gethostname()
+    try:
+        boot = _BOOT_ID_FILE.read_text(encoding="ascii").strip()[:8]
+    except (OSError, UnicodeDecodeError):
+        return host
+    return f"{host} ({boot})" if boot else host
 
 
 def pid_alive(pid: int) -> bool:

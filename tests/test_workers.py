@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -208,6 +209,32 @@ async def test_a_dead_worker_of_this_machine_is_reaped_and_its_jobs_come_back(
     assert sorted(j.id for j in claimed) == sorted(j.id for j in await _all_jobs(store, batch_id))
     # Reaped once: it is marked stopped now.
     assert (await coordinator.look()).reaped == 0
+
+
+@pytest.mark.skipif(
+    not Path("/proc/sys/kernel/random/boot_id").exists(), reason="needs Linux's boot id"
+)
+async def test_a_machine_of_the_same_name_does_not_take_the_others_workers_for_its_own(
+    store: JobStore, make_file: MakeFile
+) -> None:
+    """Machines cloned from one image share a host name; a worker's pid means nothing on
+    another machine, so its jobs must not be given back for a process that is not there."""
+    hostname = socket.gethostname()
+    assert this_host().startswith(f"{hostname} (") and this_host() != hostname
+    batch_id = await _batch(store, make_file, 3, "http://127.0.0.1:9/v1")
+    now = time.time()
+    await store.register_worker("w-clone", batch_id, now)
+    async with store.engine.begin() as conn:
+        await conn.execute(
+            text("UPDATE workers SET pid = :pid, host = :host WHERE id = 'w-clone'"),
+            {"pid": dead_pid(), "host": f"{hostname} (0ther000)"},
+        )
+    held = await store.claim(batch_id, "w-clone", "w-clone.1", 3, now, 600.0)
+    await store.register_worker("w-me", batch_id, time.time())
+    seen = await _coordinator(store, batch_id, "w-me", Pacer(600, None)).look()
+    assert seen.reaped == 0 and seen.workers == 2
+    assert await store.claim(batch_id, "w-me", "w-me.1", 10, time.time(), 60.0) == []
+    assert len(held) == 3
 
 
 async def test_a_server_pause_seen_by_one_worker_pauses_the_others(
