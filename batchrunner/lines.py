@@ -68,7 +68,7 @@ class BadLine(Exception):
 
 #: What a request file that is not JSON lines starts with, and what it is then: each of its
 #: lines would be refused as "not valid UTF-8", with no word of why.
-_NOT_JSONL = (
+NOT_JSONL = (
     (b"\x1f\x8b", "gzip-compressed (gunzip -k it first)"),
     (b"\x28\xb5\x2f\xfd", "zstd-compressed (unzstd it first)"),
     (b"BZh", "bzip2-compressed (bunzip2 -k it first)"),
@@ -77,7 +77,7 @@ _NOT_JSONL = (
     (b"\xff\xfe", "UTF-16 text (save it as UTF-8)"),
     (b"\xfe\xff", "UTF-16 text (save it as UTF-8)"),
 )
-_LONGEST_MAGIC = max(len(magic) for magic, _ in _NOT_JSONL)
+_LONGEST_MAGIC = max(len(magic) for magic, _ in NOT_JSONL)
 
 
 def names_a_file(target: str) -> bool:
@@ -107,7 +107,7 @@ def check_request_file(path: Path) -> None:
         raise UsageError(f"no such file: {path}") from None
     except OSError as exc:
         raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
-    for magic, what in _NOT_JSONL:
+    for magic, what in NOT_JSONL:
         if start.startswith(magic):
             raise UsageError(f"{path} is {what}; requests are read from UTF-8 JSON lines")
 

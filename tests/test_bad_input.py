@@ -32,7 +32,7 @@ from hypothesis import strategies as st
 from batchrunner.cli import cli
 from batchrunner.errors import InputError
 from batchrunner.ingest import submit_file
-from batchrunner.lines import MAX_EST_TOKENS
+from batchrunner.lines import MAX_EST_TOKENS, NOT_JSONL
 from batchrunner.states import CUSTOM_ID_CHARS, MODEL_CHARS
 from batchrunner.store import JobStore
 from tests.conftest import chat
@@ -120,7 +120,10 @@ def _check(ws: Workspace, data: bytes, *, skip_invalid: bool = False) -> Result:
         assert result.stdout == ""
         assert (batches, jobs, bad) == (0, 0, 0), "a rejected file loaded something"
         assert "Traceback" not in result.output
-        if lines:
+        if data.startswith(tuple(magic for magic, _ in NOT_JSONL)):
+            # Compressed or UTF-16 by its first bytes (no JSON line starts so): the file.
+            assert f"Error: {path} is " in result.stderr, result.stderr
+        elif lines:
             refs = [int(n) for n in _LINE_REF.findall(result.stderr)]
             assert f"{path}:" in result.stderr, result.stderr
             assert refs and set(refs) <= set(lines), (refs, lines, result.stderr)
