@@ -231,9 +231,11 @@ def _check_body(body: dict[str, Any]) -> tuple[str, bool, int, int]:
         role = message.get("role")
         if type(role) is not str or not role:
             raise BadLine(f"messages[{i}] has no 'role'")
-    stream = body.get("stream", False)
-    if stream is not False and stream is not True:
-        raise BadLine("'stream' must be true or false")
+    stream = body.get("stream")
+    if stream is None:
+        stream = False  # absent, or null as the API takes it
+    elif stream is not False and stream is not True:
+        raise BadLine("'stream' must be true, false or null")
     n = body.get("n")
     if n is not None and (type(n) is not int or n < 1):
         raise BadLine("'n' must be a positive integer")

@@ -87,6 +87,16 @@ async def test_same_content_same_batch_nothing_added(store: JobStore, make_file:
     assert len(await store.list_batches()) == 1
 
 
+async def test_null_where_the_api_takes_null_loads_as_sent(
+    store: JobStore, make_file: MakeFile
+) -> None:
+    body = chat("x", stream=None, n=None, max_tokens=None)
+    result = await submit_file(store, make_file([body]))
+    (row,) = await _jobs(store, result.batch.id)
+    assert orjson.loads(row.body) == body
+    assert not row.stream
+
+
 async def test_bodies_are_kept_whole(store: JobStore, make_file: MakeFile) -> None:
     body = chat(
         "x",
@@ -120,7 +130,7 @@ BAD_LINES: list[tuple[bytes, str]] = [
     (orjson.dumps(batch_line("", chat("q"))), "'custom_id' must be a non-empty string"),
     (orjson.dumps({**batch_line("x", chat("q")), "body": [1]}), "'body' must be a JSON object"),
     (orjson.dumps(chat("q", n=0)), "'n' must be a positive integer"),
-    (orjson.dumps(chat("q", stream="yes")), "'stream' must be true or false"),
+    (orjson.dumps(chat("q", stream="yes")), "'stream' must be true, false or null"),
     (orjson.dumps(chat("q", metadata=[1])), "'metadata' must be an object"),
     (b"\xff\xfe{}", "not valid UTF-8"),
     # orjson reads integers outside 64 bits as floats: 2**64 would go out as 1.8446744073709552e+19.
