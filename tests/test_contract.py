@@ -26,7 +26,7 @@ from batchrunner.errors import InputError, UsageError
 from batchrunner.fakeapi import FakeConfig, FakeServer, FakeServerThread
 from batchrunner.ingest import submit_file
 from batchrunner.report import batch_status
-from batchrunner.runner import EXIT_SOME_FAILED, OTHER_OPEN_FILES, run
+from batchrunner.runner import EXIT_SOME_FAILED, OTHER_OPEN_FILES, RunReport, run
 from batchrunner.store import JobStore
 from tests.conftest import chat, run_cli, write_jsonl
 
@@ -89,19 +89,35 @@ def test_ctrl_c_while_a_file_loads_exits_130_and_loads_nothing(tmp_path: Path) -
         assert conn.execute("SELECT count(*) FROM jobs").fetchone() == (0,)
 
 
+async def _run_until(
+    store: JobStore,
+    srv: FakeServer,
+    path: Path,
+    config: RunConfig,
+    *,
+    sent: int = 0,
+    answered: int = 0,
+) -> tuple[str, asyncio.Task[RunReport]]:
+    """Submit `path` and run it in a task, until the server has received `sent` requests and
+    answered `answered` of them."""
+    batch_id = (await submit_file(store, path, base_url=srv.url)).batch.id
+    running = asyncio.create_task(
+        run(store, batch_id, config, warn=lambda _: None, progress=False, install_signals=False)
+    )
+    # noqa below: the counters are the server's, nothing to wait on.
+    while srv.stats.requests_total < sent or srv.stats.successes < answered:  # noqa: ASYNC110
+        await asyncio.sleep(0.01)
+    return batch_id, running
+
+
 async def test_a_batch_cancelled_while_it_runs_does_not_exit_0(
     store: JobStore, make_file: MakeFile
 ) -> None:
     """`cancel` from another shell ends the run, which must not then say every job succeeded."""
     rows = [chat(f"slow {i}") for i in range(40)]
     async with FakeServer(FakeConfig(latency_ms=300)) as srv:
-        batch_id = (await submit_file(store, make_file(rows), base_url=srv.url)).batch.id
         config = RunConfig(concurrency=4, flush_s=0.05, grace_s=2.0)
-        running = asyncio.create_task(
-            run(store, batch_id, config, warn=lambda _: None, progress=False, install_signals=False)
-        )
-        while srv.stats.requests_total < 4:  # noqa: ASYNC110 - a counter the server owns
-            await asyncio.sleep(0.01)
+        batch_id, running = await _run_until(store, srv, make_file(rows), config, sent=4)
         cancelled = await store.cancel(batch_id)
         report = await asyncio.wait_for(running, 30)
     assert cancelled > 0
@@ -118,13 +134,8 @@ async def test_a_run_stops_sending_within_a_look_of_the_cancel(
     (and paid for, then not recorded), not only the ones not yet claimed."""
     rows = [chat(f"paced {i}") for i in range(300)]
     async with FakeServer(FakeConfig(latency_ms=20)) as srv:
-        batch_id = (await submit_file(store, make_file(rows), base_url=srv.url)).batch.id
         config = RunConfig(concurrency=64, rpm=600, flush_s=0.05, grace_s=10.0)
-        running = asyncio.create_task(
-            run(store, batch_id, config, warn=lambda _: None, progress=False, install_signals=False)
-        )
-        while srv.stats.requests_total < 10:  # noqa: ASYNC110 - a counter the server owns
-            await asyncio.sleep(0.01)
+        batch_id, running = await _run_until(store, srv, make_file(rows), config, sent=10)
         sent_at_cancel = srv.stats.requests_total
         await store.cancel(batch_id)
         report = await asyncio.wait_for(running, 60)
@@ -146,13 +157,8 @@ async def test_answers_after_a_cancel_count_as_not_recorded_not_as_succeeded(
     monkeypatch.setattr(coordination, "COORDINATE_EVERY_S", 3.0)  # a late look
     rows = [chat(f"paced {i}") for i in range(300)]
     async with FakeServer(FakeConfig(latency_ms=20)) as srv:
-        batch_id = (await submit_file(store, make_file(rows), base_url=srv.url)).batch.id
         config = RunConfig(concurrency=8, rpm=600, flush_s=0.05)
-        running = asyncio.create_task(
-            run(store, batch_id, config, warn=lambda _: None, progress=False, install_signals=False)
-        )
-        while srv.stats.successes < 10:  # noqa: ASYNC110 - a counter the server owns
-            await asyncio.sleep(0.01)
+        batch_id, running = await _run_until(store, srv, make_file(rows), config, answered=10)
         await store.cancel(batch_id)
         report = await asyncio.wait_for(running, 60)
     stats = report.result.stats
