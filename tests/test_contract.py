@@ -104,7 +104,7 @@ async def _run_until(
     running = asyncio.create_task(
         run(store, batch_id, config, warn=lambda _: None, progress=False, install_signals=False)
     )
-    # noqa below: the counters are the server's, nothing to wait on.
+    # The counters are the server's: nothing to wait on but time.
     while srv.stats.requests_total < sent or srv.stats.successes < answered:  # noqa: ASYNC110
         await asyncio.sleep(0.01)
     return batch_id, running
