@@ -95,19 +95,21 @@ def _blocks(path: Path) -> Iterator[tuple[int, bytes]]:
     """The file in pieces of whole lines of about BLOCK_BYTES: (number of the first line,
     the lines with their newlines; the last piece may end without one)."""
     number = 1
-    rest = b""
+    # The start of a line not ended yet, in the pieces read: a line of hundreds of megabytes
+    # is joined once, not at every read (which took 14 s for one of 200 MB).
+    rest: list[bytes] = []
     with path.open("rb") as f:
         while chunk := f.read(BLOCK_BYTES):
-            data = rest + chunk
-            cut = data.rfind(b"\n") + 1
+            cut = chunk.rfind(b"\n") + 1
             if cut == 0:
-                rest = data  # a line longer than a block: read on
+                rest.append(chunk)  # a line longer than a block: read on
                 continue
-            block, rest = data[:cut], data[cut:]
+            block = b"".join([*rest, chunk[:cut]]) if rest else chunk[:cut]
+            rest = [chunk[cut:]] if cut < len(chunk) else []
             yield number, block
             number += block.count(b"\n")
     if rest:
-        yield number, rest
+        yield number, b"".join(rest)
 
 
 #: Where a `JobRow` holds the request body.

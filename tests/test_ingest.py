@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -494,6 +495,28 @@ def test_blocks_are_whole_lines_numbered_from_one(
         (4, b"", True),
         (5, b"d", False),
     ]
+
+
+@given(
+    lines=st.lists(st.binary(max_size=40).map(lambda b: b.replace(b"\n", b"")), max_size=12),
+    final_newline=st.booleans(),
+    block=st.integers(1, 16),
+)
+def test_blocks_cut_any_file_into_its_lines(
+    lines: list[bytes], final_newline: bool, block: int
+) -> None:
+    """Lines shorter and longer than a block, in any mix: the blocks hold the file's lines,
+    numbered as a reader of the whole file numbers them."""
+    data = b"\n".join(lines) + (b"\n" if final_newline and lines else b"")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "lines.jsonl"
+        path.write_bytes(data)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(ingest, "BLOCK_BYTES", block)
+            blocks = list(ingest._blocks(path))
+        assert b"".join(b for _, b in blocks) == data
+        cut = [line for numbered in blocks for line in lines_module.block_lines(*numbered)]
+        assert cut == list(lines_module.numbered_lines(path))
 
 
 async def test_automatic_workers_parse_large_files_into_sqlite_only(
