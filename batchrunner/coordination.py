@@ -152,6 +152,8 @@ class Coordinator:
         self._followed_until = 0.0
         #: Until when (Unix) the last successful heartbeat extended this worker's leases.
         self.leases_until = 0.0
+        #: When the last successful heartbeat was, and the jobs ended and tokens it reported.
+        self._last_beat: tuple[float, int, int] | None = None
 
     @property
     def workers(self) -> int:
@@ -253,9 +255,16 @@ class Coordinator:
         return until
 
     async def beat(self) -> None:
-        """Extend the leases of every job this worker holds and report its progress."""
+        """Extend the leases of every job this worker holds and report its progress, and
+        its pace since the heartbeat before."""
         now = self._clock()
         c = self._counters()
+        ended = c.succeeded + c.failed
+        recent_rps = recent_tps = None
+        if self._last_beat is not None and now > self._last_beat[0]:
+            at, ended_then, tokens_then = self._last_beat
+            recent_rps = (ended - ended_then) / (now - at)
+            recent_tps = (c.tokens - tokens_then) / (now - at)
         await self.store.heartbeat(
             self.worker_id,
             self.batch_id,
@@ -267,8 +276,11 @@ class Coordinator:
             tokens=c.tokens,
             # What publish_pause last wrote: the heartbeat must not undo it.
             paused_until=self._published_until if self._published_until > now else None,
+            recent_requests_per_s=recent_rps,
+            recent_tokens_per_s=recent_tps,
         )
         self.leases_until = now + self.lease_s
+        self._last_beat = (now, ended, c.tokens)
 
     # -- helpers -----------------------------------------------------------------------------
 

@@ -197,3 +197,6 @@ class Worker(Base):
     succeeded: Mapped[int] = mapped_column(Integer, default=0)
     failed: Mapped[int] = mapped_column(Integer, default=0)
     tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    #: Jobs ended and tokens a second between its last two heartbeats (NULL until it has two).
+    recent_requests_per_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    recent_tokens_per_s: Mapped[float | None] = mapped_column(Float, nullable=True)

@@ -66,14 +66,16 @@ class BatchStatus:
         """Jobs ended per second: the pace of the live workers while the batch runs, else
         the batch's own over the time its runs took."""
         if self.workers:
-            return _live_pace([(w, w.succeeded + w.failed) for w in self.workers])
+            return _live_pace(
+                [(w, w.succeeded + w.failed, w.recent_requests_per_s) for w in self.workers]
+            )
         ended = self.counts.counts["succeeded"] + self.counts.counts["failed"]
         return self._over_runs(ended)
 
     @property
     def tokens_per_s(self) -> float | None:
         if self.workers:
-            return _live_pace([(w, w.tokens) for w in self.workers])
+            return _live_pace([(w, w.tokens, w.recent_tokens_per_s) for w in self.workers])
         return self._over_runs(self.tokens["total_tokens"])
 
     def _over_runs(self, amount: int) -> float | None:
@@ -131,6 +133,8 @@ class BatchStatus:
                     "succeeded": w.succeeded,
                     "failed": w.failed,
                     "tokens": w.tokens,
+                    "recent_requests_per_s": w.recent_requests_per_s,
+                    "recent_tokens_per_s": w.recent_tokens_per_s,
                 }
                 for w in self.workers
             ],
@@ -167,15 +171,18 @@ async def _batch_status(store: JobStore, batch_id: str, prices: PriceBook) -> Ba
     )
 
 
-def _live_pace(reported: list[tuple[WorkerInfo, int]]) -> float | None:
-    """The sum of each live worker's pace: what it had done by its last heartbeat over the
-    time since it started. None until one of them has reported some."""
-    pace = sum(
-        amount / (w.heartbeat_at - w.started_at)
-        for w, amount in reported
-        if amount and w.heartbeat_at > w.started_at
-    )
-    return pace or None
+def _live_pace(reported: list[tuple[WorkerInfo, int, float | None]]) -> float | None:
+    """The sum of each live worker's pace: between its last two heartbeats (a run slowed by
+    429s an hour in shows its pace now, not its first minutes'), or until it has beaten
+    twice, what it had done by its heartbeat over the time since it started. None until one
+    of them has reported some."""
+    pace: float | None = None
+    for w, amount, recent in reported:
+        if recent is not None:
+            pace = (pace or 0.0) + recent  # 0 when it ended nothing since: a stalled run
+        elif amount and w.heartbeat_at > w.started_at:
+            pace = (pace or 0.0) + amount / (w.heartbeat_at - w.started_at)
+    return pace
 
 
 def _union_s(spans: list[tuple[float, float]]) -> float:
@@ -326,7 +333,7 @@ def render_status(st: BatchStatus) -> str:
     rps, tps = st.requests_per_s, st.tokens_per_s
     out.append(
         f"speed     {rps:.1f} req/s, {tps or 0:.0f} tokens/s, ETA {_fmt_s(st.eta_s)}"
-        if rps
+        if rps is not None
         else "speed     -"
     )
     if st.errors:

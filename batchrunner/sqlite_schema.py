@@ -62,7 +62,7 @@ STATEMENTS: Final = (
         "\tsent INTEGER NOT NULL, \n"
         "\tsucceeded INTEGER NOT NULL, \n"
         "\tfailed INTEGER NOT NULL, \n"
-        "\ttokens BIGINT NOT NULL, \n"
+        "\ttokens BIGINT NOT NULL, recent_requests_per_s FLOAT, recent_tokens_per_s FLOAT, \n"
         "\tCONSTRAINT pk_workers PRIMARY KEY (id), \n"
         "\tCONSTRAINT fk_workers_batch_id_batches FOREIGN KEY(batch_id) "
         "REFERENCES batches (id) ON DELETE CASCADE\n"

@@ -169,6 +169,9 @@ class WorkerInfo:
     succeeded: int
     failed: int
     tokens: int
+    #: Jobs ended and tokens a second between its last two heartbeats (None: one so far).
+    recent_requests_per_s: float | None = None
+    recent_tokens_per_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -729,8 +732,11 @@ class JobStore:
         failed: int,
         tokens: int,
         paused_until: float | None,
+        recent_requests_per_s: float | None = None,
+        recent_tokens_per_s: float | None = None,
     ) -> None:
-        """Extend the leases of every job this worker holds and refresh its heartbeat."""
+        """Extend the leases of every job this worker holds and refresh its heartbeat, its
+        counters and its pace since the heartbeat before (None: not known yet)."""
         async with self._write() as conn:
             await conn.execute(
                 "UPDATE jobs SET lease_expires_at = :exp WHERE batch_id = :b"
@@ -739,7 +745,8 @@ class JobStore:
             )
             await conn.execute(
                 "UPDATE workers SET heartbeat_at = :now, sent = :sent, succeeded = :ok,"
-                " failed = :failed, tokens = :tokens, paused_until = :paused WHERE id = :w",
+                " failed = :failed, tokens = :tokens, paused_until = :paused,"
+                " recent_requests_per_s = :rps, recent_tokens_per_s = :tps WHERE id = :w",
                 {
                     "now": now,
                     "sent": sent,
@@ -747,6 +754,8 @@ class JobStore:
                     "failed": failed,
                     "tokens": tokens,
                     "paused": paused_until,
+                    "rps": recent_requests_per_s,
+                    "tps": recent_tokens_per_s,
                     "w": worker_id,
                 },
             )
@@ -763,7 +772,8 @@ class JobStore:
             rows = (
                 await conn.execute(
                     "SELECT id, host, pid, started_at, heartbeat_at, stopped_at, paused_until,"
-                    " sent, succeeded, failed, tokens FROM workers WHERE batch_id = :b"
+                    " sent, succeeded, failed, tokens, recent_requests_per_s, recent_tokens_per_s"
+                    " FROM workers WHERE batch_id = :b"
                     " AND stopped_at IS NULL AND heartbeat_at >= :since ORDER BY started_at",
                     {"b": batch_id, "since": now - WORKER_STALE_S},
                 )
@@ -796,7 +806,8 @@ class JobStore:
             rows = (
                 await conn.execute(
                     "SELECT id, host, pid, started_at, heartbeat_at, stopped_at, paused_until,"
-                    " sent, succeeded, failed, tokens FROM workers WHERE batch_id = :b"
+                    " sent, succeeded, failed, tokens, recent_requests_per_s, recent_tokens_per_s"
+                    " FROM workers WHERE batch_id = :b"
                     " AND stopped_at IS NULL AND (heartbeat_at >= :since OR host = :h)"
                     " ORDER BY started_at",
                     {"b": batch_id, "since": since, "h": host},

@@ -237,6 +237,54 @@ async def test_a_machine_of_the_same_name_does_not_take_the_others_workers_for_i
     assert len(held) == 3
 
 
+async def test_status_shows_a_running_batch_at_its_recent_pace(
+    store: JobStore, make_file: MakeFile
+) -> None:
+    """A run that went at 10 jobs a second for its first minute and then slowed to 1 (429s,
+    a stalling server) is at 1 a second now: its ETA is the unfinished jobs at 1 a second,
+    not at the average since it started; a run that ended nothing since its last heartbeat
+    shows 0, and no ETA."""
+    batch_id = await _batch(store, make_file, 30, "http://127.0.0.1:9/v1")
+    t0 = time.time() - 100.0
+    await store.register_worker("w-slowed", batch_id, t0)
+    now = [t0]
+    done = [(0, 0)]
+
+    def counters() -> WorkerCounters:
+        ended, tokens = done[0]
+        return WorkerCounters(sent=ended, succeeded=ended, failed=0, tokens=tokens)
+
+    coordinator = Coordinator(
+        store,
+        batch_id,
+        "w-slowed",
+        Pacer(None, None),
+        rpm=None,
+        tpm=None,
+        lease_s=60.0,
+        heartbeat_s=15.0,
+        counters=counters,
+        clock=lambda: now[0],
+    )
+    for at, ended in [(60.0, 600), (90.0, 630)]:
+        now[0], done[0] = t0 + at, (ended, 20 * ended)
+        await coordinator.beat()
+    status = await report.batch_status(store, batch_id)
+    (worker,) = status.workers
+    assert worker.recent_requests_per_s == pytest.approx(1.0)  # 30 in the last 30 s
+    assert status.requests_per_s == pytest.approx(1.0)  # not 630 / 90 = 7
+    assert status.tokens_per_s == pytest.approx(20.0)
+    assert status.eta_s == pytest.approx(30 / 1.0)
+    (as_json,) = status.to_json()["workers"]
+    assert as_json["recent_requests_per_s"] == pytest.approx(1.0)
+
+    now[0] = t0 + 99.0
+    await coordinator.beat()  # nothing ended since
+    status = await report.batch_status(store, batch_id)
+    assert status.requests_per_s == 0.0 and status.eta_s is None
+    assert "speed     0.0 req/s, 0 tokens/s, ETA -" in report.render_status(status)
+
+
 async def test_a_server_pause_seen_by_one_worker_pauses_the_others(
     store: JobStore, make_file: MakeFile
 ) -> None:
