@@ -137,11 +137,6 @@ class RunStats:
         elapsed = now_s - self.started_s
         return self.ended / elapsed if elapsed > 0 else 0.0
 
-    def eta_s(self, now_s: float) -> float | None:
-        rate = self.rate_per_s(now_s)
-        left = self.total - self.ended_before - self.ended
-        return left / rate if rate > 0 and left > 0 else None
-
 
 @dataclass(frozen=True, slots=True)
 class RunResult:

@@ -5,15 +5,42 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
+from collections import deque
 from typing import TextIO
 
-from batchrunner.dispatcher import Dispatcher
+from batchrunner.dispatcher import Dispatcher, RunStats
 from batchrunner.limiter import PacerStats
 
 #: Without a terminal, one status line this often.
 PLAIN_EVERY_S = 5.0
 #: A terminal display refreshes this often.
 LIVE_EVERY_S = 0.5
+#: The pace shown is over about this many seconds of the latest progress.
+PACE_WINDOW_S = 30.0
+
+
+class Pace:
+    """Jobs ended and tokens a second over the last PACE_WINDOW_S, and the ETA at that pace
+    (until the run is that old, since its start): a run slowed by 429s an hour in shows its
+    pace now, not its first minutes'."""
+
+    def __init__(self) -> None:
+        self._samples: deque[tuple[float, int, int]] = deque()
+
+    def sample(self, st: RunStats, now: float) -> tuple[float, float, float | None]:
+        """(jobs ended a second, tokens a second, seconds left) as of `now` (monotonic)."""
+        samples = self._samples
+        samples.append((now, st.ended, st.tokens))
+        # Keep the latest sample at least a window old, and those after it.
+        while len(samples) > 2 and now - samples[1][0] >= PACE_WINDOW_S:
+            samples.popleft()
+        since, ended, tokens = samples[0]
+        if now - since < PACE_WINDOW_S:
+            since, ended, tokens = st.started_s, 0, 0
+        span = max(now - since, 1e-9)
+        per_s = (st.ended - ended) / span
+        left = st.total - st.ended_before - st.ended
+        return per_s, (st.tokens - tokens) / span, left / per_s if per_s > 0 and left > 0 else None
 
 
 def _fmt_eta(seconds: float | None) -> str:
@@ -34,17 +61,15 @@ def slowed_to(snap: PacerStats) -> float | None:
     return rpm
 
 
-def status_line(d: Dispatcher) -> str:
+def status_line(d: Dispatcher, pace: Pace, now: float | None = None) -> str:
     st = d.stats
-    now = time.monotonic()
-    elapsed = max(now - st.started_s, 1e-9)
+    per_s, tokens_per_s, eta_s = pace.sample(st, time.monotonic() if now is None else now)
     done = st.ended_before + st.ended
     snap = d.pacer.snapshot()
     line = (
         f"{done}/{st.total} done ({st.succeeded} ok, {st.failed} failed this run), "
         f"{st.in_flight} in flight, {st.retrying} retrying, "
-        f"{st.ended / elapsed:.1f} req/s, {st.tokens / elapsed:.0f} tok/s, "
-        f"ETA {_fmt_eta(st.eta_s(now))}"
+        f"{per_s:.1f} req/s, {tokens_per_s:.0f} tok/s, ETA {_fmt_eta(eta_s)}"
     )
     if snap.pause_left_s > 0:
         line += f", paused {snap.pause_left_s:.1f}s by the server"
@@ -59,9 +84,10 @@ async def show(d: Dispatcher, stream: TextIO | None = None) -> None:
     if out.isatty():
         await _live(d, out)
     else:
+        pace = Pace()
         while True:
             await asyncio.sleep(PLAIN_EVERY_S)
-            print(status_line(d), file=out, flush=True)
+            print(status_line(d, pace), file=out, flush=True)
 
 
 async def _live(d: Dispatcher, out: TextIO) -> None:
@@ -79,15 +105,15 @@ async def _live(d: Dispatcher, out: TextIO) -> None:
         transient=False,
     ) as bar:
         task = bar.add_task(d.batch.id, total=d.stats.total or None, detail="")
+        pace = Pace()
         try:
             while True:
                 st = d.stats
-                elapsed = max(time.monotonic() - st.started_s, 1e-9)
+                per_s, tokens_per_s, _ = pace.sample(st, time.monotonic())
                 snap = d.pacer.snapshot()
                 detail = (
                     f"ok {st.succeeded}  failed {st.failed}  in flight {st.in_flight}  "
-                    f"retrying {st.retrying}  {st.ended / elapsed:.1f} req/s  "
-                    f"{st.tokens / elapsed:.0f} tok/s"
+                    f"retrying {st.retrying}  {per_s:.1f} req/s  {tokens_per_s:.0f} tok/s"
                 )
                 if snap.pause_left_s > 0:
                     detail += f"  paused {snap.pause_left_s:.1f}s"

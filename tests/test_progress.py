@@ -1,0 +1,51 @@
+"""The run's own progress line: its pace and ETA are the latest, not the run's average."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from batchrunner.dispatcher import RunStats
+from batchrunner.limiter import Pacer
+from batchrunner.progress import PACE_WINDOW_S, Pace, status_line
+
+
+def _run(stats: RunStats) -> Any:
+    """What the progress line reads of a dispatcher."""
+    return SimpleNamespace(stats=stats, pacer=Pacer(None, None))
+
+
+def test_a_run_that_slowed_shows_its_pace_now_and_the_eta_at_it() -> None:
+    """10 jobs a second for two minutes, then 1 a second: after a minute of the slow pace the
+    line says 1.0 req/s (not the run's average, 5.5) and the ETA at 1 a second."""
+    stats = RunStats(started_s=0.0, total=10_000)
+    run, pace = _run(stats), Pace()
+    line = ""
+    for second in range(1, 181):
+        stats.succeeded += 10 if second <= 120 else 1
+        stats.tokens = 20 * stats.succeeded
+        if second % 5 == 0:
+            line = status_line(run, pace, now=float(second))
+    left = 10_000 - 1_260
+    assert "1.0 req/s, 20 tok/s" in line
+    assert f"ETA {left // 3600}h{left % 3600 // 60:02d}m" in line
+
+
+def test_until_a_window_has_passed_the_pace_is_since_the_start() -> None:
+    stats = RunStats(started_s=0.0, total=100)
+    stats.succeeded = 20
+    per_s, tokens_per_s, eta_s = Pace().sample(stats, PACE_WINDOW_S / 3)
+    assert per_s == pytest.approx(20 / (PACE_WINDOW_S / 3))
+    assert tokens_per_s == 0.0
+    assert eta_s == pytest.approx(80 / per_s)
+
+
+def test_a_run_that_ended_nothing_lately_has_no_eta() -> None:
+    stats = RunStats(started_s=0.0, total=100)
+    pace = Pace()
+    stats.succeeded = 50
+    pace.sample(stats, 10.0)
+    per_s, _, eta_s = pace.sample(stats, 10.0 + PACE_WINDOW_S)
+    assert per_s == 0.0 and eta_s is None
