@@ -486,7 +486,7 @@ def estimate(ctx: _Context, target: str, as_json: bool, prices_path: Path | None
     from batchrunner.pricing import PriceBook
 
     prices = PriceBook.load(prices_path)
-    if Path(target).is_file() or names_a_file(target):
+    if names_a_file(target):
         result = _run(est.estimate_file(target, prices))
     else:
         result = ctx.with_store(lambda store: est.estimate_batch(store, target, prices))

@@ -81,9 +81,10 @@ _LONGEST_MAGIC = max(len(magic) for magic, _ in NOT_JSONL)
 
 
 def names_a_file(target: str) -> bool:
-    """Whether a FILE|BATCH_ID argument that is no file names one all the same (a batch id
-    has neither a path separator nor a file's extension)."""
-    return os.sep in target or target.endswith((".jsonl", ".json"))
+    """Whether a FILE|BATCH_ID argument is a file, or names one all the same (a batch id has
+    neither a path separator nor a file's extension): what reading it as a file should say
+    why it cannot be."""
+    return os.sep in target or target.endswith((".jsonl", ".json")) or Path(target).is_file()
 
 
 def check_request_file(path: Path) -> None:
@@ -295,7 +296,9 @@ def parse_row(raw: bytes, number: int, meta_keys: set[str] | None = None) -> Job
         else:
             _check_text(custom_id, "custom_id", CUSTOM_ID_CHARS)
         body_text = _dumps(body, "the request")
-    if _wrote_an_exponent(body_text):
+    # The line is read again for its integers at most once, for the body or the metadata.
+    integers_checked = _wrote_an_exponent(body_text)
+    if integers_checked:
         _check_integers(raw)
     model, stream, n, cap = _check_body(body)
     if meta is not None and not isinstance(meta, dict):
@@ -311,7 +314,7 @@ def parse_row(raw: bytes, number: int, meta_keys: set[str] | None = None) -> Job
     meta_text = None
     if meta:
         meta_text = _dumps(meta, "'metadata'")
-        if _wrote_an_exponent(meta_text):
+        if not integers_checked and _wrote_an_exponent(meta_text):
             _check_integers(raw)
         if meta_keys is not None:
             meta_keys.update(meta)

@@ -71,7 +71,7 @@ async def run(
 
     `skip_invalid`: a file's bad lines are left out (and recorded), as `submit --skip-invalid`
     does, rather than refusing the file."""
-    if Path(target).is_file() or names_a_file(target):
+    if names_a_file(target):
         # Imported here: the load's machinery (ingest.py, bulk.py) is start-up that a run of
         # a submitted batch does not need. A name that is no file fails here with the reason.
         from batchrunner.ingest import submit_file
