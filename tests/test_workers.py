@@ -83,7 +83,15 @@ def _counters() -> WorkerCounters:
     return WorkerCounters(sent=0, succeeded=0, failed=0, tokens=0)
 
 
-def _coordinator(store: JobStore, batch_id: str, worker_id: str, pacer: Pacer) -> Coordinator:
+def _coordinator(
+    store: JobStore,
+    batch_id: str,
+    worker_id: str,
+    pacer: Pacer,
+    *,
+    counters: Callable[[], WorkerCounters] = _counters,
+    clock: Callable[[], float] = time.time,
+) -> Coordinator:
     return Coordinator(
         store,
         batch_id,
@@ -93,7 +101,8 @@ def _coordinator(store: JobStore, batch_id: str, worker_id: str, pacer: Pacer) -
         tpm=pacer.snapshot().tpm,
         lease_s=60.0,
         heartbeat_s=15.0,
-        counters=_counters,
+        counters=counters,
+        clock=clock,
     )
 
 
@@ -153,15 +162,11 @@ async def test_the_first_heartbeat_reports_progress_within_seconds(
     batch_id = await _batch(store, make_file, 1, "http://127.0.0.1:9/v1")
     started = time.time()
     await store.register_worker("w-a", batch_id, started)
-    coordinator = Coordinator(
+    coordinator = _coordinator(
         store,
         batch_id,
         "w-a",
         Pacer(None, None),
-        rpm=None,
-        tpm=None,
-        lease_s=60.0,
-        heartbeat_s=15.0,
         counters=lambda: WorkerCounters(sent=5, succeeded=4, failed=1, tokens=90),
     )
     beating = asyncio.create_task(coordinator.run())
@@ -254,17 +259,8 @@ async def test_status_shows_a_running_batch_at_its_recent_pace(
         ended, tokens = done[0]
         return WorkerCounters(sent=ended, succeeded=ended, failed=0, tokens=tokens)
 
-    coordinator = Coordinator(
-        store,
-        batch_id,
-        "w-slowed",
-        Pacer(None, None),
-        rpm=None,
-        tpm=None,
-        lease_s=60.0,
-        heartbeat_s=15.0,
-        counters=counters,
-        clock=lambda: now[0],
+    coordinator = _coordinator(
+        store, batch_id, "w-slowed", Pacer(None, None), counters=counters, clock=lambda: now[0]
     )
     for at, ended in [(60.0, 600), (90.0, 630)]:
         now[0], done[0] = t0 + at, (ended, 20 * ended)
