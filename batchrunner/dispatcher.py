@@ -30,7 +30,8 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections import deque
+from collections.abc import Awaitable, Callable, Collection, Iterator
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from pathlib import Path
@@ -161,6 +162,68 @@ class _LeaseLost(Exception):
     """A job whose lease ran out before it was sent: it is no longer this worker's."""
 
 
+class _JobQueue:
+    """Claimed jobs waiting for a worker, first claimed first sent.
+
+    asyncio.Queue's put, get and task_done cost a job ten calls of Python; here a worker
+    takes a waiting job with one, and waits only when there is none.
+    """
+
+    def __init__(self) -> None:
+        self._jobs: deque[ClaimedJob] = deque()
+        #: Workers waiting for a job, each woken by one job put.
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        #: Jobs put and not yet done (taken and handled).
+        self._unfinished = 0
+        self._all_done = asyncio.Event()
+        self._all_done.set()
+
+    def qsize(self) -> int:
+        return len(self._jobs)
+
+    def put(self, jobs: Collection[ClaimedJob]) -> None:
+        if not jobs:
+            return
+        self._jobs.extend(jobs)
+        self._unfinished += len(jobs)
+        self._all_done.clear()
+        self._wake(len(jobs))
+
+    def _wake(self, workers: int) -> None:
+        waiters = self._waiters
+        while workers and waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():  # (done: its worker was cancelled)
+                waiter.set_result(None)
+                workers -= 1
+
+    def take(self) -> ClaimedJob | None:
+        """The next job, or None: `wait` for one, then take again (another worker may have
+        taken it first)."""
+        return self._jobs.popleft() if self._jobs else None
+
+    async def wait(self) -> None:
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled() and self._jobs:
+                self._wake(1)  # woken for a job it will not take: another worker takes it
+            raise
+
+    def task_done(self) -> None:
+        """A job taken has been handled."""
+        self._unfinished -= 1
+        if self._unfinished <= 0:
+            self._unfinished = 0
+            self._all_done.set()
+
+    async def join(self) -> None:
+        """Until every job put has been taken and handled."""
+        await self._all_done.wait()
+
+
 #: Runs dispatching in this process, and the GC threshold from before the first of them.
 _gc_depth = 0
 _gc_threshold_before: tuple[int, int, int] = gc.get_threshold()
@@ -280,13 +343,15 @@ class Dispatcher:
             else None
         )
         self._rng = rng or random.Random()
-        self._queue: asyncio.Queue[ClaimedJob] = asyncio.Queue()
+        self._queue = _JobQueue()
         # Claims and records take turns at SQLite's write lock, ~50 ms each at a zero-latency
         # server (every hop to the database thread waits for a turn of the busy event loop):
         # a claim must cover the workers for that long and more, or they stand idle.
         self._ended: list[Ended] = []
         self._attempts: list[AttemptRecord] = []
         self._stopping = asyncio.Event()
+        #: `_stopping` is set: read on every request, where the event costs a call.
+        self._stopped = False
         self._feeder_done = asyncio.Event()
         self._wake_writer = asyncio.Event()
         #: Resolved when the writer has committed the ends gathered so far (or given up).
@@ -318,7 +383,7 @@ class Dispatcher:
         if self._reason is None:
             self._reason = reason
             self._message = message
-        self._stopping.set()
+        self._stop_sending()
         if self.budget is not None:
             self.budget.close()
 
@@ -335,7 +400,11 @@ class Dispatcher:
 
     @property
     def stopping(self) -> bool:
-        return self._stopping.is_set()
+        return self._stopped
+
+    def _stop_sending(self) -> None:
+        self._stopped = True
+        self._stopping.set()
 
     # -- the run ----------------------------------------------------------------------------
 
@@ -425,7 +494,7 @@ class Dispatcher:
         try:
             await self._wait_until_done(feeder, workers)
         finally:
-            self._stopping.set()
+            self._stop_sending()
             feeder.cancel()
             await asyncio.gather(feeder, return_exceptions=True)
             # Workers idle on the queue or still sending past the grace period.
@@ -509,9 +578,8 @@ class Dispatcher:
             if jobs:
                 self._claims[token] = claimed_at + self.config.lease_s
                 self._claimed_up_to = jobs[-1].id  # in id order
-                self._body_chars = sum(len(job.body) for job in jobs) / len(jobs)
-            for job in jobs:
-                self._queue.put_nowait(job)
+                self._body_chars = sum([len(job.body) for job in jobs]) / len(jobs)
+            self._queue.put(jobs)
             if len(jobs) < claim_rows and not look_back:
                 # Nothing more after the last claim: the next one looks back at once.
                 self._look_back_at = 0.0
@@ -545,31 +613,33 @@ class Dispatcher:
             await asyncio.sleep(0.01)
 
     async def _worker(self, client: ApiClient) -> None:
+        queue = self._queue
         while True:
-            job = await self._queue.get()
+            job = queue.take()
+            if job is None:
+                await queue.wait()
+                continue
             try:
-                if self.stopping:
+                if self._stopped:
                     continue  # still leased to us: _give_back releases it
                 await self._process(client, job)
             except Exception as exc:
                 log.exception("job %s (line %d) broke the worker", job.custom_id, job.line)
                 self.stop(StopReason.ERROR, f"internal error on line {job.line}: {exc!r}")
             finally:
-                self._queue.task_done()
+                queue.task_done()
 
     async def _process(self, client: ApiClient, job: ClaimedJob) -> None:
         body = job.body.encode()
-        policy = self.policy
-        if job.attempts:
-            # Attempts of earlier runs count against the cap.
-            policy = replace(policy, max_attempts=max(1, policy.max_attempts - job.attempts))
+        schema_wanted = SchemaCheck.wanted(job.body)
+        check_schema = schema_wanted and self.config.retry_invalid_json
         reserved = Decimal(0)
         #: This job's attempts in this run, journalled with its end.
         tried: list[AttemptRecord] = []
 
         async def attempt(number: int) -> Outcome:
             nonlocal reserved
-            if self.stopping:
+            if self._stopped:
                 raise _Abandon()
             if self.budget is not None and not reserved:
                 try:
@@ -590,7 +660,7 @@ class Dispatcher:
             sent_at = self.pacer.acquire_now(job.est_tokens)
             if sent_at is None:
                 sent_at = await self.pacer.acquire(job.est_tokens)
-                if self.stopping:
+                if self._stopped:
                     # The run stopped while this attempt waited its turn: not sent.
                     self.pacer.observe(_CANCELLED, job.est_tokens, sent_at_s=sent_at)
                     raise _Abandon()
@@ -612,7 +682,7 @@ class Dispatcher:
             finally:
                 self.stats.in_flight -= 1
             self.pacer.observe(outcome, job.est_tokens, sent_at_s=sent_at)
-            if outcome.kind is OutcomeKind.SUCCESS:
+            if check_schema and outcome.kind is OutcomeKind.SUCCESS:
                 outcome = self._check_schema(job, outcome)
             record = AttemptRecord(
                 job_id=job.id,
@@ -643,7 +713,20 @@ class Dispatcher:
             raise _Abandon()
 
         try:
-            outcome, attempts = await call_with_retries(policy, attempt, sleep=sleep, rng=self._rng)
+            # Most requests succeed the first time: the retry machinery (a coroutine more to
+            # resume at every turn of the request) only for those that do not.
+            outcome = await attempt(1)
+            attempts = 1
+            if outcome.kind is not OutcomeKind.SUCCESS:
+                policy = self.policy
+                if job.attempts:
+                    # Attempts of earlier runs count against the cap.
+                    policy = replace(
+                        policy, max_attempts=max(1, policy.max_attempts - job.attempts)
+                    )
+                outcome, attempts = await call_with_retries(
+                    policy, attempt, sleep=sleep, rng=self._rng, first=outcome
+                )
         except (_Abandon, _LeaseLost):
             if self.budget is not None and reserved:
                 self.budget.settle(reserved, Decimal(0))
@@ -654,7 +737,7 @@ class Dispatcher:
             if self.budget is not None and reserved:
                 self.budget.settle(reserved, Decimal(0))
             return  # the job itself is fine: pending again for the next run
-        committed = self._end(job, outcome, attempts, reserved, tried)
+        committed = self._end(job, outcome, attempts, reserved, tried, schema_wanted)
         try:
             # Not shielded (a shield per request costs two more turns of the event loop): the
             # one cancellation there is, at the end of a run, cancels every worker at once.
@@ -670,8 +753,8 @@ class Dispatcher:
         return time.time() < until - min(LEASE_MARGIN_S, self.config.lease_s / 4)
 
     def _check_schema(self, job: ClaimedJob, outcome: Outcome) -> Outcome:
-        if not self.config.retry_invalid_json or not SchemaCheck.wanted(job.body):
-            return outcome
+        """A success whose content does not match the request's json_schema, as an answer to
+        try again (--retry-invalid-json)."""
         verdict = self._schema.verdict(job.body, outcome.completion)
         if verdict is False:
             return replace(
@@ -689,6 +772,7 @@ class Dispatcher:
         attempts: int,
         reserved: Decimal,
         tried: list[AttemptRecord],
+        schema_wanted: bool,
     ) -> asyncio.Future[None]:
         """Hand a job's end to the writer; returns what resolves once it is committed."""
         if outcome.kind is OutcomeKind.SUCCESS and outcome.completion is not None:
@@ -716,9 +800,7 @@ class Dispatcher:
                 cached_tokens=usage.cached_tokens if usage else None,
                 reasoning_tokens=usage.reasoning_tokens if usage else None,
                 total_tokens=usage.total_tokens if usage else None,
-                schema_valid=self._schema.verdict(job.body, completion)
-                if SchemaCheck.wanted(job.body)
-                else None,
+                schema_valid=self._schema.verdict(job.body, completion) if schema_wanted else None,
             )
         else:
             if self.budget is not None and reserved:
@@ -736,11 +818,15 @@ class Dispatcher:
                 error_kind=outcome.error_kind,
                 error=outcome.body or outcome.message,
             )
-        self._ended.append(end)
+        ended = self._ended
+        ended.append(end)
         if self._journal is not None:
             self._journal.add(end, tried)
-        self.stats.unwritten = len(self._ended)
-        self._wake_writer.set()
+        self.stats.unwritten = len(ended)
+        if len(ended) == 1:
+            # The first end since the writer took the last batch (the event is set already
+            # for the others).
+            self._wake_writer.set()
         if self._next_commit is None:
             self._next_commit = asyncio.get_running_loop().create_future()
         return self._next_commit

@@ -36,6 +36,7 @@ import hashlib
 import logging
 import os
 from collections.abc import Iterator, Sequence
+from operator import attrgetter
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -226,34 +227,34 @@ class Journal:
         return Segment(self.directory / name, fd)
 
 
+# Fields by position, not the dataclasses themselves: a third of the time per answer. Taken
+# by attrgetter, in C; orjson writes the state (a StrEnum) as its value.
+_END_FIELDS = attrgetter(
+    "job_id",
+    "lease_token",
+    "state",
+    "attempts",
+    "status_code",
+    "latency_ms",
+    "request_id",
+    "response",
+    "model",
+    "prompt_tokens",
+    "completion_tokens",
+    "cached_tokens",
+    "reasoning_tokens",
+    "total_tokens",
+    "schema_valid",
+    "error_kind",
+    "error",
+)
+_ATTEMPT_FIELDS = attrgetter(
+    "job_id", "status_code", "error_kind", "latency_ms", "request_id", "started_at"
+)
+
+
 def _encode(end: Ended, attempts: Sequence[AttemptRecord]) -> bytes:
-    # Fields by position, not the dataclasses themselves: a third of the time per answer.
-    return orjson.dumps(
-        (
-            end.job_id,
-            end.lease_token,
-            end.state.value,
-            end.attempts,
-            end.status_code,
-            end.latency_ms,
-            end.request_id,
-            end.response,
-            end.model,
-            end.prompt_tokens,
-            end.completion_tokens,
-            end.cached_tokens,
-            end.reasoning_tokens,
-            end.total_tokens,
-            end.schema_valid,
-            end.error_kind,
-            end.error,
-            [
-                (a.job_id, a.status_code, a.error_kind, a.latency_ms, a.request_id, a.started_at)
-                for a in attempts
-            ],
-        ),
-        option=_NEWLINE,
-    )
+    return orjson.dumps((*_END_FIELDS(end), list(map(_ATTEMPT_FIELDS, attempts))), option=_NEWLINE)
 
 
 _NEWLINE = orjson.OPT_APPEND_NEWLINE

@@ -106,16 +106,18 @@ async def call_with_retries(
     *,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     rng: random.Random | None = None,
+    first: Outcome | None = None,
 ) -> tuple[Outcome, int]:
     """Calls `attempt_fn(attempt)` (attempt counts from 1) until the policy says stop.
 
     Returns the last outcome, whatever it is, and the number of attempts made. Exceptions
-    from `attempt_fn` propagate unchanged.
+    from `attempt_fn` propagate unchanged. `first`: the outcome of attempt 1, made already.
     """
     # Most requests succeed the first time: answer those without setting up tenacity (which
     # costs more per call than the rest of the dispatcher's bookkeeping) or the counting
     # wrapper below.
-    first = await attempt_fn(1)
+    if first is None:
+        first = await attempt_fn(1)
     attempts = 1
     rate_limited = 1 if is_rate_limited(first) else 0
     if not policy.should_retry(first, attempts, rate_limited):

@@ -901,7 +901,7 @@ class JobStore:
             )
             for job_id, custom_id, line, endpoint, body, model, stream, est_tokens, attempts in rows
         ]
-        jobs.sort(key=lambda j: j.id)
+        jobs.sort(key=_ID)
         return jobs
 
     async def release(
@@ -1338,6 +1338,8 @@ def _sql_literal(value: str | float) -> str:
 _Params = tuple[Any, ...]
 #: An end's job id.
 _JOB_ID = attrgetter("job_id")
+#: A claimed job's id.
+_ID = attrgetter("id")
 
 
 def _text(value: str | None) -> str | None:
@@ -1354,10 +1356,11 @@ def _name(value: str | None, width: int) -> str | None:
     """A name from an answer (a request id, a model) as its column holds it: `_text`, cut to
     `width` characters. PostgreSQL refuses a longer value, which would fail every record of the
     run; the completion itself keeps the model whole."""
+    if value is None or (len(value) <= width and "\x00" not in value):
+        return value  # (nearly always: three per answer)
     value = _text(value)
-    if value is None or len(value) <= width:
-        return value
-    return value[:width]
+    assert value is not None
+    return value if len(value) <= width else value[:width]
 
 
 def _result_columns(e: Ended) -> _Params:
@@ -1403,11 +1406,11 @@ def _record_rows(
     ]
     ends = [
         (
-            e.state.value,
+            e.state._value_,  # (.value is a property: two calls of Python per row)
             e.attempts,
             e.error_kind,
             e.status_code,
-            _text(e.error),
+            e.error if e.error is None else _text(e.error),
             now,
             e.job_id,
             e.lease_token,
@@ -1433,7 +1436,7 @@ def _record_params(
     succeeded = JobState.SUCCEEDED
     for e in sorted(ended, key=_JOB_ID):
         ends.append(
-            (e.job_id, e.lease_token, e.state.value, e.attempts, e.error_kind, e.status_code)
+            (e.job_id, e.lease_token, e.state._value_, e.attempts, e.error_kind, e.status_code)
         )
         errors.append(_text(e.error))
         if e.state is succeeded:

@@ -228,3 +228,27 @@ async def test_exceptions_from_the_attempt_propagate() -> None:
     with pytest.raises(KeyError):
         await call_with_retries(RetryPolicy(), attempt, sleep=Recorder())
     assert calls == [1, 2]
+
+
+async def test_a_first_attempt_made_already_is_not_made_again() -> None:
+    # The dispatcher makes the first attempt itself and hands its outcome over only when it
+    # is not a success: the count and the caps go on from it.
+    attempt, calls = script(TIMEOUT, SUCCESS)
+    sleep = Recorder()
+    policy = RetryPolicy(base_delay_s=0.5, jitter_s=0.0)
+    outcome = await call_with_retries(policy, attempt, sleep=sleep, first=RATE_LIMIT)
+    assert outcome == (SUCCESS, 3)
+    assert calls == [2, 3]
+    assert sleep.delays == [0.5, 1.0]
+    attempt, calls = script(RATE_LIMIT)
+    policy = RetryPolicy(max_attempts=2, rate_limit_attempts=3, jitter_s=0.0)
+    outcome = await call_with_retries(policy, attempt, sleep=Recorder(), first=RATE_LIMIT)
+    assert outcome == (RATE_LIMIT, 3)
+    assert calls == [2, 3]
+
+
+async def test_a_first_attempt_that_ends_the_job_is_returned_as_it_is() -> None:
+    attempt, calls = script(SUCCESS)
+    outcome = await call_with_retries(RetryPolicy(), attempt, sleep=Recorder(), first=BAD_REQUEST)
+    assert outcome == (BAD_REQUEST, 1)
+    assert calls == []

@@ -22,7 +22,7 @@ from batchrunner.fakeapi import FakeConfig, FakeServer
 from batchrunner.ingest import submit_file
 from batchrunner.runner import EXIT_ABORTED, EXIT_OK, EXIT_SOME_FAILED, RunReport, run
 from batchrunner.states import MODEL_CHARS, REQUEST_ID_CHARS
-from batchrunner.store import JobStore
+from batchrunner.store import ClaimedJob, JobStore
 from tests.conftest import chat
 from tests.test_client import running
 
@@ -500,6 +500,53 @@ async def test_claims_go_on_after_the_last_and_look_back_for_expired_leases(
     assert [job.id for job in rest] == [j1 + 3, j1 + 6, j1 + 7]
     taken = await store.claim(batch_id, "w-b", "t4", 8, later, 60.0)
     assert [job.id for job in taken] == first
+
+
+def _claimed(job_id: int) -> ClaimedJob:
+    return ClaimedJob(
+        job_id, f"c{job_id}", job_id, "/v1/chat/completions", "{}", "m", False, 1, 0, "t"
+    )
+
+
+async def test_the_job_queue_hands_each_job_to_one_worker_in_claim_order() -> None:
+    queue = dispatcher._JobQueue()
+    assert queue.take() is None
+    taken: list[int] = []
+
+    async def worker() -> None:
+        while True:
+            job = queue.take()
+            if job is None:
+                await queue.wait()
+                continue
+            taken.append(job.id)
+            await asyncio.sleep(0)
+            queue.task_done()
+
+    workers = [asyncio.create_task(worker()) for _ in range(3)]
+    await asyncio.sleep(0)  # all three wait
+    queue.put([_claimed(i) for i in range(1, 6)])
+    assert queue.qsize() == 5
+    await asyncio.wait_for(queue.join(), 5)
+    assert sorted(taken) == [1, 2, 3, 4, 5]
+    assert taken[:3] == [1, 2, 3] and queue.qsize() == 0
+    for w in workers:
+        w.cancel()
+    await asyncio.gather(*workers, return_exceptions=True)
+
+
+async def test_a_worker_cancelled_after_it_was_woken_passes_the_job_on() -> None:
+    queue = dispatcher._JobQueue()
+    first = asyncio.create_task(queue.wait())
+    second = asyncio.create_task(queue.wait())
+    await asyncio.sleep(0)
+    queue.put([_claimed(1)])  # wakes the first waiter only
+    first.cancel()  # ...which is cancelled before it runs again
+    await asyncio.gather(first, return_exceptions=True)
+    await asyncio.wait_for(second, 5)  # the second is woken in its place
+    assert queue.take() == _claimed(1)
+    queue.task_done()
+    await asyncio.wait_for(queue.join(), 5)
 
 
 async def test_jobs_given_back_behind_the_claims_are_sent(
