@@ -16,7 +16,7 @@ import time
 
 from _common import BENCH, LATEST, PYTHON, REPO, fmt, load_json
 
-BENCHES = ("throughput", "latency", "pacing", "resume", "submit", "export")
+BENCHES = ("throughput", "instructions", "latency", "pacing", "resume", "submit", "export")
 
 
 def main() -> int:
