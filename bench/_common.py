@@ -453,8 +453,9 @@ life, from start to exit (interpreter start-up and the last commit included).
 ## How to run
 
     python bench/run_all.py            # everything, about 9 minutes
-    python bench/run_all.py --quick    # smaller smoke versions, about 1 minute
+    python bench/run_all.py --quick    # smaller smoke versions, about 2 minutes
     python bench/bench_throughput.py   # goals 1 and 2
+    python bench/bench_instructions.py # goal 2 counted: instructions per request (valgrind)
     python bench/bench_pacing.py       # goals 3 and 4
     python bench/bench_latency.py      # goal 5
     python bench/bench_submit.py       # goal 6
@@ -464,6 +465,7 @@ life, from start to exit (interpreter start-up and the last commit included).
 Every script takes `--quick`, `--no-record` (print only) and `--no-pg` (skip the PostgreSQL
 runs; they also need `BATCHRUNNER_BENCH_PG`, default
 `postgresql://postgres@127.0.0.1:5432/postgres`, to reach a server that may create databases).
+`bench_instructions.py` needs valgrind (it says so and records nothing without it).
 The quick versions check that everything runs; their figures are not the goals' (with a
 tenth of the work, start-up weighs ten times as much). To compare before and after a change:
 `cp bench/results/latest.json bench/results/before.json`, apply the change, run again; the
