@@ -820,13 +820,13 @@ class Dispatcher:
             )
         ended = self._ended
         ended.append(end)
-        if self._journal is not None:
-            self._journal.add(end, tried)
-        self.stats.unwritten = len(ended)
         if len(ended) == 1:
             # The first end since the writer took the last batch (the event is set already
-            # for the others).
+            # for the others): set before anything else that could fail.
             self._wake_writer.set()
+        self.stats.unwritten = len(ended)
+        if self._journal is not None:
+            self._journal.add(end, tried)
         if self._next_commit is None:
             self._next_commit = asyncio.get_running_loop().create_future()
         return self._next_commit
