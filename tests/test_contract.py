@@ -75,9 +75,13 @@ def test_ctrl_c_while_a_file_loads_exits_130_and_loads_nothing(tmp_path: Path) -
         text=True,
     )
     # The load starts right after the schema is in place (how long that takes depends on the
-    # machine: waiting for the file alone was not enough on a slow one).
+    # machine: waiting for the file alone was not enough on a slow one). A load into a new
+    # database goes through a rollback journal, whose locks keep readers out once it spills
+    # to the file: a poll that missed the moment between the schema and the load would see
+    # nothing until the load had committed. The journal's file says the load is on.
+    journal = db_path.with_name(db_path.name + "-journal")
     deadline = time.monotonic() + 30
-    while not _has_schema(db_path) and time.monotonic() < deadline:
+    while not (journal.exists() or _has_schema(db_path)) and time.monotonic() < deadline:
         time.sleep(0.02)
     time.sleep(0.3)
     proc.send_signal(signal.SIGINT)
