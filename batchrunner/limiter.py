@@ -346,13 +346,10 @@ class Pacer:
             )
         elif outcome.kind is OutcomeKind.SUCCESS:
             self._backoff_s = DEFAULT_BACKOFF_S
-            if self._tokens is not None:
-                self._correct_tokens(outcome, estimated_tokens)
+            self._correct_tokens(outcome, estimated_tokens)
         if outcome.ratelimit is not None:
             self._apply_headers(now, outcome.ratelimit)
-        # (Once per answer: the window without a call where no limit is set.)
-        window_s = ACCEPTED_WINDOW_S if self._effective_rpm is None else self._window_s()
-        self._forget_before(now - window_s)
+        self._forget_before(now - self._window_s())
 
     def _on_rate_limited(
         self,

@@ -336,17 +336,12 @@ def _count(value: object) -> int | None:
 def _detail(usage: Mapping[str, Any], field: str, key: str) -> int | None:
     details = usage.get(field)
     if type(details) is dict or isinstance(details, Mapping):
-        value = details.get(key)
-        return value if type(value) is int and 0 <= value <= MAX_TOKEN_COUNT else _count(value)
+        return _count(details.get(key))
     return None
 
 
 def _usage_counts(usage: Mapping[str, Any]) -> UsageCounts | None:
-    # Read once per answer. The counts OpenAI's usage has are taken as they are when they are
-    # plain ints in range (what `_count` would return), without a call each.
-    prompt = usage.get("prompt_tokens")
-    if type(prompt) is not int or not 0 <= prompt <= MAX_TOKEN_COUNT:
-        prompt = _count(prompt)
+    prompt = _count(usage.get("prompt_tokens"))
     if prompt is not None:
         cached = _detail(usage, "prompt_tokens_details", "cached_tokens")
         if cached is None:
@@ -360,17 +355,13 @@ def _usage_counts(usage: Mapping[str, Any]) -> UsageCounts | None:
             if cache_read is not None or cache_write is not None:
                 prompt += (cache_read or 0) + (cache_write or 0)
                 cached = cache_read
-    completion = usage.get("completion_tokens")
-    if type(completion) is not int or not 0 <= completion <= MAX_TOKEN_COUNT:
-        completion = _count(completion)
+    completion = _count(usage.get("completion_tokens"))
     reasoning = _detail(usage, "completion_tokens_details", "reasoning_tokens")
     if completion is None:
         completion = _count(usage.get("output_tokens"))
         if reasoning is None:
             reasoning = _detail(usage, "output_tokens_details", "reasoning_tokens")
-    total = usage.get("total_tokens")
-    if type(total) is not int or not 0 <= total <= MAX_TOKEN_COUNT:
-        total = _count(total)
+    total = _count(usage.get("total_tokens"))
     if prompt is None and completion is None and total is None:
         return None
     prompt = prompt or 0

@@ -1410,7 +1410,7 @@ def _record_rows(
             e.attempts,
             e.error_kind,
             e.status_code,
-            e.error if e.error is None else _text(e.error),
+            _text(e.error),
             now,
             e.job_id,
             e.lease_token,
