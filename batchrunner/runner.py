@@ -148,9 +148,16 @@ async def run(
             # A second Ctrl-C: no grace; what is in flight is sent again by the next run.
             dispatcher.force_stop()
 
-    if install_signals:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, on_signal)
+    # A signal ignored by whoever started us stays ignored, as Python leaves it through the
+    # load: a background job of a script ignores SIGINT, so that the script's Ctrl-C is the
+    # script's. Taken, it would stop the run and not the load before it.
+    handled = (
+        [sig for sig in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(sig) != signal.SIG_IGN]
+        if install_signals
+        else []
+    )
+    for sig in handled:
+        loop.add_signal_handler(sig, on_signal)
     display = asyncio.create_task(show(dispatcher)) if progress else None
     try:
         result = await dispatcher.run()
@@ -158,9 +165,8 @@ async def run(
         if display is not None:
             display.cancel()
             await asyncio.gather(display, return_exceptions=True)
-        if install_signals:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.remove_signal_handler(sig)
+        for sig in handled:
+            loop.remove_signal_handler(sig)
     return RunReport(batch, result)
 
 

@@ -4,7 +4,9 @@ request files, and the local fake API server."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 import uuid
@@ -144,6 +146,29 @@ def run_cli(
         env={**os.environ, **(env or {})},
         preexec_fn=preexec_fn,
     )
+
+
+@contextlib.contextmanager
+def started_cli(
+    *args: str, db: str, sigint: Any = signal.SIG_DFL
+) -> Iterator[subprocess.Popen[str]]:
+    """`batchrunner --db DB ARGS...` started, for a test to signal it; killed if still running
+    when the block ends (a failed test leaves nothing behind). SIGINT is set to `sigint` in
+    it: the default, as for a shell's foreground job, whatever this process inherited (a
+    background job of a script ignores SIGINT, and its children would too)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "batchrunner", "--db", db, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, sigint),
+    )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
 
 
 _REPO = Path(__file__).resolve().parent.parent

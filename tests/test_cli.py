@@ -7,8 +7,6 @@ import os
 import signal
 import sqlite3
 import stat
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -20,7 +18,7 @@ from click.testing import CliRunner
 
 from batchrunner.cli import cli
 from batchrunner.fakeapi import FakeConfig, FakeServerThread
-from tests.conftest import chat, run_cli
+from tests.conftest import chat, run_cli, started_cli
 
 MakeFile = Callable[..., Path]
 
@@ -246,6 +244,13 @@ def _results(db_file: Path) -> int:
             return 0
 
 
+def _wait_for_results(db_file: Path, at_least: int) -> int:
+    deadline = time.monotonic() + 60
+    while (done := _results(db_file)) < at_least and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return done
+
+
 @pytest.mark.slow
 def test_ctrl_c_exits_130_and_the_next_run_resumes(make_file: MakeFile, tmp_path: Path) -> None:
     db_file = tmp_path / "jobs.db"
@@ -254,28 +259,10 @@ def test_ctrl_c_exits_130_and_the_next_run_resumes(make_file: MakeFile, tmp_path
     with FakeServerThread(FakeConfig(latency_ms=100)) as srv:
         path = make_file([chat(f"slow {i}") for i in range(jobs)])
         batch_id = run_cli("submit", str(path), "--base-url", srv.url, db=db).stdout.strip()
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "batchrunner",
-                "--db",
-                db,
-                "run",
-                batch_id,
-                "--concurrency",
-                "8",
-                "--quiet",
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        deadline = time.monotonic() + 60
-        while _results(db_file) < 20 and time.monotonic() < deadline:
-            time.sleep(0.1)
-        proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=60)
+        with started_cli("run", batch_id, "--concurrency", "8", "--quiet", db=db) as proc:
+            _wait_for_results(db_file, 20)
+            proc.send_signal(signal.SIGINT)
+            _, stderr = proc.communicate(timeout=60)
         assert proc.returncode == 130, stderr
         assert f"batchrunner run {batch_id}" in stderr
         done = _results(db_file)
@@ -290,3 +277,29 @@ def test_ctrl_c_exits_130_and_the_next_run_resumes(make_file: MakeFile, tmp_path
     assert _results(db_file) == jobs
     assert stats.requests_total == jobs, "nothing was sent twice"
     assert max(stats.requests_by_body.values()) == 1
+
+
+@pytest.mark.slow
+def test_a_run_started_with_sigint_ignored_leaves_it_ignored(
+    make_file: MakeFile, tmp_path: Path
+) -> None:
+    """A background job of a script ignores SIGINT (the script's Ctrl-C is the script's), and
+    Python leaves it so through the load: the run keeps it so too. SIGTERM still stops it."""
+    db_file = tmp_path / "jobs.db"
+    db = f"sqlite:///{db_file}"
+    jobs = 300
+    with FakeServerThread(FakeConfig(latency_ms=100)) as srv:
+        path = make_file([chat(f"slow {i}") for i in range(jobs)])
+        batch_id = run_cli("submit", str(path), "--base-url", srv.url, db=db).stdout.strip()
+        run = ("run", batch_id, "--concurrency", "8", "--quiet")
+        with started_cli(*run, db=db, sigint=signal.SIG_IGN) as proc:
+            at_sigint = _wait_for_results(db_file, 20)
+            proc.send_signal(signal.SIGINT)
+            # Stopped, it would have recorded the 8 requests in flight and no more.
+            assert _wait_for_results(db_file, at_sigint + 40) >= at_sigint + 40
+            assert proc.poll() is None
+            proc.send_signal(signal.SIGTERM)
+            _, stderr = proc.communicate(timeout=60)
+        assert proc.returncode == 130, stderr
+        assert stderr.count("stopping: waiting") == 1, stderr
+        assert srv.stats.requests_total == _results(db_file) < jobs

@@ -9,8 +9,6 @@ import contextlib
 import resource
 import signal
 import sqlite3
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,7 +26,7 @@ from batchrunner.ingest import submit_file
 from batchrunner.report import batch_status
 from batchrunner.runner import EXIT_SOME_FAILED, OTHER_OPEN_FILES, RunReport, run
 from batchrunner.store import JobStore
-from tests.conftest import chat, run_cli, write_jsonl
+from tests.conftest import chat, run_cli, started_cli, write_jsonl
 
 MakeFile = Callable[..., Path]
 
@@ -58,34 +56,27 @@ def test_ctrl_c_while_a_file_loads_exits_130_and_loads_nothing(tmp_path: Path) -
     line = orjson.dumps(chat("load me slowly"))
     path = write_jsonl(tmp_path / "big.jsonl", (line for _ in range(SLOW_LOAD_LINES)))
     db_path = tmp_path / "jobs.db"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "batchrunner",
-            "--db",
-            f"sqlite:///{db_path}",
-            "run",
-            str(path),
-            "--base-url",
-            "http://127.0.0.1:9/v1",
-            "--quiet",
-        ],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    # The load starts right after the schema is in place (how long that takes depends on the
-    # machine: waiting for the file alone was not enough on a slow one). A load into a new
-    # database goes through a rollback journal, whose locks keep readers out once it spills
-    # to the file: a poll that missed the moment between the schema and the load would see
-    # nothing until the load had committed. The journal's file says the load is on.
-    journal = db_path.with_name(db_path.name + "-journal")
-    deadline = time.monotonic() + 30
-    while not (journal.exists() or _has_schema(db_path)) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    time.sleep(0.3)
-    proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=60)
+    with started_cli(
+        "run",
+        str(path),
+        "--base-url",
+        "http://127.0.0.1:9/v1",
+        "--quiet",
+        db=f"sqlite:///{db_path}",
+    ) as proc:
+        # The load starts right after the schema is in place (how long that takes depends on
+        # the machine: waiting for the file alone was not enough on a slow one). A load into a
+        # new database goes through a rollback journal, whose locks keep readers out once it
+        # spills to the file: a poll that missed the moment between the schema and the load
+        # would see nothing until the load had committed. The journal's file says the load is
+        # on.
+        journal = db_path.with_name(db_path.name + "-journal")
+        deadline = time.monotonic() + 30
+        while not (journal.exists() or _has_schema(db_path)) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr
     assert "interrupted" in stderr and "Traceback" not in stderr and "Aborted!" not in stderr
     with sqlite3.connect(db_path) as conn:
