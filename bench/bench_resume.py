@@ -3,10 +3,12 @@
 `bench/fastserver.py` answers after a lognormal 200 ms (so that many requests are in flight at
 any moment) and counts, per exact body, every request it receives. The run is killed with
 SIGKILL once the server has answered a given share of the batch; the server then tells how many
-requests it had received and answered by the instant of the kill: the difference was in flight
-at the kill. (Not the requests whose connection the server saw close unanswered: answers falling
-due between the kill and the server noticing the closed connections go to a dead socket, and
-the server counts them as answered.) A second `batchrunner run` resumes the batch to the end.
+requests it received from the killed run (some after the kill: the client had written them and
+they were on their way) and how many of them it had answered by the instant of the kill: the
+difference was in flight at the kill. (Not the requests whose connection the server saw close
+unanswered: answers falling due between the kill and the server noticing the closed connections
+go to a dead socket, and the server counts them as answered.) A second `batchrunner run` resumes
+the batch to the end.
 Then:
 
 - re-sent = requests whose exact body the server had received before (every body is distinct);
@@ -14,7 +16,8 @@ Then:
   yet committed (sent before the kill minus results in the database after it), the reading under
   which DESIGN.md's promise "only the requests in flight at that moment are sent again" can hold;
   (b) the strict reading, in flight = sent and not yet answered at the kill (the server's
-  count above).
+  count above; the kill's instant is taken once the signal is sent, so that answers written
+  until then count as answered).
   Answers that had arrived and were waiting for their commit are kept by the run's answer
   journal (batchrunner/journal.py) and recorded by the resuming run, which says how many.
 
@@ -94,8 +97,8 @@ def _once(tmp: Path, n: int, kill_at: float, index: int) -> dict[str, Any]:
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("the run ended or stalled before the kill point")
             time.sleep(POLL_S)
-        killed_at = time.monotonic()  # system-wide on Linux: the server's clock too
         proc.send_signal(signal.SIGKILL)
+        killed_at = time.monotonic()  # system-wide on Linux: the server's clock too
         proc.wait()
         # The dead client's sockets close; the server counts the answers it could not send.
         deadline = time.monotonic() + SETTLE_TIMEOUT_S
@@ -119,7 +122,10 @@ def _once(tmp: Path, n: int, kill_at: float, index: int) -> dict[str, Any]:
     return {
         "kill_at_share_answered": kill_at,
         "sent_before_kill": at_kill["requests_total"],
-        "in_flight_at_kill": at_kill["received_by_at"] - at_kill["answered_by_at"],
+        # Every request of the killed run was sent before the kill, also those the server
+        # read only after it.
+        "in_flight_at_kill": at_kill["requests_total"] - at_kill["answered_by_at"],
+        "received_after_kill": at_kill["requests_total"] - at_kill["received_by_at"],
         "closed_unanswered": at_kill["lost"],
         "answered_in_10ms_before_kill": at_kill["answered_in_10ms_before_at"],
         "committed_at_kill": committed,
@@ -170,7 +176,8 @@ def main() -> None:
             float(re_sent),
             f"re-sent vs {in_flight} awaiting an answer",
             all(r["re_sent"] <= r["in_flight_at_kill"] for r in runs),
-            f"{setting}; the strict reading: only requests the server had not answered; "
+            f"{setting}; the strict reading: only requests the server had not answered "
+            f"({sum(r['received_after_kill'] for r in runs)} of them reached it after the kill); "
             f"{uncommitted - in_flight} answered and not yet committed, "
             f"{sum(r['recorded_from_journal'] for r in runs)} of them recorded from the answer "
             "journal (the others were still on their way into the client: "
