@@ -122,8 +122,9 @@ class OrderedWorkers(Generic[T, R]):
         """Start the worker processes (`map` does, if this was not called)."""
         if not self._started:
             self._started = True
-            for process in self._processes:
-                process.start()
+            with _sigint_blocked():
+                for process in self._processes:
+                    process.start()
 
     async def close(self) -> None:
         """Stop the workers (waiting for them in a thread); nothing once they are stopped."""
@@ -205,6 +206,24 @@ class OrderedWorkers(Generic[T, R]):
                 self._results.get_nowait()
 
 
+@contextlib.contextmanager
+def _sigint_blocked() -> Iterator[None]:
+    """SIGINT held back from this thread for the block, and from the processes it starts,
+    which inherit the mask: a Ctrl-C while a worker is still starting up (importing, most
+    of a second) would end it with a KeyboardInterrupt and its traceback. The worker ignores
+    SIGINT, then lets it through (`_serve`); here, one that came meanwhile is delivered at
+    the block's end (as the standard library's resource tracker is started)."""
+    if not hasattr(signal, "pthread_sigmask"):  # pragma: no cover - Windows
+        yield
+        return
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        if signal.SIGINT not in blocked:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def _serve(
     setup: Callable[..., Awaitable[Handler[Any, Any]]],
     setup_args: Any,
@@ -215,7 +234,10 @@ def _serve(
     first, then (index, task) in, (index, result, error) out, until None comes."""
     gc.disable()  # as collector_paused: bulk work makes no cycles worth a collection
     # Ctrl-C reaches the whole process group: it is the parent's to handle, and it stops us.
+    # Held back since the start (`_sigint_blocked`): ignored first, then let through.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     args = _get_or_orphaned(setup_args)
     if args is not None and args is not _ORPHANED:
         asyncio.run(_serve_tasks(setup, pickle.loads(args), tasks, results))

@@ -6,16 +6,21 @@ import asyncio
 import contextlib
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
+import orjson
 import pytest
 
-from batchrunner.bulk import OrderedWorkers
+from batchrunner.bulk import OrderedWorkers, usable_cores
 from batchrunner.errors import BatchrunnerError, StoreError
+from batchrunner.ingest import PARALLEL_MIN_BYTES
+from tests.conftest import chat
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -200,3 +205,53 @@ def test_what_worker_processes_import_leaves_the_database_code_out(module: str) 
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True
     )
     assert done.stdout.strip() == "[]"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(usable_cores() < 2, reason="worker processes need two cores or more")
+def test_ctrl_c_as_the_workers_start_shows_no_traceback(tmp_path: Path) -> None:
+    """A terminal's Ctrl-C goes to the whole process group: also to workers still starting up
+    (importing, most of a second), which it ended with a KeyboardInterrupt and its traceback."""
+    import psutil
+
+    line = orjson.dumps(chat("x" * 200)) + b"\n"
+    path = tmp_path / "big.jsonl"
+    path.write_bytes(line * (PARALLEL_MIN_BYTES // len(line) + 1))
+    db_path = tmp_path / "jobs.db"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "batchrunner", "--db", f"sqlite:///{db_path}", "submit", str(path)],
+        cwd=REPO,
+        stderr=subprocess.PIPE,
+        text=True,
+        # Its own process group, with SIGINT at its default: a shell's foreground job.
+        process_group=0,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    try:
+        parent = psutil.Process(proc.pid)
+        deadline = time.monotonic() + 60
+        while not _a_worker_started(parent) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        # Past the interpreter's own start (SIGINT at its default ends a process without a
+        # word): into the imports.
+        time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, stderr
+    assert stderr.strip() == "interrupted", stderr
+    with contextlib.closing(sqlite3.connect(db_path)) as conn:
+        assert conn.execute("SELECT count(*) FROM jobs").fetchone() == (0,)
+
+
+def _a_worker_started(parent: Any) -> bool:
+    import psutil
+
+    for child in parent.children():
+        with contextlib.suppress(psutil.Error):
+            if "spawn_main" in " ".join(child.cmdline()):
+                return True
+    return False
