@@ -197,8 +197,18 @@ class OrderedWorkers(Generic[T, R]):
             if process.exitcode is None:
                 process.terminate()
                 process.join()
+        # Workers that stopped at their None read everything before it: each queue's feeder
+        # thread can write what it still holds, and is waited for here. Left to end as the
+        # process exits, it held the last references to the queue's semaphores and was cut
+        # off unlinking them, and the resource tracker warned of a leak. A worker that died
+        # may have left a pipe full, where the feeder would wait for ever: not waited for.
+        read_all = all(p.exitcode == 0 for p in self._processes if p.pid is not None)
         for q in (self._setup_args, self._tasks, self._results):
-            q.cancel_join_thread()
+            q.close()
+            if read_all:
+                q.join_thread()
+            else:
+                q.cancel_join_thread()
 
     def _discard_results(self) -> None:
         with contextlib.suppress(queue.Empty):
