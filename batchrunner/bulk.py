@@ -11,6 +11,7 @@ import os
 import pickle
 import queue
 import signal
+import sys
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Iterator
 from typing import Any, Generic, Protocol, TypeVar
@@ -197,11 +198,12 @@ class OrderedWorkers(Generic[T, R]):
             if process.exitcode is None:
                 process.terminate()
                 process.join()
-        # Workers that stopped at their None read everything before it: each queue's feeder
-        # thread can write what it still holds, and is waited for here. Left to end as the
-        # process exits, it held the last references to the queue's semaphores and was cut
-        # off unlinking them, and the resource tracker warned of a leak. A worker that died
-        # may have left a pipe full, where the feeder would wait for ever: not waited for.
+        # Workers that stopped at their None (exit code 0) read everything before it: each
+        # queue's feeder thread can write what it still holds, and is waited for here. Left
+        # to end as the process exits, it held the last references to the queue's semaphores
+        # and was cut off unlinking them, and the resource tracker warned of a leak. A worker
+        # that failed or died may have left a pipe full of tasks, where the feeder would wait
+        # for ever: not waited for.
         read_all = all(p.exitcode == 0 for p in self._processes if p.pid is not None)
         for q in (self._setup_args, self._tasks, self._results):
             q.close()
@@ -249,8 +251,12 @@ def _serve(
     if hasattr(signal, "pthread_sigmask"):
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     args = _get_or_orphaned(setup_args)
-    if args is not None and args is not _ORPHANED:
-        asyncio.run(_serve_tasks(setup, pickle.loads(args), tasks, results))
+    if args is None or args is _ORPHANED:
+        return
+    if not asyncio.run(_serve_tasks(setup, pickle.loads(args), tasks, results)):
+        # Gone before its None: the tasks after its last may be unread, which the parent
+        # needs to know (`OrderedWorkers._stop`).
+        sys.exit(1)
 
 
 def _get_or_orphaned(source: Any) -> Any:
@@ -270,12 +276,13 @@ async def _serve_tasks(
     args: tuple[Any, ...],
     tasks: Any,
     results: Any,
-) -> None:
+) -> bool:
+    """True: stopped at the parent's None; False: stopped early, by an error."""
     try:
         handler = await setup(*args)
     except Exception as exc:
         results.put((-1, None, _error_text(exc)))
-        return
+        return False
     try:
         while True:
             item = _get_or_orphaned(tasks)
@@ -283,15 +290,15 @@ async def _serve_tasks(
                 # The process that asked was killed: nobody wants the rest, nor the results
                 # not yet through the pipe (waiting to flush them would hang).
                 results.cancel_join_thread()
-                return
+                return False
             if item is None:
-                return
+                return True
             index, task = item
             try:
                 result = await handler.handle(task)
             except Exception as exc:
                 results.put((index, None, _error_text(exc)))
-                return
+                return False
             results.put((index, result, None))
     finally:
         await handler.close()

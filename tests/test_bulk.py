@@ -192,6 +192,53 @@ async def test_leaving_early_does_not_wait_for_results_nobody_reads() -> None:
     assert [p.exitcode for p in workers._processes] == [0, 0]
 
 
+class _Refuser:
+    async def handle(self, task: bytes) -> None:
+        raise ValueError("refused")
+
+    async def close(self) -> None:
+        pass
+
+
+async def _refuser() -> _Refuser:
+    return _Refuser()
+
+
+_FAILING_MAP = """
+import asyncio
+from batchrunner.bulk import OrderedWorkers
+from batchrunner.errors import BatchrunnerError
+from tests.test_bulk import _refuser
+
+async def main():
+    workers = OrderedWorkers(_refuser, 2, name="test")
+    try:
+        async for _ in workers.map((), (bytes(1 << 20) for _ in range(10))):
+            pass
+    except BatchrunnerError as exc:
+        print(exc.message, [p.exitcode for p in workers._processes])
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.slow
+def test_workers_that_fail_leaving_tasks_unread_do_not_hold_up_the_stop() -> None:
+    """Both workers fail at their first task, leaving the tasks handed out ahead of it unread:
+    more than a pipe holds, so the thread writing them waits for ever. The stop must not wait
+    for that thread (it does for one whose tasks were all read). In a process of its own,
+    which a hang would not take the tests down with."""
+    done = subprocess.run(
+        [sys.executable, "-c", _FAILING_MAP],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ValueError: refused [1, 1]"
+
+
 @pytest.mark.parametrize("module", ["batchrunner.lines", "batchrunner.exportrows"])
 def test_what_worker_processes_import_leaves_the_database_code_out(module: str) -> None:
     """Submit's and a SQLite export's workers start in a fraction of a second because these
