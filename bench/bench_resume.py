@@ -64,7 +64,7 @@ POLL_S = 0.01
 RUN_TIMEOUT_S = 600.0
 SETTLE_TIMEOUT_S = 30.0
 #: What the resuming run says of the answers it recorded from the killed run's journal.
-RECOVERED = re.compile(r"note: (\d+) answer\(s\) that an earlier run received")
+RECOVERED = re.compile(r"note: (\d+) answer\(s\) that another run received")
 
 
 def _once(tmp: Path, n: int, kill_at: float, index: int) -> dict[str, Any]:
