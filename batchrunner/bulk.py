@@ -171,11 +171,16 @@ class OrderedWorkers(Generic[T, R]):
                 index, result, error = self._results.get(timeout=WORKER_CHECK_S)
             except queue.Empty:
                 dead = [p for p in self._processes if p.exitcode is not None]
-                if dead:
+                if not dead:
+                    continue
+                try:
+                    # What a worker sent before it stopped is in the pipe by now (it waits
+                    # for that at exit), and its error says more than its exit code.
+                    index, result, error = self._results.get_nowait()
+                except queue.Empty:
                     raise self._error(
                         f"a worker process stopped (exit code {dead[0].exitcode})"
                     ) from None
-                continue
             if error is not None:
                 raise self._error(error)
             return index, result
@@ -223,8 +228,9 @@ def _sigint_blocked() -> Iterator[None]:
     """SIGINT held back from this thread for the block, and from the processes it starts,
     which inherit the mask: a Ctrl-C while a worker is still starting up (importing, most
     of a second) would end it with a KeyboardInterrupt and its traceback. The worker ignores
-    SIGINT, then lets it through (`_serve`); here, one that came meanwhile is delivered at
-    the block's end (as the standard library's resource tracker is started)."""
+    SIGINT, then lets it through (`_serve`). This process still gets one sent meanwhile: on
+    another of its threads, or at the block's end (as the standard library starts its
+    resource tracker)."""
     if not hasattr(signal, "pthread_sigmask"):  # pragma: no cover - Windows
         yield
         return

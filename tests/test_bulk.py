@@ -14,13 +14,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import orjson
 import pytest
 
 from batchrunner.bulk import OrderedWorkers, usable_cores
 from batchrunner.errors import BatchrunnerError, StoreError
-from batchrunner.ingest import PARALLEL_MIN_BYTES
-from tests.conftest import chat
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -51,6 +48,23 @@ async def test_results_come_back_in_the_order_of_the_tasks() -> None:
     results = [result async for result in workers.map((), range(40))]
     assert [doubled for doubled, _ in results] == [2 * i for i in range(40)]
     assert len({pid for _, pid in results} - {os.getpid()}) >= 2  # spread over the workers
+
+
+def _feeder_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name == "QueueFeederThread" and t.is_alive()}
+
+
+@pytest.mark.slow
+async def test_the_queues_threads_have_ended_when_the_map_has() -> None:
+    """A queue's feeder thread held the last references to its semaphores: one still running
+    as the process exited was cut off unlinking them, and the resource tracker warned of a
+    leak. Once the workers have stopped at their None, the map waits for those threads."""
+    before = _feeder_threads()
+    workers: OrderedWorkers[int, tuple[int, int]] = OrderedWorkers(_doubler, 2, name="test")
+    results = [doubled async for doubled, _ in workers.map((), range(10))]
+    assert results == [2 * i for i in range(10)]
+    assert [p.exitcode for p in workers._processes] == [0, 0]
+    assert _feeder_threads() - before == set()
 
 
 @pytest.mark.slow
@@ -256,10 +270,16 @@ def test_what_worker_processes_import_leaves_the_database_code_out(module: str) 
 
 @pytest.mark.slow
 @pytest.mark.skipif(usable_cores() < 2, reason="worker processes need two cores or more")
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc")
 def test_ctrl_c_as_the_workers_start_shows_no_traceback(tmp_path: Path) -> None:
     """A terminal's Ctrl-C goes to the whole process group: also to workers still starting up
     (importing, most of a second), which it ended with a KeyboardInterrupt and its traceback."""
+    # Here, not at the top: the workers of the tests above import this module.
+    import orjson
     import psutil
+
+    from batchrunner.ingest import PARALLEL_MIN_BYTES
+    from tests.conftest import chat
 
     line = orjson.dumps(chat("x" * 200)) + b"\n"
     path = tmp_path / "big.jsonl"
@@ -277,28 +297,35 @@ def test_ctrl_c_as_the_workers_start_shows_no_traceback(tmp_path: Path) -> None:
     try:
         parent = psutil.Process(proc.pid)
         deadline = time.monotonic() + 60
-        while not _a_worker_started(parent) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        # Past the interpreter's own start (SIGINT at its default ends a process without a
-        # word): into the imports.
-        time.sleep(0.1)
+        while not (starting := _a_worker_starting(parent)) and time.monotonic() < deadline:
+            time.sleep(0.002)
         os.killpg(proc.pid, signal.SIGINT)
         _, stderr = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+    assert starting, "no worker was seen starting up"
     assert proc.returncode == 130, stderr
     assert stderr.strip() == "interrupted", stderr
     with contextlib.closing(sqlite3.connect(db_path)) as conn:
         assert conn.execute("SELECT count(*) FROM jobs").fetchone() == (0,)
 
 
-def _a_worker_started(parent: Any) -> bool:
+def _a_worker_starting(parent: Any) -> bool:
+    """A worker past the interpreter's own start, whose handler turns SIGINT into a
+    KeyboardInterrupt, and not yet at work, where it ignores SIGINT."""
     import psutil
 
     for child in parent.children():
-        with contextlib.suppress(psutil.Error):
-            if "spawn_main" in " ".join(child.cmdline()):
+        with contextlib.suppress(psutil.Error, OSError):
+            if "spawn_main" in " ".join(child.cmdline()) and _sigint_caught(child.pid):
                 return True
+    return False
+
+
+def _sigint_caught(pid: int) -> bool:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) & (1 << (signal.SIGINT - 1)))
     return False
