@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
 import signal
@@ -251,14 +252,24 @@ def _wait_for_results(db_file: Path, at_least: int) -> int:
     return done
 
 
-@pytest.mark.slow
-def test_ctrl_c_exits_130_and_the_next_run_resumes(make_file: MakeFile, tmp_path: Path) -> None:
+@contextlib.contextmanager
+def _slow_batch(
+    make_file: MakeFile, tmp_path: Path, jobs: int
+) -> Iterator[tuple[Path, str, FakeServerThread, str]]:
+    """A batch of `jobs` submitted to a new SQLite database, each answered in 100 ms by the
+    fake API while the block runs: (database file, its URL, the server, the batch's id)."""
     db_file = tmp_path / "jobs.db"
     db = f"sqlite:///{db_file}"
-    jobs = 300
     with FakeServerThread(FakeConfig(latency_ms=100)) as srv:
         path = make_file([chat(f"slow {i}") for i in range(jobs)])
         batch_id = run_cli("submit", str(path), "--base-url", srv.url, db=db).stdout.strip()
+        yield db_file, db, srv, batch_id
+
+
+@pytest.mark.slow
+def test_ctrl_c_exits_130_and_the_next_run_resumes(make_file: MakeFile, tmp_path: Path) -> None:
+    jobs = 300
+    with _slow_batch(make_file, tmp_path, jobs) as (db_file, db, srv, batch_id):
         with started_cli("run", batch_id, "--concurrency", "8", "--quiet", db=db) as proc:
             _wait_for_results(db_file, 20)
             proc.send_signal(signal.SIGINT)
@@ -285,12 +296,8 @@ def test_a_run_started_with_sigint_ignored_leaves_it_ignored(
 ) -> None:
     """A background job of a script ignores SIGINT (the script's Ctrl-C is the script's), and
     Python leaves it so through the load: the run keeps it so too. SIGTERM still stops it."""
-    db_file = tmp_path / "jobs.db"
-    db = f"sqlite:///{db_file}"
     jobs = 300
-    with FakeServerThread(FakeConfig(latency_ms=100)) as srv:
-        path = make_file([chat(f"slow {i}") for i in range(jobs)])
-        batch_id = run_cli("submit", str(path), "--base-url", srv.url, db=db).stdout.strip()
+    with _slow_batch(make_file, tmp_path, jobs) as (db_file, db, srv, batch_id):
         run = ("run", batch_id, "--concurrency", "8", "--quiet")
         with started_cli(*run, db=db, sigint=signal.SIG_IGN) as proc:
             at_sigint = _wait_for_results(db_file, 20)
