@@ -1356,11 +1356,10 @@ def _name(value: str | None, width: int) -> str | None:
     """A name from an answer (a request id, a model) as its column holds it: `_text`, cut to
     `width` characters. PostgreSQL refuses a longer value, which would fail every record of the
     run; the completion itself keeps the model whole."""
-    if value is None or (len(value) <= width and "\x00" not in value):
-        return value  # (nearly always: three per answer)
     value = _text(value)
-    assert value is not None
-    return value if len(value) <= width else value[:width]
+    if value is None or len(value) <= width:
+        return value
+    return value[:width]
 
 
 def _result_columns(e: Ended) -> _Params:
