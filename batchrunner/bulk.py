@@ -27,7 +27,7 @@ R_co = TypeVar("R_co", covariant=True)
 TASKS_AHEAD_PER_WORKER = 2
 #: How often a wait for a worker's result checks that the workers are still alive.
 WORKER_CHECK_S = 1.0
-#: How long a worker may take to stop once the work is done, before it is terminated...
+#: How long a worker may take to stop once the work is done, before it is killed...
 WORKER_STOP_S = 10.0
 #: ...looked at this often.
 WORKER_POLL_S = 0.05
@@ -123,7 +123,7 @@ class OrderedWorkers(Generic[T, R]):
         """Start the worker processes (`map` does, if this was not called)."""
         if not self._started:
             self._started = True
-            with _sigint_blocked():
+            with _stop_signals_blocked():
                 for process in self._processes:
                     process.start()
 
@@ -201,7 +201,7 @@ class OrderedWorkers(Generic[T, R]):
                 self._discard_results()
                 process.join(WORKER_POLL_S)
             if process.exitcode is None:
-                process.terminate()
+                process.kill()  # (it ignores SIGTERM, see `_serve`)
                 process.join()
         # Workers that stopped at their None (exit code 0) read everything before it: each
         # queue's feeder thread can write what it still holds, and is waited for here. Left
@@ -223,23 +223,26 @@ class OrderedWorkers(Generic[T, R]):
                 self._results.get_nowait()
 
 
+#: Signals that stop a command (cli.py): the parent's to handle, not its workers'.
+_STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
+
+
 @contextlib.contextmanager
-def _sigint_blocked() -> Iterator[None]:
-    """SIGINT held back from this thread for the block, and from the processes it starts,
-    which inherit the mask: a Ctrl-C while a worker is still starting up (importing, most
-    of a second) would end it with a KeyboardInterrupt and its traceback. The worker ignores
-    SIGINT, then lets it through (`_serve`). This process still gets one sent meanwhile: on
-    another of its threads, or at the block's end (as the standard library starts its
-    resource tracker)."""
+def _stop_signals_blocked() -> Iterator[None]:
+    """Ctrl-C and SIGTERM held back from this thread for the block, and from the processes it
+    starts, which inherit the mask: a Ctrl-C while a worker is still starting up (importing,
+    most of a second) would end it with a KeyboardInterrupt and its traceback. The worker
+    ignores them, then lets them through (`_serve`). This process still gets one sent
+    meanwhile: on another of its threads, or at the block's end (as the standard library
+    starts its resource tracker)."""
     if not hasattr(signal, "pthread_sigmask"):  # pragma: no cover - Windows
         yield
         return
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     try:
         yield
     finally:
-        if signal.SIGINT not in blocked:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS - blocked)
 
 
 def _serve(
@@ -251,11 +254,14 @@ def _serve(
     """A worker process of `OrderedWorkers`: its setup's arguments, pickled (or None: stop)
     first, then (index, task) in, (index, result, error) out, until None comes."""
     gc.disable()  # as collector_paused: bulk work makes no cycles worth a collection
-    # Ctrl-C reaches the whole process group: it is the parent's to handle, and it stops us.
-    # Held back since the start (`_sigint_blocked`): ignored first, then let through.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Ctrl-C reaches the whole process group, and so does a SIGTERM sent to it (a service
+    # manager's stop): the parent's to handle, and it stops us. Killed by one, a worker could
+    # leave half a result in the pipe, and the parent's read of it would wait for ever. Held
+    # back since the start (`_stop_signals_blocked`): ignored first, then let through.
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
     if hasattr(signal, "pthread_sigmask"):
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     args = _get_or_orphaned(setup_args)
     if args is None or args is _ORPHANED:
         return

@@ -6,7 +6,9 @@ import asyncio
 import atexit
 import gc
 import math
+import signal
 import sys
+import threading
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
@@ -638,6 +640,7 @@ def _migrate(
 
 def main(argv: list[str] | None = None) -> None:
     _quick_exit()
+    _sigterm_as_ctrl_c()
     # Not click's standalone mode: it turns Ctrl-C into "Aborted!" and exit 1, and an
     # interrupted command must exit 130 wherever it was (loading a file, checking prices).
     try:
@@ -655,6 +658,29 @@ def main(argv: list[str] | None = None) -> None:
         _err(f"error: {exc.strerror or exc}{where}")
         sys.exit(EXIT_ABORTED)
     sys.exit(code if isinstance(code, int) else EXIT_OK)
+
+
+def _sigterm_as_ctrl_c() -> None:
+    """SIGTERM (`kill`, `timeout`, a service manager, a container's stop) stops every command as
+    Ctrl-C does: a load is rolled back, an export's file written aside is removed, and the
+    command says "interrupted" and exits 130. Killed outright, the export left its hidden
+    `.NAME.partial` file behind, as large as the export had grown. A run stops gracefully under
+    its own handler (runner.py). A SIGTERM ignored by whoever started us stays ignored."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    # What Ctrl-C does at this moment: within asyncio.run, its handler cancels the command's
+    # task (and a second one interrupts at once); outside, Python's raises KeyboardInterrupt.
+    on_ctrl_c = signal.getsignal(signal.SIGINT)
+    if callable(on_ctrl_c):
+        on_ctrl_c(signal.SIGINT, frame)
+        return
+    # SIGINT ignored (a background job of a script): SIGTERM still stops the command.
+    raise KeyboardInterrupt
 
 
 _quick_exit_registered = False

@@ -156,6 +156,9 @@ async def run(
         if install_signals
         else []
     )
+    # Put back as the run ends (the event loop leaves the default): Ctrl-C and SIGTERM still
+    # stop what comes after, as they stopped the load before (cli.py).
+    previous = {sig: signal.getsignal(sig) for sig in handled}
     for sig in handled:
         loop.add_signal_handler(sig, on_signal)
     display = asyncio.create_task(show(dispatcher)) if progress else None
@@ -167,6 +170,8 @@ async def run(
             await asyncio.gather(display, return_exceptions=True)
         for sig in handled:
             loop.remove_signal_handler(sig)
+            if previous[sig] is not None:  # (None: not set from Python)
+                signal.signal(sig, previous[sig])
     return RunReport(batch, result)
 
 

@@ -150,23 +150,28 @@ def run_cli(
 
 @contextlib.contextmanager
 def started_cli(
-    *args: str, db: str, sigint: Any = signal.SIG_DFL
+    *args: str, db: str, sigint: Any = signal.SIG_DFL, process_group: int | None = None
 ) -> Iterator[subprocess.Popen[str]]:
     """`batchrunner --db DB ARGS...` started, for a test to signal it; killed if still running
-    when the block ends (a failed test leaves nothing behind). SIGINT is set to `sigint` in
-    it: the default, as for a shell's foreground job, whatever this process inherited (a
-    background job of a script ignores SIGINT, and its children would too)."""
+    when the block ends (a failed test leaves nothing behind; with `process_group=0`, in a
+    group of its own, its whole group). SIGINT is set to `sigint` in it: the default, as for
+    a shell's foreground job, whatever this process inherited (a background job of a script
+    ignores SIGINT, and its children would too)."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "batchrunner", "--db", db, *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        process_group=process_group,
         preexec_fn=lambda: signal.signal(signal.SIGINT, sigint),
     )
     try:
         yield proc
     finally:
         if proc.poll() is None:
+            if process_group == 0:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
             proc.kill()
             proc.communicate()
 

@@ -201,8 +201,39 @@ async def test_leaving_early_does_not_wait_for_results_nobody_reads() -> None:
         async for result in results:
             assert len(result) == 1 << 20
             break
-    # Each worker left by itself: one stuck on its unread results is terminated instead
-    # (exit code -SIGTERM) once the stop has waited WORKER_STOP_S for it.
+    # Each worker left by itself: one stuck on its unread results is killed instead
+    # (exit code -SIGKILL) once the stop has waited WORKER_STOP_S for it.
+    assert [p.exitcode for p in workers._processes] == [0, 0]
+
+
+class _Slow:
+    async def handle(self, task: int) -> int:
+        await asyncio.sleep(0.02)
+        return task
+
+    async def close(self) -> None:
+        pass
+
+
+async def _slow() -> _Slow:
+    return _Slow()
+
+
+@pytest.mark.slow
+async def test_workers_leave_sigterm_to_the_parent() -> None:
+    """A service manager's stop sends SIGTERM to every process of the command: the parent
+    stops them (cli.py), and a worker killed by it could leave half a result in the pipe,
+    where the parent's read waits for ever."""
+    workers: OrderedWorkers[int, int] = OrderedWorkers(_slow, 2, name="test")
+    got = []
+    async with contextlib.aclosing(workers.map((), range(40))) as results:
+        async for result in results:
+            got.append(result)
+            if len(got) == 1:
+                for process in workers._processes:
+                    assert process.pid is not None
+                    os.kill(process.pid, signal.SIGTERM)
+    assert got == list(range(40))
     assert [p.exitcode for p in workers._processes] == [0, 0]
 
 

@@ -209,6 +209,63 @@ def test_a_full_disk_under_an_export_is_an_error_not_a_traceback(
     assert stat.S_ISCHR(os.stat("/dev/full").st_mode)
 
 
+def _grow(db_file: Path, batch_id: str, jobs: int) -> None:
+    """The batch's one succeeded job copied until it has `jobs`, each with its result."""
+    with contextlib.closing(sqlite3.connect(db_file, isolation_level=None)) as conn:
+        conn.execute("BEGIN")
+        conn.execute(
+            "INSERT INTO jobs (batch_id, line, custom_id, method, endpoint, body, meta, model,"
+            " stream, est_tokens, state, attempts, created_at, updated_at, finished_at)"
+            " WITH RECURSIVE s(i) AS (SELECT 2 UNION ALL SELECT i + 1 FROM s WHERE i < :n)"
+            " SELECT batch_id, i, 'copy-' || i, method, endpoint, body, meta, model, stream,"
+            " est_tokens, state, attempts, created_at, updated_at, finished_at"
+            " FROM s, jobs WHERE batch_id = :b",
+            {"n": jobs, "b": batch_id},
+        )
+        conn.execute(
+            "INSERT INTO results (job_id, batch_id, status_code, response, request_id, model,"
+            " prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens, total_tokens,"
+            " schema_valid, latency_ms, attempts, finished_at)"
+            " SELECT j.id, r.batch_id, r.status_code, r.response, r.request_id, r.model,"
+            " r.prompt_tokens, r.completion_tokens, r.cached_tokens, r.reasoning_tokens,"
+            " r.total_tokens, r.schema_valid, r.latency_ms, r.attempts, r.finished_at"
+            " FROM jobs j JOIN results r ON r.batch_id = j.batch_id AND r.job_id <> j.id"
+            " WHERE j.batch_id = :b",
+            {"b": batch_id},
+        )
+        conn.execute("UPDATE batches SET total_jobs = :n WHERE id = :b", {"n": jobs, "b": batch_id})
+        conn.execute("COMMIT")
+
+
+@pytest.mark.slow
+def test_sigterm_stops_an_export_as_ctrl_c_does_and_leaves_no_file(
+    make_file: MakeFile, tmp_path: Path, server: FakeServerThread
+) -> None:
+    """`kill`, `timeout` or a service manager's stop (SIGTERM to the whole process group, the
+    export's worker processes too): the export is written aside, and its hidden file was left
+    behind as large as it had grown."""
+    db_file = tmp_path / "jobs.db"
+    db = f"sqlite:///{db_file}"
+    path = make_file([chat("q")])
+    batch_id = run_cli("submit", str(path), "--base-url", server.url, db=db).stdout.strip()
+    assert run_cli("run", batch_id, "--quiet", db=db).returncode == 0
+    _grow(db_file, batch_id, 300_000)
+    out = tmp_path / "exports" / "results.csv"
+    out.parent.mkdir()
+    partial = out.with_name(f".{out.name}.partial")
+    with started_cli("export", batch_id, "-o", str(out), db=db, process_group=0) as proc:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            if partial.exists() and partial.stat().st_size > 0:
+                break
+            time.sleep(0.005)
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert stderr.strip() == "interrupted"
+    assert list(out.parent.iterdir()) == []
+
+
 def test_lines_skipped_at_submit_can_be_listed_again(
     make_file: MakeFile, sqlite_url: str, server: FakeServerThread
 ) -> None:

@@ -52,7 +52,11 @@ def _has_schema(db_path: Path) -> bool:
 
 
 @pytest.mark.slow
-def test_ctrl_c_while_a_file_loads_exits_130_and_loads_nothing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_while_a_file_loads_exits_130_and_loads_nothing(
+    tmp_path: Path, sig: signal.Signals
+) -> None:
+    """SIGTERM (`kill`, `timeout`, a service manager's stop) as Ctrl-C."""
     line = orjson.dumps(chat("load me slowly"))
     path = write_jsonl(tmp_path / "big.jsonl", (line for _ in range(SLOW_LOAD_LINES)))
     db_path = tmp_path / "jobs.db"
@@ -75,13 +79,38 @@ def test_ctrl_c_while_a_file_loads_exits_130_and_loads_nothing(tmp_path: Path) -
         while not (journal.exists() or _has_schema(db_path)) and time.monotonic() < deadline:
             time.sleep(0.02)
         time.sleep(0.3)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr
     assert "interrupted" in stderr and "Traceback" not in stderr and "Aborted!" not in stderr
     with sqlite3.connect(db_path) as conn:
         assert conn.execute("SELECT count(*) FROM batches").fetchone() == (0,)
         assert conn.execute("SELECT count(*) FROM jobs").fetchone() == (0,)
+
+
+async def test_a_run_puts_back_the_signal_handlers_it_found(
+    store: JobStore, make_file: MakeFile
+) -> None:
+    """A run takes Ctrl-C and SIGTERM for its graceful stop; the event loop leaves them at
+    their defaults after it, and SIGTERM then killed the command outright, where before the
+    run it stopped the load as Ctrl-C does (cli.py)."""
+
+    def ours(signum: int, frame: object) -> None:
+        raise AssertionError("not called here")
+
+    sigint_before = signal.getsignal(signal.SIGINT)
+    sigterm_before = signal.signal(signal.SIGTERM, ours)
+    try:
+        async with FakeServer(FakeConfig(latency_ms=5)) as srv:
+            batch_id = (await submit_file(store, make_file([chat("q")]), base_url=srv.url)).batch.id
+            report = await run(
+                store, batch_id, RunConfig(flush_s=0.05), warn=lambda _: None, progress=False
+            )
+        assert report.exit_code == 0
+        assert signal.getsignal(signal.SIGTERM) is ours
+        assert signal.getsignal(signal.SIGINT) is sigint_before
+    finally:
+        signal.signal(signal.SIGTERM, sigterm_before)
 
 
 async def _run_until(
