@@ -7,6 +7,7 @@ import contextlib
 import gc
 import itertools
 import multiprocessing
+import multiprocessing.connection
 import os
 import pickle
 import queue
@@ -14,6 +15,7 @@ import signal
 import sys
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Generic, Protocol, TypeVar
 
 from batchrunner.errors import BatchrunnerError
@@ -104,16 +106,23 @@ class OrderedWorkers(Generic[T, R]):
         context = multiprocessing.get_context("spawn")
         self._setup_args: Any = context.Queue()
         self._tasks: Any = context.Queue()
-        self._results: Any = context.Queue()
+        # A pipe of its own for each worker's results. A worker that dies part way through
+        # writing one (the OOM killer, a kill -9) closes its end, and the read of that pipe
+        # ends; on one queue shared by every worker the read waited for the rest for ever
+        # (and the other workers for the lock the dead one held).
+        pipes = [context.Pipe(duplex=False) for _ in range(workers)]
+        self._results = [reader for reader, _ in pipes]
+        #: The workers' ends, closed here once the workers have them.
+        self._result_ends: list[Any] = [writer for _, writer in pipes]
         self._error = error
         self._processes = [
             context.Process(
                 target=_serve,
-                args=(setup, self._setup_args, self._tasks, self._results),
+                args=(setup, self._setup_args, self._tasks, writer),
                 name=f"batchrunner-{name}-{i}",
                 daemon=True,
             )
-            for i in range(workers)
+            for i, (_, writer) in enumerate(pipes)
         ]
         self._started = False
         self._args_sent = False
@@ -123,9 +132,13 @@ class OrderedWorkers(Generic[T, R]):
         """Start the worker processes (`map` does, if this was not called)."""
         if not self._started:
             self._started = True
-            with _stop_signals_blocked():
-                for process in self._processes:
-                    process.start()
+            try:
+                with _stop_signals_blocked():
+                    for process in self._processes:
+                        process.start()
+            finally:
+                for end in self._result_ends:
+                    end.close()
 
     async def close(self) -> None:
         """Stop the workers (waiting for them in a thread); nothing once they are stopped."""
@@ -167,23 +180,21 @@ class OrderedWorkers(Generic[T, R]):
 
     def _next_result(self) -> tuple[int, R]:
         while True:
-            try:
-                index, result, error = self._results.get(timeout=WORKER_CHECK_S)
-            except queue.Empty:
-                dead = [p for p in self._processes if p.exitcode is not None]
-                if not dead:
-                    continue
+            for reader in multiprocessing.connection.wait(self._results, WORKER_CHECK_S):
+                assert isinstance(reader, multiprocessing.connection.Connection)
                 try:
-                    # What a worker sent before it stopped is in the pipe by now (it waits
-                    # for that at exit), and its error says more than its exit code.
-                    index, result, error = self._results.get_nowait()
-                except queue.Empty:
+                    index, result, error = reader.recv()
+                except (EOFError, OSError):
+                    # Its worker is gone (what it sent before, its error if it had one, was
+                    # read first); OSError: part way through a result.
+                    process = self._processes[self._results.index(reader)]
+                    process.join(WORKER_CHECK_S)
                     raise self._error(
-                        f"a worker process stopped (exit code {dead[0].exitcode})"
+                        f"a worker process stopped (exit code {process.exitcode})"
                     ) from None
-            if error is not None:
-                raise self._error(error)
-            return index, result
+                if error is not None:
+                    raise self._error(error)
+                return index, result
 
     def _stop(self) -> None:
         # A worker still waiting for its setup stops at None there, one at work at None
@@ -210,17 +221,21 @@ class OrderedWorkers(Generic[T, R]):
         # that failed or died may have left a pipe full of tasks, where the feeder would wait
         # for ever: not waited for.
         read_all = all(p.exitcode == 0 for p in self._processes if p.pid is not None)
-        for q in (self._setup_args, self._tasks, self._results):
+        for q in (self._setup_args, self._tasks):
             q.close()
             if read_all:
                 q.join_thread()
             else:
                 q.cancel_join_thread()
+        for reader in self._results:
+            reader.close()
 
     def _discard_results(self) -> None:
-        with contextlib.suppress(queue.Empty):
-            while True:
-                self._results.get_nowait()
+        for reader in self._results:
+            # (EOFError: its worker has stopped.)
+            with contextlib.suppress(EOFError, OSError):
+                while reader.poll():
+                    reader.recv()
 
 
 #: Signals that stop a command (cli.py): the parent's to handle, not its workers'.
@@ -265,7 +280,7 @@ def _serve(
     args = _get_or_orphaned(setup_args)
     if args is None or args is _ORPHANED:
         return
-    if not asyncio.run(_serve_tasks(setup, pickle.loads(args), tasks, results)):
+    if not asyncio.run(_serve_tasks(setup, pickle.loads(args), tasks, _Sender(results))):
         # Gone before its None: the tasks after its last may be unread, which the parent
         # needs to know (`OrderedWorkers._stop`).
         sys.exit(1)
@@ -287,33 +302,61 @@ async def _serve_tasks(
     setup: Callable[..., Awaitable[Handler[Any, Any]]],
     args: tuple[Any, ...],
     tasks: Any,
-    results: Any,
+    results: _Sender,
 ) -> bool:
     """True: stopped at the parent's None; False: stopped early, by an error."""
     try:
-        handler = await setup(*args)
-    except Exception as exc:
-        results.put((-1, None, _error_text(exc)))
-        return False
-    try:
-        while True:
-            item = _get_or_orphaned(tasks)
-            if item is _ORPHANED:
-                # The process that asked was killed: nobody wants the rest, nor the results
-                # not yet through the pipe (waiting to flush them would hang).
-                results.cancel_join_thread()
-                return False
-            if item is None:
-                return True
-            index, task = item
-            try:
-                result = await handler.handle(task)
-            except Exception as exc:
-                results.put((index, None, _error_text(exc)))
-                return False
-            results.put((index, result, None))
+        try:
+            handler = await setup(*args)
+        except Exception as exc:
+            results.send((-1, None, _error_text(exc)))
+            return False
+        try:
+            while True:
+                item = _get_or_orphaned(tasks)
+                if item is _ORPHANED:
+                    # The process that asked was killed: nobody wants the rest.
+                    return False
+                if item is None:
+                    return True
+                index, task = item
+                try:
+                    result = await handler.handle(task)
+                except Exception as exc:
+                    results.send((index, None, _error_text(exc)))
+                    return False
+                results.send((index, result, None))
+        finally:
+            await handler.close()
     finally:
-        await handler.close()
+        results.close()
+
+
+class _Sender:
+    """A worker's results into its pipe, each written by a thread while the worker goes on
+    with its next task (as a queue's feeder thread would; one result waits at most)."""
+
+    def __init__(self, pipe: multiprocessing.connection.Connection) -> None:
+        self._pipe = pipe
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="results")
+        self._sending: Future[None] | None = None
+
+    def send(self, item: tuple[int, Any, str | None]) -> None:
+        self._wait()
+        self._sending = self._thread.submit(self._pipe.send, item)
+
+    def _wait(self) -> None:
+        if self._sending is not None:
+            # A broken pipe: the parent is gone, and nobody wants the rest.
+            with contextlib.suppress(OSError):
+                self._sending.result()
+            self._sending = None
+
+    def close(self) -> None:
+        """Once the last result is written (or the parent is gone)."""
+        self._wait()
+        self._thread.shutdown()
+        self._pipe.close()
 
 
 def _error_text(exc: Exception) -> str:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
+import fcntl
 import os
+import pickle
 import signal
 import sqlite3
 import subprocess
 import sys
+import termios
 import threading
 import time
 from pathlib import Path
@@ -235,6 +239,50 @@ async def test_workers_leave_sigterm_to_the_parent() -> None:
                     os.kill(process.pid, signal.SIGTERM)
     assert got == list(range(40))
     assert [p.exitcode for p in workers._processes] == [0, 0]
+
+
+@pytest.mark.slow
+async def test_a_worker_killed_part_way_through_a_result_fails_the_map() -> None:
+    """The OOM killer or a kill -9 may stop a worker while it writes a result into its pipe:
+    the read of it fails with the worker's exit code instead of waiting for the rest for
+    ever (8 submits in 16 hung so, when one queue took every worker's results)."""
+    workers: OrderedWorkers[int, bytes] = OrderedWorkers(_big, 1, name="test")
+    workers.start()
+    # A map's first steps, without its reads: the result (1 MiB) waits for room in the pipe.
+    workers._setup_args.put(pickle.dumps(()))
+    workers._args_sent = True
+    workers._tasks.put((0, 0))
+    (reader,) = workers._results
+    deadline = time.monotonic() + 60
+    # Another process's pipe: nothing to wait on but time.
+    while _bytes_in(reader) < 4096 and time.monotonic() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.01)
+    (process,) = workers._processes
+    assert process.pid is not None
+    os.kill(process.pid, signal.SIGKILL)
+    process.join()
+    failed: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            workers._next_result()
+        except BaseException as exc:
+            failed.append(exc)
+
+    reading = threading.Thread(target=read, daemon=True)
+    reading.start()
+    reading.join(30)
+    assert not reading.is_alive(), "the read waits for the rest of the result"
+    assert len(failed) == 1 and isinstance(failed[0], BatchrunnerError)
+    assert f"exit code {-signal.SIGKILL}" in str(failed[0])
+    await workers.close()
+
+
+def _bytes_in(pipe: Any) -> int:
+    """How much waits to be read in a pipe (Linux's FIONREAD)."""
+    waiting = array.array("i", [0])
+    fcntl.ioctl(pipe.fileno(), termios.FIONREAD, waiting)
+    return waiting[0]
 
 
 class _Refuser:
