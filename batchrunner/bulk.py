@@ -13,9 +13,11 @@ import pickle
 import queue
 import signal
 import sys
+import threading
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from multiprocessing.util import Finalize
 from typing import Any, Generic, Protocol, TypeVar
 
 from batchrunner.errors import BatchrunnerError
@@ -27,7 +29,8 @@ R_co = TypeVar("R_co", covariant=True)
 
 #: Tasks each worker is handed ahead of the one whose result is wanted next.
 TASKS_AHEAD_PER_WORKER = 2
-#: How often a wait for a worker's result checks that the workers are still alive.
+#: How often a wait for a worker's result looks whether the workers are being stopped, and
+#: how often a worker looks whether its parent is still alive.
 WORKER_CHECK_S = 1.0
 #: How long a worker may take to stop once the work is done, before it is killed...
 WORKER_STOP_S = 10.0
@@ -114,6 +117,9 @@ class OrderedWorkers(Generic[T, R]):
         self._results = [reader for reader, _ in pipes]
         #: The workers' ends, closed here once the workers have them.
         self._result_ends: list[Any] = [writer for _, writer in pipes]
+        #: One read of the result pipes at a time: a map left while it waited for a result (a
+        #: Ctrl-C) leaves that wait's thread reading them as `_stop` discards what is left.
+        self._reading = threading.Lock()
         self._error = error
         self._processes = [
             context.Process(
@@ -127,6 +133,10 @@ class OrderedWorkers(Generic[T, R]):
         self._started = False
         self._args_sent = False
         self._stopped = False
+        # Workers ignore SIGTERM (`_serve`), and at exit multiprocessing ends its daemon
+        # children with it, then waits for them: any still alive then (a stop that failed, a
+        # close never awaited) are killed first, as they are should this object be dropped.
+        Finalize(self, _kill_alive, args=(self._processes,), exitpriority=10)
 
     def start(self) -> None:
         """Start the worker processes (`map` does, if this was not called)."""
@@ -142,9 +152,13 @@ class OrderedWorkers(Generic[T, R]):
 
     async def close(self) -> None:
         """Stop the workers (waiting for them in a thread); nothing once they are stopped."""
-        if self._started and not self._stopped:
-            self._stopped = True
+        if self._stopped:
+            return
+        self._stopped = True
+        if self._started:
             await asyncio.get_running_loop().run_in_executor(None, self._stop)
+        else:
+            self._close_pipes_and_queues(read_all=True)
 
     async def map(self, args: tuple[Any, ...], tasks: Iterable[T]) -> AsyncGenerator[R, None]:
         """The results of `tasks`, in their order, from workers set up with `setup(*args)`."""
@@ -179,22 +193,35 @@ class OrderedWorkers(Generic[T, R]):
             await self.close()
 
     def _next_result(self) -> tuple[int, R]:
-        while True:
-            for reader in multiprocessing.connection.wait(self._results, WORKER_CHECK_S):
-                assert isinstance(reader, multiprocessing.connection.Connection)
-                try:
-                    index, result, error = reader.recv()
-                except (EOFError, OSError):
-                    # Its worker is gone (what it sent before, its error if it had one, was
-                    # read first); OSError: part way through a result.
-                    process = self._processes[self._results.index(reader)]
-                    process.join(WORKER_CHECK_S)
-                    raise self._error(
-                        f"a worker process stopped (exit code {process.exitcode})"
-                    ) from None
-                if error is not None:
-                    raise self._error(error)
-                return index, result
+        while not self._stopped:
+            try:
+                ready = multiprocessing.connection.wait(self._results, WORKER_CHECK_S)
+            except (OSError, ValueError):
+                if self._stopped:
+                    break  # closed by `_stop` meanwhile
+                raise
+            with self._reading:
+                if self._stopped:
+                    break
+                for reader in ready:
+                    assert isinstance(reader, multiprocessing.connection.Connection)
+                    try:
+                        if not reader.poll():
+                            continue  # read by `_stop` meanwhile
+                        index, result, error = reader.recv()
+                    except (EOFError, OSError):
+                        # Its worker is gone (what it sent before, its error if it had one,
+                        # was read first); OSError: part way through a result.
+                        process = self._processes[self._results.index(reader)]
+                        process.join(WORKER_CHECK_S)
+                        raise self._error(
+                            f"a worker process stopped (exit code {process.exitcode})"
+                        ) from None
+                    if error is not None:
+                        raise self._error(error)
+                    return index, result
+        # Only a wait that the map left behind gets here: nobody reads this.
+        raise self._error("the workers were stopped")
 
     def _stop(self) -> None:
         # A worker still waiting for its setup stops at None there, one at work at None
@@ -220,22 +247,30 @@ class OrderedWorkers(Generic[T, R]):
         # and was cut off unlinking them, and the resource tracker warned of a leak. A worker
         # that failed or died may have left a pipe full of tasks, where the feeder would wait
         # for ever: not waited for.
-        read_all = all(p.exitcode == 0 for p in self._processes if p.pid is not None)
+        self._close_pipes_and_queues(
+            read_all=all(p.exitcode == 0 for p in self._processes if p.pid is not None)
+        )
+
+    def _close_pipes_and_queues(self, *, read_all: bool) -> None:
         for q in (self._setup_args, self._tasks):
             q.close()
             if read_all:
                 q.join_thread()
             else:
                 q.cancel_join_thread()
-        for reader in self._results:
-            reader.close()
+        for end in self._result_ends:
+            end.close()  # (closed already once the workers started)
+        with self._reading:
+            for reader in self._results:
+                reader.close()
 
     def _discard_results(self) -> None:
-        for reader in self._results:
-            # (EOFError: its worker has stopped.)
-            with contextlib.suppress(EOFError, OSError):
-                while reader.poll():
-                    reader.recv()
+        with self._reading:
+            for reader in self._results:
+                # (EOFError: its worker has stopped.)
+                with contextlib.suppress(EOFError, OSError):
+                    while reader.poll():
+                        reader.recv()
 
 
 #: Signals that stop a command (cli.py): the parent's to handle, not its workers'.
@@ -270,9 +305,9 @@ def _serve(
     first, then (index, task) in, (index, result, error) out, until None comes."""
     gc.disable()  # as collector_paused: bulk work makes no cycles worth a collection
     # Ctrl-C reaches the whole process group, and so does a SIGTERM sent to it (a service
-    # manager's stop): the parent's to handle, and it stops us. Killed by one, a worker could
-    # leave half a result in the pipe, and the parent's read of it would wait for ever. Held
-    # back since the start (`_stop_signals_blocked`): ignored first, then let through.
+    # manager's stop): the parent's to handle, and it stops us; the command then says
+    # "interrupted", where a worker killed by one would fail it with its exit code. Held back
+    # since the start (`_stop_signals_blocked`): ignored first, then let through.
     for sig in _STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     if hasattr(signal, "pthread_sigmask"):
@@ -309,7 +344,7 @@ async def _serve_tasks(
         try:
             handler = await setup(*args)
         except Exception as exc:
-            results.send((-1, None, _error_text(exc)))
+            results.send(_pickled((-1, None, _error_text(exc))))
             return False
         try:
             while True:
@@ -321,11 +356,12 @@ async def _serve_tasks(
                     return True
                 index, task = item
                 try:
-                    result = await handler.handle(task)
+                    # Pickled here: a result that cannot be is its task's error.
+                    message = _pickled((index, await handler.handle(task), None))
                 except Exception as exc:
-                    results.send((index, None, _error_text(exc)))
+                    results.send(_pickled((index, None, _error_text(exc))))
                     return False
-                results.send((index, result, None))
+                results.send(message)
         finally:
             await handler.close()
     finally:
@@ -333,30 +369,41 @@ async def _serve_tasks(
 
 
 class _Sender:
-    """A worker's results into its pipe, each written by a thread while the worker goes on
-    with its next task (as a queue's feeder thread would; one result waits at most)."""
+    """A worker's results (pickled) into its pipe, each written by a thread while the worker
+    goes on with its next task (as a queue's feeder thread would; one result waits at most)."""
 
     def __init__(self, pipe: multiprocessing.connection.Connection) -> None:
         self._pipe = pipe
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="results")
         self._sending: Future[None] | None = None
 
-    def send(self, item: tuple[int, Any, str | None]) -> None:
+    def send(self, message: bytes) -> None:
         self._wait()
-        self._sending = self._thread.submit(self._pipe.send, item)
+        self._sending = self._thread.submit(self._pipe.send_bytes, message)
 
     def _wait(self) -> None:
-        if self._sending is not None:
+        sending, self._sending = self._sending, None
+        if sending is not None:
             # A broken pipe: the parent is gone, and nobody wants the rest.
             with contextlib.suppress(OSError):
-                self._sending.result()
-            self._sending = None
+                sending.result()
 
     def close(self) -> None:
         """Once the last result is written (or the parent is gone)."""
         self._wait()
         self._thread.shutdown()
         self._pipe.close()
+
+
+def _pickled(message: tuple[int, Any, str | None]) -> bytes:
+    """As `Connection.send` pickles (`recv` reads it back)."""
+    return pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
+
+
+def _kill_alive(processes: list[Any]) -> None:
+    for process in processes:
+        if process.pid is not None and process.exitcode is None:
+            process.kill()
 
 
 def _error_text(exc: Exception) -> str:

@@ -47,11 +47,30 @@ def _fail(exc: BatchrunnerError) -> click.ClickException:
     return (_Unusable if isinstance(exc, UsageError) else _Aborted)(exc.message)
 
 
+#: The task of the command that `_run` runs, while it runs: SIGTERM cancels it.
+_command_task: asyncio.Task[Any] | None = None
+#: A SIGTERM has cancelled it: its cancellation is the command's interruption.
+_terminated = False
+
+
 def _run(coro: Coroutine[Any, Any, T]) -> T:
     try:
-        return asyncio.run(coro)
+        return asyncio.run(_as_command(coro))
+    except asyncio.CancelledError:
+        if _terminated:
+            raise KeyboardInterrupt from None
+        raise
     except BatchrunnerError as exc:
         raise _fail(exc) from exc
+
+
+async def _as_command(coro: Coroutine[Any, Any, T]) -> T:
+    global _command_task
+    _command_task = asyncio.current_task()
+    try:
+        return await coro
+    finally:
+        _command_task = None
 
 
 async def _with_store(db_url: str, fn: Callable[[JobStore], Awaitable[T]]) -> T:
@@ -673,13 +692,16 @@ def _sigterm_as_ctrl_c() -> None:
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
-    # What Ctrl-C does at this moment: within asyncio.run, its handler cancels the command's
-    # task (and a second one interrupts at once); outside, Python's raises KeyboardInterrupt.
-    on_ctrl_c = signal.getsignal(signal.SIGINT)
-    if callable(on_ctrl_c):
-        on_ctrl_c(signal.SIGINT, frame)
+    """As asyncio.run's handler of Ctrl-C: the command's task is cancelled, so that its
+    cleanups run; a second SIGTERM, or one outside the task, interrupts at once. (Not by
+    calling that handler: a background job of a script has SIGINT ignored, and none.)"""
+    global _terminated
+    task = _command_task
+    if task is not None and not _terminated and not task.done():
+        _terminated = True
+        task.cancel()
+        task.get_loop().call_soon_threadsafe(lambda: None)  # for a loop asleep in select
         return
-    # SIGINT ignored (a background job of a script): SIGTERM still stops the command.
     raise KeyboardInterrupt
 
 

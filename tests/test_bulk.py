@@ -226,8 +226,8 @@ async def _slow() -> _Slow:
 @pytest.mark.slow
 async def test_workers_leave_sigterm_to_the_parent() -> None:
     """A service manager's stop sends SIGTERM to every process of the command: the parent
-    stops them (cli.py), and a worker killed by it could leave half a result in the pipe,
-    where the parent's read waits for ever."""
+    stops them (cli.py), and says "interrupted"; a worker killed by it would fail the command
+    with its exit code instead."""
     workers: OrderedWorkers[int, int] = OrderedWorkers(_slow, 2, name="test")
     got = []
     async with contextlib.aclosing(workers.map((), range(40))) as results:
@@ -330,6 +330,44 @@ def test_workers_that_fail_leaving_tasks_unread_do_not_hold_up_the_stop() -> Non
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ValueError: refused [1, 1]"
+
+
+_LEFT_RUNNING = """
+import asyncio, signal, time
+from pathlib import Path
+from batchrunner.bulk import OrderedWorkers
+from tests.test_bulk import _big
+
+def ignores_sigterm(pid):
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigIgn:"):
+            return bool(int(line.split()[1], 16) & (1 << (signal.SIGTERM - 1)))
+
+async def main():
+    global workers
+    workers = OrderedWorkers(_big, 2, name="test")
+    workers.start()  # and never stopped
+    deadline = time.monotonic() + 30
+    while not all(ignores_sigterm(p.pid) for p in workers._processes):
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc")
+def test_a_process_that_leaves_its_workers_running_still_exits() -> None:
+    """At exit multiprocessing ends its daemon children with SIGTERM and waits for them;
+    workers ignore it (the parent stops them), so a parent whose stop failed, or never ran,
+    waited for ever. In a process of its own, which a hang would not take the tests down
+    with."""
+    done = subprocess.run(
+        [sys.executable, "-c", _LEFT_RUNNING], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
 
 
 @pytest.mark.parametrize("module", ["batchrunner.lines", "batchrunner.exportrows"])

@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -238,12 +239,16 @@ def _grow(db_file: Path, batch_id: str, jobs: int) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(
+    "sigint", [signal.SIG_DFL, signal.SIG_IGN], ids=["foreground", "background-job"]
+)
 def test_sigterm_stops_an_export_as_ctrl_c_does_and_leaves_no_file(
-    make_file: MakeFile, tmp_path: Path, server: FakeServerThread
+    make_file: MakeFile, tmp_path: Path, server: FakeServerThread, sigint: Any
 ) -> None:
     """`kill`, `timeout` or a service manager's stop (SIGTERM to the whole process group, the
     export's worker processes too): the export is written aside, and its hidden file was left
-    behind as large as it had grown."""
+    behind as large as it had grown. Also from a background job of a script, which has Ctrl-C
+    ignored."""
     db_file = tmp_path / "jobs.db"
     db = f"sqlite:///{db_file}"
     path = make_file([chat("q")])
@@ -253,7 +258,8 @@ def test_sigterm_stops_an_export_as_ctrl_c_does_and_leaves_no_file(
     out = tmp_path / "exports" / "results.csv"
     out.parent.mkdir()
     partial = out.with_name(f".{out.name}.partial")
-    with started_cli("export", batch_id, "-o", str(out), db=db, process_group=0) as proc:
+    export = ("export", batch_id, "-o", str(out))
+    with started_cli(*export, db=db, sigint=sigint, process_group=0) as proc:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and proc.poll() is None:
             if partial.exists() and partial.stat().st_size > 0:
