@@ -315,7 +315,7 @@ def _serve(
     args = _get_or_orphaned(setup_args)
     if args is None or args is _ORPHANED:
         return
-    if not asyncio.run(_serve_tasks(setup, pickle.loads(args), tasks, _Sender(results))):
+    if not asyncio.run(_serve_tasks(setup, args, tasks, _Sender(results))):
         # Gone before its None: the tasks after its last may be unread, which the parent
         # needs to know (`OrderedWorkers._stop`).
         sys.exit(1)
@@ -335,14 +335,15 @@ def _get_or_orphaned(source: Any) -> Any:
 
 async def _serve_tasks(
     setup: Callable[..., Awaitable[Handler[Any, Any]]],
-    args: tuple[Any, ...],
+    args: bytes,
     tasks: Any,
     results: _Sender,
 ) -> bool:
-    """True: stopped at the parent's None; False: stopped early, by an error."""
+    """True: stopped at the parent's None; False: stopped early, by an error (sent to the
+    parent, setup's arguments that cannot be unpickled here included)."""
     try:
         try:
-            handler = await setup(*args)
+            handler = await setup(*pickle.loads(args))
         except Exception as exc:
             results.send(_pickled((-1, None, _error_text(exc))))
             return False

@@ -54,6 +54,8 @@ _terminated = False
 
 
 def _run(coro: Coroutine[Any, Any, T]) -> T:
+    global _terminated
+    _terminated = False  # (`main` may run several commands in one process: the tests)
     try:
         return asyncio.run(_as_command(coro))
     except asyncio.CancelledError:

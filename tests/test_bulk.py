@@ -297,6 +297,26 @@ async def _refuser() -> _Refuser:
     return _Refuser()
 
 
+def _refuse_to_load() -> None:
+    raise ValueError("cannot be loaded here")
+
+
+class _Unloadable:
+    """Pickles, and fails to unpickle: as setup arguments that need what the worker lacks."""
+
+    def __reduce__(self) -> tuple[Any, tuple[()]]:
+        return _refuse_to_load, ()
+
+
+@pytest.mark.slow
+async def test_setup_arguments_a_worker_cannot_unpickle_fail_the_map_with_the_reason() -> None:
+    """Not only with the worker's exit code (its traceback went to the terminal)."""
+    workers: OrderedWorkers[int, tuple[int, int]] = OrderedWorkers(_doubler, 1, name="test")
+    with pytest.raises(BatchrunnerError, match="ValueError: cannot be loaded here"):
+        async for _ in workers.map((_Unloadable(),), range(3)):
+            pass
+
+
 _FAILING_MAP = """
 import asyncio
 from batchrunner.bulk import OrderedWorkers
