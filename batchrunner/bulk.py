@@ -181,7 +181,8 @@ class OrderedWorkers(Generic[T, R]):
                     task = next(pending, _NO_MORE)
                     if task is _NO_MORE:
                         break
-                    self._tasks.put((asked, task))
+                    # Pickled here, as the setup's arguments are.
+                    self._tasks.put((asked, pickle.dumps(task, pickle.HIGHEST_PROTOCOL)))
                     asked += 1
                 if index >= asked:
                     return
@@ -358,7 +359,7 @@ async def _serve_tasks(
                 index, task = item
                 try:
                     # Pickled here: a result that cannot be is its task's error.
-                    message = _pickled((index, await handler.handle(task), None))
+                    message = _pickled((index, await handler.handle(pickle.loads(task)), None))
                 except Exception as exc:
                     results.send(_pickled((index, None, _error_text(exc))))
                     return False

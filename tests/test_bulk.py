@@ -131,6 +131,17 @@ async def test_setup_arguments_that_cannot_be_pickled_fail_the_map_at_once() -> 
     assert [p.exitcode for p in workers._processes] == [0, 0]
 
 
+@pytest.mark.slow
+async def test_a_task_that_cannot_be_pickled_fails_the_map_at_once() -> None:
+    """Pickled by the queue's own thread, it was only printed there, and the map waited for
+    its result for ever."""
+    workers: OrderedWorkers[Any, tuple[int, int]] = OrderedWorkers(_doubler, 1, name="test")
+    with pytest.raises(TypeError, match="pickle"):
+        async for _ in workers.map((), [1, threading.Lock(), 3]):
+            pass
+    assert [p.exitcode for p in workers._processes] == [0]
+
+
 _PARENT = """
 import asyncio, sys
 from batchrunner.bulk import OrderedWorkers
@@ -251,7 +262,7 @@ async def test_a_worker_killed_part_way_through_a_result_fails_the_map() -> None
     # A map's first steps, without its reads: the result (1 MiB) waits for room in the pipe.
     workers._setup_args.put(pickle.dumps(()))
     workers._args_sent = True
-    workers._tasks.put((0, 0))
+    workers._tasks.put((0, pickle.dumps(0)))
     (reader,) = workers._results
     deadline = time.monotonic() + 60
     # Another process's pipe: nothing to wait on but time.
