@@ -169,7 +169,7 @@ class OrderedWorkers(Generic[T, R]):
         try:
             # Pickled here, so that arguments that cannot be fail the map (the queue's own
             # thread would only print the error, and the workers wait for them for ever).
-            setup_args = pickle.dumps(args)
+            setup_args = _pickled(args)
             self.start()
             self._args_sent = True
             for _ in self._processes:
@@ -182,7 +182,7 @@ class OrderedWorkers(Generic[T, R]):
                     if task is _NO_MORE:
                         break
                     # Pickled here, as the setup's arguments are.
-                    self._tasks.put((asked, pickle.dumps(task, pickle.HIGHEST_PROTOCOL)))
+                    self._tasks.put((asked, _pickled(task)))
                     asked += 1
                 if index >= asked:
                     return
@@ -303,7 +303,7 @@ def _serve(
     results: Any,
 ) -> None:
     """A worker process of `OrderedWorkers`: its setup's arguments, pickled (or None: stop)
-    first, then (index, task) in, (index, result, error) out, until None comes."""
+    first, then (index, pickled task) in, (index, result, error) out, until None comes."""
     gc.disable()  # as collector_paused: bulk work makes no cycles worth a collection
     # Ctrl-C reaches the whole process group, and so does a SIGTERM sent to it (a service
     # manager's stop): the parent's to handle, and it stops us; the command then says
@@ -346,7 +346,7 @@ async def _serve_tasks(
         try:
             handler = await setup(*pickle.loads(args))
         except Exception as exc:
-            results.send(_pickled((-1, None, _error_text(exc))))
+            results.send((-1, None, _error_text(exc)))
             return False
         try:
             while True:
@@ -358,12 +358,11 @@ async def _serve_tasks(
                     return True
                 index, task = item
                 try:
-                    # Pickled here: a result that cannot be is its task's error.
-                    message = _pickled((index, await handler.handle(pickle.loads(task)), None))
+                    # (A result that cannot be pickled is its task's error: `_Sender.send`.)
+                    results.send((index, await handler.handle(pickle.loads(task)), None))
                 except Exception as exc:
-                    results.send(_pickled((index, None, _error_text(exc))))
+                    results.send((index, None, _error_text(exc)))
                     return False
-                results.send(message)
         finally:
             await handler.close()
     finally:
@@ -379,9 +378,11 @@ class _Sender:
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="results")
         self._sending: Future[None] | None = None
 
-    def send(self, message: bytes) -> None:
+    def send(self, message: tuple[int, Any, str | None]) -> None:
+        """Pickled here, in the worker's own thread, so that one that cannot be raises here."""
+        data = _pickled(message)
         self._wait()
-        self._sending = self._thread.submit(self._pipe.send_bytes, message)
+        self._sending = self._thread.submit(self._pipe.send_bytes, data)
 
     def _wait(self) -> None:
         sending, self._sending = self._sending, None
@@ -397,9 +398,10 @@ class _Sender:
         self._pipe.close()
 
 
-def _pickled(message: tuple[int, Any, str | None]) -> bytes:
-    """As `Connection.send` pickles (`recv` reads it back)."""
-    return pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
+def _pickled(obj: Any) -> bytes:
+    """A task, setup's arguments or a result message as bytes (`Connection.recv` reads a
+    message back)."""
+    return pickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
 
 
 def _kill_alive(processes: list[Any]) -> None:

@@ -346,40 +346,34 @@ asyncio.run(main())
 """
 
 
+def _in_a_process(script: str) -> subprocess.CompletedProcess[str]:
+    """`script` run by a Python of its own, which a hang would not take the tests down with."""
+    return subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+
+
 @pytest.mark.slow
 def test_workers_that_fail_leaving_tasks_unread_do_not_hold_up_the_stop() -> None:
     """Both workers fail at their first task, leaving the tasks handed out ahead of it unread:
     more than a pipe holds, so the thread writing them waits for ever. The stop must not wait
-    for that thread (it does for one whose tasks were all read). In a process of its own,
-    which a hang would not take the tests down with."""
-    done = subprocess.run(
-        [sys.executable, "-c", _FAILING_MAP],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    for that thread (it does for one whose tasks were all read)."""
+    done = _in_a_process(_FAILING_MAP)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ValueError: refused [1, 1]"
 
 
 _LEFT_RUNNING = """
 import asyncio, signal, time
-from pathlib import Path
 from batchrunner.bulk import OrderedWorkers
-from tests.test_bulk import _big
-
-def ignores_sigterm(pid):
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("SigIgn:"):
-            return bool(int(line.split()[1], 16) & (1 << (signal.SIGTERM - 1)))
+from tests.test_bulk import _big, _in_signal_set
 
 async def main():
     global workers
     workers = OrderedWorkers(_big, 2, name="test")
     workers.start()  # and never stopped
     deadline = time.monotonic() + 30
-    while not all(ignores_sigterm(p.pid) for p in workers._processes):
+    while not all(_in_signal_set(p.pid, "SigIgn", signal.SIGTERM) for p in workers._processes):
         assert time.monotonic() < deadline
         await asyncio.sleep(0.01)
 
@@ -392,11 +386,8 @@ asyncio.run(main())
 def test_a_process_that_leaves_its_workers_running_still_exits() -> None:
     """At exit multiprocessing ends its daemon children with SIGTERM and waits for them;
     workers ignore it (the parent stops them), so a parent whose stop failed, or never ran,
-    waited for ever. In a process of its own, which a hang would not take the tests down
-    with."""
-    done = subprocess.run(
-        [sys.executable, "-c", _LEFT_RUNNING], cwd=REPO, capture_output=True, text=True, timeout=60
-    )
+    waited for ever."""
+    done = _in_a_process(_LEFT_RUNNING)
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""
 
@@ -427,32 +418,20 @@ def test_ctrl_c_as_the_workers_start_shows_no_traceback(tmp_path: Path) -> None:
     import psutil
 
     from batchrunner.ingest import PARALLEL_MIN_BYTES
-    from tests.conftest import chat
+    from tests.conftest import chat, started_cli
 
     line = orjson.dumps(chat("x" * 200)) + b"\n"
     path = tmp_path / "big.jsonl"
     path.write_bytes(line * (PARALLEL_MIN_BYTES // len(line) + 1))
     db_path = tmp_path / "jobs.db"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "batchrunner", "--db", f"sqlite:///{db_path}", "submit", str(path)],
-        cwd=REPO,
-        stderr=subprocess.PIPE,
-        text=True,
-        # Its own process group, with SIGINT at its default: a shell's foreground job.
-        process_group=0,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
-    try:
+    # Its own process group, with SIGINT at its default: a shell's foreground job.
+    with started_cli("submit", str(path), db=f"sqlite:///{db_path}", process_group=0) as proc:
         parent = psutil.Process(proc.pid)
         deadline = time.monotonic() + 60
         while not (starting := _a_worker_starting(parent)) and time.monotonic() < deadline:
             time.sleep(0.002)
         os.killpg(proc.pid, signal.SIGINT)
         _, stderr = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
     assert starting, "no worker was seen starting up"
     assert proc.returncode == 130, stderr
     assert stderr.strip() == "interrupted", stderr
@@ -467,13 +446,16 @@ def _a_worker_starting(parent: Any) -> bool:
 
     for child in parent.children():
         with contextlib.suppress(psutil.Error, OSError):
-            if "spawn_main" in " ".join(child.cmdline()) and _sigint_caught(child.pid):
+            if "spawn_main" in " ".join(child.cmdline()) and _in_signal_set(
+                child.pid, "SigCgt", signal.SIGINT
+            ):
                 return True
     return False
 
 
-def _sigint_caught(pid: int) -> bool:
+def _in_signal_set(pid: int, field: str, sig: int) -> bool:
+    """Whether `sig` is in a set of /proc/PID/status: SigCgt (caught), SigIgn (ignored)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("SigCgt:"):
-            return bool(int(line.split()[1], 16) & (1 << (signal.SIGINT - 1)))
+        if line.startswith(f"{field}:"):
+            return bool(int(line.split()[1], 16) & (1 << (sig - 1)))
     return False
