@@ -152,6 +152,8 @@ class RunResult:
 
 
 _CANCELLED = Outcome(OutcomeKind.RETRY, None, error_kind="cancelled")
+#: Error kinds of attempts that stopped their run (a refused key, an empty balance).
+_STOPPED_THE_RUN = frozenset({"auth", "quota"})
 
 
 class _Abandon(Exception):
@@ -720,10 +722,7 @@ class Dispatcher:
             if outcome.kind is not OutcomeKind.SUCCESS:
                 policy = self.policy
                 if job.attempts:
-                    # Attempts of earlier runs count against the cap.
-                    policy = replace(
-                        policy, max_attempts=max(1, policy.max_attempts - job.attempts)
-                    )
+                    policy = await self._policy_after_earlier_runs(job, tried)
                 outcome, attempts = await call_with_retries(
                     policy, attempt, sleep=sleep, rng=self._rng, first=outcome
                 )
@@ -747,6 +746,36 @@ class Dispatcher:
             if committed.cancelled() and task is not None and not task.cancelling():
                 return  # another worker's cancellation cancelled the shared wait
             raise
+
+    async def _policy_after_earlier_runs(
+        self, job: ClaimedJob, tried: list[AttemptRecord]
+    ) -> RetryPolicy:
+        """The retry policy of a job that earlier runs tried already: what they spent counts
+        against its caps. Attempts refused for the key or the balance stopped those runs,
+        not the job, and count against neither cap; rate-limited ones count against the
+        rate-limit cap only. Read from the attempts log, which only such jobs need."""
+        policy = self.policy
+        try:
+            logged = await self.store.attempts_of(job.id)
+        except StoreError as exc:
+            log.warning("attempts of line %d unread (%s): all count", job.line, exc.message)
+            return replace(policy, max_attempts=max(1, policy.max_attempts - job.attempts))
+        ours = {a.started_at for a in tried}
+        # The job's attempts are the last of its log (`retry` starts them again from 0).
+        earlier = [a for a in logged if a.started_at not in ours][-job.attempts :]
+        counted = limited = 0
+        for a in earlier:
+            if a.error_kind in _STOPPED_THE_RUN:
+                continue
+            if a.status_code == 429 or a.error_kind == "rate_limit":
+                limited += 1
+            else:
+                counted += 1
+        return replace(
+            policy,
+            max_attempts=max(1, policy.max_attempts - counted),
+            rate_limit_attempts=max(1, policy.rate_limit_cap - limited),
+        )
 
     def _lease_alive(self, job: ClaimedJob) -> bool:
         until = max(self._claims.get(job.lease_token, 0.0), self._coordinator.leases_until)

@@ -432,6 +432,38 @@ async def test_a_run_resumes_after_a_bad_key_is_fixed(
     assert (await store.counts(batch_id)).counts["succeeded"] == 30
 
 
+async def test_attempts_that_stopped_a_run_or_were_rate_limited_leave_the_next_its_retries(
+    store: JobStore, make_file: MakeFile
+) -> None:
+    """A refused key stopped its run, not the job, and a 429 has its own cap: neither uses up
+    the --max-attempts of the run that resumes the job. Before, the two 429s and the 401 of
+    the first run left the second one attempt, and the job failed on its first 500."""
+    script = [429, 429, 401, 401, 500, 500, 200]
+    received: list[int] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        status = script[len(received)]
+        received.append(status)
+        if status == 200:
+            return web.Response(body=_completion(), content_type="application/json")
+        code = "invalid_api_key" if status == 401 else None
+        error = {"error": {"message": f"answer {status}", "code": code}}
+        return web.json_response(error, status=status, headers={"retry-after-ms": "10"})
+
+    config = replace(FAST, max_attempts=3)
+    async with running(handler) as base_url:
+        batch_id = (await submit_file(store, make_file([chat("q")]), base_url=base_url)).batch.id
+        for sent in (3, 4):
+            assert (await _run(store, batch_id, config)).exit_code == EXIT_ABORTED
+            (job,) = await _job_rows(store, batch_id)
+            assert (job.state, job.attempts, len(received)) == ("pending", sent, sent)
+        rep = await _run(store, batch_id, config)
+    assert rep.exit_code == EXIT_OK
+    (job,) = await _job_rows(store, batch_id)
+    assert (job.state, job.attempts, job.r_attempts) == ("succeeded", 7, 7)
+    assert received == script
+
+
 async def test_a_server_limit_below_the_configured_rate_makes_no_job_fail(
     store: JobStore, make_file: MakeFile
 ) -> None:
