@@ -15,6 +15,7 @@ import datetime
 import email.utils
 import io
 import ipaddress
+import json
 import math
 import re
 import sys
@@ -34,6 +35,10 @@ from batchrunner.states import kept_text
 #: Larger request bodies (base64 images, files) go to aiohttp as a stream, which it writes in
 #: pieces; raw bytes above 1 MiB make it warn (ResourceWarning) and copy them whole.
 STREAMED_BODY_BYTES: Final = 1 << 20
+
+#: The longest response header line read: aiohttp's default (8190 bytes) turned answers with
+#: a long debug or trace header into connection errors, retried and paid for again.
+MAX_HEADER_BYTES: Final = 64 * 1024
 
 #: Response headers: a case-insensitive mapping such as aiohttp's `response.headers`.
 Headers: TypeAlias = Mapping[str, str]
@@ -290,10 +295,16 @@ def _classify(
     ratelimit = parse_ratelimit(headers)
     parsed: object = None
     parse_error: str | None = None
+    #: The answer's text where it is not `raw` as received (see `loads_lenient`).
+    mended: str | None = None
     try:
         parsed = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        parse_error = str(exc)
+        lenient = loads_lenient(raw)
+        if lenient is None:
+            parse_error = str(exc)
+        else:
+            parsed, mended = lenient
 
     if 200 <= status < 300:
         if parse_error is None and is_completion(parsed):
@@ -301,7 +312,8 @@ def _classify(
             return Outcome(
                 OutcomeKind.SUCCESS,
                 status,
-                body=raw.decode(),  # orjson has already checked it is valid UTF-8
+                # orjson has already checked that `raw` is valid UTF-8
+                body=raw.decode() if mended is None else mended,
                 completion=parsed,
                 request_id=request_id,
                 latency_s=latency_s,
@@ -368,6 +380,31 @@ def _classify(
     )
 
 
+def loads_lenient(raw: bytes) -> tuple[object, str] | None:
+    """JSON that orjson refuses but is no fault of the answer's content, parsed, with its
+    text as it is stored; None where it is not JSON after all.
+
+    Two such things come from real servers: a byte-order mark before the JSON, and an
+    escaped lone surrogate (`"\\ud83d"`, half an emoji, where a gateway cut a string in
+    two). Retrying would pay for the same answer again. The text is written anew, with each
+    lone surrogate as U+FFFD, so that every reader of the database can parse it.
+    """
+
+    def no_constant(name: str) -> None:
+        raise ValueError(f"{name} is not JSON")
+
+    try:
+        value = json.loads(raw, parse_constant=no_constant)
+    except (ValueError, RecursionError):
+        return None
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    try:
+        return orjson.loads(text), text
+    except orjson.JSONDecodeError:
+        return None  # what orjson cannot hold either way (an integer past 64 bits)
+
+
 def _fallback_message(status: int, reason: str | None, text: str) -> str:
     head = f"HTTP {status}" + (f" {kept_text(reason)}" if reason else "")
     snippet = " ".join(text.split())[:MESSAGE_BODY_CHARS]
@@ -423,7 +460,8 @@ class _Choice:
 
     def __init__(self) -> None:
         self.role: str | None = None
-        self.content: list[str] | None = None
+        #: Text pieces, and the parts of content sent as a list (Mistral's thinking).
+        self.content: list[Any] | None = None
         self.refusal: list[str] | None = None
         self.tool_calls: dict[int, dict[str, Any]] = {}
         self.function_call: dict[str, Any] | None = None
@@ -443,6 +481,10 @@ class _Choice:
                     if self.content is None:
                         self.content = []
                     self.content.append(value)
+                elif key == "content" and isinstance(value, list):
+                    if self.content is None:
+                        self.content = []
+                    self.content.extend(value)
                 elif key == "role":
                     self.role = self.role or value
                 elif key == "refusal" and isinstance(value, str):
@@ -494,19 +536,20 @@ class _Choice:
             self.tool_calls[index] = _merge_tool_call(self.tool_calls.get(index), fragment)
 
     def _add_extra(self, key: str, value: Any) -> None:
-        # Fields some providers add (DeepSeek's `reasoning_content`, `reasoning`, ...):
-        # text arrives in pieces, lists grow, anything else is a whole value.
-        old = self.extra.get(key)
-        if isinstance(value, str) and isinstance(old, str):
-            value = old + value
-        elif isinstance(value, list) and isinstance(old, list):
-            value = [*old, *value]
-        self.extra[key] = value
+        # Fields some providers add (DeepSeek's `reasoning_content`, `reasoning`, `audio`,
+        # ...): see `_merged`.
+        self.extra[key] = _merged(key, self.extra.get(key), value)
+
+    def _content(self) -> str | list[Any] | None:
+        content = self.content
+        if content is None or all(isinstance(piece, str) for piece in content):
+            return None if content is None else "".join(content)
+        return _joined_parts(content)
 
     def message(self) -> dict[str, Any]:
         message: dict[str, Any] = {
             "role": self.role or "assistant",
-            "content": None if self.content is None else "".join(self.content),
+            "content": self._content(),
             "refusal": None if self.refusal is None else "".join(self.refusal),
         }
         if self.tool_calls:
@@ -524,6 +567,67 @@ class _Choice:
         return {"content": self.logprobs_content, "refusal": self.logprobs_refusal}
 
 
+#: Fields of a streamed object that come whole (and unchanged if repeated), not in pieces.
+_WHOLE_FIELDS: Final = frozenset(
+    {"id", "type", "name", "index", "object", "role", "model", "created", "expires_at"}
+)
+
+
+def _merged(key: str, old: Any, new: Any) -> Any:
+    """The value of field `key` once a fragment's `new` is added to `old`: text arrives in
+    pieces, lists grow, objects merge field by field; ids, types and names come whole;
+    anything else replaces what was there."""
+    if old is None:
+        return new
+    if key in _WHOLE_FIELDS:
+        return old
+    if isinstance(old, str) and isinstance(new, str):
+        return old + new
+    if isinstance(old, list) and isinstance(new, list):
+        return [*old, *new]
+    if isinstance(old, dict) and isinstance(new, dict):
+        merged = dict(old)
+        for field, value in new.items():
+            if value is not None:
+                merged[field] = _merged(field, merged.get(field), value)
+        return merged
+    return new
+
+
+def _joined_parts(pieces: list[Any]) -> list[Any]:
+    """Content sent as a list of parts (Mistral streams its thinking so) and text pieces, as
+    one list of parts: text becomes text parts, and neighbouring pieces of one part (same
+    type, same fields) are joined."""
+    parts: list[Any] = []
+    for piece in pieces:
+        part = {"type": "text", "text": piece} if isinstance(piece, str) else piece
+        joined = _joined_part(parts[-1], part) if parts else None
+        if joined is None:
+            parts.append(part)
+        else:
+            parts[-1] = joined
+    return parts
+
+
+def _joined_part(first: Any, second: Any) -> dict[str, Any] | None:
+    if not (isinstance(first, dict) and isinstance(second, dict)):
+        return None
+    if first.get("type") != second.get("type") or first.keys() != second.keys():
+        return None
+    joined: dict[str, Any] = {}
+    for key, value in first.items():
+        other = second[key]
+        if key == "type":
+            joined[key] = value
+        elif isinstance(value, str) and isinstance(other, str):
+            joined[key] = value + other
+        elif isinstance(value, list) and isinstance(other, list):
+            joined[key] = _joined_parts([*value, *other])
+        else:
+            return None
+    return joined
+
+
 def _merge_function(function: dict[str, Any] | None, fragment: dict[str, Any]) -> dict[str, Any]:
     """Adds one fragment of a function call: the name comes whole, the arguments in pieces."""
     if function is None:
@@ -538,21 +642,25 @@ def _merge_function(function: dict[str, Any] | None, fragment: dict[str, Any]) -
 
 
 def _merge_tool_call(call: dict[str, Any] | None, fragment: dict[str, Any]) -> dict[str, Any]:
-    """Adds one fragment of a tool call: id and type come whole in the first fragment."""
+    """Adds one fragment of a tool call: id and type come whole in the first fragment, the
+    function in pieces; other fields (Gemini's `extra_content` with its thought signature)
+    are kept as `_merged` adds them up."""
     if call is None:
         call = {"id": None, "type": None, "function": None}
-    for key in ("id", "type"):
-        value = fragment.get(key)
-        if value is not None and call[key] is None:
-            call[key] = value
-    function = fragment.get("function")
-    if isinstance(function, dict):
-        call["function"] = _merge_function(call["function"], function)
+    for key, value in fragment.items():
+        if value is None or key == "index":
+            continue
+        if key == "function":
+            if isinstance(value, dict):
+                call["function"] = _merge_function(call["function"], value)
+        else:
+            call[key] = _merged(key, call.get(key), value)
     return call
 
 
 def _finish_tool_call(call: dict[str, Any]) -> dict[str, Any]:
     return {
+        **call,
         "id": call["id"],
         "type": call["type"] or "function",
         "function": call["function"] or {"name": None, "arguments": ""},
@@ -654,9 +762,12 @@ class StreamAssembler:
         try:
             chunk = orjson.loads(payload)
         except orjson.JSONDecodeError:
-            if self.bad_event is None:
-                self.bad_event = payload[:MESSAGE_BODY_CHARS].decode(errors="replace")
-            return
+            lenient = loads_lenient(payload)
+            if lenient is None:
+                if self.bad_event is None:
+                    self.bad_event = payload[:MESSAGE_BODY_CHARS].decode(errors="replace")
+                return
+            chunk = lenient[0]
         if not isinstance(chunk, dict):
             return
         error = chunk.get("error")
@@ -684,6 +795,12 @@ class StreamAssembler:
                 if state is None:
                     state = self._choices[index] = _Choice()
                 state.add(choice)
+
+    @property
+    def finished(self) -> bool:
+        """Every choice has its `finish_reason`."""
+        choices = self._choices
+        return bool(choices) and all(c.finish_reason is not None for c in choices.values())
 
     def result(self) -> dict[str, Any]:
         """The completion object reassembled from the events so far."""
@@ -731,7 +848,8 @@ def _stream_outcome(
             status,
             error_kind="stream_error",
             message=scrub(_error_message(error) or "the stream carried an error event"),
-            body=scrub(orjson.dumps(error).decode()),
+            # As an error answer carries it, so that exports find the API's code and message.
+            body=scrub(orjson.dumps({"error": error}).decode()),
             request_id=request_id,
             latency_s=latency_s,
             ratelimit=ratelimit,
@@ -747,7 +865,9 @@ def _stream_outcome(
             latency_s=latency_s,
             ratelimit=ratelimit,
         )
-    if not assembler.done:
+    if not assembler.done and (broken is not None or not assembler.finished):
+        # (Some servers end a complete stream without `[DONE]`: every choice had finished
+        # and the connection ended cleanly, so nothing was cut.)
         return Outcome(
             OutcomeKind.RETRY,
             status,
@@ -842,6 +962,7 @@ class ApiClient:
         self._session = aiohttp.ClientSession(
             connector=connector,
             headers=self._headers,
+            max_field_size=MAX_HEADER_BYTES,
             # `total` covers connecting, sending and reading the last byte of the answer, so
             # a server that trickles bytes cannot hold a request forever.
             timeout=aiohttp.ClientTimeout(total=self.timeout_s),

@@ -131,7 +131,8 @@ class Result(Base):
     #: Not indexed: a batch's results are reached through its jobs (see migration 0002).
     batch_id: Mapped[str] = mapped_column(String(40))
     status_code: Mapped[int] = mapped_column(Integer)
-    #: The completion object exactly as received (streams: the reassembled object).
+    #: The completion object exactly as received (streams: the reassembled object; the few
+    #: answers only a lenient parser reads are written anew: `client.loads_lenient`).
     response: Mapped[str] = mapped_column(Text)
     request_id: Mapped[str | None] = mapped_column(String(REQUEST_ID_CHARS), nullable=True)
     model: Mapped[str | None] = mapped_column(String(MODEL_CHARS), nullable=True)

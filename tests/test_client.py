@@ -617,6 +617,108 @@ async def test_stream_tool_calls() -> None:
     assert "usage" not in outcome.completion
 
 
+async def test_stream_content_sent_as_parts_keeps_every_part_and_the_text() -> None:
+    """Mistral's Magistral streams its thinking as a list of parts, then the answer as text.
+    Before, the list replaced the joined text, and the answer was lost."""
+
+    def thinking(text: str) -> list[dict[str, Any]]:
+        return [{"type": "thinking", "thinking": [{"type": "text", "text": text}]}]
+
+    data = sse(
+        chunk([delta(role="assistant", content=thinking("Okay, "))]),
+        chunk([delta(content=thinking("a greeting."))]),
+        chunk([delta(content="Hello! ")]),
+        chunk([delta(content="How can I help?", finish_reason="stop")]),
+    )
+    outcome = await stream_outcome(data, piece_bytes=11)
+    assert outcome.kind is OutcomeKind.SUCCESS and outcome.completion is not None
+    assert outcome.completion["choices"][0]["message"]["content"] == [
+        {"type": "thinking", "thinking": [{"type": "text", "text": "Okay, a greeting."}]},
+        {"type": "text", "text": "Hello! How can I help?"},
+    ]
+
+
+async def test_stream_tool_calls_keep_their_other_fields() -> None:
+    """Gemini sends a thought signature with each tool call (`extra_content`), which the
+    next turn must send back; before, a streamed call kept only id, type and function."""
+    signature = {"google": {"thought_signature": "c2lnbmF0dXJl"}}
+    data = sse(
+        chunk([delta(role="assistant", tool_calls=[
+            {"index": 0, "id": "call_a", "type": "function", "extra_content": signature,
+             "function": {"name": "get_weather", "arguments": '{"city"'}}])]),
+        chunk([delta(tool_calls=[{"index": 0, "function": {"arguments": ': "Oslo"}'}}])]),
+        chunk([delta(finish_reason="tool_calls")]),
+    )  # fmt: skip
+    outcome = await stream_outcome(data)
+    assert outcome.kind is OutcomeKind.SUCCESS and outcome.completion is not None
+    (call,) = outcome.completion["choices"][0]["message"]["tool_calls"]
+    assert call == {
+        "id": "call_a",
+        "type": "function",
+        "extra_content": signature,
+        "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'},
+    }
+
+
+async def test_stream_objects_in_pieces_are_merged_not_replaced() -> None:
+    """Audio output arrives as an object per chunk: its data and transcript in pieces, its
+    id and expiry once. Before, each chunk's object replaced the last."""
+    data = sse(
+        chunk([delta(role="assistant", audio={
+            "id": "audio_1", "data": "AAAA", "transcript": "Hel", "expires_at": 1700000100})]),
+        chunk([delta(audio={"id": "audio_1", "data": "BBBB", "transcript": "lo"})]),
+        chunk([delta(audio={"data": "CCCC"}, finish_reason="stop")]),
+    )  # fmt: skip
+    outcome = await stream_outcome(data)
+    assert outcome.kind is OutcomeKind.SUCCESS and outcome.completion is not None
+    assert outcome.completion["choices"][0]["message"]["audio"] == {
+        "id": "audio_1",
+        "data": "AAAABBBBCCCC",
+        "transcript": "Hello",
+        "expires_at": 1700000100,
+    }
+
+
+@pytest.mark.parametrize(
+    ("raw", "content"),
+    [
+        # A gateway cut a string between the halves of a surrogate pair.
+        (orjson.dumps(COMPLETION).replace(b'"Hello"', b'"cut \\ud83d"'), "cut \ufffd"),
+        (b"\xef\xbb\xbf" + orjson.dumps(COMPLETION), "Hello"),  # a byte-order mark first
+    ],
+    ids=["lone-surrogate", "bom"],
+)
+async def test_json_only_orjson_refuses_is_kept_not_retried(
+    serve: Serve, raw: bytes, content: str
+) -> None:
+    """Before, these answers were retried as bad JSON (and paid for) until the job failed.
+    The text kept is one every reader of the database can parse."""
+    outcome = await send(await serve(answer(200, raw)))
+    assert outcome.kind is OutcomeKind.SUCCESS and outcome.completion is not None
+    assert outcome.completion["choices"][0]["message"]["content"] == content
+    assert outcome.body is not None and orjson.loads(outcome.body) == outcome.completion
+    streamed = sse(chunk([delta(content="x")]), chunk([delta(finish_reason="stop")]))
+    mended = streamed.replace(b'"content":"x"', b'"content":"x \\ud83d"')
+    assert mended != streamed
+    outcome = await stream_outcome(mended)
+    assert outcome.kind is OutcomeKind.SUCCESS and outcome.completion is not None
+    assert outcome.completion["choices"][0]["message"]["content"] == "x \ufffd"
+
+
+@pytest.mark.parametrize("raw", [b'{"choices": [], "x": NaN}', b'{"choices": [], "x": "\xff"}'])
+async def test_json_no_parser_should_accept_is_still_bad_json(serve: Serve, raw: bytes) -> None:
+    outcome = await send(await serve(answer(200, raw)))
+    assert (outcome.kind, outcome.error_kind) == (OutcomeKind.RETRY, "bad_json")
+
+
+async def test_a_long_response_header_does_not_lose_the_answer(serve: Serve) -> None:
+    """aiohttp's default limit (8190 bytes a header line) turned such answers into
+    connection errors: retried, paid for again, and failed."""
+    headers = {"x-debug-trace": "t" * 20_000, "x-request-id": "req_long"}
+    outcome = await send(await serve(answer(200, COMPLETION, headers)))
+    assert (outcome.kind, outcome.request_id) == (OutcomeKind.SUCCESS, "req_long")
+
+
 async def test_stream_n2_interleaved_with_usage() -> None:
     outcome = await stream_outcome(N2_STREAM)
     assert outcome.kind is OutcomeKind.SUCCESS
@@ -628,12 +730,35 @@ async def test_stream_n2_interleaved_with_usage() -> None:
     assert outcome.completion["usage"]["total_tokens"] == 7
 
 
-@pytest.mark.parametrize("cut", [False, True])
-async def test_stream_without_done_is_retried(cut: bool) -> None:
+async def test_a_finished_stream_that_ends_without_done_is_kept() -> None:
+    """Some servers (older TGI, some llama.cpp forks) end a complete stream without
+    `[DONE]`: every choice has finished and the connection ended cleanly, so nothing is
+    missing. Before, such answers were retried, paid for each time, and failed."""
     data = TEXT_STREAM[: TEXT_STREAM.index(b"data: [DONE]")]
+    outcome = await stream_outcome(data)
+    assert outcome.kind is OutcomeKind.SUCCESS
+    assert outcome.completion is not None
+    assert outcome.completion["choices"][0]["message"]["content"] == "Hello, wörld"
+    assert outcome.completion["usage"]["total_tokens"] == 13
+
+
+@pytest.mark.parametrize("ending", ["cut", "unfinished"])
+async def test_stream_without_done_is_retried_when_cut_or_unfinished(ending: str) -> None:
+    if ending == "cut":
+        data, cut = TEXT_STREAM[: TEXT_STREAM.index(b"data: [DONE]")], True
+    else:  # a clean end before the last choice finished
+        data, cut = TEXT_STREAM[: TEXT_STREAM.index(b'data: {"id"', 200)], False
+        assert b'finish_reason":"stop' not in data
     outcome = await stream_outcome(data, cut=cut)
     assert (outcome.kind, outcome.error_kind) == (OutcomeKind.RETRY, "stream_broken")
     assert outcome.completion is None
+
+
+async def test_a_stream_of_n_choices_is_unfinished_until_each_has_finished() -> None:
+    data = N2_STREAM[: N2_STREAM.index(b"data: [DONE]")]
+    last_finish = data.index(b'"finish_reason":"stop"')
+    outcome = await stream_outcome(data[: data.rindex(b"data:", 0, last_finish)])
+    assert (outcome.kind, outcome.error_kind) == (OutcomeKind.RETRY, "stream_broken")
 
 
 async def test_stream_cut_mid_event_is_retried() -> None:
@@ -642,13 +767,16 @@ async def test_stream_cut_mid_event_is_retried() -> None:
 
 
 async def test_stream_error_event() -> None:
-    data = sse(chunk([delta(content="Hi")]), {"error": {"message": "overloaded"}}, done=False)
+    error = {"message": "overloaded", "type": "server_error", "code": "upstream_overloaded"}
+    data = sse(chunk([delta(content="Hi")]), {"error": error}, done=False)
     outcome = await stream_outcome(data)
     assert (outcome.kind, outcome.error_kind, outcome.message) == (
         OutcomeKind.RETRY,
         "stream_error",
         "overloaded",
     )
+    # Kept as an error answer carries it, so that exports find the API's code and message.
+    assert outcome.body is not None and orjson.loads(outcome.body) == {"error": error}
 
 
 async def test_stream_quota_error_event_stops_the_run() -> None:
