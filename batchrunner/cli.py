@@ -397,7 +397,7 @@ def status(ctx: _Context, batch_id: str | None, as_json: bool) -> None:
     "--invalid",
     "invalid_lines",
     is_flag=True,
-    help="Write the lines `submit --skip-invalid` left out, with the reason for each.",
+    help="Write the numbers of the lines `submit --skip-invalid` left out, each with its reason.",
 )
 @click.option("--bom", is_flag=True, help="Start a CSV with a UTF-8 byte order mark (for Excel).")
 @click.option(
@@ -477,7 +477,10 @@ def export(
         target = Path(output)
         # A file is written aside and renamed at the end: a file at PATH is always a whole
         # export. A pipe or a device (/dev/stdout, /dev/null) is written as it is: renamed
-        # over, it would be replaced by a file.
+        # over, it would be replaced by a file. So would a symbolic link: the export goes
+        # to where it points, as any program writing to it would put it.
+        if target.is_symlink():
+            target = target.resolve()
         aside = not target.exists() or target.is_file()
         n = ctx.with_store(lambda store: to_file(store, target, aside))
     _err(f"exported {n} row(s) of {batch_id}" + ("" if output == "-" else f" to {output}"))

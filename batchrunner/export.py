@@ -195,8 +195,8 @@ async def export_requests(
 async def export_invalid_lines(
     store: JobStore, batch_id: str, out: BinaryIO | TextIO, *, fmt: Literal["csv", "jsonl"]
 ) -> int:
-    """Write the lines that `submit --skip-invalid` left out of the batch, each with its
-    reason, in line order: CSV `line,reason`, or JSONL `{"line": N, "reason": "..."}`.
+    """Write the numbers of the lines that `submit --skip-invalid` left out of the batch,
+    each with its reason, in line order: CSV `line,reason`, or JSONL `{"line": N, "reason": "..."}`.
     Returns how many."""
     await store.get_batch(batch_id)
     sink = _Sink(out)

@@ -194,6 +194,27 @@ def test_export_to_a_pipe_writes_into_the_pipe(
     assert received and received[0].decode().count("\n") == 4  # the header and three rows
 
 
+def test_export_to_a_symbolic_link_writes_where_it_points(
+    make_file: MakeFile, sqlite_url: str, server: FakeServerThread, tmp_path: Path
+) -> None:
+    """Before, the export was renamed over the link: the link became a file, and the file
+    it pointed to kept its old content."""
+    path = make_file([chat(f"q{i}") for i in range(3)])
+    batch_id = run_cli("submit", str(path), "--base-url", server.url, db=sqlite_url).stdout.strip()
+    assert run_cli("run", batch_id, "--quiet", db=sqlite_url).returncode == 0
+    (tmp_path / "real").mkdir()
+    existing, dangling = tmp_path / "real" / "results.csv", tmp_path / "real" / "new.csv"
+    existing.write_text("old\n")
+    for real in (existing, dangling):
+        link = tmp_path / f"link-to-{real.name}"
+        link.symlink_to(real)
+        result = run_cli("export", batch_id, "-o", str(link), db=sqlite_url)
+        assert result.returncode == 0, result.stderr
+        assert link.is_symlink() and link.resolve() == real
+        assert real.read_text().count("\n") == 4  # the header and three rows
+    assert sorted(p.name for p in (tmp_path / "real").iterdir()) == ["new.csv", "results.csv"]
+
+
 @pytest.mark.skipif(
     not (os.path.exists("/dev/full") and stat.S_ISCHR(os.stat("/dev/full").st_mode)),
     reason="needs Linux's /dev/full",
