@@ -203,10 +203,9 @@ async def test_jsonl_is_the_openai_batch_output_format(
         assert completion.object == "chat.completion" and completion.usage is not None
     assert len(records[2]["response"]["body"]["choices"]) == 3
     failed = records[4]
-    assert failed["error"] == {
-        "code": "invalid_request_error",
-        "message": "Invalid value for 'messages'.",
-    }
+    # As OpenAI's error files have it: the error answer in `response`, and no `error`
+    # (which is for requests that failed without an HTTP error).
+    assert failed["error"] is None
     assert failed["response"]["status_code"] == 400
     assert failed["response"]["request_id"].startswith("req_")
     assert failed["response"]["body"]["error"]["param"] == "messages"
@@ -221,7 +220,9 @@ async def test_failed_only_and_a_request_file_to_send_them_again(
     _, rows = await _csv(store, batch_id, failed_only=True)
     assert [(r["custom_id"], r["state"]) for r in rows] == [("line-5", "failed")]
     records = await _jsonl(store, batch_id, failed_only=True)
-    assert [r["custom_id"] for r in records] == ["line-5"] and records[0]["error"]
+    assert [r["custom_id"] for r in records] == ["line-5"] and records[0]["response"][
+        "status_code"
+    ] == 400
 
     again = tmp_path / "failed.jsonl"
     with again.open("wb") as out:
