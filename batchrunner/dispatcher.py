@@ -50,7 +50,7 @@ from batchrunner.pricing import PriceBook, usage_from_completion
 from batchrunner.retry import RetryPolicy, call_with_retries
 from batchrunner.schema import SchemaCheck
 from batchrunner.states import JobState
-from batchrunner.store import AttemptRecord, BatchInfo, ClaimedJob, Ended, JobStore
+from batchrunner.store import AttemptRecord, BatchInfo, ClaimedJob, Ended, JobStore, Spent
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +154,9 @@ class RunResult:
 _CANCELLED = Outcome(OutcomeKind.RETRY, None, error_kind="cancelled")
 #: Error kinds of attempts that stopped their run (a refused key, an empty balance).
 _STOPPED_THE_RUN = frozenset({"auth", "quota"})
+#: Error kinds of complete answers that were paid for and are tried again: a json_schema not
+#: met (--retry-invalid-json), and a 2xx answer that is not JSON (what it cost is unknown).
+_PAID_FOR = frozenset({"invalid_json", "bad_json"})
 
 
 class _Abandon(Exception):
@@ -686,6 +689,14 @@ class Dispatcher:
             self.pacer.observe(outcome, job.est_tokens, sent_at_s=sent_at)
             if check_schema and outcome.kind is OutcomeKind.SUCCESS:
                 outcome = self._check_schema(job, outcome)
+            spent: Spent | None = None
+            if outcome.kind is OutcomeKind.RETRY and outcome.error_kind in _PAID_FOR:
+                spent, cost = self._paid_for(job, outcome)
+                if self.budget is not None and reserved:
+                    # Settled at what it cost (all of the reservation where that is unknown);
+                    # the next attempt reserves its worst case again.
+                    self.budget.settle(reserved, cost)
+                    reserved = Decimal(0)
             record = AttemptRecord(
                 job_id=job.id,
                 status_code=outcome.status,
@@ -693,6 +704,7 @@ class Dispatcher:
                 latency_ms=outcome.latency_s * 1000.0,
                 request_id=outcome.request_id,
                 started_at=started,
+                spent=spent,
             )
             self._attempts.append(record)
             tried.append(record)
@@ -780,6 +792,24 @@ class Dispatcher:
     def _lease_alive(self, job: ClaimedJob) -> bool:
         until = max(self._claims.get(job.lease_token, 0.0), self._coordinator.leases_until)
         return time.time() < until - min(LEASE_MARGIN_S, self.config.lease_s / 4)
+
+    def _paid_for(self, job: ClaimedJob, outcome: Outcome) -> tuple[Spent | None, Decimal | None]:
+        """What an answer that was paid for and not kept used, and cost (None: unknown)."""
+        completion = outcome.completion
+        usage = None if completion is None else usage_from_completion(completion)
+        if completion is None or usage is None:
+            return None, None  # (unreadable JSON: what it used is not known)
+        model = completion.get("model")
+        model = model if isinstance(model, str) and model else job.model
+        spent = (
+            model,
+            usage.prompt_tokens,
+            usage.cached_tokens,
+            usage.completion_tokens,
+            usage.reasoning_tokens,
+            usage.total_tokens,
+        )
+        return spent, self.prices.cost(model, usage)
 
     def _check_schema(self, job: ClaimedJob, outcome: Outcome) -> Outcome:
         """A success whose content does not match the request's json_schema, as an answer to

@@ -250,7 +250,7 @@ _END_NAMES = (
 )
 _END_FIELDS = attrgetter(*_END_NAMES)
 _ATTEMPT_FIELDS = attrgetter(
-    "job_id", "status_code", "error_kind", "latency_ms", "request_id", "started_at"
+    "job_id", "status_code", "error_kind", "latency_ms", "request_id", "started_at", "spent"
 )
 
 
@@ -268,7 +268,14 @@ def _decode(line: bytes) -> tuple[Ended, list[AttemptRecord]]:
     if len(fields) != _ENDED_FIELDS:
         raise ValueError(f"{len(fields)} fields, not {_ENDED_FIELDS}")
     fields[2] = JobState(fields[2])
-    return Ended(*fields), [AttemptRecord(*a) for a in attempts]
+    decoded = []
+    for job_id, status, kind, latency_ms, request_id, started_at, *rest in attempts:
+        # `spent` comes back as a list, or not at all from a line of an earlier version.
+        spent = tuple(rest[0]) if rest and rest[0] is not None else None
+        decoded.append(
+            AttemptRecord(job_id, status, kind, latency_ms, request_id, started_at, spent)
+        )
+    return Ended(*fields), decoded
 
 
 #: Fields of an `Ended` in a journal line.

@@ -168,6 +168,28 @@ class Attempt(Base):
     started_at: Mapped[float] = mapped_column(Float)
 
 
+class DiscardedAnswer(Base):
+    """A complete answer paid for and not kept as its job's result: one whose content did not
+    match the request's json_schema, tried again (`--retry-invalid-json`). Its usage counts in
+    the batch's tokens and cost; the answer itself is the job's last error, or gone once a
+    later attempt succeeded. Rows only for such answers: most batches have none."""
+
+    __tablename__ = "discarded_answers"
+
+    job_id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=False)
+    #: The attempt's start, as in `attempts` (an answer is kept once, as an attempt is logged).
+    started_at: Mapped[float] = mapped_column(Float, primary_key=True)
+    #: Not indexed: read for one batch at a time by `status`, and there are few.
+    batch_id: Mapped[str] = mapped_column(String(40))
+    #: The answer's model, or the request's where the answer named none.
+    model: Mapped[str] = mapped_column(String(MODEL_CHARS))
+    prompt_tokens: Mapped[int] = mapped_column(Integer)
+    cached_tokens: Mapped[int] = mapped_column(Integer)
+    completion_tokens: Mapped[int] = mapped_column(Integer)
+    reasoning_tokens: Mapped[int] = mapped_column(Integer)
+    total_tokens: Mapped[int] = mapped_column(Integer)
+
+
 class InvalidLine(Base):
     """A bad line left out by `submit --skip-invalid`."""
 

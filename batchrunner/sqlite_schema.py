@@ -134,4 +134,18 @@ STATEMENTS: Final = (
     ),
     ("CREATE INDEX ix_jobs_claim ON jobs (batch_id, state, id)"),
     ("CREATE UNIQUE INDEX uq_attempts_job_started ON attempts (job_id, started_at)"),
+    (
+        "CREATE TABLE discarded_answers (\n"
+        "\tjob_id INTEGER NOT NULL, \n"
+        "\tstarted_at FLOAT NOT NULL, \n"
+        "\tbatch_id VARCHAR(40) NOT NULL, \n"
+        "\tmodel VARCHAR(200) NOT NULL, \n"
+        "\tprompt_tokens INTEGER NOT NULL, \n"
+        "\tcached_tokens INTEGER NOT NULL, \n"
+        "\tcompletion_tokens INTEGER NOT NULL, \n"
+        "\treasoning_tokens INTEGER NOT NULL, \n"
+        "\ttotal_tokens INTEGER NOT NULL, \n"
+        "\tCONSTRAINT pk_discarded_answers PRIMARY KEY (job_id, started_at)\n"
+        ")"
+    ),
 )

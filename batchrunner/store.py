@@ -28,7 +28,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field, replace
 from operator import attrgetter
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeAlias, cast
 
 import orjson
 
@@ -89,6 +89,11 @@ class ClaimedJob:
     lease_token: str
 
 
+#: An answer paid for and not kept: its model, then its prompt, cached, completion, reasoning
+#: and total tokens (`AttemptRecord.spent`).
+Spent: TypeAlias = tuple[str, int, int, int, int, int]
+
+
 @dataclass(slots=True)
 class AttemptRecord:
     job_id: int
@@ -97,6 +102,10 @@ class AttemptRecord:
     latency_ms: float
     request_id: str | None
     started_at: float
+    #: A complete answer paid for and not kept as the result (a json_schema not met, tried
+    #: again with --retry-invalid-json): what it used, so that the batch's tokens and cost
+    #: count it (`discarded_answers`). None for every other attempt.
+    spent: Spent | None = None
 
 
 @dataclass(slots=True)
@@ -293,6 +302,15 @@ _INSERT_ATTEMPT_SQL = (
     "INSERT INTO attempts (job_id, batch_id, worker_id, status_code, error_kind, latency_ms,"
     " request_id, started_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
     " ON CONFLICT (job_id, started_at) DO NOTHING"
+)
+
+
+# Written only when some attempt of a record has `spent` (rarely); an answer already kept (a
+# dead run's journal recorded after its own last record) is not kept again.
+_INSERT_DISCARDED_SQL = (
+    "INSERT INTO discarded_answers (job_id, started_at, batch_id, model, prompt_tokens,"
+    " cached_tokens, completion_tokens, reasoning_tokens, total_tokens)"
+    " VALUES (:j, :s, :b, :m, :p, :c, :o, :r, :t) ON CONFLICT (job_id, started_at) DO NOTHING"
 )
 
 
@@ -587,14 +605,54 @@ class JobStore:
         period_s: int,
         tier_starts: Mapping[str, Sequence[int]] | None = None,
     ) -> list[UsageGroup]:
-        """The batch's results' token sums by model, by `period_s` of their finish time
-        (counted from the epoch) and, for the models in `tier_starts` (then only those), by
-        prompt-size tier: a result is in tier k when its prompt is past k of the model's starts
-        (ascending). One scan of the batch's results.
+        """The token sums of the batch's results, and of the answers it paid for and did not
+        keep (`discarded_answers`, counted as requests and not as results), by model, by
+        `period_s` of their finish time (counted from the epoch) and, for the models in
+        `tier_starts` (then only those), by prompt-size tier: a request is in tier k when its
+        prompt is past k of the model's starts (ascending). One scan of the batch's results.
 
         For pricing a sum exactly: within one group every request has the same rates."""
+        groups = await self._usage_groups(
+            "COALESCE(r.model, j.model)",
+            "r.finished_at",
+            "COUNT(*)",
+            "jobs j JOIN results r ON r.job_id = j.id WHERE j.batch_id = :b",
+            batch_id,
+            period_s,
+            tier_starts,
+        )
+        discarded = await self._usage_groups(
+            "r.model",
+            "r.started_at",
+            "0",
+            "discarded_answers r WHERE r.batch_id = :b",
+            batch_id,
+            period_s,
+            tier_starts,
+        )
+        if not discarded:
+            return groups
+        by_key = {g[:3]: g for g in groups}
+        for d in discarded:
+            g = by_key.get(d[:3])
+            if g is not None:
+                d = UsageGroup(*d[:3], *(a + b for a, b in zip(g[3:], d[3:], strict=True)))
+            by_key[d[:3]] = d
+        return [by_key[key] for key in sorted(by_key)]
+
+    async def _usage_groups(
+        self,
+        model: str,
+        finished_at: str,
+        results: str,
+        source: str,
+        batch_id: str,
+        period_s: int,
+        tier_starts: Mapping[str, Sequence[int]] | None,
+    ) -> list[UsageGroup]:
+        """`usage_groups` of one table: `source` the FROM clause and its condition, naming the
+        table `r`, `model` and `finished_at` its expressions, `results` what counts results."""
         params: dict[str, Any] = {"b": batch_id, "p": period_s}
-        model = "COALESCE(r.model, j.model)"
         tier, only = "0", ""
         if tier_starts:
             cases = []
@@ -606,19 +664,18 @@ class JobStore:
             tier = f"CASE{''.join(cases)} ELSE 0 END" if cases else "0"
             only = f" AND {model} IN ({', '.join(f':m{i}' for i in range(len(tier_starts)))})"
         period = (
-            "CAST(r.finished_at / :p AS INTEGER)"
+            f"CAST({finished_at} / :p AS INTEGER)"
             if self.is_sqlite
-            else "CAST(FLOOR(r.finished_at / :p) AS BIGINT)"
+            else f"CAST(FLOOR({finished_at} / :p) AS BIGINT)"
         )
         async with self.reading() as conn:
             rows = (
                 await conn.execute(
-                    f"SELECT {model}, {period}, {tier}, COUNT(*), COUNT(r.prompt_tokens),"
+                    f"SELECT {model}, {period}, {tier}, {results}, COUNT(r.prompt_tokens),"
                     " COALESCE(SUM(r.prompt_tokens), 0), COALESCE(SUM(r.cached_tokens), 0),"
                     " COALESCE(SUM(r.completion_tokens), 0),"
                     " COALESCE(SUM(r.reasoning_tokens), 0), COALESCE(SUM(r.total_tokens), 0)"
-                    " FROM jobs j JOIN results r ON r.job_id = j.id"
-                    f" WHERE j.batch_id = :b{only} GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
+                    f" FROM {source}{only} GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
                     params,
                 )
             ).all()
@@ -945,12 +1002,18 @@ class JobStore:
         A row is recorded only while the job is still running under the same lease token;
         a late answer from a worker whose lease passed to another changes nothing.
         """
+        discarded = _discarded_rows(batch_id, attempts)
         if self.is_sqlite:
-            fenced = await self._record_sqlite(batch_id, worker_id, ended, attempts, now)
+            fenced = await self._record_sqlite(batch_id, worker_id, ended, attempts, now, discarded)
         else:
             fenced = await self._pg.record(
                 _RECORD_PG, _record_params(batch_id, worker_id, ended, attempts, now)
             )
+            if discarded:
+                # Apart from the record's statement, which every record runs: these are
+                # rare. An answer paid for is kept whatever became of the lease.
+                async with self._write() as conn:
+                    await conn.executemany(_INSERT_DISCARDED_SQL, discarded)
         fenced_ids = frozenset(fenced or ())
         return RecordOutcome(
             recorded=len(ended) - len(fenced_ids), fenced=len(fenced_ids), fenced_ids=fenced_ids
@@ -963,6 +1026,7 @@ class JobStore:
         ended: Sequence[Ended],
         attempts: Sequence[AttemptRecord],
         now: float,
+        discarded: Sequence[_NamedParams] = (),
     ) -> list[int]:
         """`record` on SQLite; returns the fenced jobs.
 
@@ -980,6 +1044,8 @@ class JobStore:
                 raise _SomeFenced()
             if log:
                 conn.executemany(_INSERT_ATTEMPT_SQL, log)
+            if discarded:
+                conn.executemany(_INSERT_DISCARDED_SQL, discarded)
             return []
 
         def write_each(conn: sqlite3.Connection) -> list[int]:
@@ -993,6 +1059,8 @@ class JobStore:
                     fenced.append(job_id)
             if log:
                 conn.executemany(_INSERT_ATTEMPT_SQL, log)
+            if discarded:
+                conn.executemany(_INSERT_DISCARDED_SQL, discarded)
             return fenced
 
         try:
@@ -1336,6 +1404,7 @@ def _sql_literal(value: str | float) -> str:
 
 
 _Params = tuple[Any, ...]
+_NamedParams = dict[str, Any]
 #: An end's job id.
 _JOB_ID = attrgetter("job_id")
 #: A claimed job's id.
@@ -1386,6 +1455,28 @@ def _attempt_columns(a: AttemptRecord) -> _Params:
         _name(a.request_id, REQUEST_ID_CHARS),
         a.started_at,
     )
+
+
+def _discarded_rows(batch_id: str, attempts: Sequence[AttemptRecord]) -> list[_NamedParams]:
+    """`_INSERT_DISCARDED_SQL`'s parameters: the answers of `attempts` paid for and not kept."""
+    rows: list[_NamedParams] = []
+    for a in attempts:
+        if a.spent is not None:
+            model, prompt, cached, completion, reasoning, total = a.spent
+            rows.append(
+                {
+                    "j": a.job_id,
+                    "s": a.started_at,
+                    "b": batch_id,
+                    "m": _name(model, MODEL_CHARS),
+                    "p": prompt,
+                    "c": cached,
+                    "o": completion,
+                    "r": reasoning,
+                    "t": total,
+                }
+            )
+    return rows
 
 
 def _record_rows(

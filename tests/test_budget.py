@@ -8,7 +8,9 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
+from aiohttp import web
 
 from batchrunner import report
 from batchrunner.config import RunConfig
@@ -21,6 +23,7 @@ from batchrunner.runner import EXIT_ABORTED, EXIT_OK, RunReport, run
 from batchrunner.store import JobStore
 from batchrunner.tokens import estimate_request
 from tests.conftest import chat
+from tests.test_client import running
 
 MakeFile = Callable[..., Path]
 
@@ -136,3 +139,113 @@ async def test_a_batch_at_its_cap_is_refused(store: JobStore, make_file: MakeFil
         spent = await _cost(store, batch_id)
         with pytest.raises(BudgetExceeded, match="already cost"):
             await _run(store, batch_id, spent)
+
+
+# --- answers paid for and tried again ---------------------------------------------------------
+
+SCHEMA_FORMAT = {
+    "type": "json_schema",
+    "json_schema": {
+        "name": "answer",
+        "strict": True,
+        "schema": {
+            "type": "object",
+            "properties": {"a": {"type": "string"}},
+            "required": ["a"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+def _schema_rows(*texts: str) -> list[dict[str, Any]]:
+    return [
+        chat(text, max_completion_tokens=MAX_OUTPUT_TOKENS, response_format=SCHEMA_FORMAT)
+        for text in texts
+    ]
+
+
+def _paid_answers(received: list[str]) -> Any:
+    """A server whose answers use exactly the request's worst case (its estimated prompt and
+    its maximum output), so each costs what the cap reserves for it. A request whose text
+    says "matches after N" matches the schema from its N+1th answer on; others never do."""
+
+    async def handler(request: web.Request) -> web.Response:
+        body = orjson.loads(await request.read())
+        text = body["messages"][-1]["content"]
+        received.append(text)
+        misses = int(text.rsplit(" ", 1)[1]) if text.startswith("matches after") else 10**6
+        content = '{"a": "yes"}' if received.count(text) > misses else '{"b": 1}'
+        est = estimate_request(body)
+        usage = {
+            "prompt_tokens": est.prompt_tokens,
+            "completion_tokens": est.worst_case_output_tokens,
+            "total_tokens": est.prompt_tokens + est.worst_case_output_tokens,
+        }
+        completion = {
+            "id": "chatcmpl-1",
+            "object": "chat.completion",
+            "created": 1,
+            "model": body["model"],
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": content},
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": usage,
+        }
+        return web.json_response(completion)
+
+    return handler
+
+
+async def test_answers_tried_again_for_their_schema_count_in_tokens_and_cost(
+    store: JobStore, make_file: MakeFile
+) -> None:
+    """Each answer that missed the schema was paid for. Before, only the job's last answer
+    counted: `status` showed a third of the tokens spent here."""
+    rows = _schema_rows("matches after 2", "never matches")
+    received: list[str] = []
+    config = replace(BASE, retry_invalid_json=True, max_attempts=3)
+    async with running(_paid_answers(received)) as base_url:
+        batch_id = (await submit_file(store, make_file(rows), base_url=base_url)).batch.id
+        rep = await run(
+            store, batch_id, config, warn=lambda _: None, progress=False, install_signals=False
+        )
+    assert rep.result.reason is StopReason.DONE and len(received) == 6
+    per_answer = [
+        estimate_request(r).prompt_tokens + estimate_request(r).worst_case_output_tokens
+        for r in rows
+    ]
+    status = await report.batch_status(store, batch_id, PriceBook())
+    assert status.tokens["total_tokens"] == 3 * sum(per_answer)
+    assert status.cost_usd == 3 * sum(_worst_case(r) for r in rows)
+    (model,) = status.models
+    assert model.usage.results == 1, "one result kept; the other answers count as spent"
+
+
+async def test_the_cap_counts_every_answer_paid_for(store: JobStore, make_file: MakeFile) -> None:
+    """A job tried again for its schema reserved its worst case once and settled it once: the
+    cap held a third of what three answers cost, and a run under a cap of four answers went
+    on sending until every job had failed."""
+    rows = _schema_rows(*(f"never matches {i}" for i in range(6)))
+    worst = _worst_case(rows[0])
+    assert all(_worst_case(r) == worst for r in rows)
+    received: list[str] = []
+    config = replace(
+        BASE,
+        concurrency=1,
+        retry_invalid_json=True,
+        max_attempts=3,
+        max_cost_usd=float(worst * Decimal("4.5")),
+    )
+    async with running(_paid_answers(received)) as base_url:
+        batch_id = (await submit_file(store, make_file(rows), base_url=base_url)).batch.id
+        rep = await run(
+            store, batch_id, config, warn=lambda _: None, progress=False, install_signals=False
+        )
+    assert rep.exit_code == EXIT_ABORTED and rep.result.reason is StopReason.BUDGET
+    assert len(received) == 4
+    assert await _cost(store, batch_id) == 4 * worst

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 from sqlalchemy import text
 
@@ -300,6 +301,7 @@ async def test_every_field_comes_back_as_it_was_written(tmp_path: Path) -> None:
     tries = [
         [
             AttemptRecord(1, 429, "rate_limited", 1.0, None, 1.5),
+            AttemptRecord(1, 200, "invalid_json", 1.0, "r0", 4.5, ("gpt-4o", 10, 2, 20, 7, 30)),
             AttemptRecord(1, 200, None, 2.0, "r", 9.25),
         ],
         [AttemptRecord(2, 400, "http_400", 3.0, "req_2", 7.0)],
@@ -318,6 +320,17 @@ async def test_every_field_comes_back_as_it_was_written(tmp_path: Path) -> None:
         segment.keep()
     assert kept.unreadable == 0
     assert kept.by_worker == {"w-a": list(zip(ends, tries, strict=True))}
+
+
+def test_a_line_an_earlier_version_wrote_is_read() -> None:
+    """Attempts had six fields before the answers paid for and not kept got a seventh."""
+    line = orjson.dumps(
+        [2, "w-a.2", "failed", 1, 400, 2.25, "req_2", None, None, None, None, None, None, None,
+         None, "http_400", "bad", [[2, 400, "http_400", 3.0, "req_2", 7.0]]]
+    )  # fmt: skip
+    end, attempts = journal._decode(line)
+    assert (end.job_id, end.state, end.error) == (2, JobState.FAILED, "bad")
+    assert attempts == [AttemptRecord(2, 400, "http_400", 3.0, "req_2", 7.0)]
 
 
 async def test_a_line_cut_short_is_skipped_and_the_rest_recorded(
