@@ -75,12 +75,32 @@ async def _as_command(coro: Coroutine[Any, Any, T]) -> T:
         _command_task = None
 
 
-async def _with_store(db_url: str, fn: Callable[[JobStore], Awaitable[T]]) -> T:
+async def _with_store(
+    db_url: str, fn: Callable[[JobStore], Awaitable[T]], *, existing: bool = False
+) -> T:
+    if existing:
+        _must_exist(db_url)
     store = await JobStore.open(db_url)
     try:
         return await fn(store)
     finally:
         await store.close()
+
+
+def _must_exist(db_url: str) -> None:
+    """A command that reads what was submitted finds no SQLite file at the URL: say so, rather
+    than make an empty database there and report that it holds no batch."""
+    from batchrunner.database import SqliteTarget, is_sqlite_url
+
+    if not is_sqlite_url(db_url):
+        return
+    target = SqliteTarget.parse(db_url)
+    if target.uri or target.in_memory or Path(target.filename).exists():
+        return
+    raise UsageError(
+        f"no database at {target.filename}: nothing was submitted there"
+        " (give the database submit used: --db URL or BATCHRUNNER_DB)"
+    )
 
 
 def _err(message: str) -> None:
@@ -91,8 +111,10 @@ class _Context:
     def __init__(self, db_url: str) -> None:
         self.db_url = db_url
 
-    def with_store(self, fn: Callable[[JobStore], Awaitable[T]]) -> T:
-        return _run(_with_store(self.db_url, fn))
+    def with_store(self, fn: Callable[[JobStore], Awaitable[T]], *, existing: bool = False) -> T:
+        """Run `fn` with the store open; `existing`: for commands about what was submitted,
+        which make no database where there is none."""
+        return _run(_with_store(self.db_url, fn, existing=existing))
 
 
 pass_ctx = click.make_pass_decorator(_Context)
@@ -315,7 +337,8 @@ def run(
     rep = ctx.with_store(
         lambda store: runner.run(
             store, target, config, warn=_err, progress=not quiet, skip_invalid=skip_invalid
-        )
+        ),
+        existing=not names_a_file(target),
     )
     res = rep.result
     st = res.stats
@@ -363,13 +386,13 @@ def status(ctx: _Context, batch_id: str | None, as_json: bool) -> None:
     from batchrunner import report
 
     if batch_id is None:
-        rows = ctx.with_store(report.all_batches)
+        rows = ctx.with_store(report.all_batches, existing=True)
         if as_json:
             click.echo(orjson.dumps([r.to_json() for r in rows]).decode())
         else:
             click.echo(report.render_batch_list(rows))
         return
-    st = ctx.with_store(lambda store: report.batch_status(store, batch_id))
+    st = ctx.with_store(lambda store: report.batch_status(store, batch_id), existing=True)
     if as_json:
         click.echo(orjson.dumps(st.to_json(), option=orjson.OPT_INDENT_2).decode())
     else:
@@ -471,7 +494,7 @@ def export(
         return n
 
     if output == "-":
-        n = ctx.with_store(lambda store: write(store, sys.stdout.buffer))
+        n = ctx.with_store(lambda store: write(store, sys.stdout.buffer), existing=True)
         sys.stdout.flush()
     else:
         target = Path(output)
@@ -482,7 +505,7 @@ def export(
         if target.is_symlink():
             target = target.resolve()
         aside = not target.exists() or target.is_file()
-        n = ctx.with_store(lambda store: to_file(store, target, aside))
+        n = ctx.with_store(lambda store: to_file(store, target, aside), existing=True)
     _err(f"exported {n} row(s) of {batch_id}" + ("" if output == "-" else f" to {output}"))
 
 
@@ -515,7 +538,9 @@ def estimate(ctx: _Context, target: str, as_json: bool, prices_path: Path | None
     if names_a_file(target):
         result = _run(est.estimate_file(target, prices))
     else:
-        result = ctx.with_store(lambda store: est.estimate_batch(store, target, prices))
+        result = ctx.with_store(
+            lambda store: est.estimate_batch(store, target, prices), existing=True
+        )
     if as_json:
         click.echo(orjson.dumps(result.to_json(), option=orjson.OPT_INDENT_2).decode())
     else:
@@ -532,7 +557,7 @@ def retry(ctx: _Context, batch_id: str) -> None:
     Example:
         batchrunner retry batch_0123456789abcdef && batchrunner run batch_0123456789abcdef
     """
-    n = ctx.with_store(lambda store: store.retry_failed(batch_id))
+    n = ctx.with_store(lambda store: store.retry_failed(batch_id), existing=True)
     _err(f"{n} failed job(s) of {batch_id} are pending again")
 
 
@@ -548,7 +573,7 @@ def cancel(ctx: _Context, batch_id: str) -> None:
     """
     from batchrunner import runner
 
-    recorded, n = ctx.with_store(lambda store: runner.cancel(store, batch_id))
+    recorded, n = ctx.with_store(lambda store: runner.cancel(store, batch_id), existing=True)
     if recorded:
         _err(
             f"recorded {recorded} answer(s) that a run of this machine had received and not"

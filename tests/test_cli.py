@@ -87,7 +87,8 @@ def test_a_bad_line_exits_2_with_its_line_number(make_file: MakeFile, sqlite_url
     assert "no batches" in listing.stdout
 
 
-def test_unknown_batch_is_a_usage_error(sqlite_url: str) -> None:
+def test_unknown_batch_is_a_usage_error(make_file: MakeFile, sqlite_url: str) -> None:
+    assert run_cli("submit", str(make_file([chat("a")])), db=sqlite_url).returncode == 0
     result = run_cli("status", "batch_nope", db=sqlite_url)
     assert result.returncode == 2 and "no batch 'batch_nope'" in result.stderr
 
@@ -155,6 +156,30 @@ def test_a_request_file_that_cannot_be_read_says_why(tmp_path: Path, sqlite_url:
     unused = tmp_path / "unused.db"
     assert run_cli("estimate", str(folder), db=f"sqlite:///{unused}").returncode == 2
     assert not unused.exists()
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["status"],
+        ["status", "batch_0123456789abcdef"],
+        ["export", "batch_0123456789abcdef"],
+        ["estimate", "batch_0123456789abcdef"],
+        ["retry", "batch_0123456789abcdef"],
+        ["cancel", "batch_0123456789abcdef"],
+        ["run", "batch_0123456789abcdef"],
+    ],
+)
+def test_a_command_about_what_was_submitted_makes_no_database(
+    command: list[str], tmp_path: Path
+) -> None:
+    """A mistyped --db made an empty database there, and the command reported that it held
+    no batch; it now says there is no database, and leaves none."""
+    typo = tmp_path / "jbos.db"
+    result = run_cli(*command, db=f"sqlite:///{typo}")
+    assert result.returncode == 2, result.stderr
+    assert f"no database at {typo}" in result.stderr and "Traceback" not in result.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_export_to_a_path_it_cannot_write_says_why_and_leaves_nothing(

@@ -380,9 +380,9 @@ def test_the_lease_can_be_set_from_the_environment(tmp_path: Path) -> None:
     assert bad.exit_code == 2 and "--lease" in bad.output
     short = CliRunner().invoke(cli, ["--db", db, "run", "batch_x"], env={LEASE_ENV: "0.1"})
     assert short.exit_code == 2 and "--lease" in short.output
-    # A valid lease gets past the options to the batch lookup.
+    # A valid lease gets past the options to the database.
     ok = CliRunner().invoke(cli, ["--db", db, "run", "batch_x"], env={LEASE_ENV: "2.5"})
-    assert ok.exit_code == 2 and "no batch 'batch_x'" in ok.output
+    assert ok.exit_code == 2 and "no database at" in ok.output
 
 
 # --------------------------------------------------------------------------- worker processes
