@@ -503,7 +503,10 @@ def export(
         # over, it would be replaced by a file. So would a symbolic link: the export goes
         # to where it points, as any program writing to it would put it.
         if target.is_symlink():
-            target = target.resolve()
+            try:
+                target = target.resolve(strict=False)
+            except (OSError, RuntimeError) as exc:  # a loop of links
+                raise _fail(UsageError(f"cannot write {output}: {exc}")) from None
         aside = not target.exists() or target.is_file()
         n = ctx.with_store(lambda store: to_file(store, target, aside), existing=True)
     _err(f"exported {n} row(s) of {batch_id}" + ("" if output == "-" else f" to {output}"))

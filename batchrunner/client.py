@@ -22,7 +22,7 @@ import sys
 import time
 from collections.abc import Mapping
 from types import TracebackType
-from typing import Any, Final, TypeAlias
+from typing import Any, Final, TypeAlias, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
@@ -390,19 +390,32 @@ def loads_lenient(raw: bytes) -> tuple[object, str] | None:
     lone surrogate as U+FFFD, so that every reader of the database can parse it.
     """
 
+    value = _parsed_leniently(raw)
+    return None if value is None else _mended(value)
+
+
+def _parsed_leniently(raw: bytes) -> object | None:
+    """`raw` parsed by the standard library, lone surrogates kept; None if it is not JSON."""
+
     def no_constant(name: str) -> None:
         raise ValueError(f"{name} is not JSON")
 
     try:
-        value = json.loads(raw, parse_constant=no_constant)
+        value: object = json.loads(raw, parse_constant=no_constant)
     except (ValueError, RecursionError):
         return None
+    return value
+
+
+def _mended(value: object) -> tuple[object, str] | None:
+    """`value` with each lone surrogate as U+FFFD (halves that meet again make their
+    character), and its JSON text; None if orjson cannot hold it (an integer past 64 bits)."""
     text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
     text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
     try:
         return orjson.loads(text), text
     except orjson.JSONDecodeError:
-        return None  # what orjson cannot hold either way (an integer past 64 bits)
+        return None
 
 
 def _fallback_message(status: int, reason: str | None, text: str) -> str:
@@ -442,6 +455,24 @@ _NO_SCRUB: Final = _Scrubber(None)
 # --- streams ----------------------------------------------------------------------------
 
 
+#: Fields of a chunk, and of a choice in it, that the assembler reads itself (OpenAI's
+#: `obfuscation` pads each chunk to a random length and means nothing); others are kept.
+_CHUNK_FIELDS: Final = frozenset(
+    {
+        "id",
+        "object",
+        "created",
+        "model",
+        "system_fingerprint",
+        "service_tier",
+        "usage",
+        "choices",
+        "obfuscation",
+    }
+)
+_CHOICE_FIELDS: Final = frozenset({"index", "delta", "logprobs", "finish_reason"})
+
+
 class _Choice:
     """One choice (`index`) of a streamed answer, as its fragments arrive."""
 
@@ -453,6 +484,7 @@ class _Choice:
         "logprobs_content",
         "logprobs_refusal",
         "logprobs_seen",
+        "other",
         "refusal",
         "role",
         "tool_calls",
@@ -470,6 +502,9 @@ class _Choice:
         self.logprobs_content: list[Any] | None = None
         self.logprobs_refusal: list[Any] | None = None
         self.finish_reason: str | None = None
+        #: The choice's other fields (OpenRouter's native_finish_reason, vLLM's stop_reason):
+        #: the last value each came with.
+        self.other: dict[str, Any] = {}
 
     def add(self, choice: dict[str, Any]) -> None:
         delta = choice.get("delta")
@@ -514,6 +549,9 @@ class _Choice:
         finish_reason = choice.get("finish_reason")
         if finish_reason is not None:
             self.finish_reason = finish_reason
+        for key, value in choice.items():
+            if key not in _CHOICE_FIELDS and value is not None:
+                self.other[key] = value
 
     def _add_tool_calls(self, fragments: object) -> None:
         if not isinstance(fragments, list):
@@ -600,6 +638,8 @@ def _joined_parts(pieces: list[Any]) -> list[Any]:
     type, same fields) are joined."""
     parts: list[Any] = []
     for piece in pieces:
+        if piece == "":
+            continue  # (streams open with an empty content)
         part = {"type": "text", "text": piece} if isinstance(piece, str) else piece
         joined = _joined_part(parts[-1], part) if parts else None
         if joined is None:
@@ -623,6 +663,8 @@ def _joined_part(first: Any, second: Any) -> dict[str, Any] | None:
             joined[key] = value + other
         elif isinstance(value, list) and isinstance(other, list):
             joined[key] = _joined_parts([*value, *other])
+        elif value == other:
+            joined[key] = value  # (Mistral's `closed` on every piece of its thinking)
         else:
             return None
     return joined
@@ -679,7 +721,9 @@ class StreamAssembler:
     __slots__ = (
         "_choices",
         "_data",
+        "_extra",
         "_held_cr",
+        "_lenient",
         "_line",
         "_meta",
         "_usage",
@@ -693,6 +737,11 @@ class StreamAssembler:
         self._held_cr = False
         self._data: list[bytes] = []
         self._meta: dict[str, Any] = {}
+        #: The chunks' other fields (Perplexity's citations, OpenRouter's provider): the first
+        #: value each came with.
+        self._extra: dict[str, Any] = {}
+        #: Some event was JSON only the standard library reads (see `loads_lenient`).
+        self._lenient = False
         self._choices: dict[int, _Choice] = {}
         self._usage: Any = None
         #: `data: [DONE]` arrived: the stream is complete.
@@ -762,12 +811,14 @@ class StreamAssembler:
         try:
             chunk = orjson.loads(payload)
         except orjson.JSONDecodeError:
-            lenient = loads_lenient(payload)
-            if lenient is None:
+            # Lone surrogates are kept until `result`: an emoji cut between two events is
+            # whole again once its halves are joined.
+            chunk = _parsed_leniently(payload)
+            if chunk is None or _mended(chunk) is None:
                 if self.bad_event is None:
                     self.bad_event = payload[:MESSAGE_BODY_CHARS].decode(errors="replace")
                 return
-            chunk = lenient[0]
+            self._lenient = True
         if not isinstance(chunk, dict):
             return
         error = chunk.get("error")
@@ -780,6 +831,9 @@ class StreamAssembler:
             value = chunk.get(key)
             if value is not None and key not in meta:
                 meta[key] = value
+        for key, value in chunk.items():
+            if key not in _CHUNK_FIELDS and value is not None and key not in self._extra:
+                self._extra[key] = value
         usage = chunk.get("usage")
         if usage is not None:
             self._usage = usage
@@ -800,7 +854,11 @@ class StreamAssembler:
     def finished(self) -> bool:
         """Every choice has its `finish_reason`."""
         choices = self._choices
-        return bool(choices) and all(c.finish_reason is not None for c in choices.values())
+        return bool(choices) and all(c.finish_reason for c in choices.values())
+
+    @property
+    def has_usage(self) -> bool:
+        return self._usage is not None
 
     def result(self) -> dict[str, Any]:
         """The completion object reassembled from the events so far."""
@@ -816,6 +874,7 @@ class StreamAssembler:
                     "message": choice.message(),
                     "logprobs": choice.logprobs(),
                     "finish_reason": choice.finish_reason,
+                    **choice.other,
                 }
                 for index, choice in sorted(self._choices.items())
             ],
@@ -826,6 +885,12 @@ class StreamAssembler:
             completion["service_tier"] = meta["service_tier"]
         if self._usage is not None:
             completion["usage"] = self._usage
+        for key, value in self._extra.items():
+            completion.setdefault(key, value)
+        if self._lenient:
+            mended = _mended(completion)
+            if mended is not None:
+                completion = cast(dict[str, Any], mended[0])
         return completion
 
 
@@ -836,6 +901,7 @@ def _stream_outcome(
     latency_s: float,
     scrub: _Scrubber,
     broken: str | None,
+    wants_usage: bool = False,
 ) -> Outcome:
     request_id = _request_id(headers)
     ratelimit = parse_ratelimit(headers)
@@ -865,9 +931,11 @@ def _stream_outcome(
             latency_s=latency_s,
             ratelimit=ratelimit,
         )
-    if not assembler.done and (broken is not None or not assembler.finished):
-        # (Some servers end a complete stream without `[DONE]`: every choice had finished
-        # and the connection ended cleanly, so nothing was cut.)
+    if not assembler.done and (
+        broken is not None or not assembler.finished or (wants_usage and not assembler.has_usage)
+    ):
+        # (Some servers end a complete stream without `[DONE]`: every choice had finished,
+        # the usage asked for had come, and the connection ended cleanly: nothing was cut.)
         return Outcome(
             OutcomeKind.RETRY,
             status,
@@ -1002,7 +1070,7 @@ class ApiClient:
             async with session.post(url, data=data, allow_redirects=False) as response:
                 status = response.status
                 if stream and status == 200 and response.content_type != "application/json":
-                    return await self._read_stream(response, started)
+                    return await self._read_stream(response, started, _asks_for_usage(body))
                 raw = await response.read()
         except TimeoutError:
             return self._no_answer(
@@ -1022,7 +1090,9 @@ class ApiClient:
             status, response.reason, response.headers, raw, time.monotonic() - started, self._scrub
         )
 
-    async def _read_stream(self, response: aiohttp.ClientResponse, started: float) -> Outcome:
+    async def _read_stream(
+        self, response: aiohttp.ClientResponse, started: float, wants_usage: bool
+    ) -> Outcome:
         assembler = StreamAssembler()
         broken: str | None = None
         try:
@@ -1042,6 +1112,7 @@ class ApiClient:
             time.monotonic() - started,
             self._scrub,
             broken,
+            wants_usage,
         )
 
     def _no_answer(
@@ -1060,6 +1131,17 @@ class ApiClient:
             request_id=None if headers is None else _request_id(headers),
             latency_s=time.monotonic() - started,
         )
+
+
+def _asks_for_usage(body: bytes) -> bool:
+    """Whether a stream request asks for its usage (`stream_options.include_usage`)."""
+    if b"include_usage" not in body:
+        return False
+    try:
+        options = orjson.loads(body).get("stream_options")
+    except (orjson.JSONDecodeError, AttributeError):
+        return False
+    return isinstance(options, dict) and options.get("include_usage") is True
 
 
 def _describe(exc: BaseException) -> str:

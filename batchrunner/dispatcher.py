@@ -692,6 +692,8 @@ class Dispatcher:
             spent: Spent | None = None
             if outcome.kind is OutcomeKind.RETRY and outcome.error_kind in _PAID_FOR:
                 spent, cost = self._paid_for(job, outcome)
+                if spent is not None:
+                    self.stats.tokens += spent[-1]  # (the total)
                 if self.budget is not None and reserved:
                     # Settled at what it cost (all of the reservation where that is unknown);
                     # the next attempt reserves its worst case again.

@@ -29,12 +29,12 @@ CSV (`exportrows.CSV_COLUMNS`, then one `meta.<key>` column per key of the jobs'
 
 JSONL: one line per job, `{"id", "custom_id", "response", "error"}` as OpenAI's Batch API writes
 its output and error files. A succeeded job's `response.body` is the stored completion object,
-byte for byte. A job that failed on the API's error answer (400, 500, ...) has it in `response`
-(its status, request id and error body; the body null when it was not JSON) and `"error": null`,
-as OpenAI writes those; one that failed without a usable answer has `"error": {"code",
-"message"}`: `response` null after timeouts and connection errors, or the 2xx answer that was no
-completion (bad JSON, a json_schema not met). Cancelled jobs: `response` null, code
-`batch_cancelled`.
+byte for byte. A job that failed on the API's JSON error answer (400, 500, ...) has it in
+`response` (its status, request id and error body) and `"error": null`, as OpenAI writes those;
+any other failure has `"error": {"code", "message"}`: `response` null after timeouts and
+connection errors, and otherwise the answer's status and request id with its body null (an
+error page that is not JSON) or the 2xx answer that was no completion (bad JSON, a json_schema
+not met). Cancelled jobs: `response` null, code `batch_cancelled`.
 
 `failed_only=True` exports failed jobs only. To send them again, either `batchrunner retry BATCH`
 then `batchrunner run BATCH` (same batch, same endpoint), or `export_requests`, which writes the
@@ -294,8 +294,9 @@ def _jsonl_record(row: ExportRow, id_prefix: str) -> dict[str, Any]:
         if status is None
         else {"status_code": status, "request_id": row.request_id, "body": body}
     )
-    if status is not None and not 200 <= status < 300:
+    if status is not None and not 200 <= status < 300 and body is not None:
         # The API answered with an error: OpenAI's error files carry it in `response` alone.
+        # (An error page that is not JSON leaves the body null: the reason goes in `error`.)
         record["error"] = None
     else:
         code, message = failure_in(row, body)

@@ -175,11 +175,12 @@ class DiscardedAnswer(Base):
     later attempt succeeded. Rows only for such answers: most batches have none."""
 
     __tablename__ = "discarded_answers"
+    # `status` reads a batch's rows: few are ever written, so the index costs nothing.
+    __table_args__ = (Index("ix_discarded_answers_batch_id", "batch_id"),)
 
     job_id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=False)
     #: The attempt's start, as in `attempts` (an answer is kept once, as an attempt is logged).
     started_at: Mapped[float] = mapped_column(Float, primary_key=True)
-    #: Not indexed: read for one batch at a time by `status`, and there are few.
     batch_id: Mapped[str] = mapped_column(String(40))
     #: The answer's model, or the request's where the answer named none.
     model: Mapped[str] = mapped_column(String(MODEL_CHARS))

@@ -74,6 +74,8 @@ class SchemaCheck:
             if content is None and isinstance(message, dict) and message.get("tool_calls"):
                 continue
             judged += 1
+            if isinstance(content, list):
+                content = _text_of(content)  # content parts (Mistral's thinking, then text)
             if not isinstance(content, str):
                 return False
             try:
@@ -83,3 +85,13 @@ class SchemaCheck:
             if not validator.is_valid(value):
                 return False
         return True if judged else None
+
+
+def _text_of(parts: list[Any]) -> str | None:
+    """The text parts of content sent as a list of parts, joined; None when there are none."""
+    texts = [
+        p["text"]
+        for p in parts
+        if isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+    ]
+    return "".join(texts) if texts else None

@@ -148,4 +148,5 @@ STATEMENTS: Final = (
         "\tCONSTRAINT pk_discarded_answers PRIMARY KEY (job_id, started_at)\n"
         ")"
     ),
+    ("CREATE INDEX ix_discarded_answers_batch_id ON discarded_answers (batch_id)"),
 )

@@ -1006,14 +1006,16 @@ class JobStore:
         if self.is_sqlite:
             fenced = await self._record_sqlite(batch_id, worker_id, ended, attempts, now, discarded)
         else:
+            if discarded:
+                # Apart from the record's statement, which every record runs: these are rare.
+                # Before it, so that a record that fails is retried with them, and a crash in
+                # between leaves its ends to the journal, which writes them again (skipped).
+                # An answer paid for is kept whatever became of the lease.
+                async with self._write() as conn:
+                    await conn.executemany(_INSERT_DISCARDED_SQL, discarded)
             fenced = await self._pg.record(
                 _RECORD_PG, _record_params(batch_id, worker_id, ended, attempts, now)
             )
-            if discarded:
-                # Apart from the record's statement, which every record runs: these are
-                # rare. An answer paid for is kept whatever became of the lease.
-                async with self._write() as conn:
-                    await conn.executemany(_INSERT_DISCARDED_SQL, discarded)
         fenced_ids = frozenset(fenced or ())
         return RecordOutcome(
             recorded=len(ended) - len(fenced_ids), fenced=len(fenced_ids), fenced_ids=fenced_ids

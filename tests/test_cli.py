@@ -238,6 +238,11 @@ def test_export_to_a_symbolic_link_writes_where_it_points(
         assert link.is_symlink() and link.resolve() == real
         assert real.read_text().count("\n") == 4  # the header and three rows
     assert sorted(p.name for p in (tmp_path / "real").iterdir()) == ["new.csv", "results.csv"]
+    loop = tmp_path / "loop.csv"
+    loop.symlink_to(loop)
+    result = run_cli("export", batch_id, "-o", str(loop), db=sqlite_url)
+    assert result.returncode == 2 and "cannot write" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and loop.is_symlink()
 
 
 @pytest.mark.skipif(

@@ -30,6 +30,7 @@ from batchrunner.client import (
     parse_retry_after_s,
 )
 from batchrunner.outcome import Outcome, OutcomeKind, RateLimitInfo
+from batchrunner.schema import SchemaCheck
 from batchrunner.states import kept_text
 
 ENDPOINT = "/v1/chat/completions"
@@ -625,7 +626,8 @@ async def test_stream_content_sent_as_parts_keeps_every_part_and_the_text() -> N
         return [{"type": "thinking", "thinking": [{"type": "text", "text": text}]}]
 
     data = sse(
-        chunk([delta(role="assistant", content=thinking("Okay, "))]),
+        chunk([delta(role="assistant", content="")]),  # as Mistral's streams open
+        chunk([delta(content=thinking("Okay, "))]),
         chunk([delta(content=thinking("a greeting."))]),
         chunk([delta(content="Hello! ")]),
         chunk([delta(content="How can I help?", finish_reason="stop")]),
@@ -636,6 +638,16 @@ async def test_stream_content_sent_as_parts_keeps_every_part_and_the_text() -> N
         {"type": "thinking", "thinking": [{"type": "text", "text": "Okay, a greeting."}]},
         {"type": "text", "text": "Hello! How can I help?"},
     ]
+    # Mistral may mark each piece of its thinking open (`closed`): still one part.
+    closed = data.replace(b'"type":"thinking",', b'"type":"thinking","closed":false,')
+    assert closed.count(b'"closed":false') == 2
+    outcome = await stream_outcome(closed)
+    assert outcome.completion is not None
+    assert outcome.completion["choices"][0]["message"]["content"][0] == {
+        "type": "thinking",
+        "closed": False,
+        "thinking": [{"type": "text", "text": "Okay, a greeting."}],
+    }
 
 
 async def test_stream_tool_calls_keep_their_other_fields() -> None:
@@ -703,6 +715,89 @@ async def test_json_only_orjson_refuses_is_kept_not_retried(
     outcome = await stream_outcome(mended)
     assert outcome.kind is OutcomeKind.SUCCESS and outcome.completion is not None
     assert outcome.completion["choices"][0]["message"]["content"] == "x \ufffd"
+
+
+async def test_an_emoji_cut_between_two_stream_events_is_whole_again() -> None:
+    """Each half of a surrogate pair, alone in its event, was mended to U+FFFD on its own."""
+    data = sse(
+        chunk([delta(role="assistant", content="hi ")]),
+        chunk([delta(content="HIGH")]),
+        chunk([delta(content="LOW there", finish_reason="stop")]),
+    )
+    data = data.replace(b'"HIGH"', b'"\\ud83d"').replace(b'"LOW', b'"\\ude00')
+    outcome = await stream_outcome(data)
+    assert outcome.kind is OutcomeKind.SUCCESS and outcome.completion is not None
+    assert outcome.completion["choices"][0]["message"]["content"] == "hi \U0001f600 there"
+    assert outcome.body is not None and orjson.loads(outcome.body) == outcome.completion
+
+
+async def test_a_stream_keeps_the_fields_vendors_add_to_chunks_and_choices() -> None:
+    """Perplexity's citations and OpenRouter's provider ride on every chunk, OpenRouter's
+    native_finish_reason on the last choice; OpenAI's `obfuscation` is padding."""
+    extra = {"citations": ["https://a.example/1"], "provider": "Mistral"}
+    last = {**delta(finish_reason="stop"), "native_finish_reason": "end_turn"}
+    data = sse(
+        chunk([delta(role="assistant", content="Paris.")], **extra, obfuscation="Zx"),
+        chunk([last], **extra, obfuscation="Qwe1"),
+    )
+    outcome = await stream_outcome(data)
+    assert outcome.kind is OutcomeKind.SUCCESS and outcome.completion is not None
+    completion = outcome.completion
+    assert (completion["citations"], completion["provider"]) == (extra["citations"], "Mistral")
+    assert "obfuscation" not in completion
+    assert completion["choices"][0]["native_finish_reason"] == "end_turn"
+
+
+async def test_a_stream_without_done_is_unfinished_without_the_usage_it_asked_for() -> None:
+    """The usage comes after the last finish_reason: a stream cut cleanly between the two
+    lacks it, and a request that asked for it is sent again. An empty finish_reason on
+    every chunk (some servers) is no finish."""
+    data = TEXT_STREAM[: TEXT_STREAM.index(b"data: [DONE]")]
+    cut = data[: data.rindex(b"data:")]
+    assert b'usage":{' not in cut
+    asking = orjson.dumps(
+        {**orjson.loads(REQUEST), "stream": True, "stream_options": {"include_usage": True}}
+    )
+    async with running(stream_answer(cut)) as base_url:
+        asked = await send(base_url, asking, stream=True)
+        plain = await send(base_url, REQUEST, stream=True)
+    assert (asked.kind, asked.error_kind) == (OutcomeKind.RETRY, "stream_broken")
+    assert plain.kind is OutcomeKind.SUCCESS
+    empty = sse(
+        chunk([delta(role="assistant", content="Hel", finish_reason="")]),
+        chunk([delta(content="lo", finish_reason="")]),
+        done=False,
+    )
+    outcome = await stream_outcome(empty)
+    assert (outcome.kind, outcome.error_kind) == (OutcomeKind.RETRY, "stream_broken")
+
+
+def test_content_sent_as_parts_is_judged_by_its_text() -> None:
+    """Magistral answers with its thinking and its text as parts: every such answer failed
+    the check, and with --retry-invalid-json was paid for again until its job failed."""
+    body = orjson.dumps(
+        {
+            "model": "magistral-medium-latest",
+            "messages": [{"role": "user", "content": "yes or no?"}],
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {
+                    "name": "a",
+                    "schema": {"type": "object", "required": ["a"]},
+                },
+            },
+        }
+    ).decode()
+
+    def answer(*texts: str) -> dict[str, Any]:
+        thinking = {"type": "thinking", "thinking": [{"type": "text", "text": "hmm"}]}
+        parts = [thinking, *({"type": "text", "text": t} for t in texts)]
+        return {"choices": [{"message": {"role": "assistant", "content": parts}}]}
+
+    check = SchemaCheck()
+    assert check.verdict(body, answer('{"a": ', '"yes"}')) is True
+    assert check.verdict(body, answer('{"b": 1}')) is False
+    assert check.verdict(body, answer()) is False
 
 
 @pytest.mark.parametrize("raw", [b'{"choices": [], "x": NaN}', b'{"choices": [], "x": "\xff"}'])

@@ -213,6 +213,30 @@ async def test_jsonl_is_the_openai_batch_output_format(
     assert await _jsonl(store, batch_id) == records
 
 
+async def test_jsonl_keeps_the_reason_of_an_error_answer_that_is_not_json(
+    store: JobStore, make_file: MakeFile
+) -> None:
+    """An error page (a proxy's, a CDN's) leaves the response's body null: the reason goes in
+    `error`, as for failures without an answer. Left null, the line said nothing of why."""
+    batch_id = await _submit(store, make_file([chat("q")]))
+    (job,) = await store.claim(batch_id, "w-test", "t-1", 10, time.time(), 60.0)
+    page = "<html><body><h1>502 Bad Gateway</h1></body></html>"
+    failed = Ended(
+        job_id=job.id,
+        lease_token=job.lease_token,
+        state=JobState.FAILED,
+        attempts=3,
+        status_code=502,
+        latency_ms=5.0,
+        error_kind="server_error",
+        error=page,
+    )
+    assert (await store.record(batch_id, "w-test", [failed], [], time.time())).recorded == 1
+    (record,) = await _jsonl(store, batch_id)
+    assert record["response"]["status_code"] == 502 and record["response"]["body"] is None
+    assert record["error"] == {"code": "server_error", "message": page}
+
+
 async def test_failed_only_and_a_request_file_to_send_them_again(
     store: JobStore, make_file: MakeFile, tmp_path: Path
 ) -> None:

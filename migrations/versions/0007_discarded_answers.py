@@ -40,7 +40,9 @@ def upgrade() -> None:
         sa.Column("total_tokens", sa.Integer(), nullable=False),
         sa.PrimaryKeyConstraint("job_id", "started_at", name=op.f("pk_discarded_answers")),
     )
+    op.create_index("ix_discarded_answers_batch_id", "discarded_answers", ["batch_id"])
 
 
 def downgrade() -> None:
+    op.drop_index("ix_discarded_answers_batch_id", table_name="discarded_answers")
     op.drop_table("discarded_answers")
