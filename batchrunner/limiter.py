@@ -72,6 +72,8 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import datetime
+import logging
 import math
 import time
 from collections import deque
@@ -79,6 +81,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from batchrunner.outcome import Outcome, OutcomeKind, RateLimitInfo
+
+log = logging.getLogger(__name__)
 
 SECONDS_PER_MINUTE = 60.0
 #: Largest burst: this many seconds' worth of the per-minute budget may go at once (at least one
@@ -88,6 +92,8 @@ BURST_S = 0.1
 #: a success in between, up to DEFAULT_BACKOFF_MAX_S.
 DEFAULT_BACKOFF_S = 1.0
 DEFAULT_BACKOFF_MAX_S = 30.0
+#: A pause the server asks for that is at least this long is written to stderr when it starts.
+LONG_PAUSE_S = 60.0
 #: How far back the sent and accepted rates look: this long, or long enough to hold
 #: ACCEPTED_WINDOW_REQUESTS at the effective rate when that is slow.
 ACCEPTED_WINDOW_S = 10.0
@@ -467,6 +473,16 @@ class Pacer:
     def _pause(self, now: float, until_s: float) -> None:
         if until_s <= now or until_s <= self._paused_until_s:
             return
+        if until_s - max(now, self._paused_until_s) >= LONG_PAUSE_S:
+            # A daily or hourly quota: the run waits as asked, and says so (also with --quiet).
+            wait_s = until_s - now
+            at = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=wait_s)
+            log.warning(
+                "the server asked to wait %s: nothing is sent until %s UTC"
+                " (Ctrl-C stops the run; running it again resumes)",
+                _duration(wait_s),
+                at.strftime("%Y-%m-%d %H:%M:%S"),
+            )
         if self._paused_until_s > now and self._pauses:
             start_s, _ = self._pauses[-1]
             self._pauses[-1] = (start_s, until_s)
@@ -559,3 +575,13 @@ class Pacer:
             rate_limited_count=self._rate_limited_count,
             in_flight=self._in_flight,
         )
+
+
+def _duration(seconds: float) -> str:
+    """`seconds` as a person reads it: "45 s", "12 min 5 s", "24 h 0 min"."""
+    whole = round(seconds)
+    if whole < 60:
+        return f"{whole} s"
+    if whole < 3600:
+        return f"{whole // 60} min {whole % 60} s"
+    return f"{whole // 3600} h {whole % 3600 // 60} min"

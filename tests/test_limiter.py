@@ -191,6 +191,23 @@ async def test_a_429_pauses_every_acquirer_until_retry_after(rpm: float | None) 
     assert min(times) >= 3.0
 
 
+def test_a_long_pause_the_server_asks_for_is_said_once(caplog: pytest.LogCaptureFixture) -> None:
+    """A Retry-After of a day (a daily quota) held the run that long without a word when it
+    ran with --quiet."""
+    vt = VirtualTime()
+    p = pacer(vt, None)
+    with caplog.at_level("WARNING", logger="batchrunner.limiter"):
+        p.observe(rate_limited(retry_after_s=30.0))
+        assert caplog.messages == []  # short pauses are the progress line's to show
+        p.observe(rate_limited(retry_after_s=86_400.0))
+        p.observe(rate_limited(retry_after_s=86_400.5))  # the same pause, asked again
+        vt.now += 10.0
+        p.observe(rate_limited(retry_after_s=3_600.0))  # within the day's pause
+    (message,) = caplog.messages
+    assert message.startswith("the server asked to wait 24 h 0 min: nothing is sent until ")
+    assert p.snapshot().pause_left_s == pytest.approx(86_390.5)
+
+
 async def test_a_429_lowers_the_request_rate_of_the_whole_run() -> None:
     vt = VirtualTime()
     p = pacer(vt, 6000)
