@@ -547,7 +547,7 @@ class _Choice:
                     self.logprobs_refusal = []
                 self.logprobs_refusal.extend(refusal)
         finish_reason = choice.get("finish_reason")
-        if finish_reason is not None:
+        if finish_reason:  # (some servers send "" until the end)
             self.finish_reason = finish_reason
         for key, value in choice.items():
             if key not in _CHOICE_FIELDS and value is not None:
@@ -738,7 +738,7 @@ class StreamAssembler:
         self._data: list[bytes] = []
         self._meta: dict[str, Any] = {}
         #: The chunks' other fields (Perplexity's citations, OpenRouter's provider): the first
-        #: value each came with.
+        #: value each came with (objects: each of their fields' first value).
         self._extra: dict[str, Any] = {}
         #: Some event was JSON only the standard library reads (see `loads_lenient`).
         self._lenient = False
@@ -831,9 +831,16 @@ class StreamAssembler:
             value = chunk.get(key)
             if value is not None and key not in meta:
                 meta[key] = value
+        extra = self._extra
         for key, value in chunk.items():
-            if key not in _CHUNK_FIELDS and value is not None and key not in self._extra:
-                self._extra[key] = value
+            if key in _CHUNK_FIELDS or value is None:
+                continue
+            old = extra.get(key)
+            if old is None:
+                extra[key] = value
+            elif isinstance(old, dict) and isinstance(value, dict):
+                # Fields added by later chunks (Groq's x_groq gains its usage at the end).
+                extra[key] = {**value, **old}
         usage = chunk.get("usage")
         if usage is not None:
             self._usage = usage
@@ -870,11 +877,11 @@ class StreamAssembler:
             "model": meta.get("model"),
             "choices": [
                 {
+                    **choice.other,
                     "index": index,
                     "message": choice.message(),
                     "logprobs": choice.logprobs(),
                     "finish_reason": choice.finish_reason,
-                    **choice.other,
                 }
                 for index, choice in sorted(self._choices.items())
             ],

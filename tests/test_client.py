@@ -737,15 +737,22 @@ async def test_a_stream_keeps_the_fields_vendors_add_to_chunks_and_choices() -> 
     extra = {"citations": ["https://a.example/1"], "provider": "Mistral"}
     last = {**delta(finish_reason="stop"), "native_finish_reason": "end_turn"}
     data = sse(
-        chunk([delta(role="assistant", content="Paris.")], **extra, obfuscation="Zx"),
-        chunk([last], **extra, obfuscation="Qwe1"),
+        chunk([delta(role="assistant", content="Paris.")], **extra, x_groq={"id": "req_1"}),
+        chunk([last], **extra, obfuscation="Qwe1", x_groq={"id": "req_1", "usage": {"q": 1}}),
     )
     outcome = await stream_outcome(data)
     assert outcome.kind is OutcomeKind.SUCCESS and outcome.completion is not None
     completion = outcome.completion
     assert (completion["citations"], completion["provider"]) == (extra["citations"], "Mistral")
+    assert completion["x_groq"] == {"id": "req_1", "usage": {"q": 1}}
     assert "obfuscation" not in completion
-    assert completion["choices"][0]["native_finish_reason"] == "end_turn"
+    (choice,) = completion["choices"]
+    assert (choice["finish_reason"], choice["native_finish_reason"]) == ("stop", "end_turn")
+    # A field of a choice never takes the place of what the assembler builds.
+    whole = {**delta(finish_reason="stop"), "message": {"content": "raw"}}
+    outcome = await stream_outcome(sse(chunk([delta(content="built")]), chunk([whole])))
+    assert outcome.completion is not None
+    assert outcome.completion["choices"][0]["message"]["content"] == "built"
 
 
 async def test_a_stream_without_done_is_unfinished_without_the_usage_it_asked_for() -> None:
@@ -770,6 +777,11 @@ async def test_a_stream_without_done_is_unfinished_without_the_usage_it_asked_fo
     )
     outcome = await stream_outcome(empty)
     assert (outcome.kind, outcome.error_kind) == (OutcomeKind.RETRY, "stream_broken")
+    # An empty finish_reason after the real one does not take its place.
+    late = sse(chunk([delta(content="Hi", finish_reason="stop")]), chunk([delta(finish_reason="")]))
+    outcome = await stream_outcome(late)
+    assert outcome.completion is not None
+    assert outcome.completion["choices"][0]["finish_reason"] == "stop"
 
 
 def test_content_sent_as_parts_is_judged_by_its_text() -> None:
