@@ -114,6 +114,7 @@ class BatchStatus:
                     "cached_tokens": m.usage.cached_tokens,
                     "reasoning_tokens": m.usage.reasoning_tokens,
                     "total_tokens": m.usage.total_tokens,
+                    "discarded_answers": m.usage.discarded,
                     "cost_usd": None if m.cost_usd is None else float(m.cost_usd),
                 }
                 for m in self.models
@@ -200,7 +201,7 @@ def usage_by_model(groups: list[UsageGroup]) -> list[ModelUsage]:
     """Token totals by model, from `JobStore.usage_groups`."""
     totals: dict[str, list[int]] = {}
     for g in groups:
-        sums = totals.setdefault(g.model, [0] * 6)
+        sums = totals.setdefault(g.model, [0] * 7)
         for i, value in enumerate(
             (
                 g.results,
@@ -209,6 +210,7 @@ def usage_by_model(groups: list[UsageGroup]) -> list[ModelUsage]:
                 g.cached_tokens,
                 g.reasoning_tokens,
                 g.total_tokens,
+                g.discarded,
             )
         ):
             sums[i] += value
@@ -329,6 +331,11 @@ def render_status(st: BatchStatus) -> str:
         out.append(
             f"  {m.usage.model:<32} {m.usage.results:>8} results  "
             f"{m.usage.total_tokens:>12} tokens  {price}"
+            + (
+                f"  (with {m.usage.discarded} answer(s) paid for and tried again)"
+                if m.usage.discarded
+                else ""
+            )
         )
     rps, tps = st.requests_per_s, st.tokens_per_s
     out.append(

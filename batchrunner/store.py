@@ -163,6 +163,8 @@ class ModelUsage:
     cached_tokens: int
     reasoning_tokens: int
     total_tokens: int
+    #: Answers paid for and tried again, counted in the tokens above (not in `results`).
+    discarded: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,6 +211,8 @@ class UsageGroup(NamedTuple):
     completion_tokens: int
     reasoning_tokens: int
     total_tokens: int
+    #: Answers paid for and not kept (`discarded_answers`), whose usage the sums include.
+    discarded: int
 
 
 def _batch_info(row: Sequence[Any]) -> BatchInfo:
@@ -615,7 +619,7 @@ class JobStore:
         groups = await self._usage_groups(
             "COALESCE(r.model, j.model)",
             "r.finished_at",
-            "COUNT(*)",
+            ("COUNT(*)", "0"),
             "jobs j JOIN results r ON r.job_id = j.id WHERE j.batch_id = :b",
             batch_id,
             period_s,
@@ -624,7 +628,7 @@ class JobStore:
         discarded = await self._usage_groups(
             "r.model",
             "r.started_at",
-            "0",
+            ("0", "COUNT(*)"),
             "discarded_answers r WHERE r.batch_id = :b",
             batch_id,
             period_s,
@@ -644,14 +648,16 @@ class JobStore:
         self,
         model: str,
         finished_at: str,
-        results: str,
+        counts: tuple[str, str],
         source: str,
         batch_id: str,
         period_s: int,
         tier_starts: Mapping[str, Sequence[int]] | None,
     ) -> list[UsageGroup]:
         """`usage_groups` of one table: `source` the FROM clause and its condition, naming the
-        table `r`, `model` and `finished_at` its expressions, `results` what counts results."""
+        table `r`, `model` and `finished_at` its expressions, `counts` what counts results and
+        discarded answers."""
+        results, discarded = counts
         params: dict[str, Any] = {"b": batch_id, "p": period_s}
         tier, only = "0", ""
         if tier_starts:
@@ -674,8 +680,8 @@ class JobStore:
                     f"SELECT {model}, {period}, {tier}, {results}, COUNT(r.prompt_tokens),"
                     " COALESCE(SUM(r.prompt_tokens), 0), COALESCE(SUM(r.cached_tokens), 0),"
                     " COALESCE(SUM(r.completion_tokens), 0),"
-                    " COALESCE(SUM(r.reasoning_tokens), 0), COALESCE(SUM(r.total_tokens), 0)"
-                    f" FROM {source}{only} GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
+                    " COALESCE(SUM(r.reasoning_tokens), 0), COALESCE(SUM(r.total_tokens), 0),"
+                    f" {discarded} FROM {source}{only} GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
                     params,
                 )
             ).all()
