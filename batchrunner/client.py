@@ -59,6 +59,9 @@ _SCRUBBED: Final = "***"
 _QUOTA: Final = "insufficient_quota"
 #: 4xx answers that say "not now" rather than "never": request timeout, conflict.
 _RETRY_4XX: Final = frozenset({408, 409})
+#: 5xx answers that say "never": not implemented (a gateway without the endpoint or the
+#: feature asked for), HTTP version not supported. Sending the same request again cannot help.
+_NEVER_5XX: Final = frozenset({501, 505})
 #: "v1", "v1beta", ... as the first segment of an endpoint.
 _VERSION_PREFIX = re.compile(r"v\d+[a-z0-9]*(?=/|$)")
 #: A Go-style duration as OpenAI writes reset times: "1s", "6m0s", "20ms", "2h3m4.5s".
@@ -356,7 +359,7 @@ def _classify(
         kind, error_kind = OutcomeKind.STOP_RUN, "auth"
     elif status == 429:
         kind, error_kind = OutcomeKind.RETRY, "rate_limit"
-    elif status >= 500:
+    elif status >= 500 and status not in _NEVER_5XX:
         kind, error_kind = OutcomeKind.RETRY, "server_error"
     elif status in _RETRY_4XX:
         kind, error_kind = OutcomeKind.RETRY, f"http_{status}"
