@@ -47,7 +47,7 @@ from batchrunner.errors import AuthError, BudgetExceeded, QuotaError, RunAborted
 from batchrunner.limiter import Pacer
 from batchrunner.outcome import Outcome, OutcomeKind
 from batchrunner.pricing import PriceBook, usage_from_completion
-from batchrunner.retry import RetryPolicy, call_with_retries
+from batchrunner.retry import RetryPolicy, call_with_retries, is_rate_limit
 from batchrunner.schema import SchemaCheck
 from batchrunner.states import JobState
 from batchrunner.store import AttemptRecord, BatchInfo, ClaimedJob, Ended, JobStore, Spent
@@ -781,7 +781,7 @@ class Dispatcher:
         for a in earlier:
             if a.error_kind in _STOPPED_THE_RUN:
                 continue
-            if a.status_code == 429 or a.error_kind == "rate_limit":
+            if is_rate_limit(a.status_code, a.error_kind):
                 limited += 1
             else:
                 counted += 1

@@ -36,9 +36,13 @@ def is_retryable(outcome: Outcome) -> bool:
 def is_rate_limited(outcome: Outcome) -> bool:
     """Whether the server refused the attempt because of its rate limit (a 429 that is not
     about quota: quota outcomes stop the run instead)."""
-    return outcome.kind is OutcomeKind.RETRY and (
-        outcome.status == 429 or outcome.error_kind == "rate_limit"
-    )
+    return outcome.kind is OutcomeKind.RETRY and is_rate_limit(outcome.status, outcome.error_kind)
+
+
+def is_rate_limit(status: int | None, error_kind: str | None) -> bool:
+    """Whether an answer to try again (an outcome, or a logged attempt that did not stop its
+    run) was the server's rate limit."""
+    return status == 429 or error_kind == "rate_limit"
 
 
 @dataclass(frozen=True, slots=True)
