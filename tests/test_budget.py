@@ -24,6 +24,7 @@ from batchrunner.store import JobStore
 from batchrunner.tokens import estimate_request
 from tests.conftest import chat
 from tests.test_client import running
+from tests.test_run import _completion
 
 MakeFile = Callable[..., Path]
 
@@ -182,21 +183,8 @@ def _paid_answers(received: list[str]) -> Any:
             "completion_tokens": est.worst_case_output_tokens,
             "total_tokens": est.prompt_tokens + est.worst_case_output_tokens,
         }
-        completion = {
-            "id": "chatcmpl-1",
-            "object": "chat.completion",
-            "created": 1,
-            "model": body["model"],
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": content},
-                    "finish_reason": "stop",
-                }
-            ],
-            "usage": usage,
-        }
-        return web.json_response(completion)
+        completion = _completion(content, body["model"], usage)
+        return web.Response(body=completion, content_type="application/json")
 
     return handler
 
