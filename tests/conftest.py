@@ -16,10 +16,16 @@ from typing import Any
 
 import orjson
 import pytest
+from hypothesis import settings
 
 from batchrunner.journal import STATE_DIR_ENV
 from batchrunner.states import JobState
 from batchrunner.store import ClaimedJob, Ended, JobStore
+
+# Property tests check what is computed, not how fast: on a shared machine a slow example is no
+# failure (hypothesis' default deadline is 200 ms per example).
+settings.register_profile("batchrunner", deadline=None)
+settings.load_profile("batchrunner")
 
 #: The PostgreSQL server the tests may use, e.g. postgresql://postgres@127.0.0.1:5432/test.
 PG_ENV = "BATCHRUNNER_TEST_PG"
