@@ -373,8 +373,15 @@ def run(
 @cli.command()
 @click.argument("batch_id", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@click.option(
+    "--prices",
+    "prices_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    envvar="BATCHRUNNER_PRICES",
+    help="TOML price file overriding or adding prices.",
+)
 @pass_ctx
-def status(ctx: _Context, batch_id: str | None, as_json: bool) -> None:
+def status(ctx: _Context, batch_id: str | None, as_json: bool, prices_path: Path | None) -> None:
     """Counts by state, tokens, cost, throughput and top errors of a batch.
 
     Without BATCH_ID: every batch, one line each.
@@ -384,6 +391,7 @@ def status(ctx: _Context, batch_id: str | None, as_json: bool) -> None:
         batchrunner status batch_0123456789abcdef --json
     """
     from batchrunner import report
+    from batchrunner.pricing import PriceBook
 
     if batch_id is None:
         rows = ctx.with_store(report.all_batches, existing=True)
@@ -392,7 +400,8 @@ def status(ctx: _Context, batch_id: str | None, as_json: bool) -> None:
         else:
             click.echo(report.render_batch_list(rows))
         return
-    st = ctx.with_store(lambda store: report.batch_status(store, batch_id), existing=True)
+    prices = PriceBook.load(prices_path)
+    st = ctx.with_store(lambda store: report.batch_status(store, batch_id, prices), existing=True)
     if as_json:
         click.echo(orjson.dumps(st.to_json(), option=orjson.OPT_INDENT_2).decode())
     else:
@@ -703,6 +712,12 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
+    except BatchrunnerError as exc:
+        # Raised outside `_run` (reading a price file before anything starts): the same
+        # message and exit code as inside.
+        err = _fail(exc)
+        err.show()
+        sys.exit(err.exit_code)
     except OSError as exc:
         # A file or pipe the command reads or writes failed on the way (a full disk under an
         # export, a closed pipe): the reason, not a traceback.

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import csv
 import gzip
+import io
 import os
 import signal
 import sqlite3
@@ -117,6 +119,43 @@ def test_bad_key_exits_1_and_jobs_stay_pending(make_file: MakeFile, sqlite_url: 
     assert "401" in result.stderr and "sk-wrong-key-123" not in result.stderr + result.stdout
     status = orjson.loads(run_cli("status", batch_id, "--json", db=sqlite_url).stdout)
     assert status["counts"]["pending"] == 10
+
+
+def test_status_prices_a_model_from_the_price_file_as_export_does(
+    make_file: MakeFile, sqlite_url: str, server: FakeServerThread, tmp_path: Path
+) -> None:
+    path = make_file([chat(f"q{i}", model="acme-llm") for i in range(3)])
+    batch_id = run_cli("submit", str(path), "--base-url", server.url, db=sqlite_url).stdout.strip()
+    assert run_cli("run", batch_id, "--quiet", db=sqlite_url).returncode == 0
+    prices = tmp_path / "prices.toml"
+    prices.write_text('[models."acme-llm"]\ninput_per_mtok = 1\noutput_per_mtok = 2\n')
+
+    unpriced = orjson.loads(run_cli("status", batch_id, "--json", db=sqlite_url).stdout)
+    assert unpriced["unpriced_models"] == ["acme-llm"]
+    priced = run_cli("status", batch_id, "--json", "--prices", str(prices), db=sqlite_url)
+    status = orjson.loads(priced.stdout)
+    assert status["unpriced_models"] == []
+    exported = run_cli("export", batch_id, "--prices", str(prices), db=sqlite_url).stdout
+    rows = list(csv.DictReader(io.StringIO(exported)))
+    assert len(rows) == 3
+    assert status["cost_usd"] == pytest.approx(sum(float(r["cost_usd"]) for r in rows))
+    assert status["cost_usd"] > 0
+
+
+@pytest.mark.parametrize("command", ["estimate", "status", "export", "run"])
+def test_a_bad_price_file_is_a_usage_error_for_every_command(
+    command: str, make_file: MakeFile, sqlite_url: str, tmp_path: Path
+) -> None:
+    path = make_file([chat("q")])
+    batch_id = run_cli("submit", str(path), db=sqlite_url).stdout.strip()
+    prices = tmp_path / "prices.toml"
+    prices.write_text("[gpt-4o]\ninput_per_mtok = 1\n")
+    env = {"OPENAI_API_KEY": "sk-test"}
+    result = run_cli(command, batch_id, "--prices", str(prices), db=sqlite_url, env=env)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == (
+        f"Error: {prices}: unknown key 'gpt-4o'; prices go under [models.\"NAME\"]"
+    )
 
 
 @pytest.mark.parametrize("flag", ["--rpm", "--tpm", "--timeout", "--max-cost", "--lease"])
