@@ -15,6 +15,7 @@ import abc
 import bisect
 import fnmatch
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -79,10 +80,13 @@ def usage_from_completion(obj: Mapping[str, Any]) -> UsageCounts | None:
       Anthropic-shaped usage (`input_tokens` beside `cache_read_input_tokens` /
       `cache_creation_input_tokens`, with no cached-token detail) excludes cache reads and
       writes from `input_tokens`: they are added back so the prompt count is complete.
-    * `cache_read_input_tokens` stands in for an absent `cached_tokens`.
+    * `cache_read_input_tokens`, else DeepSeek's `prompt_cache_hit_tokens`, stands in for an
+      absent `cached_tokens`.
     * Some gateways in front of Gemini leave reasoning out of `completion_tokens` while their
       total includes it (total = prompt + completion + reasoning): the reasoning is added to
-      the completion, where OpenAI counts it and where it is billed.
+      the completion, where OpenAI counts it and where it is billed. Where they give no
+      reasoning count at all, what the total holds beyond prompt and completion is that
+      reasoning (Gemini's thoughts).
 
     Breakdowns such as `text_tokens` and `image_tokens` are parts of the prompt and are ignored.
     """
@@ -307,9 +311,34 @@ class PriceBook:
                 (rates for pattern, rates in self._patterns if fnmatch.fnmatchcase(model, pattern)),
                 None,
             )
+        if rates is None:
+            # APIs answer with other names for the model asked for: the file's price of
+            # "gpt-4o" must not give way to the list price of "gpt-4o-2024-08-06".
+            rates = next(
+                (self._models[n] for n in same_model_names(model) if n in self._models), None
+            )
         if rates is not None:
             return _UserPricer(rates)
         return _find_genai_model(model)
+
+
+# A snapshot's date or version at the end of a model's name: gpt-4o-2024-08-06,
+# claude-3-5-sonnet-20241022, claude-3-5-sonnet@20241022 (Vertex), gpt-4-0613,
+# mistral-large-2411, gemini-1.5-pro-002.
+_SNAPSHOT_SUFFIX: Final = re.compile(r"[-@](?:\d{4}-\d{2}-\d{2}|\d{8}|\d{4}|\d{3})$")
+
+
+def same_model_names(model: str) -> list[str]:
+    """Shorter names of the model `model` names, most specific first: without a gateway's or
+    an API's prefix ("openai/gpt-4o", "models/gemini-2.0-flash") and without a snapshot's date
+    or version ("gpt-4o-2024-08-06")."""
+    names: list[str] = []
+    for name in (model, model.rsplit("/", 1)[-1]):
+        undated = _SNAPSHOT_SUFFIX.sub("", name)
+        for candidate in (name, undated):
+            if candidate and candidate != model and candidate not in names:
+                names.append(candidate)
+    return names
 
 
 # --- usage parsing -----------------------------------------------------------------------
@@ -346,6 +375,8 @@ def _usage_counts(usage: Mapping[str, Any]) -> UsageCounts | None:
         cached = _detail(usage, "prompt_tokens_details", "cached_tokens")
         if cached is None:
             cached = _count(usage.get("cache_read_input_tokens"))
+        if cached is None:
+            cached = _count(usage.get("prompt_cache_hit_tokens"))  # DeepSeek's
     else:
         prompt = _count(usage.get("input_tokens"))
         cached = _detail(usage, "input_tokens_details", "cached_tokens")
@@ -364,12 +395,17 @@ def _usage_counts(usage: Mapping[str, Any]) -> UsageCounts | None:
     total = _count(usage.get("total_tokens"))
     if prompt is None and completion is None and total is None:
         return None
+    split = prompt is not None and completion is not None
     prompt = prompt or 0
     completion = completion or 0
     reasoning = reasoning or 0
     if total is None:
         total = prompt + completion
     elif reasoning and total == prompt + completion + reasoning:
+        completion += reasoning
+    elif split and not reasoning and total > prompt + completion:
+        # Gemini's thoughts, which such gateways name nowhere but in the total.
+        reasoning = total - prompt - completion
         completion += reasoning
     return UsageCounts(
         prompt_tokens=prompt,

@@ -173,6 +173,22 @@ def book(monkeypatch: pytest.MonkeyPatch) -> PriceBook:
             id="reasoning-inside-completion",
         ),
         pytest.param(
+            {"prompt_tokens": 20, "completion_tokens": 151, "total_tokens": 553},
+            usage(20, 533, reasoning=382, total=553),
+            id="reasoning-only-in-the-total",
+        ),
+        pytest.param(
+            {
+                "prompt_tokens": 1000,
+                "completion_tokens": 10,
+                "total_tokens": 1010,
+                "prompt_cache_hit_tokens": 900,
+                "prompt_cache_miss_tokens": 100,
+            },
+            usage(1000, 10, cached=900),
+            id="deepseek-cache-hits",
+        ),
+        pytest.param(
             {"prompt_tokens": 12.0, "completion_tokens": 3.0, "total_tokens": 15.0},
             usage(12, 3),
             id="whole-floats",
@@ -435,6 +451,25 @@ def test_user_prices_override_and_add(tmp_path: Path, book: PriceBook) -> None:
     assert user.cost("my-org/finetune", counts) == Decimal("0.001")
     assert user.worst_case_cost("gpt-4o", 1_000, 1_000) == Decimal("0.015")
     assert user.is_known("deepseek-v3")
+
+
+@pytest.mark.parametrize(
+    "answered",
+    ["gpt-4o-2024-08-06", "openai/gpt-4o", "openai/gpt-4o-2024-08-06", "gpt-4o@2024-08-06"],
+)
+def test_a_file_price_holds_for_the_names_an_api_answers_with(
+    tmp_path: Path, book: PriceBook, answered: str
+) -> None:
+    path = tmp_path / "prices.toml"
+    path.write_text(USER_PRICES)
+    user = PriceBook.load(path)
+    # The file's $3 per million, not the list price the bundled data has for the snapshot.
+    assert user.cost(answered, usage(1_000_000, 0)) == Decimal("3")
+    assert book.cost(answered, usage(1_000_000, 0)) != Decimal("3")
+    # A name the file does not hold, even one that starts like one it does, is not its price.
+    assert user.cost("gpt-4o-mini-2024-07-18", usage(1_000_000, 0)) == book.cost(
+        "gpt-4o-mini-2024-07-18", usage(1_000_000, 0)
+    )
 
 
 def test_prices_from_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
