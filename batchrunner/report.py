@@ -24,6 +24,12 @@ class ModelCost:
     #: None when the model's price is unknown.
     cost_usd: Decimal | None
 
+    @property
+    def known_cost_usd(self) -> Decimal | None:
+        """`cost_usd`, or None also when not one of the answers reported its usage."""
+        u = self.usage
+        return None if u.without_usage == u.results + u.discarded else self.cost_usd
+
 
 @dataclass(frozen=True, slots=True)
 class BatchStatus:
@@ -47,6 +53,18 @@ class BatchStatus:
     @property
     def unpriced_models(self) -> list[str]:
         return [m.usage.model for m in self.models if m.cost_usd is None]
+
+    @property
+    def without_usage(self) -> int:
+        """Results whose answer reported no usage: what they cost is not in `cost_usd`."""
+        return sum(m.usage.without_usage for m in self.models)
+
+    @property
+    def known_cost_usd(self) -> Decimal | None:
+        """`cost_usd`, or None when results were kept and not one of them could be priced
+        (no price known, or no usage reported): a sum of nothing known is not $0."""
+        priced = any(m.known_cost_usd is not None for m in self.models)
+        return self.cost_usd if priced or not self.models else None
 
     @property
     def tokens(self) -> dict[str, int]:
@@ -103,8 +121,9 @@ class BatchStatus:
             "counts": dict(self.counts.counts),
             "invalid_lines": b.invalid_lines,
             "tokens": self.tokens,
-            "cost_usd": float(self.cost_usd),
+            "cost_usd": None if self.known_cost_usd is None else float(self.known_cost_usd),
             "unpriced_models": self.unpriced_models,
+            "results_without_usage": self.without_usage,
             "models": [
                 {
                     "model": m.usage.model,
@@ -115,7 +134,8 @@ class BatchStatus:
                     "reasoning_tokens": m.usage.reasoning_tokens,
                     "total_tokens": m.usage.total_tokens,
                     "discarded_answers": m.usage.discarded,
-                    "cost_usd": None if m.cost_usd is None else float(m.cost_usd),
+                    "results_without_usage": m.usage.without_usage,
+                    "cost_usd": None if m.known_cost_usd is None else float(m.known_cost_usd),
                 }
                 for m in self.models
             ],
@@ -201,7 +221,7 @@ def usage_by_model(groups: list[UsageGroup]) -> list[ModelUsage]:
     """Token totals by model, from `JobStore.usage_groups`."""
     totals: dict[str, list[int]] = {}
     for g in groups:
-        sums = totals.setdefault(g.model, [0] * 7)
+        sums = totals.setdefault(g.model, [0] * 8)
         for i, value in enumerate(
             (
                 g.results,
@@ -211,6 +231,8 @@ def usage_by_model(groups: list[UsageGroup]) -> list[ModelUsage]:
                 g.reasoning_tokens,
                 g.total_tokens,
                 g.discarded,
+                # `requests` counts the results with usage and the discarded answers (all with).
+                g.results + g.discarded - g.requests,
             )
         ):
             sums[i] += value
@@ -322,20 +344,24 @@ def render_status(st: BatchStatus) -> str:
         f"tokens    prompt {t['prompt_tokens']} (cached {t['cached_tokens']}), completion "
         f"{t['completion_tokens']} (reasoning {t['reasoning_tokens']}), total {t['total_tokens']}"
     )
-    cost = f"cost      {_usd(st.cost_usd)}"
-    if st.unpriced_models:
+    known = st.known_cost_usd
+    cost = f"cost      {'unknown' if known is None else _usd(known)}"
+    if st.unpriced_models and known is not None:
         cost += f"  + unknown for {', '.join(st.unpriced_models)} (no price known)"
+    if st.without_usage and known is not None:
+        cost += f"  + unknown for {st.without_usage} result(s) whose answer reported no usage"
     out.append(cost)
     for m in st.models:
-        price = "unknown" if m.cost_usd is None else _usd(m.cost_usd)
+        price = "unknown" if m.known_cost_usd is None else _usd(m.known_cost_usd)
+        notes = []
+        if m.usage.discarded:
+            notes.append(f"with {m.usage.discarded} answer(s) paid for and tried again")
+        if m.usage.without_usage:
+            notes.append(f"{m.usage.without_usage} without usage: tokens and cost unknown")
         out.append(
             f"  {m.usage.model:<32} {m.usage.results:>8} results  "
             f"{m.usage.total_tokens:>12} tokens  {price}"
-            + (
-                f"  (with {m.usage.discarded} answer(s) paid for and tried again)"
-                if m.usage.discarded
-                else ""
-            )
+            + (f"  ({'; '.join(notes)})" if notes else "")
         )
     rps, tps = st.requests_per_s, st.tokens_per_s
     out.append(

@@ -15,7 +15,7 @@ from pathlib import Path
 from batchrunner import journal, report
 from batchrunner.client import is_insecure, is_loopback
 from batchrunner.config import RunConfig, check_base_url, check_key_env
-from batchrunner.dispatcher import Dispatcher, RunResult, StopReason
+from batchrunner.dispatcher import Dispatcher, RunResult, StopReason, worst_case_cost
 from batchrunner.errors import BudgetExceeded, UsageError
 from batchrunner.lines import names_a_file
 from batchrunner.pricing import PriceBook
@@ -121,11 +121,21 @@ async def run(
                 + "; add them to a price file (--prices)"
             )
         spent = status.cost_usd
+        if status.without_usage:
+            # What they cost is not known: their worst case, as the run that received them
+            # counted it (else every run would start from less than was spent).
+            spent += await _worst_case_without_usage(store, batch.id, prices)
         cap = Decimal(str(config.max_cost_usd))
         if spent >= cap:
             raise BudgetExceeded(
-                f"the batch has already cost ${spent:f}, at or over --max-cost ${cap:f};"
-                " run again with a higher cap to go on"
+                f"the batch has already cost ${spent:f}"
+                + (
+                    f" (counting the worst case of {status.without_usage} answer(s) that"
+                    " reported no usage)"
+                    if status.without_usage
+                    else ""
+                )
+                + f", at or over --max-cost ${cap:f}; run again with a higher cap to go on"
             )
 
     config = _within_open_files(config, warn)
@@ -188,6 +198,16 @@ async def cancel(store: JobStore, batch_id: str) -> tuple[int, int]:
     if directory is not None:
         recorded = await journal.recover(store, batch_id, directory, time.time())
     return recorded, await store.cancel(batch_id)
+
+
+async def _worst_case_without_usage(store: JobStore, batch_id: str, prices: PriceBook) -> Decimal:
+    """The sum of the worst cases of the batch's results whose answer reported no usage."""
+    total = Decimal(0)
+    after = 0
+    while page := await store.bodies_without_usage(batch_id, after):
+        total += sum((worst_case_cost(body, prices) for _, body in page), Decimal(0))
+        after = page[-1][0]
+    return total
 
 
 def _within_open_files(config: RunConfig, warn: Callable[[str], None]) -> RunConfig:

@@ -165,6 +165,9 @@ class ModelUsage:
     total_tokens: int
     #: Answers paid for and tried again, counted in the tokens above (not in `results`).
     discarded: int = 0
+    #: Results whose answer reported no usage (a stream without include_usage): their tokens
+    #: and cost are unknown, and not in the sums above.
+    without_usage: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -617,7 +620,7 @@ class JobStore:
 
         For pricing a sum exactly: within one group every request has the same rates."""
         groups = await self._usage_groups(
-            "COALESCE(r.model, j.model)",
+            "COALESCE(NULLIF(r.model, ''), j.model)",
             "r.finished_at",
             ("COUNT(*)", "0"),
             "jobs j JOIN results r ON r.job_id = j.id WHERE j.batch_id = :b",
@@ -686,6 +689,22 @@ class JobStore:
                 )
             ).all()
         return [UsageGroup(str(r[0]), *(int(x) for x in r[1:])) for r in rows]
+
+    async def bodies_without_usage(
+        self, batch_id: str, after: int = 0, most: int = 1_000
+    ) -> list[tuple[int, str]]:
+        """(job id, request body) of up to `most` of the batch's results whose answer reported
+        no usage, the job ids past `after`, in order."""
+        async with self.reading() as conn:
+            rows = (
+                await conn.execute(
+                    "SELECT j.id, j.body FROM jobs j JOIN results r ON r.job_id = j.id"
+                    " WHERE j.batch_id = :b AND j.state = 'succeeded' AND j.id > :after"
+                    " AND r.prompt_tokens IS NULL ORDER BY j.id LIMIT :most",
+                    {"b": batch_id, "after": after, "most": most},
+                )
+            ).all()
+        return [(int(id_), str(body)) for id_, body in rows]
 
     async def error_counts(self, batch_id: str, limit: int = 10) -> list[tuple[str, int]]:
         """Failed jobs by error kind, most frequent first."""

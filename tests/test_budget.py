@@ -142,6 +142,41 @@ async def test_a_batch_at_its_cap_is_refused(store: JobStore, make_file: MakeFil
             await _run(store, batch_id, spent)
 
 
+async def test_answers_without_usage_count_their_worst_case_in_the_next_run_too(
+    store: JobStore, make_file: MakeFile
+) -> None:
+    """A stream without include_usage reports no usage. The run that received such answers
+    counted their worst case; the next one started from the known cost, $0, and sent the
+    cap's worth again (and `status` said the batch had cost $0)."""
+    rows = _rows(6)
+    worst = _worst_case(rows[0])
+    assert all(_worst_case(r) == worst for r in rows)
+    received: list[str] = []
+
+    async def no_usage(request: web.Request) -> web.Response:
+        body = orjson.loads(await request.read())
+        received.append(body["messages"][-1]["content"])
+        return web.Response(body=_completion("ok", body["model"]), content_type="application/json")
+
+    config = replace(BASE, concurrency=1, max_cost_usd=float(worst * Decimal("2.5")))
+    async with running(no_usage) as base_url:
+        batch_id = (await submit_file(store, make_file(rows), base_url=base_url)).batch.id
+        for _ in range(2):
+            rep = await run(
+                store, batch_id, config, warn=lambda _: None, progress=False, install_signals=False
+            )
+            assert rep.exit_code == EXIT_ABORTED and rep.result.reason is StopReason.BUDGET
+    assert len(received) == 2, "the second run counted the first's answers at their worst case"
+
+    status = await report.batch_status(store, batch_id, PriceBook())
+    assert status.without_usage == 2 and status.known_cost_usd is None
+    as_json = status.to_json()
+    assert as_json["cost_usd"] is None and as_json["results_without_usage"] == 2
+    assert as_json["models"][0]["cost_usd"] is None
+    text = report.render_status(status)
+    assert "cost      unknown" in text and "2 without usage: tokens and cost unknown" in text
+
+
 # --- answers paid for and tried again ---------------------------------------------------------
 
 SCHEMA_FORMAT = {
