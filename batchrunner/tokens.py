@@ -45,10 +45,13 @@ AUDIO_PART_TOKENS: Final = 600
 FILE_PART_TOKENS: Final = 1_500
 
 #: Worst-case output when a body sets no `max_completion_tokens` / `max_tokens` and the model is
-#: not in `MAX_OUTPUT_TOKENS_BY_PREFIX`.
-DEFAULT_MAX_OUTPUT_TOKENS: Final = 8_192
-#: The most a model may write in one choice (OpenAI's model pages), first matching prefix wins.
-#: Reasoning models count their hidden reasoning here too, hence the large caps.
+#: not in `MAX_OUTPUT_TOKENS_BY_PREFIX`: as much as the models that write the most (gpt-5's
+#: 128,000; Claude's newest and many open models served with a 128 Ki context), so that a cost
+#: cap holds whatever the model; a request's own cap makes its worst case closer.
+DEFAULT_MAX_OUTPUT_TOKENS: Final = 131_072
+#: The most a model may write in one choice (the vendors' model pages), first matching prefix
+#: of the name without its gateway prefix wins. Reasoning models count their hidden reasoning
+#: here too, hence the large caps.
 MAX_OUTPUT_TOKENS_BY_PREFIX: Final[tuple[tuple[str, int], ...]] = (
     ("gpt-5", 128_000),
     ("o1", 100_000),
@@ -61,6 +64,21 @@ MAX_OUTPUT_TOKENS_BY_PREFIX: Final[tuple[tuple[str, int], ...]] = (
     ("gpt-4", 8_192),
     ("gpt-3.5", 4_096),
     ("gpt-35", 4_096),
+    # Anthropic (its own names and OpenRouter's): Claude 3.7 writes 128,000 with a beta
+    # header, the 4.x models 32,000 to 128,000.
+    ("claude-3-5", 8_192),
+    ("claude-3.5", 8_192),
+    ("claude-3-opus", 4_096),
+    ("claude-3-sonnet", 4_096),
+    ("claude-3-haiku", 4_096),
+    ("claude", 128_000),
+    # Google: 2.5 and later write 65,536 (thinking included); earlier ones 8,192.
+    ("gemini-1", 8_192),
+    ("gemini-2.0", 8_192),
+    ("gemini", 65_536),
+    # DeepSeek's own API.
+    ("deepseek-chat", 8_192),
+    ("deepseek-reasoner", 65_536),
 )
 
 # Model families on o200k_base are listed before "gpt-4" so that "gpt-4o" / "gpt-4.1" do not
