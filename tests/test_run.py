@@ -15,11 +15,12 @@ from aiohttp import web
 from openai.types.chat import ChatCompletion
 from sqlalchemy import text
 
-from batchrunner import dispatcher
+from batchrunner import dispatcher, report
 from batchrunner.config import RunConfig
 from batchrunner.dispatcher import StopReason
 from batchrunner.fakeapi import FakeConfig, FakeServer
 from batchrunner.ingest import submit_file
+from batchrunner.pricing import PriceBook
 from batchrunner.runner import EXIT_ABORTED, EXIT_OK, EXIT_SOME_FAILED, RunReport, run
 from batchrunner.states import MODEL_CHARS, REQUEST_ID_CHARS
 from batchrunner.store import ClaimedJob, JobStore
@@ -250,6 +251,25 @@ async def test_names_in_an_answer_longer_than_their_columns_are_cut(
     assert saved == ("m" * MODEL_CHARS, "r" * REQUEST_ID_CHARS)
     logged = await _one_row(store, "SELECT request_id FROM attempts WHERE job_id = :j", j=job.id)
     assert logged == ("r" * REQUEST_ID_CHARS,)
+
+
+async def test_an_answer_with_an_empty_model_name_is_counted_under_the_requests_model(
+    store: JobStore, make_file: MakeFile
+) -> None:
+    # status listed a model named "" (unpriced, its cost left out of the total) while export
+    # priced the row by the request's model; a --max-cost run then refused to start.
+    usage = {"prompt_tokens": 10, "completion_tokens": 2, "total_tokens": 12}
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return web.Response(
+            body=_completion(model="", usage=usage), content_type="application/json"
+        )
+
+    rep, (job,) = await _run_against(store, make_file, handler, [chat("hello", model="gpt-4o")])
+    assert rep.exit_code == 0
+    status = await report.batch_status(store, rep.batch.id, PriceBook())
+    assert [m.usage.model for m in status.models] == ["gpt-4o"]
+    assert status.unpriced_models == [] and status.cost_usd > 0
 
 
 async def test_header_bytes_that_are_not_utf8_are_recorded(
