@@ -602,7 +602,25 @@ class Dispatcher:
             counts = await self.store.counts(self.batch.id)
             if counts.unfinished == 0:
                 return
+            if counts.counts["running"] and await self._give_back_lost_jobs():
+                self._look_back_at = 0.0  # they lie behind the last claim
+                continue
             await asyncio.sleep(IDLE_POLL_S)
+
+    async def _give_back_lost_jobs(self) -> int:
+        """Jobs still leased to this run when every job it took has ended or been dropped:
+        lost on the way (a claim that committed and whose answer the connection lost, a job
+        dropped when the process had been stopped past its lease). Its heartbeats renew every
+        job leased to it, so they would wait for ever, and the run with them: they are given
+        back, for the next claim."""
+        try:
+            lost = await self.store.release_all(self.worker_id, self.batch.id)
+        except StoreError as exc:
+            log.warning("giving back jobs failed (%s); trying again", exc.message)
+            return 0
+        if lost:
+            log.warning("%d job(s) this run had lost track of were given back, to be sent", lost)
+        return lost
 
     def _claim_rows(self) -> int:
         """How many jobs to claim now: CLAIM_AHEAD_S of work at the pace so far, within the

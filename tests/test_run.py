@@ -18,6 +18,7 @@ from sqlalchemy import text
 from batchrunner import dispatcher, report
 from batchrunner.config import RunConfig
 from batchrunner.dispatcher import StopReason
+from batchrunner.errors import StoreError
 from batchrunner.fakeapi import FakeConfig, FakeServer
 from batchrunner.ingest import submit_file
 from batchrunner.pricing import PriceBook
@@ -265,7 +266,7 @@ async def test_an_answer_with_an_empty_model_name_is_counted_under_the_requests_
             body=_completion(model="", usage=usage), content_type="application/json"
         )
 
-    rep, (job,) = await _run_against(store, make_file, handler, [chat("hello", model="gpt-4o")])
+    rep, _ = await _run_against(store, make_file, handler, [chat("hello", model="gpt-4o")])
     assert rep.exit_code == 0
     status = await report.batch_status(store, rep.batch.id, PriceBook())
     assert [m.usage.model for m in status.models] == ["gpt-4o"]
@@ -368,6 +369,56 @@ async def test_a_bug_in_recording_stops_the_run_and_keeps_its_answers(
         assert srv.stats.requests_total == sent + (20 - again.result.stats.recovered)
         assert again.result.stats.recovered >= 1
     assert {row.state for row in await _job_rows(store, batch_id)} == {"succeeded"}
+
+
+async def test_jobs_of_a_claim_whose_answer_was_lost_are_sent(
+    store: JobStore, make_file: MakeFile, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The claim committed and the connection dropped before its rows came back: the retry
+    # claimed others under a new token, and the lost claim's jobs stayed leased to the run,
+    # renewed by its heartbeats, while the run waited for them for ever.
+    claim = JobStore.claim
+    calls = 0
+
+    async def answer_lost(self: JobStore, *args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        jobs = await claim(self, *args, **kwargs)
+        if calls == 2 and jobs:
+            raise StoreError("connection was closed in the middle of operation")
+        return jobs
+
+    monkeypatch.setattr(JobStore, "claim", answer_lost)
+    async with FakeServer(FakeConfig()) as srv:
+        batch_id = await _submit(store, make_file([chat(f"q{i}") for i in range(200)]), srv)
+        rep = await asyncio.wait_for(_run(store, batch_id, replace(FAST, concurrency=4)), 60)
+        assert rep.exit_code == EXIT_OK and rep.result.unfinished == 0
+        assert srv.stats.requests_total == 200 and len(srv.stats.requests_by_body) == 200
+    assert calls > 2
+
+
+async def test_a_job_dropped_for_its_lapsed_lease_is_sent_when_no_one_else_has_it(
+    store: JobStore, make_file: MakeFile, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A process stopped past its lease (a laptop asleep, a paused machine) drops the jobs it
+    # was about to send: another worker may have them. None had: its own heartbeats renewed
+    # them, and the run waited for them for ever.
+    alive = dispatcher.Dispatcher._lease_alive
+    dropped: set[int] = set()
+
+    def lapsed_once(self: dispatcher.Dispatcher, job: ClaimedJob) -> bool:
+        if job.line % 50 == 0 and job.id not in dropped:
+            dropped.add(job.id)
+            return False
+        return alive(self, job)
+
+    monkeypatch.setattr(dispatcher.Dispatcher, "_lease_alive", lapsed_once)
+    async with FakeServer(FakeConfig()) as srv:
+        batch_id = await _submit(store, make_file([chat(f"q{i}") for i in range(200)]), srv)
+        rep = await asyncio.wait_for(_run(store, batch_id), 60)
+        assert rep.exit_code == EXIT_OK and rep.result.unfinished == 0
+        assert rep.result.stats.lost_leases == len(dropped) == 4
+        assert srv.stats.requests_total == 200 and len(srv.stats.requests_by_body) == 200
 
 
 async def test_a_bug_in_coordination_stops_the_run(
