@@ -57,8 +57,16 @@ MESSAGE_BODY_CHARS: Final = 300
 
 _SCRUBBED: Final = "***"
 _QUOTA: Final = "insufficient_quota"
-#: 4xx answers that say "not now" rather than "never": request timeout, conflict.
-_RETRY_4XX: Final = frozenset({408, 409})
+#: Codes and types of an error that says the account cannot pay, whatever its status: OpenAI's,
+#: DeepSeek's, LiteLLM's proxy budget (400), OpenAI's billing limit.
+_NO_BALANCE: Final = frozenset(
+    {_QUOTA, "insufficient_balance", "budget_exceeded", "billing_hard_limit_reached"}
+)
+#: ...and the words of one that has no such code: Anthropic's (a 400 invalid_request_error).
+_NO_BALANCE_WORDS: Final = ("credit balance is too low",)
+#: 4xx answers that say "not now" rather than "never": request timeout, conflict, Groq's flex
+#: tier out of capacity (498).
+_RETRY_4XX: Final = frozenset({408, 409, 498})
 #: 5xx answers that say "never": not implemented (a gateway without the endpoint or the
 #: feature asked for), HTTP version not supported. Sending the same request again cannot help.
 _NEVER_5XX: Final = frozenset({501, 505})
@@ -144,7 +152,9 @@ def parse_duration_s(text: str) -> float | None:
 
 def parse_retry_after_s(headers: Headers) -> float | None:
     """The server's requested delay: `retry-after-ms` (finer, preferred) or `Retry-After`
-    as seconds or an HTTP-date; None when absent or unreadable."""
+    as seconds or an HTTP-date; None when absent or unreadable, and when it asks for no wait
+    at all (0, a date already past): a server that refuses and says "now" has said nothing
+    about when, and taken at its word it drew a storm of attempts that failed their jobs."""
     millis = headers.get("retry-after-ms")
     if millis is not None:
         try:
@@ -152,7 +162,7 @@ def parse_retry_after_s(headers: Headers) -> float | None:
         except ValueError:
             pass
         else:
-            if math.isfinite(value) and value >= 0:
+            if math.isfinite(value) and value > 0:
                 return value
     text = headers.get("retry-after")
     if text is None:
@@ -168,9 +178,10 @@ def parse_retry_after_s(headers: Headers) -> float | None:
         if when.tzinfo is None:
             # HTTP-dates are always GMT, even when a server leaves the zone out.
             when = when.replace(tzinfo=datetime.UTC)
-        # An HTTP-date is wall-clock time by definition; a date already past means "now".
-        return max(0.0, when.timestamp() - time.time())
-    if not math.isfinite(value) or value < 0:
+        # An HTTP-date is wall-clock time by definition.
+        wait_s = when.timestamp() - time.time()
+        return wait_s if wait_s > 0 else None
+    if not math.isfinite(value) or value <= 0:
         return None
     return value
 
@@ -258,7 +269,31 @@ def _error_of(value: object) -> dict[str, Any] | None:
 
 
 def _says_quota(error: dict[str, Any] | None) -> bool:
-    return error is not None and (error.get("code") == _QUOTA or error.get("type") == _QUOTA)
+    """Whether an error says the account cannot pay: the run stops, the jobs stay pending
+    (failing them all at full speed would fail the whole batch)."""
+    if error is None:
+        return False
+    if error.get("code") in _NO_BALANCE or error.get("type") in _NO_BALANCE:
+        return True
+    message = error.get("message")
+    return isinstance(message, str) and any(w in message.lower() for w in _NO_BALANCE_WORDS)
+
+
+def _says_rate_limit(error: dict[str, Any] | None) -> bool:
+    """Whether an error inside a 2xx answer or a stream is a rate limit (OpenRouter sends
+    429s there once a stream has begun)."""
+    if error is None:
+        return False
+    code = error.get("code")
+    return code == 429 or code == "429" or code == "rate_limit_exceeded"
+
+
+def _says_too_large(error: dict[str, Any] | None) -> bool:
+    """Whether a 429 says this request is larger than the whole limit (OpenAI: "Request too
+    large for gpt-4o ... on tokens per min (TPM): Limit 30000, Requested 31538"): waiting
+    cannot help."""
+    message = None if error is None else error.get("message")
+    return isinstance(message, str) and message.startswith("Request too large")
 
 
 def _error_message(error: dict[str, Any] | None) -> str | None:
@@ -341,7 +376,7 @@ def _classify(
         return Outcome(
             OutcomeKind.RETRY,
             status,
-            error_kind="not_completion",
+            error_kind="rate_limit" if _says_rate_limit(error) else "not_completion",
             message=scrub(message),
             body=scrub(text),
             request_id=request_id,
@@ -352,12 +387,16 @@ def _classify(
 
     text = raw.decode(errors="replace")
     error = _error_of(parsed)
-    if _says_quota(error) or status == 402:
+    retry_after_s = parse_retry_after_s(headers)
+    if _says_quota(error) or (status == 402 and retry_after_s is None):
         return _quota(status, error, text, request_id, latency_s, ratelimit, scrub)
     message = _error_message(error) or _fallback_message(status, reason, text)
     if status in (401, 403):
         kind, error_kind = OutcomeKind.STOP_RUN, "auth"
-    elif status == 429:
+    elif status == 429 and _says_too_large(error):
+        kind, error_kind = OutcomeKind.FAIL_JOB, "request_too_large"
+    elif status in (429, 402):
+        # (A 402 with a Retry-After: OpenRouter's budget for requests in flight, for now.)
         kind, error_kind = OutcomeKind.RETRY, "rate_limit"
     elif status >= 500 and status not in _NEVER_5XX:
         kind, error_kind = OutcomeKind.RETRY, "server_error"
@@ -378,7 +417,7 @@ def _classify(
         body=scrub(text),
         request_id=request_id,
         latency_s=latency_s,
-        retry_after_s=parse_retry_after_s(headers) if kind is OutcomeKind.RETRY else None,
+        retry_after_s=retry_after_s if kind is OutcomeKind.RETRY else None,
         ratelimit=ratelimit,
     )
 
@@ -922,7 +961,7 @@ def _stream_outcome(
         return Outcome(
             OutcomeKind.RETRY,
             status,
-            error_kind="stream_error",
+            error_kind="rate_limit" if _says_rate_limit(error) else "stream_error",
             message=scrub(_error_message(error) or "the stream carried an error event"),
             # As an error answer carries it, so that exports find the API's code and message.
             body=scrub(orjson.dumps({"error": error}).decode()),

@@ -166,6 +166,26 @@ ERROR_400 = {"error": {"message": "Invalid model", "type": "invalid_request_erro
 QUOTA = {"error": {"message": "You exceeded your quota", "type": "x", "code": "insufficient_quota"}}
 QUOTA_BY_TYPE = {"error": {"message": "No credit", "type": "insufficient_quota", "code": None}}
 RATE_LIMIT = {"error": {"message": "Slow down", "type": "requests", "code": "rate_limit_exceeded"}}
+#: OpenAI's 429 for a request larger than the whole tokens-per-minute limit.
+TOO_LARGE = {
+    "error": {
+        "message": "Request too large for gpt-4o in organization org-x on tokens per min (TPM):"
+        " Limit 30000, Requested 31538. The input or output tokens must be reduced in order to"
+        " run successfully.",
+        "type": "tokens",
+        "code": "rate_limit_exceeded",
+    }
+}
+#: Anthropic's account without credit, as a 400; a LiteLLM proxy's budget.
+NO_CREDIT = {
+    "error": {
+        "message": "Your credit balance is too low to access the Anthropic API.",
+        "type": "invalid_request_error",
+    }
+}
+BUDGET = {"error": {"message": "Budget has been exceeded!", "type": "budget_exceeded"}}
+#: OpenRouter's rate limit inside a 200 answer.
+LIMITED_IN_200 = {"error": {"message": "Rate limit exceeded", "code": 429}}
 
 
 @pytest.mark.parametrize(
@@ -208,6 +228,12 @@ RATE_LIMIT = {"error": {"message": "Slow down", "type": "requests", "code": "rat
         (402, b"", OutcomeKind.STOP_RUN, "quota", None),
         (429, QUOTA, OutcomeKind.STOP_RUN, "quota", "You exceeded your quota"),
         (400, QUOTA_BY_TYPE, OutcomeKind.STOP_RUN, "quota", "No credit"),
+        (400, NO_CREDIT, OutcomeKind.STOP_RUN, "quota", NO_CREDIT["error"]["message"]),
+        (400, BUDGET, OutcomeKind.STOP_RUN, "quota", "Budget has been exceeded!"),
+        (429, TOO_LARGE, OutcomeKind.FAIL_JOB, "request_too_large", None),
+        (200, LIMITED_IN_200, OutcomeKind.RETRY, "rate_limit", "Rate limit exceeded"),
+        (498, {"error": {"message": "Capacity exceeded", "code": "capacity_exceeded"}},
+         OutcomeKind.RETRY, "http_498", "Capacity exceeded"),
     ],
 )  # fmt: skip
 async def test_http_table(
@@ -233,6 +259,18 @@ async def test_http_table(
         assert outcome.completion is None
         assert outcome.message
         assert outcome.body == raw.decode(errors="replace")
+
+
+async def test_a_402_that_says_when_to_come_back_is_waited_for_not_the_end(serve: Serve) -> None:
+    # OpenRouter's 402 for its budget of requests in flight comes with a Retry-After: the
+    # account is fine, and stopping the run for it stopped an overnight batch for nothing.
+    base_url = await serve(answer(402, {"error": {"message": "busy"}}, {"Retry-After": "2"}))
+    outcome = await send(base_url)
+    assert (outcome.kind, outcome.error_kind, outcome.retry_after_s) == (
+        OutcomeKind.RETRY,
+        "rate_limit",
+        2.0,
+    )
 
 
 async def test_success_body_is_kept_byte_for_byte(serve: Serve) -> None:
@@ -297,7 +335,11 @@ def http_date(offset_s: float) -> str:
         ({"retry-after-ms": "soon", "Retry-After": "5"}, 5.0, 5.0),
         # HTTP-dates have whole seconds and the wall clock moves on: a range, not a value.
         ({"Retry-After": "DATE+30"}, 25.0, 31.0),
-        ({"Retry-After": "DATE-30"}, 0.0, 0.0),
+        # "Now" says nothing about when: the pacer's own backoff holds instead (taken at its
+        # word, a refusing server drew a storm of attempts that used up their jobs' allowance).
+        ({"Retry-After": "DATE-30"}, None, None),
+        ({"Retry-After": "0"}, None, None),
+        ({"retry-after-ms": "0", "Retry-After": "3"}, 3.0, 3.0),
         ({"Retry-After": "whenever"}, None, None),
         ({"Retry-After": "-3"}, None, None),
         ({}, None, None),
@@ -341,8 +383,8 @@ def test_text_from_the_wire_is_text_a_database_can_hold(
 
 def test_retry_after_parser_takes_plain_mappings() -> None:
     assert parse_retry_after_s({"retry-after": "3"}) == 3.0
-    assert parse_retry_after_s({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}) == 0.0
-    assert parse_retry_after_s({"retry-after": "Wed, 21 Oct 2015 07:28:00"}) == 0.0
+    assert parse_retry_after_s({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}) is None
+    assert parse_retry_after_s({"retry-after": "Wed, 21 Oct 2015 07:28:00"}) is None
     in_an_hour = parse_retry_after_s({"retry-after": http_date(3600).replace("GMT", "")})
     assert in_an_hour is not None and in_an_hour > 3000
 
@@ -887,6 +929,20 @@ async def test_stream_error_event() -> None:
     )
     # Kept as an error answer carries it, so that exports find the API's code and message.
     assert outcome.body is not None and orjson.loads(outcome.body) == {"error": error}
+
+
+async def test_a_rate_limit_in_a_stream_is_a_rate_limit() -> None:
+    # OpenRouter's 429 once a stream has begun: a chunk with the error beside a choice that
+    # finished with "error". As a plain stream error it used up the job's --max-attempts and
+    # neither paused nor slowed the run.
+    limited = {
+        "id": "gen-1",
+        "object": "chat.completion.chunk",
+        "error": {"code": 429, "message": "Rate limit exceeded"},
+        "choices": [{"index": 0, "delta": {"content": ""}, "finish_reason": "error"}],
+    }
+    outcome = await stream_outcome(sse(chunk([delta(content="Hi")]), limited, done=False))
+    assert (outcome.kind, outcome.error_kind) == (OutcomeKind.RETRY, "rate_limit")
 
 
 async def test_stream_quota_error_event_stops_the_run() -> None:
