@@ -30,8 +30,9 @@ What it owns
      to the same episode: they may extend the pause but lower nothing.
   3. Every ``PROBE_INTERVAL_S`` without a 429 (and not paused) the effective rate grows by
      ``PROBE_STEP`` (2 %) up to the configured limit, to find capacity the server gives back;
-     once a step would come within 2 % of the rate that drew the last 429, only every
-     ``PROBE_NEAR_CEILING_INTERVAL_S``, since each 429 up there pauses the whole run again.
+     while a step would come within 2 % of the rate that drew the last 429 (either side),
+     only every ``PROBE_NEAR_CEILING_INTERVAL_S``, since each 429 up there pauses the whole
+     run again.
 
   With no configured request limit, a 429 starts request pacing at the accepted rate (once that
   rests on enough attempts), and probing then raises it without a ceiling.
@@ -47,6 +48,14 @@ What it owns
      lower. Their pauses still hold every acquirer, and probing still starts over at each of
      them. A 429 among more refusals, or one whose ``x-ratelimit-remaining-*`` header is 0,
      lowers the rate as in 2. and starts over.
+
+  5. A 429 for an attempt sent after the last decrease, with none sent after it accepted
+     yet, lowers nothing: the server is refusing whatever the rate (an outage, a fixed
+     window spent), and rates measured while the run mostly waits are noise. Its pause is
+     at least the default backoff, doubled for each such 429 in a row, whatever shorter
+     Retry-After it came with. (Lowering at each of them, a 15-second outage answered with
+     ``Retry-After: 1`` took a run from 600 requests per minute to 8, and probing took an
+     hour to climb back.)
 
 Contract: every ``acquire`` is followed by exactly one ``observe`` with the same token estimate,
 whatever happened to the attempt; the in-flight counts the header checks rely on come from that.
@@ -88,7 +97,8 @@ SECONDS_PER_MINUTE = 60.0
 #: Largest burst: this many seconds' worth of the per-minute budget may go at once (at least one
 #: request).
 BURST_S = 0.1
-#: Pause after a 429 without Retry-After; doubled for each episode that follows another without
+#: Pause after a 429 without Retry-After (or with a shorter one, when nothing was accepted since
+#: the last decrease: module text, 5.); doubled for each episode that follows another without
 #: a success in between, up to DEFAULT_BACKOFF_MAX_S.
 DEFAULT_BACKOFF_S = 1.0
 DEFAULT_BACKOFF_MAX_S = 30.0
@@ -258,6 +268,9 @@ class Pacer:
         self._started_s: float | None = None
         self._last_rate_change_s = now
         self._decreased_at_s = -math.inf
+        #: Whether an attempt sent after the last decrease has succeeded: until one has, the
+        #: server refuses whatever the rate, and further 429s lower nothing (module text, 5.).
+        self._accepted_since_decrease = True
         #: The rate being sent when the last 429 episode began.
         self._ceiling_rpm = math.inf
         #: Slowdowns in a row for a few 429s (SPORADIC_FRACTION), and the pace they left.
@@ -352,6 +365,8 @@ class Pacer:
             )
         elif outcome.kind is OutcomeKind.SUCCESS:
             self._backoff_s = DEFAULT_BACKOFF_S
+            if sent_at_s is None or sent_at_s > self._decreased_at_s:
+                self._accepted_since_decrease = True
             self._correct_tokens(outcome, estimated_tokens)
         if outcome.ratelimit is not None:
             self._apply_headers(now, outcome.ratelimit)
@@ -369,12 +384,17 @@ class Pacer:
         self._rate_limited_count += 1
         # Probing starts over: the server just said the current rate is too much.
         self._last_rate_change_s = now
-        if retry_after_s is not None:
+        # Refused again with nothing accepted since the last decrease: an outage or a spent
+        # window, which no rate fixes. The pause grows instead (module text, 5.).
+        outage = not stale and not self._accepted_since_decrease
+        if retry_after_s is not None and not outage:
             self._pause(now, now + max(0.0, retry_after_s))
         elif not stale:
-            self._pause(now, now + self._backoff_s)
+            self._pause(now, now + max(retry_after_s or 0.0, self._backoff_s))
             self._backoff_s = min(self._backoff_s * 2, DEFAULT_BACKOFF_MAX_S)
-        if not stale:
+        elif retry_after_s is not None:
+            self._pause(now, now + max(0.0, retry_after_s))
+        if not stale and not outage:
             self._slow_down(now, now if sent_at_s is None else sent_at_s, exhausted=exhausted)
 
     def _slow_down(self, now: float, known_until_s: float, *, exhausted: bool = False) -> None:
@@ -420,6 +440,7 @@ class Pacer:
         self._set_effective(now, rpm)
         self._ceiling_rpm = ceiling_rpm
         self._decreased_at_s = now
+        self._accepted_since_decrease = False
         self._stale_outcomes = self._in_flight
 
     def _probe(self, now: float) -> None:
@@ -428,7 +449,9 @@ class Pacer:
             return
         if now < self._paused_until_s:
             return
-        near_ceiling = current * PROBE_STEP > self._ceiling_rpm * CEILING_FRACTION
+        # Within 2 % of it either way: above it, nothing says where the limit is.
+        step_rpm, ceiling = current * PROBE_STEP, self._ceiling_rpm
+        near_ceiling = ceiling * CEILING_FRACTION < step_rpm <= ceiling / CEILING_FRACTION
         interval_s = PROBE_NEAR_CEILING_INTERVAL_S if near_ceiling else PROBE_INTERVAL_S
         if now - self._last_rate_change_s < interval_s:
             return

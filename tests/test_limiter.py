@@ -12,6 +12,8 @@ import pytest
 from batchrunner import progress
 from batchrunner.limiter import (
     BURST_S,
+    DECREASE_FLOOR_FRACTION,
+    DECREASE_MARGIN,
     DEFAULT_BACKOFF_S,
     PROBE_INTERVAL_S,
     PROBE_STEP,
@@ -214,9 +216,18 @@ async def test_a_429_lowers_the_request_rate_of_the_whole_run() -> None:
     for _ in range(10):
         await p.acquire()
         p.observe(success())
-    # More than a few 429s (one to three lower it by a step at most: module text, 4.).
+    # A first 429 lowers it by a step (module text, 4.); those that follow with nothing
+    # accepted in between lower nothing more (5.).
     for _ in range(SPORADIC_REFUSALS + 1):
         await p.acquire()
+        p.observe(rate_limited(retry_after_s=1.0))
+    assert p.snapshot().effective_rpm == 6000 * DECREASE_MARGIN
+    # Accepted again, then more than a few 429s (of attempts sent together): the rate the
+    # server accepted.
+    for _ in range(10):
+        await p.acquire()
+        p.observe(success())
+    for _ in [await p.acquire() for _ in range(SPORADIC_REFUSALS + 1)]:
         p.observe(rate_limited(retry_after_s=1.0))
 
     effective = p.snapshot().effective_rpm
@@ -224,10 +235,12 @@ async def test_a_429_lowers_the_request_rate_of_the_whole_run() -> None:
     # Ten went through in the first (floored) second: the server is taken at about its word.
     assert effective < 6000 * 0.5
     start_s = vt.elapsed_s()
-    # Within the first probe interval, so the rate is still the lowered one.
+    # Within the first probe interval, so the rate is still the lowered one (after the pause,
+    # what the attempts before it owe at the old rate goes first).
     times = await admission_times(p, vt, [0.0] * 40)
-    assert [t - start_s for t in times] == pytest.approx(
-        [1.0 + k * 60.0 / effective for k in range(40)]
+    assert times[0] - start_s == pytest.approx(1.0)
+    assert [b - a for a, b in itertools.pairwise(times[-30:])] == pytest.approx(
+        [60.0 / effective] * 29
     )
 
 
@@ -259,10 +272,36 @@ async def test_429s_for_attempts_sent_before_a_slowdown_lower_nothing(pass_sent_
     assert p.snapshot().effective_rpm == lowered
     assert p.snapshot().rate_limited_count == 10
 
-    # An attempt sent after the slowdown that is refused again slows the run again.
+    # One sent after the slowdown and refused with nothing accepted since lowers nothing:
+    # the server refuses whatever the rate (module text, 5.); the pause grows instead.
+    observe_429(await p.acquire())
+    assert p.snapshot().effective_rpm == lowered
+    # Once one sent after the slowdown has been accepted, a refusal slows the run again.
+    sent_at_s = await p.acquire()
+    p.observe(success(), sent_at_s=sent_at_s if pass_sent_at else None)
     observe_429(await p.acquire())
     again = p.snapshot().effective_rpm
     assert again is not None and again < lowered
+
+
+async def test_a_server_refusing_everything_for_a_while_lowers_the_rate_once() -> None:
+    """An outage answered with short Retry-Afters: each pause ended, the next attempt was
+    refused and lowered the rate again, 600 rpm fell to 8 in seconds, and probing took an
+    hour to climb back. Now the first 429 lowers the rate, the next ones lengthen the pause,
+    and the run goes on at about its rate once the server accepts again."""
+    vt = VirtualTime()
+    p = pacer(vt, 600)
+    storm_s = 15.0
+    refused = 0
+    while vt.elapsed_s() < storm_s:
+        sent_at_s = await p.acquire()
+        p.observe(rate_limited(retry_after_s=1.0), sent_at_s=sent_at_s)
+        refused += 1
+    assert refused <= 8, "the pauses grew: few attempts in a 15 s outage"
+    lowered = p.snapshot().effective_rpm
+    assert lowered is not None and lowered >= 600 * DECREASE_FLOOR_FRACTION
+    times = await admission_times(p, vt, [0.0] * 60)
+    assert times[-1] - times[0] <= 1.1 * 59 * 60.0 / lowered
 
 
 class QuantizedServer:
@@ -438,6 +477,34 @@ async def test_after_a_slowdown_the_rate_probes_back_up_slowly() -> None:
     assert seen[-1] == 600
     # No faster than one step per probe interval.
     assert len(seen) - 1 <= 600.0 / PROBE_INTERVAL_S
+
+
+async def test_above_the_rate_that_drew_the_last_429_the_rate_probes_up_at_the_usual_pace() -> None:
+    """Probing slows to one step per PROBE_NEAR_CEILING_INTERVAL_S only within 2 % of the
+    rate that drew the last 429. It stayed that slow above it too, so a run lowered far under
+    its limit took four times as long to climb back."""
+    vt = VirtualTime()
+    p = pacer(vt, 6000)
+    for _ in range(2):  # (as in test_a_429_lowers_the_request_rate_of_the_whole_run)
+        for _ in range(10):
+            await p.acquire()
+            p.observe(success())
+        for _ in [await p.acquire() for _ in range(SPORADIC_REFUSALS + 1)]:
+            p.observe(rate_limited(retry_after_s=1.0))
+    lowered = p.snapshot().effective_rpm
+    assert lowered is not None and lowered < 3000
+    start_s = vt.elapsed_s()
+    steps = 0
+    effective = lowered
+    while vt.elapsed_s() < start_s + 300.0:
+        await p.acquire()
+        p.observe(success())
+        now_rpm = p.snapshot().effective_rpm
+        assert now_rpm is not None
+        steps += now_rpm != effective
+        effective = now_rpm
+    # One step per probe interval, but for the few within 2 % of that rate.
+    assert steps >= 0.8 * 300.0 / PROBE_INTERVAL_S
 
 
 @pytest.mark.parametrize(
