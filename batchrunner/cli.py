@@ -591,7 +591,10 @@ def cancel(ctx: _Context, batch_id: str) -> None:
             f"recorded {recorded} answer(s) that a run of this machine had received and not"
             " yet written"
         )
-    _err(f"cancelled {n} unfinished job(s) of {batch_id}")
+    if n:
+        _err(f"cancelled {n} unfinished job(s) of {batch_id}")
+    else:
+        _err(f"nothing to cancel: every job of {batch_id} has ended")
 
 
 @cli.command()

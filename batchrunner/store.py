@@ -1157,7 +1157,9 @@ class JobStore:
         return max(result.rowcount, 0)
 
     async def cancel(self, batch_id: str) -> int:
-        """Every unfinished job of the batch to cancelled, for good."""
+        """Every unfinished job of the batch to cancelled, for good. A batch whose every job
+        has ended is left as it is: there is nothing to stop, and marked cancelled it could
+        not have its failed jobs retried (a cancel racing a run's last answer did that)."""
         await self.get_batch(batch_id)
         now = time.time()
         async with self._write() as conn:
@@ -1167,11 +1169,13 @@ class JobStore:
                 " WHERE batch_id = :b AND state IN ('pending', 'running')",
                 {"b": batch_id, "now": now},
             )
-            await conn.execute(
-                "UPDATE batches SET cancelled_at = :now WHERE id = :b",
-                {"b": batch_id, "now": now},
-            )
-        return max(result.rowcount, 0)
+            cancelled = max(result.rowcount, 0)
+            if cancelled:
+                await conn.execute(
+                    "UPDATE batches SET cancelled_at = :now WHERE id = :b",
+                    {"b": batch_id, "now": now},
+                )
+        return cancelled
 
     # -- export -----------------------------------------------------------------------------
 

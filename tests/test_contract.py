@@ -25,7 +25,8 @@ from batchrunner.fakeapi import FakeConfig, FakeServer, FakeServerThread
 from batchrunner.ingest import submit_file
 from batchrunner.report import batch_status
 from batchrunner.runner import EXIT_SOME_FAILED, OTHER_OPEN_FILES, RunReport, run
-from batchrunner.store import JobStore
+from batchrunner.states import JobState
+from batchrunner.store import Ended, JobStore
 from tests.conftest import chat, run_cli, started_cli, write_jsonl
 
 MakeFile = Callable[..., Path]
@@ -229,6 +230,23 @@ async def test_retry_does_not_revive_a_cancelled_batch(
         await store.retry_failed(batch_id)
     assert (await store.get_batch(batch_id)).cancelled_at is not None
     assert (await store.counts(batch_id)).counts["cancelled"] == 2
+
+
+async def test_a_cancel_of_a_batch_whose_jobs_have_all_ended_changes_nothing(
+    store: JobStore, make_file: MakeFile
+) -> None:
+    """A cancel racing a run's last answer marked a finished batch cancelled: the run exited 3
+    with every job succeeded, and its failed jobs could never be retried."""
+    batch_id = (await submit_file(store, make_file([chat("a"), chat("b")]))).batch.id
+    claimed = await store.claim(batch_id, "w-1", "w-1.1", 10, time.time(), 60.0)
+    ended = [
+        Ended(j.id, j.lease_token, JobState.FAILED, 1, 400, 1.0, error_kind="http_400", error="x")
+        for j in claimed
+    ]
+    await store.record(batch_id, "w-1", ended, [], time.time())
+    assert await store.cancel(batch_id) == 0
+    assert (await store.get_batch(batch_id)).cancelled_at is None
+    assert await store.retry_failed(batch_id) == 2
 
 
 def test_a_batch_already_over_its_budget_is_an_abort_not_a_usage_error(
