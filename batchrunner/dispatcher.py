@@ -979,11 +979,29 @@ class Dispatcher:
                 log.exception("recording results broke the writer")
                 self.stop(StopReason.ERROR, f"internal error recording results: {exc!r}")
                 return False
-            if outcome.fenced_ids:
-                self._uncount(ended, outcome.fenced_ids)
+            fenced = outcome.fenced_ids
+            if fenced and attempt > 1:
+                fenced = await self._fenced_after_all(fenced, attempts)
+            if fenced:
+                self._uncount(ended, fenced)
             self.stats.unwritten = len(self._ended)
             return True
         return False
+
+    async def _fenced_after_all(
+        self, fenced: frozenset[int], attempts: list[AttemptRecord]
+    ) -> frozenset[int]:
+        """Of the ends a record tried again refused, those another worker or a cancel took:
+        the others were written by the try before, which committed and whose answer the
+        connection lost (its attempts log holds this run's attempts of them)."""
+        try:
+            ours = await self.store.logged_by(
+                self.worker_id, [a for a in attempts if a.job_id in fenced]
+            )
+        except StoreError as exc:
+            log.warning("could not tell which ends were written before (%s)", exc.message)
+            return fenced
+        return fenced - ours
 
     def _uncount(self, ended: list[Ended], fenced_ids: frozenset[int]) -> None:
         """Ends the database refused (the job was cancelled, or taken over by another worker)

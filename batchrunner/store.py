@@ -1004,6 +1004,24 @@ class JobStore:
                 params,
             )
 
+    async def logged_by(self, worker_id: str, attempts: Sequence[AttemptRecord]) -> set[int]:
+        """The jobs of `attempts` whose attempt (known by its start) `worker_id` has logged
+        already: a record that committed and whose answer the connection lost wrote it."""
+        if not attempts:
+            return set()
+        params: dict[str, Any] = {"w": worker_id}
+        ids = sorted({a.job_id for a in attempts})
+        async with self.reading() as conn:
+            rows = (
+                await conn.execute(
+                    "SELECT job_id, started_at FROM attempts WHERE worker_id = :w"
+                    f" AND job_id IN {_in_list(ids, params)}",
+                    params,
+                )
+            ).all()
+        logged = {(int(job_id), float(started_at)) for job_id, started_at in rows}
+        return {a.job_id for a in attempts if (a.job_id, a.started_at) in logged}
+
     async def release_all(self, worker_id: str, batch_id: str) -> int:
         """Give back every job this worker still holds: at the end of a run it holds none
         legitimately, whatever was interrupted on the way (a claim cut short, a write that

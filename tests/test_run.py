@@ -397,6 +397,31 @@ async def test_jobs_of_a_claim_whose_answer_was_lost_are_sent(
     assert calls > 2
 
 
+async def test_ends_written_by_a_record_whose_answer_was_lost_count_as_recorded(
+    store: JobStore, make_file: MakeFile, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The record committed and the connection dropped before its answer: the record tried
+    # again found its jobs ended, and the run reported them as "late answers not recorded"
+    # (taken by another worker or cancelled), out of its succeeded count.
+    record = store.record
+    calls = 0
+
+    async def answer_lost(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        outcome = await record(*args, **kwargs)
+        if calls == 2:
+            raise StoreError("connection was closed in the middle of operation")
+        return outcome
+
+    monkeypatch.setattr(store, "record", answer_lost)
+    async with FakeServer(FakeConfig()) as srv:
+        batch_id = await _submit(store, make_file([chat(f"q{i}") for i in range(100)]), srv)
+        rep = await asyncio.wait_for(_run(store, batch_id, replace(FAST, concurrency=4)), 60)
+    assert rep.exit_code == EXIT_OK and calls > 3
+    assert (rep.result.stats.succeeded, rep.result.stats.fenced) == (100, 0)
+
+
 async def test_a_job_dropped_for_its_lapsed_lease_is_sent_when_no_one_else_has_it(
     store: JobStore, make_file: MakeFile, monkeypatch: pytest.MonkeyPatch
 ) -> None:
