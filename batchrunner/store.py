@@ -850,6 +850,9 @@ class JobStore:
             )
 
     async def live_workers(self, batch_id: str, now: float) -> list[WorkerInfo]:
+        """The batch's workers that have not stopped and beat within WORKER_STALE_S, but for
+        those of this machine whose process is gone (killed: status showed a dead run's pace
+        and an ETA for a minute)."""
         async with self.reading() as conn:
             rows = (
                 await conn.execute(
@@ -860,7 +863,9 @@ class JobStore:
                     {"b": batch_id, "since": now - WORKER_STALE_S},
                 )
             ).all()
-        return [WorkerInfo(*r) for r in rows]
+        host = this_host()
+        workers = [WorkerInfo(*r) for r in rows]
+        return [w for w in workers if w.host != host or pid_alive(w.pid)]
 
     async def worker_spans(self, batch_id: str) -> list[tuple[float, float]]:
         """When each of the batch's workers ran: from its start to its stop, or to its last

@@ -216,6 +216,23 @@ async def test_a_dead_worker_of_this_machine_is_reaped_and_its_jobs_come_back(
     assert (await coordinator.look()).reaped == 0
 
 
+async def test_status_does_not_show_a_killed_worker_of_this_machine_as_live(
+    store: JobStore, make_file: MakeFile
+) -> None:
+    # For a minute after a kill -9, status listed the dead run as live, with its last pace
+    # and an ETA, while nothing was running.
+    batch_id = await _batch(store, make_file, 5, "http://127.0.0.1:9/v1")
+    now = time.time()
+    await store.register_worker("w-live", batch_id, now)
+    await store.register_worker("w-killed", batch_id, now)
+    async with store.engine.begin() as conn:
+        await conn.execute(
+            text("UPDATE workers SET pid = :pid WHERE id = 'w-killed'"), {"pid": dead_pid()}
+        )
+    status = await report.batch_status(store, batch_id)
+    assert [w.id for w in status.workers] == ["w-live"]
+
+
 @pytest.mark.skipif(
     not Path("/proc/sys/kernel/random/boot_id").exists(), reason="needs Linux's boot id"
 )
