@@ -35,7 +35,7 @@ from collections.abc import Awaitable, Callable, Collection, Iterator
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 
@@ -53,6 +53,7 @@ from batchrunner.states import JobState
 from batchrunner.store import AttemptRecord, BatchInfo, ClaimedJob, Ended, JobStore, Spent
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: Largest number of jobs claimed in one transaction.
 MAX_CLAIM_ROWS = 1_000
@@ -378,6 +379,8 @@ class Dispatcher:
         #: Lease expiry (Unix) of each claim, as claimed; heartbeats extend them all.
         self._claims: dict[str, float] = {}
         self._forced = False
+        #: Set by a second Ctrl-C: nothing more is waited for, the database included.
+        self._forced_now = asyncio.Event()
         #: Every ended job goes here first, until its transaction commits (journal.py).
         self._journal: journal.Journal | None = None
         #: Where this machine's journals of the batch are (None: kept nowhere).
@@ -397,9 +400,30 @@ class Dispatcher:
             self.budget.close()
 
     def force_stop(self) -> None:
-        """Stop without waiting for requests in flight; they are sent again by the next run."""
+        """Stop without waiting for requests in flight; they are sent again by the next run.
+        Nor for the database: a lock held elsewhere or a network partition held a run after
+        its second Ctrl-C for as long as it lasted. Answers not written stay in the journal,
+        and the leases lapse (this machine's next run reaps them at once). (SQLite's write
+        waiting for another process's lock cannot be cut short: closing the database waits
+        for it, up to its busy timeout.)"""
         self._forced = True
+        self._forced_now.set()
         self.stop()
+
+    async def _unless_forced(self, aw: Awaitable[T]) -> T | None:
+        """`aw`'s result, or None when a forced stop comes first (or came before): it is
+        cancelled and not waited for."""
+        task = asyncio.ensure_future(aw)
+        if not self._forced_now.is_set():
+            forced = asyncio.ensure_future(self._forced_now.wait())
+            try:
+                await asyncio.wait({task, forced}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                forced.cancel()
+        if task.done():
+            return task.result()
+        task.cancel()
+        return None
 
     def _on_cancelled(self) -> None:
         """The batch was cancelled: nothing more is sent, and no answer still to come is
@@ -440,9 +464,9 @@ class Dispatcher:
             log.warning("running without an answer journal: %s", exc)
 
     async def _run(self) -> RunResult:
-        counts = await self.store.counts(self.batch.id)
-        self.stats.total = counts.total
-        self.stats.ended_before = counts.total - counts.unfinished
+        at_start = await self.store.counts(self.batch.id)
+        self.stats.total = at_start.total
+        self.stats.ended_before = at_start.total - at_start.unfinished
         now = time.time()
         # Dead runs whose journal another process is recording keep their jobs meanwhile.
         spare = journal.workers_with_segments(self._journal_dir, self.batch.id)
@@ -474,18 +498,29 @@ class Dispatcher:
         finally:
             self.stats.recovered += self._coordinator.recovered
             try:
-                await self.store.stop_worker(self.worker_id, time.time())
+                await self._unless_forced(self.store.stop_worker(self.worker_id, time.time()))
             except StoreError as exc:
                 log.warning("could not mark worker %s stopped: %s", self.worker_id, exc)
-        counts = await self.store.counts(self.batch.id)
-        reason = self._reason or StopReason.DONE
+        counts = await self._unless_forced(self.store.counts(self.batch.id))
+        failed, cancelled = JobState.FAILED.value, JobState.CANCELLED.value
+        if counts is None:
+            # Forced: the counts at the start and what this run ended (not other workers').
+            st = self.stats
+            return RunResult(
+                reason=self._reason or StopReason.DONE,
+                message=self._message,
+                stats=st,
+                unfinished=max(0, at_start.unfinished - st.succeeded - st.failed),
+                failed_in_batch=at_start.counts[failed] + st.failed,
+                cancelled_in_batch=at_start.counts[cancelled],
+            )
         return RunResult(
-            reason=reason,
+            reason=self._reason or StopReason.DONE,
             message=self._message,
             stats=self.stats,
             unfinished=counts.unfinished,
-            failed_in_batch=counts.counts[JobState.FAILED.value],
-            cancelled_in_batch=counts.counts[JobState.CANCELLED.value],
+            failed_in_batch=counts.counts[failed],
+            cancelled_in_batch=counts.counts[cancelled],
         )
 
     async def _run_with(self, client: ApiClient) -> None:
@@ -515,9 +550,10 @@ class Dispatcher:
             self._feeder_done.set()
             self._wake_writer.set()
             # A writer that broke has stopped the run already (_stop_if_broken), and the
-            # journal keeps what it had not written.
-            await asyncio.gather(writer, return_exceptions=True)
-            await self._give_back()
+            # journal keeps what it had not written (also what a forced stop cuts short).
+            with contextlib.suppress(Exception):
+                await self._unless_forced(writer)
+            await self._unless_forced(self._give_back())
 
     def _stop_if_broken(self, task: asyncio.Task[None]) -> None:
         if task.cancelled() or task.exception() is None:

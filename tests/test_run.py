@@ -446,6 +446,45 @@ async def test_a_job_dropped_for_its_lapsed_lease_is_sent_when_no_one_else_has_i
         assert srv.stats.requests_total == 200 and len(srv.stats.requests_by_body) == 200
 
 
+async def test_a_forced_stop_waits_for_no_database(
+    store: JobStore, make_file: MakeFile, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A second Ctrl-C while the database hangs (another session's lock, a network partition):
+    # the run waited for its last write, its give-back and its counts for as long as that
+    # lasted. It stops now; its answers wait in its journal, and the next run records them.
+    record, counts = store.record, store.counts
+    hung = asyncio.Event()
+
+    async def hanging(*args: Any, **kwargs: Any) -> Any:
+        hung.set()
+        await asyncio.Event().wait()
+
+    async with FakeServer(FakeConfig(latency_ms=20)) as srv:
+        batch_id = await _submit(store, make_file([chat(f"q{i}") for i in range(100)]), srv)
+        batch = await store.get_batch(batch_id)
+        # (A short lease: this process, alive, is not taken for dead, so the next run waits
+        # for the forced run's leases to lapse.)
+        short = replace(FAST, lease_s=1.0)
+        run = dispatcher.Dispatcher(store, batch, short, api_key=None, base_url=srv.url)
+        monkeypatch.setattr(store, "record", hanging)
+        task = asyncio.create_task(run.run())
+        await asyncio.wait_for(hung.wait(), 30)
+        monkeypatch.setattr(store, "counts", hanging)  # (at the end of the run)
+        run.stop()
+        await asyncio.sleep(0.2)
+        run.force_stop()
+        result = await asyncio.wait_for(task, 10)
+        assert result.reason is StopReason.INTERRUPTED
+        sent = srv.stats.requests_total
+
+        monkeypatch.setattr(store, "record", record)
+        monkeypatch.setattr(store, "counts", counts)
+        again = await _run(store, batch_id)
+        assert again.exit_code == EXIT_OK and again.result.stats.recovered > 0
+        assert srv.stats.requests_total == sent + 100 - result.stats.succeeded
+    assert len(srv.stats.requests_by_body) == 100
+
+
 async def test_a_bug_in_coordination_stops_the_run(
     store: JobStore, make_file: MakeFile, monkeypatch: pytest.MonkeyPatch
 ) -> None:
