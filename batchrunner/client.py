@@ -209,6 +209,22 @@ def _duration_header(headers: Headers, name: str) -> float | None:
     return None if text is None else parse_duration_s(text)
 
 
+#: A reset header's number past these is a point in time, not a duration: Unix epoch
+#: milliseconds (OpenRouter's `X-RateLimit-Reset`), else epoch seconds.
+_EPOCH_MS_FROM: Final = 1e12
+_EPOCH_S_FROM: Final = 1e9
+
+
+def _reset_header(headers: Headers, name: str) -> float | None:
+    """Seconds until the time a generic reset header names: a duration, or a Unix time in
+    seconds or milliseconds (one already past: 0)."""
+    seconds = _duration_header(headers, name)
+    if seconds is None or seconds < _EPOCH_S_FROM:
+        return seconds
+    at_s = seconds / 1000.0 if seconds >= _EPOCH_MS_FROM else seconds
+    return max(0.0, at_s - time.time())
+
+
 def parse_ratelimit(headers: Headers) -> RateLimitInfo | None:
     """The `x-ratelimit-*` headers, or None when the server sent none of them."""
     for name in _RATELIMIT_HEADERS:
@@ -217,12 +233,18 @@ def parse_ratelimit(headers: Headers) -> RateLimitInfo | None:
     else:
         # Local servers and many gateways send none: no parsing, no object, on every answer.
         return None
+    remaining_requests = _int_header(headers, "x-ratelimit-remaining-requests")
+    reset_requests_s = _duration_header(headers, "x-ratelimit-reset-requests")
+    if remaining_requests is None and reset_requests_s is None:
+        # Without the kind in the name (OpenRouter's daily cap of free requests): requests.
+        remaining_requests = _int_header(headers, "x-ratelimit-remaining")
+        reset_requests_s = _reset_header(headers, "x-ratelimit-reset")
     info = RateLimitInfo(
         limit_requests=_int_header(headers, "x-ratelimit-limit-requests"),
         limit_tokens=_int_header(headers, "x-ratelimit-limit-tokens"),
-        remaining_requests=_int_header(headers, "x-ratelimit-remaining-requests"),
+        remaining_requests=remaining_requests,
         remaining_tokens=_int_header(headers, "x-ratelimit-remaining-tokens"),
-        reset_requests_s=_duration_header(headers, "x-ratelimit-reset-requests"),
+        reset_requests_s=reset_requests_s,
         reset_tokens_s=_duration_header(headers, "x-ratelimit-reset-tokens"),
     )
     return None if info == _NO_RATELIMIT else info
@@ -236,6 +258,8 @@ _RATELIMIT_HEADERS: Final = (
     "x-ratelimit-remaining-tokens",
     "x-ratelimit-reset-requests",
     "x-ratelimit-reset-tokens",
+    "x-ratelimit-remaining",
+    "x-ratelimit-reset",
 )
 
 

@@ -10,6 +10,7 @@ import platform
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -452,6 +453,33 @@ async def test_ratelimit_headers_partly_present_or_absent(serve: Serve) -> None:
     assert outcome.ratelimit == RateLimitInfo(remaining_tokens=0, reset_tokens_s=1.5)
     base_url = await serve(answer(200, COMPLETION))
     assert (await send(base_url)).ratelimit is None
+
+
+@pytest.mark.parametrize(
+    ("reset", "low", "high"),
+    [
+        ("EPOCH_MS+3600", 3590.0, 3600.0),  # OpenRouter's: Unix time in milliseconds
+        ("EPOCH_S+120", 115.0, 120.0),
+        ("30", 30.0, 30.0),
+        ("EPOCH_MS-60", 0.0, 0.0),
+    ],
+)
+async def test_a_limit_without_its_kind_in_the_header_names_is_the_request_limit(
+    serve: Serve, reset: str, low: float, high: float
+) -> None:
+    # OpenRouter's daily cap of free requests: X-RateLimit-Remaining and X-RateLimit-Reset,
+    # without Retry-After. Unread, jobs went through their 429 allowance and failed, with
+    # no word of a wait until the reset.
+    now = time.time()
+    if reset.startswith("EPOCH_MS"):
+        reset = str(int((now + float(reset[8:])) * 1000))
+    elif reset.startswith("EPOCH_S"):
+        reset = str(int(now + float(reset[7:])))
+    headers = {"X-RateLimit-Limit": "50", "X-RateLimit-Remaining": "0", "X-RateLimit-Reset": reset}
+    base_url = await serve(answer(429, RATE_LIMIT, headers))
+    info = (await send(base_url)).ratelimit
+    assert info is not None and info.remaining_requests == 0
+    assert info.reset_requests_s is not None and low - 1 <= info.reset_requests_s <= high + 1
 
 
 async def test_request_id_from_either_header(serve: Serve) -> None:
