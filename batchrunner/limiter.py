@@ -49,11 +49,11 @@ What it owns
      them. A 429 among more refusals, or one whose ``x-ratelimit-remaining-*`` header is 0,
      lowers the rate as in 2. and starts over.
 
-  5. A 429 for an attempt sent after the last decrease, with none sent after it accepted
-     yet, lowers nothing: the server is refusing whatever the rate (an outage, a fixed
-     window spent), and rates measured while the run mostly waits are noise. Its pause is
-     at least the default backoff, doubled for each such 429 in a row, whatever shorter
-     Retry-After it came with. (Lowering at each of them, a 15-second outage answered with
+  5. A 429 for an attempt sent after the last decrease, with no success since, lowers
+     nothing: the server is refusing whatever the rate (an outage, a fixed window spent),
+     and rates measured while the run mostly waits are noise. Its pause is at least the
+     default backoff, doubled for each such pause in a row, whatever shorter Retry-After it
+     came with. (Lowering at each of them, a 15-second outage answered with
      ``Retry-After: 1`` took a run from 600 requests per minute to 8, and probing took an
      hour to climb back.)
 
@@ -365,8 +365,9 @@ class Pacer:
             )
         elif outcome.kind is OutcomeKind.SUCCESS:
             self._backoff_s = DEFAULT_BACKOFF_S
-            if sent_at_s is None or sent_at_s > self._decreased_at_s:
-                self._accepted_since_decrease = True
+            # Whenever it was sent: the server is accepting (its answers may take much longer
+            # than its refusals, and none sent after the decrease may be back yet).
+            self._accepted_since_decrease = True
             self._correct_tokens(outcome, estimated_tokens)
         if outcome.ratelimit is not None:
             self._apply_headers(now, outcome.ratelimit)
@@ -389,10 +390,11 @@ class Pacer:
         outage = not stale and not self._accepted_since_decrease
         if retry_after_s is not None and not outage:
             self._pause(now, now + max(0.0, retry_after_s))
-        elif not stale:
+        elif not stale and now >= self._paused_until_s:
             self._pause(now, now + max(retry_after_s or 0.0, self._backoff_s))
             self._backoff_s = min(self._backoff_s * 2, DEFAULT_BACKOFF_MAX_S)
         elif retry_after_s is not None:
+            # Refusals of a burst that come back during its pause: one doubling per pause.
             self._pause(now, now + max(0.0, retry_after_s))
         if not stale and not outage:
             self._slow_down(now, now if sent_at_s is None else sent_at_s, exhausted=exhausted)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import math
+import selectors
+from typing import Any
 
 import pytest
 
@@ -477,6 +479,69 @@ async def test_after_a_slowdown_the_rate_probes_back_up_slowly() -> None:
     assert seen[-1] == 600
     # No faster than one step per probe interval.
     assert len(seen) - 1 <= 600.0 / PROBE_INTERVAL_S
+
+
+class _JumpingSelector(selectors.DefaultSelector):
+    """An event loop over this never waits: each wait for the next timer moves the loop's
+    clock (`now`) forward instead, so timers run in order of their virtual time at once."""
+
+    def __init__(self, now: list[float]) -> None:
+        super().__init__()
+        self.now = now
+
+    def select(self, timeout: float | None = None) -> list[Any]:
+        if timeout:
+            self.now[0] += timeout
+        return super().select(0)
+
+
+def test_a_run_slows_down_when_answers_take_far_longer_than_refusals() -> None:
+    """A server that accepts one request a second, at --rpm 3000 and 64 workers, whose answers
+    take 30 s and whose 429s come back at once. No success sent after a decrease is back
+    before the next 429s, and when successes sent before it counted for nothing, every
+    429 was taken for an outage: the rate stayed near 3000 and 91 jobs went through in 15
+    minutes (the server allows 900)."""
+    now = [0.0]
+    loop = asyncio.SelectorEventLoop(_JumpingSelector(now))
+    loop.time = lambda: now[0]  # type: ignore[method-assign]
+    horizon_s, bucket = 900.0, [2.0, 0.0]  # tokens, when last filled
+
+    def server() -> float | None:
+        """None: accepted; else the Retry-After of its 429 (whole seconds, as servers send)."""
+        t = now[0]
+        bucket[0], bucket[1] = min(2.0, bucket[0] + (t - bucket[1])), t
+        if bucket[0] >= 1.0:
+            bucket[0] -= 1.0
+            return None
+        return float(math.ceil(1.0 - bucket[0]))
+
+    async def main() -> int:
+        p = Pacer(3000, None, clock=loop.time, sleep=asyncio.sleep)
+        done = 0
+
+        async def worker() -> None:
+            nonlocal done
+            while loop.time() < horizon_s:
+                sent_at_s = await p.acquire()
+                retry_after_s = server()
+                if retry_after_s is None:
+                    await asyncio.sleep(30.0)
+                    p.observe(success(), sent_at_s=sent_at_s)
+                    done += 1
+                else:
+                    await asyncio.sleep(0.05)
+                    p.observe(rate_limited(retry_after_s), sent_at_s=sent_at_s)
+                    await asyncio.sleep(retry_after_s)
+
+        workers = [asyncio.ensure_future(worker()) for _ in range(64)]
+        await asyncio.wait(workers)
+        return done
+
+    try:
+        done = loop.run_until_complete(main())
+    finally:
+        loop.close()
+    assert done >= 0.8 * horizon_s
 
 
 async def test_above_the_rate_that_drew_the_last_429_the_rate_probes_up_at_the_usual_pace() -> None:
