@@ -62,8 +62,9 @@ _QUOTA: Final = "insufficient_quota"
 _NO_BALANCE: Final = frozenset(
     {_QUOTA, "insufficient_balance", "budget_exceeded", "billing_hard_limit_reached"}
 )
-#: ...and the words of one that has no such code: Anthropic's (a 400 invalid_request_error).
-_NO_BALANCE_WORDS: Final = ("credit balance is too low",)
+#: ...and the words of one that has no such code: Anthropic's (a 400 invalid_request_error),
+#: OpenRouter's (a 402, which a proxy may send with a Retry-After).
+_NO_BALANCE_WORDS: Final = ("credit balance is too low", "insufficient credits")
 #: 4xx answers that say "not now" rather than "never": request timeout, conflict, Groq's flex
 #: tier out of capacity (498).
 _RETRY_4XX: Final = frozenset({408, 409, 498})
@@ -213,14 +214,19 @@ def _duration_header(headers: Headers, name: str) -> float | None:
 #: milliseconds (OpenRouter's `X-RateLimit-Reset`), else epoch seconds.
 _EPOCH_MS_FROM: Final = 1e12
 _EPOCH_S_FROM: Final = 1e9
+#: Below the epochs, a duration in seconds of at most a day (the longest limit's window);
+#: a number between says nothing sure (milliseconds until? a pause of weeks for a minute's).
+_LONGEST_RESET_S: Final = 86_400.0
 
 
 def _reset_header(headers: Headers, name: str) -> float | None:
     """Seconds until the time a generic reset header names: a duration, or a Unix time in
-    seconds or milliseconds (one already past: 0)."""
+    seconds or milliseconds (one already past: 0); None when it is neither for sure."""
     seconds = _duration_header(headers, name)
-    if seconds is None or seconds < _EPOCH_S_FROM:
+    if seconds is None or seconds <= _LONGEST_RESET_S:
         return seconds
+    if seconds < _EPOCH_S_FROM:
+        return None
     at_s = seconds / 1000.0 if seconds >= _EPOCH_MS_FROM else seconds
     return max(0.0, at_s - time.time())
 
@@ -297,7 +303,11 @@ def _says_quota(error: dict[str, Any] | None) -> bool:
     (failing them all at full speed would fail the whole batch)."""
     if error is None:
         return False
-    if error.get("code") in _NO_BALANCE or error.get("type") in _NO_BALANCE:
+    code, kind = error.get("code"), error.get("type")
+    # (isinstance: a server may send an object as the code, which no set can look up.)
+    if (isinstance(code, str) and code in _NO_BALANCE) or (
+        isinstance(kind, str) and kind in _NO_BALANCE
+    ):
         return True
     message = error.get("message")
     return isinstance(message, str) and any(w in message.lower() for w in _NO_BALANCE_WORDS)

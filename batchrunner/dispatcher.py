@@ -553,6 +553,9 @@ class Dispatcher:
             # journal keeps what it had not written (also what a forced stop cuts short).
             with contextlib.suppress(Exception):
                 await self._unless_forced(writer)
+            if not writer.done():
+                # Cancelled mid-write by a forced stop: what it held stays in the journal.
+                self._lost_write = True
             await self._unless_forced(self._give_back())
 
     def _stop_if_broken(self, task: asyncio.Task[None]) -> None:

@@ -74,10 +74,11 @@ MAX_OUTPUT_TOKENS_BY_PREFIX: Final[tuple[tuple[str, int], ...]] = (
     ("claude", 128_000),
     # Google: 2.5 and later write 65,536 (thinking included); earlier ones 8,192.
     ("gemini-1", 8_192),
+    ("gemini-2.0-flash-thinking", 65_536),
     ("gemini-2.0", 8_192),
     ("gemini", 65_536),
-    # DeepSeek's own API.
-    ("deepseek-chat", 8_192),
+    # DeepSeek's own API (its deepseek-chat writes 8,192; hosts behind gateways allow more
+    # under that name, so it keeps the default).
     ("deepseek-reasoner", 65_536),
 )
 

@@ -446,12 +446,14 @@ async def test_a_job_dropped_for_its_lapsed_lease_is_sent_when_no_one_else_has_i
         assert srv.stats.requests_total == 200 and len(srv.stats.requests_by_body) == 200
 
 
+@pytest.mark.parametrize("concurrency", [1, 16])
 async def test_a_forced_stop_waits_for_no_database(
-    store: JobStore, make_file: MakeFile, monkeypatch: pytest.MonkeyPatch
+    store: JobStore, make_file: MakeFile, monkeypatch: pytest.MonkeyPatch, concurrency: int
 ) -> None:
     # A second Ctrl-C while the database hangs (another session's lock, a network partition):
     # the run waited for its last write, its give-back and its counts for as long as that
-    # lasted. It stops now; its answers wait in its journal, and the next run records them.
+    # lasted. It stops now; its answers wait in its journal, and the next run records them
+    # (with one at a time, every answer is in the write cut short: the journal must stay).
     record, counts = store.record, store.counts
     hung = asyncio.Event()
 
@@ -464,7 +466,7 @@ async def test_a_forced_stop_waits_for_no_database(
         batch = await store.get_batch(batch_id)
         # (A short lease: this process, alive, is not taken for dead, so the next run waits
         # for the forced run's leases to lapse.)
-        short = replace(FAST, lease_s=1.0)
+        short = replace(FAST, lease_s=1.0, concurrency=concurrency)
         run = dispatcher.Dispatcher(store, batch, short, api_key=None, base_url=srv.url)
         monkeypatch.setattr(store, "record", hanging)
         task = asyncio.create_task(run.run())
