@@ -118,6 +118,14 @@ class _Context:
 
 
 pass_ctx = click.make_pass_decorator(_Context)
+#: The price file of every command that prices tokens (run, status, export, estimate).
+_prices_option = click.option(
+    "--prices",
+    "prices_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    envvar="BATCHRUNNER_PRICES",
+    help="TOML price file overriding or adding model prices.",
+)
 
 
 class _FiniteRange(click.FloatRange):
@@ -264,13 +272,7 @@ def submit(
     is_flag=True,
     help="Retry answers whose content does not match the request's json_schema.",
 )
-@click.option(
-    "--prices",
-    "prices_path",
-    type=click.Path(path_type=Path, dir_okay=False),
-    envvar="BATCHRUNNER_PRICES",
-    help="TOML price file overriding or adding model prices.",
-)
+@_prices_option
 @click.option(
     "--lease",
     "lease_s",
@@ -373,13 +375,7 @@ def run(
 @cli.command()
 @click.argument("batch_id", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
-@click.option(
-    "--prices",
-    "prices_path",
-    type=click.Path(path_type=Path, dir_okay=False),
-    envvar="BATCHRUNNER_PRICES",
-    help="TOML price file overriding or adding prices.",
-)
+@_prices_option
 @pass_ctx
 def status(ctx: _Context, batch_id: str | None, as_json: bool, prices_path: Path | None) -> None:
     """Counts by state, tokens, cost, throughput and top errors of a batch.
@@ -432,13 +428,7 @@ def status(ctx: _Context, batch_id: str | None, as_json: bool, prices_path: Path
     help="Write the numbers of the lines `submit --skip-invalid` left out, each with its reason.",
 )
 @click.option("--bom", is_flag=True, help="Start a CSV with a UTF-8 byte order mark (for Excel).")
-@click.option(
-    "--prices",
-    "prices_path",
-    type=click.Path(path_type=Path, dir_okay=False),
-    envvar="BATCHRUNNER_PRICES",
-    help="TOML price file overriding or adding prices.",
-)
+@_prices_option
 @pass_ctx
 def export(
     ctx: _Context,
@@ -524,13 +514,7 @@ def export(
 @cli.command()
 @click.argument("target", metavar="FILE|BATCH_ID")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
-@click.option(
-    "--prices",
-    "prices_path",
-    type=click.Path(path_type=Path, dir_okay=False),
-    envvar="BATCHRUNNER_PRICES",
-    help="TOML price file overriding or adding prices.",
-)
+@_prices_option
 @pass_ctx
 def estimate(ctx: _Context, target: str, as_json: bool, prices_path: Path | None) -> None:
     """Prompt tokens, maximum output tokens and the cost range, before anything is sent.
