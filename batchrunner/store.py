@@ -1014,17 +1014,18 @@ class JobStore:
         already: a record that committed and whose answer the connection lost wrote it."""
         if not attempts:
             return set()
-        params: dict[str, Any] = {"w": worker_id}
         ids = sorted({a.job_id for a in attempts})
+        logged: set[tuple[int, float]] = set()
         async with self.reading() as conn:
-            rows = (
-                await conn.execute(
-                    "SELECT job_id, started_at FROM attempts WHERE worker_id = :w"
-                    f" AND job_id IN {_in_list(ids, params)}",
-                    params,
+            for lo in range(0, len(ids), _IDS_PER_STATEMENT):
+                params: dict[str, Any] = {"w": worker_id}
+                among = _in_list(ids[lo : lo + _IDS_PER_STATEMENT], params)
+                sql = (
+                    "SELECT job_id, started_at FROM attempts"
+                    f" WHERE worker_id = :w AND job_id IN {among}"
                 )
-            ).all()
-        logged = {(int(job_id), float(started_at)) for job_id, started_at in rows}
+                rows = (await conn.execute(sql, params)).all()
+                logged.update((int(job_id), float(started_at)) for job_id, started_at in rows)
         return {a.job_id for a in attempts if (a.job_id, a.started_at) in logged}
 
     async def release_all(self, worker_id: str, batch_id: str) -> int:
