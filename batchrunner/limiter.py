@@ -9,7 +9,8 @@ What it owns
   and at least one request. A job whose token estimate is above a whole minute's capacity is
   charged one minute's capacity, so it goes instead of waiting forever.
 - Pauses: a 429 stops every acquirer until its Retry-After has passed (or a default backoff,
-  doubled for each rate-limit episode that follows another without a success in between), and
+  doubled for each rate-limit episode that follows another without a success in between), so
+  does any other answer to try again that comes with a Retry-After (a 503 for maintenance), and
   ``x-ratelimit-remaining-*`` headers at or below what is already in flight hold new acquires
   until the header's reset time.
 - Token correction: when a response reports its real usage, the difference from the estimate
@@ -363,6 +364,10 @@ class Pacer:
                 sent_at_s=sent_at_s,
                 exhausted=_exhausted(outcome.ratelimit),
             )
+        elif outcome.kind is OutcomeKind.RETRY and outcome.retry_after_s is not None:
+            # A server unavailable for that long (a 503 with Retry-After: maintenance, an
+            # overload) is so for every request: the whole run waits, and says so when long.
+            self._pause(now, now + outcome.retry_after_s)
         elif outcome.kind is OutcomeKind.SUCCESS:
             self._backoff_s = DEFAULT_BACKOFF_S
             # Whenever it was sent: the server is accepting (its answers may take much longer

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import math
 import selectors
 from typing import Any
@@ -210,6 +211,23 @@ def test_a_long_pause_the_server_asks_for_is_said_once(caplog: pytest.LogCapture
     (message,) = caplog.messages
     assert message.startswith("the server asked to wait 24 h 0 min: nothing is sent until ")
     assert p.snapshot().pause_left_s == pytest.approx(86_390.5)
+
+
+async def test_a_503_with_retry_after_pauses_the_whole_run_and_lowers_nothing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A 503 for an hour's maintenance: each job slept its hour alone and in silence, while
+    # the others kept sending into the same 503s.
+    vt = VirtualTime()
+    p = pacer(vt, 600)
+    unavailable = Outcome(OutcomeKind.RETRY, 503, error_kind="server_error", retry_after_s=3600.0)
+    with caplog.at_level(logging.WARNING, logger="batchrunner.limiter"):
+        await p.acquire()
+        p.observe(unavailable)
+    assert p.snapshot().pause_left_s == pytest.approx(3600.0)
+    assert p.snapshot().effective_rpm == 600 and p.snapshot().rate_limited_count == 0
+    (message,) = caplog.messages
+    assert message.startswith("the server asked to wait 1 h 0 min")
 
 
 async def test_a_429_lowers_the_request_rate_of_the_whole_run() -> None:
