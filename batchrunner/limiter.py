@@ -340,11 +340,18 @@ class Pacer:
     # -- observing -------------------------------------------------------------------------
 
     def observe(
-        self, outcome: Outcome, estimated_tokens: float = 0.0, *, sent_at_s: float | None = None
+        self,
+        outcome: Outcome,
+        estimated_tokens: float = 0.0,
+        *,
+        sent_at_s: float | None = None,
+        unreported_tokens: float = 0.0,
     ) -> None:
         """Learn from one attempt's outcome.
 
-        `estimated_tokens` as given to `acquire`; `sent_at_s` as `acquire` returned, if known.
+        `estimated_tokens` as given to `acquire`; `sent_at_s` as `acquire` returned, if known;
+        `unreported_tokens`: for a success that reports no usage, tokens it used beyond the
+        estimate (its answer, where the estimate held no output cap).
         """
         now = self._clock()
         self._in_flight = max(0, self._in_flight - 1)
@@ -373,7 +380,7 @@ class Pacer:
             # Whenever it was sent: the server is accepting (its answers may take much longer
             # than its refusals, and none sent after the decrease may be back yet).
             self._accepted_since_decrease = True
-            self._correct_tokens(outcome, estimated_tokens)
+            self._correct_tokens(outcome, estimated_tokens, unreported_tokens)
         if outcome.ratelimit is not None:
             self._apply_headers(now, outcome.ratelimit)
         self._forget_before(now - self._window_s())
@@ -490,12 +497,18 @@ class Pacer:
         ):
             self._pause(now, now + info.reset_tokens_s)
 
-    def _correct_tokens(self, outcome: Outcome, estimated_tokens: float) -> None:
+    def _correct_tokens(
+        self, outcome: Outcome, estimated_tokens: float, unreported_tokens: float = 0.0
+    ) -> None:
         if self._tokens is None:
             return
         actual = _total_tokens(outcome)
         if actual is None:
-            return  # no usage to go on: the estimate stands
+            # No usage to go on: the estimate stands, and what it left out is charged on top
+            # (a stream without include_usage and no max_tokens ran --tpm 20 times over).
+            if unreported_tokens > 0:
+                self._tokens.adjust(self._token_cost(unreported_tokens))
+            return
         self._tokens.adjust(self._token_cost(actual) - self._token_cost(estimated_tokens))
 
     # -- pauses and the recent rates --------------------------------------------------------

@@ -230,6 +230,24 @@ async def test_a_503_with_retry_after_pauses_the_whole_run_and_lowers_nothing(
     assert message.startswith("the server asked to wait 1 h 0 min")
 
 
+async def test_tokens_an_answer_does_not_report_are_charged_on_top_of_the_estimate() -> None:
+    # A stream without include_usage reports no usage: with no max_tokens in the request, its
+    # estimate was the prompt alone, and --tpm ran twenty times over.
+    vt = VirtualTime()
+    p = pacer(vt, None, tpm=60_000)  # 1,000 tokens a second
+    await p.acquire(100.0)
+    p.observe(success(), 100.0, unreported_tokens=2_000.0)
+    start_s = vt.elapsed_s()
+    await p.acquire(100.0)
+    # Its 2,100 tokens are paid off before the next goes (less a burst's 100 ms worth).
+    assert vt.elapsed_s() - start_s == pytest.approx(2.1 - BURST_S, abs=0.01)
+    await p.acquire(100.0)
+    p.observe(success(total_tokens=100), 100.0, unreported_tokens=2_000.0)  # reported: exact
+    start_s = vt.elapsed_s()
+    await p.acquire(100.0)
+    assert vt.elapsed_s() - start_s <= 0.2
+
+
 async def test_a_429_lowers_the_request_rate_of_the_whole_run() -> None:
     vt = VirtualTime()
     p = pacer(vt, 6000)

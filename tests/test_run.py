@@ -21,6 +21,8 @@ from batchrunner.dispatcher import StopReason
 from batchrunner.errors import StoreError
 from batchrunner.fakeapi import FakeConfig, FakeServer
 from batchrunner.ingest import submit_file
+from batchrunner.lines import parse_line
+from batchrunner.outcome import Outcome, OutcomeKind
 from batchrunner.pricing import PriceBook
 from batchrunner.runner import EXIT_ABORTED, EXIT_OK, EXIT_SOME_FAILED, RunReport, run
 from batchrunner.states import MODEL_CHARS, REQUEST_ID_CHARS
@@ -485,6 +487,25 @@ async def test_a_forced_stop_waits_for_no_database(
         assert again.exit_code == EXIT_OK and again.result.stats.recovered > 0
         assert srv.stats.requests_total == sent + 100 - result.stats.succeeded
     assert len(srv.stats.requests_by_body) == 100
+
+
+@pytest.mark.parametrize(
+    ("extra", "usage", "unreported"),
+    [
+        ({}, None, 500 / 4),  # no cap, no usage: the answer's characters / 4
+        ({"max_tokens": 50}, None, 0.0),  # the cap was charged
+        ({}, {"prompt_tokens": 5, "completion_tokens": 9, "total_tokens": 14}, 0.0),
+    ],
+)
+def test_what_an_answer_without_usage_used_is_charged_to_the_token_pacing(
+    extra: dict[str, Any], usage: dict[str, Any] | None, unreported: float
+) -> None:
+    row = parse_line(orjson.dumps(chat("hi", stream=True, **extra)), 1)
+    job = ClaimedJob(1, "c", 1, row.endpoint, row.body, row.model, True, row.est_tokens, 0, "t")
+    answer = orjson.loads(_completion("x" * 200, usage=usage))
+    body = orjson.dumps(answer).decode().ljust(500)
+    outcome = Outcome(OutcomeKind.SUCCESS, 200, body=body, completion=answer)
+    assert dispatcher._unreported_tokens(job, outcome) == unreported
 
 
 async def test_a_bug_in_coordination_stops_the_run(
