@@ -10,7 +10,7 @@ What it owns
   charged one minute's capacity, so it goes instead of waiting forever.
 - Pauses: a 429 stops every acquirer until its Retry-After has passed (or a default backoff,
   doubled for each rate-limit episode that follows another without a success in between), so
-  does any other answer to try again that comes with a Retry-After (a 503 for maintenance), and
+  does a 503 or 529 that comes with a Retry-After (maintenance, an overload), and
   ``x-ratelimit-remaining-*`` headers at or below what is already in flight hold new acquires
   until the header's reset time.
 - Token correction: when a response reports its real usage, the difference from the estimate
@@ -103,6 +103,9 @@ BURST_S = 0.1
 #: a success in between, up to DEFAULT_BACKOFF_MAX_S.
 DEFAULT_BACKOFF_S = 1.0
 DEFAULT_BACKOFF_MAX_S = 30.0
+#: Answers that say the whole server is unavailable (503; Anthropic's 529, overloaded): their
+#: Retry-After pauses the whole run.
+_UNAVAILABLE = frozenset({503, 529})
 #: A pause the server asks for that is at least this long is written to stderr when it starts.
 LONG_PAUSE_S = 60.0
 #: How far back the sent and accepted rates look: this long, or long enough to hold
@@ -269,8 +272,8 @@ class Pacer:
         self._started_s: float | None = None
         self._last_rate_change_s = now
         self._decreased_at_s = -math.inf
-        #: Whether an attempt sent after the last decrease has succeeded: until one has, the
-        #: server refuses whatever the rate, and further 429s lower nothing (module text, 5.).
+        #: Whether a success has come since the last decrease: until one has, the server
+        #: refuses whatever the rate, and further 429s lower nothing (module text, 5.).
         self._accepted_since_decrease = True
         #: The rate being sent when the last 429 episode began.
         self._ceiling_rpm = math.inf
@@ -371,9 +374,10 @@ class Pacer:
                 sent_at_s=sent_at_s,
                 exhausted=_exhausted(outcome.ratelimit),
             )
-        elif outcome.kind is OutcomeKind.RETRY and outcome.retry_after_s is not None:
-            # A server unavailable for that long (a 503 with Retry-After: maintenance, an
-            # overload) is so for every request: the whole run waits, and says so when long.
+        elif outcome.status in _UNAVAILABLE and outcome.retry_after_s is not None:
+            # A server unavailable for that long (maintenance, an overload) is so for every
+            # request: the whole run waits, and says so when long. (Other 5xx are one request's
+            # trouble: a gateway that puts a Retry-After on each would halt the run at each.)
             self._pause(now, now + outcome.retry_after_s)
         elif outcome.kind is OutcomeKind.SUCCESS:
             self._backoff_s = DEFAULT_BACKOFF_S

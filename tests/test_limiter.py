@@ -228,6 +228,11 @@ async def test_a_503_with_retry_after_pauses_the_whole_run_and_lowers_nothing(
     assert p.snapshot().effective_rpm == 600 and p.snapshot().rate_limited_count == 0
     (message,) = caplog.messages
     assert message.startswith("the server asked to wait 1 h 0 min")
+    # A 502 with a Retry-After is that request's trouble (some gateways put one on every 5xx).
+    other = pacer(vt, 600)
+    await other.acquire()
+    other.observe(Outcome(OutcomeKind.RETRY, 502, error_kind="server_error", retry_after_s=60.0))
+    assert other.snapshot().pause_left_s == 0.0
 
 
 async def test_tokens_an_answer_does_not_report_are_charged_on_top_of_the_estimate() -> None:
