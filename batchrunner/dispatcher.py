@@ -512,25 +512,21 @@ class Dispatcher:
             except StoreError as exc:
                 log.warning("could not mark worker %s stopped: %s", self.worker_id, exc)
         counts = await self._unless_forced(self.store.counts(self.batch.id))
-        failed, cancelled = JobState.FAILED.value, JobState.CANCELLED.value
+        st = self.stats
         if counts is None:
             # Forced: the counts at the start and what this run ended (not other workers').
-            st = self.stats
-            return RunResult(
-                reason=self._reason or StopReason.DONE,
-                message=self._message,
-                stats=st,
-                unfinished=max(0, at_start.unfinished - st.succeeded - st.failed),
-                failed_in_batch=at_start.counts[failed] + st.failed,
-                cancelled_in_batch=at_start.counts[cancelled],
-            )
+            counts = at_start
+            unfinished = max(0, at_start.unfinished - st.succeeded - st.failed)
+            failed = at_start.counts[JobState.FAILED.value] + st.failed
+        else:
+            unfinished, failed = counts.unfinished, counts.counts[JobState.FAILED.value]
         return RunResult(
             reason=self._reason or StopReason.DONE,
             message=self._message,
-            stats=self.stats,
-            unfinished=counts.unfinished,
-            failed_in_batch=counts.counts[failed],
-            cancelled_in_batch=counts.counts[cancelled],
+            stats=st,
+            unfinished=unfinished,
+            failed_in_batch=failed,
+            cancelled_in_batch=counts.counts[JobState.CANCELLED.value],
         )
 
     async def _run_with(self, client: ApiClient) -> None:
@@ -651,25 +647,16 @@ class Dispatcher:
             counts = await self.store.counts(self.batch.id)
             if counts.unfinished == 0:
                 return
-            if counts.counts["running"] and await self._give_back_lost_jobs():
+            # Every job this run took has ended or been dropped: one still leased to it was
+            # lost on the way (a claim that committed and whose answer the connection lost, a
+            # job dropped when the process had been stopped past its lease). Its heartbeats
+            # renew every job leased to it, so that one would wait for ever, and the run with
+            # it: it is given back, for the next claim.
+            if counts.counts["running"] and (lost := await self._give_back()):
+                log.warning("%d job(s) this run had lost track of were given back", lost)
                 self._look_back_at = 0.0  # they lie behind the last claim
                 continue
             await asyncio.sleep(IDLE_POLL_S)
-
-    async def _give_back_lost_jobs(self) -> int:
-        """Jobs still leased to this run when every job it took has ended or been dropped:
-        lost on the way (a claim that committed and whose answer the connection lost, a job
-        dropped when the process had been stopped past its lease). Its heartbeats renew every
-        job leased to it, so they would wait for ever, and the run with them: they are given
-        back, for the next claim."""
-        try:
-            lost = await self.store.release_all(self.worker_id, self.batch.id)
-        except StoreError as exc:
-            log.warning("giving back jobs failed (%s); trying again", exc.message)
-            return 0
-        if lost:
-            log.warning("%d job(s) this run had lost track of were given back, to be sent", lost)
-        return lost
 
     def _claim_rows(self) -> int:
         """How many jobs to claim now: CLAIM_AHEAD_S of work at the pace so far, within the
@@ -1071,12 +1058,14 @@ class Dispatcher:
             else:
                 st.failed -= 1
 
-    async def _give_back(self) -> None:
-        """Every job still held goes back to pending for the next run."""
+    async def _give_back(self) -> int:
+        """Every job still leased to this run goes back to pending; how many did (0 when the
+        database refused: their leases expire)."""
         try:
-            await self.store.release_all(self.worker_id, self.batch.id)
+            return await self.store.release_all(self.worker_id, self.batch.id)
         except StoreError as exc:
             log.warning("could not give back unfinished jobs: %s; their leases expire", exc)
+            return 0
 
     # -- coordination -----------------------------------------------------------------------
 
