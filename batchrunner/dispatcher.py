@@ -51,7 +51,7 @@ from batchrunner.retry import RetryPolicy, call_with_retries, is_rate_limit
 from batchrunner.schema import SchemaCheck
 from batchrunner.states import JobState
 from batchrunner.store import AttemptRecord, BatchInfo, ClaimedJob, Ended, JobStore, Spent
-from batchrunner.tokens import CHARS_PER_TOKEN, estimate_request, quick_prompt_tokens
+from batchrunner.tokens import CHARS_PER_TOKEN, estimate_request, max_output_tokens
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -268,7 +268,7 @@ def _unreported_tokens(job: ClaimedJob, outcome: Outcome) -> float:
     completion = outcome.completion
     if completion is None or type(completion.get("usage")) is dict:
         return 0.0
-    if job.est_tokens > quick_prompt_tokens(len(job.body)):
+    if max_output_tokens(orjson.loads(job.body)) is not None:
         return 0.0  # the output cap was charged
     return len(outcome.body or "") / CHARS_PER_TOKEN
 

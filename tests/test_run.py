@@ -489,11 +489,24 @@ async def test_a_forced_stop_waits_for_no_database(
     assert len(srv.stats.requests_by_body) == 100
 
 
+INLINE_IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + "A" * 40_000}}
+
+
 @pytest.mark.parametrize(
     ("extra", "usage", "unreported"),
     [
         ({}, None, 500 / 4),  # no cap, no usage: the answer's characters / 4
         ({"max_tokens": 50}, None, 0.0),  # the cap was charged
+        # ...also beside an inline image, whose estimate is counted part by part.
+        (
+            {
+                "model": "gpt-4o",
+                "max_tokens": 50,
+                "messages": [{"role": "user", "content": [INLINE_IMAGE]}],
+            },
+            None,
+            0.0,
+        ),
         ({}, {"prompt_tokens": 5, "completion_tokens": 9, "total_tokens": 14}, 0.0),
     ],
 )
