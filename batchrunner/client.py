@@ -11,6 +11,8 @@ orjson for parsing, and no work on a successful answer beyond what it needs.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import datetime
 import email.utils
 import io
@@ -404,18 +406,19 @@ def _classify(
                 ratelimit=ratelimit,
             )
         error = _error_of(parsed)
-        if _says_quota(error):
+        if _says_quota(error) or (error is not None and _status_of(error) == 402):
             return _quota(status, error, text, request_id, latency_s, ratelimit, scrub)
         message = _error_message(error) or "answer is not a chat completion"
+        kind, error_kind = _in_band(error, "not_completion")
         return Outcome(
-            OutcomeKind.RETRY,
+            kind,
             status,
-            error_kind="rate_limit" if _says_rate_limit(error) else "not_completion",
+            error_kind=error_kind,
             message=scrub(message),
             body=scrub(text),
             request_id=request_id,
             latency_s=latency_s,
-            retry_after_s=parse_retry_after_s(headers),
+            retry_after_s=parse_retry_after_s(headers) if kind is OutcomeKind.RETRY else None,
             ratelimit=ratelimit,
         )
 
@@ -425,24 +428,10 @@ def _classify(
     if _says_quota(error) or (status == 402 and retry_after_s is None):
         return _quota(status, error, text, request_id, latency_s, ratelimit, scrub)
     message = _error_message(error) or _fallback_message(status, reason, text)
-    if status in (401, 403):
-        kind, error_kind = OutcomeKind.STOP_RUN, "auth"
-    elif status == 429 and _says_too_large(error):
-        kind, error_kind = OutcomeKind.FAIL_JOB, "request_too_large"
-    elif status in (429, 402):
-        # (A 402 with a Retry-After: OpenRouter's budget for requests in flight, for now.)
-        kind, error_kind = OutcomeKind.RETRY, "rate_limit"
-    elif status >= 500 and status not in _NEVER_5XX:
-        kind, error_kind = OutcomeKind.RETRY, "server_error"
-    elif status in _RETRY_4XX:
-        kind, error_kind = OutcomeKind.RETRY, f"http_{status}"
-    else:
-        # Other 4xx, and redirects (not followed: a POST must not turn into a GET, nor the
-        # key travel to another host): sending the same request again cannot help.
-        kind, error_kind = OutcomeKind.FAIL_JOB, f"http_{status}"
-        if 300 <= status < 400 and "location" in headers:
-            location = kept_text(headers["location"])
-            message = f"{message}; redirected to {location}: fix the base URL"
+    kind, error_kind = _by_status(status, error)
+    if 300 <= status < 400 and "location" in headers:
+        location = kept_text(headers["location"])
+        message = f"{message}; redirected to {location}: fix the base URL"
     return Outcome(
         kind,
         status,
@@ -454,6 +443,49 @@ def _classify(
         retry_after_s=retry_after_s if kind is OutcomeKind.RETRY else None,
         ratelimit=ratelimit,
     )
+
+
+def _by_status(status: int, error: dict[str, Any] | None) -> tuple[OutcomeKind, str]:
+    """What an error answer with HTTP status `status` does (a 402 or an error saying the
+    account cannot pay is told apart before: see `_quota`), and its error kind."""
+    if status in (401, 403):
+        return OutcomeKind.STOP_RUN, "auth"
+    if status == 429 and _says_too_large(error):
+        return OutcomeKind.FAIL_JOB, "request_too_large"
+    if status in (429, 402):
+        # (A 402 with a Retry-After: OpenRouter's budget for requests in flight, for now.)
+        return OutcomeKind.RETRY, "rate_limit"
+    if status >= 500 and status not in _NEVER_5XX:
+        return OutcomeKind.RETRY, "server_error"
+    if status in _RETRY_4XX:
+        return OutcomeKind.RETRY, f"http_{status}"
+    # Other 4xx, and redirects (not followed: a POST must not turn into a GET, nor the key
+    # travel to another host): sending the same request again cannot help.
+    return OutcomeKind.FAIL_JOB, f"http_{status}"
+
+
+def _status_of(error: dict[str, Any]) -> int | None:
+    """The HTTP status an error inside a 2xx answer or a stream gives as its code (LiteLLM's
+    proxy sends an error raised once a stream has begun so: `"code": "400"`), or None."""
+    code = error.get("code")
+    if isinstance(code, str) and len(code) == 3 and code.isascii() and code.isdigit():
+        code = int(code)
+    if isinstance(code, int) and not isinstance(code, bool) and 400 <= code < 600:
+        return code
+    return None
+
+
+def _in_band(error: dict[str, Any] | None, retried_as: str) -> tuple[OutcomeKind, str]:
+    """What an error that came inside a 2xx answer or a stream does: what an answer with
+    the HTTP status its code gives would do (a 400 fails the job at once, a 401 stops the
+    run), else it is retried (error kind `retried_as`), as a rate limit where it says so."""
+    status = None if error is None else _status_of(error)
+    if status is None:
+        return OutcomeKind.RETRY, "rate_limit" if _says_rate_limit(error) else retried_as
+    kind, error_kind = _by_status(status, error)
+    if kind is OutcomeKind.RETRY and error_kind != "rate_limit":
+        error_kind = retried_as
+    return kind, error_kind
 
 
 def loads_lenient(raw: bytes) -> tuple[object, str] | None:
@@ -526,6 +558,8 @@ def _quota(
 
 
 _NO_SCRUB: Final = _Scrubber(None)
+_BOM: Final = b"\xef\xbb\xbf"
+_NO_DONE: Final = "the stream ended before data: [DONE]"
 
 
 # --- streams ----------------------------------------------------------------------------
@@ -553,6 +587,9 @@ class _Choice:
     """One choice (`index`) of a streamed answer, as its fragments arrive."""
 
     __slots__ = (
+        "_last_call",
+        "_last_call_at",
+        "audio_data",
         "content",
         "extra",
         "finish_reason",
@@ -571,15 +608,22 @@ class _Choice:
         #: Text pieces, and the parts of content sent as a list (Mistral's thinking).
         self.content: list[Any] | None = None
         self.refusal: list[str] | None = None
-        self.tool_calls: dict[int, dict[str, Any]] = {}
+        #: Each call by its place: (its index in the stream, the order it began in).
+        self.tool_calls: dict[tuple[int, int], dict[str, Any]] = {}
+        #: The call each stream index last began, and the last call to begin.
+        self._last_call_at: dict[int, tuple[int, int]] = {}
+        self._last_call: tuple[int, int] | None = None
         self.function_call: dict[str, Any] | None = None
         self.extra: dict[str, Any] = {}
+        #: The base64 pieces of `audio.data`, in order.
+        self.audio_data: list[str] | None = None
         self.logprobs_seen = False
         self.logprobs_content: list[Any] | None = None
         self.logprobs_refusal: list[Any] | None = None
         self.finish_reason: str | None = None
         #: The choice's other fields (OpenRouter's native_finish_reason, vLLM's stop_reason):
-        #: the last value each came with.
+        #: the last value each came with (objects: each of their fields' last value; Azure's
+        #: content_filter_results come with each piece and as {} with the finish).
         self.other: dict[str, Any] = {}
 
     def add(self, choice: dict[str, Any]) -> None:
@@ -625,9 +669,15 @@ class _Choice:
         finish_reason = choice.get("finish_reason")
         if finish_reason:  # (some servers send "" until the end)
             self.finish_reason = finish_reason
+        other = self.other
         for key, value in choice.items():
-            if key not in _CHOICE_FIELDS and value is not None:
-                self.other[key] = value
+            if key in _CHOICE_FIELDS or value is None:
+                continue
+            old = other.get(key)
+            if isinstance(old, dict) and isinstance(value, dict):
+                other[key] = {**old, **value}
+            else:
+                other[key] = value
 
     def _add_tool_calls(self, fragments: object) -> None:
         if not isinstance(fragments, list):
@@ -635,23 +685,49 @@ class _Choice:
         for fragment in fragments:
             if not isinstance(fragment, dict):
                 continue
-            index = fragment.get("index")
-            if not isinstance(index, int):
-                # Some gateways leave out `index`: a new id starts a new call, otherwise the
-                # fragment continues the last one.
-                call_id = fragment.get("id")
-                known = [i for i, call in self.tool_calls.items() if call.get("id") == call_id]
-                if call_id is not None and known:
-                    index = known[0]
-                elif call_id is not None or not self.tool_calls:
-                    index = max(self.tool_calls, default=-1) + 1
-                else:
-                    index = max(self.tool_calls)
-            self.tool_calls[index] = _merge_tool_call(self.tool_calls.get(index), fragment)
+            place = self._call_of(fragment)
+            self.tool_calls[place] = _merge_tool_call(self.tool_calls.get(place), fragment)
+
+    def _call_of(self, fragment: dict[str, Any]) -> tuple[int, int]:
+        """The place of the call a fragment adds to, a new one if it begins a call.
+
+        A fragment continues the call its `index` names, unless it begins another there:
+        Ollama sends every parallel call at index 0, each with its own id. Some gateways leave
+        out `index` (and send ids as ""): a new id begins a new call, a known one continues
+        its call, and a fragment without either continues the last call.
+        """
+        calls = self.tool_calls
+        call_id = fragment.get("id") or None
+        index = fragment.get("index")
+        if isinstance(index, int) and not isinstance(index, bool):
+            place = self._last_call_at.get(index)
+            if place is not None and not _begins_another(calls[place], call_id, fragment):
+                return place
+        else:
+            if call_id is not None:
+                for place, call in calls.items():
+                    if call.get("id") == call_id:
+                        return place
+            last = self._last_call
+            if last is not None and not _begins_another(calls[last], call_id, fragment):
+                return last
+            index = max((i for i, _ in calls), default=-1) + 1
+        place = (index, len(calls))
+        self._last_call_at[index] = place
+        self._last_call = place
+        return place
 
     def _add_extra(self, key: str, value: Any) -> None:
         # Fields some providers add (DeepSeek's `reasoning_content`, `reasoning`, `audio`,
         # ...): see `_merged`.
+        if key == "audio" and isinstance(value, dict) and isinstance(value.get("data"), str):
+            if self.audio_data is None:
+                self.audio_data = []
+            self.audio_data.append(value["data"])
+            value = {field: part for field, part in value.items() if field != "data"}
+        elif key == "reasoning_details" and isinstance(value, list):
+            self.extra[key] = _merged_details(self.extra.get(key), value)
+            return
         self.extra[key] = _merged(key, self.extra.get(key), value)
 
     def _content(self) -> str | list[Any] | None:
@@ -673,6 +749,12 @@ class _Choice:
         if self.function_call is not None:
             message["function_call"] = self.function_call
         message.update(self.extra)
+        if self.audio_data is not None:
+            audio = message.get("audio")
+            message["audio"] = {
+                **(audio if isinstance(audio, dict) else {}),
+                "data": _joined_base64(self.audio_data),
+            }
         return message
 
     def logprobs(self) -> dict[str, Any] | None:
@@ -683,15 +765,63 @@ class _Choice:
 
 #: Fields of a streamed object that come whole (and unchanged if repeated), not in pieces.
 _WHOLE_FIELDS: Final = frozenset(
-    {"id", "type", "name", "index", "object", "role", "model", "created", "expires_at"}
+    {
+        "id",
+        "type",
+        "name",
+        "index",
+        "object",
+        "role",
+        "model",
+        "created",
+        "expires_at",
+        "format",
+        "signature",
+    }
 )
+
+
+def _merged_details(old: list[Any] | None, new: list[Any]) -> list[Any]:
+    """OpenRouter's `reasoning_details` once a delta's are added: a detail comes in pieces
+    that carry its `index` (its text in several, its signature in the last), and is one
+    object again, as the same request without a stream has it."""
+    details = [] if old is None else old
+    for item in new:
+        index = item.get("index") if isinstance(item, dict) else None
+        if isinstance(index, int):
+            for at, earlier in enumerate(details):
+                if (
+                    isinstance(earlier, dict)
+                    and earlier.get("index") == index
+                    and item.get("type", earlier.get("type")) == earlier.get("type")
+                ):
+                    details[at] = _merged("reasoning_details", earlier, item)
+                    break
+            else:
+                details.append(item)
+        else:
+            details.append(item)
+    return details
+
+
+def _joined_base64(pieces: list[str]) -> str:
+    """Base64 text sent in pieces, as one: pieces that each end whole (OpenAI's audio deltas,
+    each with its own padding) are decoded and encoded again; others are one text cut up."""
+    if all(len(piece) % 4 == 0 for piece in pieces):
+        try:
+            data = b"".join(base64.b64decode(piece, validate=True) for piece in pieces)
+        except binascii.Error:
+            pass
+        else:
+            return base64.b64encode(data).decode()
+    return "".join(pieces)
 
 
 def _merged(key: str, old: Any, new: Any) -> Any:
     """The value of field `key` once a fragment's `new` is added to `old`: text arrives in
     pieces, lists grow, objects merge field by field; ids, types and names come whole;
     anything else replaces what was there."""
-    if old is None:
+    if old is None or (old == "" and key in _WHOLE_FIELDS):
         return new
     if key in _WHOLE_FIELDS:
         return old
@@ -776,6 +906,26 @@ def _merge_tool_call(call: dict[str, Any] | None, fragment: dict[str, Any]) -> d
     return call
 
 
+def _begins_another(call: dict[str, Any], call_id: object, fragment: dict[str, Any]) -> bool:
+    """Whether a fragment begins a call other than `call`, the one its place names: it has
+    another id, or, without one, it names a function when `call` has its name and its whole
+    arguments already (a proxy in front of Gemini sends each call whole, every id ""; servers
+    that repeat the name in every fragment of one call do so before its arguments are whole).
+    """
+    if call_id is not None:
+        return call.get("id") not in (None, "", call_id)
+    function, earlier = fragment.get("function"), call["function"]
+    if not (isinstance(function, dict) and function.get("name") and earlier is not None):
+        return False
+    if earlier["name"] is None or not earlier["arguments"]:
+        return False
+    try:
+        orjson.loads(earlier["arguments"])
+    except orjson.JSONDecodeError:
+        return False
+    return True
+
+
 def _finish_tool_call(call: dict[str, Any]) -> dict[str, Any]:
     return {
         **call,
@@ -804,6 +954,7 @@ class StreamAssembler:
         "_meta",
         "_usage",
         "bad_event",
+        "chunks",
         "done",
         "error",
     )
@@ -820,6 +971,8 @@ class StreamAssembler:
         self._lenient = False
         self._choices: dict[int, _Choice] = {}
         self._usage: Any = None
+        #: How many events were JSON objects.
+        self.chunks = 0
         #: `data: [DONE]` arrived: the stream is complete.
         self.done = False
         #: The first `error` event's error object.
@@ -830,6 +983,8 @@ class StreamAssembler:
     def feed(self, data: bytes) -> None:
         if not data:
             return
+        if data.startswith(_BOM) and not self._line and self.chunks == 0 and not self.done:
+            data = data[len(_BOM) :]  # (a stream may begin with one, as SSE allows)
         if self._held_cr:
             data = b"\r" + data
             self._held_cr = False
@@ -897,6 +1052,7 @@ class StreamAssembler:
             self._lenient = True
         if not isinstance(chunk, dict):
             return
+        self.chunks += 1
         error = chunk.get("error")
         if error is not None:
             if self.error is None:
@@ -905,7 +1061,8 @@ class StreamAssembler:
         meta = self._meta
         for key in ("id", "created", "model", "system_fingerprint", "service_tier"):
             value = chunk.get(key)
-            if value is not None and key not in meta:
+            # (Azure's first chunk, its prompt's content filter results, has "", 0 and "".)
+            if value is not None and value != "" and value != 0 and key not in meta:
                 meta[key] = value
         extra = self._extra
         for key, value in chunk.items():
@@ -941,7 +1098,15 @@ class StreamAssembler:
 
     @property
     def has_usage(self) -> bool:
-        return self._usage is not None
+        return self._usage_or_groqs() is not None
+
+    def _usage_or_groqs(self) -> Any:
+        # Groq puts the usage of a stream that did not ask for it in its final chunk's
+        # x_groq, where the same request without a stream has it as `usage`.
+        if self._usage is not None:
+            return self._usage
+        groq = self._extra.get("x_groq")
+        return groq.get("usage") if isinstance(groq, dict) else None
 
     def result(self) -> dict[str, Any]:
         """The completion object reassembled from the events so far."""
@@ -966,8 +1131,9 @@ class StreamAssembler:
             completion["system_fingerprint"] = meta["system_fingerprint"]
         if "service_tier" in meta:
             completion["service_tier"] = meta["service_tier"]
-        if self._usage is not None:
-            completion["usage"] = self._usage
+        usage = self._usage_or_groqs()
+        if usage is not None:
+            completion["usage"] = usage
         for key, value in self._extra.items():
             completion.setdefault(key, value)
         if self._lenient:
@@ -990,12 +1156,13 @@ def _stream_outcome(
     ratelimit = parse_ratelimit(headers)
     error = assembler.error
     if error is not None:
-        if _says_quota(error):
+        if _says_quota(error) or _status_of(error) == 402:
             return _quota(status, error, None, request_id, latency_s, ratelimit, scrub)
+        kind, error_kind = _in_band(error, "stream_error")
         return Outcome(
-            OutcomeKind.RETRY,
+            kind,
             status,
-            error_kind="rate_limit" if _says_rate_limit(error) else "stream_error",
+            error_kind=error_kind,
             message=scrub(_error_message(error) or "the stream carried an error event"),
             # As an error answer carries it, so that exports find the API's code and message.
             body=scrub(orjson.dumps({"error": error}).decode()),
@@ -1014,16 +1181,24 @@ def _stream_outcome(
             latency_s=latency_s,
             ratelimit=ratelimit,
         )
-    if not assembler.done and (
-        broken is not None or not assembler.finished or (wants_usage and not assembler.has_usage)
+    if assembler.chunks == 0 or (
+        not assembler.done
+        and (
+            broken is not None
+            or not assembler.finished
+            or (wants_usage and not assembler.has_usage)
+        )
     ):
         # (Some servers end a complete stream without `[DONE]`: every choice had finished,
-        # the usage asked for had come, and the connection ended cleanly: nothing was cut.)
+        # the usage asked for had come, and the connection ended cleanly: nothing was cut.
+        # A `[DONE]` with nothing before it is no answer: a gateway's upstream failed.)
+        if broken is None:
+            broken = "the stream held no chunk" if assembler.done else _NO_DONE
         return Outcome(
             OutcomeKind.RETRY,
             status,
             error_kind="stream_broken",
-            message=scrub(broken) or "the stream ended before data: [DONE]",
+            message=scrub(broken),
             request_id=request_id,
             latency_s=latency_s,
             ratelimit=ratelimit,
@@ -1155,6 +1330,20 @@ class ApiClient:
                 if stream and status == 200 and response.content_type != "application/json":
                     return await self._read_stream(response, started, _asks_for_usage(body))
                 raw = await response.read()
+                if stream and status == 200 and raw.lstrip(_BOM + b" \t\r\n")[:5] == b"data:":
+                    # (An event stream labelled as JSON.)
+                    assembler = StreamAssembler()
+                    assembler.feed(raw)
+                    assembler.close()
+                    return _stream_outcome(
+                        assembler,
+                        status,
+                        response.headers,
+                        time.monotonic() - started,
+                        self._scrub,
+                        None,
+                        _asks_for_usage(body),
+                    )
         except TimeoutError:
             return self._no_answer(
                 "timeout", f"no complete answer within {self.timeout_s:g} s", started
@@ -1178,8 +1367,24 @@ class ApiClient:
     ) -> Outcome:
         assembler = StreamAssembler()
         broken: str | None = None
+        sniffed = False
         try:
             async for data in response.content.iter_any():
+                if not sniffed:
+                    # An answer that is JSON, not events (a complete completion or an error
+                    # under another content type), is read as the answer it is.
+                    head = data.lstrip(_BOM + b" \t\r\n")
+                    if head[:1] in (b"{", b"["):
+                        raw = data + await response.content.read()
+                        return _classify(
+                            response.status,
+                            response.reason,
+                            response.headers,
+                            raw,
+                            time.monotonic() - started,
+                            self._scrub,
+                        )
+                    sniffed = bool(head)
                 assembler.feed(data)
         except TimeoutError:
             broken = f"the stream stalled past {self.timeout_s:g} s"

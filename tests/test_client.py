@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import email.utils
 import itertools
@@ -1006,6 +1007,87 @@ async def test_stream_request_answered_without_a_stream(serve: Serve) -> None:
     assert outcome.completion == COMPLETION
 
 
+@pytest.mark.parametrize(
+    ("code", "kind", "error_kind"),
+    [
+        ("400", OutcomeKind.FAIL_JOB, "http_400"),
+        (422, OutcomeKind.FAIL_JOB, "http_422"),
+        ("401", OutcomeKind.STOP_RUN, "auth"),
+        ("402", OutcomeKind.STOP_RUN, "quota"),
+        ("500", OutcomeKind.RETRY, "stream_error"),
+        ("4000", OutcomeKind.RETRY, "stream_error"),
+        (True, OutcomeKind.RETRY, "stream_error"),
+    ],
+)
+async def test_an_error_event_does_what_its_status_code_says(
+    code: object, kind: OutcomeKind, error_kind: str
+) -> None:
+    # LiteLLM's proxy sends an error raised once a stream has begun (a content policy, a
+    # guardrail) with the HTTP status as its code: a 400 was retried, paying for the answer
+    # each time, and a 401 failed the job instead of stopping the run.
+    error = {"message": "filtered", "type": "None", "param": "None", "code": code}
+    outcome = await stream_outcome(sse(chunk([delta(content="Hi")]), {"error": error}))
+    assert (outcome.kind, outcome.error_kind) == (kind, error_kind)
+
+
+@pytest.mark.parametrize(
+    ("code", "kind", "error_kind"),
+    [
+        ("400", OutcomeKind.FAIL_JOB, "http_400"),
+        ("401", OutcomeKind.STOP_RUN, "auth"),
+        ("503", OutcomeKind.RETRY, "not_completion"),
+        ("server_error", OutcomeKind.RETRY, "not_completion"),
+    ],
+)
+async def test_an_error_in_a_200_answer_does_what_its_status_code_says(
+    serve: Serve, code: str, kind: OutcomeKind, error_kind: str
+) -> None:
+    error = {"error": {"message": "no", "code": code}}
+    outcome = await send(await serve(answer(200, error)))
+    assert (outcome.kind, outcome.error_kind) == (kind, error_kind)
+
+
+async def test_a_stream_of_nothing_but_done_is_no_answer() -> None:
+    outcome = await stream_outcome(b"data: [DONE]\n\n")
+    assert (outcome.kind, outcome.error_kind) == (OutcomeKind.RETRY, "stream_broken")
+    assert outcome.message == "the stream held no chunk"
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "text/event-stream", ""])
+async def test_a_stream_request_answered_with_json_under_another_type_is_read_as_json(
+    serve: Serve, content_type: str
+) -> None:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.Response(status=200, body=b"\n" + orjson.dumps(COMPLETION))
+        if content_type:
+            response.content_type = content_type
+        else:
+            response.headers.popall("Content-Type", None)
+        return response
+
+    outcome = await send(await serve(handler), stream=True)
+    assert (outcome.kind, outcome.completion) == (OutcomeKind.SUCCESS, COMPLETION)
+
+
+async def test_an_error_under_the_event_stream_type_is_read_as_the_error_it_is(
+    serve: Serve,
+) -> None:
+    # Retried as a broken stream before: an account without money failed every job.
+    base_url = await serve(answer(200, QUOTA, content_type="text/event-stream"))
+    outcome = await send(base_url, stream=True)
+    assert (outcome.kind, outcome.error_kind) == (OutcomeKind.STOP_RUN, "quota")
+
+
+async def test_an_event_stream_labelled_as_json_is_read_as_a_stream(serve: Serve) -> None:
+    # Retried as bad JSON before, each try paid for.
+    base_url = await serve(answer(200, TEXT_STREAM))
+    outcome = await send(base_url, stream=True)
+    assert outcome.kind is OutcomeKind.SUCCESS
+    assert outcome.completion is not None
+    assert outcome.completion["choices"][0]["message"]["content"] == "Hello, wörld"
+
+
 # --- StreamAssembler without a server ---------------------------------------------------
 
 
@@ -1089,6 +1171,145 @@ def test_assembler_tool_calls_without_index() -> None:
         ("c1", "f", '{"a": 1}'),
         ("c2", "g", "{}"),
     ]
+
+
+def tool_calls_of(data: bytes) -> list[tuple[object, object, object]]:
+    completion, _, _, _ = assemble([data])
+    calls = completion["choices"][0]["message"]["tool_calls"]
+    return [(c["id"], c["function"]["name"], c["function"]["arguments"]) for c in calls]
+
+
+def test_assembler_parallel_calls_that_share_an_index_stay_apart() -> None:
+    # Ollama sends every parallel call at index 0, each whole with its own id: they were
+    # one call, its arguments two JSON objects run together.
+    data = sse(
+        chunk([delta(tool_calls=[{"id": "call_a1", "index": 0, "type": "function",
+                                  "function": {"name": "write", "arguments": '{"f":"a"}'}}])]),
+        chunk([delta(tool_calls=[{"id": "call_b2", "index": 0, "type": "function",
+                                  "function": {"name": "write", "arguments": '{"f":"b"}'}}])]),
+        chunk([delta(finish_reason="tool_calls")]),
+    )  # fmt: skip
+    assert tool_calls_of(data) == [
+        ("call_a1", "write", '{"f":"a"}'),
+        ("call_b2", "write", '{"f":"b"}'),
+    ]
+
+
+def test_assembler_whole_calls_without_index_or_id_stay_apart() -> None:
+    # A proxy in front of Gemini: no index, "" as every id and type, each call whole.
+    data = sse(
+        chunk([delta(tool_calls=[{"id": "", "type": "", "function": {
+            "name": "get_weather", "arguments": '{"city":"Paris"}'}}])]),
+        chunk([delta(tool_calls=[{"id": "", "type": "", "function": {
+            "name": "get_time", "arguments": '{"tz":"CET"}'}}])]),
+        chunk([delta(finish_reason="tool_calls")]),
+    )  # fmt: skip
+    assert tool_calls_of(data) == [
+        ("", "get_weather", '{"city":"Paris"}'),
+        ("", "get_time", '{"tz":"CET"}'),
+    ]
+    completion, _, _, _ = assemble([data])
+    calls = completion["choices"][0]["message"]["tool_calls"]
+    assert [c["type"] for c in calls] == ["function", "function"]
+
+
+def test_assembler_a_name_repeated_in_each_fragment_of_one_call_is_one_call() -> None:
+    data = sse(
+        chunk([delta(tool_calls=[{"index": 0, "id": "c1", "type": "function",
+                                  "function": {"name": "f", "arguments": '{"a":'}}])]),
+        chunk([delta(tool_calls=[{"index": 0, "function": {"name": "f", "arguments": " 1"}}])]),
+        chunk([delta(tool_calls=[{"index": 0, "function": {"name": "f", "arguments": "}"}}])]),
+        chunk([delta(finish_reason="tool_calls")]),
+    )  # fmt: skip
+    assert tool_calls_of(data) == [("c1", "f", '{"a": 1}')]
+
+
+def test_assembler_keeps_the_first_real_id_model_and_time() -> None:
+    # Azure's first chunk holds its prompt's content filter results, with "", 0 and "" as
+    # id, created and model: the answer was stored without them, and its cost unknown.
+    # Each piece's content filter results come again with the finish, as {}.
+    results = {"hate": {"filtered": False, "severity": "safe"}}
+    data = sse(
+        {"id": "", "object": "", "created": 0, "model": "", "choices": [],
+         "prompt_filter_results": [{"prompt_index": 0, "content_filter_results": results}]},
+        chunk([{**delta(content="Hi"), "content_filter_results": results}],
+              id="chatcmpl-AZ1", model="gpt-4o-2024-11-20"),
+        chunk([{**delta(finish_reason="stop"), "content_filter_results": {}}],
+              id="chatcmpl-AZ1", model="gpt-4o-2024-11-20"),
+    )  # fmt: skip
+    completion, _, _, _ = assemble([data])
+    assert (completion["id"], completion["created"], completion["model"]) == (
+        "chatcmpl-AZ1",
+        1700000009,
+        "gpt-4o-2024-11-20",
+    )
+    assert completion["choices"][0]["content_filter_results"] == results
+    assert completion["prompt_filter_results"][0]["content_filter_results"] == results
+
+
+def test_assembler_skips_a_byte_order_mark_before_the_first_event() -> None:
+    # The first event, its data behind the mark, was dropped, and with it "Hel".
+    data = TEXT_STREAM[TEXT_STREAM.index(b"\n\n") + 2 :]
+    assert assemble([b"\xef\xbb\xbf" + data]) == assemble([data])
+    assert assemble([data])[0]["choices"][0]["message"]["content"] == "Hello, wörld"
+
+
+def test_assembler_takes_groqs_usage_where_the_stream_did_not_ask_for_it() -> None:
+    usage = {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6}
+    data = sse(
+        chunk([delta(content="Hi")], x_groq={"id": "req_1"}),
+        chunk([delta(finish_reason="stop")], x_groq={"id": "req_1", "usage": usage}),
+    )
+    completion, _, _, _ = assemble([data])
+    assert completion["usage"] == usage
+
+
+def test_assembler_joins_reasoning_details_sent_in_pieces() -> None:
+    # OpenRouter: one detail in pieces carrying its index, the signature in the last;
+    # without a stream the same answer has one object.
+    piece = {"type": "reasoning.text", "format": "anthropic-claude-v1", "index": 0}
+    data = sse(
+        chunk([delta(reasoning_details=[{**piece, "text": "Let me "}])]),
+        chunk([delta(reasoning_details=[{**piece, "text": "think"}])]),
+        chunk([delta(reasoning_details=[{**piece, "text": "", "signature": "SIG"}])]),
+        chunk([delta(reasoning_details=[{"type": "reasoning.encrypted", "data": "xyz",
+                                         "index": 1}])]),
+        chunk([delta(finish_reason="stop")]),
+    )  # fmt: skip
+    completion, _, _, _ = assemble([data])
+    assert completion["choices"][0]["message"]["reasoning_details"] == [
+        {**piece, "text": "Let me think", "signature": "SIG"},
+        {"type": "reasoning.encrypted", "data": "xyz", "index": 1},
+    ]
+
+
+@pytest.mark.parametrize("sizes", [[5, 7, 1, 300], [3, 6, 9]])
+def test_assembler_joins_audio_sent_in_pieces_into_its_bytes(sizes: list[int]) -> None:
+    audio = bytes(range(256)) * 2
+    pieces, at = [], 0
+    for size in sizes:
+        pieces.append(audio[at : at + size])
+        at += size
+    data = sse(
+        chunk([delta(audio={"id": "audio_1", "expires_at": 1, "transcript": "hi"})]),
+        *(chunk([delta(audio={"data": base64.b64encode(p).decode()})]) for p in pieces),
+        chunk([delta(audio={"transcript": " there"}, finish_reason="stop")]),
+    )
+    completion, _, _, _ = assemble([data])
+    got = completion["choices"][0]["message"]["audio"]
+    assert base64.b64decode(got["data"], validate=True) == b"".join(pieces)
+    assert (got["id"], got["transcript"]) == ("audio_1", "hi there")
+
+
+def test_assembler_joins_one_base64_text_cut_anywhere() -> None:
+    text = base64.b64encode(bytes(range(100))).decode()
+    data = sse(
+        chunk([delta(audio={"id": "a", "data": text[:10]})]),
+        chunk([delta(audio={"data": text[10:33]})]),
+        chunk([delta(audio={"data": text[33:]}, finish_reason="stop")]),
+    )
+    completion, _, _, _ = assemble([data])
+    assert completion["choices"][0]["message"]["audio"]["data"] == text
 
 
 @settings(max_examples=150, deadline=None, database=None)
