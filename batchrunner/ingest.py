@@ -159,21 +159,34 @@ def _parsed_by_workers(path: Path, workers: int) -> AsyncGenerator[ParsedBlock, 
     return pool.map((str(path),), _blocks(path))
 
 
-def _duplicate_ids(path: Path) -> list[LineError]:
+def _duplicate_ids(
+    path: Path, others: list[LineError] | None = None
+) -> tuple[list[LineError], int]:
+    """The lines whose custom_id an earlier line has, and how many other bad lines there
+    are (the first SHOWN_ERRORS of them appended to `others`)."""
     seen: dict[str, int] = {}
     duplicates = []
+    other_total = 0
     for item in read_jobs(path):
         if isinstance(item, NewJob):
             first = seen.setdefault(item.custom_id, item.line)
             if first != item.line:
-                duplicates.append(
-                    LineError(
-                        str(path),
-                        item.line,
-                        f"duplicate custom_id {item.custom_id!r} (first on line {first})",
-                    )
-                )
-    return duplicates
+                duplicates.append(LineError(str(path), item.line, _repeated(item, first)))
+        else:
+            other_total += 1
+            if others is not None and len(others) < SHOWN_ERRORS:
+                others.append(item)
+    return duplicates, other_total
+
+
+def _repeated(job: NewJob, first: int) -> str:
+    if job.custom_id == f"line-{job.line}":
+        # (Most likely made from the line number, the line having none.)
+        return (
+            f"custom_id {job.custom_id!r}, made from the line number where a line has none,"
+            f" is line {first}'s custom_id"
+        )
+    return f"duplicate custom_id {job.custom_id!r} (first on line {first})"
 
 
 async def submit_file(
@@ -202,10 +215,11 @@ async def submit_file(
     name = kept_text(name)
     if name is not None and len(name) > BATCH_NAME_CHARS:
         raise UsageError(f"--name is longer than {BATCH_NAME_CHARS} characters ({len(name)})")
+    before = _identity(path)
     sha = file_sha256(path)
     existing = await store.find_batch_by_content(sha)
     if existing is not None:
-        return _submitted_before(existing, base_url, api_key_env)
+        return _submitted_before(existing, name, base_url, api_key_env)
     notices = []
     with path.open("rb") as f:
         if f.read(len(BOM)) == BOM:
@@ -234,22 +248,34 @@ async def submit_file(
         parsed = _parsed_by_workers(path, workers) if workers else _parsed_in_process(path)
         try:
             with collector_paused():
-                return await _load(store, path, parsed, batch, skip_invalid, skip, notices)
+                return await _load(store, path, parsed, batch, skip_invalid, skip, notices, before)
         except DuplicateCustomId:
-            duplicates = _duplicate_ids(path)
+            # (Found by an insert while the file was read: bad lines after it were not.)
+            others: list[LineError] = []
+            duplicates, other_total = _duplicate_ids(path, others)
             if not skip_invalid:
-                raise InputError(duplicates[:SHOWN_ERRORS], len(duplicates)) from None
+                shown = sorted(others + duplicates[:SHOWN_ERRORS], key=lambda e: e.line)
+                total = len(duplicates) + other_total
+                raise InputError(shown[:SHOWN_ERRORS], total) from None
             skip = {d.line: d for d in duplicates}
         except BatchExists:
             # Another submit of the same content won the race: it is the same batch.
             existing = await store.find_batch_by_content(sha)
             if existing is None:
                 raise StoreError(f"batch {batch.id} was created and is gone again") from None
-            return _submitted_before(existing, base_url, api_key_env)
+            return _submitted_before(existing, name, base_url, api_key_env)
     raise AssertionError("unreachable: duplicates were skipped on the second pass")
 
 
-def _submitted_before(batch: BatchInfo, base_url: str, api_key_env: str) -> SubmitResult:
+def _identity(path: Path) -> tuple[int, ...]:
+    """What changes when a file is written to, cut or replaced."""
+    st = path.stat()
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _submitted_before(
+    batch: BatchInfo, name: str | None, base_url: str, api_key_env: str
+) -> SubmitResult:
     notices = [
         f"the batch keeps its {what} {kept!r}, not {asked!r} (`run --{flag}` overrides it)"
         for what, flag, kept, asked in (
@@ -258,6 +284,8 @@ def _submitted_before(batch: BatchInfo, base_url: str, api_key_env: str) -> Subm
         )
         if kept != asked
     ]
+    if name is not None and name != batch.name:
+        notices.append(f"the batch keeps its name {batch.name!r}, not {name!r}")
     if batch.invalid_lines:
         notices.append(
             f"it was loaded with --skip-invalid: {batch.invalid_lines} bad line(s) left out"
@@ -280,6 +308,7 @@ async def _load(
     skip_invalid: bool,
     skip: dict[int, LineError],
     notices: list[str],
+    before: tuple[int, ...],
 ) -> SubmitResult:
     errors: list[LineError] = []
     error_total = 0
@@ -329,7 +358,7 @@ async def _load(
             if error_total and not skip_invalid:
                 # Repeated ids are found by the database, which saw none of this file: count
                 # them too, or the user fixes the bad lines only to be told of more.
-                repeated = _duplicate_ids(path)
+                repeated, _ = _duplicate_ids(path)
                 shown = sorted(errors + repeated[:SHOWN_ERRORS], key=lambda e: e.line)
                 raise _Rejected(shown[:SHOWN_ERRORS], error_total + len(repeated))
             await loader.add_jobs(chunk)
@@ -340,6 +369,12 @@ async def _load(
                 raise _Rejected(
                     errors[:SHOWN_ERRORS] or [LineError(str(path), 0, "the file has no requests")],
                     max(error_total, 1),
+                )
+            if _identity(path) != before:
+                # The batch's id is its content's digest: the jobs must be that content.
+                raise UsageError(
+                    f"{path} changed while it was being submitted; nothing was loaded (submit"
+                    " it once it is complete)"
                 )
     except _Rejected as rejected:
         if rejected.total == 1 and rejected.errors and rejected.errors[0].line == 0:

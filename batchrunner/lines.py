@@ -84,7 +84,12 @@ def names_a_file(target: str) -> bool:
     """Whether a FILE|BATCH_ID argument is a file, or names one all the same (a batch id has
     neither a path separator nor a file's extension): what reading it as a file should say
     why it cannot be."""
-    return os.sep in target or target.endswith((".jsonl", ".json")) or Path(target).is_file()
+    return (
+        os.sep in target
+        or target == "-"
+        or target.endswith((".jsonl", ".json"))
+        or Path(target).exists()
+    )
 
 
 def check_request_file(path: Path) -> None:
@@ -93,6 +98,11 @@ def check_request_file(path: Path) -> None:
     It must be a regular file: a submit reads it twice, once for its digest and once to load
     it, which a pipe (`/dev/stdin`) cannot give.
     """
+    if str(path) == "-":
+        raise UsageError(
+            "requests are read from a file, not standard input: a submit reads its file twice"
+            " (write them to a file first)"
+        )
     try:
         mode = path.stat().st_mode
         if stat.S_ISDIR(mode):
@@ -284,7 +294,9 @@ def parse_row(raw: bytes, number: int, meta_keys: set[str] | None = None) -> Job
         body = _require_object(obj["body"], "'body'")
         meta = obj.get("metadata")
         body_text = _dumps(body, "'body'")
-    elif not plain and ("url" in obj or "method" in obj):
+    elif "url" in obj or "method" in obj:
+        # (With `model` beside them: a Batch API line whose body was flattened into it; as a
+        # plain body, `url` and `method` would be sent to the API.)
         raise BadLine("missing 'body' (an OpenAI Batch API line has custom_id, method, url, body)")
     else:
         # A plain request body: metadata and custom_id stay with the job, never sent.
@@ -347,8 +359,11 @@ def _parse_lines(
             yield parse(raw, number, meta_keys)
         except BadLine as bad:
             reason = bad.reason
-            if not ended and reason.startswith("invalid JSON"):
-                reason = "truncated last line (no newline at the end and not valid JSON)"
+            if reason.startswith("invalid JSON"):
+                if not ended and "unexpected end of data" in reason:
+                    reason = "truncated last line (no newline at the end and not valid JSON)"
+                elif b"\r" in raw and "unexpected content after document" in reason:
+                    reason += " (lines that end with a lone CR? end them with LF or CRLF)"
             yield LineError(name, number, reason)
 
 

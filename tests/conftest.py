@@ -141,6 +141,7 @@ def run_cli(
     db: str,
     env: dict[str, str] | None = None,
     preexec_fn: Callable[[], object] | None = None,
+    cwd: Path | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """`batchrunner --db DB ARGS...` as a user runs it: a process of its own (`preexec_fn`
     runs in it before batchrunner starts, to set a limit, say)."""
@@ -151,6 +152,7 @@ def run_cli(
         timeout=120,
         env={**os.environ, **(env or {})},
         preexec_fn=preexec_fn,
+        cwd=cwd,
     )
 
 

@@ -191,6 +191,14 @@ def test_a_request_file_that_cannot_be_read_says_why(tmp_path: Path, sqlite_url:
             assert result.returncode == 2, (command, result.stderr)
             assert reason in result.stderr, (command, result.stderr)
             assert "Traceback" not in result.stderr
+    # A folder named without a path ("no batch 'requests' in this database" before), and
+    # standard input ("no such file: -").
+    (tmp_path / "requests").mkdir()
+    for target, reason in [("requests", "is a directory"), ("-", "not standard input")]:
+        for command in ["submit", "run", "estimate"]:
+            result = run_cli(command, target, db=sqlite_url, cwd=tmp_path)
+            assert result.returncode == 2, (command, result.stderr)
+            assert reason in result.stderr, (command, result.stderr)
     # `estimate` of a file opens no database: none is made for it.
     unused = tmp_path / "unused.db"
     assert run_cli("estimate", str(folder), db=f"sqlite:///{unused}").returncode == 2

@@ -80,12 +80,15 @@ async def test_both_formats_load_in_order(store: JobStore, make_file: MakeFile) 
 
 async def test_same_content_same_batch_nothing_added(store: JobStore, make_file: MakeFile) -> None:
     rows = [chat(f"q{i}") for i in range(50)]
-    first = await submit_file(store, make_file(rows, name="a.jsonl"))
-    second = await submit_file(store, make_file(rows, name="b.jsonl"))
+    first = await submit_file(store, make_file(rows, name="a.jsonl"), name="first")
+    second = await submit_file(store, make_file(rows, name="b.jsonl"), name="second")
     assert second.batch.id == first.batch.id
     assert not second.created
     assert (await store.counts(first.batch.id)).total == 50
     assert len(await store.list_batches()) == 1
+    # Another name is said to be ignored, as another base URL is.
+    assert second.notices == ["the batch keeps its name 'first', not 'second'"]
+    assert (await submit_file(store, make_file(rows, name="c.jsonl"))).notices == []
 
 
 async def test_null_where_the_api_takes_null_loads_as_sent(
@@ -149,7 +152,14 @@ BAD_LINES: list[tuple[bytes, str]] = [
     (orjson.dumps({"body": chat("q")}), "'custom_id' must be a non-empty string"),
     (orjson.dumps({"url": "/v1/embeddings", "body": chat("q")}), "unsupported url"),
     (b'\xef\xbb\xbf{"model": "m"}', "byte order mark inside the file"),
-]
+    # A Batch API line whose body was flattened into it: `method` and `url` were sent.
+    (
+        orjson.dumps({"custom_id": "z", "method": "POST", "url": "/v1/chat/completions",
+                      **chat("q")}),
+        "missing 'body'",
+    ),
+    (orjson.dumps({**chat("q"), "url": "/v1/chat/completions"}), "missing 'body'"),
+]  # fmt: skip
 
 
 @pytest.mark.parametrize(("line", "reason"), BAD_LINES)
@@ -216,6 +226,62 @@ async def test_skip_invalid_loads_good_lines_and_records_bad(
     assert (batch.total_jobs, batch.invalid_lines) == (2, 2)
 
 
+async def test_a_repeated_id_found_early_hides_no_other_bad_line(
+    store: JobStore, make_file: MakeFile
+) -> None:
+    # The repeat is found by an insert (more than a chunk of good lines before the bad one),
+    # which ended the read: the bad line at the end went unsaid, to be found only on the
+    # next submit of a fixed file.
+    rows: list[Any] = [batch_line("dup", chat("1")), batch_line("dup", chat("2"))]
+    rows += [batch_line(f"id{i}", chat("q")) for i in range(3, ingest.CHUNK_ROWS + 100)]
+    rows.append(b'{"model": "m", "messages": [}')
+    path = make_file(rows)
+    with pytest.raises(InputError) as info:
+        await submit_file(store, path)
+    assert info.value.total == 2
+    assert [e.line for e in info.value.errors] == [2, len(rows)]
+    assert "duplicate custom_id 'dup' (first on line 1)" in info.value.errors[0].reason
+    assert "invalid JSON" in info.value.errors[1].reason
+    assert await store.list_batches() == []
+
+
+async def test_an_id_made_from_the_line_number_that_a_line_has_says_so(
+    store: JobStore, make_file: MakeFile
+) -> None:
+    path = make_file([chat("1"), chat("2", custom_id="line-3"), chat("3")])
+    with pytest.raises(InputError) as info:
+        await submit_file(store, path)
+    (err,) = info.value.errors
+    assert err.line == 3
+    assert "'line-3', made from the line number" in err.reason
+    assert "is line 2's custom_id" in err.reason
+
+
+async def test_a_file_that_changes_while_it_is_submitted_loads_nothing(
+    store: JobStore, make_file: MakeFile, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The batch's id is the digest of the content read first; the jobs were what a second
+    # read found: a file still being written made a batch of other jobs than its id says,
+    # and submitting the whole file later added nothing to it.
+    rows = [chat(f"q{i}") for i in range(100)]
+    path = make_file(rows[:50])
+    digest = ingest.file_sha256
+
+    def then_written_to(file: Path) -> str:
+        sha = digest(file)
+        with file.open("ab") as f:
+            f.writelines(orjson.dumps(row) + b"\n" for row in rows[50:])
+        return sha
+
+    monkeypatch.setattr(ingest, "file_sha256", then_written_to)
+    with pytest.raises(UsageError, match="changed while it was being submitted"):
+        await submit_file(store, path)
+    assert await store.list_batches() == []
+    monkeypatch.undo()
+    result = await submit_file(store, path)
+    assert result.created and result.jobs == 100
+
+
 async def test_duplicate_custom_id(store: JobStore, make_file: MakeFile) -> None:
     rows = [batch_line("a", chat("1")), batch_line("b", chat("2")), batch_line("a", chat("3"))]
     with pytest.raises(InputError) as info:
@@ -260,6 +326,23 @@ async def test_truncated_last_line(store: JobStore, make_file: MakeFile) -> None
         await submit_file(store, path)
     (err,) = info.value.errors
     assert err.line == 2 and "truncated last line" in err.reason
+
+
+async def test_a_last_line_without_newline_keeps_its_own_reason(
+    store: JobStore, make_file: MakeFile, tmp_path: Path
+) -> None:
+    # It was "truncated last line" whatever was wrong with it.
+    line = b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": NaN}'
+    with pytest.raises(InputError) as info:
+        await submit_file(store, make_file([chat("a"), line], newline_at_end=False))
+    (err,) = info.value.errors
+    assert "truncated" not in err.reason and "unexpected character" in err.reason
+    lone_cr = tmp_path / "cr.jsonl"
+    lone_cr.write_bytes(orjson.dumps(chat("a")) + b"\r" + orjson.dumps(chat("b")) + b"\r")
+    with pytest.raises(InputError) as info:
+        await submit_file(store, lone_cr)
+    (err,) = info.value.errors
+    assert "lone CR" in err.reason
 
 
 async def test_missing_file(store: JobStore, tmp_path: Path) -> None:
