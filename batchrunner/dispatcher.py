@@ -1025,9 +1025,41 @@ class Dispatcher:
                 fenced = await self._fenced_after_all(fenced, attempts)
             if fenced:
                 self._uncount(ended, fenced)
+                await self._keep_paid_for(ended, attempts, fenced)
             self.stats.unwritten = len(self._ended)
             return True
         return False
+
+    async def _keep_paid_for(
+        self, ended: list[Ended], attempts: list[AttemptRecord], fenced: frozenset[int]
+    ) -> None:
+        """The usage of answers the database refused (late after a cancel, or after another
+        worker took the job over) still counts in the batch's tokens and cost: it was paid
+        for (`discarded_answers`, as answers tried again are kept)."""
+        answered: dict[int, AttemptRecord] = {}
+        for a in attempts:
+            if a.job_id in fenced and a.error_kind is None:
+                answered[a.job_id] = a  # (the last: the answer that ended the job)
+        paid = []
+        for end in ended:
+            answer = answered.get(end.job_id)
+            if end.state is not JobState.SUCCEEDED or answer is None or end.total_tokens is None:
+                continue  # (an answer without usage: what it used is not known)
+            spent = (
+                end.model,
+                end.prompt_tokens or 0,
+                end.cached_tokens or 0,
+                end.completion_tokens or 0,
+                end.reasoning_tokens or 0,
+                end.total_tokens,
+            )
+            paid.append(replace(answer, spent=spent))
+        if not paid:
+            return
+        try:
+            await self.store.keep_paid_for(self.batch.id, paid)
+        except StoreError as exc:
+            log.warning("could not keep the usage of %d late answer(s): %s", len(paid), exc)
 
     async def _fenced_after_all(
         self, fenced: frozenset[int], attempts: list[AttemptRecord]
@@ -1046,7 +1078,8 @@ class Dispatcher:
 
     def _uncount(self, ended: list[Ended], fenced_ids: frozenset[int]) -> None:
         """Ends the database refused (the job was cancelled, or taken over by another worker)
-        were counted as they ended: they are counted as fenced instead."""
+        were counted as they ended: they are counted as fenced instead (their answers' tokens
+        stay counted: they were paid for, see `_keep_paid_for`)."""
         st = self.stats
         for end in ended:
             if end.job_id not in fenced_ids:
@@ -1054,7 +1087,6 @@ class Dispatcher:
             st.fenced += 1
             if end.state is JobState.SUCCEEDED:
                 st.succeeded -= 1
-                st.tokens -= end.total_tokens or 0
             else:
                 st.failed -= 1
 

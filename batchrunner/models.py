@@ -170,9 +170,10 @@ class Attempt(Base):
 
 class DiscardedAnswer(Base):
     """A complete answer paid for and not kept as its job's result: one whose content did not
-    match the request's json_schema, tried again (`--retry-invalid-json`). Its usage counts in
-    the batch's tokens and cost; the answer itself is the job's last error, or gone once a
-    later attempt succeeded. Rows only for such answers: most batches have none."""
+    match the request's json_schema, tried again (`--retry-invalid-json`), or one that came
+    after its job was cancelled or taken over by another worker. Its usage counts in the
+    batch's tokens and cost; the answer itself is the job's last error, or gone. Rows only for
+    such answers: most batches have none."""
 
     __tablename__ = "discarded_answers"
     # `status` reads a batch's rows: few are ever written, so the index costs nothing.

@@ -355,7 +355,7 @@ def render_status(st: BatchStatus) -> str:
         price = "unknown" if m.known_cost_usd is None else _usd(m.known_cost_usd)
         notes = []
         if m.usage.discarded:
-            notes.append(f"with {m.usage.discarded} answer(s) paid for and tried again")
+            notes.append(f"with {m.usage.discarded} answer(s) paid for and not kept")
         if m.usage.without_usage:
             notes.append(f"{m.usage.without_usage} without usage: tokens and cost unknown")
         out.append(

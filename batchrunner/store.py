@@ -91,7 +91,7 @@ class ClaimedJob:
 
 #: An answer paid for and not kept: its model, then its prompt, cached, completion, reasoning
 #: and total tokens (`AttemptRecord.spent`).
-Spent: TypeAlias = tuple[str, int, int, int, int, int]
+Spent: TypeAlias = tuple[str | None, int, int, int, int, int]
 
 
 @dataclass(slots=True)
@@ -313,11 +313,13 @@ _INSERT_ATTEMPT_SQL = (
 
 
 # Written only when some attempt of a record has `spent` (rarely); an answer already kept (a
-# dead run's journal recorded after its own last record) is not kept again.
+# dead run's journal recorded after its own last record) is not kept again. An answer that
+# named no model is the request's.
 _INSERT_DISCARDED_SQL = (
     "INSERT INTO discarded_answers (job_id, started_at, batch_id, model, prompt_tokens,"
     " cached_tokens, completion_tokens, reasoning_tokens, total_tokens)"
-    " VALUES (:j, :s, :b, :m, :p, :c, :o, :r, :t) ON CONFLICT (job_id, started_at) DO NOTHING"
+    " VALUES (:j, :s, :b, COALESCE(:m, (SELECT model FROM jobs WHERE id = :j)), :p, :c, :o, :r,"
+    " :t) ON CONFLICT (job_id, started_at) DO NOTHING"
 )
 
 
@@ -1027,6 +1029,21 @@ class JobStore:
                 rows = (await conn.execute(sql, params)).all()
                 logged.update((int(job_id), float(started_at)) for job_id, started_at in rows)
         return {a.job_id for a in attempts if (a.job_id, a.started_at) in logged}
+
+    async def keep_paid_for(self, batch_id: str, attempts: Sequence[AttemptRecord]) -> None:
+        """Keep what the answers of `attempts` (each with its `spent`) used, apart from a
+        record: late answers a record refused (the job was cancelled, or another worker took
+        it over) were paid for all the same."""
+        rows = _discarded_rows(batch_id, attempts)
+        if not rows:
+            return
+        if self.is_sqlite:
+            await self._sqlite.transaction(
+                lambda conn: conn.executemany(_INSERT_DISCARDED_SQL, rows)
+            )
+        else:
+            async with self._write() as conn:
+                await conn.executemany(_INSERT_DISCARDED_SQL, rows)
 
     async def release_all(self, worker_id: str, batch_id: str) -> int:
         """Give back every job this worker still holds: at the end of a run it holds none

@@ -250,7 +250,7 @@ async def test_answers_tried_again_for_their_schema_count_in_tokens_and_cost(
     assert model.usage.results == 1, "one result kept; the other answers count as spent"
     assert model.usage.discarded == 5
     assert status.to_json()["models"][0]["discarded_answers"] == 5
-    assert "with 5 answer(s) paid for and tried again" in report.render_status(status)
+    assert "with 5 answer(s) paid for and not kept" in report.render_status(status)
 
 
 async def test_the_cap_counts_every_answer_paid_for(store: JobStore, make_file: MakeFile) -> None:

@@ -178,7 +178,8 @@ async def test_answers_after_a_cancel_count_as_not_recorded_not_as_succeeded(
     store: JobStore, make_file: MakeFile, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Until the run sees the cancel, its answers are refused by the database (fenced): the
-    run's own figures must say so, not count them as succeeded."""
+    run's own figures must say so, not count them as succeeded. They were paid for all the
+    same: their tokens and cost count in `status` (they were counted nowhere)."""
     monkeypatch.setattr(coordination, "COORDINATE_EVERY_S", 3.0)  # a late look
     rows = [chat(f"paced {i}") for i in range(300)]
     async with FakeServer(FakeConfig(latency_ms=20)) as srv:
@@ -191,7 +192,10 @@ async def test_answers_after_a_cancel_count_as_not_recorded_not_as_succeeded(
     assert stats.fenced >= 5  # about 10 a second until the look
     assert stats.succeeded == counts["succeeded"]
     assert stats.succeeded + stats.fenced <= srv.stats.successes
-    assert stats.tokens == (await batch_status(store, batch_id)).tokens["total_tokens"]
+    status = await batch_status(store, batch_id)
+    assert stats.tokens == status.tokens["total_tokens"]
+    assert sum(m.usage.discarded for m in status.models) == stats.fenced
+    assert sum(m.usage.results for m in status.models) == counts["succeeded"]
 
 
 async def test_a_stopped_run_does_not_send_what_waits_for_its_turn(
