@@ -1239,7 +1239,10 @@ class JobStore:
         bodies) should span: `most`, or fewer where pages of `most` would hold much more than
         PAGE_CHARS characters of answers (or of bodies). The answers with logprobs of long
         completions run to hundreds of kB each, bodies with images to megabytes: pages of
-        thousands held gigabytes. Measured on up to PAGE_SAMPLE_JOBS jobs spread over `span`.
+        thousands held gigabytes. Measured on up to PAGE_SAMPLE_JOBS jobs spread over `span`;
+        for answers, on the ended ones among them, as if every job of a page had ended: the
+        jobs of a batch part way through its run end in id order, the first pages full and the
+        rest empty (pages sized by every job's average held many times PAGE_CHARS).
         """
         first, last = span
         step = max(1, (last - first + 1) // PAGE_SAMPLE_JOBS)
@@ -1255,13 +1258,27 @@ class JobStore:
         # planners go through ix_jobs_claim and read every job of the batch (SQLite always,
         # PostgreSQL before its statistics knew the batch).
         sql = (
-            f"SELECT j.batch_id, {chars} FROM jobs j"
+            f"SELECT j.batch_id, j.state, {chars} FROM jobs j"
             f"{'' if bodies else ' LEFT JOIN results r ON r.job_id = j.id'}"
             f" WHERE j.id IN {_in_list(ids, params)}"
         )
         async with self.reading() as conn:
             rows = (await conn.execute(sql, params)).all()
-        sizes = [int(n or 0) for batch, n in rows if batch == batch_id]
+            sizes = [
+                int(n or 0)
+                for batch, state, n in rows
+                if batch == batch_id and (bodies or state in ENDED_STATES)
+            ]
+            if not sizes and not bodies:
+                # None of the sample has ended: the first answers there are.
+                sql = (
+                    f"SELECT {size}(response) FROM results"
+                    " WHERE job_id >= :first AND job_id <= :last ORDER BY job_id LIMIT :n"
+                )
+                found = await conn.execute(
+                    sql, {"first": first, "last": last, "n": PAGE_SAMPLE_JOBS}
+                )
+                sizes = [int(n or 0) for (n,) in found.all()]
         total = sum(sizes)
         if not total:
             return most

@@ -182,6 +182,20 @@ async def test_csv_reads_back_and_adds_up_to_status(store: JobStore, make_file: 
     assert sum(Decimal(r["cost_usd"] or 0) for r in rows) == status.cost_usd > 0
 
 
+async def test_a_job_that_failed_after_retries_shows_its_last_attempt(
+    store: JobStore, make_file: MakeFile
+) -> None:
+    async with FakeServer(FakeConfig(seed=7)) as srv:
+        batch_id = await _submit(store, make_file([chat("[[fault:500]] down")]), srv)
+        config = replace(FAST, max_attempts=3)
+        assert (await _run(store, batch_id, config)).exit_code == EXIT_SOME_FAILED
+    async with store.reading() as conn:
+        tried = (await conn.execute("SELECT request_id FROM attempts ORDER BY started_at")).all()
+    assert len(tried) == 3 and len({r for (r,) in tried}) == 3
+    _, (row,) = await _csv(store, batch_id)
+    assert (row["attempts"], row["request_id"]) == ("3", tried[-1][0])
+
+
 async def test_jsonl_is_the_openai_batch_output_format(
     store: JobStore, make_file: MakeFile
 ) -> None:
@@ -763,6 +777,27 @@ async def test_long_answers_are_exported_a_few_at_a_time(
     assert contents == [f"answer {line}: {long}" for line in range(1, 41)]
     # Answers of some 20,000 characters: no more than 5 of them to a page of 100,000.
     assert max(widths) <= 5 and len(widths) >= 8
+
+
+@pytest.mark.parametrize("answered", [20, 1])
+async def test_pages_of_a_batch_part_way_through_hold_few_long_answers(
+    store: JobStore, make_file: MakeFile, monkeypatch: pytest.MonkeyPatch, answered: int
+) -> None:
+    """Jobs end in id order: while a run goes (or after it stopped on a bad key), the first
+    jobs have their answers and the rest none. Pages sized by the average over every job held
+    4.5 x the memory they were meant to (a batch of 40,000 jobs, 2,000 answered)."""
+    monkeypatch.setattr(store_module, "PAGE_CHARS", 100_000)
+    batch_id = await _submit(store, make_file([chat(f"question {i}") for i in range(2_000)]))
+    long = "word " * 4_000
+    await _answer_all(store, batch_id, lambda line: _completion(f"{line}: {long}"), limit=answered)
+    span = await store.export_span(batch_id)
+    assert span is not None
+    # Answers of some 20,000 characters: no more than 5 of them to a page of 100,000.
+    assert await store.ids_per_page(batch_id, span, 5_000) <= 5
+    _, rows = await _csv(store, batch_id)
+    assert [row["content"] for row in rows] == [
+        f"{line}: {long}" for line in range(1, answered + 1)
+    ]
 
 
 async def test_pages_of_short_answers_and_bodies_span_as_many_jobs_as_asked(
