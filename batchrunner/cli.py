@@ -6,7 +6,10 @@ import asyncio
 import atexit
 import gc
 import math
+import os
+import secrets
 import signal
+import stat
 import sys
 import threading
 from collections.abc import Awaitable, Callable, Coroutine
@@ -477,9 +480,12 @@ def export(
 
     async def to_file(store: JobStore, target: Path, aside: bool) -> int:
         await store.get_batch(batch_id)  # no batch: say so before making a file
-        partial = target.with_name(f".{target.name}.partial") if aside else target
+        partial = target
         try:
-            f = partial.open("wb")
+            if aside:
+                partial, f = _file_aside(target)
+            else:
+                f = partial.open("wb")
         except OSError as exc:
             raise UsageError(f"cannot write {target}: {exc.strerror or exc}") from None
         try:
@@ -509,6 +515,29 @@ def export(
         aside = not target.exists() or target.is_file()
         n = ctx.with_store(lambda store: to_file(store, target, aside), existing=True)
     _err(f"exported {n} row(s) of {batch_id}" + ("" if output == "-" else f" to {output}"))
+
+
+def _file_aside(target: Path) -> tuple[Path, BinaryIO]:
+    """A new file beside `target`, to be renamed over it once written: a name of its own (two
+    exports to one PATH at once each write theirs; with one name they wrote into each other's
+    and one said it had succeeded), and the mode `target` has (a file kept private stays so)
+    or, for a new one, what the umask gives."""
+    mode = stat.S_IMODE(target.stat().st_mode) if target.exists() else None
+    for _ in range(100):
+        partial = target.with_name(f".{target.name}.{secrets.token_hex(4)}.partial")
+        try:
+            fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        try:
+            if mode is not None:
+                os.fchmod(fd, mode)
+            return partial, os.fdopen(fd, "wb")
+        except BaseException:
+            os.close(fd)
+            partial.unlink(missing_ok=True)
+            raise
+    raise FileExistsError(f"no free name beside {target}")
 
 
 @cli.command()

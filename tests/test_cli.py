@@ -20,7 +20,7 @@ import orjson
 import pytest
 from click.testing import CliRunner
 
-from batchrunner.cli import cli
+from batchrunner.cli import _file_aside, cli
 from batchrunner.fakeapi import FakeConfig, FakeServerThread
 from tests.conftest import chat, run_cli, started_cli
 
@@ -292,6 +292,37 @@ def test_export_to_a_symbolic_link_writes_where_it_points(
     assert "Traceback" not in result.stderr and loop.is_symlink()
 
 
+def test_export_over_a_file_keeps_its_mode_and_two_at_once_keep_apart(
+    make_file: MakeFile, sqlite_url: str, server: FakeServerThread, tmp_path: Path
+) -> None:
+    """A file kept private (0600) became readable by others (0644): the export was a new
+    file renamed over it. And every export to one PATH wrote the same hidden file: two at
+    once wrote into each other's, and one said it had succeeded."""
+    path = make_file([chat(f"q{i}") for i in range(3)])
+    batch_id = run_cli("submit", str(path), "--base-url", server.url, db=sqlite_url).stdout.strip()
+    assert run_cli("run", batch_id, "--quiet", db=sqlite_url).returncode == 0
+    out = tmp_path / "private.csv"
+    out.write_text("old\n")
+    out.chmod(0o600)
+    result = run_cli("export", batch_id, "-o", str(out), db=sqlite_url)
+    assert result.returncode == 0, result.stderr
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+    assert out.read_text().count("\n") == 4  # the header and three rows
+
+    first, f1 = _file_aside(out)
+    second, f2 = _file_aside(out)
+    with f1, f2:
+        assert first != second and first.parent == second.parent == tmp_path
+        assert first.name.startswith(".private.csv.") and first.name.endswith(".partial")
+        assert stat.S_IMODE(first.stat().st_mode) == 0o600
+    new = tmp_path / "new.csv"
+    made, f3 = _file_aside(new)
+    with f3:
+        umask = os.umask(0)
+        os.umask(umask)
+        assert stat.S_IMODE(made.stat().st_mode) == 0o666 & ~umask
+
+
 @pytest.mark.skipif(
     not (os.path.exists("/dev/full") and stat.S_ISCHR(os.stat("/dev/full").st_mode)),
     reason="needs Linux's /dev/full",
@@ -355,12 +386,12 @@ def test_sigterm_stops_an_export_as_ctrl_c_does_and_leaves_no_file(
     _grow(db_file, batch_id, 300_000)
     out = tmp_path / "exports" / "results.csv"
     out.parent.mkdir()
-    partial = out.with_name(f".{out.name}.partial")
     export = ("export", batch_id, "-o", str(out))
     with started_cli(*export, db=db, sigint=sigint, process_group=0) as proc:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and proc.poll() is None:
-            if partial.exists() and partial.stat().st_size > 0:
+            partial = list(out.parent.glob(f".{out.name}.*.partial"))
+            if partial and partial[0].stat().st_size > 0:
                 break
             time.sleep(0.005)
         os.killpg(proc.pid, signal.SIGTERM)
