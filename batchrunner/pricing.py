@@ -393,11 +393,15 @@ def _usage_counts(usage: Mapping[str, Any]) -> UsageCounts | None:
         if reasoning is None:
             reasoning = _detail(usage, "output_tokens_details", "reasoning_tokens")
     total = _count(usage.get("total_tokens"))
-    if prompt is None and completion is None and total is None:
-        return None
+    # A part left out is what the total leaves of it; without the total, or with nothing but
+    # the total, what the answer cost is not known (priced at $0, it was).
     split = prompt is not None and completion is not None
-    prompt = prompt or 0
-    completion = completion or 0
+    if prompt is None and completion is not None and total is not None:
+        prompt = max(total - completion, 0)
+    elif completion is None and prompt is not None and total is not None:
+        completion = max(total - prompt, 0)
+    if prompt is None or completion is None:
+        return None
     reasoning = reasoning or 0
     if total is None:
         total = prompt + completion

@@ -102,8 +102,15 @@ def book(monkeypatch: pytest.MonkeyPatch) -> PriceBook:
             id="null-fields",
         ),
         pytest.param({"prompt_tokens": 7, "completion_tokens": 3}, usage(7, 3), id="no-total"),
-        pytest.param({"completion_tokens": 3}, usage(0, 3), id="no-prompt"),
-        pytest.param({"total_tokens": 9}, usage(0, 0, total=9), id="total-only"),
+        # A part missing is what the total leaves; with no total, or nothing but the total,
+        # the answer's use is unknown (it was priced at $0 for the part not given).
+        pytest.param({"completion_tokens": 3}, None, id="no-prompt"),
+        pytest.param({"prompt_tokens": 1000}, None, id="no-completion"),
+        pytest.param({"total_tokens": 1000}, None, id="only-total"),
+        pytest.param({"prompt_tokens": 7, "total_tokens": 10}, usage(7, 3), id="prompt-and-total"),
+        pytest.param(
+            {"completion_tokens": 3, "total_tokens": 10}, usage(7, 3), id="completion-and-total"
+        ),
         pytest.param(
             {
                 "prompt_tokens": 100,
