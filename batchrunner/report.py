@@ -17,6 +17,9 @@ from batchrunner.store import (
     WorkerInfo,
 )
 
+#: Kinds of failure the text lists by name; the rest are counted together (`--json` has all).
+SHOWN_KINDS = 10
+
 
 @dataclass(frozen=True, slots=True)
 class ModelCost:
@@ -370,7 +373,11 @@ def render_status(st: BatchStatus) -> str:
         else "speed     -"
     )
     if st.errors:
-        out.append("failed    " + ", ".join(f"{k} {n}" for k, n in st.errors))
+        shown, rest = st.errors[:SHOWN_KINDS], st.errors[SHOWN_KINDS:]
+        line = "failed    " + ", ".join(f"{k} {n}" for k, n in shown)
+        if rest:
+            line += f", and {len(rest)} other kind(s): {sum(n for _, n in rest)}"
+        out.append(line)
     if st.attempt_errors:
         # Every attempt that did not succeed: those retried and the last of each failed job.
         out.append("attempts  with errors: " + ", ".join(f"{k} {n}" for k, n in st.attempt_errors))

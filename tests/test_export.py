@@ -750,6 +750,34 @@ async def test_status_figures_of_two_batches_in_one_database_stay_apart(
         )
 
 
+async def test_status_counts_every_kind_of_failure(store: JobStore, make_file: MakeFile) -> None:
+    """Only the ten most frequent kinds were listed, with nothing to say others were left
+    out: scripts adding up `errors` did not find the failed jobs' count."""
+    kinds = [f"http_4{k:02d}" for k in range(12)]
+    batch_id = await _submit(store, make_file([chat(f"q{i}") for i in range(13)]))
+    jobs = await store.claim(batch_id, "w", "token", 20, time.time(), 60.0)
+    ended = [
+        Ended(
+            job_id=job.id,
+            lease_token=job.lease_token,
+            state=JobState.FAILED,
+            attempts=1,
+            status_code=400,
+            latency_ms=5.0,
+            error_kind=kinds[min(i, len(kinds) - 1)],
+            error="no",
+        )
+        for i, job in enumerate(jobs)
+    ]
+    assert (await store.record(batch_id, "w", ended, [], time.time())).recorded == 13
+    status = await report.batch_status(store, batch_id)
+    assert sum(n for _, n in status.errors) == status.counts.counts["failed"] == 13
+    assert status.errors[0] == ("http_411", 2)
+    assert sum(status.to_json()["errors"].values()) == 13
+    text = report.render_status(status)
+    assert "http_411 2" in text and ", and 2 other kind(s): 2" in text
+
+
 @pytest.mark.parametrize("fmt", ["csv", "jsonl"])
 async def test_long_answers_are_exported_a_few_at_a_time(
     store: JobStore, make_file: MakeFile, monkeypatch: pytest.MonkeyPatch, fmt: str
