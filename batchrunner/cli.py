@@ -18,11 +18,13 @@ from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 import click
 import orjson
+from click.core import ParameterSource
 
 from batchrunner import __version__
 from batchrunner.config import DEFAULT_DB_URL, LEASE_ENV, LEASE_S, db_url_from_env
 from batchrunner.errors import BatchrunnerError, UsageError
 from batchrunner.lines import names_a_file
+from batchrunner.states import JobState
 from batchrunner.store import JobStore
 
 if TYPE_CHECKING:
@@ -422,7 +424,8 @@ def status(ctx: _Context, batch_id: str | None, as_json: bool, prices_path: Path
 @click.option(
     "--as-requests",
     is_flag=True,
-    help="Write the failed jobs as a request file to submit again (implies --failed).",
+    help="Write the jobs that did not succeed (failed, cancelled) as a request file to submit"
+    " again.",
 )
 @click.option(
     "--invalid",
@@ -458,6 +461,9 @@ def export(
 
     if invalid_lines and (as_requests or failed_only):
         raise click.UsageError("--invalid writes the lines left out at submit: no jobs with them")
+    click_ctx = click.get_current_context()
+    if as_requests and click_ctx.get_parameter_source("fmt") is not ParameterSource.DEFAULT:
+        raise click.UsageError("--as-requests writes a request file, JSON lines: no --format")
 
     async def write(store: JobStore, out: BinaryIO) -> int:
         if invalid_lines:
@@ -465,7 +471,10 @@ def export(
                 store, batch_id, out, fmt="jsonl" if fmt == "jsonl" else "csv"
             )
         if as_requests:
-            return await export_requests(store, batch_id, out)
+            # (A cancelled job may never have been sent: its request is there to send again.)
+            return await export_requests(
+                store, batch_id, out, states=(JobState.FAILED, JobState.CANCELLED)
+            )
         return await export_batch(
             store,
             batch_id,

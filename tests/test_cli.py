@@ -292,6 +292,40 @@ def test_export_to_a_symbolic_link_writes_where_it_points(
     assert "Traceback" not in result.stderr and loop.is_symlink()
 
 
+def test_the_jobs_that_did_not_succeed_come_out_as_a_request_file(
+    make_file: MakeFile, sqlite_url: str, server: FakeServerThread, tmp_path: Path
+) -> None:
+    """Failed jobs, and cancelled ones (which `retry` does not take back): before, only the
+    failed came out, and a cancelled batch's requests could not be had to send again."""
+    rows = [chat("ok"), chat("[[fault:400]] bad", metadata={"k": 1}), chat("later")]
+    path = make_file(rows)
+    batch_id = run_cli("submit", str(path), "--base-url", server.url, db=sqlite_url).stdout.strip()
+    assert run_cli("run", batch_id, "--quiet", db=sqlite_url).returncode == 3
+    again = make_file([chat("never sent 1"), chat("never sent 2")])
+    cancelled = run_cli("submit", str(again), db=sqlite_url).stdout.strip()
+    assert run_cli("cancel", cancelled, db=sqlite_url).returncode == 0
+
+    lines = []
+    for batch in (batch_id, cancelled):
+        out = run_cli("export", batch, "--as-requests", db=sqlite_url)
+        assert out.returncode == 0, out.stderr
+        lines.append([orjson.loads(line) for line in out.stdout.splitlines()])
+    assert lines[0] == [
+        {"custom_id": "line-2", "method": "POST", "url": "/v1/chat/completions",
+         "body": chat("[[fault:400]] bad"), "metadata": {"k": 1}},
+    ]  # fmt: skip
+    assert [line["body"] for line in lines[1]] == [chat("never sent 1"), chat("never sent 2")]
+    resubmit = tmp_path / "again.jsonl"
+    assert (
+        run_cli("export", cancelled, "--as-requests", "-o", str(resubmit), db=sqlite_url).returncode
+        == 0
+    )
+    assert run_cli("submit", str(resubmit), db=sqlite_url).returncode == 0
+
+    csv_asked = run_cli("export", batch_id, "--as-requests", "--format", "csv", db=sqlite_url)
+    assert csv_asked.returncode == 2 and "no --format" in csv_asked.stderr
+
+
 def test_export_over_a_file_keeps_its_mode_and_two_at_once_keep_apart(
     make_file: MakeFile, sqlite_url: str, server: FakeServerThread, tmp_path: Path
 ) -> None:
