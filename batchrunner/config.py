@@ -36,6 +36,15 @@ def db_url_from_env() -> str:
     return os.environ.get("BATCHRUNNER_DB") or DEFAULT_DB_URL
 
 
+def without_password(url: str) -> str:
+    """A URL as it may be shown: its password, if it has one, as ***."""
+    scheme, sep, rest = url.partition("://")
+    credentials, at, after = rest.rpartition("@")
+    if not at or ":" not in credentials:
+        return url
+    return f"{scheme}{sep}{credentials.partition(':')[0]}:***@{after}"
+
+
 def check_base_url(base_url: str) -> str:
     """`base_url` without surrounding blanks, if it is an absolute http(s) URL."""
     url = base_url.strip()

@@ -13,7 +13,8 @@ from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import AsyncAdaptedQueuePool
 
-from batchrunner.database import STATEMENT_CACHE_SIZE, configure_sqlite_connection, driver_words
+from batchrunner.config import without_password
+from batchrunner.database import configure_sqlite_connection, driver_words
 from batchrunner.errors import StoreError, UsageError
 
 if TYPE_CHECKING:
@@ -38,12 +39,18 @@ def async_url(url: str) -> str:
     """`sqlite:///x.db` -> `sqlite+aiosqlite:///x.db`; `postgresql://` -> `postgresql+asyncpg://`."""
     try:
         parsed = make_url(url)
-    except ArgumentError as exc:
-        raise UsageError(f"not a database URL: {url!r} (try sqlite:///batchrunner.db)") from exc
+    except (ArgumentError, ValueError):  # (ValueError: a port that is no number)
+        shown = without_password(url)
+        raise UsageError(f"not a database URL: {shown!r} (try sqlite:///batchrunner.db)") from None
     backend = parsed.get_backend_name()
     if backend not in ("sqlite", "postgresql", "postgres"):
         raise UsageError(f"unsupported database {backend!r}: use sqlite:/// or postgresql://")
     if "+" in parsed.drivername:
+        if parsed.drivername not in _DRIVERS.values():
+            raise UsageError(
+                f"batchrunner reaches {backend} through {_DRIVERS[backend].partition('+')[2]},"
+                f" not {parsed.drivername!r}: use {backend}://..."
+            )
         return parsed.render_as_string(hide_password=False)
     return parsed.set(drivername=_DRIVERS[backend]).render_as_string(hide_password=False)
 
@@ -76,22 +83,25 @@ def create_engine(url: str, *, pool_size: int = 5) -> AsyncEngine:
 
 
 def _asyncpg_options(full: str) -> tuple[str, dict[str, Any]]:
-    """The URL without batchrunner's own parameters (SQLAlchemy would hand them to asyncpg as
-    text), and the connect arguments they stand for (postgres.PgUrl)."""
+    """The URL without its parameters, and the connect arguments that stand for them: the
+    DSN asyncpg reads libpq's parameters from (`sslmode`, `connect_timeout`, `host=/path`),
+    as the store's own connections do (postgres.PgUrl). SQLAlchemy handed each parameter to
+    asyncpg.connect as an argument of that name, which it has not: `?sslmode=require` made
+    every new database fail to be created."""
     from batchrunner.postgres import PgUrl
 
+    pg = PgUrl.parse(full)
     parsed = make_url(full)
-    if STATEMENT_CACHE_SIZE not in parsed.query:
+    if not parsed.query:
         return full, {}
-    cache_size = PgUrl.parse(full).statement_cache_size
-    args: dict[str, Any] = {STATEMENT_CACHE_SIZE: cache_size}
-    if cache_size == 0:
+    args: dict[str, Any] = {"dsn": pg.dsn, **pg.connect_kwargs()}
+    if pg.statement_cache_size == 0:
         # SQLAlchemy prepares each statement under a name of its own as well: behind
         # pgbouncer, names that no other client's statement can have (its documentation's
         # recipe), and none kept.
         args["prepared_statement_cache_size"] = 0
         args["prepared_statement_name_func"] = _unique_statement_name
-    url = parsed.difference_update_query([STATEMENT_CACHE_SIZE])
+    url = parsed.set(query={})
     return url.render_as_string(hide_password=False), args
 
 

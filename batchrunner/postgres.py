@@ -13,16 +13,18 @@ takes a tuple.
 from __future__ import annotations
 
 import asyncio
+import math
 import re
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import Any, Final
 from urllib.parse import parse_qsl, quote, quote_plus, unquote
 
 import asyncpg  # type: ignore[import-untyped]  # no type stubs
 
+from batchrunner.config import without_password
 from batchrunner.database import (
     SCHEMA_HEAD,
     STATEMENT_CACHE_SIZE,
@@ -67,11 +69,14 @@ class PgUrl:
     #: (None: asyncpg's default). 0 behind pgbouncer in transaction or statement mode, where
     #: a connection's next statement may reach another server connection than its last.
     statement_cache_size: int | None = None
+    #: libpq's `?connect_timeout=S`, which asyncpg takes as an argument, not in the DSN (there
+    #: it would be sent to the server as a setting it does not know).
+    connect_timeout_s: float | None = None
 
     @classmethod
     def parse(cls, url: str) -> PgUrl:
         scheme, sep, rest = url.partition("://")
-        shown = _without_password(url)
+        shown = without_password(url)
         if not sep:
             raise UsageError(f"not a database URL: {shown!r} (try sqlite:///batchrunner.db)")
         if scheme.partition("+")[0] not in ("postgresql", "postgres"):
@@ -94,15 +99,18 @@ class PgUrl:
         host, port = _host_and_port(hostport, shown)
         # batchrunner's own parameters come out of what asyncpg is given; the others stay
         # as they were written.
-        cache_size = None
+        cache_size = timeout_s = None
+        parts = query.split("&") if query else []
         kept = []
-        for part in query.split("&") if query else ():
+        for part in parts:
             key, _, value = part.partition("=")
             if unquote(key) == STATEMENT_CACHE_SIZE:
                 cache_size = _cache_size(unquote(value), shown)
+            elif unquote(key) == _CONNECT_TIMEOUT:
+                timeout_s = _connect_timeout(unquote(value), shown)
             else:
                 kept.append(part)
-        if cache_size is not None:
+        if len(kept) < len(parts):
             query = "&".join(kept)
             rest = f"{location}?{query}" if query else location
         return cls(
@@ -114,13 +122,17 @@ class PgUrl:
             query=tuple(sorted(parse_qsl(query), key=lambda kv: kv[0])),
             dsn=f"postgresql://{rest}",
             statement_cache_size=cache_size,
+            connect_timeout_s=timeout_s,
         )
 
     def connect_kwargs(self) -> dict[str, Any]:
         """asyncpg.connect's keyword arguments besides the DSN."""
-        if self.statement_cache_size is None:
-            return {}
-        return {"statement_cache_size": self.statement_cache_size}
+        kwargs: dict[str, Any] = {}
+        if self.statement_cache_size is not None:
+            kwargs["statement_cache_size"] = self.statement_cache_size
+        if self.connect_timeout_s is not None:
+            kwargs["timeout"] = self.connect_timeout_s
+        return kwargs
 
     def location(self) -> str:
         """The database's address without its password or driver, written as SQLAlchemy
@@ -151,25 +163,35 @@ def _cache_size(text: str, shown: str) -> int:
     return int(text)
 
 
+_CONNECT_TIMEOUT: Final = "connect_timeout"
+
+
+def _connect_timeout(text: str, shown: str) -> float | None:
+    """libpq's connect_timeout in seconds; 0 or less: none of our own (asyncpg's, 60 s)."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds):
+        raise UsageError(
+            f"{_CONNECT_TIMEOUT} must be a number of seconds, not {text!r} in {shown!r}"
+        )
+    return seconds if seconds > 0 else None
+
+
 def _host_and_port(hostport: str, shown: str) -> tuple[str | None, int | None]:
     if hostport.startswith("["):
-        host, _, after = hostport[1:].partition("]")
+        host, bracket, after = hostport[1:].partition("]")
+        if not bracket:
+            raise UsageError(f"an IPv6 address without its closing ']' in {shown!r}")
         port = after.removeprefix(":")
     else:
         host, _, port = hostport.partition(":")
     if not port:
         return host or None, None
-    if not port.isdigit():
+    if not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
         raise UsageError(f"not a port number: {port!r} in {shown!r}")
     return host or None, int(port)
-
-
-def _without_password(url: str) -> str:
-    scheme, sep, rest = url.partition("://")
-    credentials, at, after = rest.rpartition("@")
-    if not at or ":" not in credentials:
-        return url
-    return f"{scheme}{sep}{credentials.partition(':')[0]}:***@{after}"
 
 
 # A parameter name after a colon; not the second colon of a cast (`meta::json`), nor a colon

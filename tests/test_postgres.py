@@ -132,11 +132,50 @@ def test_migrations_behind_a_pooler_keep_no_statements_under_reused_names() -> N
     url, args = db._asyncpg_options(
         "postgresql+asyncpg://u@h/d?statement_cache_size=0&sslmode=require"
     )
-    assert dict(make_url(url).query) == {"sslmode": "require"}
+    assert dict(make_url(url).query) == {}
+    assert args["dsn"] == "postgresql://u@h/d?sslmode=require"
     assert args["statement_cache_size"] == 0
     assert args["prepared_statement_cache_size"] == 0
     assert len({args["prepared_statement_name_func"]() for _ in range(3)}) == 3
     assert db._asyncpg_options("postgresql+asyncpg://u@h/d") == ("postgresql+asyncpg://u@h/d", {})
+
+
+def test_libpqs_connect_timeout_is_asyncpgs_argument() -> None:
+    target = PgUrl.parse("postgresql://u@h/d?connect_timeout=7&sslmode=disable")
+    assert target.dsn == "postgresql://u@h/d?sslmode=disable"
+    assert target.connect_kwargs() == {"timeout": 7.0}
+    assert PgUrl.parse("postgresql://u@h/d?connect_timeout=0").connect_kwargs() == {}
+    with pytest.raises(UsageError, match="number of seconds"):
+        PgUrl.parse("postgresql://u@h/d?connect_timeout=soon")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://u:hunter2@h:99999/d",
+        "postgresql://u:hunter2@[::1/d",
+        "postgresql+psycopg2://u:hunter2@h/d",
+        "postgresql://u:hunter2@h:abc/d",
+    ],
+)
+def test_an_engine_is_not_made_for_a_url_it_cannot_open(url: str) -> None:
+    # `db upgrade` makes one: these were tracebacks (a port past 65535 or that is no number,
+    # an IPv6 address not closed, another driver).
+    with pytest.raises(UsageError) as caught:
+        db.create_engine(url)
+    assert "hunter2" not in str(caught.value)
+
+
+@pytest.mark.postgres
+async def test_a_url_with_libpqs_parameters_creates_its_schema(
+    pg_url: str, make_file: MakeFile
+) -> None:
+    """SQLAlchemy handed each parameter to asyncpg.connect as an argument of that name: a new
+    database given with ?sslmode=... (as the README shows) could not have its schema made."""
+    url = f"{pg_url}?sslmode=disable&connect_timeout=10"
+    for step in [("db", "upgrade"), ("submit", str(make_file([chat("q")])))]:
+        code, _, err = await _cli(url, *step)
+        assert code == 0, (step, err)
 
 
 def test_a_statement_cache_broken_by_a_pooler_says_what_to_do() -> None:
