@@ -196,7 +196,7 @@ def submit(
 
     \b
     Example:
-        batchrunner submit jobs/chat.jsonl --name first-try
+        batchrunner submit jobs/01-chat.jsonl --name first-try
     """
     from batchrunner.ingest import submit_file
 
@@ -321,7 +321,7 @@ def run(
 
     \b
     Example:
-        batchrunner run jobs/chat.jsonl --concurrency 32 --rpm 3000 --tpm 1000000
+        batchrunner run jobs/01-chat.jsonl --concurrency 32 --rpm 3000 --tpm 1000000
         batchrunner run batch_0123456789abcdef --max-cost 5
     """
     from batchrunner import runner

@@ -59,7 +59,19 @@ def check_base_url(base_url: str) -> str:
     if not usable:
         raise UsageError(
             f"the base URL must be an http:// or https:// URL such as {DEFAULT_BASE_URL},"
-            f" not {base_url!r}"
+            f" not {without_password(base_url)!r}"
+        )
+    if parts.username is not None or parts.password is not None:
+        # Sent with the key's Authorization header, it broke every request; and the URL is
+        # stored with the batch and shown by `status`.
+        raise UsageError(
+            f"the base URL must not hold a user or password ({without_password(url)!r}): the"
+            " key goes in the variable --api-key-env names"
+        )
+    if parts.path.rstrip("/").endswith("/chat/completions"):
+        raise UsageError(
+            f"the base URL is the API's root, such as {DEFAULT_BASE_URL}, not its endpoint"
+            f" ({url!r}): drop /chat/completions"
         )
     return url
 
@@ -74,7 +86,35 @@ def check_key_env(name: str) -> str:
         )
     if len(name) > KEY_ENV_CHARS:
         raise UsageError(f"--api-key-env takes a name of at most {KEY_ENV_CHARS} characters")
+    if _looks_like_a_key(name) and name not in os.environ:
+        raise UsageError(
+            "--api-key-env takes the name of the environment variable that holds the key, and"
+            " this looks like a key itself (if it is a variable's name, set the variable first)"
+        )
     return name
+
+
+def _looks_like_a_key(name: str) -> bool:
+    """Keys made of letters, digits and _ (Groq's gsk_..., Mistral's) pass for names: long,
+    with upper and lower case letters and digits, as variables' names seldom are."""
+    return (
+        len(name) >= 24
+        and any(c.isupper() for c in name)
+        and any(c.islower() for c in name)
+        and any(c.isdigit() for c in name)
+    )
+
+
+def check_api_key(key: str, key_env: str) -> str:
+    """The key without blanks around it (a secret read from a file ends with a newline),
+    if it can go in a header."""
+    key = key.strip()
+    if not (key.isascii() and key.isprintable()):
+        raise UsageError(
+            f"${key_env} holds characters no API key has (a line break, a control character or"
+            " a letter outside ASCII)"
+        )
+    return key
 
 
 @dataclass(frozen=True, slots=True)

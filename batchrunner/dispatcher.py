@@ -644,6 +644,8 @@ class Dispatcher:
             # holds an unfinished job (its lease may yet expire and come back to us).
             await self._queue.join()
             await self._flushed()
+            if self.stopping:
+                return  # (the jobs it dropped are given back at the run's end)
             counts = await self.store.counts(self.batch.id)
             if counts.unfinished == 0:
                 return

@@ -199,6 +199,7 @@ async def submit_file(
     skip_invalid: bool = False,
     options: dict[str, Any] | None = None,
     workers: int | None = 0,
+    overridden: frozenset[str] = frozenset(),
 ) -> SubmitResult:
     """Validate and load a request file as a new batch (or find the batch it already is).
 
@@ -208,18 +209,22 @@ async def submit_file(
     `run FILE` do).
     Worker processes are started with multiprocessing's "spawn": a program that asks for them
     must guard its main module with `if __name__ == "__main__":`.
+    `overridden`: the settings ("base_url", "api_key_env") the caller's run overrides, of which
+    a batch submitted before says nothing.
     """
     check_request_file(path)
     base_url = check_base_url(base_url) if base_url else DEFAULT_BASE_URL
     api_key_env = check_key_env(api_key_env) if api_key_env else DEFAULT_API_KEY_ENV
     name = kept_text(name)
+    if name is not None and not name.isprintable():
+        raise UsageError("--name is one line of text: no line breaks or control characters")
     if name is not None and len(name) > BATCH_NAME_CHARS:
         raise UsageError(f"--name is longer than {BATCH_NAME_CHARS} characters ({len(name)})")
     before = _identity(path)
     sha = file_sha256(path)
     existing = await store.find_batch_by_content(sha)
     if existing is not None:
-        return _submitted_before(existing, name, base_url, api_key_env)
+        return _submitted_before(existing, name, base_url, api_key_env, overridden)
     notices = []
     with path.open("rb") as f:
         if f.read(len(BOM)) == BOM:
@@ -263,7 +268,7 @@ async def submit_file(
             existing = await store.find_batch_by_content(sha)
             if existing is None:
                 raise StoreError(f"batch {batch.id} was created and is gone again") from None
-            return _submitted_before(existing, name, base_url, api_key_env)
+            return _submitted_before(existing, name, base_url, api_key_env, overridden)
     raise AssertionError("unreachable: duplicates were skipped on the second pass")
 
 
@@ -274,7 +279,11 @@ def _identity(path: Path) -> tuple[int, ...]:
 
 
 def _submitted_before(
-    batch: BatchInfo, name: str | None, base_url: str, api_key_env: str
+    batch: BatchInfo,
+    name: str | None,
+    base_url: str,
+    api_key_env: str,
+    overridden: frozenset[str] = frozenset(),
 ) -> SubmitResult:
     notices = [
         f"the batch keeps its {what} {kept!r}, not {asked!r} (`run --{flag}` overrides it)"
@@ -282,7 +291,7 @@ def _submitted_before(
             ("base URL", "base-url", batch.base_url, base_url),
             ("key variable", "api-key-env", batch.api_key_env, api_key_env),
         )
-        if kept != asked
+        if kept != asked and flag.replace("-", "_") not in overridden
     ]
     if name is not None and name != batch.name:
         notices.append(f"the batch keeps its name {batch.name!r}, not {name!r}")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from batchrunner import journal, report
 from batchrunner.client import is_insecure, is_loopback
-from batchrunner.config import RunConfig, check_base_url, check_key_env
+from batchrunner.config import RunConfig, check_api_key, check_base_url, check_key_env
 from batchrunner.dispatcher import Dispatcher, RunResult, StopReason, worst_case_cost
 from batchrunner.errors import BudgetExceeded, UsageError
 from batchrunner.lines import names_a_file
@@ -84,7 +84,18 @@ async def run(
             api_key_env=config.api_key_env,
             skip_invalid=skip_invalid,
             workers=None,
+            overridden=frozenset(
+                setting
+                for setting, given in (
+                    ("base_url", config.base_url),
+                    ("api_key_env", config.api_key_env),
+                )
+                if given
+            ),
         )
+        for notice in submitted.notices:
+            # (That the batch keeps the base URL it was first submitted with, say.)
+            warn(f"note: {notice}")
         if submitted.created:
             warn(f"loaded {submitted.jobs} job(s) from {target} as batch {submitted.batch.id}")
             if submitted.invalid_total:
@@ -100,7 +111,9 @@ async def run(
 
     base_url = check_base_url(config.base_url or batch.base_url)
     key_env = check_key_env(config.api_key_env or batch.api_key_env)
-    api_key = os.environ.get(key_env) or None
+    api_key = os.environ.get(key_env, "").strip() or None
+    if api_key is not None:
+        api_key = check_api_key(api_key, key_env)
     if api_key is None:
         if not is_loopback(base_url):
             raise UsageError(

@@ -292,6 +292,20 @@ def test_export_to_a_symbolic_link_writes_where_it_points(
     assert "Traceback" not in result.stderr and loop.is_symlink()
 
 
+def test_a_run_stopped_by_a_bad_key_says_nothing_of_lost_jobs(
+    make_file: MakeFile, sqlite_url: str
+) -> None:
+    """The jobs claimed and not sent go back at the run's end; the feeder, waiting for the
+    last jobs to end, took them for jobs it had lost track of and said so."""
+    with FakeServerThread(FakeConfig(api_key="right-key")) as srv:
+        path = make_file([chat(f"q{i}") for i in range(3)])
+        env = {"OPENAI_API_KEY": "wrong-key"}
+        for _ in range(5):  # (it said so in about two runs of three)
+            result = run_cli("run", str(path), "--base-url", srv.url, db=sqlite_url, env=env)
+            assert result.returncode == 1 and "rejected the key" in result.stderr
+            assert "lost track" not in result.stderr, result.stderr
+
+
 def test_the_jobs_that_did_not_succeed_come_out_as_a_request_file(
     make_file: MakeFile, sqlite_url: str, server: FakeServerThread, tmp_path: Path
 ) -> None:

@@ -291,16 +291,73 @@ def test_a_base_url_that_is_not_http_is_refused_at_submit(
     assert "http:// or https://" in result.stderr and result.stdout == ""
 
 
-def test_a_key_given_where_its_variable_name_belongs_is_refused_and_not_echoed(
-    make_file: MakeFile, sqlite_url: str, tmp_path: Path
+@pytest.mark.parametrize(
+    ("base_url", "words"),
+    [
+        # Sent with the key's header, every request broke (a traceback a job); and the URL,
+        # password and all, was stored and shown by `status`.
+        ("http://user:hunter2@127.0.0.1:8000/v1", "must not hold a user or password"),
+        # Every job went to .../chat/completions/chat/completions and failed with a 404.
+        ("http://127.0.0.1:8000/v1/chat/completions", "drop /chat/completions"),
+    ],
+)
+def test_a_base_url_that_cannot_be_meant_is_refused_at_submit(
+    make_file: MakeFile, sqlite_url: str, base_url: str, words: str
 ) -> None:
-    key = "sk-proj-ThisLooksLikeARealKey0123456789"
+    path = make_file([chat("a")])
+    for command in ("submit", "run"):
+        result = run_cli(command, str(path), "--base-url", base_url, db=sqlite_url)
+        assert result.returncode == 2, result.stderr
+        assert words in result.stderr and "hunter2" not in result.stderr
+        assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "sk-proj-ThisLooksLikeARealKey0123456789",
+        # Letters, digits and _ only, as a variable's name may be (Groq's keys): it was stored
+        # as the batch's key variable and shown in "set the API key in $gsk_...".
+        "gsk_R4nd0mS3cr3tK3yV4lu3F0rGr0qAPIx1234567890abcdefgh",
+    ],
+)
+def test_a_key_given_where_its_variable_name_belongs_is_refused_and_not_echoed(
+    make_file: MakeFile, sqlite_url: str, tmp_path: Path, key: str
+) -> None:
     path = make_file([chat("a")])
     result = run_cli("submit", str(path), "--api-key-env", key, db=sqlite_url)
     assert result.returncode == 2
     assert "name of the environment variable" in result.stderr
     assert key not in result.stderr + result.stdout
     assert key.encode() not in (tmp_path / "jobs.db").read_bytes()
+    # The same name, set: it is a variable's after all.
+    named = run_cli("submit", str(path), "--api-key-env", key, db=sqlite_url, env={key: "sk-x"})
+    assert named.returncode == (0 if "-" not in key else 2)
+
+
+def test_a_key_read_from_a_file_keeps_no_line_break(make_file: MakeFile, sqlite_url: str) -> None:
+    """A secret read from a file ends with a newline: each job was a traceback (no header
+    may hold one), the run an internal error."""
+    with FakeServerThread(FakeConfig()) as srv:
+        path = make_file([chat("a"), chat("b")])
+        ok = run_cli(
+            "run", str(path), "--base-url", srv.url, "--quiet",
+            db=sqlite_url, env={"OPENAI_API_KEY": "sk-test-key\n"},
+        )  # fmt: skip
+        assert ok.returncode == 0, ok.stderr
+        other = make_file([chat("c")])
+        bad = run_cli(
+            "run", str(other), "--base-url", srv.url, "--quiet",
+            db=sqlite_url, env={"OPENAI_API_KEY": "sk-te\nst"},
+        )  # fmt: skip
+    assert bad.returncode == 2 and "$OPENAI_API_KEY holds characters" in bad.stderr
+    assert "Traceback" not in bad.stderr and "sk-te" not in bad.stderr
+
+
+def test_a_batch_name_is_one_line(make_file: MakeFile, sqlite_url: str) -> None:
+    path = make_file([chat("a")])
+    result = run_cli("submit", str(path), "--name", "two\nlines", db=sqlite_url)
+    assert result.returncode == 2 and "one line" in result.stderr
 
 
 def test_a_resubmission_keeps_its_settings_and_says_so(
@@ -314,6 +371,13 @@ def test_a_resubmission_keeps_its_settings_and_says_so(
     assert "run --base-url" in again.stderr
     same = run_cli("submit", str(path), "--base-url", "http://127.0.0.1:1/v1", db=sqlite_url)
     assert "keeps its" not in same.stderr
+    # `run FILE` says so too: it sent to the first URL without a word (unless --base-url
+    # says where this run sends).
+    env = {"OPENAI_BASE_URL": "http://127.0.0.1:2/v1"}
+    run = run_cli("run", str(path), db=sqlite_url, env=env)
+    assert "note: the batch keeps its base URL 'http://127.0.0.1:1/v1'" in run.stderr
+    run = run_cli("run", str(path), "--base-url", "http://127.0.0.1:2/v1", db=sqlite_url)
+    assert "keeps its" not in run.stderr
 
 
 async def test_repeated_ids_are_counted_with_the_other_bad_lines(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -574,6 +575,7 @@ async def test_bad_key_or_empty_balance_stops_the_run(
     store: JobStore,
     make_file: MakeFile,
     monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
     config: FakeConfig,
     reason: StopReason,
 ) -> None:
@@ -581,13 +583,15 @@ async def test_bad_key_or_empty_balance_stops_the_run(
     rows = [chat(f"q{i}") for i in range(200)]
     async with FakeServer(config) as srv:
         batch_id = await _submit(store, make_file(rows), srv)
-        rep = await _run(store, batch_id, replace(FAST, concurrency=4))
+        with caplog.at_level(logging.WARNING):
+            rep = await _run(store, batch_id, replace(FAST, concurrency=4))
         assert rep.exit_code == EXIT_ABORTED and rep.result.reason is reason
         # The run stopped early: not every job was tried.
         assert srv.stats.requests_total < 50
     counts = await store.counts(batch_id)
     assert counts.counts["pending"] == 200, "jobs stay pending, to be resumed"
     assert rep.result.message and "wrong-key" not in rep.result.message
+    assert "lost track" not in caplog.text
 
 
 async def test_a_run_resumes_after_a_bad_key_is_fixed(
