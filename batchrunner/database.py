@@ -293,6 +293,9 @@ def driver_words(exc: BaseException) -> str:
     """The driver's message for a database error; for a statement cache that a pooler broke,
     its first line and what to do (the driver's own hint names its API, not our URL)."""
     words = str(exc)
+    if not words:
+        # (A connect that timed out says nothing: "cannot open the database: " was all.)
+        words = "timed out" if isinstance(exc, TimeoutError) else type(exc).__name__
     if str(getattr(exc, "sqlstate", "") or "") in _POOLER_SQLSTATES:
         first_line = words.partition("\n")[0]
         return (
@@ -543,7 +546,11 @@ class SqliteDatabase:
                     else []
                 )
         except StoreError as exc:
-            raise StoreError(f"cannot open the database: {exc.__cause__ or exc}") from exc
+            where = self.target.database
+            folder = os.path.dirname(self.target.filename)
+            if not self.target.uri and not os.path.isdir(folder):  # noqa: ASYNC240 - once, failing
+                where += f" (there is no folder {folder})"
+            raise StoreError(f"cannot open the database {where}: {exc.__cause__ or exc}") from exc
         # More than one row would be branches: not this project's, alembic sorts it out.
         return (str(rows[0][0]) if len(rows) == 1 else None), not tables
 

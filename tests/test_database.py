@@ -89,6 +89,16 @@ def test_a_database_in_memory_is_refused(url: str) -> None:
         JobStore.for_url(url)
 
 
+async def test_a_database_in_a_folder_that_is_not_there_names_it(tmp_path: Path) -> None:
+    # "cannot open the database: unable to open database file", and no path (a URL's ~ is
+    # not the home folder: SQLAlchemy opens it as a folder named ~).
+    folder = tmp_path / "missing"
+    with pytest.raises(StoreError) as caught:
+        await JobStore.open(f"sqlite:///{folder / 'jobs.db'}")
+    assert f"{folder / 'jobs.db'} (there is no folder {folder})" in str(caught.value)
+    assert not folder.exists()
+
+
 @pytest.mark.parametrize(
     ("url", "uri"),
     [

@@ -182,6 +182,9 @@ def test_a_statement_cache_broken_by_a_pooler_says_what_to_do() -> None:
     exc = asyncpg.DuplicatePreparedStatementError('prepared statement "__asyncpg_stmt_1__" exists')
     assert "add ?statement_cache_size=0 to the database URL" in driver_words(exc)
     assert driver_words(asyncpg.UniqueViolationError("duplicate key")) == "duplicate key"
+    # A connect that timed out has no words of its own.
+    assert driver_words(TimeoutError()) == "timed out"
+    assert driver_words(ConnectionResetError()) == "ConnectionResetError"
 
 
 @pytest.mark.postgres
