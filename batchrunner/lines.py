@@ -7,7 +7,6 @@ a fraction of the time.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import stat
@@ -201,9 +200,14 @@ def _check_integers(raw: bytes) -> None:
         return value
 
     # orjson has read the line already: what the standard parser would refuse otherwise
-    # (it reads less deep, and more loosely) is orjson's to judge.
-    with contextlib.suppress(ValueError, RecursionError):
+    # (it reads more loosely) is orjson's to judge. Not its depth: there, the integers would
+    # go unchecked.
+    try:
         json.loads(raw, parse_int=checked)
+    except RecursionError:
+        raise BadLine("nested too deep for its numbers to be checked") from None
+    except ValueError:
+        pass
 
 
 def _dumps(value: Any, what: str) -> str:

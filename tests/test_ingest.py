@@ -159,6 +159,13 @@ BAD_LINES: list[tuple[bytes, str]] = [
         "missing 'body'",
     ),
     (orjson.dumps({**chat("q"), "url": "/v1/chat/completions"}), "missing 'body'"),
+    # Deeper than the standard parser goes (orjson reads 1,024 levels): the integer past 64
+    # bits went unchecked, and out as a float.
+    (
+        b'{"custom_id": "d", "x": ' + b"[" * 1020 + b"]" * 1020 + b', "body": {"model": "m",'
+        b' "messages": [{"role": "user"}], "seed": 18446744073709551616}}',
+        "nested too deep for its numbers to be checked",
+    ),
 ]  # fmt: skip
 
 
