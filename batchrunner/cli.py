@@ -424,8 +424,8 @@ def status(ctx: _Context, batch_id: str | None, as_json: bool, prices_path: Path
 @click.option(
     "--as-requests",
     is_flag=True,
-    help="Write the jobs that did not succeed (failed, cancelled) as a request file to submit"
-    " again.",
+    help="Write the jobs that did not succeed (failed, cancelled; with --failed, the failed"
+    " only) as a request file to submit again.",
 )
 @click.option(
     "--invalid",
@@ -462,8 +462,12 @@ def export(
     if invalid_lines and (as_requests or failed_only):
         raise click.UsageError("--invalid writes the lines left out at submit: no jobs with them")
     click_ctx = click.get_current_context()
-    if as_requests and click_ctx.get_parameter_source("fmt") is not ParameterSource.DEFAULT:
-        raise click.UsageError("--as-requests writes a request file, JSON lines: no --format")
+    if (
+        as_requests
+        and fmt == "csv"
+        and click_ctx.get_parameter_source("fmt") is not ParameterSource.DEFAULT
+    ):
+        raise click.UsageError("--as-requests writes a request file, JSON lines: not --format csv")
 
     async def write(store: JobStore, out: BinaryIO) -> int:
         if invalid_lines:
@@ -472,9 +476,8 @@ def export(
             )
         if as_requests:
             # (A cancelled job may never have been sent: its request is there to send again.)
-            return await export_requests(
-                store, batch_id, out, states=(JobState.FAILED, JobState.CANCELLED)
-            )
+            states = (JobState.FAILED,) if failed_only else (JobState.FAILED, JobState.CANCELLED)
+            return await export_requests(store, batch_id, out, states=states)
         return await export_batch(
             store,
             batch_id,

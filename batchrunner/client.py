@@ -691,31 +691,56 @@ class _Choice:
     def _call_of(self, fragment: dict[str, Any]) -> tuple[int, int]:
         """The place of the call a fragment adds to, a new one if it begins a call.
 
-        A fragment continues the call its `index` names, unless it begins another there:
-        Ollama sends every parallel call at index 0, each with its own id. Some gateways leave
-        out `index` (and send ids as ""): a new id begins a new call, a known one continues
-        its call, and a fragment without either continues the last call.
+        A fragment continues the call its `index` names, unless it begins another there
+        (`_begins_another`): Ollama sends every parallel call at index 0, each whole. Some
+        gateways leave out `index` (and send ids as ""): a known id continues its call, and
+        another fragment continues the last call unless it begins another.
         """
         calls = self.tool_calls
-        call_id = fragment.get("id") or None
         index = fragment.get("index")
         if isinstance(index, int) and not isinstance(index, bool):
             place = self._last_call_at.get(index)
-            if place is not None and not _begins_another(calls[place], call_id, fragment):
+            if place is not None and not self._begins_another(place, fragment):
                 return place
         else:
+            call_id = fragment.get("id") or None
             if call_id is not None:
                 for place, call in calls.items():
                     if call.get("id") == call_id:
                         return place
             last = self._last_call
-            if last is not None and not _begins_another(calls[last], call_id, fragment):
+            if last is not None and not self._begins_another(last, fragment):
                 return last
             index = max((i for i, _ in calls), default=-1) + 1
         place = (index, len(calls))
         self._last_call_at[index] = place
         self._last_call = place
         return place
+
+    def _begins_another(self, place: tuple[int, int], fragment: dict[str, Any]) -> bool:
+        """Whether a fragment begins a call other than the one at `place`: it names a
+        function when that call has its name and its whole arguments already. Not by its id:
+        some servers change a call's id from one fragment to the next (Poolside), while
+        Ollama gives every parallel call at index 0 its own; each sends a call's name once,
+        first, or (a proxy in front of Gemini) each call whole."""
+        function, earlier = fragment.get("function"), self.tool_calls[place]["function"]
+        if not (isinstance(function, dict) and function.get("name") and earlier is not None):
+            return False
+        # A new call's arguments begin anew ("" or a whole object); the earlier call's end as
+        # an object or an array does. Most fragments of a call that repeats its name fail one
+        # of these, and are not parsed with all the arguments so far.
+        begun = function.get("arguments")
+        if isinstance(begun, str) and begun.lstrip()[:1] not in ("", "{"):
+            return False
+        pieces: list[str] = earlier["arguments"]
+        last = next((piece for piece in reversed(pieces) if piece.strip()), "")
+        if earlier["name"] is None or not last.rstrip().endswith(("}", "]")):
+            return False
+        try:
+            orjson.loads("".join(pieces))
+        except orjson.JSONDecodeError:
+            return False
+        return True
 
     def _add_extra(self, key: str, value: Any) -> None:
         # Fields some providers add (DeepSeek's `reasoning_content`, `reasoning`, `audio`,
@@ -726,8 +751,10 @@ class _Choice:
             self.audio_data.append(value["data"])
             value = {field: part for field, part in value.items() if field != "data"}
         elif key == "reasoning_details" and isinstance(value, list):
-            self.extra[key] = _merged_details(self.extra.get(key), value)
-            return
+            old = self.extra.get(key)
+            if old is None or isinstance(old, list):
+                self.extra[key] = _merged_details(old, value)
+                return
         self.extra[key] = _merged(key, self.extra.get(key), value)
 
     def _content(self) -> str | list[Any] | None:
@@ -747,7 +774,7 @@ class _Choice:
                 _finish_tool_call(self.tool_calls[i]) for i in sorted(self.tool_calls)
             ]
         if self.function_call is not None:
-            message["function_call"] = self.function_call
+            message["function_call"] = _function_of(self.function_call)
         message.update(self.extra)
         if self.audio_data is not None:
             audio = message.get("audio")
@@ -877,16 +904,23 @@ def _joined_part(first: Any, second: Any) -> dict[str, Any] | None:
 
 
 def _merge_function(function: dict[str, Any] | None, fragment: dict[str, Any]) -> dict[str, Any]:
-    """Adds one fragment of a function call: the name comes whole, the arguments in pieces."""
+    """Adds one fragment of a function call: the name comes whole, the arguments in pieces
+    (kept as a list until `_function_of` joins them: a long call's arguments were copied
+    whole at each of its thousands of fragments)."""
     if function is None:
-        function = {"name": None, "arguments": ""}
+        function = {"name": None, "arguments": []}
     name = fragment.get("name")
     if name is not None and function["name"] is None:
         function["name"] = name
     arguments = fragment.get("arguments")
     if isinstance(arguments, str):
-        function["arguments"] += arguments
+        function["arguments"].append(arguments)
     return function
+
+
+def _function_of(function: dict[str, Any]) -> dict[str, Any]:
+    """A function call assembled by `_merge_function`, its arguments one text."""
+    return {**function, "arguments": "".join(function["arguments"])}
 
 
 def _merge_tool_call(call: dict[str, Any] | None, fragment: dict[str, Any]) -> dict[str, Any]:
@@ -906,32 +940,16 @@ def _merge_tool_call(call: dict[str, Any] | None, fragment: dict[str, Any]) -> d
     return call
 
 
-def _begins_another(call: dict[str, Any], call_id: object, fragment: dict[str, Any]) -> bool:
-    """Whether a fragment begins a call other than `call`, the one its place names: it has
-    another id, or, without one, it names a function when `call` has its name and its whole
-    arguments already (a proxy in front of Gemini sends each call whole, every id ""; servers
-    that repeat the name in every fragment of one call do so before its arguments are whole).
-    """
-    if call_id is not None:
-        return call.get("id") not in (None, "", call_id)
-    function, earlier = fragment.get("function"), call["function"]
-    if not (isinstance(function, dict) and function.get("name") and earlier is not None):
-        return False
-    if earlier["name"] is None or not earlier["arguments"]:
-        return False
-    try:
-        orjson.loads(earlier["arguments"])
-    except orjson.JSONDecodeError:
-        return False
-    return True
-
-
 def _finish_tool_call(call: dict[str, Any]) -> dict[str, Any]:
     return {
         **call,
         "id": call["id"],
         "type": call["type"] or "function",
-        "function": call["function"] or {"name": None, "arguments": ""},
+        "function": (
+            {"name": None, "arguments": ""}
+            if call["function"] is None
+            else _function_of(call["function"])
+        ),
     }
 
 

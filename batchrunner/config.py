@@ -95,13 +95,16 @@ def check_key_env(name: str) -> str:
 
 
 def _looks_like_a_key(name: str) -> bool:
-    """Keys made of letters, digits and _ (Groq's gsk_..., Mistral's) pass for names: long,
-    with upper and lower case letters and digits, as variables' names seldom are."""
+    """Keys made of letters, digits and _ pass for names (Groq's gsk_..., Mistral's, Azure's
+    32 hex digits): long, with digits among the letters, and either of both cases or without
+    the _ that joins the words of a variable's name."""
+    letters = any(c.isalpha() for c in name)
+    mixed_case = any(c.isupper() for c in name) and any(c.islower() for c in name)
     return (
         len(name) >= 24
-        and any(c.isupper() for c in name)
-        and any(c.islower() for c in name)
+        and letters
         and any(c.isdigit() for c in name)
+        and (mixed_case or "_" not in name)
     )
 
 

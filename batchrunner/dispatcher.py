@@ -1037,31 +1037,18 @@ class Dispatcher:
     ) -> None:
         """The usage of answers the database refused (late after a cancel, or after another
         worker took the job over) still counts in the batch's tokens and cost: it was paid
-        for (`discarded_answers`, as answers tried again are kept)."""
-        answered: dict[int, AttemptRecord] = {}
-        for a in attempts:
-            if a.job_id in fenced and a.error_kind is None:
-                answered[a.job_id] = a  # (the last: the answer that ended the job)
-        paid = []
-        for end in ended:
-            answer = answered.get(end.job_id)
-            if end.state is not JobState.SUCCEEDED or answer is None or end.total_tokens is None:
-                continue  # (an answer without usage: what it used is not known)
-            spent = (
-                end.model,
-                end.prompt_tokens or 0,
-                end.cached_tokens or 0,
-                end.completion_tokens or 0,
-                end.reasoning_tokens or 0,
-                end.total_tokens,
-            )
-            paid.append(replace(answer, spent=spent))
-        if not paid:
+        for (`JobStore.keep_paid_for`)."""
+        late = [
+            (end, [a for a in attempts if a.job_id == end.job_id])
+            for end in ended
+            if end.job_id in fenced and end.state is JobState.SUCCEEDED
+        ]
+        if not late:
             return
         try:
-            await self.store.keep_paid_for(self.batch.id, paid)
+            await self.store.keep_paid_for(self.batch.id, late)
         except StoreError as exc:
-            log.warning("could not keep the usage of %d late answer(s): %s", len(paid), exc)
+            log.warning("could not keep the usage of %d late answer(s): %s", len(late), exc)
 
     async def _fenced_after_all(
         self, fenced: frozenset[int], attempts: list[AttemptRecord]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -83,12 +84,18 @@ def names_a_file(target: str) -> bool:
     """Whether a FILE|BATCH_ID argument is a file, or names one all the same (a batch id has
     neither a path separator nor a file's extension): what reading it as a file should say
     why it cannot be."""
+    path = Path(target)
     return (
         os.sep in target
         or target == "-"
         or target.endswith((".jsonl", ".json"))
-        or Path(target).exists()
+        or path.is_file()
+        # (A folder named as a batch, for its exports say, is not what is meant.)
+        or (path.is_dir() and not _BATCH_ID.fullmatch(target))
     )
+
+
+_BATCH_ID = re.compile(r"batch_[0-9a-f]{16}")
 
 
 def check_request_file(path: Path) -> None:

@@ -28,7 +28,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field, replace
 from operator import attrgetter
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple, TypeAlias, cast
+from typing import TYPE_CHECKING, Any, Final, NamedTuple, TypeAlias, cast
 
 import orjson
 
@@ -1030,11 +1030,15 @@ class JobStore:
                 logged.update((int(job_id), float(started_at)) for job_id, started_at in rows)
         return {a.job_id for a in attempts if (a.job_id, a.started_at) in logged}
 
-    async def keep_paid_for(self, batch_id: str, attempts: Sequence[AttemptRecord]) -> None:
-        """Keep what the answers of `attempts` (each with its `spent`) used, apart from a
-        record: late answers a record refused (the job was cancelled, or another worker took
-        it over) were paid for all the same."""
-        rows = _discarded_rows(batch_id, attempts)
+    async def keep_paid_for(
+        self, batch_id: str, late: Sequence[tuple[Ended, Sequence[AttemptRecord]]]
+    ) -> None:
+        """Keep what late answers used, apart from a record: ends the database refused (the
+        job was cancelled, or another worker took it over) whose answers were paid for all
+        the same (`discarded_answers`, as answers tried again are kept). Each end comes with
+        the attempts that led to it; an answer without usage is left out (what it used is
+        not known)."""
+        rows = _discarded_rows(batch_id, _paid_answers(late))
         if not rows:
             return
         if self.is_sqlite:
@@ -1173,12 +1177,27 @@ class JobStore:
                 }
                 among = _in_list(chunk, params)
                 taken.extend((await conn.execute(_TAKE_BACK.format(ids=among), params)).scalars())
+        await self._keep_late(batch_id, worker_id, [first[j] for j in set(first) - set(taken)])
         if not taken:
             return 0
         taken.sort()
         ended = [replace(first[job_id][0], lease_token=token) for job_id in taken]
         attempts = [a for job_id in taken for a in first[job_id][1]]
         return (await self.record(batch_id, worker_id, ended, attempts, now)).recorded
+
+    async def _keep_late(
+        self,
+        batch_id: str,
+        worker_id: str,
+        late: Sequence[tuple[Ended, Sequence[AttemptRecord]]],
+    ) -> None:
+        """`keep_paid_for` for kept ends whose jobs ended since they were kept: those the dead
+        run had not recorded itself (its record logs the answer's attempt with the end)."""
+        answers = _paid_answers(late)
+        if not answers:
+            return
+        ours = await self.logged_by(worker_id, answers)
+        await self.keep_paid_for(batch_id, [entry for entry in late if entry[0].job_id not in ours])
 
     # -- batch-wide changes -----------------------------------------------------------------
 
@@ -1264,10 +1283,11 @@ class JobStore:
         )
         async with self.reading() as conn:
             rows = (await conn.execute(sql, params)).all()
+            # (A cancelled job without an answer is no answer, as a pending one is not.)
             sizes = [
                 int(n or 0)
                 for batch, state, n in rows
-                if batch == batch_id and (bodies or state in ENDED_STATES)
+                if batch == batch_id and (bodies or state in _ANSWERED_STATES or n)
             ]
             if not sizes and not bodies:
                 # None of the sample has ended: the first answers there are.
@@ -1544,6 +1564,31 @@ def _attempt_columns(a: AttemptRecord) -> _Params:
         _name(a.request_id, REQUEST_ID_CHARS),
         a.started_at,
     )
+
+
+_ANSWERED_STATES: Final = frozenset({JobState.SUCCEEDED.value, JobState.FAILED.value})
+
+
+def _paid_answers(late: Sequence[tuple[Ended, Sequence[AttemptRecord]]]) -> list[AttemptRecord]:
+    """The attempts that brought the answers of succeeded ends (the last without an error),
+    each with what its answer used (`spent`); none for an answer without usage."""
+    paid = []
+    for end, attempts in late:
+        if end.state is not JobState.SUCCEEDED or end.total_tokens is None:
+            continue
+        answer = next((a for a in reversed(attempts) if a.error_kind is None), None)
+        if answer is None:
+            continue
+        spent = (
+            end.model,
+            end.prompt_tokens or 0,
+            end.cached_tokens or 0,
+            end.completion_tokens or 0,
+            end.reasoning_tokens or 0,
+            end.total_tokens,
+        )
+        paid.append(replace(answer, spent=spent))
+    return paid
 
 
 def _discarded_rows(batch_id: str, attempts: Sequence[AttemptRecord]) -> list[_NamedParams]:

@@ -337,7 +337,26 @@ def test_the_jobs_that_did_not_succeed_come_out_as_a_request_file(
     assert run_cli("submit", str(resubmit), db=sqlite_url).returncode == 0
 
     csv_asked = run_cli("export", batch_id, "--as-requests", "--format", "csv", db=sqlite_url)
-    assert csv_asked.returncode == 2 and "no --format" in csv_asked.stderr
+    assert csv_asked.returncode == 2 and "not --format csv" in csv_asked.stderr
+    # What it writes, asked for; and the failed only, asked for.
+    both = run_cli(
+        "export", cancelled, "--as-requests", "--format", "jsonl", "--failed", db=sqlite_url
+    )
+    assert both.returncode == 0 and both.stdout == ""
+
+
+def test_a_folder_named_as_a_batch_is_not_taken_for_a_request_file(
+    make_file: MakeFile, sqlite_url: str, server: FakeServerThread, tmp_path: Path
+) -> None:
+    """A folder of a batch's exports, named as the batch: `run` and `estimate` of the batch
+    said it was a folder, not a request file."""
+    path = make_file([chat("q")])
+    batch_id = run_cli("submit", str(path), "--base-url", server.url, db=sqlite_url).stdout.strip()
+    (tmp_path / batch_id).mkdir()
+    for command in ("run", "estimate"):
+        result = run_cli(command, batch_id, "--quiet" if command == "run" else "--json",
+                         db=sqlite_url, cwd=tmp_path)  # fmt: skip
+        assert result.returncode == 0, (command, result.stderr)
 
 
 def test_export_over_a_file_keeps_its_mode_and_two_at_once_keep_apart(

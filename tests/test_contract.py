@@ -319,6 +319,7 @@ def test_a_base_url_that_cannot_be_meant_is_refused_at_submit(
         # Letters, digits and _ only, as a variable's name may be (Groq's keys): it was stored
         # as the batch's key variable and shown in "set the API key in $gsk_...".
         "gsk_R4nd0mS3cr3tK3yV4lu3F0rGr0qAPIx1234567890abcdefgh",
+        "c3f9c2a7e41b4d0f9a8b7c6d5e4f3a2b",  # Azure's: 32 hex digits
     ],
 )
 def test_a_key_given_where_its_variable_name_belongs_is_refused_and_not_echoed(

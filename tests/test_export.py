@@ -807,25 +807,73 @@ async def test_long_answers_are_exported_a_few_at_a_time(
     assert max(widths) <= 5 and len(widths) >= 8
 
 
-@pytest.mark.parametrize("answered", [20, 1])
+@pytest.mark.parametrize(
+    ("answered", "first_in_flight", "cancelled"),
+    [(20, False, False), (20, False, True), (5, True, False)],
+    ids=["pending", "cancelled", "first-in-flight"],
+)
 async def test_pages_of_a_batch_part_way_through_hold_few_long_answers(
-    store: JobStore, make_file: MakeFile, monkeypatch: pytest.MonkeyPatch, answered: int
+    store: JobStore,
+    make_file: MakeFile,
+    monkeypatch: pytest.MonkeyPatch,
+    answered: int,
+    first_in_flight: bool,
+    cancelled: bool,
 ) -> None:
-    """Jobs end in id order: while a run goes (or after it stopped on a bad key), the first
-    jobs have their answers and the rest none. Pages sized by the average over every job held
-    4.5 x the memory they were meant to (a batch of 40,000 jobs, 2,000 answered)."""
+    """Jobs end in id order: while a run goes (or after it stopped on a bad key, or was
+    cancelled), the first jobs have their answers and the rest none. Pages sized by the
+    average over every job held 4.5 x the memory they were meant to (a batch of 40,000 jobs,
+    2,000 answered). Sized by the answered jobs of the sample, or, when the sample holds none
+    (the first job still in flight), by the first answers there are."""
     monkeypatch.setattr(store_module, "PAGE_CHARS", 100_000)
     batch_id = await _submit(store, make_file([chat(f"question {i}") for i in range(2_000)]))
+    if first_in_flight:
+        (job,) = await store.claim(batch_id, "w-slow", "t-0", 1, time.time(), 60.0)
+        assert job.line == 1
     long = "word " * 4_000
     await _answer_all(store, batch_id, lambda line: _completion(f"{line}: {long}"), limit=answered)
+    if cancelled:
+        await store.cancel(batch_id)
     span = await store.export_span(batch_id)
     assert span is not None
     # Answers of some 20,000 characters: no more than 5 of them to a page of 100,000.
     assert await store.ids_per_page(batch_id, span, 5_000) <= 5
     _, rows = await _csv(store, batch_id)
-    assert [row["content"] for row in rows] == [
-        f"{line}: {long}" for line in range(1, answered + 1)
-    ]
+    answers = [row["content"] for row in rows if row["state"] == "succeeded"]
+    first = 2 if first_in_flight else 1
+    assert answers == [f"{line}: {long}" for line in range(first, first + answered)]
+
+
+async def test_a_failed_job_shows_its_last_attempt_whatever_the_workers_clocks(
+    store: JobStore, make_file: MakeFile
+) -> None:
+    """Attempts' start times are each worker's clock: the last attempt is the last logged
+    (a worker 30 s ahead made a 500; the one that took the job over failed it with a 400)."""
+    batch_id = await _submit(store, make_file([chat("q")]))
+    now = time.time()
+    (first,) = await store.claim(batch_id, "w-ahead", "t-1", 1, now, 60.0)
+    ahead = AttemptRecord(first.id, 500, "server_error", 111.0, "req_from_ahead", now + 30)
+    assert (await store.record(batch_id, "w-ahead", [], [ahead], now)).recorded == 0
+    assert await store.release("w-ahead", [(first.id, first.lease_token)]) == 1
+    (again,) = await store.claim(batch_id, "w-behind", "t-2", 1, now + 1, 60.0)
+    failed = Ended(
+        job_id=again.id,
+        lease_token=again.lease_token,
+        state=JobState.FAILED,
+        attempts=2,
+        status_code=400,
+        latency_ms=222.0,
+        error_kind="http_400",
+        error='{"error": {"message": "bad"}}',
+    )
+    behind = AttemptRecord(again.id, 400, "http_400", 222.0, "req_from_behind", now + 1)
+    assert (await store.record(batch_id, "w-behind", [failed], [behind], now + 2)).recorded == 1
+    _, (row,) = await _csv(store, batch_id)
+    assert (row["status_code"], row["request_id"], row["latency_ms"]) == (
+        "400",
+        "req_from_behind",
+        "222.0",
+    )
 
 
 async def test_pages_of_short_answers_and_bodies_span_as_many_jobs_as_asked(

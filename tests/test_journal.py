@@ -23,7 +23,7 @@ import orjson
 import pytest
 from sqlalchemy import text
 
-from batchrunner import journal, runner
+from batchrunner import journal, report, runner
 from batchrunner.config import RunConfig
 from batchrunner.coordination import JOIN_HOLD_S, Coordinator, WorkerCounters
 from batchrunner.dispatcher import Dispatcher, StopReason
@@ -120,6 +120,40 @@ async def test_a_dead_runs_journal_is_recorded_once_and_jobs_ended_since_are_lef
         assert sorted(by_job[job.id]) == [("w-dead", 200, t0 + 1.25), ("w-dead", 500, t0)]
     # Nothing left to do the second time.
     assert await journal.recover(store, batch_id, directory, time.time()) == 0
+
+
+async def test_a_dead_runs_answers_to_jobs_taken_over_since_count_as_paid_for(
+    store: JobStore, make_file: MakeFile, tmp_path: Path
+) -> None:
+    """A run killed with answers in its journal whose jobs another worker took over and
+    ended meanwhile: those answers were paid for; `status` counted them nowhere. One the dead
+    run had recorded itself (its answer's attempt logged with it) is its job's result, and
+    counts once."""
+    batch_id, (taken_over, recorded) = await _claimed(store, make_file, 2)
+    t0 = time.time()
+    # The dead run recorded one job itself, its attempts with it.
+    await store.record(
+        batch_id, "w-dead", [_success(recorded, "its own")], _tries(recorded, t0), t0
+    )
+    # The other went to another worker, which ended it (the dead run's lease had run out).
+    assert await store.release("w-dead", [(taken_over.id, taken_over.lease_token)]) == 1
+    (again,) = await store.claim(batch_id, "w-other", "w-other.1", 1, t0 + 5, LEASE_S)
+    other_try = [AttemptRecord(again.id, 200, None, 9.0, "req_other", t0 + 5)]
+    await store.record(batch_id, "w-other", [_success(again, "other's")], other_try, t0 + 6)
+    directory = tmp_path / "answers"
+    dead = journal.Journal(directory, batch_id, "w-dead")
+    for job in (taken_over, recorded):
+        dead.add(_success(job, f"kept {job.id}"), _tries(job, t0))
+    dead.close(committed=False)
+
+    assert await journal.recover(store, batch_id, directory, time.time()) == 0
+
+    paid = await _rows(store, "SELECT job_id, total_tokens FROM discarded_answers")
+    assert [(p.job_id, p.total_tokens) for p in paid] == [(taken_over.id, 7)]
+    status = await report.batch_status(store, batch_id)
+    assert status.tokens["total_tokens"] == 3 * 7  # two results, one answer not kept
+    assert await journal.recover(store, batch_id, directory, time.time()) == 0
+    assert len(await _rows(store, "SELECT * FROM discarded_answers")) == 1
 
 
 async def test_cancel_records_the_answers_a_dead_run_kept_first(
