@@ -611,6 +611,11 @@ class Pacer:
         else:
             self._tokens.set_rate(now, tpm / SECONDS_PER_MINUTE)
 
+    @property
+    def rpm(self) -> float | None:
+        """The request limit (this process's share of the batch's); None: none."""
+        return self._rpm
+
     def snapshot(self) -> PacerStats:
         now = self._clock()
         return PacerStats(

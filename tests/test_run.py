@@ -18,7 +18,7 @@ from sqlalchemy import text
 
 from batchrunner import dispatcher, report
 from batchrunner.config import RunConfig
-from batchrunner.dispatcher import StopReason
+from batchrunner.dispatcher import Dispatcher, StopReason
 from batchrunner.errors import StoreError
 from batchrunner.fakeapi import FakeConfig, FakeServer
 from batchrunner.ingest import submit_file
@@ -802,6 +802,35 @@ async def test_a_worker_holds_only_a_short_stretch_of_work(
     # 16 in flight, about half a second of work (40 jobs at 80/s) claimed ahead, and the
     # next claim taken while one is still queued.
     assert held and max(held) <= 120, max(held)
+
+
+async def test_a_paced_worker_holds_a_few_seconds_of_sending(
+    store: JobStore, make_file: MakeFile
+) -> None:
+    """At --rpm 300 a worker claimed 2 x --concurrency jobs at a time whatever the pace (128
+    at 64, half a minute of sending): a run joining the batch found them all taken, and sat
+    idle while its share of the rate went unused. A claim holds PACED_CLAIM_S of sending."""
+    rows = [chat(f"paced {i}") for i in range(150)]
+    async with FakeServer(FakeConfig(latency_ms=20)) as srv:
+        batch = (await submit_file(store, make_file(rows), base_url=srv.url)).batch
+        config = RunConfig(concurrency=64, rpm=300, flush_s=0.05)
+        run = Dispatcher(store, batch, config, api_key=None, base_url=srv.url)
+        running = asyncio.create_task(run.run())
+        held = []
+        started = time.monotonic()
+        while time.monotonic() - started < 2.5:
+            held.append(
+                await _count(
+                    store,
+                    "SELECT COUNT(*) FROM jobs WHERE batch_id = :b AND state = 'running'",
+                    b=batch.id,
+                )
+            )
+            await asyncio.sleep(0.05)
+        run.stop()
+        await asyncio.wait_for(running, 30)
+    # 5 a second: claims of 10, two of them queued at most, and one in flight.
+    assert held and max(held) <= 2 * 10 + 2, max(held)
 
 
 async def test_claims_of_large_bodies_hold_a_bounded_number_of_characters(
