@@ -9,6 +9,7 @@ from collections import deque
 from typing import TextIO
 
 from batchrunner.dispatcher import Dispatcher, RunStats
+from batchrunner.errors import StoreError
 from batchrunner.limiter import PacerStats
 
 #: Without a terminal, one status line this often.
@@ -17,30 +18,52 @@ PLAIN_EVERY_S = 5.0
 LIVE_EVERY_S = 0.5
 #: The pace shown is over about this many seconds of the latest progress.
 PACE_WINDOW_S = 30.0
+#: The batch's counts are read again this often (a count of its jobs by state).
+REFRESH_EVERY_S = 15.0
 
 
 class Pace:
-    """Jobs ended and tokens a second over the last PACE_WINDOW_S, and the ETA at that pace
-    (until the run is that old, since its start): a run slowed by 429s an hour in shows its
-    pace now, not its first minutes'."""
+    """The batch's jobs ended a second (this run's and any other's sharing it, as far as the
+    last `refresh` knows) and this run's tokens a second, over the last PACE_WINDOW_S, and the
+    ETA at that pace (until the run is that old, since its start): a run slowed by 429s an hour
+    in shows its pace now, not its first minutes'; two runs sharing a batch each show the time
+    left to both, not twice that."""
 
     def __init__(self) -> None:
         self._samples: deque[tuple[float, int, int]] = deque()
+        self._start: tuple[float, int, int] | None = None
 
     def sample(self, st: RunStats, now: float) -> tuple[float, float, float | None]:
         """(jobs ended a second, tokens a second, seconds left) as of `now` (monotonic)."""
+        done = st.ended_before + st.ended
+        if self._start is None:
+            self._start = (st.started_s, st.ended_before, 0)
         samples = self._samples
-        samples.append((now, st.ended, st.tokens))
+        samples.append((now, done, st.tokens))
         # Keep the latest sample at least a window old, and those after it.
         while len(samples) > 2 and now - samples[1][0] >= PACE_WINDOW_S:
             samples.popleft()
-        since, ended, tokens = samples[0]
+        since, done_then, tokens = samples[0]
         if now - since < PACE_WINDOW_S:
-            since, ended, tokens = st.started_s, 0, 0
+            since, done_then, tokens = self._start
         span = max(now - since, 1e-9)
-        per_s = (st.ended - ended) / span
-        left = st.total - st.ended_before - st.ended
+        # (Less done than before: failed jobs put back by `retry`.)
+        per_s = max(done - done_then, 0) / span
+        left = st.total - done
         return per_s, (st.tokens - tokens) / span, left / per_s if per_s > 0 and left > 0 else None
+
+
+async def refresh(d: Dispatcher) -> None:
+    """The batch's counts as the database has them now: what other runs sharing the batch
+    have ended since this one started, and what `retry` put back, are in the line's figures
+    (they were not: two runs each showed half the batch done, and an ETA twice too long)."""
+    try:
+        counts = await d.store.counts(d.batch.id)
+    except StoreError:
+        return  # (the next refresh, or the run, says what is wrong)
+    st = d.stats
+    st.total = counts.total
+    st.ended_before = max(0, counts.total - counts.unfinished - st.ended)
 
 
 def _fmt_eta(seconds: float | None) -> str:
@@ -85,8 +108,12 @@ async def show(d: Dispatcher, stream: TextIO | None = None) -> None:
         await _live(d, out)
     else:
         pace = Pace()
+        refreshed = time.monotonic()
         while True:
             await asyncio.sleep(PLAIN_EVERY_S)
+            if time.monotonic() - refreshed >= REFRESH_EVERY_S:
+                refreshed = time.monotonic()
+                await refresh(d)
             print(status_line(d, pace), file=out, flush=True)
 
 
@@ -106,8 +133,12 @@ async def _live(d: Dispatcher, out: TextIO) -> None:
     ) as bar:
         task = bar.add_task(d.batch.id, total=d.stats.total or None, detail="")
         pace = Pace()
+        refreshed = time.monotonic()
         try:
             while True:
+                if time.monotonic() - refreshed >= REFRESH_EVERY_S:
+                    refreshed = time.monotonic()
+                    await refresh(d)
                 st = d.stats
                 per_s, tokens_per_s, _ = pace.sample(st, time.monotonic())
                 snap = d.pacer.snapshot()

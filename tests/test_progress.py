@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from batchrunner.dispatcher import RunStats
+from batchrunner.ingest import submit_file
 from batchrunner.limiter import Pacer
-from batchrunner.progress import PACE_WINDOW_S, Pace, status_line
+from batchrunner.progress import PACE_WINDOW_S, Pace, refresh, status_line
+from batchrunner.states import JobState
+from batchrunner.store import JobStore
+from tests.conftest import chat, succeeded
+
+MakeFile = Callable[..., Path]
 
 
 def _run(stats: RunStats) -> Any:
@@ -40,6 +50,40 @@ def test_until_a_window_has_passed_the_pace_is_since_the_start() -> None:
     assert per_s == pytest.approx(20 / (PACE_WINDOW_S / 3))
     assert tokens_per_s == 0.0
     assert eta_s == pytest.approx(80 / per_s)
+
+
+def test_two_runs_sharing_a_batch_each_show_the_time_left_to_both() -> None:
+    """Each run counted only its own ends: two runs at 5 a second each showed half the
+    batch done and an ETA twice too long. What other runs end comes in with each refresh."""
+    stats = RunStats(started_s=0.0, total=1_000)
+    run, pace = _run(stats), Pace()
+    line = ""
+    for second in range(1, 61):
+        stats.succeeded += 5  # this run
+        if second % 15 == 0:
+            stats.ended_before = 5 * second  # the other run's, as a refresh reads them
+        if second % 5 == 0:
+            line = status_line(run, pace, now=float(second))
+    assert line.startswith("600/1000 done (300 ok, 0 failed this run)")
+    assert "10.0 req/s" in line and "ETA 0m40s" in line
+
+
+async def test_a_refresh_reads_what_others_ended_and_what_retry_put_back(
+    store: JobStore, make_file: MakeFile
+) -> None:
+    batch = (await submit_file(store, make_file([chat(f"q{i}") for i in range(10)]))).batch
+    stats = RunStats(total=10)
+    run = SimpleNamespace(stats=stats, store=store, batch=batch)
+    jobs = await store.claim(batch.id, "w-other", "t-1", 4, time.time(), 60.0)
+    ends = [succeeded(job, "a") for job in jobs[:2]]
+    ends += [replace(succeeded(job, "x"), state=JobState.FAILED) for job in jobs[2:]]
+    assert (await store.record(batch.id, "w-other", ends, [], time.time())).recorded == 4
+    stats.succeeded = 1  # this run's own, not written yet
+    await refresh(run)
+    assert (stats.total, stats.ended_before) == (10, 3)
+    assert await store.retry_failed(batch.id) == 2
+    await refresh(run)
+    assert stats.ended_before == 1
 
 
 def test_a_run_that_ended_nothing_lately_has_no_eta() -> None:
