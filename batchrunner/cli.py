@@ -594,8 +594,23 @@ def retry(ctx: _Context, batch_id: str) -> None:
     Example:
         batchrunner retry batch_0123456789abcdef && batchrunner run batch_0123456789abcdef
     """
-    n = ctx.with_store(lambda store: store.retry_failed(batch_id), existing=True)
-    _err(f"{n} failed job(s) of {batch_id} are pending again")
+    from batchrunner.report import fails_again
+
+    async def go(store: JobStore) -> tuple[int, list[tuple[str, int]]]:
+        kinds = await store.error_counts(batch_id)
+        return await store.retry_failed(batch_id), kinds
+
+    n, kinds = ctx.with_store(go, existing=True)
+    said = ", ".join(f"{kind} {count}" for kind, count in kinds)
+    _err(f"{n} failed job(s) of {batch_id} are pending again" + (f" ({said})" if n else ""))
+    again = [(kind, count) for kind, count in kinds if fails_again(kind)]
+    if n and again:
+        # (Each is paid for again, where the API bills refusals.)
+        _err(
+            f"note: {sum(c for _, c in again)} of them failed for what sending the same request"
+            f" again does not change ({', '.join(f'{k} {c}' for k, c in again)}): expect them"
+            " to fail again, unless what they were refused for has changed"
+        )
 
 
 @cli.command()

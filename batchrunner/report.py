@@ -19,6 +19,16 @@ from batchrunner.store import (
 
 #: Kinds of failure the text lists by name; the rest are counted together (`--json` has all).
 SHOWN_KINDS = 10
+#: Failures that sending the same request again does not change (client.py fails them at
+#: once): the API refused the request itself.
+_REFUSED_KINDS = frozenset({"request_too_large", "invalid_url", "http_501", "http_505"})
+#: ...unlike these 4xx, which say "not now".
+_NOT_NOW_4XX = frozenset({"http_408", "http_409", "http_429", "http_498"})
+
+
+def fails_again(kind: str) -> bool:
+    """Whether a job that failed so fails again when its request is sent again as it was."""
+    return kind in _REFUSED_KINDS or (kind.startswith("http_4") and kind not in _NOT_NOW_4XX)
 
 
 @dataclass(frozen=True, slots=True)

@@ -345,6 +345,28 @@ def test_the_jobs_that_did_not_succeed_come_out_as_a_request_file(
     assert both.returncode == 0 and both.stdout == ""
 
 
+def test_retry_says_which_failures_will_fail_again(
+    make_file: MakeFile, sqlite_url: str, server: FakeServerThread
+) -> None:
+    """It put a 400 back beside a 500 without a word: the 400 was sent (and paid for) again,
+    and failed again."""
+    rows = [chat("[[fault:400]] bad"), chat("[[fault:500]] down"), chat("fine")]
+    path = make_file(rows)
+    batch_id = run_cli("submit", str(path), "--base-url", server.url, db=sqlite_url).stdout.strip()
+    ran = run_cli("run", batch_id, "--quiet", "--max-attempts", "1", db=sqlite_url)
+    assert ran.returncode == 3, ran.stderr
+    result = run_cli("retry", batch_id, db=sqlite_url)
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.splitlines()
+    assert lines[0] == (
+        f"2 failed job(s) of {batch_id} are pending again (http_400 1, server_error 1)"
+    )
+    assert lines[1].startswith("note: 1 of them failed for what sending the same request again")
+    assert "(http_400 1)" in lines[1]
+    again = run_cli("retry", batch_id, db=sqlite_url)
+    assert again.stderr.strip() == f"0 failed job(s) of {batch_id} are pending again"
+
+
 def test_a_folder_named_as_a_batch_is_not_taken_for_a_request_file(
     make_file: MakeFile, sqlite_url: str, server: FakeServerThread, tmp_path: Path
 ) -> None:
