@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Final, Literal
@@ -64,6 +65,8 @@ class ModelEstimate:
     min_cost_usd: Decimal | None = _ZERO
     #: US dollars for the prompts and every allowed output token; None when unknown.
     max_cost_usd: Decimal | None = _ZERO
+    #: The times the model's prices are taken at (`PriceBook.price_times`), once known.
+    _times: list[datetime | None] | None = field(default=None, compare=False, repr=False)
 
     def add(self, est: RequestEstimate, prices: PriceBook) -> None:
         self.requests += 1
@@ -74,12 +77,21 @@ class ModelEstimate:
             self.uncapped_requests += 1
         if self.min_cost_usd is None or self.max_cost_usd is None:
             return
+        if self._times is None:
+            self._times = prices.price_times(self.model)
         prompt = est.prompt_tokens
-        least = prices.cost(self.model, UsageCounts(prompt, 0, 0, 0, prompt))
-        most = prices.worst_case_cost(self.model, prompt, output)
-        if least is None or most is None:
-            self.min_cost_usd = self.max_cost_usd = None
-            return
+        usage = UsageCounts(prompt, 0, 0, 0, prompt)
+        # Whenever in the next day the batch runs: the least and the most it can cost.
+        least = most = None
+        for at in self._times:
+            low = prices.cost(self.model, usage, at=at)
+            high = prices.worst_case_cost(self.model, prompt, output, at=at)
+            if low is None or high is None:
+                self.min_cost_usd = self.max_cost_usd = None
+                return
+            least = low if least is None else min(least, low)
+            most = high if most is None else max(most, high)
+        assert least is not None and most is not None
         self.min_cost_usd += least
         self.max_cost_usd += most
 

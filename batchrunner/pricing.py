@@ -297,6 +297,22 @@ class PriceBook:
             + max_output_tokens * output_per_token
         )
 
+    def price_times(self, model: str, now: datetime | None = None) -> list[datetime | None]:
+        """Times within the next day, one for each price `model` has then: [None] (the price
+        now) for a model whose price does not change with the time, or is not known. An
+        estimate made in the evening of DeepSeek's off-peak hours took their price for the
+        most a batch run in the day can cost (a quarter of it)."""
+        pricer = self._pricer(model)
+        if pricer is None or not pricer.shape.varies_in_time:
+            return [None]
+        now = now or datetime.now(tz=UTC)
+        first = int(now.timestamp()) // PRICE_PERIOD_S
+        times: dict[object, datetime] = {}
+        for period in range(first, first + 86_400 // PRICE_PERIOD_S):
+            at = price_period_time(period)
+            times.setdefault(pricer.price_set(at), at)
+        return list(times.values())
+
     def _pricer(self, model: str) -> _Pricer | None:
         try:
             return self._pricers[model]
@@ -515,6 +531,10 @@ class _Pricer(abc.ABC):
     def rates(self, at: datetime | None, prompt_tokens: int) -> _TokenRates:
         """Rates in force at `at` for a request of `prompt_tokens`."""
 
+    def price_set(self, at: datetime) -> object:
+        """What identifies the prices in force at `at`: equal at times of equal prices."""
+        return None
+
 
 class _UserPricer(_Pricer):
     def __init__(self, rates: ModelRates) -> None:
@@ -578,6 +598,9 @@ class _GenaiPricer(_Pricer):
             tier_starts=tuple(sorted({start for price in prices for start in _tier_starts(price)})),
             varies_in_time=static is None,
         )
+
+    def price_set(self, at: datetime) -> object:
+        return None if self._static is not None else id(self._model.get_prices(at))
 
     def rates(self, at: datetime | None, prompt_tokens: int) -> _TokenRates:
         price_rates = self._static

@@ -13,6 +13,7 @@ Worst cases (for a budget that reserves before sending) take the body's own outp
 
 from __future__ import annotations
 
+import base64
 import binascii
 import math
 import re
@@ -40,8 +41,9 @@ DEFAULT_IMAGE_SIDE_PX: Final = 1024
 #: `input_audio` parts: the data's duration is not read. OpenAI bills input audio at roughly ten
 #: tokens per second; this assumes about one minute.
 AUDIO_PART_TOKENS: Final = 600
-#: `file` parts (PDFs): billed as extracted text plus one image per page. This assumes about one
-#: page: a high-detail 1024-px page image (765) plus a page of text (~750).
+#: `file` parts (PDFs): billed as extracted text plus one image per page: per page, a
+#: high-detail 1024-px page image (765) plus a page of text (~750). A PDF given inline counts
+#: its pages (`pdf_pages`); one given by id, or whose pages cannot be counted, one page.
 FILE_PART_TOKENS: Final = 1_500
 
 #: Worst-case output when a body sets no `max_completion_tokens` / `max_tokens` and the model is
@@ -319,6 +321,38 @@ def image_size_from_data_url(url: str) -> tuple[int, int] | None:
     return None
 
 
+def pdf_pages(data: bytes) -> int | None:
+    """The pages of a PDF, as its page tree counts them (the largest /Count) or as its page
+    objects do; None where neither can be read (a page tree in compressed object streams)."""
+    counts = [int(a or b) for a, b in _PDF_COUNT.findall(data)]
+    pages = max(counts) if counts else len(_PDF_PAGE.findall(data))
+    return pages or None
+
+
+#: A page tree's /Count, written after its /Type or before it, within one dictionary.
+_PDF_COUNT: Final = re.compile(
+    rb"/Type\s*/Pages\b[^>]*?/Count\s+(\d{1,6})|/Count\s+(\d{1,6})[^>]*?/Type\s*/Pages\b"
+)
+_PDF_PAGE: Final = re.compile(rb"/Type\s*/Page(?![A-Za-z])")
+
+
+def _file_pages(file: object) -> int:
+    """The pages a `file` part's PDF has, one where that cannot be read (a file id)."""
+    if not isinstance(file, Mapping):
+        return 1
+    data_url = file.get("file_data")
+    if not isinstance(data_url, str):
+        return 1
+    _, base64_marker, payload = data_url.partition(";base64,")
+    if not base64_marker:
+        return 1
+    try:
+        data = base64.b64decode(payload, validate=False)
+    except (binascii.Error, ValueError):
+        return 1
+    return pdf_pages(data) or 1
+
+
 # --- internals ---------------------------------------------------------------------------
 
 
@@ -419,7 +453,7 @@ def _parts_tokens(parts: list[Any], model: str, encoding: _Encoder) -> int:
         elif kind == "input_audio":
             total += AUDIO_PART_TOKENS
         elif kind == "file":
-            total += FILE_PART_TOKENS
+            total += FILE_PART_TOKENS * _file_pages(part.get("file"))
         else:
             total += _json_tokens(part, encoding)
     return total

@@ -161,6 +161,23 @@ async def test_a_file_with_images_tools_and_n(make_file: MakeFile) -> None:
     assert f"{sum(EXPECTED_PROMPT.values()):,}" in text
 
 
+async def test_a_price_that_changes_with_the_hour_is_estimated_at_its_dearest_and_cheapest(
+    make_file: MakeFile,
+) -> None:
+    """DeepSeek's off-peak hours: an estimate made in them took their price for the most a
+    batch run in the day could cost (a quarter of it)."""
+    prices = PriceBook()
+    times = prices.price_times("deepseek-reasoner")
+    assert len(times) == 2  # peak and off-peak, both within the next day
+    path = make_file([chat("q", model="deepseek-reasoner", max_tokens=8_000)])
+    (model,) = (await estimate_file(path, prices)).everything.models
+    prompt = model.prompt_tokens
+    highs = [prices.worst_case_cost("deepseek-reasoner", prompt, 8_000, at=t) for t in times]
+    assert model.max_cost_usd == max(h for h in highs if h is not None)
+    assert min(h for h in highs if h is not None) < model.max_cost_usd
+    assert prices.price_times("gpt-4o-mini") == [None]
+
+
 async def test_lines_submit_would_refuse_are_left_out_as_submit_says(
     store: JobStore, make_file: MakeFile
 ) -> None:

@@ -25,6 +25,7 @@ from batchrunner.tokens import (
     image_size_from_data_url,
     image_tokens,
     max_output_tokens,
+    pdf_pages,
     quick_prompt_tokens,
 )
 
@@ -457,6 +458,43 @@ def test_audio_and_file_parts_are_fixed_estimates(part: dict[str, Any], expected
         count_prompt_tokens(body(content=[part])) - count_prompt_tokens(body(content=[]))
         == expected
     )
+
+
+def _pdf(pages: int, *, count: bool = True, count_first: bool = False) -> bytes:
+    kids = " ".join(f"{3 + i} 0 R" for i in range(pages))
+    tree = f"/Type /Pages /Kids [{kids}] /Count {pages}" if count else f"/Kids [{kids}]"
+    if count and count_first:
+        tree = f"/Count {pages} /Kids [{kids}] /Type /Pages"
+    objects = ["1 0 obj << /Type /Catalog /Pages 2 0 R >> endobj", f"2 0 obj << {tree} >> endobj"]
+    objects += [
+        f"{3 + i} 0 obj << /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] >> endobj"
+        for i in range(pages)
+    ]
+    return ("%PDF-1.4\n" + "\n".join(objects) + "\n%%EOF\n").encode()
+
+
+@pytest.mark.parametrize(
+    ("pdf", "pages"),
+    [
+        (_pdf(40), 40),
+        (_pdf(7, count_first=True), 7),
+        (_pdf(5, count=False), 5),  # no /Count: its page objects
+        (b"%PDF-1.5\n(compressed streams only)\n%%EOF", None),
+    ],
+)
+def test_an_inline_pdf_counts_its_pages(pdf: bytes, pages: int | None) -> None:
+    """A 40-page PDF counted as one page (1,500 tokens): a --max-cost run reserved a
+    fortieth of what it could cost."""
+    assert pdf_pages(pdf) == pages
+    part = {
+        "type": "file",
+        "file": {
+            "filename": "doc.pdf",
+            "file_data": "data:application/pdf;base64," + base64.b64encode(pdf).decode(),
+        },
+    }
+    added = count_prompt_tokens(body(content=[part])) - count_prompt_tokens(body(content=[]))
+    assert added == FILE_PART_TOKENS * (pages or 1)
 
 
 # --- properties ----------------------------------------------------------------------------
