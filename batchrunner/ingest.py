@@ -42,7 +42,7 @@ from batchrunner.lines import (
     read_jobs,
     read_rows,
 )
-from batchrunner.states import BATCH_NAME_CHARS, kept_text
+from batchrunner.states import BATCH_NAME_CHARS, cancelled_for_good, kept_text
 from batchrunner.store import BatchExists, BatchInfo, DuplicateCustomId, JobStore
 
 #: Jobs handed to the database per INSERT...
@@ -295,6 +295,8 @@ def _submitted_before(
     ]
     if name is not None and name != batch.name:
         notices.append(f"the batch keeps its name {batch.name!r}, not {name!r}")
+    if batch.cancelled_at is not None:
+        notices.append(cancelled_for_good(batch.id))
     if batch.invalid_lines:
         notices.append(
             f"it was loaded with --skip-invalid: {batch.invalid_lines} bad line(s) left out"

@@ -20,6 +20,7 @@ from batchrunner.errors import BudgetExceeded, UsageError
 from batchrunner.lines import names_a_file
 from batchrunner.pricing import PriceBook
 from batchrunner.progress import show
+from batchrunner.states import cancelled_for_good
 from batchrunner.store import BatchInfo, JobStore
 
 try:
@@ -107,7 +108,7 @@ async def run(
     else:
         batch = await store.get_batch(target)
     if batch.cancelled_at is not None:
-        raise UsageError(f"batch {batch.id} was cancelled, and cancel is for good")
+        raise UsageError(cancelled_for_good(batch.id))
 
     base_url = check_base_url(config.base_url or batch.base_url)
     key_env = check_key_env(config.api_key_env or batch.api_key_env)

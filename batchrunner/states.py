@@ -56,3 +56,12 @@ def kept_text(value: str | None) -> str | None:
     except UnicodeEncodeError:  # a surrogate that does not stand for a byte
         raw = value.encode("utf-8", "surrogatepass")
     return raw.decode("utf-8", "replace")
+
+
+def cancelled_for_good(batch_id: str) -> str:
+    """What a command that would send a cancelled batch's jobs says, and what to do instead."""
+    return (
+        f"batch {batch_id} was cancelled, and cancel is for good: `batchrunner export"
+        f" {batch_id} --as-requests -o FILE` writes the requests that did not succeed, to"
+        " submit as a new batch"
+    )

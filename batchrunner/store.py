@@ -42,7 +42,7 @@ from batchrunner.database import (
 from batchrunner.errors import BatchNotFound, ConstraintViolation, UsageError
 from batchrunner.exportrows import ENDED_STATES, FAILED_ONLY, ExportRow, export_page_sql
 from batchrunner.lines import JobRow, NewJob
-from batchrunner.states import MODEL_CHARS, REQUEST_ID_CHARS, JobState
+from batchrunner.states import MODEL_CHARS, REQUEST_ID_CHARS, JobState, cancelled_for_good
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
@@ -1205,7 +1205,7 @@ class JobStore:
         """Failed jobs back to pending; their attempts stay in the log. A cancelled batch
         stays cancelled: cancel is for good."""
         if (await self.get_batch(batch_id)).cancelled_at is not None:
-            raise UsageError(f"batch {batch_id} was cancelled, and cancel is for good")
+            raise UsageError(cancelled_for_good(batch_id))
         async with self._write() as conn:
             result = await conn.execute(
                 "UPDATE jobs SET state = 'pending', attempts = 0, error_kind = NULL,"

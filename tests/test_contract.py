@@ -228,12 +228,18 @@ async def test_a_stopped_run_does_not_send_what_waits_for_its_turn(
 async def test_retry_does_not_revive_a_cancelled_batch(
     store: JobStore, make_file: MakeFile
 ) -> None:
-    batch_id = (await submit_file(store, make_file([chat("a"), chat("b")]))).batch.id
+    path = make_file([chat("a"), chat("b")])
+    batch_id = (await submit_file(store, path)).batch.id
     await store.cancel(batch_id)
-    with pytest.raises(UsageError, match="cancel is for good"):
+    with pytest.raises(UsageError, match="cancel is for good") as caught:
         await store.retry_failed(batch_id)
+    # It says how to send them after all (it said nothing, and a submit of the same file
+    # said only "nothing added").
+    assert f"export {batch_id} --as-requests" in caught.value.message
     assert (await store.get_batch(batch_id)).cancelled_at is not None
     assert (await store.counts(batch_id)).counts["cancelled"] == 2
+    again = await submit_file(store, path)
+    assert not again.created and any("--as-requests" in n for n in again.notices)
 
 
 async def test_a_cancel_of_a_batch_whose_jobs_have_all_ended_changes_nothing(
