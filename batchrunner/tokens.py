@@ -357,8 +357,13 @@ def _file_pages(file: object) -> int:
 
 
 def _bare_model(model: str) -> str:
-    """Lower-case model id without a gateway's vendor prefix ("openai/gpt-4o" -> "gpt-4o")."""
-    return model.rsplit("/", 1)[-1].lower()
+    """Lower-case model id without a gateway's vendor prefix ("openai/gpt-4o" -> "gpt-4o"),
+    and a fine-tuned model's name as its base model's ("ft:gpt-4o-mini-2024-07-18:org::id"
+    -> "gpt-4o-mini-2024-07-18": its limits and image rates)."""
+    bare = model.rsplit("/", 1)[-1].lower()
+    if bare.startswith("ft:"):
+        bare = bare[3:].partition(":")[0]
+    return bare
 
 
 class _Encoder:

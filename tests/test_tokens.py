@@ -208,6 +208,9 @@ def test_choices(request_body: dict[str, Any], expected: int) -> None:
         ("claude-3-haiku-20240307", 4_096),
         ("llama-3.3-70b-versatile", DEFAULT_MAX_OUTPUT_TOKENS),
         ("", DEFAULT_MAX_OUTPUT_TOKENS),
+        # A fine-tuned model: its base model's.
+        ("ft:gpt-4o-mini-2024-07-18:my-org::9xYz1234", 16_384),
+        ("ft:gpt-3.5-turbo-0125:my-org:custom:abc", 4_096),
     ],
 )
 def test_default_max_output_tokens(model: str, expected: int) -> None:
