@@ -804,6 +804,46 @@ async def test_a_worker_holds_only_a_short_stretch_of_work(
     assert held and max(held) <= 120, max(held)
 
 
+async def test_a_cancel_that_comes_as_the_stop_is_set_is_not_dropped() -> None:
+    """A worker waiting out a retry's backoff waits on the stop too. asyncio.wait_for on
+    Python 3.11 drops a cancel that comes once the event is set and before the waiter
+    resumes: the worker went on, and the run's end waited for it for ever (about 2 stops in
+    100 under a soak, a second Ctrl-C ignored)."""
+    stop = asyncio.Event()
+    resumed = []
+
+    async def retrying() -> None:
+        await dispatcher._set_within(stop, 5.0)
+        resumed.append(True)  # what went on after the cancel
+
+    task = asyncio.create_task(retrying())
+    await asyncio.sleep(0)  # waiting on the stop
+    stop.set()
+    await asyncio.sleep(0)  # the event's waiter has finished; the worker has not resumed
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert resumed == []
+    assert await dispatcher._set_within(stop, 0.01) is True
+    assert await dispatcher._set_within(asyncio.Event(), 0.01) is False
+
+
+async def test_tasks_that_go_on_after_a_cancel_are_cancelled_again() -> None:
+    went_on = asyncio.Event()
+
+    async def stubborn() -> None:
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            went_on.set()  # as a dropped cancel would leave it: going on
+        await asyncio.sleep(60)
+
+    task = asyncio.create_task(stubborn(), name="stubborn")
+    await asyncio.sleep(0)
+    await asyncio.wait_for(dispatcher._cancelled([task]), 10)
+    assert went_on.is_set() and task.cancelled()
+
+
 async def test_a_paced_worker_holds_a_few_seconds_of_sending(
     store: JobStore, make_file: MakeFile
 ) -> None:
