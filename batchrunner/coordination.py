@@ -152,6 +152,10 @@ class Coordinator:
         self._followed_until = 0.0
         #: Until when (Unix) the last successful heartbeat extended this worker's leases.
         self.leases_until = 0.0
+        #: The latest heartbeat (Unix) that came after the extension before it had run out: a
+        #: lease that had run out by then (its claim's own expiry earlier) lapsed, and its job
+        #: may be another worker's now, whatever the heartbeats since extended.
+        self.lapsed_at = 0.0
         #: When the last successful heartbeat was, and the jobs ended and tokens it reported.
         self._last_beat: tuple[float, int, int] | None = None
 
@@ -279,6 +283,9 @@ class Coordinator:
             recent_requests_per_s=recent_rps,
             recent_tokens_per_s=recent_tps,
         )
+        if self._last_beat is not None and self.leases_until < now:
+            # (A machine asleep, a process stopped, a database out of reach past the lease.)
+            self.lapsed_at = now
         self.leases_until = now + self.lease_s
         self._last_beat = (now, ended, c.tokens)
 

@@ -20,6 +20,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import orjson
@@ -27,8 +28,9 @@ import pytest
 from sqlalchemy import text
 
 from batchrunner import report
-from batchrunner.config import LEASE_ENV
+from batchrunner.config import LEASE_ENV, RunConfig
 from batchrunner.coordination import JOIN_HOLD_S, Coordinator, WorkerCounters
+from batchrunner.dispatcher import Dispatcher
 from batchrunner.fakeapi import FakeConfig, FakeServerThread
 from batchrunner.ingest import submit_file
 from batchrunner.limiter import Pacer
@@ -152,6 +154,40 @@ async def test_without_limits_nothing_is_divided(store: JobStore, make_file: Mak
     assert (await _coordinator(store, batch_id, "w-a", pacer).look()).workers == 2
     snap = pacer.snapshot()
     assert snap.rpm is None and snap.tpm is None
+
+
+async def test_leases_that_ran_out_before_a_late_heartbeat_stay_lapsed(
+    store: JobStore, make_file: MakeFile
+) -> None:
+    """A worker frozen past its lease (a machine asleep, SIGSTOP), thawed: its next heartbeat
+    extends only what is still its own, but the run took every job it held for alive and
+    retried requests another worker had taken over and finished meanwhile."""
+    batch_id = await _batch(store, make_file, 1, "http://127.0.0.1:9/v1")
+    now = [time.time()]
+    await store.register_worker("w-a", batch_id, now[0])
+    coordinator = _coordinator(store, batch_id, "w-a", Pacer(None, None), clock=lambda: now[0])
+    start = now[0]
+    await coordinator.beat()
+    now[0] += 30.0  # on time (the lease is 60 s)
+    await coordinator.beat()
+    assert coordinator.lapsed_at == 0.0
+    now[0] += 61.0  # frozen past the lease
+    await coordinator.beat()
+    assert coordinator.lapsed_at == now[0]
+
+    run = SimpleNamespace(
+        _claims={"claimed-before": start + 60.0, "claimed-after": now[0] + 60.0},
+        _coordinator=coordinator,
+        config=RunConfig(lease_s=60.0),
+    )
+
+    def alive(token: str) -> bool:
+        job = SimpleNamespace(lease_token=token)
+        return bool(Dispatcher._lease_alive(run, job))  # type: ignore[arg-type]
+
+    # (Real time is now well before the fake clock's leases end.)
+    assert not alive("claimed-before")
+    assert alive("claimed-after")
 
 
 async def test_the_first_heartbeat_reports_progress_within_seconds(
