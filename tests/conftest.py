@@ -250,6 +250,19 @@ def succeeded(job: ClaimedJob, answer: str, **fields: Any) -> Ended:
     return Ended(job_id=job.id, lease_token=job.lease_token, state=JobState.SUCCEEDED, **values)
 
 
+def failed(job: ClaimedJob, **fields: Any) -> Ended:
+    """A failed end of a claimed job (a 400 by default); `fields` set any others."""
+    values: dict[str, Any] = {
+        "attempts": 1,
+        "status_code": 400,
+        "latency_ms": 5.0,
+        "error_kind": "http_400",
+        "error": '{"error": {"message": "bad"}}',
+    }
+    values.update(fields)
+    return Ended(job_id=job.id, lease_token=job.lease_token, state=JobState.FAILED, **values)
+
+
 def dead_pid() -> int:
     """The id of a process of this machine that has ended."""
     child = subprocess.run(

@@ -35,7 +35,7 @@ from batchrunner.models import JobState
 from batchrunner.pricing import PriceBook
 from batchrunner.runner import EXIT_OK, EXIT_SOME_FAILED, RunReport, run
 from batchrunner.store import AttemptRecord, Ended, JobStore
-from tests.conftest import chat, write_jsonl
+from tests.conftest import chat, failed, write_jsonl
 
 MakeFile = Callable[..., Path]
 
@@ -235,17 +235,8 @@ async def test_jsonl_keeps_the_reason_of_an_error_answer_that_is_not_json(
     batch_id = await _submit(store, make_file([chat("q")]))
     (job,) = await store.claim(batch_id, "w-test", "t-1", 10, time.time(), 60.0)
     page = "<html><body><h1>502 Bad Gateway</h1></body></html>"
-    failed = Ended(
-        job_id=job.id,
-        lease_token=job.lease_token,
-        state=JobState.FAILED,
-        attempts=3,
-        status_code=502,
-        latency_ms=5.0,
-        error_kind="server_error",
-        error=page,
-    )
-    assert (await store.record(batch_id, "w-test", [failed], [], time.time())).recorded == 1
+    end = failed(job, attempts=3, status_code=502, error_kind="server_error", error=page)
+    assert (await store.record(batch_id, "w-test", [end], [], time.time())).recorded == 1
     (record,) = await _jsonl(store, batch_id)
     assert record["response"]["status_code"] == 502 and record["response"]["body"] is None
     assert record["error"] == {"code": "server_error", "message": page}
@@ -756,19 +747,7 @@ async def test_status_counts_every_kind_of_failure(store: JobStore, make_file: M
     kinds = [f"http_4{k:02d}" for k in range(12)]
     batch_id = await _submit(store, make_file([chat(f"q{i}") for i in range(13)]))
     jobs = await store.claim(batch_id, "w", "token", 20, time.time(), 60.0)
-    ended = [
-        Ended(
-            job_id=job.id,
-            lease_token=job.lease_token,
-            state=JobState.FAILED,
-            attempts=1,
-            status_code=400,
-            latency_ms=5.0,
-            error_kind=kinds[min(i, len(kinds) - 1)],
-            error="no",
-        )
-        for i, job in enumerate(jobs)
-    ]
+    ended = [failed(job, error_kind=kinds[min(i, len(kinds) - 1)]) for i, job in enumerate(jobs)]
     assert (await store.record(batch_id, "w", ended, [], time.time())).recorded == 13
     status = await report.batch_status(store, batch_id)
     assert sum(n for _, n in status.errors) == status.counts.counts["failed"] == 13
@@ -856,18 +835,9 @@ async def test_a_failed_job_shows_its_last_attempt_whatever_the_workers_clocks(
     assert (await store.record(batch_id, "w-ahead", [], [ahead], now)).recorded == 0
     assert await store.release("w-ahead", [(first.id, first.lease_token)]) == 1
     (again,) = await store.claim(batch_id, "w-behind", "t-2", 1, now + 1, 60.0)
-    failed = Ended(
-        job_id=again.id,
-        lease_token=again.lease_token,
-        state=JobState.FAILED,
-        attempts=2,
-        status_code=400,
-        latency_ms=222.0,
-        error_kind="http_400",
-        error='{"error": {"message": "bad"}}',
-    )
+    end = failed(again, attempts=2, latency_ms=222.0)
     behind = AttemptRecord(again.id, 400, "http_400", 222.0, "req_from_behind", now + 1)
-    assert (await store.record(batch_id, "w-behind", [failed], [behind], now + 2)).recorded == 1
+    assert (await store.record(batch_id, "w-behind", [end], [behind], now + 2)).recorded == 1
     _, (row,) = await _csv(store, batch_id)
     assert (row["status_code"], row["request_id"], row["latency_ms"]) == (
         "400",

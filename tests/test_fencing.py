@@ -26,9 +26,8 @@ from batchrunner.config import LEASE_ENV, RunConfig
 from batchrunner.dispatcher import Dispatcher, StopReason
 from batchrunner.fakeapi import FakeConfig, FakeServer
 from batchrunner.ingest import submit_file
-from batchrunner.models import JobState
 from batchrunner.store import AttemptRecord, ClaimedJob, Ended, JobStore
-from tests.conftest import chat, succeeded
+from tests.conftest import chat, failed, succeeded
 
 MakeFile = Callable[..., Path]
 
@@ -39,16 +38,7 @@ LONG_LEASE_S = 60.0
 
 
 def _failure(job: ClaimedJob) -> Ended:
-    return Ended(
-        job_id=job.id,
-        lease_token=job.lease_token,
-        state=JobState.FAILED,
-        attempts=1,
-        status_code=400,
-        latency_ms=5.0,
-        error_kind="http_400",
-        error='{"error": {"message": "bad"}}',
-    )
+    return failed(job)
 
 
 def _attempt(job: ClaimedJob, now: float) -> AttemptRecord:
