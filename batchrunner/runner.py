@@ -94,9 +94,10 @@ async def run(
                 if given
             ),
         )
-        for notice in submitted.notices:
-            # (That the batch keeps the base URL it was first submitted with, say.)
-            warn(f"note: {notice}")
+        if submitted.batch.cancelled_at is None:  # (else the error below says what to do)
+            for notice in submitted.notices:
+                # (That the batch keeps the base URL it was first submitted with, say.)
+                warn(f"note: {notice}")
         if submitted.created:
             warn(f"loaded {submitted.jobs} job(s) from {target} as batch {submitted.batch.id}")
             if submitted.invalid_total:
