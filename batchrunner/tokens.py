@@ -17,6 +17,7 @@ import base64
 import binascii
 import math
 import re
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
@@ -323,16 +324,53 @@ def image_size_from_data_url(url: str) -> tuple[int, int] | None:
 
 def pdf_pages(data: bytes) -> int | None:
     """The pages of a PDF, as its page tree counts them (the largest /Count) or as its page
-    objects do; None where neither can be read (a page tree in compressed object streams)."""
-    counts = [int(a or b) for a, b in _PDF_COUNT.findall(data)]
-    pages = max(counts) if counts else len(_PDF_PAGE.findall(data))
-    return pages or None
+    objects do, also inside its compressed object streams (where PDF 1.5 and later keep
+    them); None for data that is no PDF or whose pages cannot be read."""
+    if not data.startswith(b"%PDF-"):
+        return None
+    counts: list[int] = []
+    pages = 0
+    for text in (data, *_object_streams(data)):
+        for tree in _PDF_PAGE_TREE.finditer(text):
+            # Its /Count is in the same dictionary, before or after its /Type: near it.
+            near = text[max(0, tree.start() - _PDF_NEAR) : tree.end() + _PDF_NEAR]
+            counts += (int(n) for n in _PDF_COUNT.findall(near))
+        pages += len(_PDF_PAGE.findall(text))
+    return (max(counts) if counts else pages) or None
 
 
-#: A page tree's /Count, written after its /Type or before it, within one dictionary.
-_PDF_COUNT: Final = re.compile(
-    rb"/Type\s*/Pages\b[^>]*?/Count\s+(\d{1,6})|/Count\s+(\d{1,6})[^>]*?/Type\s*/Pages\b"
-)
+_PDF_PAGE_TREE: Final = re.compile(rb"/Type\s*/Pages\b")
+_PDF_COUNT: Final = re.compile(rb"/Count\s+(\d{1,6})")
+#: How far from a page tree's /Type its /Count is looked for (a pattern spanning the two, run
+#: to the next ">" at each /Count, took minutes on a file of many).
+_PDF_NEAR: Final = 300
+_PDF_OBJECT_STREAM: Final = re.compile(rb"/Type\s*/ObjStm\b")
+#: Object streams read, and bytes taken from each, at most.
+_PDF_STREAMS: Final = 200
+_PDF_STREAM_BYTES: Final = 4 << 20
+
+
+def _object_streams(data: bytes) -> list[bytes]:
+    """The contents of a PDF's compressed object streams (Flate), as far as they inflate."""
+    streams = []
+    for found in _PDF_OBJECT_STREAM.finditer(data):
+        start = data.find(b"stream", found.end())
+        if start < 0:
+            break
+        start += len(b"stream")
+        start += 2 if data[start : start + 2] == b"\r\n" else 1
+        end = data.find(b"endstream", start)
+        if end < 0:
+            break
+        try:
+            streams.append(zlib.decompressobj().decompress(data[start:end], _PDF_STREAM_BYTES))
+        except zlib.error:
+            continue
+        if len(streams) >= _PDF_STREAMS:
+            break
+    return streams
+
+
 _PDF_PAGE: Final = re.compile(rb"/Type\s*/Page(?![A-Za-z])")
 
 

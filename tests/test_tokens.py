@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import struct
+import zlib
 from typing import Any
 
 import pytest
@@ -476,13 +477,33 @@ def _pdf(pages: int, *, count: bool = True, count_first: bool = False) -> bytes:
     return ("%PDF-1.4\n" + "\n".join(objects) + "\n%%EOF\n").encode()
 
 
+def _pdf_with_object_stream(pages: int) -> bytes:
+    """A PDF 1.5 keeping its page tree and pages in a compressed object stream."""
+    kids = " ".join(f"{3 + i} 0 R" for i in range(pages))
+    objects = f"<< /Type /Pages /Kids [{kids}] /Count {pages} >> " + " ".join(
+        "<< /Type /Page /Parent 2 0 R >>" for _ in range(pages)
+    )
+    packed = zlib.compress(objects.encode())
+    return (
+        b"%PDF-1.5\n1 0 obj << /Type /Catalog /Pages 2 0 R >> endobj\n"
+        b"9 0 obj << /Type /ObjStm /N 9 /First 40 /Filter /FlateDecode /Length "
+        + str(len(packed)).encode()
+        + b" >>\nstream\n"
+        + packed
+        + b"\nendstream\nendobj\n%%EOF\n"
+    )
+
+
 @pytest.mark.parametrize(
     ("pdf", "pages"),
     [
         (_pdf(40), 40),
         (_pdf(7, count_first=True), 7),
         (_pdf(5, count=False), 5),  # no /Count: its page objects
-        (b"%PDF-1.5\n(compressed streams only)\n%%EOF", None),
+        # Where PDF 1.5 and later keep them (both PDFs of this machine's docs): one page.
+        (_pdf_with_object_stream(36), 36),
+        (b"%PDF-1.5\n(nothing to read)\n%%EOF", None),
+        (b"not a PDF /Type /Pages /Count 9", None),
     ],
 )
 def test_an_inline_pdf_counts_its_pages(pdf: bytes, pages: int | None) -> None:
