@@ -120,6 +120,8 @@ class RunStats:
     #: display reads the batch's counts again, those ended meanwhile by other runs sharing
     #: it (less those `retry` put back).
     ended_before: int = 0
+    #: Ends this run's writer has recorded (committed).
+    recorded: int = 0
     total: int = 0
     succeeded: int = 0
     failed: int = 0
@@ -854,9 +856,15 @@ class Dispatcher:
                 outcome, attempts = await call_with_retries(
                     policy, attempt, sleep=sleep, rng=self._rng, first=outcome
                 )
-        except (_Abandon, _LeaseLost):
+        except (_Abandon, _LeaseLost) as stopped:
             if self.budget is not None and reserved:
                 self.budget.settle(reserved, Decimal(0))
+            if isinstance(stopped, _LeaseLost):
+                # Back to the batch now if it is still ours after all (the release is fenced by
+                # its token): heartbeats renew what the worker holds, and it waited, leased to
+                # a run that would not send it, for the run's end.
+                with contextlib.suppress(StoreError):
+                    await self.store.release(self.worker_id, [(job.id, job.lease_token)])
             return  # still leased to us (_give_back releases it), or no longer ours
         if outcome.kind is OutcomeKind.RETRY:
             self.stats.retrying -= 1  # the last attempt was not followed by a sleep
@@ -1077,9 +1085,11 @@ class Dispatcher:
                 log.exception("recording results broke the writer")
                 self.stop(StopReason.ERROR, f"internal error recording results: {exc!r}")
                 return False
+            self.stats.recorded += outcome.recorded
             fenced = outcome.fenced_ids
             if fenced and attempt > 1:
                 fenced = await self._fenced_after_all(fenced, attempts)
+                self.stats.recorded += outcome.fenced - len(fenced)  # (written by the try before)
             if fenced:
                 self._uncount(ended, fenced)
                 await self._keep_paid_for(ended, attempts, fenced)

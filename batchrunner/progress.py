@@ -63,7 +63,8 @@ async def refresh(d: Dispatcher) -> None:
         return  # (the next refresh, or the run, says what is wrong)
     st = d.stats
     st.total = counts.total
-    st.ended_before = max(0, counts.total - counts.unfinished - st.ended)
+    # (Less what this run has recorded: its ends still to be written are not in the counts.)
+    st.ended_before = max(0, counts.total - counts.unfinished - st.recorded)
 
 
 def _fmt_eta(seconds: float | None) -> str:

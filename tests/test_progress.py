@@ -80,10 +80,18 @@ async def test_a_refresh_reads_what_others_ended_and_what_retry_put_back(
     assert (await store.record(batch.id, "w-other", ends, [], time.time())).recorded == 4
     stats.succeeded = 1  # this run's own, not written yet
     await refresh(run)
-    assert (stats.total, stats.ended_before) == (10, 3)
+    assert (stats.total, stats.ended_before) == (10, 4)
+    # This run's recorded ends are its own, not others'.
+    (mine,) = await store.claim(batch.id, "w-this", "t-2", 1, time.time(), 60.0)
+    assert (
+        await store.record(batch.id, "w-this", [succeeded(mine, "m")], [], time.time())
+    ).recorded
+    stats.succeeded, stats.recorded = 2, 1
+    await refresh(run)
+    assert stats.ended_before == 4
     assert await store.retry_failed(batch.id) == 2
     await refresh(run)
-    assert stats.ended_before == 1
+    assert stats.ended_before == 2
 
 
 def test_a_run_that_ended_nothing_lately_has_no_eta() -> None:
