@@ -58,6 +58,18 @@ What it owns
      ``Retry-After: 1`` took a run from 600 requests per minute to 8, and probing took an
      hour to climb back.)
 
+- Outages: ``OUTAGE_AFTER`` (5) attempts in a row that got no answer (a connection refused,
+  reset or never made, a timeout) or a server error, over at least ``OUTAGE_SILENCE_S`` (10 s)
+  with no other answer, say that the API cannot be reached, not that those requests are bad
+  (a server that fails half its requests answers the other half within that time). From then
+  on one attempt at a time goes: ``OUTAGE_BACKOFF_S`` after the outage began, then after each
+  one that fails again a pause doubled up to ``OUTAGE_BACKOFF_MAX_S``, until any answer comes
+  back. The jobs waiting here make no attempts, so an outage of hours fails a few jobs (those
+  whose turn came up often enough) instead of every job the run could claim in a few minutes
+  (retrying each in its backoff: a minute for the defaults). An outage is this process's own
+  (its own network may be what failed): it is not published to the batch's other workers, as
+  a pause the server asks for is.
+
 Contract: every ``acquire`` is followed by exactly one ``observe`` with the same token estimate,
 whatever happened to the attempt; the in-flight counts the header checks rely on come from that.
 Passing the time ``acquire`` returned as ``observe(..., sent_at_s=...)`` tells exactly which 429s
@@ -108,6 +120,18 @@ DEFAULT_BACKOFF_MAX_S = 30.0
 _UNAVAILABLE = frozenset({503, 529})
 #: A pause the server asks for that is at least this long is written to stderr when it starts.
 LONG_PAUSE_S = 60.0
+#: Attempts in a row with no answer (or a server error), over at least this long, that make
+#: an outage (module text)...
+OUTAGE_AFTER = 5
+OUTAGE_SILENCE_S = 10.0
+#: ...during which one attempt at a time goes, this long after the last one failed, doubled
+#: for each that fails again up to OUTAGE_BACKOFF_MAX_S.
+OUTAGE_BACKOFF_S = 1.0
+OUTAGE_BACKOFF_MAX_S = 60.0
+#: Error kinds of attempts the API did not answer, or answered with a server error.
+_NO_ANSWER = frozenset({"connection", "timeout", "server_error"})
+#: The outcome of an attempt given up or never sent: it says nothing about the API.
+_NOT_SENT = "cancelled"
 #: How far back the sent and accepted rates look: this long, or long enough to hold
 #: ACCEPTED_WINDOW_REQUESTS at the effective rate when that is slow.
 ACCEPTED_WINDOW_S = 10.0
@@ -164,6 +188,8 @@ class PacerStats:
     rate_limited_count: int
     #: Attempts acquired and not yet observed.
     in_flight: int
+    #: Seconds without an answer from the API, during an outage (module text); 0 if none.
+    outage_s: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,6 +313,15 @@ class Pacer:
         #: Outcomes still to come from attempts in flight at the last decrease, for observers
         #: that do not pass `sent_at_s`.
         self._stale_outcomes = 0
+        #: Attempts in a row that got no answer, and when the first of them came back;
+        #: during an outage, when it began, when the next attempt may go, and when the one
+        #: attempt out (if any) was sent.
+        self._no_answers = 0
+        self._no_answer_since_s = -math.inf
+        self._outage_since_s: float | None = None
+        self._outage_until_s = -math.inf
+        self._outage_backoff_s = OUTAGE_BACKOFF_S
+        self._outage_probe_s: float | None = None
 
     # -- acquiring -------------------------------------------------------------------------
 
@@ -305,6 +340,8 @@ class Pacer:
                 now = self._clock()
                 self._probe(now)
                 wait_s = self._paused_until_s - now
+                if self._outage_since_s is not None:
+                    wait_s = max(wait_s, self._outage_wait_s(now))
                 if self._requests is not None:
                     wait_s = max(wait_s, self._requests.wait_s(now))
                 if self._tokens is not None:
@@ -316,13 +353,20 @@ class Pacer:
                 self._requests.charge(now, 1.0)
             if self._tokens is not None:
                 self._tokens.charge(now, self._token_cost(tokens))
+            if self._outage_since_s is not None:
+                self._outage_probe_s = now
             self._admit(now, tokens)
             return now
 
     def acquire_now(self, tokens: float = 0.0) -> float | None:
         """`acquire` when it would not wait: with no limits and no pause, the attempt goes
         with no lock and no coroutine (the dispatcher's hot path). None: call `acquire`."""
-        if self._requests is None and self._tokens is None and tokens >= 0:
+        if (
+            self._requests is None
+            and self._tokens is None
+            and self._outage_since_s is None
+            and tokens >= 0
+        ):
             now = self._clock()
             if now >= self._paused_until_s:
                 self._admit(now, tokens)
@@ -365,6 +409,7 @@ class Pacer:
         else:
             stale = self._stale_outcomes > 0
             self._stale_outcomes = max(0, self._stale_outcomes - 1)
+        self._follow_outage(now, outcome, sent_at_s)
         if outcome.error_kind == "rate_limit":
             self._refused.append(now)
             self._on_rate_limited(
@@ -388,6 +433,58 @@ class Pacer:
         if outcome.ratelimit is not None:
             self._apply_headers(now, outcome.ratelimit)
         self._forget_before(now - self._window_s())
+
+    def _follow_outage(self, now: float, outcome: Outcome, sent_at_s: float | None) -> None:
+        """Counts attempts the API did not answer; starts, paces and ends outages."""
+        probe_s = self._outage_probe_s
+        # The one attempt let go during an outage (an observer without `sent_at_s`: whatever
+        # comes back while it is out).
+        is_probe = probe_s is not None and (sent_at_s is None or sent_at_s == probe_s)
+        if outcome.error_kind == _NOT_SENT and outcome.kind is OutcomeKind.RETRY:
+            if is_probe:
+                self._outage_probe_s = None  # not sent after all: the next one goes instead
+            return
+        if outcome.kind is not OutcomeKind.RETRY or outcome.error_kind not in _NO_ANSWER:
+            # An answer, whatever it says: the API can be reached.
+            self._no_answers = 0
+            if self._outage_since_s is not None:
+                log.warning(
+                    "the API answers again, after %s without an answer",
+                    _duration(now - self._no_answer_since_s),
+                )
+                self._outage_since_s = None
+                self._outage_probe_s = None
+                self._outage_backoff_s = OUTAGE_BACKOFF_S
+            return
+        self._no_answers += 1
+        if self._no_answers == 1:
+            self._no_answer_since_s = now
+        if self._outage_since_s is None:
+            if (
+                self._no_answers >= OUTAGE_AFTER
+                and now - self._no_answer_since_s >= OUTAGE_SILENCE_S
+            ):
+                self._outage_since_s = now
+                self._outage_until_s = now + self._outage_backoff_s
+                log.warning(
+                    "no answer from the API for %s (%d attempts in a row; the last: %s):"
+                    " sending one request at a time until one is answered, the next in %s"
+                    " (Ctrl-C stops the run; running it again resumes)",
+                    _duration(now - self._no_answer_since_s),
+                    self._no_answers,
+                    outcome.message or outcome.error_kind,
+                    _duration(self._outage_backoff_s),
+                )
+        elif is_probe:
+            # (Attempts sent before the outage began, failing now, change nothing.)
+            self._outage_probe_s = None
+            self._outage_backoff_s = min(self._outage_backoff_s * 2, OUTAGE_BACKOFF_MAX_S)
+            self._outage_until_s = now + self._outage_backoff_s
+
+    def _outage_wait_s(self, now: float) -> float:
+        if self._outage_probe_s is not None:
+            return WAIT_STEP_MAX_S  # until the attempt out comes back
+        return self._outage_until_s - now
 
     def _on_rate_limited(
         self,
@@ -626,6 +723,7 @@ class Pacer:
             pause_left_s=max(0.0, self._paused_until_s - now),
             rate_limited_count=self._rate_limited_count,
             in_flight=self._in_flight,
+            outage_s=0.0 if self._outage_since_s is None else now - self._no_answer_since_s,
         )
 
 

@@ -99,6 +99,8 @@ def status_line(d: Dispatcher, pace: Pace, now: float | None = None) -> str:
         line += f", paused {snap.pause_left_s:.1f}s by the server"
     if (rpm := slowed_to(snap)) is not None:
         line += f", slowed to {rpm:.0f} rpm by 429s"
+    if snap.outage_s > 0:
+        line += f", no answer from the API for {snap.outage_s:.0f}s: one request at a time"
     return line
 
 
@@ -151,6 +153,8 @@ async def _live(d: Dispatcher, out: TextIO) -> None:
                     detail += f"  paused {snap.pause_left_s:.1f}s"
                 if (rpm := slowed_to(snap)) is not None:
                     detail += f"  slowed to {rpm:.0f} rpm"
+                if snap.outage_s > 0:
+                    detail += f"  no answer for {snap.outage_s:.0f}s"
                 bar.update(
                     task,
                     total=st.total or None,

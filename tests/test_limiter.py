@@ -18,6 +18,10 @@ from batchrunner.limiter import (
     DECREASE_FLOOR_FRACTION,
     DECREASE_MARGIN,
     DEFAULT_BACKOFF_S,
+    OUTAGE_AFTER,
+    OUTAGE_BACKOFF_MAX_S,
+    OUTAGE_BACKOFF_S,
+    OUTAGE_SILENCE_S,
     PROBE_INTERVAL_S,
     PROBE_STEP,
     SPORADIC_REFUSALS,
@@ -68,6 +72,19 @@ def success(total_tokens: int | None = None, ratelimit: RateLimitInfo | None = N
 
 def rate_limited(retry_after_s: float | None = None) -> Outcome:
     return Outcome(OutcomeKind.RETRY, 429, error_kind="rate_limit", retry_after_s=retry_after_s)
+
+
+def no_answer(kind: str = "connection") -> Outcome:
+    return Outcome(OutcomeKind.RETRY, None, error_kind=kind, message="ConnectionRefusedError")
+
+
+def fail_in_a_row(p: Pacer, vt: VirtualTime, count: int, over_s: float) -> None:
+    """`count` attempts that get no answer, the first `over_s` before the last."""
+    first_s = vt.now
+    for k in range(count):
+        if k:
+            vt.now = first_s + over_s * k / (count - 1)
+        p.observe(no_answer(), sent_at_s=p.acquire_now())
 
 
 async def admission_times(p: Pacer, vt: VirtualTime, tokens: list[float]) -> list[float]:
@@ -233,6 +250,104 @@ async def test_a_503_with_retry_after_pauses_the_whole_run_and_lowers_nothing(
     await other.acquire()
     other.observe(Outcome(OutcomeKind.RETRY, 502, error_kind="server_error", retry_after_s=60.0))
     assert other.snapshot().pause_left_s == 0.0
+
+
+async def test_an_outage_takes_attempts_in_a_row_without_an_answer_over_ten_seconds() -> None:
+    vt = VirtualTime()
+    quick = pacer(vt, None)
+    # A burst of refused connections (a server restarting): each job's backoff is enough.
+    fail_in_a_row(quick, vt, 50, over_s=1.0)
+    assert quick.acquire_now() is not None
+    # Failing for minutes, but with answers between: half the requests failing is no outage.
+    answered = pacer(vt, None)
+    for _ in range(20):
+        fail_in_a_row(answered, vt, OUTAGE_AFTER - 1, over_s=OUTAGE_SILENCE_S)
+        answered.observe(rate_limited(), sent_at_s=answered.acquire_now())
+        vt.now += 1.0
+        answered.observe(success(), sent_at_s=answered.acquire_now())
+    assert answered.snapshot().outage_s == 0.0 and answered.acquire_now() is not None
+    # Too few attempts, however long without an answer (one job at a time, backing off).
+    few = pacer(vt, None)
+    fail_in_a_row(few, vt, OUTAGE_AFTER - 1, over_s=300.0)
+    assert few.acquire_now() is not None
+    few.observe(no_answer("timeout"), sent_at_s=few.acquire_now())
+    assert few.acquire_now() is None
+    # Attempts given up or never sent say nothing: neither break a run of failures nor add to it.
+    given_up = pacer(vt, None)
+    fail_in_a_row(given_up, vt, OUTAGE_AFTER - 1, over_s=OUTAGE_SILENCE_S)
+    given_up.observe(Outcome(OutcomeKind.RETRY, None, error_kind="cancelled"))
+    assert given_up.acquire_now() is not None
+    given_up.observe(Outcome(OutcomeKind.RETRY, 502, error_kind="server_error"))
+    assert given_up.snapshot().outage_s == OUTAGE_SILENCE_S
+
+
+async def test_in_an_outage_one_attempt_at_a_time_goes_until_the_api_answers(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A run whose API could not be reached (down, or the network lost) retried every job in
+    its own backoff: all it could claim failed within a minute, and an outage of an hour
+    overnight failed the whole batch."""
+    vt = VirtualTime()
+    p = pacer(vt, None)
+    straggler = p.acquire_now()  # sent before the outage, failing during it
+    with caplog.at_level(logging.WARNING, logger="batchrunner.limiter"):
+        fail_in_a_row(p, vt, OUTAGE_AFTER, over_s=OUTAGE_SILENCE_S)
+        began = vt.now
+        assert p.acquire_now() is None
+        assert p.snapshot().outage_s == pytest.approx(OUTAGE_SILENCE_S)
+        first, second = asyncio.ensure_future(p.acquire()), asyncio.ensure_future(p.acquire())
+        sent_first = await first
+        assert sent_first == pytest.approx(began + OUTAGE_BACKOFF_S)
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert not second.done()  # not while the first is out, however long it takes
+        p.observe(no_answer(), sent_at_s=straggler)  # sent before: changes nothing
+        failed_at = vt.now
+        p.observe(no_answer("timeout"), sent_at_s=sent_first)
+        sent_second = await second
+        assert sent_second == pytest.approx(failed_at + 2 * OUTAGE_BACKOFF_S)
+        # One given up (the run stopping, the lease lost) lets the next go in its place.
+        third = asyncio.ensure_future(p.acquire())
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert not third.done()
+        cancelled_at = vt.now
+        p.observe(Outcome(OutcomeKind.RETRY, None, error_kind="cancelled"), sent_at_s=sent_second)
+        sent_third = await third
+        assert sent_third - cancelled_at <= 0.5
+        fourth = asyncio.ensure_future(p.acquire())
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert not fourth.done()
+        # Any answer ends the outage, a refusal as much as a success.
+        p.observe(Outcome(OutcomeKind.FAIL_JOB, 400, error_kind="http_400"), sent_at_s=sent_third)
+        await fourth
+    assert p.snapshot().outage_s == 0.0
+    assert p.acquire_now() is not None
+    started, ended = caplog.messages
+    assert started.startswith(
+        "no answer from the API for 10 s (5 attempts in a row; the last: ConnectionRefusedError):"
+        " sending one request at a time until one is answered, the next in 1 s"
+    )
+    assert ended.startswith("the API answers again, after ")
+
+
+async def test_in_a_long_outage_the_pause_between_attempts_doubles_up_to_a_minute() -> None:
+    vt = VirtualTime()
+    p = pacer(vt, 600)  # (a request limit as well: the slower of the two governs)
+    fail_in_a_row(p, vt, OUTAGE_AFTER, over_s=OUTAGE_SILENCE_S)
+    gaps = []
+    for _ in range(10):
+        before = vt.now
+        p.observe(no_answer("server_error"), sent_at_s=await p.acquire())
+        gaps.append(vt.now - before)
+    assert gaps == pytest.approx([min(2.0**k, OUTAGE_BACKOFF_MAX_S) for k in range(10)])
+    p.observe(success(), sent_at_s=await p.acquire())
+    # Over: the next outage starts again from the first pause.
+    fail_in_a_row(p, vt, OUTAGE_AFTER, over_s=OUTAGE_SILENCE_S)
+    before = vt.now
+    await p.acquire()
+    assert vt.now - before == pytest.approx(OUTAGE_BACKOFF_S)
 
 
 async def test_tokens_an_answer_does_not_report_are_charged_on_top_of_the_estimate() -> None:

@@ -13,7 +13,8 @@ import pytest
 
 from batchrunner.dispatcher import RunStats
 from batchrunner.ingest import submit_file
-from batchrunner.limiter import Pacer
+from batchrunner.limiter import OUTAGE_AFTER, OUTAGE_SILENCE_S, Pacer
+from batchrunner.outcome import Outcome, OutcomeKind
 from batchrunner.progress import PACE_WINDOW_S, Pace, refresh, status_line
 from batchrunner.states import JobState
 from batchrunner.store import JobStore
@@ -41,6 +42,18 @@ def test_a_run_that_slowed_shows_its_pace_now_and_the_eta_at_it() -> None:
     left = 10_000 - 1_260
     assert "1.0 req/s, 20 tok/s" in line
     assert f"ETA {left // 3600}h{left % 3600 // 60:02d}m" in line
+
+
+def test_the_line_says_when_the_api_has_not_answered_for_a_while() -> None:
+    clock = [0.0]
+    stats = RunStats(started_s=0.0, total=100)
+    run = SimpleNamespace(stats=stats, pacer=Pacer(None, None, clock=lambda: clock[0]))
+    for _ in range(OUTAGE_AFTER):
+        sent = run.pacer.acquire_now()
+        run.pacer.observe(Outcome(OutcomeKind.RETRY, None, error_kind="timeout"), sent_at_s=sent)
+        clock[0] += OUTAGE_SILENCE_S
+    line = status_line(run, Pace(), now=clock[0])
+    assert line.endswith(", no answer from the API for 50s: one request at a time")
 
 
 def test_until_a_window_has_passed_the_pace_is_since_the_start() -> None:

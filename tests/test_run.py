@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -16,7 +17,7 @@ from aiohttp import web
 from openai.types.chat import ChatCompletion
 from sqlalchemy import text
 
-from batchrunner import dispatcher, report
+from batchrunner import dispatcher, limiter, report
 from batchrunner.config import RunConfig
 from batchrunner.dispatcher import Dispatcher, StopReason
 from batchrunner.errors import StoreError
@@ -650,6 +651,43 @@ async def test_a_server_limit_below_the_configured_rate_makes_no_job_fail(
         assert rep.exit_code == EXIT_OK
         assert srv.stats.successes == 40
     assert (await store.counts(batch_id)).counts["succeeded"] == 40
+
+
+async def test_an_api_that_cannot_be_reached_for_a_while_fails_almost_no_job(
+    store: JobStore,
+    make_file: MakeFile,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Refused connections (the API down, the network lost) used up every job's --max-attempts
+    in its own backoff: here all 30 jobs had failed within a second, before the server came up;
+    overnight an outage of an hour failed the whole batch. Now one request at a time goes until
+    the API answers."""
+    monkeypatch.setattr(limiter, "OUTAGE_SILENCE_S", 0.3)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    rows = [chat(f"q{i}") for i in range(30)]
+    base_url = f"http://127.0.0.1:{port}/v1"
+    batch_id = (await submit_file(store, make_file(rows), base_url=base_url)).batch.id
+    config = replace(
+        FAST, concurrency=8, max_attempts=2, retry_base_s=0.5, retry_max_s=0.5, retry_jitter_s=0.05
+    )
+    with caplog.at_level(logging.WARNING, logger="batchrunner.limiter"):
+        going = asyncio.ensure_future(_run(store, batch_id, config))
+        await asyncio.sleep(2.5)
+        assert not going.done()
+        async with FakeServer(FakeConfig(), port=port) as srv:
+            rep = await going
+    counts = (await store.counts(batch_id)).counts
+    assert (
+        counts["succeeded"] + counts["failed"] == 30 and srv.stats.successes == counts["succeeded"]
+    )
+    # Those whose last attempt went before the outage was told, or as one of its single tries.
+    assert counts["failed"] <= 6, counts
+    assert rep.exit_code == (EXIT_OK if counts["failed"] == 0 else EXIT_SOME_FAILED)
+    assert "no answer from the API for " in caplog.text
+    assert "the API answers again" in caplog.text
 
 
 async def test_streams_are_reassembled(store: JobStore, make_file: MakeFile) -> None:
