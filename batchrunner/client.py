@@ -22,7 +22,7 @@ import math
 import re
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from types import TracebackType
 from typing import Any, Final, TypeAlias, cast
 from urllib.parse import urlsplit, urlunsplit
@@ -65,8 +65,23 @@ _NO_BALANCE: Final = frozenset(
     {_QUOTA, "insufficient_balance", "budget_exceeded", "billing_hard_limit_reached"}
 )
 #: ...and the words of one that has no such code: Anthropic's (a 400 invalid_request_error),
-#: OpenRouter's (a 402, which a proxy may send with a Retry-After).
-_NO_BALANCE_WORDS: Final = ("credit balance is too low", "insufficient credits")
+#: OpenRouter's (a 402, which a proxy may send with a Retry-After), xAI's (a 429: "has either
+#: used all available credits or reached its monthly spending limit"), Gemini's (a 429: "has
+#: exceeded its monthly spending cap").
+_NO_BALANCE_WORDS: Final = (
+    "credit balance is too low",
+    "insufficient credits",
+    "used all available credits",
+    "monthly spending limit",
+    "monthly spending cap",
+)
+#: Google's error details name a key refused, whatever the status (Gemini answers a bad key
+#: with a 400: "API key not valid", reason API_KEY_INVALID).
+_KEY_REASON_PREFIX: Final = "API_KEY_"
+#: A Google RetryInfo delay: a protobuf duration, "39043s", "45.8s".
+_PROTO_DURATION = re.compile(r"(\d+(?:\.\d*)?)s")
+#: A delay given only in an error's message (Gemini: "Please retry in 10h50m43.6s.").
+_RETRY_IN = re.compile(r"[Pp]lease retry in ([0-9.hmsµun]+?)\.?(?:\s|$)")
 #: 4xx answers that say "not now" rather than "never": request timeout, conflict, Groq's flex
 #: tier out of capacity (498).
 _RETRY_4XX: Final = frozenset({408, 409, 498})
@@ -315,6 +330,59 @@ def _says_quota(error: dict[str, Any] | None) -> bool:
     return isinstance(message, str) and any(w in message.lower() for w in _NO_BALANCE_WORDS)
 
 
+def _says_bad_key(error: dict[str, Any] | None) -> bool:
+    """Whether an error's details say the key was refused (Google's ErrorInfo reason)."""
+    details = None if error is None else error.get("details")
+    return isinstance(details, list) and any(
+        isinstance(d, dict)
+        and isinstance(d.get("reason"), str)
+        and d["reason"].startswith(_KEY_REASON_PREFIX)
+        for d in details
+    )
+
+
+def _says_flagged(error: dict[str, Any] | None) -> bool:
+    """Whether a 403 refused this request's content, not the key: OpenRouter's moderation
+    ("your input was flagged", with the reasons and the flagged input in `metadata`)."""
+    if error is None:
+        return False
+    metadata = error.get("metadata")
+    if isinstance(metadata, dict) and ("flagged_input" in metadata or "reasons" in metadata):
+        return True
+    message = error.get("message")
+    return isinstance(message, str) and "input was flagged" in message
+
+
+def _retry_delay_s(error: dict[str, Any] | None) -> float | None:
+    """A delay asked for in the error body, where no header gives one: Gemini's RetryInfo
+    (`details[].retryDelay`), or its message's "Please retry in 20.5s."."""
+    if error is None:
+        return None
+    details = error.get("details")
+    if isinstance(details, list):
+        for detail in details:
+            delay = detail.get("retryDelay") if isinstance(detail, dict) else None
+            if isinstance(delay, str) and (match := _PROTO_DURATION.fullmatch(delay.strip())):
+                seconds = float(match[1])
+                return seconds if seconds > 0 and math.isfinite(seconds) else None
+    message = error.get("message")
+    if isinstance(message, str) and (match := _RETRY_IN.search(message)):
+        return parse_duration_s(match[1]) or None
+    return None
+
+
+def _choice_error(choices: Iterable[tuple[object, object]]) -> dict[str, Any] | None:
+    """The error one of a 2xx completion's choices carries, given as (error, finish_reason)
+    pairs: OpenRouter ends a choice whose generation failed with `finish_reason: "error"`
+    and the error beside it."""
+    for error, finish_reason in choices:
+        if isinstance(error, dict):
+            return error
+        if finish_reason == "error":
+            return {"message": "a choice ended in an error"}
+    return None
+
+
 def _says_rate_limit(error: dict[str, Any] | None) -> bool:
     """Whether an error inside a 2xx answer or a stream is a rate limit (OpenRouter sends
     429s there once a stream has begun)."""
@@ -381,7 +449,15 @@ def _classify(
             parsed, mended = lenient
 
     if 200 <= status < 300:
+        choice_error = None
         if parse_error is None and is_completion(parsed):
+            assert isinstance(parsed, dict)
+            choice_error = _choice_error(
+                (c.get("error"), c.get("finish_reason"))
+                for c in parsed["choices"]
+                if isinstance(c, dict)
+            )
+        if choice_error is None and parse_error is None and is_completion(parsed):
             assert isinstance(parsed, dict)
             return Outcome(
                 OutcomeKind.SUCCESS,
@@ -405,11 +481,13 @@ def _classify(
                 latency_s=latency_s,
                 ratelimit=ratelimit,
             )
-        error = _error_of(parsed)
+        error = _error_of(parsed) if choice_error is None else choice_error
         if _says_quota(error) or (error is not None and _status_of(error) == 402):
             return _quota(status, error, text, request_id, latency_s, ratelimit, scrub)
         message = _error_message(error) or "answer is not a chat completion"
-        kind, error_kind = _in_band(error, "not_completion")
+        kind, error_kind = _in_band(
+            error, "not_completion" if choice_error is None else "choice_error"
+        )
         return Outcome(
             kind,
             status,
@@ -425,6 +503,8 @@ def _classify(
     text = raw.decode(errors="replace")
     error = _error_of(parsed)
     retry_after_s = parse_retry_after_s(headers)
+    if retry_after_s is None and status in (429, 503):
+        retry_after_s = _retry_delay_s(error)
     if _says_quota(error) or (status == 402 and retry_after_s is None):
         return _quota(status, error, text, request_id, latency_s, ratelimit, scrub)
     message = _error_message(error) or _fallback_message(status, reason, text)
@@ -448,7 +528,9 @@ def _classify(
 def _by_status(status: int, error: dict[str, Any] | None) -> tuple[OutcomeKind, str]:
     """What an error answer with HTTP status `status` does (a 402 or an error saying the
     account cannot pay is told apart before: see `_quota`), and its error kind."""
-    if status in (401, 403):
+    if status == 403 and _says_flagged(error):
+        return OutcomeKind.FAIL_JOB, "flagged"
+    if status in (401, 403) or _says_bad_key(error):
         return OutcomeKind.STOP_RUN, "auth"
     if status == 429 and _says_too_large(error):
         return OutcomeKind.FAIL_JOB, "request_too_large"
@@ -1126,6 +1208,12 @@ class StreamAssembler:
         groq = self._extra.get("x_groq")
         return groq.get("usage") if isinstance(groq, dict) else None
 
+    def choice_error(self) -> dict[str, Any] | None:
+        """The error a choice ended with, if one did (see `_choice_error`)."""
+        return _choice_error(
+            (c.other.get("error"), c.finish_reason) for c in self._choices.values()
+        )
+
     def result(self) -> dict[str, Any]:
         """The completion object reassembled from the events so far."""
         meta = self._meta
@@ -1173,6 +1261,8 @@ def _stream_outcome(
     request_id = _request_id(headers)
     ratelimit = parse_ratelimit(headers)
     error = assembler.error
+    if error is None and assembler.bad_event is None:
+        error = assembler.choice_error()
     if error is not None:
         if _says_quota(error) or _status_of(error) == 402:
             return _quota(status, error, None, request_id, latency_s, ratelimit, scrub)

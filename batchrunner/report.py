@@ -21,7 +21,7 @@ from batchrunner.store import (
 SHOWN_KINDS = 10
 #: Failures that sending the same request again does not change (client.py fails them at
 #: once): the API refused the request itself.
-_REFUSED_KINDS = frozenset({"request_too_large", "invalid_url", "http_501", "http_505"})
+_REFUSED_KINDS = frozenset({"request_too_large", "invalid_url", "flagged", "http_501", "http_505"})
 #: ...unlike these 4xx, which say "not now".
 _NOT_NOW_4XX = frozenset({"http_408", "http_409", "http_429", "http_498"})
 

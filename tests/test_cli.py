@@ -22,6 +22,7 @@ from click.testing import CliRunner
 
 from batchrunner.cli import _file_aside, cli
 from batchrunner.fakeapi import FakeConfig, FakeServerThread
+from batchrunner.report import fails_again
 from tests.conftest import chat, run_cli, started_cli
 
 MakeFile = Callable[..., Path]
@@ -365,6 +366,21 @@ def test_retry_says_which_failures_will_fail_again(
     assert "(http_400 1)" in lines[1]
     again = run_cli("retry", batch_id, db=sqlite_url)
     assert again.stderr.strip() == f"0 failed job(s) of {batch_id} are pending again"
+
+
+@pytest.mark.parametrize(
+    ("kind", "again"),
+    [
+        ("http_400", True),
+        ("flagged", True),  # the input moderation refused
+        ("request_too_large", True),
+        ("http_429", False),
+        ("server_error", False),
+        ("choice_error", False),  # the model failed part way
+    ],
+)
+def test_which_failures_fail_again(kind: str, again: bool) -> None:
+    assert fails_again(kind) is again
 
 
 def test_a_folder_named_as_a_batch_is_not_taken_for_a_request_file(

@@ -188,6 +188,56 @@ NO_CREDIT = {
 BUDGET = {"error": {"message": "Budget has been exceeded!", "type": "budget_exceeded"}}
 #: OpenRouter's rate limit inside a 200 answer.
 LIMITED_IN_200 = {"error": {"message": "Rate limit exceeded", "code": 429}}
+#: xAI's account out of credit, as a 429 (the body as xAI sends it: `error` a string).
+XAI_NO_CREDIT = {
+    "code": "Some resource has been exhausted",
+    "error": "Your team t-1 has either used all available credits or reached its monthly"
+    " spending limit. To continue making API requests, please purchase more credits or raise"
+    " your spending limit.",
+}
+#: Gemini's OpenAI-compatible endpoint: a bad key is a 400, in a list.
+GEMINI_BAD_KEY = [
+    {
+        "error": {
+            "code": 400,
+            "message": "API key not valid. Please pass a valid API key.",
+            "status": "INVALID_ARGUMENT",
+            "details": [
+                {
+                    "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                    "reason": "API_KEY_INVALID",
+                    "domain": "googleapis.com",
+                }
+            ],
+        }
+    }
+]
+#: OpenRouter's moderation refusing one request's input.
+FLAGGED = {
+    "error": {
+        "code": 403,
+        "message": "openai/gpt-4o requires moderation on OpenRouter. Your input was flagged for"
+        ' "harassment". No credits were charged.',
+        "metadata": {"reasons": ["harassment"], "flagged_input": "...", "provider_name": "x"},
+    }
+}
+#: OpenRouter: a choice whose generation failed, in a 200 answer.
+CHOICE_FAILED = {
+    "id": "gen-1",
+    "object": "chat.completion",
+    "choices": [
+        {
+            "index": 0,
+            "finish_reason": "error",
+            "message": {"role": "assistant", "content": ""},
+            "error": {"code": 502, "message": "Upstream provider returned an error"},
+        }
+    ],
+}
+CHOICE_REFUSED = {
+    "object": "chat.completion",
+    "choices": [{"index": 0, "finish_reason": "error", "error": {"code": 400, "message": "bad"}}],
+}
 
 
 @pytest.mark.parametrize(
@@ -238,6 +288,19 @@ LIMITED_IN_200 = {"error": {"message": "Rate limit exceeded", "code": 429}}
         (200, LIMITED_IN_200, OutcomeKind.RETRY, "rate_limit", "Rate limit exceeded"),
         (498, {"error": {"message": "Capacity exceeded", "code": "capacity_exceeded"}},
          OutcomeKind.RETRY, "http_498", "Capacity exceeded"),
+        (429, XAI_NO_CREDIT, OutcomeKind.STOP_RUN, "quota", XAI_NO_CREDIT["error"]),
+        (400, GEMINI_BAD_KEY, OutcomeKind.STOP_RUN, "auth",
+         "API key not valid. Please pass a valid API key."),
+        (403, FLAGGED, OutcomeKind.FAIL_JOB, "flagged", FLAGGED["error"]["message"]),
+        (403, {"error": {"message": "Your input was flagged"}}, OutcomeKind.FAIL_JOB, "flagged",
+         None),
+        (403, {"error": {"message": "Key disabled", "metadata": {}}}, OutcomeKind.STOP_RUN,
+         "auth", "Key disabled"),
+        (200, CHOICE_FAILED, OutcomeKind.RETRY, "choice_error",
+         "Upstream provider returned an error"),
+        (200, CHOICE_REFUSED, OutcomeKind.FAIL_JOB, "http_400", "bad"),
+        (200, {"choices": [{"index": 0, "finish_reason": "error", "message": {}}]},
+         OutcomeKind.RETRY, "choice_error", "a choice ended in an error"),
     ],
 )  # fmt: skip
 async def test_http_table(
@@ -383,6 +446,36 @@ def test_text_from_the_wire_is_text_a_database_can_hold(
     assert kept_text(value) == kept
     if kept is not None:
         kept.encode("utf-8")  # what JSON and both databases need
+
+
+@pytest.mark.parametrize(
+    ("status", "error", "delay_s"),
+    [
+        # Gemini's daily quota: the delay is only in the body, as a RetryInfo detail.
+        (429, {"code": 429, "status": "RESOURCE_EXHAUSTED", "message": "Quota exceeded.",
+               "details": [{"@type": "type.googleapis.com/google.rpc.RetryInfo",
+                            "retryDelay": "39043s"}]}, 39043.0),
+        (503, {"message": "x", "details": [{"retryDelay": "45.8s"}]}, 45.8),
+        (429, {"message": "Quota exceeded for metric. Please retry in 10h50m43.6s."}, 39043.6),
+        (429, {"message": "Please retry in 20.5s"}, 20.5),
+        (429, {"message": "x", "details": [{"retryDelay": "0s"}, "odd", {"retryDelay": 5}]}, None),
+        (429, {"message": "Please retry in a while."}, None),
+        # Other statuses' bodies say nothing about the run's pace.
+        (500, {"message": "Please retry in 20s."}, None),
+    ],
+)  # fmt: skip
+async def test_a_delay_given_only_in_the_error_body_is_honoured(
+    serve: Serve, status: int, error: dict[str, Any], delay_s: float | None
+) -> None:
+    """Gemini's 429s carry no Retry-After: its default backoff hammered a daily quota (1, 2,
+    4, 8 s against 10 h 50 min asked for) until every job had failed."""
+    base_url = await serve(answer(status, [{"error": error}]))
+    outcome = await send(base_url)
+    assert outcome.kind is OutcomeKind.RETRY
+    assert outcome.retry_after_s == (None if delay_s is None else pytest.approx(delay_s))
+    # A header, where there is one, is what the server means.
+    base_url = await serve(answer(status, [{"error": error}], {"Retry-After": "7"}))
+    assert (await send(base_url)).retry_after_s == 7.0
 
 
 def test_retry_after_parser_takes_plain_mappings() -> None:
@@ -983,6 +1076,33 @@ async def test_a_rate_limit_in_a_stream_is_a_rate_limit() -> None:
 async def test_stream_quota_error_event_stops_the_run() -> None:
     outcome = await stream_outcome(sse(QUOTA, done=False))
     assert (outcome.kind, outcome.error_kind) == (OutcomeKind.STOP_RUN, "quota")
+
+
+@pytest.mark.parametrize(
+    ("error", "kind", "error_kind"),
+    [
+        ({"code": 502, "message": "Upstream failed"}, OutcomeKind.RETRY, "stream_error"),
+        ({"code": 400, "message": "bad"}, OutcomeKind.FAIL_JOB, "http_400"),
+        (None, OutcomeKind.RETRY, "stream_error"),
+    ],
+)
+async def test_stream_choice_that_ends_in_an_error_is_no_success(
+    error: dict[str, Any] | None, kind: OutcomeKind, error_kind: str
+) -> None:
+    """OpenRouter ends a streamed choice whose generation failed with finish_reason "error"
+    (and the error beside it): it was stored as a success with whatever text had come."""
+    last = delta(finish_reason="error") | ({} if error is None else {"error": error})
+    usage = {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6}
+    events = [
+        chunk([delta(role="assistant", content="Hal")]),
+        chunk([last]),
+        chunk([], usage=usage),
+    ]
+    outcome = await stream_outcome(sse(*events))
+    assert (outcome.kind, outcome.error_kind) == (kind, error_kind)
+    assert outcome.completion is None
+    if error is not None:
+        assert outcome.message == error["message"]
 
 
 async def test_stream_garbled_event_is_retried() -> None:
