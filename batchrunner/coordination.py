@@ -71,6 +71,9 @@ HEARTBEAT_RETRY_S = 1.0
 #: The first heartbeat comes this soon after the start: `status` takes a run's speed from its
 #: heartbeats, and showed none for the whole first interval (15 s).
 FIRST_HEARTBEAT_S = 2.0
+#: A SQLite write-ahead log at least this large at a heartbeat is written to stderr (again each
+#: time it doubles): another connection's open read keeps SQLite from writing it back.
+WAL_WARN_BYTES = 2**30
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +161,8 @@ class Coordinator:
         self.lapsed_at = 0.0
         #: When the last successful heartbeat was, and the jobs ended and tokens it reported.
         self._last_beat: tuple[float, int, int] | None = None
+        #: The size of the SQLite WAL last written to stderr.
+        self._wal_said = 0
 
     @property
     def workers(self) -> int:
@@ -288,6 +293,24 @@ class Coordinator:
             self.lapsed_at = now
         self.leases_until = now + self.lease_s
         self._last_beat = (now, ended, c.tokens)
+        self._check_wal()
+
+    def _check_wal(self) -> None:
+        size = self.store.wal_bytes()
+        if size is None or size < max(WAL_WARN_BYTES, 2 * self._wal_said):
+            if size is not None and size < WAL_WARN_BYTES:
+                self._wal_said = 0  # written back: say it again if it grows again
+            return
+        self._wal_said = size
+        target = self.store.sqlite_target
+        log.warning(
+            "the database's write-ahead log (%s-wal) is %.1f GB and SQLite has not written it"
+            " back: most likely another connection keeps a read open on the database (a"
+            " transaction or a query not read to its end), and the log grows with every"
+            " answer until it is closed (export and status read without holding one)",
+            "" if target is None else target.filename,
+            size / 1e9,
+        )
 
     # -- helpers -----------------------------------------------------------------------------
 

@@ -37,6 +37,10 @@ SQLITE_BUSY_TIMEOUT_MS = 30_000
 #: SQLite's page cache per connection. The default 2 MB makes bulk inserts spill index pages
 #: and run at half speed; 64 MB keeps a million-row load's indexes in memory.
 SQLITE_CACHE_KIB = 65_536
+#: The size a WAL file is cut back to when a checkpoint starts it over. A run's WAL stays near
+#: 4 MB (the automatic checkpoint every 1,000 pages), but one that another connection's open
+#: read let grow (to gigabytes overnight) would otherwise keep its size on disk for good.
+SQLITE_JOURNAL_SIZE_LIMIT = 64 * 2**20
 #: Read connections kept open for the next read: opening one costs ~1.5 ms (a thread, the
 #: file and the PRAGMAs). More are opened while these are busy, and closed when returned.
 SQLITE_IDLE_READERS = 2
@@ -188,6 +192,7 @@ def configure_sqlite_connection(conn: Any) -> None:
     cur.execute("PRAGMA synchronous=NORMAL")
     cur.execute("PRAGMA foreign_keys=ON")
     cur.execute(f"PRAGMA cache_size=-{SQLITE_CACHE_KIB}")
+    cur.execute(f"PRAGMA journal_size_limit={SQLITE_JOURNAL_SIZE_LIMIT}")
     cur.close()
 
 

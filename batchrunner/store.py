@@ -482,6 +482,17 @@ class JobStore:
         """What a SQLite database's URL opens; None for PostgreSQL."""
         return self._sqlite.target if self.is_sqlite else None
 
+    def wal_bytes(self) -> int | None:
+        """The size of a SQLite database's write-ahead log now (0: none); None for PostgreSQL
+        or a database opened through a URI."""
+        target = self.sqlite_target
+        if target is None or target.uri:
+            return None
+        try:
+            return os.stat(f"{target.filename}-wal").st_size
+        except OSError:
+            return 0
+
     @property
     def postgres_location(self) -> str | None:
         """A PostgreSQL database's address without its password (`PgUrl.location`); None for

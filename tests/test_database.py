@@ -19,10 +19,12 @@ import pytest
 from sqlalchemy.dialects.sqlite.pysqlite import SQLiteDialect_pysqlite
 from sqlalchemy.engine import make_url
 
-from batchrunner import database
+from batchrunner import coordination, database
+from batchrunner.coordination import WorkerCounters
 from batchrunner.database import SqliteDatabase, SqliteTarget
 from batchrunner.errors import ConstraintViolation, StoreError, UsageError
 from batchrunner.ingest import submit_file
+from batchrunner.limiter import Pacer
 from batchrunner.store import BatchInfo, JobStore
 from tests.conftest import batch_without_importing, chat
 
@@ -402,3 +404,71 @@ async def test_the_first_batch_of_a_database_is_loaded_without_wal(tmp_path: Pat
                 await loader.add_jobs([(1, "a", "/v1/chat/completions", "{}", None, "m", 0, 1)])
         assert modes == ["delete", "wal"]
         assert _file_in_wal(tmp_path / "jobs.db")
+
+
+def _grow_wal_behind_a_reader(path: Path, rows: int) -> sqlite3.Connection:
+    """A WAL grown by `rows` writes of 10 kB while another connection held a read; returns
+    the writer, the read let go."""
+    writer = sqlite3.connect(path)
+    database.configure_sqlite_connection(writer)
+    writer.execute("CREATE TABLE IF NOT EXISTS t (x BLOB)")
+    reader = sqlite3.connect(path)
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM t").fetchone()
+    for _ in range(rows):
+        writer.execute("INSERT INTO t VALUES (zeroblob(10000))")
+    reader.rollback()
+    reader.close()
+    return writer
+
+
+def test_a_wal_grown_behind_a_reader_is_cut_back_once_written_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read left open beside an overnight run (a notebook's half-read query) grows the WAL
+    by gigabytes; once let go, the file kept that size on disk until the run ended."""
+    limit = 256 * 1024
+    monkeypatch.setattr(database, "SQLITE_JOURNAL_SIZE_LIMIT", limit)
+    path = tmp_path / "grown.db"
+    writer = _grow_wal_behind_a_reader(path, rows=300)
+    wal = Path(f"{path}-wal")
+    assert wal.stat().st_size > 3_000_000
+    # The next checkpoint writes it all back; the write after it starts the log over.
+    writer.execute("PRAGMA wal_checkpoint(PASSIVE)")
+    writer.execute("INSERT INTO t VALUES (1)")
+    assert wal.stat().st_size <= limit
+    writer.close()
+
+
+async def test_a_heartbeat_says_when_the_wal_has_grown_behind_a_reader(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(coordination, "WAL_WARN_BYTES", 1_000_000)
+    store, batch_id = await _store_with_a_batch(tmp_path)
+    try:
+        await store.register_worker("w-1", batch_id, 0.0)
+        coordinator = coordination.Coordinator(
+            store,
+            batch_id,
+            "w-1",
+            Pacer(None, None),
+            rpm=None,
+            tpm=None,
+            lease_s=60.0,
+            heartbeat_s=15.0,
+            counters=lambda: WorkerCounters(sent=0, succeeded=0, failed=0, tokens=0),
+        )
+        with caplog.at_level("WARNING", logger="batchrunner.coordination"):
+            await coordinator.beat()
+            assert caplog.messages == []
+            # (Only the file's size counts: another process's writes grow it as much.)
+            _grow_wal_behind_a_reader(tmp_path / "jobs.db", rows=150).close()
+            await coordinator.beat()
+            await coordinator.beat()  # the same size: said once
+            _grow_wal_behind_a_reader(tmp_path / "jobs.db", rows=150).close()
+            await coordinator.beat()  # not yet twice as large
+    finally:
+        await store.close()
+    (message,) = caplog.messages
+    assert message.startswith(f"the database's write-ahead log ({tmp_path / 'jobs.db'}-wal) is ")
+    assert "most likely another connection keeps a read open" in message
