@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -64,6 +65,8 @@ SEGMENT_SUFFIX = ".jnl"
 #: A segment is sealed (and deleted once committed) when it has grown past this: the most a
 #: next run reads again that was committed already.
 SEGMENT_BYTES = 4 * 1024 * 1024
+#: Times a segment is opened in a folder made again before the journal gives up.
+_FOLDER_TRIES = 5
 
 
 def directory_for(store: JobStore) -> Path | None:
@@ -215,7 +218,16 @@ class Journal:
         # Created and locked under a name `recover` does not look at, then renamed: it never
         # sees a segment of a live run unlocked.
         hidden = self.directory / f".{name}"
-        fd = os.open(hidden, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
+        for tries in itertools.count(1):
+            try:
+                fd = os.open(hidden, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
+                break
+            except FileNotFoundError:
+                # The folder is shared by the database's runs, and one that ended removed it
+                # while empty (`close`): made again. Once a segment is in it, it stays.
+                if tries == _FOLDER_TRIES:
+                    raise
+                self.directory.mkdir(parents=True, exist_ok=True)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             os.rename(hidden, self.directory / name)

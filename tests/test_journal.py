@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import logging
 import os
 import re
 import signal
@@ -298,6 +299,32 @@ async def test_a_live_runs_journal_is_not_touched(
     finally:
         live.close(committed=True)
     assert not directory.exists()
+
+
+async def test_a_journal_whose_folder_another_run_removed_makes_it_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The batches of a database share one folder, which a run that ends removes when it is
+    empty: a run that had made it and not yet opened its first segment (its first answers
+    still on the way) stopped its journal for good, and a kill -9 sent those answers again."""
+    directory = tmp_path / "answers"
+    ours = journal.Journal(directory, "batch_a", "w-slow")
+    journal.Journal(directory, "batch_b", "w-done").close(committed=True)
+    assert not directory.exists()
+    end = Ended(1, "w-slow.1", JobState.FAILED, 1, 500, 1.0, error_kind="server_error")
+    with caplog.at_level(logging.WARNING, logger="batchrunner.journal"):
+        ours.add(end, [])
+        await asyncio.sleep(0)  # the next turn of the event loop writes it
+    assert not ours.failed and caplog.messages == []
+    assert len(_segments(directory)) == 1
+    ours.close(committed=False)
+    kept = journal.Kept()
+    (segment,) = journal._dead_segments(directory, "batch_a")
+    try:
+        journal._read(segment, kept)
+    finally:
+        segment.keep()
+    assert kept.by_worker == {"w-slow": [(end, [])]}
 
 
 async def test_every_field_comes_back_as_it_was_written(tmp_path: Path) -> None:
