@@ -478,6 +478,13 @@ class JobStore:
         return self._db
 
     @property
+    def _batch_row_for_update(self) -> str:
+        """The batch's `cancelled_at`, its row held until the write transaction ends (SQLite's
+        write transactions take the whole database already)."""
+        lock = "" if self.is_sqlite else " FOR UPDATE"
+        return f"SELECT cancelled_at FROM batches WHERE id = :b{lock}"
+
+    @property
     def sqlite_target(self) -> SqliteTarget | None:
         """What a SQLite database's URL opens; None for PostgreSQL."""
         return self._sqlite.target if self.is_sqlite else None
@@ -1215,9 +1222,16 @@ class JobStore:
     async def retry_failed(self, batch_id: str) -> int:
         """Failed jobs back to pending; their attempts stay in the log. A cancelled batch
         stays cancelled: cancel is for good."""
-        if (await self.get_batch(batch_id)).cancelled_at is not None:
-            raise UsageError(cancelled_for_good(batch_id))
+        await self.get_batch(batch_id)
         async with self._write() as conn:
+            # In the transaction that puts the jobs back, and holding the batch's row as
+            # `cancel` does: checked before it, a cancel committed in between left a
+            # cancelled batch with pending jobs that nothing would ever run.
+            cancelled_at = (await conn.execute(self._batch_row_for_update, {"b": batch_id})).one()[
+                0
+            ]
+            if cancelled_at is not None:
+                raise UsageError(cancelled_for_good(batch_id))
             result = await conn.execute(
                 "UPDATE jobs SET state = 'pending', attempts = 0, error_kind = NULL,"
                 " last_status = NULL, last_error = NULL, finished_at = NULL,"
@@ -1234,6 +1248,7 @@ class JobStore:
         await self.get_batch(batch_id)
         now = time.time()
         async with self._write() as conn:
+            await conn.execute(self._batch_row_for_update, {"b": batch_id})  # (see retry_failed)
             result = await conn.execute(
                 "UPDATE jobs SET state = 'cancelled', lease_owner = NULL, lease_token = NULL,"
                 " lease_expires_at = NULL, finished_at = :now, updated_at = :now"

@@ -26,9 +26,10 @@ from batchrunner import db
 from batchrunner.database import driver_words
 from batchrunner.errors import ConstraintViolation, StoreError, UsageError
 from batchrunner.fakeapi import FakeConfig, FakeServer
+from batchrunner.ingest import submit_file
 from batchrunner.postgres import PgDatabase, PgUrl, positional
 from batchrunner.store import BatchInfo, JobStore
-from tests.conftest import batch_without_importing, chat
+from tests.conftest import batch_without_importing, chat, failed
 
 MakeFile = Callable[..., Path]
 
@@ -392,3 +393,36 @@ async def test_a_batch_goes_through_pgbouncer_in_transaction_mode(
         results = [await _cli(pooled, "status", batch_id) for _ in range(2)]
         assert [code for code, _, _ in results] == [0, 1]
         assert "add ?statement_cache_size=0 to the database URL" in results[1][2]
+
+
+@pytest.mark.postgres
+async def test_a_cancel_committed_while_retry_waits_leaves_no_job_pending(
+    pg_url: str, make_file: MakeFile
+) -> None:
+    """retry checked that the batch was not cancelled, then put its failed jobs back in a
+    transaction of its own: a cancel that committed in between (retry waiting for the jobs'
+    rows, held by a run's record) left a cancelled batch with pending jobs nothing would run."""
+    store, other = await JobStore.open(pg_url), await JobStore.open(pg_url)
+    holder = await asyncpg.connect(pg_url)
+    try:
+        rows = [chat(f"q{i}") for i in range(6)]
+        batch = (await submit_file(store, make_file(rows), base_url="http://127.0.0.1:9")).batch
+        jobs = await store.claim(batch.id, "w-1", "t-1", 3, time.time(), 60.0)
+        await store.record(batch.id, "w-1", [failed(job) for job in jobs], [], time.time())
+        hold = holder.transaction()
+        await hold.start()
+        await holder.execute("SELECT id FROM jobs WHERE state = 'failed' FOR UPDATE")
+        retrying = asyncio.ensure_future(store.retry_failed(batch.id))
+        await asyncio.sleep(0.5)
+        cancelling = asyncio.ensure_future(other.cancel(batch.id))
+        await asyncio.sleep(0.5)
+        await hold.rollback()
+        await asyncio.gather(retrying, cancelling, return_exceptions=True)
+        counts = (await store.counts(batch.id)).counts
+        assert (await store.get_batch(batch.id)).cancelled_at is not None
+        assert counts["pending"] == counts["running"] == 0
+        assert counts["cancelled"] == 6
+    finally:
+        await holder.close()
+        await other.close()
+        await store.close()
