@@ -40,7 +40,9 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
+from typing import Protocol
 
 from batchrunner import journal
 from batchrunner.errors import StoreError
@@ -74,6 +76,19 @@ FIRST_HEARTBEAT_S = 2.0
 #: A SQLite write-ahead log at least this large at a heartbeat is written to stderr (again each
 #: time it doubles): another connection's open read keeps SQLite from writing it back.
 WAL_WARN_BYTES = 2**30
+
+
+class SharedBudget(Protocol):
+    """A run's --max-cost cap (`dispatcher.Budget`), as the coordinator shares it."""
+
+    def own_spending(self) -> tuple[Decimal, Decimal]:
+        """USD this run's answers cost since it started, and USD it holds reserved."""
+        ...
+
+    def others_spent(self, usd: Decimal) -> None:
+        """The batch's other workers spent and hold reserved this much since this run
+        started."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +142,7 @@ class Coordinator:
         counters: Callable[[], WorkerCounters],
         journal_dir: Path | None = None,
         on_cancelled: Callable[[], None] | None = None,
+        budget: SharedBudget | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
@@ -163,6 +179,14 @@ class Coordinator:
         self._last_beat: tuple[float, int, int] | None = None
         #: The size of the SQLite WAL last written to stderr.
         self._wal_said = 0
+        #: The run's --max-cost cap, if any; what this worker last published of it; and each
+        #: other worker's spending (spent + reserved) as first seen and as last seen. What a
+        #: worker had spent at this one's first look is in the batch's cost it started from;
+        #: a worker first seen later started after it, and all it spends counts.
+        self._budget = budget
+        self._published_spending: tuple[Decimal, Decimal] | None = None
+        self._spending_seen: dict[str, tuple[float, float]] = {}
+        self._looked = False
 
     @property
     def workers(self) -> int:
@@ -205,6 +229,10 @@ class Coordinator:
             if now >= next_look:
                 next_look = now + COORDINATE_EVERY_S
                 try:
+                    await self.publish_spending()
+                except StoreError as exc:
+                    log.warning("could not publish this run's spending: %s", exc.message)
+                try:
                     await self.look()
                 except StoreError as exc:
                     log.warning("could not look at the batch's workers: %s", exc.message)
@@ -229,6 +257,9 @@ class Coordinator:
             elif w.heartbeat_at >= since:
                 others.append(w)
         self._share(1 + len(others))
+        if self._budget is not None:
+            self._count_spending(view.workers)
+        self._looked = True
         paused_until = max(
             (w.paused_until for w in others if w.paused_until is not None), default=None
         )
@@ -262,6 +293,30 @@ class Coordinator:
         await self.store.publish_pause(self.worker_id, until)
         self._published_until = until
         return until
+
+    async def publish_spending(self) -> None:
+        """Write what this worker spent of its --max-cost cap, and holds reserved, if that
+        changed since the last time."""
+        if self._budget is None:
+            return
+        spending = self._budget.own_spending()
+        if spending == self._published_spending:
+            return
+        await self.store.publish_spending(self.worker_id, float(spending[0]), float(spending[1]))
+        self._published_spending = spending
+
+    def _count_spending(self, workers: list[WorkerInfo]) -> None:
+        assert self._budget is not None
+        seen = self._spending_seen
+        for w in workers:
+            if w.id == self.worker_id:
+                continue
+            spent, reserved = w.spent_usd or 0.0, w.reserved_usd or 0.0
+            first = seen[w.id][0] if w.id in seen else (0.0 if self._looked else spent)
+            seen[w.id] = (first, spent + reserved)
+        # (Workers no longer live count with what they last reported.)
+        others = sum(max(0.0, last - first) for first, last in seen.values())
+        self._budget.others_spent(Decimal(repr(others)))
 
     async def beat(self) -> None:
         """Extend the leases of every job this worker holds and report its progress, and

@@ -31,7 +31,7 @@ Params = Mapping[str, Any] | tuple[Any, ...]
 
 #: The newest migration (migrations/versions); a test checks it is alembic's head. Opening a
 #: database compares its revision with this instead of loading alembic's script directory.
-SCHEMA_HEAD = "0007"
+SCHEMA_HEAD = "0008"
 #: How long SQLite waits for another writer before giving up.
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 #: SQLite's page cache per connection. The default 2 MB makes bulk inserts spill index pages

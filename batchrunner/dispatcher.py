@@ -330,8 +330,13 @@ class Budget:
 
     def __init__(self, cap_usd: Decimal, spent_usd: Decimal, prices: PriceBook) -> None:
         self.cap_usd = cap_usd
+        #: The batch's cost when the run started, and then what this run's answers added.
         self.committed_usd = spent_usd
+        self._started_from = spent_usd
         self.reserved_usd = Decimal(0)
+        #: What the batch's other workers spent and hold reserved since this run started, as
+        #: they last reported it (the coordinator's looks).
+        self.others_usd = Decimal(0)
         self._prices = prices
         #: Set whenever a reservation settles (or the run stops): waiters look again.
         self._changed = asyncio.Event()
@@ -348,7 +353,7 @@ class Budget:
         giving up at once would stop a concurrent run long before its cap is used. Only when
         nothing is left to settle (or the run stops) does it give up.
         """
-        while self.committed_usd + self.reserved_usd + amount > self.cap_usd:
+        while self.spent_usd + self.reserved_usd + amount > self.cap_usd:
             if not self.reserved_usd or self._closed:
                 return False
             self._changed.clear()
@@ -361,6 +366,22 @@ class Budget:
         # An unknown actual cost keeps the whole reservation: the cap must hold.
         self.committed_usd += reserved if actual is None else actual
         self._changed.set()
+
+    @property
+    def spent_usd(self) -> Decimal:
+        """The batch's cost as this run knows it: at its start, its own answers since, and
+        what the other workers reported."""
+        return self.committed_usd + self.others_usd
+
+    def own_spending(self) -> tuple[Decimal, Decimal]:
+        """What this run's answers cost, and what it holds reserved (for the others)."""
+        return self.committed_usd - self._started_from, self.reserved_usd
+
+    def others_spent(self, usd: Decimal) -> None:
+        """The other workers' spending since this run started, as they last reported it."""
+        if usd != self.others_usd:
+            self.others_usd = usd
+            self._changed.set()
 
     def close(self) -> None:
         """No more reservations: the run is stopping. Waiters give up."""
@@ -534,6 +555,7 @@ class Dispatcher:
             counters=self._counters,
             journal_dir=self._journal_dir,
             on_cancelled=self._on_cancelled,
+            budget=self.budget,
         )
         # This worker's share of the batch's limits, before its first request.
         await self._coordinator.join()
@@ -766,7 +788,7 @@ class Dispatcher:
                     self.stop(
                         StopReason.BUDGET,
                         f"the next request could take the cost past --max-cost "
-                        f"${self.budget.cap_usd:f} (spent ${self.budget.committed_usd:.4f}); "
+                        f"${self.budget.cap_usd:f} (spent ${self.budget.spent_usd:.4f}); "
                         "run again with a higher cap to go on",
                     )
                     raise _Abandon()

@@ -225,3 +225,7 @@ class Worker(Base):
     #: Jobs ended and tokens a second between its last two heartbeats (NULL until it has two).
     recent_requests_per_s: Mapped[float | None] = mapped_column(Float, nullable=True)
     recent_tokens_per_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    #: With --max-cost: USD its answers cost since it started, and USD it holds reserved for
+    #: requests in flight; every worker of the batch counts the others' (NULL: no cap).
+    spent_usd: Mapped[float | None] = mapped_column(Float, nullable=True)
+    reserved_usd: Mapped[float | None] = mapped_column(Float, nullable=True)

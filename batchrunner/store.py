@@ -186,6 +186,9 @@ class WorkerInfo:
     #: Jobs ended and tokens a second between its last two heartbeats (None: one so far).
     recent_requests_per_s: float | None = None
     recent_tokens_per_s: float | None = None
+    #: With --max-cost: what it spent since it started, and holds reserved (None: no cap).
+    spent_usd: float | None = None
+    reserved_usd: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -913,8 +916,8 @@ class JobStore:
             rows = (
                 await conn.execute(
                     "SELECT id, host, pid, started_at, heartbeat_at, stopped_at, paused_until,"
-                    " sent, succeeded, failed, tokens, recent_requests_per_s, recent_tokens_per_s"
-                    " FROM workers WHERE batch_id = :b"
+                    " sent, succeeded, failed, tokens, recent_requests_per_s, recent_tokens_per_s,"
+                    " spent_usd, reserved_usd FROM workers WHERE batch_id = :b"
                     " AND stopped_at IS NULL AND (heartbeat_at >= :since OR host = :h)"
                     " ORDER BY started_at",
                     {"b": batch_id, "since": since, "h": host},
@@ -944,6 +947,15 @@ class JobStore:
             await conn.execute(
                 "UPDATE workers SET paused_until = :p WHERE id = :w",
                 {"p": paused_until, "w": worker_id},
+            )
+
+    async def publish_spending(self, worker_id: str, spent_usd: float, reserved_usd: float) -> None:
+        """Tell the batch's other workers what this one spent of a --max-cost cap since it
+        started, and holds reserved."""
+        async with self._write() as conn:
+            await conn.execute(
+                "UPDATE workers SET spent_usd = :s, reserved_usd = :r WHERE id = :w",
+                {"s": spent_usd, "r": reserved_usd, "w": worker_id},
             )
 
     async def claim(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from dataclasses import replace
 from decimal import Decimal
@@ -93,6 +94,31 @@ async def test_the_cap_holds_under_concurrency_and_a_higher_cap_resumes(
         assert (await store.counts(batch_id)).counts["succeeded"] == JOBS
         assert srv.stats.requests_total == JOBS, "nothing was sent twice"
         assert spent < await _cost(store, batch_id) <= higher
+
+
+async def test_two_runs_of_a_batch_at_once_keep_to_one_cap(
+    store: JobStore, make_file: MakeFile
+) -> None:
+    """Each run counted the batch's cost when it started and its own spending after: two runs
+    sharing a batch (two machines) each spent up to the cap, together twice it."""
+    rows = _rows(400)
+    worst = max(_worst_case(r) for r in rows)
+    cap = 40 * worst
+    config = replace(BASE, concurrency=4, max_cost_usd=float(cap))
+    async with FakeServer(FakeConfig(latency_ms=200)) as srv:
+        batch_id = (await submit_file(store, make_file(rows), base_url=srv.url)).batch.id
+        reports = await asyncio.gather(
+            *(
+                run(store, batch_id, config, warn=lambda _: None, progress=False,
+                    install_signals=False)
+                for _ in range(2)
+            )
+        )  # fmt: skip
+        assert {r.result.reason for r in reports} == {StopReason.BUDGET}
+        assert srv.stats.max_in_flight > 4, "the two runs sent at once"
+    spent = await _cost(store, batch_id)
+    # Each counts what the other reports once a second: a second's spending may get past.
+    assert cap / 2 < spent <= cap * Decimal("1.25")
 
 
 async def test_the_run_stops_only_when_the_cap_is_used_up(
