@@ -498,9 +498,10 @@ class Dispatcher:
         return None
 
     def _on_cancelled(self) -> None:
-        """The batch was cancelled: nothing more is sent, and no answer still to come is
-        waited for (its job is cancelled: it could not be recorded)."""
-        self._forced = True
+        """The batch was cancelled: nothing more is sent. The answers of requests sent are
+        waited for, as after a stop: their jobs are cancelled and they cannot be recorded,
+        but they are paid for, and so counted (abandoned, they were billed and counted
+        nowhere)."""
         self.stop(StopReason.CANCELLED, "the batch was cancelled while this run went on")
 
     @property

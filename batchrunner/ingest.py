@@ -213,8 +213,12 @@ async def submit_file(
     a batch submitted before says nothing.
     """
     check_request_file(path)
-    base_url = check_base_url(base_url) if base_url else DEFAULT_BASE_URL
-    api_key_env = check_key_env(api_key_env) if api_key_env else DEFAULT_API_KEY_ENV
+    # What was asked for (None: nothing; a batch submitted before is not told it differs
+    # from a default nobody asked for), and what a new batch gets.
+    asked_url = check_base_url(base_url) if base_url else None
+    asked_key_env = check_key_env(api_key_env) if api_key_env else None
+    base_url = asked_url or DEFAULT_BASE_URL
+    api_key_env = asked_key_env or DEFAULT_API_KEY_ENV
     name = kept_text(name)
     if name is not None and not name.isprintable():
         raise UsageError("--name is one line of text: no line breaks or control characters")
@@ -224,7 +228,7 @@ async def submit_file(
     sha = file_sha256(path)
     existing = await store.find_batch_by_content(sha)
     if existing is not None:
-        return _submitted_before(existing, name, base_url, api_key_env, overridden)
+        return _submitted_before(existing, name, asked_url, asked_key_env, overridden)
     notices = []
     with path.open("rb") as f:
         if f.read(len(BOM)) == BOM:
@@ -268,7 +272,7 @@ async def submit_file(
             existing = await store.find_batch_by_content(sha)
             if existing is None:
                 raise StoreError(f"batch {batch.id} was created and is gone again") from None
-            return _submitted_before(existing, name, base_url, api_key_env, overridden)
+            return _submitted_before(existing, name, asked_url, asked_key_env, overridden)
     raise AssertionError("unreachable: duplicates were skipped on the second pass")
 
 
@@ -281,8 +285,8 @@ def _identity(path: Path) -> tuple[int, ...]:
 def _submitted_before(
     batch: BatchInfo,
     name: str | None,
-    base_url: str,
-    api_key_env: str,
+    base_url: str | None,
+    api_key_env: str | None,
     overridden: frozenset[str] = frozenset(),
 ) -> SubmitResult:
     notices = [
@@ -291,7 +295,7 @@ def _submitted_before(
             ("base URL", "base-url", batch.base_url, base_url),
             ("key variable", "api-key-env", batch.api_key_env, api_key_env),
         )
-        if kept != asked and flag.replace("-", "_") not in overridden
+        if asked is not None and kept != asked and flag.replace("-", "_") not in overridden
     ]
     if name is not None and name != batch.name:
         notices.append(f"the batch keeps its name {batch.name!r}, not {name!r}")

@@ -198,6 +198,29 @@ async def test_answers_after_a_cancel_count_as_not_recorded_not_as_succeeded(
     assert sum(m.usage.results for m in status.models) == counts["succeeded"]
 
 
+async def test_the_answers_of_requests_in_flight_at_a_cancel_count_as_paid_for(
+    store: JobStore, make_file: MakeFile
+) -> None:
+    """A run that saw the cancel ended at once, abandoning the requests it had sent: their
+    answers were billed all the same, and counted nowhere (status showed $0)."""
+    rows = [chat(f"slow {i}") for i in range(100)]
+    async with FakeServer(FakeConfig(latency_ms=1500)) as srv:
+        batch = (await submit_file(store, make_file(rows), base_url=srv.url)).batch
+        config = RunConfig(concurrency=8, flush_s=0.05, grace_s=10.0)
+        dispatcher = Dispatcher(store, batch, config, api_key=None, base_url=srv.url)
+        running = asyncio.create_task(dispatcher.run())
+        while srv.stats.requests_total < 8:  # noqa: ASYNC110 - a counter the server owns
+            await asyncio.sleep(0.01)
+        await store.cancel(batch.id)
+        result = await asyncio.wait_for(running, 60)
+        answered = srv.stats.successes
+    assert result.reason is StopReason.CANCELLED
+    assert result.stats.fenced == answered >= 8
+    status = await batch_status(store, batch.id)
+    assert sum(m.usage.discarded for m in status.models) == answered
+    assert status.tokens["total_tokens"] == result.stats.tokens > 0
+
+
 async def test_a_stopped_run_does_not_send_what_waits_for_its_turn(
     store: JobStore, make_file: MakeFile
 ) -> None:
@@ -378,6 +401,10 @@ def test_a_resubmission_keeps_its_settings_and_says_so(
     assert "run --base-url" in again.stderr
     same = run_cli("submit", str(path), "--base-url", "http://127.0.0.1:1/v1", db=sqlite_url)
     assert "keeps its" not in same.stderr
+    # Nothing asked, nothing to say: it said the batch kept its URL, "not" the default
+    # https://api.openai.com/v1 that nobody had asked for.
+    plain = run_cli("submit", str(path), db=sqlite_url, env={"OPENAI_BASE_URL": ""})
+    assert plain.returncode == 0 and plain.stderr.count("note:") == 0, plain.stderr
     # `run FILE` says so too: it sent to the first URL without a word (unless --base-url
     # says where this run sends).
     env = {"OPENAI_BASE_URL": "http://127.0.0.1:2/v1"}
