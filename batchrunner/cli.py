@@ -316,8 +316,8 @@ def run(
 
     TARGET is a batch id, or a request file (submitted first, as `submit` would).
     Exit codes: 0 every job succeeded; 3 finished, some jobs failed (or the batch was
-    cancelled); 1 aborted (bad key, no balance, budget, database); 2 usage error; 130
-    interrupted (run again to resume).
+    cancelled while it ran); 1 aborted (bad key, no balance, budget, database); 2 usage
+    error (also a batch cancelled before); 130 interrupted (run again to resume).
 
     \b
     Example:
