@@ -22,7 +22,7 @@ import math
 import re
 import sys
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from types import TracebackType
 from typing import Any, Final, TypeAlias, cast
 from urllib.parse import urlsplit, urlunsplit
@@ -81,7 +81,7 @@ _KEY_REASON_PREFIX: Final = "API_KEY_"
 #: A Google RetryInfo delay: a protobuf duration, "39043s", "45.8s".
 _PROTO_DURATION = re.compile(r"(\d+(?:\.\d*)?)s")
 #: A delay given only in an error's message (Gemini: "Please retry in 10h50m43.6s.").
-_RETRY_IN = re.compile(r"[Pp]lease retry in ([0-9.hmsµun]+?)\.?(?:\s|$)")
+_RETRY_IN = re.compile(r"[Pp]lease retry in ([0-9.hmsµun]+?)\.?(?=[\s,;)]|$)")
 #: 4xx answers that say "not now" rather than "never": request timeout, conflict, Groq's flex
 #: tier out of capacity (498).
 _RETRY_4XX: Final = frozenset({408, 409, 498})
@@ -347,7 +347,7 @@ def _says_flagged(error: dict[str, Any] | None) -> bool:
     if error is None:
         return False
     metadata = error.get("metadata")
-    if isinstance(metadata, dict) and ("flagged_input" in metadata or "reasons" in metadata):
+    if isinstance(metadata, dict) and "flagged_input" in metadata:
         return True
     message = error.get("message")
     return isinstance(message, str) and "input was flagged" in message
@@ -371,16 +371,25 @@ def _retry_delay_s(error: dict[str, Any] | None) -> float | None:
     return None
 
 
-def _choice_error(choices: Iterable[tuple[object, object]]) -> dict[str, Any] | None:
-    """The error one of a 2xx completion's choices carries, given as (error, finish_reason)
-    pairs: OpenRouter ends a choice whose generation failed with `finish_reason: "error"`
-    and the error beside it."""
-    for error, finish_reason in choices:
-        if isinstance(error, dict):
-            return error
-        if finish_reason == "error":
-            return {"message": "a choice ended in an error"}
+def _choice_error(error: object, finish_reason: object) -> dict[str, Any] | None:
+    """The error a choice of a 2xx completion ended with, given its `error` and
+    `finish_reason`: OpenRouter ends a choice whose generation failed with `finish_reason:
+    "error"` and the error beside it."""
+    if isinstance(error, dict):
+        return error
+    if finish_reason == "error":
+        return {"message": "a choice ended in an error"}
     return None
+
+
+def _by_choice_error(error: dict[str, Any]) -> tuple[OutcomeKind, str]:
+    """What a choice that ended in an error does: failed at once where its code says the
+    request cannot succeed (a 400), else retried. Its code is the upstream provider's, not
+    about this run's key or balance: it never stops the run."""
+    kind, error_kind = _in_band(error, "choice_error")
+    if kind is OutcomeKind.STOP_RUN or error_kind == "rate_limit":
+        return OutcomeKind.RETRY, "choice_error"
+    return kind, error_kind
 
 
 def _says_rate_limit(error: dict[str, Any] | None) -> bool:
@@ -449,21 +458,31 @@ def _classify(
             parsed, mended = lenient
 
     if 200 <= status < 300:
-        choice_error = None
         if parse_error is None and is_completion(parsed):
             assert isinstance(parsed, dict)
-            choice_error = _choice_error(
-                (c.get("error"), c.get("finish_reason"))
-                for c in parsed["choices"]
-                if isinstance(c, dict)
-            )
-        if choice_error is None and parse_error is None and is_completion(parsed):
-            assert isinstance(parsed, dict)
+            # orjson has already checked that `raw` is valid UTF-8
+            body = raw.decode() if mended is None else mended
+            for choice in parsed["choices"]:
+                if type(choice) is dict and (
+                    choice_error := _choice_error(choice.get("error"), choice.get("finish_reason"))
+                ):
+                    kind, error_kind = _by_choice_error(choice_error)
+                    return Outcome(
+                        kind,
+                        status,
+                        error_kind=error_kind,
+                        message=scrub(_error_message(choice_error) or "a choice failed"),
+                        body=scrub(body),
+                        # What it used was paid for (dispatcher._PAID_FOR).
+                        completion=parsed,
+                        request_id=request_id,
+                        latency_s=latency_s,
+                        ratelimit=ratelimit,
+                    )
             return Outcome(
                 OutcomeKind.SUCCESS,
                 status,
-                # orjson has already checked that `raw` is valid UTF-8
-                body=raw.decode() if mended is None else mended,
+                body=body,
                 completion=parsed,
                 request_id=request_id,
                 latency_s=latency_s,
@@ -481,13 +500,11 @@ def _classify(
                 latency_s=latency_s,
                 ratelimit=ratelimit,
             )
-        error = _error_of(parsed) if choice_error is None else choice_error
+        error = _error_of(parsed)
         if _says_quota(error) or (error is not None and _status_of(error) == 402):
             return _quota(status, error, text, request_id, latency_s, ratelimit, scrub)
         message = _error_message(error) or "answer is not a chat completion"
-        kind, error_kind = _in_band(
-            error, "not_completion" if choice_error is None else "choice_error"
-        )
+        kind, error_kind = _in_band(error, "not_completion")
         return Outcome(
             kind,
             status,
@@ -1210,9 +1227,11 @@ class StreamAssembler:
 
     def choice_error(self) -> dict[str, Any] | None:
         """The error a choice ended with, if one did (see `_choice_error`)."""
-        return _choice_error(
-            (c.other.get("error"), c.finish_reason) for c in self._choices.values()
-        )
+        for choice in self._choices.values():
+            error = _choice_error(choice.other.get("error"), choice.finish_reason)
+            if error is not None:
+                return error
+        return None
 
     def result(self) -> dict[str, Any]:
         """The completion object reassembled from the events so far."""
@@ -1262,7 +1281,22 @@ def _stream_outcome(
     ratelimit = parse_ratelimit(headers)
     error = assembler.error
     if error is None and assembler.bad_event is None:
-        error = assembler.choice_error()
+        choice_error = assembler.choice_error()
+        if choice_error is not None:
+            kind, error_kind = _by_choice_error(choice_error)
+            completion = assembler.result()
+            return Outcome(
+                kind,
+                status,
+                error_kind=error_kind,
+                message=scrub(_error_message(choice_error) or "a choice failed"),
+                body=scrub(orjson.dumps(completion).decode()),
+                # What it used was paid for (dispatcher._PAID_FOR).
+                completion=completion,
+                request_id=request_id,
+                latency_s=latency_s,
+                ratelimit=ratelimit,
+            )
     if error is not None:
         if _says_quota(error) or _status_of(error) == 402:
             return _quota(status, error, None, request_id, latency_s, ratelimit, scrub)

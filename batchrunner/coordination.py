@@ -85,9 +85,9 @@ class SharedBudget(Protocol):
         """USD this run's answers cost since it started, and USD it holds reserved."""
         ...
 
-    def others_spent(self, usd: Decimal) -> None:
-        """The batch's other workers spent and hold reserved this much since this run
-        started."""
+    def others_spent(self, spent_usd: Decimal, reserved_usd: Decimal) -> None:
+        """The batch's other workers spent this much since this run started, and hold this
+        much reserved."""
         ...
 
 
@@ -180,13 +180,13 @@ class Coordinator:
         #: The size of the SQLite WAL last written to stderr.
         self._wal_said = 0
         #: The run's --max-cost cap, if any; what this worker last published of it; and each
-        #: other worker's spending (spent + reserved) as first seen and as last seen. What a
-        #: worker had spent at this one's first look is in the batch's cost it started from;
-        #: a worker first seen later started after it, and all it spends counts.
+        #: other worker's spending as first seen, and spent and reserved as last seen. What a
+        #: worker that started before this one had spent is in the batch's cost this one
+        #: started from; all that a worker started since spends counts.
         self._budget = budget
         self._published_spending: tuple[Decimal, Decimal] | None = None
-        self._spending_seen: dict[str, tuple[float, float]] = {}
-        self._looked = False
+        self._spending_seen: dict[str, tuple[float, float, float]] = {}
+        self._started_at = clock()
 
     @property
     def workers(self) -> int:
@@ -259,7 +259,6 @@ class Coordinator:
         self._share(1 + len(others))
         if self._budget is not None:
             self._count_spending(view.workers)
-        self._looked = True
         paused_until = max(
             (w.paused_until for w in others if w.paused_until is not None), default=None
         )
@@ -308,15 +307,22 @@ class Coordinator:
     def _count_spending(self, workers: list[WorkerInfo]) -> None:
         assert self._budget is not None
         seen = self._spending_seen
+        live = set()
         for w in workers:
             if w.id == self.worker_id:
                 continue
+            live.add(w.id)
             spent, reserved = w.spent_usd or 0.0, w.reserved_usd or 0.0
-            first = seen[w.id][0] if w.id in seen else (0.0 if self._looked else spent)
-            seen[w.id] = (first, spent + reserved)
-        # (Workers no longer live count with what they last reported.)
-        others = sum(max(0.0, last - first) for first, last in seen.values())
-        self._budget.others_spent(Decimal(repr(others)))
+            if w.id in seen:
+                first = seen[w.id][0]
+            else:
+                first = spent if w.started_at <= self._started_at else 0.0
+            seen[w.id] = (first, spent, reserved)
+        # Workers no longer live count with what they last reported spending; what they held
+        # reserved was settled or abandoned as they stopped.
+        spent_since = sum(max(0.0, spent - first) for first, spent, _ in seen.values())
+        reserved = sum(seen[w][2] for w in live)
+        self._budget.others_spent(Decimal(repr(spent_since)), Decimal(repr(reserved)))
 
     async def beat(self) -> None:
         """Extend the leases of every job this worker holds and report its progress, and

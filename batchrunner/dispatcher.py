@@ -164,8 +164,9 @@ _CANCELLED = Outcome(OutcomeKind.RETRY, None, error_kind="cancelled")
 #: Error kinds of attempts that stopped their run (a refused key, an empty balance).
 _STOPPED_THE_RUN = frozenset({"auth", "quota"})
 #: Error kinds of complete answers that were paid for and are tried again: a json_schema not
-#: met (--retry-invalid-json), and a 2xx answer that is not JSON (what it cost is unknown).
-_PAID_FOR = frozenset({"invalid_json", "bad_json"})
+#: met (--retry-invalid-json), a 2xx answer that is not JSON (what it cost is unknown), and a
+#: choice that ended in an error (what the model wrote before it failed).
+_PAID_FOR = frozenset({"invalid_json", "bad_json", "choice_error"})
 
 
 async def _set_within(event: asyncio.Event, timeout_s: float) -> bool:
@@ -334,9 +335,10 @@ class Budget:
         self.committed_usd = spent_usd
         self._started_from = spent_usd
         self.reserved_usd = Decimal(0)
-        #: What the batch's other workers spent and hold reserved since this run started, as
-        #: they last reported it (the coordinator's looks).
-        self.others_usd = Decimal(0)
+        #: What the batch's other workers spent since this run started, and hold reserved for
+        #: requests in flight, as they last reported it (the coordinator's looks).
+        self.others_spent_usd = Decimal(0)
+        self.others_reserved_usd = Decimal(0)
         self._prices = prices
         #: Set whenever a reservation settles (or the run stops): waiters look again.
         self._changed = asyncio.Event()
@@ -353,8 +355,9 @@ class Budget:
         giving up at once would stop a concurrent run long before its cap is used. Only when
         nothing is left to settle (or the run stops) does it give up.
         """
-        while self.spent_usd + self.reserved_usd + amount > self.cap_usd:
-            if not self.reserved_usd or self._closed:
+        while self.spent_usd + self.reserved_usd + self.others_reserved_usd + amount > self.cap_usd:
+            # (The others' reservations settle too, at their looks: waited for as ours are.)
+            if not (self.reserved_usd or self.others_reserved_usd) or self._closed:
                 return False
             self._changed.clear()
             await self._changed.wait()
@@ -371,17 +374,22 @@ class Budget:
     def spent_usd(self) -> Decimal:
         """The batch's cost as this run knows it: at its start, its own answers since, and
         what the other workers reported."""
-        return self.committed_usd + self.others_usd
+        return self.committed_usd + self.others_spent_usd
 
     def own_spending(self) -> tuple[Decimal, Decimal]:
         """What this run's answers cost, and what it holds reserved (for the others)."""
         return self.committed_usd - self._started_from, self.reserved_usd
 
-    def others_spent(self, usd: Decimal) -> None:
-        """The other workers' spending since this run started, as they last reported it."""
-        if usd != self.others_usd:
-            self.others_usd = usd
+    def others_spent(self, spent_usd: Decimal, reserved_usd: Decimal) -> None:
+        """The other workers' spending since this run started, and their reservations, as
+        they last reported them."""
+        if (spent_usd, reserved_usd) != (self.others_spent_usd, self.others_reserved_usd):
+            self.others_spent_usd, self.others_reserved_usd = spent_usd, reserved_usd
             self._changed.set()
+
+    def others_reserved_note(self) -> str:
+        reserved = self.others_reserved_usd
+        return f", ${reserved:.4f} reserved by other workers' requests" if reserved else ""
 
     def close(self) -> None:
         """No more reservations: the run is stopping. Waiters give up."""
@@ -789,7 +797,8 @@ class Dispatcher:
                     self.stop(
                         StopReason.BUDGET,
                         f"the next request could take the cost past --max-cost "
-                        f"${self.budget.cap_usd:f} (spent ${self.budget.spent_usd:.4f}); "
+                        f"${self.budget.cap_usd:f} (spent ${self.budget.spent_usd:.4f}"
+                        f"{self.budget.others_reserved_note()}); "
                         "run again with a higher cap to go on",
                     )
                     raise _Abandon()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from decimal import Decimal
@@ -15,10 +16,12 @@ from aiohttp import web
 
 from batchrunner import report
 from batchrunner.config import RunConfig
-from batchrunner.dispatcher import StopReason
+from batchrunner.coordination import Coordinator, WorkerCounters
+from batchrunner.dispatcher import Budget, StopReason
 from batchrunner.errors import BudgetExceeded
 from batchrunner.fakeapi import FakeConfig, FakeServer
 from batchrunner.ingest import submit_file
+from batchrunner.limiter import Pacer
 from batchrunner.pricing import PriceBook
 from batchrunner.runner import EXIT_ABORTED, EXIT_OK, RunReport, run
 from batchrunner.store import JobStore
@@ -279,6 +282,44 @@ async def test_answers_tried_again_for_their_schema_count_in_tokens_and_cost(
     assert "with 5 answer(s) paid for and not kept" in report.render_status(status)
 
 
+async def test_answers_whose_choice_failed_count_in_tokens_and_cost(
+    store: JobStore, make_file: MakeFile
+) -> None:
+    """A choice that ended in an error (OpenRouter: the model failed part way) is tried again,
+    and what it used was billed: status showed 400 tokens where the server billed 20,600."""
+    seen: list[str] = []
+    usage = {"prompt_tokens": 1000, "completion_tokens": 10, "total_tokens": 1010}
+
+    async def handler(request: web.Request) -> web.Response:
+        text = orjson.loads(await request.read())["messages"][-1]["content"]
+        seen.append(text)
+        if seen.count(text) == 1:
+            failed_part_way = {
+                "object": "chat.completion",
+                "model": "gpt-4o-mini",
+                "choices": [
+                    {
+                        "index": 0,
+                        "finish_reason": "error",
+                        "message": {"role": "assistant", "content": "Hal"},
+                        "error": {"code": 502, "message": "Upstream failed"},
+                    }
+                ],
+                "usage": usage,
+            }
+            return web.json_response(failed_part_way)
+        return web.Response(body=_completion("fine", usage=usage), content_type="application/json")
+
+    async with running(handler) as base_url:
+        batch_id = (await submit_file(store, make_file(_rows(4)), base_url=base_url)).batch.id
+        rep = await _run(store, batch_id, Decimal(1))
+    assert rep.exit_code == EXIT_OK and len(seen) == 8
+    status = await report.batch_status(store, batch_id, PriceBook())
+    assert status.tokens["total_tokens"] == rep.result.stats.tokens == 8 * 1010
+    (model,) = status.models
+    assert (model.usage.results, model.usage.discarded) == (4, 4)
+
+
 async def test_the_cap_counts_every_answer_paid_for(store: JobStore, make_file: MakeFile) -> None:
     """A job tried again for its schema reserved its worst case once and settled it once: the
     cap held a third of what three answers cost, and a run under a cap of four answers went
@@ -302,3 +343,57 @@ async def test_the_cap_counts_every_answer_paid_for(store: JobStore, make_file: 
     assert rep.exit_code == EXIT_ABORTED and rep.result.reason is StopReason.BUDGET
     assert len(received) == 4
     assert await _cost(store, batch_id) == 4 * worst
+
+
+async def test_other_workers_reservations_are_waited_for_not_taken_as_spent() -> None:
+    """A run that joined beside another holding most of the cap in reservations gave up at
+    once: exit 1, "spent 98 %" of a cap the batch had spent 1 % of."""
+    budget = Budget(Decimal(10), Decimal(0), PriceBook())
+    budget.others_spent(Decimal(1), Decimal(8))
+    waiting = asyncio.ensure_future(budget.reserve(Decimal(2)))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert not waiting.done()
+    budget.others_spent(Decimal(3), Decimal(0))  # their requests settled, at 2
+    assert await waiting
+    assert (budget.spent_usd, budget.reserved_usd) == (3, 2)
+    budget.settle(Decimal(2), Decimal(1))
+    assert not await budget.reserve(Decimal(7))  # 4 spent: nothing left to wait for
+
+
+async def test_other_workers_count_from_this_runs_start_and_stopped_ones_hold_nothing(
+    store: JobStore, make_file: MakeFile
+) -> None:
+    batch_id = (await submit_file(store, make_file(_rows(3)))).batch.id
+    now = time.time()
+    await store.register_worker("w-before", batch_id, now - 10)
+    await store.publish_spending("w-before", 5.0, 2.0)
+    budget = Budget(Decimal(100), Decimal(0), PriceBook())
+    coordinator = Coordinator(
+        store,
+        batch_id,
+        "w-me",
+        Pacer(None, None),
+        rpm=None,
+        tpm=None,
+        lease_s=60.0,
+        heartbeat_s=15.0,
+        counters=lambda: WorkerCounters(sent=0, succeeded=0, failed=0, tokens=0),
+        budget=budget,
+    )
+
+    async def others() -> tuple[Decimal, Decimal]:
+        await coordinator.look()
+        return budget.others_spent_usd, budget.others_reserved_usd
+
+    # What it had spent when this run started is in the batch's cost already.
+    assert await others() == (0, 2)
+    await store.publish_spending("w-before", 7.0, 1.0)
+    assert await others() == (2, 1)
+    # One that started since counts in full.
+    await store.register_worker("w-after", batch_id, now + 10)
+    await store.publish_spending("w-after", 3.0, 0.5)
+    assert await others() == (5, Decimal("1.5"))
+    # One that stopped keeps what it spent; what it held reserved is no longer held.
+    await store.stop_worker("w-before", time.time())
+    assert await others() == (5, Decimal("0.5"))

@@ -296,11 +296,9 @@ CHOICE_REFUSED = {
          None),
         (403, {"error": {"message": "Key disabled", "metadata": {}}}, OutcomeKind.STOP_RUN,
          "auth", "Key disabled"),
-        (200, CHOICE_FAILED, OutcomeKind.RETRY, "choice_error",
-         "Upstream provider returned an error"),
-        (200, CHOICE_REFUSED, OutcomeKind.FAIL_JOB, "http_400", "bad"),
-        (200, {"choices": [{"index": 0, "finish_reason": "error", "message": {}}]},
-         OutcomeKind.RETRY, "choice_error", "a choice ended in an error"),
+        # Moderation's own fields, not any 403 with reasons: that is the key's, and stops.
+        (403, {"error": {"message": "Forbidden", "metadata": {"reasons": ["region"]}}},
+         OutcomeKind.STOP_RUN, "auth", "Forbidden"),
     ],
 )  # fmt: skip
 async def test_http_table(
@@ -326,6 +324,33 @@ async def test_http_table(
         assert outcome.completion is None
         assert outcome.message
         assert outcome.body == raw.decode(errors="replace")
+
+
+@pytest.mark.parametrize(
+    ("payload", "kind", "error_kind", "message"),
+    [
+        (CHOICE_FAILED, OutcomeKind.RETRY, "choice_error", "Upstream provider returned an error"),
+        (CHOICE_REFUSED, OutcomeKind.FAIL_JOB, "http_400", "bad"),
+        ({"choices": [{"index": 0, "finish_reason": "error", "message": {}}]},
+         OutcomeKind.RETRY, "choice_error", "a choice ended in an error"),
+        # The upstream provider's key or balance, not this run's: retried, the run goes on.
+        ({"choices": [{"finish_reason": "error", "error": {"code": 401, "message": "upstream"}}]},
+         OutcomeKind.RETRY, "choice_error", "upstream"),
+        ({"choices": [{"finish_reason": "error", "error": {"code": 429, "message": "busy"}}]},
+         OutcomeKind.RETRY, "choice_error", "busy"),
+    ],
+)  # fmt: skip
+async def test_a_choice_that_ended_in_an_error_is_no_success_and_keeps_its_answer(
+    serve: Serve, payload: dict[str, Any], kind: OutcomeKind, error_kind: str, message: str
+) -> None:
+    """OpenRouter ends a choice whose generation failed with finish_reason "error" and the
+    error beside it: it was stored as a success. What it used was paid for: the answer stays
+    with the outcome (the dispatcher counts it)."""
+    payload = payload | {"usage": {"prompt_tokens": 9, "completion_tokens": 3, "total_tokens": 12}}
+    outcome = await send(await serve(answer(200, payload)))
+    assert (outcome.kind, outcome.error_kind, outcome.message) == (kind, error_kind, message)
+    assert outcome.completion == payload
+    assert outcome.body == orjson.dumps(payload).decode()
 
 
 async def test_a_402_that_says_when_to_come_back_is_waited_for_not_the_end(serve: Serve) -> None:
@@ -458,6 +483,7 @@ def test_text_from_the_wire_is_text_a_database_can_hold(
         (503, {"message": "x", "details": [{"retryDelay": "45.8s"}]}, 45.8),
         (429, {"message": "Quota exceeded for metric. Please retry in 10h50m43.6s."}, 39043.6),
         (429, {"message": "Please retry in 20.5s"}, 20.5),
+        (429, {"message": "Please retry in 43.6s, or raise your quota."}, 43.6),
         (429, {"message": "x", "details": [{"retryDelay": "0s"}, "odd", {"retryDelay": 5}]}, None),
         (429, {"message": "Please retry in a while."}, None),
         # Other statuses' bodies say nothing about the run's pace.
@@ -1081,9 +1107,9 @@ async def test_stream_quota_error_event_stops_the_run() -> None:
 @pytest.mark.parametrize(
     ("error", "kind", "error_kind"),
     [
-        ({"code": 502, "message": "Upstream failed"}, OutcomeKind.RETRY, "stream_error"),
+        ({"code": 502, "message": "Upstream failed"}, OutcomeKind.RETRY, "choice_error"),
         ({"code": 400, "message": "bad"}, OutcomeKind.FAIL_JOB, "http_400"),
-        (None, OutcomeKind.RETRY, "stream_error"),
+        (None, OutcomeKind.RETRY, "choice_error"),
     ],
 )
 async def test_stream_choice_that_ends_in_an_error_is_no_success(
@@ -1100,7 +1126,9 @@ async def test_stream_choice_that_ends_in_an_error_is_no_success(
     ]
     outcome = await stream_outcome(sse(*events))
     assert (outcome.kind, outcome.error_kind) == (kind, error_kind)
-    assert outcome.completion is None
+    # What it used was paid for: the answer, its usage with it, stays with the outcome.
+    assert outcome.completion is not None and outcome.completion["usage"] == usage
+    assert outcome.completion["choices"][0]["message"]["content"] == "Hal"
     if error is not None:
         assert outcome.message == error["message"]
 
