@@ -60,8 +60,9 @@ What it owns
 
 - Outages: ``OUTAGE_AFTER`` (5) attempts in a row that got no answer (a connection refused,
   reset or never made, a timeout) or a server error, over at least ``OUTAGE_SILENCE_S`` (10 s)
-  with no other answer, say that the API cannot be reached, not that those requests are bad
-  (a server that fails half its requests answers the other half within that time). From then
+  with no other answer, and none of the attempts out when they began still to come back, say
+  that the API cannot be reached, not that those requests are bad (a server that fails half
+  its requests at once answers the other half, however slowly). From then
   on one attempt at a time goes: ``OUTAGE_BACKOFF_S`` after the outage began, then after each
   one that fails again a pause doubled up to ``OUTAGE_BACKOFF_MAX_S``, until any answer comes
   back. The jobs waiting here make no attempts, so an outage of hours fails a few jobs (those
@@ -313,11 +314,12 @@ class Pacer:
         #: Outcomes still to come from attempts in flight at the last decrease, for observers
         #: that do not pass `sent_at_s`.
         self._stale_outcomes = 0
-        #: Attempts in a row that got no answer, and when the first of them came back;
-        #: during an outage, when it began, when the next attempt may go, and when the one
-        #: attempt out (if any) was sent.
+        #: Attempts in a row that got no answer, when the first of them came back, and how
+        #: many attempts out then are still to come back; during an outage, when it began,
+        #: when the next attempt may go, and when the one attempt out (if any) was sent.
         self._no_answers = 0
         self._no_answer_since_s = -math.inf
+        self._streak_waiting = 0
         self._outage_since_s: float | None = None
         self._outage_until_s = -math.inf
         self._outage_backoff_s = OUTAGE_BACKOFF_S
@@ -409,7 +411,12 @@ class Pacer:
         else:
             stale = self._stale_outcomes > 0
             self._stale_outcomes = max(0, self._stale_outcomes - 1)
-        self._follow_outage(now, outcome, sent_at_s)
+        if (
+            outcome.kind is not OutcomeKind.SUCCESS
+            or self._no_answers
+            or self._outage_since_s is not None
+        ):
+            self._follow_outage(now, outcome, sent_at_s)
         if outcome.error_kind == "rate_limit":
             self._refused.append(now)
             self._on_rate_limited(
@@ -440,13 +447,15 @@ class Pacer:
         # The one attempt let go during an outage (an observer without `sent_at_s`: whatever
         # comes back while it is out).
         is_probe = probe_s is not None and (sent_at_s is None or sent_at_s == probe_s)
+        if self._streak_waiting and (sent_at_s is None or sent_at_s <= self._no_answer_since_s):
+            self._streak_waiting -= 1  # sent before the failures began: one less to wait for
         if outcome.error_kind == _NOT_SENT and outcome.kind is OutcomeKind.RETRY:
             if is_probe:
                 self._outage_probe_s = None  # not sent after all: the next one goes instead
             return
         if outcome.kind is not OutcomeKind.RETRY or outcome.error_kind not in _NO_ANSWER:
             # An answer, whatever it says: the API can be reached.
-            self._no_answers = 0
+            self._no_answers = self._streak_waiting = 0
             if self._outage_since_s is not None:
                 log.warning(
                     "the API answers again, after %s without an answer",
@@ -459,10 +468,14 @@ class Pacer:
         self._no_answers += 1
         if self._no_answers == 1:
             self._no_answer_since_s = now
+            # Attempts out when the failures began may still be answered (a server that fails
+            # some requests at once and answers others after 20 s): none is given up on.
+            self._streak_waiting = self._in_flight
         if self._outage_since_s is None:
             if (
                 self._no_answers >= OUTAGE_AFTER
                 and now - self._no_answer_since_s >= OUTAGE_SILENCE_S
+                and not self._streak_waiting
             ):
                 self._outage_since_s = now
                 self._outage_until_s = now + self._outage_backoff_s

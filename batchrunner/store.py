@@ -483,8 +483,9 @@ class JobStore:
     @property
     def _batch_row_for_update(self) -> str:
         """The batch's `cancelled_at`, its row held until the write transaction ends (SQLite's
-        write transactions take the whole database already)."""
-        lock = "" if self.is_sqlite else " FOR UPDATE"
+        write transactions take the whole database already). NO KEY UPDATE: two of these wait
+        for each other, rows that refer to the batch (a worker registering) do not."""
+        lock = "" if self.is_sqlite else " FOR NO KEY UPDATE"
         return f"SELECT cancelled_at FROM batches WHERE id = :b{lock}"
 
     @property

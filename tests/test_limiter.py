@@ -281,6 +281,27 @@ async def test_an_outage_takes_attempts_in_a_row_without_an_answer_over_ten_seco
     assert given_up.snapshot().outage_s == OUTAGE_SILENCE_S
 
 
+async def test_attempts_out_when_the_failures_began_are_waited_for() -> None:
+    """A server that fails some requests at once and answers the others after 20 s (a
+    reasoning model behind a flaky gateway) was taken for one that does not answer."""
+    vt = VirtualTime()
+    p = pacer(vt, None)
+    slow = [p.acquire_now() for _ in range(3)]
+    fail_in_a_row(p, vt, 2 * OUTAGE_AFTER, over_s=2 * OUTAGE_SILENCE_S)
+    assert p.snapshot().outage_s == 0.0, "three answers may still come"
+    p.observe(no_answer("timeout"), sent_at_s=slow[0])
+    p.observe(Outcome(OutcomeKind.RETRY, None, error_kind="cancelled"), sent_at_s=slow[1])
+    fail_in_a_row(p, vt, 2, over_s=1.0)
+    assert p.snapshot().outage_s == 0.0
+    p.observe(success(), sent_at_s=slow[2])  # the API answers: no outage, a new count
+    fail_in_a_row(p, vt, OUTAGE_AFTER, over_s=OUTAGE_SILENCE_S)
+    assert p.snapshot().outage_s > 0  # (the attempts of the line above went and came back)
+    # Nothing was out when they began: the count alone makes it.
+    quiet = pacer(vt, None)
+    fail_in_a_row(quiet, vt, OUTAGE_AFTER, over_s=OUTAGE_SILENCE_S)
+    assert quiet.snapshot().outage_s == OUTAGE_SILENCE_S
+
+
 async def test_in_an_outage_one_attempt_at_a_time_goes_until_the_api_answers(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -289,9 +310,10 @@ async def test_in_an_outage_one_attempt_at_a_time_goes_until_the_api_answers(
     overnight failed the whole batch."""
     vt = VirtualTime()
     p = pacer(vt, None)
-    straggler = p.acquire_now()  # sent before the outage, failing during it
     with caplog.at_level(logging.WARNING, logger="batchrunner.limiter"):
-        fail_in_a_row(p, vt, OUTAGE_AFTER, over_s=OUTAGE_SILENCE_S)
+        fail_in_a_row(p, vt, OUTAGE_AFTER - 1, over_s=OUTAGE_SILENCE_S)
+        straggler = p.acquire_now()  # sent as the failures went on, failing in the outage
+        p.observe(no_answer(), sent_at_s=p.acquire_now())
         began = vt.now
         assert p.acquire_now() is None
         assert p.snapshot().outage_s == pytest.approx(OUTAGE_SILENCE_S)
