@@ -31,7 +31,7 @@ import aiohttp
 import orjson
 
 from batchrunner import __version__
-from batchrunner.outcome import Outcome, OutcomeKind, RateLimitInfo
+from batchrunner.outcome import MAX_WAIT_S, Outcome, OutcomeKind, RateLimitInfo
 from batchrunner.states import kept_text
 
 #: Larger request bodies (base64 images, files) go to aiohttp as a stream, which it writes in
@@ -181,7 +181,7 @@ def parse_retry_after_s(headers: Headers) -> float | None:
             pass
         else:
             if math.isfinite(value) and value > 0:
-                return value
+                return min(value, MAX_WAIT_S)
     text = headers.get("retry-after")
     if text is None:
         return None
@@ -198,10 +198,10 @@ def parse_retry_after_s(headers: Headers) -> float | None:
             when = when.replace(tzinfo=datetime.UTC)
         # An HTTP-date is wall-clock time by definition.
         wait_s = when.timestamp() - time.time()
-        return wait_s if wait_s > 0 else None
+        return min(wait_s, MAX_WAIT_S) if wait_s > 0 else None
     if not math.isfinite(value) or value <= 0:
         return None
-    return value
+    return min(value, MAX_WAIT_S)
 
 
 def _request_id(headers: Headers) -> str | None:
@@ -364,10 +364,11 @@ def _retry_delay_s(error: dict[str, Any] | None) -> float | None:
             delay = detail.get("retryDelay") if isinstance(detail, dict) else None
             if isinstance(delay, str) and (match := _PROTO_DURATION.fullmatch(delay.strip())):
                 seconds = float(match[1])
-                return seconds if seconds > 0 and math.isfinite(seconds) else None
+                return min(seconds, MAX_WAIT_S) if seconds > 0 and math.isfinite(seconds) else None
     message = error.get("message")
     if isinstance(message, str) and (match := _RETRY_IN.search(message)):
-        return parse_duration_s(match[1]) or None
+        said = parse_duration_s(match[1])
+        return min(said, MAX_WAIT_S) if said else None
     return None
 
 

@@ -103,7 +103,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from batchrunner.outcome import Outcome, OutcomeKind, RateLimitInfo
+from batchrunner.outcome import MAX_WAIT_S, Outcome, OutcomeKind, RateLimitInfo
 
 log = logging.getLogger(__name__)
 
@@ -628,6 +628,7 @@ class Pacer:
     # -- pauses and the recent rates --------------------------------------------------------
 
     def _pause(self, now: float, until_s: float) -> None:
+        until_s = min(until_s, now + MAX_WAIT_S)
         if until_s <= now or until_s <= self._paused_until_s:
             return
         if until_s - max(now, self._paused_until_s) >= LONG_PAUSE_S:

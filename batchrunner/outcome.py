@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
+
+#: The longest wait a server may ask for that is taken as asked (a daily quota); a longer one
+#: is read as this long. (99999999999999999999999 s broke the pacer's arithmetic and the run.)
+MAX_WAIT_S: Final = 86_400.0
 
 
 class OutcomeKind(enum.Enum):

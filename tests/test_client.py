@@ -433,6 +433,9 @@ def http_date(offset_s: float) -> str:
         ({"Retry-After": "0"}, None, None),
         ({"retry-after-ms": "0", "Retry-After": "3"}, 3.0, 3.0),
         ({"Retry-After": "whenever"}, None, None),
+        # A day at most: more broke the pacer's arithmetic, and the run with it.
+        ({"Retry-After": "99999999999999999999999"}, 86_400.0, 86_400.0),
+        ({"retry-after-ms": "1e300"}, 86_400.0, 86_400.0),
         ({"Retry-After": "-3"}, None, None),
         ({}, None, None),
     ],

@@ -230,6 +230,16 @@ def test_a_long_pause_the_server_asks_for_is_said_once(caplog: pytest.LogCapture
     assert p.snapshot().pause_left_s == pytest.approx(86_390.5)
 
 
+def test_a_pause_is_a_day_at_most_whatever_the_headers_say() -> None:
+    """A reset header a server got wrong (a date in a far year) made the pacer's date
+    arithmetic overflow: the run stopped with an internal error."""
+    vt = VirtualTime()
+    p = pacer(vt, None)
+    far = RateLimitInfo(remaining_requests=0, reset_requests_s=1e30)
+    p.observe(Outcome(OutcomeKind.SUCCESS, 200, completion={"choices": []}, ratelimit=far))
+    assert p.snapshot().pause_left_s == 86_400.0
+
+
 async def test_a_503_with_retry_after_pauses_the_whole_run_and_lowers_nothing(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
