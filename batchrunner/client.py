@@ -22,9 +22,10 @@ import math
 import re
 import sys
 import time
+import urllib.parse
 from collections.abc import Mapping
 from types import TracebackType
-from typing import Any, Final, TypeAlias, cast
+from typing import Any, Final, TypeAlias, cast, overload
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
@@ -202,6 +203,11 @@ def parse_retry_after_s(headers: Headers) -> float | None:
     if not math.isfinite(value) or value <= 0:
         return None
     return min(value, MAX_WAIT_S)
+
+
+#: Keys shorter than this are scrubbed only as sent: a short derived form (base64 of a few
+#: bytes) could stand for other text.
+_MIN_DERIVED_FORM_CHARS: Final = 8
 
 
 def _request_id(headers: Headers) -> str | None:
@@ -420,17 +426,38 @@ def _error_message(error: dict[str, Any] | None) -> str | None:
 
 
 class _Scrubber:
-    """Removes the API key from text that may end up in a database or a log."""
+    """Removes the API key from text that may end up in a database or a log: as sent, and in
+    the forms a server that echoes it may give it back in (`_forms_of`)."""
 
-    __slots__ = ("_secret",)
+    __slots__ = ("_forms",)
 
     def __init__(self, secret: str | None) -> None:
-        self._secret = secret or None
+        self._forms = _forms_of(secret) if secret else ()
 
+    @overload
+    def __call__(self, text: str) -> str: ...
+    @overload
+    def __call__(self, text: None) -> None: ...
     def __call__(self, text: str | None) -> str | None:
-        if text is None or self._secret is None or self._secret not in text:
-            return text
-        return text.replace(self._secret, _SCRUBBED)
+        if text is None:
+            return None
+        for form in self._forms:
+            if form in text:
+                text = text.replace(form, _SCRUBBED)
+        return text
+
+
+def _forms_of(secret: str) -> tuple[str, ...]:
+    """The key as sent, and as text that quotes it: in a JSON string (a key with `/` or `"`
+    comes back escaped: `\\/`), percent-encoded, and in base64 (alone, or the whole
+    "Bearer ..." header). Longest first, so that no form is left half replaced."""
+    forms = {secret}
+    if len(secret) >= _MIN_DERIVED_FORM_CHARS:
+        in_json = orjson.dumps(secret).decode()[1:-1]
+        forms |= {in_json, in_json.replace("/", "\\/"), urllib.parse.quote(secret, safe="")}
+        for text in (secret, f"Bearer {secret}"):
+            forms.add(base64.b64encode(text.encode()).decode().rstrip("="))
+    return tuple(sorted(forms, key=len, reverse=True))
 
 
 def _classify(
@@ -443,7 +470,7 @@ def _classify(
 ) -> Outcome:
     """The Outcome of a complete, non-streamed answer."""
     scrub = scrub or _NO_SCRUB
-    request_id = _request_id(headers)
+    request_id = scrub(_request_id(headers))
     ratelimit = parse_ratelimit(headers)
     parsed: object = None
     parse_error: str | None = None
@@ -462,7 +489,7 @@ def _classify(
         if parse_error is None and is_completion(parsed):
             assert isinstance(parsed, dict)
             # orjson has already checked that `raw` is valid UTF-8
-            body = raw.decode() if mended is None else mended
+            body = scrub(raw.decode() if mended is None else mended)
             for choice in parsed["choices"]:
                 if type(choice) is dict and (
                     choice_error := _choice_error(choice.get("error"), choice.get("finish_reason"))
@@ -1278,7 +1305,7 @@ def _stream_outcome(
     broken: str | None,
     wants_usage: bool = False,
 ) -> Outcome:
-    request_id = _request_id(headers)
+    request_id = scrub(_request_id(headers))
     ratelimit = parse_ratelimit(headers)
     error = assembler.error
     if error is None and assembler.bad_event is None:
@@ -1350,7 +1377,7 @@ def _stream_outcome(
     return Outcome(
         OutcomeKind.SUCCESS,
         status,
-        body=orjson.dumps(completion).decode(),
+        body=scrub(orjson.dumps(completion).decode()),
         completion=completion,
         request_id=request_id,
         latency_s=latency_s,
@@ -1559,7 +1586,7 @@ class ApiClient:
             None if response is None else response.status,
             error_kind=error_kind,
             message=self._scrub(message),
-            request_id=None if headers is None else _request_id(headers),
+            request_id=None if headers is None else self._scrub(_request_id(headers)),
             latency_s=time.monotonic() - started,
         )
 

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -1713,3 +1714,60 @@ def test_an_open_client_keeps_socket_read_buffers_off_mmap() -> None:
     # with them, none is.
     assert mapped("plain") == 20
     assert mapped("client") == 0
+
+
+# --- the key in what comes back -----------------------------------------------------------
+
+#: A key as some providers issue them (AWS Bedrock's API keys are base64): `/`, `+` and `=`.
+SLASHED_KEY = "ABSKQmVkcm9ja0FQSUtleS1/ab+c=Zx9"
+
+
+def _echoes(key: str) -> dict[str, str]:
+    """The key in the forms a server that echoes what it was sent may give it back in."""
+    bearer = base64.b64encode(f"Bearer {key}".encode()).decode()
+    return {
+        "as sent": key,
+        "in JSON": orjson.dumps(key).decode()[1:-1].replace("/", "\\/"),
+        "percent-encoded": urllib.parse.quote(key, safe=""),
+        "base64 of the header": bearer,
+    }
+
+
+@pytest.mark.parametrize("form", list(_echoes(SLASHED_KEY)))
+@pytest.mark.parametrize("status", [200, 400, 500])
+async def test_a_key_echoed_in_another_form_is_not_kept(
+    serve: Serve, form: str, status: int
+) -> None:
+    """Only the key as sent was taken out: a server that gave it back JSON-escaped (a key
+    with "/" comes back as "\\/"), percent-encoded or in base64 had it stored, and exports
+    decoded the JSON form back to the key itself. A request id echoing it was stored as is."""
+    echoed = _echoes(SLASHED_KEY)[form]
+    text = f'{{"debug": "got {echoed}", "error": {{"message": "refused {echoed}"}}}}'
+    if status == 200:  # a gateway that adds what it was sent to its answers
+        text = orjson.dumps(
+            {"choices": [], "object": "chat.completion", "debug": f"got {echoed}"}
+        ).decode()
+        text = text.replace(orjson.dumps(echoed).decode()[1:-1], echoed)
+    handler = answer(status, text.encode(), {"x-request-id": f"req {echoed}"})
+    async with ApiClient(await serve(handler), SLASHED_KEY, concurrency=1, timeout_s=10) as c:
+        outcome = await c.send(ENDPOINT, REQUEST, stream=False)
+    kept = f"{outcome.body} {outcome.message} {outcome.request_id}"
+    assert "***" in kept
+    for shown in _echoes(SLASHED_KEY).values():
+        assert shown not in kept
+    assert SLASHED_KEY not in orjson.dumps(orjson.loads(outcome.body or "{}")).decode()
+
+
+async def test_a_key_with_a_quote_in_a_stream_error_is_not_kept() -> None:
+    """The error of a stream was written out anew and then scrubbed: a key that JSON escapes
+    (a quote, a backslash) was stored as the new text wrote it."""
+    key = 'sk-"quoted"\\key-12345'
+    error = {"error": {"message": f"refused {key}"}}
+    async with (
+        running(stream_answer(sse(error, done=False))) as base_url,
+        ApiClient(base_url, key, concurrency=1, timeout_s=10) as client,
+    ):
+        outcome = await client.send(ENDPOINT, REQUEST, stream=True)
+    assert outcome.error_kind == "stream_error"
+    assert outcome.body is not None and "quoted" not in outcome.body
+    assert outcome.message == "refused ***"
