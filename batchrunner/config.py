@@ -37,12 +37,17 @@ def db_url_from_env() -> str:
 
 
 def without_password(url: str) -> str:
-    """A URL as it may be shown: its password, if it has one, as ***."""
+    """A URL as it may be shown: its password, if it has one, as *** (also one given as a
+    `password=` parameter, as libpq and asyncpg read it)."""
+    url = _PASSWORD_PARAMETER.sub(r"\1***", url)
     scheme, sep, rest = url.partition("://")
     credentials, at, after = rest.rpartition("@")
     if not at or ":" not in credentials:
         return url
     return f"{scheme}{sep}{credentials.partition(':')[0]}:***@{after}"
+
+
+_PASSWORD_PARAMETER = re.compile(r"([?&]password=)[^&#]*", re.IGNORECASE)
 
 
 def check_base_url(base_url: str) -> str:

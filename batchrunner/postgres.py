@@ -88,6 +88,10 @@ class PgUrl:
                 f"batchrunner connects to PostgreSQL through asyncpg, not {scheme!r}: use"
                 f" postgresql://USER@HOST:PORT/DATABASE (in {shown!r})"
             )
+        if "#" in rest:
+            # (asyncpg reads what follows as a fragment, and failed with a traceback that
+            # quoted the password's start as a port.)
+            raise UsageError(f"a database URL holds no '#': {shown!r}{_ENCODE_HINT}")
         location, _, query = rest.partition("?")
         authority, slash, path = location.partition("/")
         credentials, at, hostport = authority.rpartition("@")
@@ -164,6 +168,10 @@ def _cache_size(text: str, shown: str) -> int:
 
 
 _CONNECT_TIMEOUT: Final = "connect_timeout"
+_ENCODE_HINT: Final = (
+    "; a password holding '/', '?', '#' or '@' must be percent-encoded (%2F, %3F, %23, %40),"
+    " or given in PGPASSWORD or ~/.pgpass instead"
+)
 
 
 def _connect_timeout(text: str, shown: str) -> float | None:
@@ -190,7 +198,8 @@ def _host_and_port(hostport: str, shown: str) -> tuple[str | None, int | None]:
     if not port:
         return host or None, None
     if not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
-        raise UsageError(f"not a port number: {port!r} in {shown!r}")
+        # (Not quoted: with a password holding '/' or '?', it is the password's start.)
+        raise UsageError(f"the port is not a number in {shown!r}{_ENCODE_HINT}")
     return host or None, int(port)
 
 
