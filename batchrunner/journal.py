@@ -36,6 +36,7 @@ import hashlib
 import itertools
 import logging
 import os
+import stat
 from collections.abc import Iterator, Sequence
 from operator import attrgetter
 from pathlib import Path
@@ -125,7 +126,8 @@ class Journal:
     added so far into a transaction, then `committed` or `kept` with that mark."""
 
     def __init__(self, directory: Path, batch_id: str, worker_id: str) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _make_private(directory)
         self.directory = directory
         self._prefix = f"{batch_id}.{worker_id}."
         self._seq = 0
@@ -227,7 +229,8 @@ class Journal:
                 # while empty (`close`): made again. Once a segment is in it, it stays.
                 if tries == _FOLDER_TRIES:
                     raise
-                self.directory.mkdir(parents=True, exist_ok=True)
+                self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+                _make_private(self.directory)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             os.rename(hidden, self.directory / name)
@@ -302,15 +305,39 @@ class Kept:
         self.unreadable = 0
 
 
+def _make_private(directory: Path) -> None:
+    """The journal folder as this user's alone, or OSError. A folder beside a database in a
+    shared place (or a state folder there) could be another user's, or a link they made, and
+    what its segments hold is recorded as answers: another user could plant results."""
+    st = os.lstat(directory)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+        raise OSError(f"{directory} is not a folder of this user's (another user's, or a link)")
+    if st.st_mode & 0o077:
+        os.chmod(directory, 0o700)
+
+
 def _dead_segments(directory: Path, batch_id: str) -> Iterator[Segment]:
-    """Segments of the batch whose run has ended or died, locked; the caller closes them."""
+    """Segments of the batch whose run has ended or died, locked; the caller closes them.
+    Only this user's, in a folder of this user's (`_make_private`)."""
     if fcntl is None or not directory.is_dir():
+        return
+    try:
+        _make_private(directory)
+    except OSError as exc:
+        log.warning("answer journals not read: %s", exc)
         return
     for path in sorted(directory.glob(f"{batch_id}.*{SEGMENT_SUFFIX}")):
         try:
-            fd = os.open(path, os.O_RDONLY)
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
         except FileNotFoundError:
             continue  # committed and deleted meanwhile
+        except OSError as exc:  # a link
+            log.warning("answer journal %s not read: %s", path, exc.strerror or exc)
+            continue
+        if os.fstat(fd).st_uid != os.geteuid():
+            os.close(fd)
+            log.warning("answer journal %s not read: another user's file", path)
+            continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             if os.fstat(fd).st_nlink == 0:
@@ -346,7 +373,17 @@ def workers_with_segments(directory: Path | None, batch_id: str) -> set[str]:
     journal another process is recording (their jobs must not be released meanwhile)."""
     if directory is None or not directory.is_dir():
         return set()
-    return {_worker_of(p) for p in directory.glob(f"{batch_id}.*{SEGMENT_SUFFIX}")}
+    uid = os.geteuid()
+    return {
+        _worker_of(p) for p in directory.glob(f"{batch_id}.*{SEGMENT_SUFFIX}") if _owned_by(p, uid)
+    }
+
+
+def _owned_by(path: Path, uid: int) -> bool:
+    try:
+        return path.lstat().st_uid == uid
+    except OSError:
+        return False
 
 
 def _worker_of(path: Path) -> str:

@@ -14,6 +14,7 @@ import os
 import re
 import signal
 import sqlite3
+import stat
 import sys
 import time
 from collections.abc import Callable
@@ -325,6 +326,51 @@ async def test_a_journal_whose_folder_another_run_removed_makes_it_again(
     finally:
         segment.keep()
     assert kept.by_worker == {"w-slow": [(end, [])]}
+
+
+NOBODY = 65534
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="making a file another user's needs root")
+async def test_segments_another_user_planted_are_not_recorded(
+    store: JobStore, make_file: MakeFile, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Beside a database in a shared folder, another user could make the journal folder (or
+    a link in its place) and write a segment into it: the next run recorded its lines as
+    answers, sent nothing, and exported them as results."""
+    batch_id, (job,) = await _claimed(store, make_file, 1)
+    planted = tmp_path / "planted"
+    forger = journal.Journal(planted, batch_id, "w-dead")
+    forger.add(_success(job, "forged"), [])
+    forger.close(committed=False)
+    (segment,) = _segments(planted)
+    os.chown(segment, NOBODY, NOBODY)
+    with caplog.at_level(logging.WARNING, logger="batchrunner.journal"):
+        assert await journal.recover(store, batch_id, planted, time.time()) == 0
+        assert journal.workers_with_segments(planted, batch_id) == set()
+        # A folder of another user's, or a link: neither read nor written.
+        os.chown(planted, NOBODY, NOBODY)
+        assert await journal.recover(store, batch_id, planted, time.time()) == 0
+        with pytest.raises(OSError, match="not a folder of this user's"):
+            journal.Journal(planted, batch_id, "w-live")
+        linked = tmp_path / "linked"
+        linked.symlink_to(planted)
+        with pytest.raises(OSError, match="not a folder of this user's"):
+            journal.Journal(linked, batch_id, "w-live")
+    assert await _rows(store, "SELECT job_id FROM results") == []
+    assert "another user's file" in caplog.text and "not read" in caplog.text
+
+
+async def test_a_journal_folder_others_could_write_to_is_made_private(tmp_path: Path) -> None:
+    """Made under umask 000 (or by hand) the folder was writable by all."""
+    directory = tmp_path / "answers"
+    directory.mkdir()
+    directory.chmod(0o777)
+    fresh = tmp_path / "fresh"
+    for folder in (directory, fresh):
+        ours = journal.Journal(folder, "batch_x", "w-1")
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+        ours.close(committed=True)
 
 
 async def test_every_field_comes_back_as_it_was_written(tmp_path: Path) -> None:
