@@ -520,6 +520,13 @@ def export(
         # over, it would be replaced by a file. So would a symbolic link: the export goes
         # to where it points, as any program writing to it would put it.
         if target.is_symlink():
+            if not _may_follow(target):
+                raise _fail(
+                    UsageError(
+                        f"cannot write {output}: a symbolic link another user made in a folder"
+                        " anyone may write to (not followed)"
+                    )
+                )
             try:
                 target = target.resolve(strict=False)
             except (OSError, RuntimeError) as exc:  # a loop of links
@@ -527,6 +534,15 @@ def export(
         aside = not target.exists() or target.is_file()
         n = ctx.with_store(lambda store: to_file(store, target, aside), existing=True)
     _err(f"exported {n} row(s) of {batch_id}" + ("" if output == "-" else f" to {output}"))
+
+
+def _may_follow(link: Path) -> bool:
+    """Whether a symbolic link may be followed, by the rule of Linux's protected_symlinks
+    (which does not hold here: the export renames over where the link points): not one that
+    another user made in a sticky folder anyone may write to (/tmp), unless the folder's."""
+    st, folder = os.lstat(link), os.stat(link.parent)
+    shared = folder.st_mode & stat.S_ISVTX and folder.st_mode & stat.S_IWOTH
+    return not shared or st.st_uid in (os.geteuid(), folder.st_uid)
 
 
 def _file_aside(target: Path) -> tuple[Path, BinaryIO]:
@@ -538,7 +554,11 @@ def _file_aside(target: Path) -> tuple[Path, BinaryIO]:
     for _ in range(100):
         partial = target.with_name(f".{target.name}.{secrets.token_hex(4)}.partial")
         try:
-            fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            # Made with the mode it is to have, not made wider and narrowed after: another user
+            # could open it in between.
+            fd = os.open(
+                partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666 if mode is None else mode
+            )
         except FileExistsError:
             continue
         try:

@@ -13,6 +13,7 @@ hot statements may use `?N` with tuples.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sqlite3
 import time
@@ -333,6 +334,12 @@ class _Link:
         conn = self._conn
         if conn is None:
             target = self._target
+            if not target.uri:
+                # A new database is its owner's alone (it holds every prompt and answer; its
+                # -wal and -shm files take its mode), as the answer journal is; sqlite3 would
+                # make it as the umask says, readable by all. (Any error: sqlite3's says it.)
+                with contextlib.suppress(OSError):
+                    os.close(os.open(target.filename, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
             conn = sqlite3.connect(target.filename, uri=target.uri, check_same_thread=False)
             try:
                 configure_sqlite_connection(conn)

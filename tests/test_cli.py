@@ -428,6 +428,31 @@ def test_export_over_a_file_keeps_its_mode_and_two_at_once_keep_apart(
         assert stat.S_IMODE(made.stat().st_mode) == 0o666 & ~umask
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="making a link another user's needs root")
+def test_export_follows_no_link_another_user_made_in_a_shared_folder(
+    make_file: MakeFile, sqlite_url: str, server: FakeServerThread, tmp_path: Path
+) -> None:
+    """In /tmp, another user's link named as the export replaced the file it pointed to (the
+    export renames over the target: the kernel's protected_symlinks never saw a link)."""
+    path = make_file([chat("q")])
+    batch_id = run_cli("submit", str(path), "--base-url", server.url, db=sqlite_url).stdout.strip()
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("mine\n")
+    planted = shared / "results.csv"
+    planted.symlink_to(victim)
+    os.lchown(planted, 65534, 65534)
+    result = run_cli("export", batch_id, "-o", str(planted), db=sqlite_url)
+    assert result.returncode == 2 and "another user made" in result.stderr
+    assert victim.read_text() == "mine\n"
+    # One's own link there is followed, as before.
+    os.lchown(planted, os.geteuid(), os.getegid())
+    assert run_cli("export", batch_id, "-o", str(planted), db=sqlite_url).returncode == 0
+    assert victim.read_text().startswith("custom_id")
+
+
 @pytest.mark.skipif(
     not (os.path.exists("/dev/full") and stat.S_ISCHR(os.stat("/dev/full").st_mode)),
     reason="needs Linux's /dev/full",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
+import stat
 import subprocess
 import sys
 import threading
@@ -472,3 +473,15 @@ async def test_a_heartbeat_says_when_the_wal_has_grown_behind_a_reader(
     (message,) = caplog.messages
     assert message.startswith(f"the database's write-ahead log ({tmp_path / 'jobs.db'}-wal) is ")
     assert "most likely another connection keeps a read open" in message
+
+
+async def test_a_new_database_is_its_owners_alone(tmp_path: Path) -> None:
+    """It holds every prompt and answer, and was readable by every user of the machine (the
+    answer journal, which holds the same, was its owner's alone)."""
+    old = os.umask(0o022)
+    try:
+        store, _ = await _store_with_a_batch(tmp_path)
+        await store.close()
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "jobs.db").stat().st_mode) == 0o600
