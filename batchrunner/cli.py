@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import gc
+import logging
 import math
 import os
 import secrets
@@ -24,7 +25,7 @@ from batchrunner import __version__
 from batchrunner.config import DEFAULT_DB_URL, LEASE_ENV, LEASE_S, db_url_from_env
 from batchrunner.errors import BatchrunnerError, UsageError
 from batchrunner.lines import names_a_file
-from batchrunner.states import JobState
+from batchrunner.states import JobState, shown
 from batchrunner.store import JobStore
 
 if TYPE_CHECKING:
@@ -49,7 +50,7 @@ class _Unusable(click.ClickException):
 
 def _fail(exc: BatchrunnerError) -> click.ClickException:
     """Core errors become click errors here only: usage errors exit 2, the rest 1."""
-    return (_Unusable if isinstance(exc, UsageError) else _Aborted)(exc.message)
+    return (_Unusable if isinstance(exc, UsageError) else _Aborted)(shown(exc.message))
 
 
 #: The task of the command that `_run` runs, while it runs: SIGTERM cancels it.
@@ -109,7 +110,14 @@ def _must_exist(db_url: str) -> None:
 
 
 def _err(message: str) -> None:
-    click.echo(message, err=True)
+    click.echo(shown(message), err=True)
+
+
+class _ShownFormatter(logging.Formatter):
+    """Warnings as `_err` writes messages: control characters written out (`shown`)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return shown(super().format(record))
 
 
 class _Context:
@@ -399,14 +407,14 @@ def status(ctx: _Context, batch_id: str | None, as_json: bool, prices_path: Path
         if as_json:
             click.echo(orjson.dumps([r.to_json() for r in rows]).decode())
         else:
-            click.echo(report.render_batch_list(rows))
+            click.echo(shown(report.render_batch_list(rows)))
         return
     prices = PriceBook.load(prices_path)
     st = ctx.with_store(lambda store: report.batch_status(store, batch_id, prices), existing=True)
     if as_json:
         click.echo(orjson.dumps(st.to_json(), option=orjson.OPT_INDENT_2).decode())
     else:
-        click.echo(report.render_status(st))
+        click.echo(shown(report.render_status(st)))
 
 
 @cli.command()
@@ -601,7 +609,7 @@ def estimate(ctx: _Context, target: str, as_json: bool, prices_path: Path | None
     if as_json:
         click.echo(orjson.dumps(result.to_json(), option=orjson.OPT_INDENT_2).decode())
     else:
-        click.echo(est.render(result))
+        click.echo(shown(est.render(result)))
 
 
 @cli.command()
@@ -765,6 +773,12 @@ def _migrate(
 def main(argv: list[str] | None = None) -> None:
     _quick_exit()
     _sigterm_as_ctrl_c()
+    # Warnings go where Python's last resort puts them (stderr, the message alone), written
+    # as `_err` writes: a server's text in them reaches a terminal.
+    last_resort = logging.StreamHandler()
+    last_resort.setLevel(logging.WARNING)
+    last_resort.setFormatter(_ShownFormatter())
+    logging.lastResort = last_resort
     # Not click's standalone mode: it turns Ctrl-C into "Aborted!" and exit 1, and an
     # interrupted command must exit 130 wherever it was (loading a file, checking prices).
     try:

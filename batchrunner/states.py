@@ -8,6 +8,7 @@ of every table on every run (~30 ms of start-up) for the few statements that use
 from __future__ import annotations
 
 import enum
+import re
 from typing import overload
 
 
@@ -56,6 +57,20 @@ def kept_text(value: str | None) -> str | None:
     except UnicodeEncodeError:  # a surrogate that does not stand for a byte
         raw = value.encode("utf-8", "surrogatepass")
     return raw.decode("utf-8", "replace")
+
+
+#: Control characters but tab and newline: C0, DEL and C1 (ESC begins a terminal's sequences,
+#: CR goes back over a line).
+_CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def shown(text: str) -> str:
+    """Text as it may go to a terminal: the control characters in it written out (`\\x1b`).
+    A server's model name or error message, or a file's name, holding escape sequences could
+    otherwise rewrite what the terminal shows (a line made to say all is well, a link)."""
+    if _CONTROLS.search(text) is None:
+        return text
+    return _CONTROLS.sub(lambda m: f"\\x{ord(m[0]):02x}", text)
 
 
 def cancelled_for_good(batch_id: str) -> str:

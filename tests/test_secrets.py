@@ -274,3 +274,50 @@ async def test_a_key_bound_for_plain_http_elsewhere_is_warned_about(
     warning = next(line for line in text.splitlines() if "plain http" in line)
     assert UNROUTED_BASE_URL in warning and "key" in warning
     run.assert_nowhere(key)
+
+
+# -- what reaches a terminal ---------------------------------------------------------------------
+
+EVIL = "\x1b[2K\r\x1b[32mALL GOOD\x1b]8;;http://evil.example/\x07link\x1b]8;;\x07\x9b"
+
+
+async def _spoofing(request: web.Request) -> web.Response:
+    """Answers with terminal escape sequences in the model's name, or in a 401's message."""
+    text = orjson.loads(await request.read())["messages"][-1]["content"]
+    if "refuse" in text:
+        return web.json_response({"error": {"message": f"bad key {EVIL}"}}, status=401)
+    completion = {
+        "object": "chat.completion",
+        "model": f"gpt{EVIL}",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "x"}}],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
+    }
+    return web.json_response(completion)
+
+
+async def test_escape_sequences_from_a_server_reach_no_terminal(
+    make_file: MakeFile, tmp_path: Path
+) -> None:
+    """A server's model name (in `status`) or error message (in the run's stop message) with
+    escape sequences could rewrite what the terminal showed: a line made to say ALL GOOD, a
+    link to elsewhere. They are written out instead (`\\x1b`)."""
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", _spoofing)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
+    try:
+        run = Session(tmp_path, _key())
+        answered = await run.submit(make_file([chat("fine")]), url)
+        assert (await run("run", answered, "--quiet"))[0] == 0
+        refused = await run.submit(make_file([chat("refuse")]), url)
+        code, text = await run("run", refused, "--quiet")
+        assert code == 1 and "bad key \\x1b[2K\\x0d\\x1b[32mALL GOOD" in text
+        await run.look("status", answered)
+        await run.look("status")
+    finally:
+        await runner.cleanup()
+    for output in run.outputs:
+        assert not any(c in output for c in (b"\x1b", b"\r", b"\x07", "\x9b".encode()))
+    assert any(b"gpt\\x1b[2K" in output for output in run.outputs)
