@@ -23,6 +23,7 @@ import re
 import sys
 import time
 import urllib.parse
+import urllib.request
 from collections.abc import Mapping
 from types import TracebackType
 from typing import Any, Final, TypeAlias, cast, overload
@@ -32,6 +33,7 @@ import aiohttp
 import orjson
 
 from batchrunner import __version__
+from batchrunner.errors import UsageError
 from batchrunner.outcome import MAX_WAIT_S, Outcome, OutcomeKind, RateLimitInfo
 from batchrunner.states import kept_text
 
@@ -139,6 +141,46 @@ def is_loopback(base_url: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def proxy_for(base_url: str) -> tuple[str | None, dict[str, str] | None]:
+    """The proxy the environment names for `base_url` (`HTTPS_PROXY` / `HTTP_PROXY`, upper or
+    lower case, unless `NO_PROXY` leaves the host out), and its credentials as the header
+    that carries them to it; none for
+    this machine's own addresses. Read once per run, not per request (aiohttp's trust_env
+    would look it up, and the netrc file, on every request)."""
+    if is_loopback(base_url):
+        return None, None
+    parts = urlsplit(base_url.strip())
+    proxies = urllib.request.getproxies_environment()
+    bypass = urllib.request.proxy_bypass_environment  # type: ignore[attr-defined]  # untyped
+    if not parts.hostname or bypass(parts.hostname, proxies):
+        return None, None
+    proxy = proxies.get(parts.scheme.lower())
+    if not proxy:
+        return None, None
+    try:
+        p = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        p.port  # noqa: B018 - raises ValueError on a port that is not a number
+    except ValueError:
+        p = None
+    if p is None or p.scheme.lower() not in ("http", "https") or not p.hostname:
+        raise UsageError(
+            f"the {parts.scheme} proxy the environment names is not an http:// or https:// URL:"
+            f" {_without_credentials(proxy)!r}"
+        )
+    headers = None
+    if p.username is not None:
+        user, password = urllib.parse.unquote(p.username), urllib.parse.unquote(p.password or "")
+        credentials = base64.b64encode(f"{user}:{password}".encode()).decode()
+        headers = {"Proxy-Authorization": f"Basic {credentials}"}
+    netloc = p.netloc.rpartition("@")[2]
+    return urlunsplit((p.scheme, netloc, p.path, "", "")), headers
+
+
+def _without_credentials(url: str) -> str:
+    scheme, sep, rest = url.rpartition("://")
+    return f"{scheme}{sep}***@{rest.rpartition('@')[2]}" if "@" in rest else url
 
 
 def is_insecure(base_url: str) -> bool:
@@ -1438,9 +1480,26 @@ class ApiClient:
             "Content-Type": "application/json",
             "User-Agent": USER_AGENT,
         }
-        if api_key:
-            self._headers["Authorization"] = f"Bearer {api_key}"
         self._scrub = _Scrubber(api_key)
+        self._proxy, proxy_headers = proxy_for(base_url)
+        #: What each request adds to the session's headers (None: nothing), and what goes to
+        #: the proxy alone.
+        self._request_headers: dict[str, str] | None = None
+        self._proxy_headers: dict[str, str] | None = None
+        if self._proxy is None:
+            if api_key:
+                self._headers["Authorization"] = f"Bearer {api_key}"
+        else:
+            # aiohttp gives a proxy the session's headers, and its Authorization as the
+            # Proxy-Authorization of the CONNECT: the key would go to the proxy, in clear,
+            # in place of the proxy's own credentials. It goes with each request instead.
+            self._request_headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+            if urlsplit(base_url).scheme.lower() == "https":
+                self._proxy_headers = proxy_headers or {}  # on the CONNECT
+            else:
+                # (Plain http goes to the proxy as it is: its credentials with the request.)
+                self._request_headers |= proxy_headers or {}
+                self._proxy_headers = {}
         self._urls: dict[str, str] = {}
         self._session: aiohttp.ClientSession | None = None
 
@@ -1462,6 +1521,7 @@ class ApiClient:
             # `total` covers connecting, sending and reading the last byte of the answer, so
             # a server that trickles bytes cannot hold a request forever.
             timeout=aiohttp.ClientTimeout(total=self.timeout_s),
+            proxy=self._proxy,
         )
         return self
 
@@ -1495,7 +1555,13 @@ class ApiClient:
         started = time.monotonic()
         try:
             data = body if len(body) <= STREAMED_BODY_BYTES else io.BytesIO(body)
-            async with session.post(url, data=data, allow_redirects=False) as response:
+            async with session.post(
+                url,
+                data=data,
+                allow_redirects=False,
+                headers=self._request_headers,
+                proxy_headers=self._proxy_headers,
+            ) as response:
                 status = response.status
                 if stream and status == 200 and response.content_type != "application/json":
                     return await self._read_stream(response, started, _asks_for_usage(body))

@@ -31,7 +31,9 @@ from batchrunner.client import (
     join_url,
     parse_duration_s,
     parse_retry_after_s,
+    proxy_for,
 )
+from batchrunner.errors import UsageError
 from batchrunner.outcome import Outcome, OutcomeKind, RateLimitInfo
 from batchrunner.schema import SchemaCheck
 from batchrunner.states import kept_text
@@ -1771,3 +1773,76 @@ async def test_a_key_with_a_quote_in_a_stream_error_is_not_kept() -> None:
     assert outcome.error_kind == "stream_error"
     assert outcome.body is not None and "quoted" not in outcome.body
     assert outcome.message == "refused ***"
+
+
+# --- proxies ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_proxy_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+    return monkeypatch
+
+
+async def test_requests_go_through_the_proxy_the_environment_names(
+    serve: Serve, no_proxy_env: pytest.MonkeyPatch
+) -> None:
+    """HTTP(S)_PROXY were not read: behind a proxy, not one request could go out."""
+    seen: list[tuple[str, str | None]] = []
+
+    async def proxy(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        seen.append((str(request.url), request.headers.get("Proxy-Authorization")))
+        return web.json_response(COMPLETION)
+
+    proxy_url = (await serve(proxy)).removesuffix("/v1")
+    no_proxy_env.setenv("http_proxy", proxy_url.replace("http://", "http://me:p%40ss@"))
+    # (A name that resolves nowhere: only the proxy can take the request.)
+    outcome = await send("http://api.invalid/v1")
+    assert outcome.kind is OutcomeKind.SUCCESS
+    credentials = base64.b64encode(b"me:p@ss").decode()
+    assert seen == [("http://api.invalid/v1/chat/completions", f"Basic {credentials}")]
+
+
+def test_which_proxy_an_api_goes_through(no_proxy_env: pytest.MonkeyPatch) -> None:
+    no_proxy_env.setenv("HTTPS_PROXY", "http://proxy.corp:3128")
+    assert proxy_for("https://api.openai.com/v1") == ("http://proxy.corp:3128", None)
+    assert proxy_for("http://gateway.example/v1") == (None, None)  # no HTTP_PROXY
+    assert proxy_for("https://127.0.0.1:8443/v1") == (None, None)  # this machine's
+    assert proxy_for("https://localhost/v1") == (None, None)
+    no_proxy_env.setenv("NO_PROXY", ".openai.com,internal")
+    assert proxy_for("https://api.openai.com/v1") == (None, None)
+    assert proxy_for("https://api.mistral.ai/v1")[0] == "http://proxy.corp:3128"
+    no_proxy_env.setenv("HTTPS_PROXY", "socks5://me:secret@proxy.corp:1080")
+    with pytest.raises(UsageError, match="not an http:// or https:// URL") as caught:
+        proxy_for("https://api.mistral.ai/v1")
+    assert "secret" not in str(caught.value)
+
+
+async def test_a_proxy_tunnelling_to_an_https_api_never_sees_the_key(
+    no_proxy_env: pytest.MonkeyPatch,
+) -> None:
+    """aiohttp gives a proxy the session's headers, and its Authorization as the CONNECT's
+    Proxy-Authorization: the key, sent in clear to the proxy, in place of its own
+    credentials."""
+    connects: list[bytes] = []
+
+    async def proxy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connects.append(await reader.readuntil(b"\r\n\r\n"))
+        writer.write(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(proxy, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    no_proxy_env.setenv("HTTPS_PROXY", f"http://me:p%40ss@127.0.0.1:{port}")
+    async with server:
+        outcome = await send("https://api.invalid/v1")
+    assert outcome.kind is OutcomeKind.RETRY and outcome.error_kind == "connection"
+    (connect,) = connects
+    assert connect.startswith(b"CONNECT api.invalid:443 ")
+    credentials = base64.b64encode(b"me:p@ss")
+    assert b"Proxy-Authorization: Basic " + credentials in connect
+    assert KEY.encode() not in connect and b"Bearer" not in connect
