@@ -149,9 +149,12 @@ def proxy_for(base_url: str) -> tuple[str | None, dict[str, str] | None]:
     that carries them to it; none for
     this machine's own addresses. Read once per run, not per request (aiohttp's trust_env
     would look it up, and the netrc file, on every request)."""
-    if is_loopback(base_url):
+    try:
+        if is_loopback(base_url):
+            return None, None
+        parts = urlsplit(base_url.strip())
+    except ValueError:  # an unclosed [IPv6 bracket: each request fails on it (invalid_url)
         return None, None
-    parts = urlsplit(base_url.strip())
     proxies = urllib.request.getproxies_environment()
     bypass = urllib.request.proxy_bypass_environment  # type: ignore[attr-defined]  # untyped
     if not parts.hostname or bypass(parts.hostname, proxies):
