@@ -253,6 +253,8 @@ def parse_retry_after_s(headers: Headers) -> float | None:
 #: Keys shorter than this are scrubbed only as sent: a short derived form (base64 of a few
 #: bytes) could stand for other text.
 _MIN_DERIVED_FORM_CHARS: Final = 8
+#: Keys at least this long are taken out of answers and request ids too (`_Scrubber.answer`).
+_KEYLIKE_CHARS: Final = 16
 
 
 def _request_id(headers: Headers) -> str | None:
@@ -474,10 +476,22 @@ class _Scrubber:
     """Removes the API key from text that may end up in a database or a log: as sent, and in
     the forms a server that echoes it may give it back in (`_forms_of`)."""
 
-    __slots__ = ("_forms",)
+    __slots__ = ("_answer_forms", "_forms")
 
     def __init__(self, secret: str | None) -> None:
         self._forms = _forms_of(secret) if secret else ()
+        # A key like `ollama`, `EMPTY` or `x` (local servers take any) is a word of answers
+        # too: scrubbed from answers, it made "Use *** to run llama3" and field names such
+        # as "inde***".
+        keylike = secret is not None and len(secret) >= _KEYLIKE_CHARS
+        self._answer_forms = self._forms if keylike else ()
+
+    def answer(self, text: str) -> str:
+        """`text`, an answer's or a request id, with a key-like key taken out."""
+        for form in self._answer_forms:
+            if form in text:
+                text = text.replace(form, _SCRUBBED)
+        return text
 
     @overload
     def __call__(self, text: str) -> str: ...
@@ -494,14 +508,19 @@ class _Scrubber:
 
 def _forms_of(secret: str) -> tuple[str, ...]:
     """The key as sent, and as text that quotes it: in a JSON string (a key with `/` or `"`
-    comes back escaped: `\\/`), percent-encoded, and in base64 (alone, or the whole
-    "Bearer ..." header). Longest first, so that no form is left half replaced."""
+    comes back escaped: `\\/`), percent-encoded, and in base64 wherever it sits in what was
+    encoded (the "Bearer ..." header, a JSON of the request's headers): its encoding from
+    each of the three byte offsets, less the characters that hang on the bytes around it.
+    Longest first, so that no form is left half replaced."""
     forms = {secret}
     if len(secret) >= _MIN_DERIVED_FORM_CHARS:
         in_json = orjson.dumps(secret).decode()[1:-1]
         forms |= {in_json, in_json.replace("/", "\\/"), urllib.parse.quote(secret, safe="")}
-        for text in (secret, f"Bearer {secret}"):
-            forms.add(base64.b64encode(text.encode()).decode().rstrip("="))
+        raw = secret.encode()
+        for offset, hanging in ((0, 0), (1, 2), (2, 3)):
+            total = offset + len(raw)
+            decided = total // 3 * 4 + total % 3  # the characters no byte after changes
+            forms.add(base64.b64encode(b"\0" * offset + raw).decode()[hanging:decided])
     return tuple(sorted(forms, key=len, reverse=True))
 
 
@@ -515,7 +534,7 @@ def _classify(
 ) -> Outcome:
     """The Outcome of a complete, non-streamed answer."""
     scrub = scrub or _NO_SCRUB
-    request_id = scrub(_request_id(headers))
+    request_id = _scrubbed_id(headers, scrub)
     ratelimit = parse_ratelimit(headers)
     parsed: object = None
     parse_error: str | None = None
@@ -534,7 +553,12 @@ def _classify(
         if parse_error is None and is_completion(parsed):
             assert isinstance(parsed, dict)
             # orjson has already checked that `raw` is valid UTF-8
-            body = scrub(raw.decode() if mended is None else mended)
+            text = raw.decode() if mended is None else mended
+            body = scrub.answer(text)
+            if body is not text:
+                # What is kept, and what the run reads of it (the model's name), alike.
+                parsed = orjson.loads(body)
+                assert isinstance(parsed, dict)
             for choice in parsed["choices"]:
                 if type(choice) is dict and (
                     choice_error := _choice_error(choice.get("error"), choice.get("finish_reason"))
@@ -545,7 +569,7 @@ def _classify(
                         status,
                         error_kind=error_kind,
                         message=scrub(_error_message(choice_error) or "a choice failed"),
-                        body=scrub(body),
+                        body=body,
                         # What it used was paid for (dispatcher._PAID_FOR).
                         completion=parsed,
                         request_id=request_id,
@@ -1341,6 +1365,19 @@ class StreamAssembler:
         return completion
 
 
+def _kept_answer(completion: dict[str, Any], scrub: _Scrubber) -> tuple[str, dict[str, Any]]:
+    """A reassembled answer's text as it is kept, and the answer as the run reads it: both
+    without the key, where a server put it in."""
+    text = orjson.dumps(completion).decode()
+    body = scrub.answer(text)
+    return body, (completion if body is text else orjson.loads(body))
+
+
+def _scrubbed_id(headers: Headers, scrub: _Scrubber) -> str | None:
+    request_id = _request_id(headers)
+    return None if request_id is None else scrub.answer(request_id)
+
+
 def _stream_outcome(
     assembler: StreamAssembler,
     status: int,
@@ -1350,20 +1387,20 @@ def _stream_outcome(
     broken: str | None,
     wants_usage: bool = False,
 ) -> Outcome:
-    request_id = scrub(_request_id(headers))
+    request_id = _scrubbed_id(headers, scrub)
     ratelimit = parse_ratelimit(headers)
     error = assembler.error
     if error is None and assembler.bad_event is None:
         choice_error = assembler.choice_error()
         if choice_error is not None:
             kind, error_kind = _by_choice_error(choice_error)
-            completion = assembler.result()
+            body, completion = _kept_answer(assembler.result(), scrub)
             return Outcome(
                 kind,
                 status,
                 error_kind=error_kind,
                 message=scrub(_error_message(choice_error) or "a choice failed"),
-                body=scrub(orjson.dumps(completion).decode()),
+                body=body,
                 # What it used was paid for (dispatcher._PAID_FOR).
                 completion=completion,
                 request_id=request_id,
@@ -1418,11 +1455,11 @@ def _stream_outcome(
             latency_s=latency_s,
             ratelimit=ratelimit,
         )
-    completion = assembler.result()
+    body, completion = _kept_answer(assembler.result(), scrub)
     return Outcome(
         OutcomeKind.SUCCESS,
         status,
-        body=scrub(orjson.dumps(completion).decode()),
+        body=body,
         completion=completion,
         request_id=request_id,
         latency_s=latency_s,
@@ -1655,7 +1692,7 @@ class ApiClient:
             None if response is None else response.status,
             error_kind=error_kind,
             message=self._scrub(message),
-            request_id=None if headers is None else self._scrub(_request_id(headers)),
+            request_id=None if headers is None else _scrubbed_id(headers, self._scrub),
             latency_s=time.monotonic() - started,
         )
 

@@ -27,6 +27,7 @@ from batchrunner import __version__
 from batchrunner.client import (
     ApiClient,
     StreamAssembler,
+    _Scrubber,
     is_insecure,
     join_url,
     parse_duration_s,
@@ -1846,3 +1847,50 @@ async def test_a_proxy_tunnelling_to_an_https_api_never_sees_the_key(
     credentials = base64.b64encode(b"me:p@ss")
     assert b"Proxy-Authorization: Basic " + credentials in connect
     assert KEY.encode() not in connect and b"Bearer" not in connect
+
+
+def _choice(content: str) -> dict[str, Any]:
+    return {
+        "index": 0,
+        "message": {"role": "assistant", "content": content},
+        "finish_reason": "stop",
+    }
+
+
+@pytest.mark.parametrize("key", ["ollama", "EMPTY", "x", "1"])
+async def test_a_placeholder_key_leaves_answers_as_they_are(serve: Serve, key: str) -> None:
+    """Local servers take any key (`ollama`, `EMPTY`): taken out of answers, it made "Use ***
+    to run llama3", field names such as "inde***", and JSON that no longer parsed."""
+    text = "Use ollama to run llama3 (EMPTY means none): x = 1"
+    payload = {"id": "1", "object": "chat.completion", "choices": [_choice(text)], "n": 1}
+    handler = answer(200, payload, {"x-request-id": "req_1x"})
+    async with ApiClient(await serve(handler), key, concurrency=1, timeout_s=10) as client:
+        outcome = await client.send(ENDPOINT, REQUEST, stream=False)
+    assert outcome.kind is OutcomeKind.SUCCESS
+    assert outcome.body == orjson.dumps(payload).decode() and outcome.request_id == "req_1x"
+
+
+async def test_a_key_an_answer_echoes_is_out_of_what_the_run_reads_of_it_too(
+    serve: Serve,
+) -> None:
+    """The stored answer was scrubbed, but the model's name the run records (a column of
+    its own, and status) was read from the answer as it came."""
+    payload = {"object": "chat.completion", "model": f"echo {KEY}", "choices": [_choice("a")]}
+    outcome = await send(await serve(answer(200, payload)))
+    assert outcome.kind is OutcomeKind.SUCCESS and outcome.completion is not None
+    assert outcome.completion["model"] == "echo ***"
+    assert KEY not in (outcome.body or "")
+
+
+@pytest.mark.parametrize("before", ["", "a", "ab", '{"authorization": "Bearer '])
+@pytest.mark.parametrize("after", ["", "z", '", "x": 1}'])
+def test_the_key_in_base64_is_found_wherever_it_sits(before: str, after: str) -> None:
+    scrub = _Scrubber(SLASHED_KEY)
+    encoded = base64.b64encode(f"{before}{SLASHED_KEY}{after}".encode()).decode()
+    kept = scrub(f"debug: {encoded}")
+    assert "***" in kept
+    # What is left decodes, at any alignment, to no more than a few of the key's characters.
+    for piece in kept.removeprefix("debug: ").split("***"):
+        for start in range(4):
+            whole = piece[start:][: len(piece[start:]) // 4 * 4]
+            assert SLASHED_KEY[4:-4].encode() not in base64.b64decode(whole)
