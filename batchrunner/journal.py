@@ -306,19 +306,34 @@ class Kept:
 
 
 def _make_private(directory: Path) -> None:
-    """The journal folder as this user's alone, or OSError. A folder beside a database in a
-    shared place (or a state folder there) could be another user's, or a link they made, and
-    what its segments hold is recorded as answers: another user could plant results."""
+    """The journal folder as one no other user can write to, or OSError. A folder beside a
+    database in a shared place (or a state folder there) could be another user's, or a link
+    they made, and what its segments hold is recorded as answers: another user could plant
+    results. Trusted: this user's, root's, and (beside a SQLite database) the database
+    owner's, so that root running a user's batch reads what the user's killed run kept."""
     st = os.lstat(directory)
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid not in _trusted_owners(directory):
         raise OSError(f"{directory} is not a folder of this user's (another user's, or a link)")
-    if st.st_mode & 0o077:
+    if st.st_mode & 0o022:
+        if st.st_uid != os.geteuid():
+            raise OSError(f"{directory} is a folder other users can write to")
         os.chmod(directory, 0o700)
+
+
+def _trusted_owners(directory: Path) -> set[int]:
+    """Whose journal folder and segments are read: this user, root, and the owner of the
+    SQLite database the folder is beside."""
+    owners = {os.geteuid(), 0}
+    if directory.name.endswith(SQLITE_SUFFIX):
+        database = directory.with_name(directory.name.removesuffix(SQLITE_SUFFIX))
+        with contextlib.suppress(OSError):
+            owners.add(database.stat().st_uid)
+    return owners
 
 
 def _dead_segments(directory: Path, batch_id: str) -> Iterator[Segment]:
     """Segments of the batch whose run has ended or died, locked; the caller closes them.
-    Only this user's, in a folder of this user's (`_make_private`)."""
+    Only those of a trusted owner, in a folder no one else can write to (`_make_private`)."""
     if fcntl is None or not directory.is_dir():
         return
     try:
@@ -326,6 +341,7 @@ def _dead_segments(directory: Path, batch_id: str) -> Iterator[Segment]:
     except OSError as exc:
         log.warning("answer journals not read: %s", exc)
         return
+    trusted = _trusted_owners(directory)
     for path in sorted(directory.glob(f"{batch_id}.*{SEGMENT_SUFFIX}")):
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
@@ -334,7 +350,7 @@ def _dead_segments(directory: Path, batch_id: str) -> Iterator[Segment]:
         except OSError as exc:  # a link
             log.warning("answer journal %s not read: %s", path, exc.strerror or exc)
             continue
-        if os.fstat(fd).st_uid != os.geteuid():
+        if os.fstat(fd).st_uid not in trusted:
             os.close(fd)
             log.warning("answer journal %s not read: another user's file", path)
             continue
@@ -373,17 +389,19 @@ def workers_with_segments(directory: Path | None, batch_id: str) -> set[str]:
     journal another process is recording (their jobs must not be released meanwhile)."""
     if directory is None or not directory.is_dir():
         return set()
-    uid = os.geteuid()
+    trusted = _trusted_owners(directory)
     return {
-        _worker_of(p) for p in directory.glob(f"{batch_id}.*{SEGMENT_SUFFIX}") if _owned_by(p, uid)
+        _worker_of(p)
+        for p in directory.glob(f"{batch_id}.*{SEGMENT_SUFFIX}")
+        if _owner_of(p) in trusted
     }
 
 
-def _owned_by(path: Path, uid: int) -> bool:
+def _owner_of(path: Path) -> int | None:
     try:
-        return path.lstat().st_uid == uid
+        return path.lstat().st_uid
     except OSError:
-        return False
+        return None
 
 
 def _worker_of(path: Path) -> str:

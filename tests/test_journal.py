@@ -361,6 +361,28 @@ async def test_segments_another_user_planted_are_not_recorded(
     assert "another user's file" in caplog.text and "not read" in caplog.text
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="making files another user's needs root")
+async def test_root_records_what_the_database_owners_killed_run_kept(
+    sqlite_url: str, make_file: MakeFile, tmp_path: Path
+) -> None:
+    """A user's run killed with answers waiting, then the batch run again by root (sudo, a
+    container on a mounted folder): its journal is the database owner's, and is read."""
+    store = await JobStore.open(sqlite_url)
+    try:
+        batch_id, (job,) = await _claimed(store, make_file, 1)
+        database = tmp_path / "jobs.db"
+        directory = journal.directory_for(store)
+        assert directory == tmp_path / "jobs.db-answers"
+        killed = journal.Journal(directory, batch_id, "w-dead")
+        killed.add(_success(job, "kept"), [])
+        killed.close(committed=False)
+        for path in (database, directory, *_segments(directory)):
+            os.chown(path, NOBODY, NOBODY)
+        assert await journal.recover(store, batch_id, directory, time.time()) == 1
+    finally:
+        await store.close()
+
+
 async def test_a_journal_folder_others_could_write_to_is_made_private(tmp_path: Path) -> None:
     """Made under umask 000 (or by hand) the folder was writable by all."""
     directory = tmp_path / "answers"
