@@ -528,7 +528,7 @@ def export(
         # over, it would be replaced by a file. So would a symbolic link: the export goes
         # to where it points, as any program writing to it would put it.
         if target.is_symlink():
-            if not _may_follow(target):
+            if not _may_replace(target):
                 raise _fail(
                     UsageError(
                         f"cannot write {output}: a symbolic link another user made in a folder"
@@ -539,16 +539,26 @@ def export(
                 target = target.resolve(strict=False)
             except (OSError, RuntimeError) as exc:  # a loop of links
                 raise _fail(UsageError(f"cannot write {output}: {exc}")) from None
+        if target.is_file() and not _may_replace(target):
+            # (Replaced, it kept its mode: another user's 0666 file would have let them read
+            # every prompt and answer.)
+            raise _fail(
+                UsageError(
+                    f"cannot write {output}: a file another user made in a folder anyone may"
+                    " write to (not replaced)"
+                )
+            )
         aside = not target.exists() or target.is_file()
         n = ctx.with_store(lambda store: to_file(store, target, aside), existing=True)
     _err(f"exported {n} row(s) of {batch_id}" + ("" if output == "-" else f" to {output}"))
 
 
-def _may_follow(link: Path) -> bool:
-    """Whether a symbolic link may be followed, by the rule of Linux's protected_symlinks
-    (which does not hold here: the export renames over where the link points): not one that
-    another user made in a sticky folder anyone may write to (/tmp), unless the folder's."""
-    st, folder = os.lstat(link), os.stat(link.parent)
+def _may_replace(path: Path) -> bool:
+    """Whether a link may be followed, or a file replaced, by the rule of Linux's
+    protected_symlinks and protected_regular (which do not hold here: the export is renamed
+    over its target): not a link or file another user made in a sticky folder anyone may
+    write to (/tmp), unless the folder is theirs."""
+    st, folder = os.lstat(path), os.stat(path.parent)
     shared = folder.st_mode & stat.S_ISVTX and folder.st_mode & stat.S_IWOTH
     return not shared or st.st_uid in (os.geteuid(), folder.st_uid)
 
@@ -558,7 +568,9 @@ def _file_aside(target: Path) -> tuple[Path, BinaryIO]:
     exports to one PATH at once each write theirs; with one name they wrote into each other's
     and one said it had succeeded), and the mode `target` has (a file kept private stays so)
     or, for a new one, what the umask gives."""
-    mode = stat.S_IMODE(target.stat().st_mode) if target.exists() else None
+    st = target.stat() if target.exists() else None
+    # (The mode of a file of this user's only: another's may be open to all.)
+    mode = stat.S_IMODE(st.st_mode) if st is not None and st.st_uid == os.geteuid() else None
     for _ in range(100):
         partial = target.with_name(f".{target.name}.{secrets.token_hex(4)}.partial")
         try:

@@ -319,6 +319,16 @@ def failed(what: str, message: object, *, constraint: bool = False) -> StoreErro
     return StoreError(f"database {what} failed: {message}")
 
 
+def create_private(target: SqliteTarget) -> None:
+    """A database file not there yet made as its owner's alone (it holds every prompt and
+    answer; its -wal and -shm files take its mode), as the answer journal is: sqlite3 and
+    SQLAlchemy make it as the umask says, readable by all. (On any error, sqlite3's says.)"""
+    if target.uri or target.in_memory:
+        return
+    with contextlib.suppress(OSError):
+        os.close(os.open(target.filename, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+
+
 class _Link:
     """One sqlite3 connection and the thread its statements run on: sqlite3 releases the GIL
     while SQLite works, so the event loop goes on meanwhile."""
@@ -334,12 +344,7 @@ class _Link:
         conn = self._conn
         if conn is None:
             target = self._target
-            if not target.uri:
-                # A new database is its owner's alone (it holds every prompt and answer; its
-                # -wal and -shm files take its mode), as the answer journal is; sqlite3 would
-                # make it as the umask says, readable by all. (Any error: sqlite3's says it.)
-                with contextlib.suppress(OSError):
-                    os.close(os.open(target.filename, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            create_private(target)
             conn = sqlite3.connect(target.filename, uri=target.uri, check_same_thread=False)
             try:
                 configure_sqlite_connection(conn)

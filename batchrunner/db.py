@@ -14,7 +14,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import AsyncAdaptedQueuePool
 
 from batchrunner.config import without_password
-from batchrunner.database import configure_sqlite_connection, driver_words
+from batchrunner.database import (
+    SqliteTarget,
+    configure_sqlite_connection,
+    create_private,
+    driver_words,
+)
 from batchrunner.errors import StoreError, UsageError
 
 if TYPE_CHECKING:
@@ -67,6 +72,7 @@ def create_engine(url: str, *, pool_size: int = 5) -> AsyncEngine:
     full = async_url(url)
     kwargs: dict[str, Any] = {}
     if full.startswith("sqlite"):
+        create_private(SqliteTarget.parse(url))  # (`db upgrade` of a database not there yet)
         # A small pool: JobStore.close() disposes of it, so no file handle outlives the store.
         kwargs["poolclass"] = AsyncAdaptedQueuePool
         kwargs["pool_size"] = SQLITE_POOL_SIZE

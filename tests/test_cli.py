@@ -429,7 +429,7 @@ def test_export_over_a_file_keeps_its_mode_and_two_at_once_keep_apart(
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="making a link another user's needs root")
-def test_export_follows_no_link_another_user_made_in_a_shared_folder(
+def test_export_replaces_no_link_or_file_another_user_made_in_a_shared_folder(
     make_file: MakeFile, sqlite_url: str, server: FakeServerThread, tmp_path: Path
 ) -> None:
     """In /tmp, another user's link named as the export replaced the file it pointed to (the
@@ -451,6 +451,15 @@ def test_export_follows_no_link_another_user_made_in_a_shared_folder(
     os.lchown(planted, os.geteuid(), os.getegid())
     assert run_cli("export", batch_id, "-o", str(planted), db=sqlite_url).returncode == 0
     assert victim.read_text().startswith("custom_id")
+    # Another user's file there is not replaced: the export took its mode, 0666, and that
+    # user could read every prompt and answer.
+    open_to_all = shared / "open.csv"
+    open_to_all.write_text("theirs\n")
+    open_to_all.chmod(0o666)
+    os.chown(open_to_all, 65534, 65534)
+    result = run_cli("export", batch_id, "-o", str(open_to_all), db=sqlite_url)
+    assert result.returncode == 2 and "another user made" in result.stderr
+    assert open_to_all.read_text() == "theirs\n"
 
 
 @pytest.mark.skipif(

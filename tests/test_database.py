@@ -27,7 +27,7 @@ from batchrunner.errors import ConstraintViolation, StoreError, UsageError
 from batchrunner.ingest import submit_file
 from batchrunner.limiter import Pacer
 from batchrunner.store import BatchInfo, JobStore
-from tests.conftest import batch_without_importing, chat
+from tests.conftest import batch_without_importing, chat, run_cli
 
 MakeFile = Callable[..., Path]
 REPO = Path(__file__).resolve().parent.parent
@@ -485,3 +485,8 @@ async def test_a_new_database_is_its_owners_alone(tmp_path: Path) -> None:
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "jobs.db").stat().st_mode) == 0o600
+    # Made by `db upgrade` (through SQLAlchemy), too.
+    upgraded = tmp_path / "upgraded.db"
+    made = run_cli("db", "upgrade", db=f"sqlite:///{upgraded}", preexec_fn=lambda: os.umask(0o022))
+    assert made.returncode == 0, made.stderr
+    assert stat.S_IMODE(upgraded.stat().st_mode) == 0o600
