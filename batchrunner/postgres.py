@@ -92,6 +92,11 @@ class PgUrl:
             # (asyncpg reads what follows as a fragment, and failed with a traceback that
             # quoted the password's start as a port.)
             raise UsageError(f"a database URL holds no '#': {shown!r}{_ENCODE_HINT}")
+        ends = [i for i in (rest.find("/"), rest.find("?")) if i >= 0]
+        if ends and rest.rfind("@") > min(ends):
+            # A password holding '/' or '?' (not percent-encoded): the host and port were
+            # read from the password, and asyncpg's traceback quoted the rest of it.
+            raise UsageError(f"an '@' after the host in {shown!r}{_ENCODE_HINT}")
         location, _, query = rest.partition("?")
         authority, slash, path = location.partition("/")
         credentials, at, hostport = authority.rpartition("@")

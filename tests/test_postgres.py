@@ -110,6 +110,9 @@ def test_the_url_is_what_asyncpg_connects_with() -> None:
         # a '#') asyncpg's traceback quoted it.
         ("postgresql://u:hun/ter2@h/d", "must be percent-encoded (%2F"),
         ("postgresql://u:hun?ter2@h/d", "must be percent-encoded"),
+        # ... also where what comes before it reads as a host and port.
+        ("postgresql://u:8080?hunter2@h:5432/d", "an '@' after the host"),
+        ("postgresql://u:2024/hunter2@h:5432/d", "an '@' after the host"),
         ("postgresql://u:hun#ter2@h/d", "holds no '#'"),
         ("postgresql://u@h:x/d?password=hunter2", "the port is not a number"),
     ],
