@@ -1632,6 +1632,21 @@ class ApiClient:
                 message=self._scrub(f"invalid URL: {exc}"),
                 latency_s=time.monotonic() - started,
             )
+        except aiohttp.ClientHttpProxyError as exc:
+            if not 400 <= exc.status < 500:  # (its way to the API failed: as the API down)
+                return self._no_answer("connection", _describe(exc), started)
+            # Wrong credentials (407), a host it does not allow: no request can get through.
+            return Outcome(
+                OutcomeKind.STOP_RUN,
+                exc.status,
+                error_kind="proxy",
+                message=self._scrub(
+                    f"the proxy {self._proxy} refused the way to the API:"
+                    f" {exc.status} {kept_text(exc.message)} (HTTPS_PROXY / HTTP_PROXY name it,"
+                    " with its user and password)"
+                ),
+                latency_s=time.monotonic() - started,
+            )
         except (aiohttp.ClientError, OSError) as exc:
             return self._no_answer("connection", _describe(exc), started)
         return _classify(

@@ -1894,3 +1894,34 @@ def test_the_key_in_base64_is_found_wherever_it_sits(before: str, after: str) ->
         for start in range(4):
             whole = piece[start:][: len(piece[start:]) // 4 * 4]
             assert SLASHED_KEY[4:-4].encode() not in base64.b64decode(whole)
+
+
+@pytest.mark.parametrize(
+    ("answer_line", "kind", "error_kind"),
+    [
+        (b"407 Proxy Authentication Required", OutcomeKind.STOP_RUN, "proxy"),
+        (b"403 Forbidden", OutcomeKind.STOP_RUN, "proxy"),
+        (b"502 Bad Gateway", OutcomeKind.RETRY, "connection"),
+    ],
+)
+async def test_a_proxy_that_refuses_the_way_stops_the_run(
+    no_proxy_env: pytest.MonkeyPatch, answer_line: bytes, kind: OutcomeKind, error_kind: str
+) -> None:
+    """Wrong credentials for the proxy (407) were taken for the API being down: one request
+    at a time went on for ever, and no job was done."""
+
+    async def proxy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 " + answer_line + b"\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(proxy, "127.0.0.1", 0)
+    no_proxy_env.setenv("HTTPS_PROXY", f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+    async with server:
+        outcome = await send("https://api.invalid/v1")
+    assert (outcome.kind, outcome.error_kind) == (kind, error_kind)
+    if kind is OutcomeKind.STOP_RUN:
+        assert outcome.message is not None
+        assert outcome.message.startswith("the proxy http://127.0.0.1:")
+        assert "refused the way to the API: " + answer_line.decode() in outcome.message
