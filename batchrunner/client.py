@@ -436,6 +436,32 @@ def _choice_error(error: object, finish_reason: object) -> dict[str, Any] | None
     return None
 
 
+def _choice_outcome(
+    error: dict[str, Any],
+    status: int,
+    body: str,
+    completion: dict[str, Any],
+    request_id: str | None,
+    latency_s: float,
+    ratelimit: RateLimitInfo | None,
+    scrub: _Scrubber,
+) -> Outcome:
+    """The outcome of an answer a choice of which ended in `error` (`_by_choice_error`)."""
+    kind, error_kind = _by_choice_error(error)
+    return Outcome(
+        kind,
+        status,
+        error_kind=error_kind,
+        message=scrub(_error_message(error) or "a choice failed"),
+        body=body,
+        # What it used was paid for (dispatcher._PAID_FOR).
+        completion=completion,
+        request_id=request_id,
+        latency_s=latency_s,
+        ratelimit=ratelimit,
+    )
+
+
 def _by_choice_error(error: dict[str, Any]) -> tuple[OutcomeKind, str]:
     """What a choice that ended in an error does: failed at once where its code says the
     request cannot succeed (a 400), else retried. Its code is the upstream provider's, not
@@ -563,18 +589,8 @@ def _classify(
                 if type(choice) is dict and (
                     choice_error := _choice_error(choice.get("error"), choice.get("finish_reason"))
                 ):
-                    kind, error_kind = _by_choice_error(choice_error)
-                    return Outcome(
-                        kind,
-                        status,
-                        error_kind=error_kind,
-                        message=scrub(_error_message(choice_error) or "a choice failed"),
-                        body=body,
-                        # What it used was paid for (dispatcher._PAID_FOR).
-                        completion=parsed,
-                        request_id=request_id,
-                        latency_s=latency_s,
-                        ratelimit=ratelimit,
+                    return _choice_outcome(
+                        choice_error, status, body, parsed, request_id, latency_s, ratelimit, scrub
                     )
             return Outcome(
                 OutcomeKind.SUCCESS,
@@ -1393,19 +1409,9 @@ def _stream_outcome(
     if error is None and assembler.bad_event is None:
         choice_error = assembler.choice_error()
         if choice_error is not None:
-            kind, error_kind = _by_choice_error(choice_error)
             body, completion = _kept_answer(assembler.result(), scrub)
-            return Outcome(
-                kind,
-                status,
-                error_kind=error_kind,
-                message=scrub(_error_message(choice_error) or "a choice failed"),
-                body=body,
-                # What it used was paid for (dispatcher._PAID_FOR).
-                completion=completion,
-                request_id=request_id,
-                latency_s=latency_s,
-                ratelimit=ratelimit,
+            return _choice_outcome(
+                choice_error, status, body, completion, request_id, latency_s, ratelimit, scrub
             )
     if error is not None:
         if _says_quota(error) or _status_of(error) == 402:

@@ -18,7 +18,9 @@ import orjson
 import pytest
 from hypothesis import settings
 
+from batchrunner.coordination import Coordinator, WorkerCounters
 from batchrunner.journal import STATE_DIR_ENV
+from batchrunner.limiter import Pacer
 from batchrunner.states import JobState
 from batchrunner.store import ClaimedJob, Ended, JobStore
 
@@ -272,3 +274,20 @@ def dead_pid() -> int:
         text=True,
     )
     return int(child.stdout)
+
+
+def coordinator(store: JobStore, batch_id: str, worker_id: str, **options: Any) -> Coordinator:
+    """A worker's coordinator with no limits, the default lease, and nothing done; `options`
+    are Coordinator's others (a journal folder, a budget)."""
+    return Coordinator(
+        store,
+        batch_id,
+        worker_id,
+        Pacer(None, None),
+        rpm=None,
+        tpm=None,
+        lease_s=60.0,
+        heartbeat_s=15.0,
+        counters=lambda: WorkerCounters(sent=0, succeeded=0, failed=0, tokens=0),
+        **options,
+    )

@@ -16,17 +16,15 @@ from aiohttp import web
 
 from batchrunner import report
 from batchrunner.config import RunConfig
-from batchrunner.coordination import Coordinator, WorkerCounters
 from batchrunner.dispatcher import Budget, StopReason
 from batchrunner.errors import BudgetExceeded
 from batchrunner.fakeapi import FakeConfig, FakeServer
 from batchrunner.ingest import submit_file
-from batchrunner.limiter import Pacer
 from batchrunner.pricing import PriceBook
 from batchrunner.runner import EXIT_ABORTED, EXIT_OK, RunReport, run
 from batchrunner.store import JobStore
 from batchrunner.tokens import estimate_request
-from tests.conftest import chat
+from tests.conftest import chat, coordinator
 from tests.test_client import running
 from tests.test_run import _completion
 
@@ -369,21 +367,10 @@ async def test_other_workers_count_from_this_runs_start_and_stopped_ones_hold_no
     await store.register_worker("w-before", batch_id, now - 10)
     await store.publish_spending("w-before", 5.0, 2.0)
     budget = Budget(Decimal(100), Decimal(0), PriceBook())
-    coordinator = Coordinator(
-        store,
-        batch_id,
-        "w-me",
-        Pacer(None, None),
-        rpm=None,
-        tpm=None,
-        lease_s=60.0,
-        heartbeat_s=15.0,
-        counters=lambda: WorkerCounters(sent=0, succeeded=0, failed=0, tokens=0),
-        budget=budget,
-    )
+    looker = coordinator(store, batch_id, "w-me", budget=budget)
 
     async def others() -> tuple[Decimal, Decimal]:
-        await coordinator.look()
+        await looker.look()
         return budget.others_spent_usd, budget.others_reserved_usd
 
     # What it had spent when this run started is in the batch's cost already.

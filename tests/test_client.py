@@ -1841,7 +1841,7 @@ async def test_a_proxy_tunnelling_to_an_https_api_never_sees_the_key(
     no_proxy_env.setenv("HTTPS_PROXY", f"http://me:p%40ss@127.0.0.1:{port}")
     async with server:
         outcome = await send("https://api.invalid/v1")
-    assert outcome.kind is OutcomeKind.RETRY and outcome.error_kind == "connection"
+    assert outcome.kind is OutcomeKind.STOP_RUN and outcome.error_kind == "proxy"  # (its 403)
     (connect,) = connects
     assert connect.startswith(b"CONNECT api.invalid:443 ")
     credentials = base64.b64encode(b"me:p@ss")

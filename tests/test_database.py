@@ -21,13 +21,11 @@ from sqlalchemy.dialects.sqlite.pysqlite import SQLiteDialect_pysqlite
 from sqlalchemy.engine import make_url
 
 from batchrunner import coordination, database
-from batchrunner.coordination import WorkerCounters
 from batchrunner.database import SqliteDatabase, SqliteTarget
 from batchrunner.errors import ConstraintViolation, StoreError, UsageError
 from batchrunner.ingest import submit_file
-from batchrunner.limiter import Pacer
 from batchrunner.store import BatchInfo, JobStore
-from tests.conftest import batch_without_importing, chat, run_cli
+from tests.conftest import batch_without_importing, chat, coordinator, run_cli
 
 MakeFile = Callable[..., Path]
 REPO = Path(__file__).resolve().parent.parent
@@ -448,26 +446,16 @@ async def test_a_heartbeat_says_when_the_wal_has_grown_behind_a_reader(
     store, batch_id = await _store_with_a_batch(tmp_path)
     try:
         await store.register_worker("w-1", batch_id, 0.0)
-        coordinator = coordination.Coordinator(
-            store,
-            batch_id,
-            "w-1",
-            Pacer(None, None),
-            rpm=None,
-            tpm=None,
-            lease_s=60.0,
-            heartbeat_s=15.0,
-            counters=lambda: WorkerCounters(sent=0, succeeded=0, failed=0, tokens=0),
-        )
+        beating = coordinator(store, batch_id, "w-1")
         with caplog.at_level("WARNING", logger="batchrunner.coordination"):
-            await coordinator.beat()
+            await beating.beat()
             assert caplog.messages == []
             # (Only the file's size counts: another process's writes grow it as much.)
             _grow_wal_behind_a_reader(tmp_path / "jobs.db", rows=150).close()
-            await coordinator.beat()
-            await coordinator.beat()  # the same size: said once
+            await beating.beat()
+            await beating.beat()  # the same size: said once
             _grow_wal_behind_a_reader(tmp_path / "jobs.db", rows=150).close()
-            await coordinator.beat()  # not yet twice as large
+            await beating.beat()  # not yet twice as large
     finally:
         await store.close()
     (message,) = caplog.messages

@@ -27,14 +27,13 @@ from sqlalchemy import text
 
 from batchrunner import journal, report, runner
 from batchrunner.config import RunConfig
-from batchrunner.coordination import JOIN_HOLD_S, Coordinator, WorkerCounters
+from batchrunner.coordination import JOIN_HOLD_S
 from batchrunner.dispatcher import Dispatcher, StopReason
 from batchrunner.fakeapi import FakeConfig, FakeServer
 from batchrunner.ingest import submit_file
-from batchrunner.limiter import Pacer
 from batchrunner.models import JobState
 from batchrunner.store import AttemptRecord, ClaimedJob, Ended, JobStore
-from tests.conftest import chat, dead_pid, succeeded
+from tests.conftest import chat, coordinator, dead_pid, succeeded
 
 MakeFile = Callable[..., Path]
 
@@ -252,22 +251,11 @@ async def test_a_dead_runs_jobs_wait_while_another_process_records_its_journal(
     [segment] = _segments(directory)
     held = os.open(segment, os.O_RDONLY)
     fcntl.flock(held, fcntl.LOCK_EX)  # the other process, recording it
-    coordinator = Coordinator(
-        store,
-        batch_id,
-        "w-me",
-        Pacer(None, None),
-        rpm=None,
-        tpm=None,
-        lease_s=LEASE_S,
-        heartbeat_s=15.0,
-        counters=lambda: WorkerCounters(0, 0, 0, 0),
-        journal_dir=directory,
-    )
+    looker = coordinator(store, batch_id, "w-me", journal_dir=directory)
     dead_jobs = "SELECT id FROM jobs WHERE state = 'running' AND lease_owner = 'w-dead'"
     try:
-        assert (await coordinator.look()).reaped == 0
-        assert coordinator.recovered == 0
+        assert (await looker.look()).reaped == 0
+        assert looker.recovered == 0
         # Nor does a run that starts meanwhile.
         spare = journal.workers_with_segments(directory, batch_id)
         assert spare == {"w-dead"}
@@ -277,8 +265,8 @@ async def test_a_dead_runs_jobs_wait_while_another_process_records_its_journal(
         os.close(held)
 
     # That process died before it recorded anything: the next look records and releases.
-    assert (await coordinator.look()).reaped == 1
-    assert coordinator.recovered == 3
+    assert (await looker.look()).reaped == 1
+    assert looker.recovered == 3
     assert _segments(directory) == []
     counts = await store.counts(batch_id)
     assert counts.counts["succeeded"] == 3 and counts.unfinished == 0
