@@ -1240,10 +1240,8 @@ class JobStore:
             # In the transaction that puts the jobs back, and holding the batch's row as
             # `cancel` does: checked before it, a cancel committed in between left a
             # cancelled batch with pending jobs that nothing would ever run.
-            cancelled_at = (await conn.execute(self._batch_row_for_update, {"b": batch_id})).one()[
-                0
-            ]
-            if cancelled_at is not None:
+            batch_row = (await conn.execute(self._batch_row_for_update, {"b": batch_id})).one()
+            if batch_row[0] is not None:  # (cancelled_at)
                 raise UsageError(cancelled_for_good(batch_id))
             result = await conn.execute(
                 "UPDATE jobs SET state = 'pending', attempts = 0, error_kind = NULL,"
