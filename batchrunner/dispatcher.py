@@ -785,23 +785,6 @@ class Dispatcher:
             nonlocal reserved
             if self._stopped:
                 raise _Abandon()
-            if self.budget is not None and not reserved:
-                try:
-                    reserved = self.budget.worst_case(job)
-                except BudgetExceeded as exc:
-                    self.stop(StopReason.BUDGET, exc.message)
-                    raise _Abandon() from None
-                if not await self.budget.reserve(reserved):
-                    reserved = Decimal(0)
-                    # (Already stopping for another reason: that reason stays.)
-                    self.stop(
-                        StopReason.BUDGET,
-                        f"the next request could take the cost past --max-cost "
-                        f"${self.budget.cap_usd:f} (spent ${self.budget.spent_usd:.4f}"
-                        f"{self.budget.others_reserved_note()}); "
-                        "run again with a higher cap to go on",
-                    )
-                    raise _Abandon()
             sent_at = self.pacer.acquire_now(job.est_tokens)
             if sent_at is None:
                 self._waiting_turn += 1
@@ -819,6 +802,28 @@ class Dispatcher:
                 self.pacer.observe(_CANCELLED, job.est_tokens, sent_at_s=sent_at)
                 self.stats.lost_leases += 1
                 raise _LeaseLost()
+            if self.budget is not None and not reserved:
+                # Reserved once its turn has come, not while it waits for it: a run whose
+                # API does not answer held its jobs' worst cases for as long as the outage
+                # lasted, and the batch's other runs, counting them, stopped sending.
+                try:
+                    reserved = self.budget.worst_case(job)
+                except BudgetExceeded as exc:
+                    self.pacer.observe(_CANCELLED, job.est_tokens, sent_at_s=sent_at)
+                    self.stop(StopReason.BUDGET, exc.message)
+                    raise _Abandon() from None
+                if not await self.budget.reserve(reserved):
+                    reserved = Decimal(0)
+                    self.pacer.observe(_CANCELLED, job.est_tokens, sent_at_s=sent_at)
+                    # (Already stopping for another reason: that reason stays.)
+                    self.stop(
+                        StopReason.BUDGET,
+                        f"the next request could take the cost past --max-cost "
+                        f"${self.budget.cap_usd:f} (spent ${self.budget.spent_usd:.4f}"
+                        f"{self.budget.others_reserved_note()}); "
+                        "run again with a higher cap to go on",
+                    )
+                    raise _Abandon()
             started = time.time()
             self.stats.in_flight += 1
             self.stats.sent += 1
@@ -872,6 +877,12 @@ class Dispatcher:
             return outcome
 
         async def sleep(delay_s: float) -> None:
+            nonlocal reserved
+            if self.budget is not None and reserved:
+                # The attempt that failed cost nothing that is known: no reservation is held
+                # through the wait (the next attempt reserves again).
+                self.budget.settle(reserved, Decimal(0))
+                reserved = Decimal(0)
             try:
                 stopped = await _set_within(self._stopping, delay_s)
             finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -14,9 +15,9 @@ import orjson
 import pytest
 from aiohttp import web
 
-from batchrunner import report
+from batchrunner import limiter, report
 from batchrunner.config import RunConfig
-from batchrunner.dispatcher import Budget, StopReason
+from batchrunner.dispatcher import Budget, Dispatcher, StopReason
 from batchrunner.errors import BudgetExceeded
 from batchrunner.fakeapi import FakeConfig, FakeServer
 from batchrunner.ingest import submit_file
@@ -384,3 +385,32 @@ async def test_other_workers_count_from_this_runs_start_and_stopped_ones_hold_no
     # One that stopped keeps what it spent; what it held reserved is no longer held.
     await store.stop_worker("w-before", time.time())
     assert await others() == (5, Decimal("0.5"))
+
+
+async def test_jobs_waiting_their_turn_or_a_retry_hold_no_reservation(
+    sqlite_url: str, make_file: MakeFile, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each job reserved its worst case before waiting its turn, and kept it through its
+    retries' waits: a run whose API did not answer held them all for as long as the outage
+    lasted, and another run of the batch, counting them, stopped sending."""
+    monkeypatch.setattr(limiter, "OUTAGE_SILENCE_S", 0.3)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{probe.getsockname()[1]}/v1"
+    rows = _rows(20)
+    worst = max(_worst_case(r) for r in rows)
+    config = replace(BASE, concurrency=8, max_attempts=50, retry_base_s=0.2, retry_max_s=0.2)
+    config = replace(config, max_cost_usd=float(100 * worst))
+    async with await JobStore.open(sqlite_url) as store:
+        batch = (await submit_file(store, make_file(rows), base_url=closed)).batch
+        dispatcher = Dispatcher(store, batch, config, api_key=None, base_url=closed)
+        running = asyncio.create_task(dispatcher.run())
+        held = []
+        for _ in range(20):
+            await asyncio.sleep(0.1)
+            assert dispatcher.budget is not None
+            held.append(dispatcher.budget.reserved_usd)
+        dispatcher.stop()
+        await asyncio.wait_for(running, 30)
+    # At most the requests out at that moment: one at a time, once the outage is told.
+    assert max(held[10:]) <= worst, [h / worst for h in held]
