@@ -181,6 +181,9 @@ def proxy_for(base_url: str) -> tuple[str | None, dict[str, str] | None]:
     return urlunsplit((p.scheme, netloc, p.path, "", "")), headers
 
 
+_PROXY_NAMED: Final = " (HTTPS_PROXY / HTTP_PROXY name it, with its user and password)"
+
+
 def _without_credentials(url: str) -> str:
     scheme, sep, rest = url.rpartition("://")
     return f"{scheme}{sep}***@{rest.rpartition('@')[2]}" if "@" in rest else url
@@ -639,6 +642,8 @@ def _classify(
         return _quota(status, error, text, request_id, latency_s, ratelimit, scrub)
     message = _error_message(error) or _fallback_message(status, reason, text)
     kind, error_kind = _by_status(status, error)
+    if error_kind == "proxy":
+        message = f"a proxy refused the way to the API: {message}{_PROXY_NAMED}"
     if 300 <= status < 400 and "location" in headers:
         location = kept_text(headers["location"])
         message = f"{message}; redirected to {location}: fix the base URL"
@@ -658,6 +663,10 @@ def _classify(
 def _by_status(status: int, error: dict[str, Any] | None) -> tuple[OutcomeKind, str]:
     """What an error answer with HTTP status `status` does (a 402 or an error saying the
     account cannot pay is told apart before: see `_quota`), and its error kind."""
+    if status == 407:
+        # Only a proxy asks for its credentials (for a plain-http API it answers as the API
+        # would; for https, its refused CONNECT: ApiClient.send): no request gets through.
+        return OutcomeKind.STOP_RUN, "proxy"
     if status == 403 and _says_flagged(error):
         return OutcomeKind.FAIL_JOB, "flagged"
     if status in (401, 403) or _says_bad_key(error):
@@ -1648,8 +1657,7 @@ class ApiClient:
                 error_kind="proxy",
                 message=self._scrub(
                     f"the proxy {self._proxy} refused the way to the API:"
-                    f" {exc.status} {kept_text(exc.message)} (HTTPS_PROXY / HTTP_PROXY name it,"
-                    " with its user and password)"
+                    f" {exc.status} {kept_text(exc.message)}{_PROXY_NAMED}"
                 ),
                 latency_s=time.monotonic() - started,
             )

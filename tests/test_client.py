@@ -281,6 +281,10 @@ CHOICE_REFUSED = {
          "http_400", "wrapped"),
         (401, {"error": {"message": "Bad key"}}, OutcomeKind.STOP_RUN, "auth", "Bad key"),
         (403, b"", OutcomeKind.STOP_RUN, "auth", None),
+        # A proxy asking for its credentials, in front of a plain-http API: every job failed.
+        (407, b"", OutcomeKind.STOP_RUN, "proxy",
+         "a proxy refused the way to the API: HTTP 407 Proxy Authentication Required"
+         " (HTTPS_PROXY / HTTP_PROXY name it, with its user and password)"),
         (402, b"", OutcomeKind.STOP_RUN, "quota", None),
         (429, QUOTA, OutcomeKind.STOP_RUN, "quota", "You exceeded your quota"),
         (400, QUOTA_BY_TYPE, OutcomeKind.STOP_RUN, "quota", "No credit"),
