@@ -569,8 +569,13 @@ def _file_aside(target: Path) -> tuple[Path, BinaryIO]:
     and one said it had succeeded), and the mode `target` has (a file kept private stays so)
     or, for a new one, what the umask gives."""
     st = target.stat() if target.exists() else None
-    # (The mode of a file of this user's only: another's may be open to all.)
-    mode = stat.S_IMODE(st.st_mode) if st is not None and st.st_uid == os.geteuid() else None
+    mode = None if st is None else stat.S_IMODE(st.st_mode)
+    if st is not None and st.st_uid != os.geteuid():
+        # Another user's file: no wider than it was, nor than a new file of ours would be
+        # (theirs may be open to all; kept private, it stays so).
+        umask = os.umask(0)
+        os.umask(umask)
+        mode = stat.S_IMODE(st.st_mode) & 0o666 & ~umask
     for _ in range(100):
         partial = target.with_name(f".{target.name}.{secrets.token_hex(4)}.partial")
         try:

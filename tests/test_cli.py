@@ -428,6 +428,10 @@ def test_export_over_a_file_keeps_its_mode_and_two_at_once_keep_apart(
         assert stat.S_IMODE(made.stat().st_mode) == 0o666 & ~umask
 
 
+def _usual_umask() -> None:
+    os.umask(0o022)
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="making a link another user's needs root")
 def test_export_replaces_no_link_or_file_another_user_made_in_a_shared_folder(
     make_file: MakeFile, sqlite_url: str, server: FakeServerThread, tmp_path: Path
@@ -460,6 +464,18 @@ def test_export_replaces_no_link_or_file_another_user_made_in_a_shared_folder(
     result = run_cli("export", batch_id, "-o", str(open_to_all), db=sqlite_url)
     assert result.returncode == 2 and "another user made" in result.stderr
     assert open_to_all.read_text() == "theirs\n"
+    # Elsewhere another user's file is replaced, no wider than it was nor than a new one:
+    # kept private it stays so (it became 0644), open to all it does not stay so.
+    for before, after in ((0o600, 0o600), (0o666, 0o644)):
+        colleague = tmp_path / f"colleague-{before:o}.csv"
+        colleague.write_text("theirs\n")
+        colleague.chmod(before)
+        os.chown(colleague, 4242, 4242)
+        done = run_cli(
+            "export", batch_id, "-o", str(colleague), db=sqlite_url, preexec_fn=_usual_umask
+        )
+        assert done.returncode == 0, done.stderr
+        assert stat.S_IMODE(colleague.stat().st_mode) == after
 
 
 @pytest.mark.skipif(
