@@ -127,7 +127,8 @@ class Journal:
 
     def __init__(self, directory: Path, batch_id: str, worker_id: str) -> None:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        _make_private(directory)
+        with contextlib.suppress(FileNotFoundError):  # (removed meanwhile: `_open_segment`)
+            _make_private(directory)
         self.directory = directory
         self._prefix = f"{batch_id}.{worker_id}."
         self._seq = 0
@@ -230,7 +231,8 @@ class Journal:
                 if tries == _FOLDER_TRIES:
                     raise
                 self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-                _make_private(self.directory)
+                with contextlib.suppress(FileNotFoundError):  # (removed again: tried again)
+                    _make_private(self.directory)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             os.rename(hidden, self.directory / name)
