@@ -517,22 +517,21 @@ class _Scrubber:
 
     def answer(self, text: str) -> str:
         """`text`, an answer's or a request id, with a key-like key taken out."""
-        for form in self._answer_forms:
-            if form in text:
-                text = text.replace(form, _SCRUBBED)
-        return text
+        return _without(text, self._answer_forms)
 
     @overload
     def __call__(self, text: str) -> str: ...
     @overload
     def __call__(self, text: None) -> None: ...
     def __call__(self, text: str | None) -> str | None:
-        if text is None:
-            return None
-        for form in self._forms:
-            if form in text:
-                text = text.replace(form, _SCRUBBED)
-        return text
+        return None if text is None else _without(text, self._forms)
+
+
+def _without(text: str, forms: tuple[str, ...]) -> str:
+    for form in forms:
+        if form in text:
+            text = text.replace(form, _SCRUBBED)
+    return text
 
 
 def _forms_of(secret: str) -> tuple[str, ...]:

@@ -307,19 +307,22 @@ class Kept:
         self.unreadable = 0
 
 
-def _make_private(directory: Path) -> None:
+def _make_private(directory: Path) -> set[int]:
     """The journal folder as one no other user can write to, or OSError. A folder beside a
     database in a shared place (or a state folder there) could be another user's, or a link
     they made, and what its segments hold is recorded as answers: another user could plant
     results. Trusted: this user's, root's, and (beside a SQLite database) the database
-    owner's, so that root running a user's batch reads what the user's killed run kept."""
+    owner's, so that root running a user's batch reads what the user's killed run kept.
+    Returns the owners trusted, whose segments in it are read."""
     st = os.lstat(directory)
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid not in _trusted_owners(directory):
+    trusted = _trusted_owners(directory)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid not in trusted:
         raise OSError(f"{directory} is not a folder of this user's (another user's, or a link)")
     if st.st_mode & 0o022:
         if st.st_uid != os.geteuid():
             raise OSError(f"{directory} is a folder other users can write to")
         os.chmod(directory, 0o700)
+    return trusted
 
 
 def _trusted_owners(directory: Path) -> set[int]:
@@ -339,11 +342,10 @@ def _dead_segments(directory: Path, batch_id: str) -> Iterator[Segment]:
     if fcntl is None or not directory.is_dir():
         return
     try:
-        _make_private(directory)
+        trusted = _make_private(directory)
     except OSError as exc:
         log.warning("answer journals not read: %s", exc)
         return
-    trusted = _trusted_owners(directory)
     for path in sorted(directory.glob(f"{batch_id}.*{SEGMENT_SUFFIX}")):
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)

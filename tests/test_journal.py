@@ -76,6 +76,17 @@ def _segments(directory: Path) -> list[Path]:
     return sorted(directory.glob(f"*{journal.SEGMENT_SUFFIX}"))
 
 
+def _kept_in(directory: Path, batch_id: str) -> journal.Kept:
+    """What the batch's one dead segment in `directory` holds, the segment left in place."""
+    kept = journal.Kept()
+    (segment,) = journal._dead_segments(directory, batch_id)
+    try:
+        journal._read(segment, kept)
+    finally:
+        segment.keep()
+    return kept
+
+
 async def test_a_dead_runs_journal_is_recorded_once_and_jobs_ended_since_are_left_alone(
     store: JobStore, make_file: MakeFile, tmp_path: Path
 ) -> None:
@@ -307,13 +318,7 @@ async def test_a_journal_whose_folder_another_run_removed_makes_it_again(
     assert not ours.failed and caplog.messages == []
     assert len(_segments(directory)) == 1
     ours.close(committed=False)
-    kept = journal.Kept()
-    (segment,) = journal._dead_segments(directory, "batch_a")
-    try:
-        journal._read(segment, kept)
-    finally:
-        segment.keep()
-    assert kept.by_worker == {"w-slow": [(end, [])]}
+    assert _kept_in(directory, "batch_a").by_worker == {"w-slow": [(end, [])]}
 
 
 NOBODY = 65534
@@ -429,12 +434,7 @@ async def test_every_field_comes_back_as_it_was_written(tmp_path: Path) -> None:
     for end, attempts in zip(ends, tries, strict=True):
         dead.add(end, attempts)
     dead.close(committed=False)
-    kept = journal.Kept()
-    (segment,) = journal._dead_segments(directory, "batch_x")
-    try:
-        journal._read(segment, kept)
-    finally:
-        segment.keep()
+    kept = _kept_in(directory, "batch_x")
     assert kept.unreadable == 0
     assert kept.by_worker == {"w-a": list(zip(ends, tries, strict=True))}
 
