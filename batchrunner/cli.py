@@ -687,13 +687,12 @@ def cancel(ctx: _Context, batch_id: str) -> None:
     "--jobs",
     "jobs_dir",
     type=click.Path(path_type=Path, file_okay=False, exists=True),
-    default="jobs",
-    show_default=True,
-    help="Folder of example request files.",
+    default=None,
+    help="Folder of request files to run (default: the examples that come with batchrunner).",
 )
 @click.option("--concurrency", type=click.IntRange(1, 1_000), default=16, show_default=True)
 @pass_ctx
-def demo(ctx: _Context, jobs_dir: Path, concurrency: int) -> None:
+def demo(ctx: _Context, jobs_dir: Path | None, concurrency: int) -> None:
     """Run the example request files end to end against a local fake API (no key, no network).
 
     Every `*.jsonl` in the folder is submitted, run and summed up; export the results with
@@ -701,15 +700,18 @@ def demo(ctx: _Context, jobs_dir: Path, concurrency: int) -> None:
 
     \b
     Example:
-        batchrunner --db sqlite:///demo.db demo --jobs jobs
+        batchrunner --db sqlite:///demo.db demo
     """
     from batchrunner.config import RunConfig
-    from batchrunner.demo import run_demo
+    from batchrunner.demo import example_files, run_demo
     from batchrunner.dispatcher import StopReason
 
     batches = ctx.with_store(
         lambda store: run_demo(
-            store, jobs_dir, warn=_err, config=RunConfig(concurrency=concurrency)
+            store,
+            jobs_dir or example_files(),
+            warn=_err,
+            config=RunConfig(concurrency=concurrency),
         )
     )
     stopped = []

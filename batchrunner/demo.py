@@ -22,6 +22,17 @@ DEMO_KEY_ENV = "BATCHRUNNER_DEMO_KEY"
 DEMO_KEY = "demo-key-for-the-local-fake-api"
 
 
+def example_files() -> Path:
+    """The folder of the example request files: installed beside the package as
+    `batchrunner/examples/`, and in a source checkout (or an editable install of one) the
+    repository's `jobs/`."""
+    here = Path(__file__).resolve().parent
+    for folder in (here / "examples", here.parent / "jobs"):
+        if any(folder.glob("*.jsonl")):
+            return folder
+    raise UsageError(f"the example request files are missing from {here / 'examples'}")
+
+
 @dataclass(frozen=True, slots=True)
 class DemoBatch:
     path: Path

@@ -21,6 +21,7 @@ import pytest
 from click.testing import CliRunner
 
 from batchrunner.cli import _file_aside, cli
+from batchrunner.errors import UsageError
 from batchrunner.fakeapi import FakeConfig, FakeServerThread
 from batchrunner.report import fails_again
 from tests.conftest import chat, run_cli, started_cli
@@ -611,6 +612,34 @@ def _slow_batch(
         path = make_file([chat(f"slow {i}") for i in range(jobs)])
         batch_id = run_cli("submit", str(path), "--base-url", srv.url, db=db).stdout.strip()
         yield db_file, db, srv, batch_id
+
+
+@pytest.mark.slow
+def test_the_demo_runs_its_examples_from_any_folder(tmp_path: Path) -> None:
+    examples = sorted(p.name for p in (Path(__file__).parent.parent / "jobs").glob("*.jsonl"))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    result = run_cli("demo", db=f"sqlite:///{tmp_path / 'demo.db'}", cwd=elsewhere)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert [line.split()[0] for line in lines] == examples
+    assert all(" failed   0 " in line for line in lines), result.stdout
+    assert "next: batchrunner --db sqlite:///" in result.stderr
+
+
+def test_an_installed_demo_finds_the_examples_beside_the_package(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from batchrunner import demo
+
+    package = tmp_path / "site-packages" / "batchrunner"
+    (package / "examples").mkdir(parents=True)
+    (package / "examples" / "01-chat.jsonl").write_text(orjson.dumps(chat("hi")).decode() + "\n")
+    monkeypatch.setattr(demo, "__file__", str(package / "demo.py"))
+    assert demo.example_files() == package / "examples"
+    (package / "examples" / "01-chat.jsonl").unlink()
+    with pytest.raises(UsageError, match="example request files are missing"):
+        demo.example_files()
 
 
 @pytest.mark.slow
