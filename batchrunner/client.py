@@ -144,22 +144,26 @@ def is_loopback(base_url: str) -> bool:
 
 
 def proxy_for(base_url: str) -> tuple[str | None, dict[str, str] | None]:
-    """The proxy the environment names for `base_url` (`HTTPS_PROXY` / `HTTP_PROXY`, upper or
-    lower case, unless `NO_PROXY` leaves the host out), and its credentials as the header
-    that carries them to it; none for
-    this machine's own addresses. Read once per run, not per request (aiohttp's trust_env
-    would look it up, and the netrc file, on every request)."""
+    """The proxy the environment names for `base_url` (`HTTPS_PROXY` / `HTTP_PROXY`, else
+    `ALL_PROXY`, upper or lower case, unless `NO_PROXY` leaves the host out), and its
+    credentials as the header that carries them to it; none for this machine's own addresses.
+    Read once per run, not per request (aiohttp's trust_env would look it up, and the netrc
+    file, on every request)."""
     try:
         if is_loopback(base_url):
             return None, None
         parts = urlsplit(base_url.strip())
+        port = parts.port
     except ValueError:  # an unclosed [IPv6 bracket: each request fails on it (invalid_url)
         return None, None
     proxies = urllib.request.getproxies_environment()
-    bypass = urllib.request.proxy_bypass_environment  # type: ignore[attr-defined]  # untyped
-    if not parts.hostname or bypass(parts.hostname, proxies):
+    scheme = parts.scheme.lower()
+    if not parts.hostname or _no_proxy(parts.hostname, port or _PORTS.get(scheme), proxies):
         return None, None
-    proxy = proxies.get(parts.scheme.lower())
+    named = wanted = "HTTPS_PROXY" if scheme == "https" else "HTTP_PROXY"
+    proxy = proxies.get(scheme)
+    if not proxy and proxies.get("all"):
+        named, proxy = "ALL_PROXY", proxies["all"]
     if not proxy:
         return None, None
     try:
@@ -169,8 +173,9 @@ def proxy_for(base_url: str) -> tuple[str | None, dict[str, str] | None]:
         p = None
     if p is None or p.scheme.lower() not in ("http", "https") or not p.hostname:
         raise UsageError(
-            f"the {parts.scheme} proxy the environment names is not an http:// or https:// URL:"
-            f" {_without_credentials(proxy)!r}"
+            f"the proxy {named} names is not an http:// or https:// URL (SOCKS proxies are not"
+            f" supported): {_without_credentials(proxy)!r}; name an http proxy in {wanted}, or"
+            f" leave the API's host out with NO_PROXY"
         )
     headers = None
     if p.username is not None:
@@ -181,7 +186,30 @@ def proxy_for(base_url: str) -> tuple[str | None, dict[str, str] | None]:
     return urlunsplit((p.scheme, netloc, p.path, "", "")), headers
 
 
-_PROXY_NAMED: Final = " (HTTPS_PROXY / HTTP_PROXY name it, with its user and password)"
+_PORTS: Final = {"http": 80, "https": 443}
+
+
+def _no_proxy(host: str, port: int | None, proxies: Mapping[str, str]) -> bool:
+    """Whether `NO_PROXY` leaves `host` out: by name or domain (`.example.com`, `*`), by name
+    and port (`example.com:8443`), or by address range (`10.0.0.0/8`) for an address."""
+    bypass = urllib.request.proxy_bypass_environment  # type: ignore[attr-defined]  # untyped
+    if bypass(host, proxies) or (port and bypass(f"{host}:{port}", proxies)):
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    for entry in proxies.get("no", "").split(","):
+        try:
+            network = ipaddress.ip_network(entry.strip().strip("[]"), strict=False)
+        except ValueError:
+            continue
+        if address in network:
+            return True
+    return False
+
+
+_PROXY_NAMED: Final = " (HTTPS_PROXY / HTTP_PROXY / ALL_PROXY name it, with its user and password)"
 
 
 def _without_credentials(url: str) -> str:

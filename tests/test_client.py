@@ -284,7 +284,7 @@ CHOICE_REFUSED = {
         # A proxy asking for its credentials, in front of a plain-http API: every job failed.
         (407, b"", OutcomeKind.STOP_RUN, "proxy",
          "a proxy refused the way to the API: HTTP 407 Proxy Authentication Required"
-         " (HTTPS_PROXY / HTTP_PROXY name it, with its user and password)"),
+         " (HTTPS_PROXY / HTTP_PROXY / ALL_PROXY name it, with its user and password)"),
         (402, b"", OutcomeKind.STOP_RUN, "quota", None),
         (429, QUOTA, OutcomeKind.STOP_RUN, "quota", "You exceeded your quota"),
         (400, QUOTA_BY_TYPE, OutcomeKind.STOP_RUN, "quota", "No credit"),
@@ -1823,6 +1823,34 @@ def test_which_proxy_an_api_goes_through(no_proxy_env: pytest.MonkeyPatch) -> No
     no_proxy_env.setenv("HTTPS_PROXY", "socks5://me:secret@proxy.corp:1080")
     with pytest.raises(UsageError, match="not an http:// or https:// URL") as caught:
         proxy_for("https://api.mistral.ai/v1")
+    assert "secret" not in str(caught.value)
+
+
+def test_no_proxy_ports_and_address_ranges_and_all_proxy(no_proxy_env: pytest.MonkeyPatch) -> None:
+    """NO_PROXY's `host:port` and address ranges were taken for names (the API went through the
+    proxy), and ALL_PROXY was not read (the run went straight out past the proxy)."""
+    proxy = "http://proxy.corp:3128"
+    no_proxy_env.setenv("HTTPS_PROXY", proxy)
+    no_proxy_env.setenv("NO_PROXY", "gw.example:8443, 10.0.0.0/8,2001:db8::/32,[2001:db9::1]")
+    assert proxy_for("https://gw.example:8443/v1") == (None, None)
+    assert proxy_for("https://gw.example/v1")[0] == proxy  # another port
+    assert proxy_for("https://10.2.3.4/v1") == (None, None)
+    assert proxy_for("https://11.2.3.4/v1")[0] == proxy
+    assert proxy_for("https://[2001:db8::5]/v1") == (None, None)
+    assert proxy_for("https://[2001:db9::1]:444/v1") == (None, None)
+    assert proxy_for("https://[2001:db9::2]/v1")[0] == proxy
+    no_proxy_env.setenv("NO_PROXY", "gw.example:443")  # the scheme's own port, left unsaid
+    assert proxy_for("https://gw.example/v1") == (None, None)
+
+    no_proxy_env.delenv("HTTPS_PROXY")
+    no_proxy_env.setenv("all_proxy", "http://all.corp:8080")
+    assert proxy_for("https://api.openai.com/v1")[0] == "http://all.corp:8080"
+    assert proxy_for("http://gateway.example/v1")[0] == "http://all.corp:8080"
+    no_proxy_env.setenv("HTTP_PROXY", proxy)  # the scheme's own comes first
+    assert proxy_for("http://gateway.example/v1")[0] == proxy
+    no_proxy_env.setenv("all_proxy", "socks5h://me:secret@all.corp:1080")
+    with pytest.raises(UsageError, match=r"ALL_PROXY .*SOCKS.*HTTPS_PROXY") as caught:
+        proxy_for("https://api.openai.com/v1")
     assert "secret" not in str(caught.value)
 
 
