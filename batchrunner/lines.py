@@ -26,6 +26,8 @@ T = TypeVar("T")
 #: The only endpoint a line may name, in either spelling.
 CHAT_ENDPOINT = "/v1/chat/completions"
 _CHAT_ENDPOINTS = frozenset({"/v1/chat/completions", "/chat/completions"})
+#: The fields of an OpenAI Batch API line (and `metadata`, kept with the job).
+_BATCH_LINE_FIELDS = frozenset({"custom_id", "method", "url", "body", "metadata"})
 BOM = b"\xef\xbb\xbf"
 #: Inline data (`data:image/png;base64,...`, audio and file parts) is marked by this.
 _INLINE_DATA = ";base64,"
@@ -295,6 +297,14 @@ def parse_row(raw: bytes, number: int, meta_keys: set[str] | None = None) -> Job
     plain = "model" in obj or "messages" in obj
     if "body" in obj and (not plain or "custom_id" in obj or "url" in obj or "method" in obj):
         # OpenAI Batch API line.
+        if not _BATCH_LINE_FIELDS.issuperset(obj):
+            # (`temperature` or `model` beside `body` would not be sent: refused, not dropped.)
+            extra = [_shown(k) for k in obj if k not in _BATCH_LINE_FIELDS]
+            more = f" and {len(extra) - 3} more" if len(extra) > 3 else ""
+            raise BadLine(
+                f"{', '.join(extra[:3])}{more} beside 'body': an OpenAI Batch API line has"
+                " custom_id, method, url, body (the request's fields go inside 'body')"
+            )
         method = obj.get("method", "POST")
         if not isinstance(method, str) or method.upper() != "POST":
             raise BadLine(f"unsupported method {_shown(method)}: only POST")

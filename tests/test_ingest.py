@@ -159,11 +159,20 @@ BAD_LINES: list[tuple[bytes, str]] = [
         "missing 'body'",
     ),
     (orjson.dumps({**chat("q"), "url": "/v1/chat/completions"}), "missing 'body'"),
+    # Fields beside a Batch API line's body were dropped: the request went out without them.
+    (
+        orjson.dumps({**batch_line("t", chat("q")), "temperature": 0, "max_tokens": 5}),
+        "'temperature', 'max_tokens' beside 'body'",
+    ),
+    (
+        orjson.dumps({"custom_id": "m", "model": "other", "messages": [], "body": chat("q")}),
+        "'model', 'messages' beside 'body'",
+    ),
     # Deeper than the standard parser goes (orjson reads 1,024 levels): the integer past 64
     # bits went unchecked, and out as a float.
     (
-        b'{"custom_id": "d", "x": ' + b"[" * 1020 + b"]" * 1020 + b', "body": {"model": "m",'
-        b' "messages": [{"role": "user"}], "seed": 18446744073709551616}}',
+        b'{"custom_id": "d", "metadata": {"x": ' + b"[" * 1020 + b"]" * 1020 + b"},"
+        b' "body": {"model": "m", "messages": [{"role": "user"}], "seed": 18446744073709551616}}',
         "nested too deep for its numbers to be checked",
     ),
 ]  # fmt: skip
