@@ -11,8 +11,10 @@ orjson for parsing, and no work on a successful answer beyond what it needs.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import contextlib
 import datetime
 import email.utils
 import io
@@ -40,6 +42,8 @@ from batchrunner.states import kept_text
 #: Larger request bodies (base64 images, files) go to aiohttp as a stream, which it writes in
 #: pieces; raw bytes above 1 MiB make it warn (ResourceWarning) and copy them whole.
 STREAMED_BODY_BYTES: Final = 1 << 20
+#: How long what a stream sends after `data: [DONE]` is read for (its end, as a rule).
+AFTER_DONE_S: Final = 1.0
 
 #: The longest response header line read: aiohttp's default (8190 bytes) turned answers with
 #: a long debug or trace header into connection errors, retried and paid for again.
@@ -374,11 +378,23 @@ _RATELIMIT_HEADERS: Final = (
 
 
 def is_completion(value: object) -> bool:
-    """Whether a parsed answer is a chat completion (and not an error or another object)."""
+    """Whether a parsed answer is a chat completion (and not an error or another object):
+    one choice at least, each an object with its message or its finish_reason (`"choices":
+    []`, or `[null]`, is no answer)."""
+    if not isinstance(value, dict) or value.get("object", "chat.completion") not in (
+        "chat.completion",
+        None,
+    ):
+        return False
+    choices = value.get("choices")
     return (
-        isinstance(value, dict)
-        and isinstance(value.get("choices"), list)
-        and value.get("object", "chat.completion") in ("chat.completion", None)
+        type(choices) is list
+        and bool(choices)
+        and all(
+            type(c) is dict
+            and (type(c.get("message")) is dict or type(c.get("finish_reason")) is str)
+            for c in choices
+        )
     )
 
 
@@ -646,7 +662,11 @@ def _classify(
         error = _error_of(parsed)
         if _says_quota(error) or (error is not None and _status_of(error) == 402):
             return _quota(status, error, text, request_id, latency_s, ratelimit, scrub)
-        message = _error_message(error) or "answer is not a chat completion"
+        message = _error_message(error) or (
+            "the answer holds no choice with a message"
+            if type(parsed) is dict and type(parsed.get("choices")) is list
+            else "answer is not a chat completion"
+        )
         kind, error_kind = _in_band(error, "not_completion")
         return Outcome(
             kind,
@@ -671,15 +691,23 @@ def _classify(
     kind, error_kind = _by_status(status, error)
     if error_kind == "proxy":
         message = f"a proxy refused the way to the API: {message}{_PROXY_NAMED}"
-    if 300 <= status < 400 and "location" in headers:
-        location = kept_text(headers["location"])
-        message = f"{message}; redirected to {location}: fix the base URL"
+    if error_kind == "redirect":
+        # The same for every request: the base URL is wrong (http for https, a path
+        # missing). The page a redirect carries says nothing; where it points does.
+        head = f"HTTP {status}" + (f" {kept_text(reason)}" if reason else "")
+        location = headers.get("location")
+        to = f" to {kept_text(location)}" if location else ""
+        message = (
+            f"the API redirects{to} ({head}): fix the base URL (run --base-url);"
+            " redirects are not followed, so that the request stays a POST and the key goes"
+            " to no other host"
+        )
     return Outcome(
         kind,
         status,
         error_kind=error_kind,
         message=scrub(message),
-        body=scrub(text),
+        body=None if error_kind == "redirect" else scrub(text),
         request_id=request_id,
         latency_s=latency_s,
         retry_after_s=retry_after_s if kind is OutcomeKind.RETRY else None,
@@ -707,8 +735,11 @@ def _by_status(status: int, error: dict[str, Any] | None) -> tuple[OutcomeKind, 
         return OutcomeKind.RETRY, "server_error"
     if status in _RETRY_4XX:
         return OutcomeKind.RETRY, f"http_{status}"
-    # Other 4xx, and redirects (not followed: a POST must not turn into a GET, nor the key
-    # travel to another host): sending the same request again cannot help.
+    if 300 <= status < 400:
+        # Not followed (a POST must not turn into a GET, nor the key travel to another host),
+        # and the same for every request: no job of the run can succeed.
+        return OutcomeKind.STOP_RUN, "redirect"
+    # Other 4xx: sending the same request again cannot help.
     return OutcomeKind.FAIL_JOB, f"http_{status}"
 
 
@@ -740,10 +771,12 @@ def loads_lenient(raw: bytes) -> tuple[object, str] | None:
     """JSON that orjson refuses but is no fault of the answer's content, parsed, with its
     text as it is stored; None where it is not JSON after all.
 
-    Two such things come from real servers: a byte-order mark before the JSON, and an
+    Three such things come from real servers: a byte-order mark before the JSON, an
     escaped lone surrogate (`"\\ud83d"`, half an emoji, where a gateway cut a string in
-    two). Retrying would pay for the same answer again. The text is written anew, with each
-    lone surrogate as U+FFFD, so that every reader of the database can parse it.
+    two), and `NaN` / `Infinity` / `-Infinity` (a log probability of a Python server's
+    `json.dumps`). Retrying would pay for the same answer again. The text is written anew,
+    with each lone surrogate as U+FFFD and each of those numbers as null (as JavaScript
+    writes them), so that every reader of the database can parse it.
     """
 
     value = _parsed_leniently(raw)
@@ -751,16 +784,17 @@ def loads_lenient(raw: bytes) -> tuple[object, str] | None:
 
 
 def _parsed_leniently(raw: bytes) -> object | None:
-    """`raw` parsed by the standard library, lone surrogates kept; None if it is not JSON."""
-
-    def no_constant(name: str) -> None:
-        raise ValueError(f"{name} is not JSON")
-
+    """`raw` parsed by the standard library, lone surrogates kept and `NaN`, `Infinity` and
+    `-Infinity` as None; None if it is not JSON."""
     try:
-        value: object = json.loads(raw, parse_constant=no_constant)
+        value: object = json.loads(raw, parse_constant=_no_number)
     except (ValueError, RecursionError):
         return None
     return value
+
+
+def _no_number(name: str) -> None:
+    return None
 
 
 def _mended(value: object) -> tuple[object, str] | None:
@@ -1213,6 +1247,7 @@ class StreamAssembler:
     __slots__ = (
         "_choices",
         "_data",
+        "_error_event",
         "_extra",
         "_held_cr",
         "_lenient",
@@ -1229,6 +1264,8 @@ class StreamAssembler:
         self._line = bytearray()
         self._held_cr = False
         self._data: list[bytes] = []
+        #: The event being read is named `error` (`event: error`).
+        self._error_event = False
         self._meta: dict[str, Any] = {}
         #: The chunks' other fields (Perplexity's citations, OpenRouter's provider): the first
         #: value each came with (objects: each of their fields' first value).
@@ -1291,15 +1328,35 @@ class StreamAssembler:
         elif line.startswith(b"data:"):
             value = line[5:]
             self._data.append(value[1:] if value.startswith(b" ") else value)
-        # Comments (": keep-alive") and the other fields (event, id, retry) carry nothing
-        # a completion needs.
+        elif line.startswith(b"event:"):
+            self._error_event = line[6:].strip() == b"error"
+        # Comments (": keep-alive") and the other fields (id, retry) carry nothing a
+        # completion needs.
 
     def _dispatch(self) -> None:
+        error_event, self._error_event = self._error_event, False
         if not self._data:
             return
         payload = self._data[0] if len(self._data) == 1 else b"\n".join(self._data)
         self._data.clear()
-        self._on_event(payload)
+        if self.done:
+            return  # (what a server sends after `[DONE]` is no part of the answer)
+        if error_event:
+            self._on_error_event(payload)
+        else:
+            self._on_event(payload)
+
+    def _on_error_event(self, payload: bytes) -> None:
+        """An event named `error`: its data is the error, in whatever shape it comes."""
+        if self.error is None:
+            try:
+                value = orjson.loads(payload)
+            except orjson.JSONDecodeError:
+                value = None
+            text = payload[:MESSAGE_BODY_CHARS].decode(errors="replace").strip()
+            self.error = _error_of(value) or (
+                value if isinstance(value, dict) and value else {"message": text or "error"}
+            )
 
     def _on_event(self, payload: bytes) -> None:
         if payload.strip() == b"[DONE]":
@@ -1320,10 +1377,14 @@ class StreamAssembler:
             return
         self.chunks += 1
         error = chunk.get("error")
-        if error is not None:
-            if self.error is None:
-                self.error = _error_of(chunk) or {"message": str(error)}
-            return
+        if error is not None or ("choices" not in chunk and "message" in chunk):
+            # (`{"message": ..., "code": 500}` with no choices: an error in the shape of an
+            # error answer's body, as some servers send one mid-stream.)
+            error = _error_of(chunk) if error is None else error
+            if error is not None:
+                if self.error is None:
+                    self.error = _error_of(chunk) or {"message": str(error)}
+                return
         meta = self._meta
         for key in ("id", "created", "model", "system_fingerprint", "service_tier"):
             value = chunk.get(key)
@@ -1361,6 +1422,10 @@ class StreamAssembler:
         """Every choice has its `finish_reason`."""
         choices = self._choices
         return bool(choices) and all(c.finish_reason for c in choices.values())
+
+    @property
+    def has_choices(self) -> bool:
+        return bool(self._choices)
 
     @property
     def has_usage(self) -> bool:
@@ -1475,7 +1540,7 @@ def _stream_outcome(
             latency_s=latency_s,
             ratelimit=ratelimit,
         )
-    if assembler.chunks == 0 or (
+    if not assembler.has_choices or (
         not assembler.done
         and (
             broken is not None
@@ -1485,9 +1550,9 @@ def _stream_outcome(
     ):
         # (Some servers end a complete stream without `[DONE]`: every choice had finished,
         # the usage asked for had come, and the connection ended cleanly: nothing was cut.
-        # A `[DONE]` with nothing before it is no answer: a gateway's upstream failed.)
+        # A `[DONE]` with no choice before it is no answer: a gateway's upstream failed.)
         if broken is None:
-            broken = "the stream held no chunk" if assembler.done else _NO_DONE
+            broken = "the stream held no choice" if assembler.done else _NO_DONE
         return Outcome(
             OutcomeKind.RETRY,
             status,
@@ -1648,8 +1713,13 @@ class ApiClient:
                 if stream and status == 200 and response.content_type != "application/json":
                     return await self._read_stream(response, started, _asks_for_usage(body))
                 raw = await response.read()
-                if stream and status == 200 and raw.lstrip(_BOM + b" \t\r\n")[:5] == b"data:":
-                    # (An event stream labelled as JSON.)
+                if (
+                    status == 200
+                    and raw[:1] != b"{"
+                    and raw.lstrip(_BOM + b" \t\r\n")[:5] == b"data:"
+                ):
+                    # (An event stream labelled as JSON, or sent for a request that asked for
+                    # none: it is the answer all the same, paid for.)
                     assembler = StreamAssembler()
                     assembler.feed(raw)
                     assembler.close()
@@ -1699,6 +1769,7 @@ class ApiClient:
     ) -> Outcome:
         assembler = StreamAssembler()
         broken: str | None = None
+        answered: float | None = None
         sniffed = False
         try:
             async for data in response.content.iter_any():
@@ -1718,6 +1789,11 @@ class ApiClient:
                         )
                     sniffed = bool(head)
                 assembler.feed(data)
+                if assembler.done:
+                    # The answer is complete: its time is now, whatever follows.
+                    answered = time.monotonic()
+                    await self._drain(response)
+                    break
         except TimeoutError:
             broken = f"the stream stalled past {self.timeout_s:g} s"
             if not assembler.done:
@@ -1729,11 +1805,20 @@ class ApiClient:
             assembler,
             response.status,
             response.headers,
-            time.monotonic() - started,
+            (time.monotonic() if answered is None else answered) - started,
             self._scrub,
             broken,
             wants_usage,
         )
+
+    @staticmethod
+    async def _drain(response: aiohttp.ClientResponse) -> None:
+        """Read what a stream sends after `[DONE]` (its end, as a rule) for a moment, so that
+        its connection can serve the next request; one still open after that is closed."""
+        with contextlib.suppress(TimeoutError, aiohttp.ClientError, OSError):
+            async with asyncio.timeout(AFTER_DONE_S):
+                while await response.content.readany():
+                    pass
 
     def _no_answer(
         self,

@@ -162,7 +162,7 @@ class RunResult:
 
 _CANCELLED = Outcome(OutcomeKind.RETRY, None, error_kind="cancelled")
 #: Error kinds of attempts that stopped their run (a refused key, an empty balance).
-_STOPPED_THE_RUN = frozenset({"auth", "quota", "proxy"})
+_STOPPED_THE_RUN = frozenset({"auth", "quota", "proxy", "redirect"})
 #: Error kinds of complete answers that were paid for and are tried again: a json_schema not
 #: met (--retry-invalid-json), a 2xx answer that is not JSON (what it cost is unknown), and a
 #: choice that ended in an error (what the model wrote before it failed).
@@ -868,7 +868,7 @@ class Dispatcher:
                 reason = StopReason.QUOTA if outcome.error_kind == "quota" else StopReason.AUTH
                 error = QuotaError if reason is StopReason.QUOTA else AuthError
                 detail = f" ({outcome.status}: {outcome.message})" if outcome.message else ""
-                if outcome.error_kind == "proxy" and outcome.message:
+                if outcome.error_kind in ("proxy", "redirect") and outcome.message:
                     self.stop(reason, outcome.message)  # (not the API's refusal of the key)
                 else:
                     self.stop(reason, f"{error().message}{detail}")

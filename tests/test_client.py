@@ -248,7 +248,8 @@ CHOICE_REFUSED = {
     ("status", "payload", "kind", "error_kind", "message"),
     [
         (200, COMPLETION, OutcomeKind.SUCCESS, None, None),
-        (200, {"choices": []}, OutcomeKind.SUCCESS, None, None),
+        (200, {"choices": []}, OutcomeKind.RETRY, "not_completion",
+         "the answer holds no choice with a message"),
         (200, b'{"id": "chatcmpl-1", "choices": [{"ind', OutcomeKind.RETRY, "bad_json", None),
         (200, b"", OutcomeKind.RETRY, "bad_json", None),
         (200, b"\xff\xfe{}", OutcomeKind.RETRY, "bad_json", None),
@@ -374,7 +375,10 @@ async def test_a_402_that_says_when_to_come_back_is_waited_for_not_the_end(serve
 
 
 async def test_success_body_is_kept_byte_for_byte(serve: Serve) -> None:
-    text = '{ "choices" : [ ],\n  "object": "chat.completion", "note": "caf\u00e9 \\u00e9" }'
+    text = (
+        '{ "choices" : [ {"message": {"content": "\\u00e9"}} ],\n  "object": "chat.completion",'
+        ' "note": "caf\u00e9 \\u00e9" }'
+    )
     base_url = await serve(answer(200, text.encode()))
     outcome = await send(base_url)
     assert outcome.kind is OutcomeKind.SUCCESS
@@ -382,11 +386,19 @@ async def test_success_body_is_kept_byte_for_byte(serve: Serve) -> None:
     assert outcome.completion is not None and outcome.completion["note"] == "café é"
 
 
-async def test_redirect_is_not_followed(serve: Serve) -> None:
-    base_url = await serve(answer(307, b"", {"Location": "https://elsewhere.example/v1"}))
+async def test_a_redirect_is_not_followed_and_stops_the_run(serve: Serve) -> None:
+    """A redirect failed every job of the batch one by one (exit 3), and where it pointed was
+    lost when it came with a page (nginx's): the page was stored as the error."""
+    page = b"<html><body><center>301 Moved Permanently</center><hr>nginx</body></html>"
+    base_url = await serve(answer(301, page, {"Location": "https://elsewhere.example/v1"}))
     outcome = await send(base_url)
-    assert (outcome.kind, outcome.error_kind) == (OutcomeKind.FAIL_JOB, "http_307")
-    assert outcome.message is not None and "elsewhere.example" in outcome.message
+    assert (outcome.kind, outcome.error_kind) == (OutcomeKind.STOP_RUN, "redirect")
+    assert outcome.body is None
+    assert outcome.message == (
+        "the API redirects to https://elsewhere.example/v1 (HTTP 301 Moved Permanently): fix the"
+        " base URL (run --base-url); redirects are not followed, so that the request stays a"
+        " POST and the key goes to no other host"
+    )
 
 
 async def test_request_is_sent_as_given(serve: Serve) -> None:
@@ -1022,8 +1034,8 @@ def test_content_sent_as_parts_is_judged_by_its_text() -> None:
     assert check.verdict(body, answer()) is False
 
 
-@pytest.mark.parametrize("raw", [b'{"choices": [], "x": NaN}', b'{"choices": [], "x": "\xff"}'])
-async def test_json_no_parser_should_accept_is_still_bad_json(serve: Serve, raw: bytes) -> None:
+async def test_json_no_parser_should_accept_is_still_bad_json(serve: Serve) -> None:
+    raw = b'{"choices": [{"message": {}}], "x": "\xff"}'
     outcome = await send(await serve(answer(200, raw)))
     assert (outcome.kind, outcome.error_kind) == (OutcomeKind.RETRY, "bad_json")
 
@@ -1209,7 +1221,124 @@ async def test_an_error_in_a_200_answer_does_what_its_status_code_says(
 async def test_a_stream_of_nothing_but_done_is_no_answer() -> None:
     outcome = await stream_outcome(b"data: [DONE]\n\n")
     assert (outcome.kind, outcome.error_kind) == (OutcomeKind.RETRY, "stream_broken")
-    assert outcome.message == "the stream held no chunk"
+    assert outcome.message == "the stream held no choice"
+    # Chunks, but not one choice in them (only a usage chunk; an empty list): no answer either.
+    usage = {"prompt_tokens": 5, "completion_tokens": 0, "total_tokens": 5}
+    outcome = await stream_outcome(sse(chunk([]), chunk([], usage=usage)))
+    assert (outcome.kind, outcome.error_kind) == (OutcomeKind.RETRY, "stream_broken")
+    assert outcome.message == "the stream held no choice"
+
+
+@pytest.mark.parametrize(
+    ("events", "kind", "error_kind", "message"),
+    [
+        # After a finished choice: a moderation stop, its code a 400.
+        (
+            sse(chunk([delta(content="hello", finish_reason="stop")]), done=False)
+            + b'event: error\ndata: {"message": "output blocked", "code": 400}\n\n'
+            + b"data: [DONE]\n\n",
+            OutcomeKind.FAIL_JOB,
+            "http_400",
+            "output blocked",
+        ),
+        # The only event, with no `error` key, its code a 500.
+        (
+            b'event: error\ndata: {"message": "Internal server error", "code": 500}\n\n'
+            b"data: [DONE]\n\n",
+            OutcomeKind.RETRY,
+            "stream_error",
+            "Internal server error",
+        ),
+        # Not named, but an error answer's body in shape, mid-stream.
+        (
+            sse(chunk([delta(content="hel")]), {"message": "upstream died", "code": 502}),
+            OutcomeKind.RETRY,
+            "stream_error",
+            "upstream died",
+        ),
+        # Named, its data not JSON.
+        (
+            sse(chunk([delta(content="hel")]), done=False) + b"event: error\ndata: overloaded\n\n",
+            OutcomeKind.RETRY,
+            "stream_error",
+            "overloaded",
+        ),
+    ],
+)
+async def test_an_error_event_without_an_error_key_is_an_error(
+    events: bytes, kind: OutcomeKind, error_kind: str, message: str
+) -> None:
+    """`event: error` with `{"message", "code"}` was merged into the completion as two top-level
+    fields, and the job stored as succeeded."""
+    outcome = await stream_outcome(events)
+    assert (outcome.kind, outcome.error_kind, outcome.message) == (kind, error_kind, message)
+
+
+async def test_what_a_stream_sends_after_done_is_no_part_of_it(serve: Serve) -> None:
+    """Events after `[DONE]` were merged into the answer, and a server that kept the stream
+    open after it held the request (and its slot) until the timeout."""
+    after = sse(chunk([delta(content=" EXTRA")]), done=False)
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(TEXT_STREAM + after)
+        await asyncio.Event().wait()  # never ends the response
+        return response
+
+    outcome = await send(await serve(handler), stream=True, timeout_s=30.0)
+    assert outcome.kind is OutcomeKind.SUCCESS
+    assert outcome.completion is not None
+    assert outcome.completion["choices"][0]["message"]["content"] == "Hello, wörld"
+    assert outcome.latency_s < 15.0  # (not the 30 s of the timeout)
+
+
+@pytest.mark.parametrize(
+    "choices",
+    [[], [1, "x", None], [{"index": 0, "logprobs": None}], "none"],
+    ids=["empty", "not-objects", "no-message", "not-a-list"],
+)
+async def test_a_200_without_a_choice_is_no_completion(serve: Serve, choices: object) -> None:
+    """`"choices": []` (or choices that are not objects, or one with neither message nor
+    finish_reason) was stored as a success with nothing in it."""
+    outcome = await send(await serve(answer(200, {**COMPLETION, "choices": choices})))
+    assert (outcome.kind, outcome.error_kind) == (OutcomeKind.RETRY, "not_completion")
+    # A choice stopped by a content filter, with no message, is an answer all the same.
+    filtered = [{"index": 0, "finish_reason": "content_filter"}]
+    outcome = await send(await serve(answer(200, {**COMPLETION, "choices": filtered})))
+    assert outcome.kind is OutcomeKind.SUCCESS
+
+
+async def test_nan_and_infinity_in_an_answer_are_kept_as_null(serve: Serve) -> None:
+    """A log probability of -Infinity (Python's json.dumps writes it) made the answer
+    bad_json: paid for on every attempt, then the job failed."""
+    text = orjson.dumps(COMPLETION).replace(
+        b'"logprobs":null', b'"logprobs":{"content":[{"token":"Hi","logprob":-Infinity}]}'
+    )
+    text = text.replace(b'"total_tokens":6', b'"total_tokens":6,"x_score":NaN')
+    outcome = await send(await serve(answer(200, text)))
+    assert outcome.kind is OutcomeKind.SUCCESS
+    assert outcome.completion is not None and outcome.body is not None
+    assert outcome.completion["choices"][0]["logprobs"]["content"][0]["logprob"] is None
+    assert outcome.completion["usage"]["x_score"] is None
+    assert orjson.loads(outcome.body) == outcome.completion
+    stream = sse(chunk([delta(content="Hi", finish_reason="stop")]), done=False).replace(
+        b'"logprobs":null', b'"logprobs":{"content":[{"token":"Hi","logprob":-Infinity}]}'
+    )
+    outcome = await stream_outcome(stream + b"data: [DONE]\n\n")
+    assert outcome.kind is OutcomeKind.SUCCESS and outcome.completion is not None
+    assert outcome.completion["choices"][0]["logprobs"]["content"][0]["logprob"] is None
+
+
+async def test_an_event_stream_for_a_plain_request_is_the_answer(serve: Serve) -> None:
+    """A server that streamed its answer to a request that asked for none: the complete,
+    paid-for stream was bad_json, paid for again on each attempt, then the job failed."""
+    outcome = await send(await serve(stream_answer(TEXT_STREAM)))
+    assert outcome.kind is OutcomeKind.SUCCESS
+    assert outcome.completion is not None
+    assert outcome.completion["choices"][0]["message"]["content"] == "Hello, wörld"
+    assert outcome.completion["usage"]["total_tokens"] == 13
 
 
 @pytest.mark.parametrize("content_type", ["text/plain", "text/event-stream", ""])

@@ -283,7 +283,7 @@ async def test_header_bytes_that_are_not_utf8_are_recorded(
     # aiohttp keeps such bytes as lone surrogates, which neither the answer journal's JSON nor
     # either database can hold: one such request id broke the worker and stopped every run.
     # Here a raw server writes them, as a proxy speaking Latin-1 might: in the request id of a
-    # completion, and in the reason phrase and Location of a redirect (which fails the job).
+    # completion, and in the reason phrase and Location of a redirect (which stops the run).
     completion = _completion()
 
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -291,8 +291,9 @@ async def test_header_bytes_that_are_not_utf8_are_recorded(
         length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
         body = await reader.readexactly(length)
         if b"redirect" in body:
+            await asyncio.sleep(0.5)  # (the other answer first)
             status = b"307 Temporary Red\xe9rect\r\nLocation: http://h\xf4te.example/v1"
-            payload = b""
+            payload = b"<html>Moved</html>"
         else:
             status = b"200 OK\r\nx-request-id: req-caf\xe9-\xff\xfe"
             payload = completion
@@ -312,15 +313,15 @@ async def test_header_bytes_that_are_not_utf8_are_recorded(
     finally:
         server.close()
         await server.wait_closed()
-    assert rep.exit_code == EXIT_SOME_FAILED and rep.result.reason is StopReason.DONE
+    assert rep.exit_code == EXIT_ABORTED and rep.result.reason is StopReason.AUTH
+    assert (rep.result.message or "").startswith(
+        "the API redirects to http://h\ufffdte.example/v1 (HTTP 307 Temporary Red\ufffdrect):"
+        " fix the base URL (run --base-url)"
+    )
     good, moved = await _job_rows(store, batch_id)
     assert good.state == "succeeded" and good.response == completion.decode()
     assert good.request_id == "req-caf\ufffd-\ufffd\ufffd"
-    assert moved.state == "failed" and moved.error_kind == "http_307"
-    assert moved.last_error == (
-        "HTTP 307 Temporary Red\ufffdrect; redirected to http://h\ufffdte.example/v1:"
-        " fix the base URL"
-    )
+    assert moved.state == "pending"
 
 
 async def test_token_counts_no_column_can_hold_are_not_counts(
