@@ -391,16 +391,17 @@ _META_WITH_NUL_POSTGRES = (
 
 
 _REQUEST_COLUMNS = "id, line, custom_id, state, endpoint, model, body, meta"
-# Pages walk the primary key between the batch's first and last ids. On SQLite the unary `+`
-# keeps the planner off ix_jobs_claim, through which ORDER BY id would sort every remaining row
-# of the batch on each page.
+# Pages walk the primary key between the batch's first and last ids. The unary `+` (SQLite)
+# and `|| ''` (PostgreSQL) keep the planners off ix_jobs_claim, through which ORDER BY id would
+# sort every remaining row of the batch on each page (PostgreSQL: 0.5-0.9 s a page for a
+# million jobs).
 _JOB_REQUESTS_SQLITE = (
     f"SELECT {_REQUEST_COLUMNS} FROM jobs WHERE id > :after AND id <= :last"
     " AND +batch_id = :b ORDER BY id LIMIT :limit"
 )
 _JOB_REQUESTS_POSTGRES = (
-    f"SELECT {_REQUEST_COLUMNS} FROM jobs WHERE batch_id = :b AND id > :after AND id <= :last"
-    " ORDER BY id LIMIT :limit"
+    f"SELECT {_REQUEST_COLUMNS} FROM jobs WHERE id > :after AND id <= :last"
+    " AND batch_id || '' = :b ORDER BY id LIMIT :limit"
 )
 
 
@@ -447,7 +448,8 @@ async def iter_job_requests(
     last = span[1]
     chunk_rows = await store.ids_per_page(batch_id, span, chunk_rows, bodies=True)
     sql = _JOB_REQUESTS_SQLITE if store.is_sqlite else _JOB_REQUESTS_POSTGRES
-    after = 0
+    # (From the batch's first job: from 0, the first page walked every older batch's rows.)
+    after = span[0] - 1
     while True:
         params = {"b": batch_id, "after": after, "last": last, "limit": chunk_rows}
         async with store.reading() as conn:

@@ -112,13 +112,17 @@ def _last_attempt(column: str) -> str:
 def export_page_sql(sqlite: bool, states: Sequence[str]) -> str:
     """The export query for the jobs in `states` with ids in (:lo, :hi].
 
-    On SQLite the unary `+` keeps the planner off ix_jobs_claim (batch_id, state, id): through
-    it, each page would read every state's rows and sort them; on the primary key a page is a
-    plain range scan. PostgreSQL has no unary `+` for text and plans the range well by itself
-    (merge join of both primary keys; the results' range is spelled out for that).
+    The unary `+` (SQLite) and `|| ''` (PostgreSQL, which has no unary `+` for text) keep the
+    planners off ix_jobs_claim (batch_id, state, id): through it, each page would read every
+    state's rows and sort them; on the primary key a page is a plain range scan (on
+    PostgreSQL a merge join of both primary keys; the results' range is spelled out for that).
+    PostgreSQL took that way by itself once it had statistics of the batch, but before (a
+    batch submitted into a table ten times its size is not analyzed for hours) a page of a
+    million-job batch took 0.1-0.2 s instead of 3 ms.
     """
     in_states = ", ".join(f"'{state}'" for state in states)
-    plus = "+" if sqlite else ""
+    batch = "+j.batch_id" if sqlite else "j.batch_id || ''"
+    state = "+j.state" if sqlite else "j.state"
     return (
         "SELECT j.id, j.line, j.custom_id, j.state, j.model, j.meta, j.attempts,"
         " j.error_kind, j.last_status, j.last_error, r.response, r.status_code,"
@@ -128,7 +132,7 @@ def export_page_sql(sqlite: bool, states: Sequence[str]) -> str:
         f" COALESCE(r.latency_ms, {_last_attempt('latency_ms')}), r.finished_at"
         " FROM jobs j LEFT JOIN results r"
         " ON r.job_id = j.id AND r.job_id > :lo AND r.job_id <= :hi"
-        f" WHERE {plus}j.batch_id = :b AND {plus}j.state IN ({in_states})"
+        f" WHERE {batch} = :b AND {state} IN ({in_states})"
         " AND j.id > :lo AND j.id <= :hi ORDER BY j.id"
     )
 

@@ -278,10 +278,16 @@ _CLAIM_SQLITE = (
     " AND id > :after AND (not_before IS NULL OR not_before <= :now) ORDER BY id LIMIT :limit)"
     f" RETURNING {_CLAIM_COLUMNS}"
 )
+# On PostgreSQL `state = 'pending' ... ORDER BY id` let the planner, once it had statistics,
+# walk the primary key from the first job of the table and filter (it takes rows of a batch and
+# rows pending as independent, and the batch's rows as spread over the whole table): 0.5 s a
+# claim with 2.2 M other jobs before the batch, 1.2 s with none pending, at every look back.
+# Spelled as a range over (state, id), only ix_jobs_claim (batch_id, state, id) gives the
+# order: a claim reads its own rows, 1 ms, however many other batches the table holds.
 _CLAIM_POSTGRES = (
-    "WITH picked AS (SELECT id FROM jobs WHERE batch_id = :batch AND state = 'pending'"
-    " AND id > :after AND (not_before IS NULL OR not_before <= :now) ORDER BY id LIMIT :limit"
-    " FOR UPDATE SKIP LOCKED)"
+    "WITH picked AS (SELECT id FROM jobs WHERE batch_id = :batch AND (state, id) > ('pending',"
+    " :after) AND state <= 'pending' AND (not_before IS NULL OR not_before <= :now)"
+    " ORDER BY state, id LIMIT :limit FOR UPDATE SKIP LOCKED)"
     " UPDATE jobs SET state = 'running', lease_owner = :owner, lease_token = :token,"
     " lease_expires_at = :expires, updated_at = :now FROM picked WHERE jobs.id = picked.id"
     " RETURNING jobs.id, jobs.custom_id, jobs.line, jobs.endpoint, jobs.body, jobs.model,"
@@ -1419,10 +1425,14 @@ def export_page_ranges(span: tuple[int, int], rows: int) -> Iterator[tuple[int, 
 
 # The first and last job id of each state: one index seek each on ix_jobs_claim, where a plain
 # MIN(id), MAX(id) over the batch reads all its index entries (0.5 s a million on SQLite).
+# Each end a seek in ix_jobs_claim. As MIN(id) / MAX(id) of `state = ...`, PostgreSQL
+# without statistics of a new batch read all its pending entries (0.65 s for a million), and
+# with them could walk the primary key from the table's first job (see _CLAIM_POSTGRES).
 _BATCH_ID_SPAN = "SELECT " + ", ".join(
-    f"(SELECT {end}(id) FROM jobs WHERE batch_id = :b AND state = '{state.value}')"
+    f"(SELECT id FROM jobs WHERE batch_id = :b AND state >= '{state.value}'"
+    f" AND state <= '{state.value}' ORDER BY state{order}, id{order} LIMIT 1)"
     for state in JobState
-    for end in ("MIN", "MAX")
+    for order in ("", " DESC")
 )
 
 

@@ -16,19 +16,24 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import asyncpg  # type: ignore[import-untyped]  # no type stubs
+import orjson
 import pytest
 from sqlalchemy.engine import make_url
 
 from batchrunner import db
 from batchrunner.database import driver_words
 from batchrunner.errors import ConstraintViolation, StoreError, UsageError
+from batchrunner.export import _JOB_REQUESTS_POSTGRES
+from batchrunner.exportrows import export_page_sql
 from batchrunner.fakeapi import FakeConfig, FakeServer
 from batchrunner.ingest import submit_file
 from batchrunner.postgres import PgDatabase, PgUrl, positional
-from batchrunner.store import BatchInfo, JobStore
+from batchrunner.states import JobState
+from batchrunner.store import _BATCH_ID_SPAN, _CLAIM_POSTGRES, BatchInfo, JobStore
 from tests.conftest import batch_without_importing, chat, failed
 
 MakeFile = Callable[..., Path]
@@ -436,3 +441,103 @@ async def test_a_cancel_committed_while_retry_waits_leaves_no_job_pending(
         await holder.close()
         await other.close()
         await store.close()
+
+
+_BATCH_ROW = (
+    "INSERT INTO batches (id, name, source_file, content_sha256, base_url, api_key_env, options,"
+    " total_jobs, invalid_lines, created_at)"
+    " VALUES ($1, 'n', 'f', md5(random()::text), 'http://127.0.0.1', 'K', '{}', 0, 0, 0)"
+)
+_JOB_ROWS = (
+    "INSERT INTO jobs (batch_id, line, custom_id, method, endpoint, body, model, stream,"
+    " est_tokens, state, attempts, created_at, updated_at)"
+    " SELECT {batch}, g, 'c' || g, 'POST', '/v1/chat/completions', $1, 'm', false, 20,"
+    " {state}, 0, 0, 0 FROM generate_series(1, {rows}) g"
+)
+_BODY = orjson.dumps(chat("hello there, this is some text")).decode()
+
+
+def _nodes(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    yield plan
+    for child in plan.get("Plans", []):
+        yield from _nodes(child)
+
+
+async def _scans_of(conn: Any, sql: str, params: dict[str, Any], under: str | None) -> list[Any]:
+    """The nodes that read `jobs` in the plan of `sql` as it ran (rolled back), those under the
+    node named `under` (a CTE) if given."""
+    query, names = positional(sql)
+    transaction = conn.transaction()
+    await transaction.start()
+    try:
+        plan = orjson.loads(
+            await conn.fetchval(
+                f"EXPLAIN (ANALYZE, FORMAT JSON) {query}", *(params[n] for n in names)
+            )
+        )[0]["Plan"]
+    finally:
+        await transaction.rollback()
+    if under is not None:
+        (plan,) = [n for n in _nodes(plan) if n.get("Subplan Name") == under]
+    return [n for n in _nodes(plan) if "Scan" in n["Node Type"] and "CTE" not in n["Node Type"]]
+
+
+def _read_through_the_claim_index(scans: list[dict[str, Any]], rows: int) -> None:
+    """Each scan of `jobs` goes through ix_jobs_claim and reads `rows` rows, none more."""
+    assert {s.get("Index Name") for s in scans if "Index Name" in s} == {"ix_jobs_claim"}, scans
+    for scan in scans:
+        assert scan["Actual Rows"] <= rows, scans
+        assert scan.get("Rows Removed by Filter", 0) == 0, scans
+        assert scan.get("Rows Removed by Index Recheck", 0) == 0, scans
+
+
+@pytest.mark.postgres
+async def test_claims_and_spans_read_only_the_batchs_own_rows_in_a_table_of_many(
+    pg_url: str,
+) -> None:
+    """Once PostgreSQL had statistics, a claim walked the primary key from the table's first
+    job and filtered: with two million older jobs it took 0.5 s (a tenth of that here), at
+    every look back; without them, a new batch's span read all its pending entries."""
+    async with await JobStore.open(pg_url):
+        pass  # (the schema)
+    conn = await asyncpg.connect(pg_url)
+    try:
+        for batch in [*(f"old{n}" for n in range(24)), "big", "queued", "fresh"]:
+            await conn.execute(_BATCH_ROW, batch)
+        old = "'old' || ((g - 1) / 5000)"
+        await conn.execute(_JOB_ROWS.format(batch=old, state="'succeeded'", rows=120_000), _BODY)
+        pending = "CASE WHEN g > 99000 THEN 'pending' ELSE 'succeeded' END"
+        await conn.execute(_JOB_ROWS.format(batch="'big'", state=pending, rows=100_000), _BODY)
+        queued = _JOB_ROWS.format(batch="'queued'", state="'pending'", rows=20_000)
+        await conn.execute(queued, _BODY)
+        await conn.execute("ANALYZE jobs")
+        # Submitted after the statistics were made: PostgreSQL knows nothing of it.
+        fresh = _JOB_ROWS.format(batch="'fresh'", state="'pending'", rows=50_000)
+        await conn.execute(fresh, _BODY)
+        for batch, pending_jobs in (("big", 1_000), ("fresh", 1_000), ("old3", 0)):
+            params = {
+                "batch": batch, "after": 0, "now": 1e12, "limit": 1_000, "owner": "w",
+                "token": "t", "expires": 2e12,
+            }  # fmt: skip
+            scans = await _scans_of(conn, _CLAIM_POSTGRES, params, "CTE picked")
+            _read_through_the_claim_index(scans, pending_jobs)
+            assert max(s["Actual Rows"] for s in scans) == pending_jobs
+        for batch in ("big", "fresh"):
+            scans = await _scans_of(conn, _BATCH_ID_SPAN, {"b": batch}, None)
+            assert len(scans) == 2 * len(JobState)
+            _read_through_the_claim_index(scans, 1)
+        # Export pages and request pages of the new batch: a range of the primary key each
+        # (through ix_jobs_claim, a page of a million-job batch took 0.1-0.9 s).
+        first = await conn.fetchval("SELECT min(id) FROM jobs WHERE batch_id = 'fresh'")
+        page = {"b": "fresh", "lo": first + 9_999, "hi": first + 14_999}
+        for sql, params, rows in (
+            (export_page_sql(False, ["pending", "succeeded"]), page, 5_000),
+            (_JOB_REQUESTS_POSTGRES, {"b": "fresh", "after": first + 9_999, "last": first + 49_999,
+                                      "limit": 2_000}, 2_000),
+        ):  # fmt: skip
+            scans = [s for s in await _scans_of(conn, sql, params, None) if "Index Name" in s]
+            jobs = [s for s in scans if s["Relation Name"] == "jobs"]
+            assert [s["Index Name"] for s in jobs] == ["pk_jobs"], scans
+            assert jobs[0]["Actual Rows"] == rows
+    finally:
+        await conn.close()
