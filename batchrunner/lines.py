@@ -254,7 +254,9 @@ def _check_body(body: dict[str, Any]) -> tuple[str, bool, int, int]:
             raise BadLine(f"messages[{i}] must be an object, not {_json_type(message)}")
         role = message.get("role")
         if type(role) is not str or not role:
-            raise BadLine(f"messages[{i}] has no 'role'")
+            if role is None:
+                raise BadLine(f"messages[{i}] has no 'role'")
+            raise BadLine(f"messages[{i}].role must be a non-empty string, not {_shown(role)}")
     stream = body.get("stream")
     if stream is None:
         stream = False  # absent, or null as the API takes it
@@ -291,6 +293,13 @@ def parse_row(raw: bytes, number: int, meta_keys: set[str] | None = None) -> Job
             raw.decode("utf-8")
         except UnicodeDecodeError:
             raise BadLine("not valid UTF-8") from None
+        # (orjson points at a minus sign's next character, at the others' first)
+        start = exc.pos - 1 if raw[exc.pos - 1 : exc.pos] == b"-" else exc.pos
+        word = re.match(rb"-?(NaN|Infinity)", raw[start : start + 9])
+        if word:
+            # (Python's json.dumps writes them; the API refuses them, as JSON has no such number.)
+            number = word[0].decode()
+            raise BadLine(f"invalid JSON: {number} is not a JSON number ({exc})") from None
         raise BadLine(f"invalid JSON: {exc}") from None
     obj = _require_object(value, "a line")
 

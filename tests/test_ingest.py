@@ -121,6 +121,10 @@ async def test_bodies_are_kept_whole(store: JobStore, make_file: MakeFile) -> No
 
 BAD_LINES: list[tuple[bytes, str]] = [
     (b"{not json", "invalid JSON"),
+    (b'{"model": "m", "messages": [{"role": "user"}], "temperature": NaN}',
+     "invalid JSON: NaN is not a JSON number"),
+    (b'{"model": "m", "messages": [{"role": "user"}], "top_p": -Infinity}',
+     "invalid JSON: -Infinity is not a JSON number"),
     (b"[1, 2]", "must be a JSON object, not an array"),
     (b'"text"', "not a string"),
     (orjson.dumps({"messages": [{"role": "user", "content": "x"}]}), "missing 'model'"),
@@ -129,6 +133,8 @@ BAD_LINES: list[tuple[bytes, str]] = [
     (orjson.dumps({"model": "m", "messages": "hi"}), "'messages' must be an array"),
     (orjson.dumps({"model": "", "messages": [{"role": "user"}]}), "non-empty string"),
     (orjson.dumps({"model": "m", "messages": [{"content": "x"}]}), "has no 'role'"),
+    (orjson.dumps({"model": "m", "messages": [{"role": 1}]}),
+     "messages[0].role must be a non-empty string, not 1"),
     (orjson.dumps(batch_line("x", chat("q"), method="GET")), "unsupported method 'GET'"),
     (orjson.dumps({**batch_line("x", chat("q")), "url": "/v1/embeddings"}), "unsupported url"),
     (orjson.dumps(batch_line("", chat("q"))), "'custom_id' must be a non-empty string"),
