@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import gc
 import logging
 import math
 import os
+import re
 import secrets
 import signal
 import stat
@@ -46,6 +48,13 @@ class _Aborted(click.ClickException):
 
 class _Unusable(click.ClickException):
     exit_code = EXIT_USAGE
+
+
+def _stdout_needed(why: str) -> None:
+    """Refuse to begin a command whose output is its point when standard output is closed
+    (`>&-`): click would drop what it prints, and the command exit 0."""
+    if sys.stdout is None:
+        raise _fail(UsageError(f"standard output is closed: {why}"))
 
 
 def _fail(exc: BatchrunnerError) -> click.ClickException:
@@ -110,7 +119,11 @@ def _must_exist(db_url: str) -> None:
 
 
 def _err(message: str) -> None:
-    click.echo(shown(message), err=True)
+    """A message for the person at the terminal. A stderr nobody reads any more (`2>&1 | tee`
+    whose tee was stopped by the same Ctrl-C, `2>/dev/full`) changes nothing of what the
+    command does nor of its exit code: a run stopped by a first Ctrl-C drains as ever."""
+    with contextlib.suppress(OSError):
+        click.echo(shown(message), err=True)
 
 
 class _ShownFormatter(logging.Formatter):
@@ -208,6 +221,7 @@ def submit(
     """
     from batchrunner.ingest import submit_file
 
+    _stdout_needed("the batch id could not be printed")
     result = ctx.with_store(
         lambda store: submit_file(
             store,
@@ -402,6 +416,7 @@ def status(ctx: _Context, batch_id: str | None, as_json: bool, prices_path: Path
     from batchrunner import report
     from batchrunner.pricing import PriceBook
 
+    _stdout_needed("nothing could be shown")
     if batch_id is None:
         rows = ctx.with_store(report.all_batches, existing=True)
         if as_json:
@@ -518,9 +533,26 @@ def export(
                 partial.unlink(missing_ok=True)
         return n
 
-    if output == "-":
-        n = ctx.with_store(lambda store: write(store, sys.stdout.buffer), existing=True)
-        sys.stdout.flush()
+    async def to_descriptor(store: JobStore, fd: int) -> int:
+        await store.get_batch(batch_id)
+        try:
+            # (An open descriptor: nothing to wait for.)
+            f = open(fd, "wb", closefd=False)  # noqa: ASYNC230, SIM115
+        except OSError as exc:
+            raise UsageError(f"cannot write {output}: {exc.strerror or exc}") from None
+        with f:
+            return await write(store, f)
+
+    fd = 1 if output == "-" else _descriptor(output)
+    if fd is not None:
+        # Standard output (`-`, /dev/stdout) or another open descriptor (/dev/fd/3): written
+        # through as it is. Opened by its name, `>> all.csv` would be truncated (or, renamed
+        # over, replaced), and a pipe's name (/proc/PID/fd/pipe:[N]) opens nothing.
+        if fd == 1 and sys.stdout is None:
+            raise _fail(UsageError("standard output is closed: name a file with -o FILE"))
+        if fd == 1:
+            sys.stdout.flush()
+        n = ctx.with_store(lambda store: to_descriptor(store, fd), existing=True)
     else:
         target = Path(output)
         # A file is written aside and renamed at the end: a file at PATH is always a whole
@@ -551,6 +583,21 @@ def export(
         aside = not target.exists() or target.is_file()
         n = ctx.with_store(lambda store: to_file(store, target, aside), existing=True)
     _err(f"exported {n} row(s) of {batch_id}" + ("" if output == "-" else f" to {output}"))
+
+
+#: Names of this process's open file descriptors.
+_DESCRIPTOR_NAME = re.compile(r"/dev/(?:fd/(\d+)|(stdout)|(stderr))|/proc/(?:self|(\d+))/fd/(\d+)")
+
+
+def _descriptor(output: str) -> int | None:
+    """The file descriptor `output` names (/dev/stdout, /dev/fd/N, /proc/self/fd/N), if any."""
+    match = _DESCRIPTOR_NAME.fullmatch(os.path.normpath(output))
+    if match is None:
+        return None
+    fd, stdout, stderr, pid, proc_fd = match.groups()
+    if pid is not None and int(pid) != os.getpid():
+        return None  # (another process's: a file like any other)
+    return 1 if stdout else 2 if stderr else int(fd or proc_fd)
 
 
 def _may_replace(path: Path) -> bool:
@@ -616,6 +663,7 @@ def estimate(ctx: _Context, target: str, as_json: bool, prices_path: Path | None
     from batchrunner import estimate as est
     from batchrunner.pricing import PriceBook
 
+    _stdout_needed("nothing could be shown")
     prices = PriceBook.load(prices_path)
     if names_a_file(target):
         result = _run(est.estimate_file(target, prices))

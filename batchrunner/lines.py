@@ -298,8 +298,8 @@ def parse_row(raw: bytes, number: int, meta_keys: set[str] | None = None) -> Job
         word = re.match(rb"-?(NaN|Infinity)", raw[start : start + 9])
         if word:
             # (Python's json.dumps writes them; the API refuses them, as JSON has no such number.)
-            number = word[0].decode()
-            raise BadLine(f"invalid JSON: {number} is not a JSON number ({exc})") from None
+            literal = word[0].decode()
+            raise BadLine(f"invalid JSON: {literal} is not a JSON number ({exc})") from None
         raise BadLine(f"invalid JSON: {exc}") from None
     obj = _require_object(value, "a line")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -164,11 +165,14 @@ async def run(
         nonlocal interrupts
         interrupts += 1
         if interrupts == 1:
-            warn(
-                f"stopping: waiting up to {config.grace_s:.0f}s for requests in flight"
-                " (Ctrl-C again to stop at once)"
-            )
+            # Stopped first: the message may not get out (a stderr whose reader the same
+            # Ctrl-C ended), and the stop must not depend on it.
             dispatcher.stop(StopReason.INTERRUPTED)
+            with contextlib.suppress(OSError):
+                warn(
+                    f"stopping: waiting up to {config.grace_s:.0f}s for requests in flight"
+                    " (Ctrl-C again to stop at once)"
+                )
         else:
             # A second Ctrl-C: no grace; what is in flight is sent again by the next run.
             dispatcher.force_stop()

@@ -10,6 +10,8 @@ import os
 import signal
 import sqlite3
 import stat
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -266,6 +268,54 @@ def test_export_to_a_pipe_writes_into_the_pipe(
     assert result.returncode == 0, result.stderr
     assert stat.S_ISFIFO(pipe.stat().st_mode)
     assert received and received[0].decode().count("\n") == 4  # the header and three rows
+
+
+def test_export_to_dev_stdout_writes_through_the_descriptor(
+    make_file: MakeFile, sqlite_url: str, server: FakeServerThread, tmp_path: Path
+) -> None:
+    """`export B -o /dev/stdout >> all.csv` replaced all.csv (its earlier lines lost), and to a
+    pipe failed on its name (/proc/PID/fd/pipe:[N]); with stdout closed, a traceback."""
+    path = make_file([chat(f"q{i}") for i in range(3)])
+    batch_id = run_cli("submit", str(path), "--base-url", server.url, db=sqlite_url).stdout.strip()
+    assert run_cli("run", batch_id, "--quiet", db=sqlite_url).returncode == 0
+    alone = run_cli("export", batch_id, db=sqlite_url).stdout
+    assert alone.count("\n") == 4  # the header and three rows
+
+    command = [sys.executable, "-m", "batchrunner", "--db", sqlite_url, "export", batch_id]
+    for name in ("/dev/stdout", "/dev/fd/1", "/proc/self/fd/1"):
+        combined = tmp_path / "all.csv"
+        combined.write_text("EARLIER\n")
+        inode = combined.stat().st_ino
+        with combined.open("a") as out:
+            done = subprocess.run([*command, "-o", name], stdout=out, timeout=60)
+        assert done.returncode == 0
+        assert combined.stat().st_ino == inode
+        assert combined.read_text() == "EARLIER\n" + alone
+        piped = subprocess.run([*command, "-o", name], capture_output=True, text=True, timeout=60)
+        assert (piped.returncode, piped.stdout) == (0, alone), piped.stderr
+
+    closed = subprocess.run(
+        command, capture_output=True, text=True, timeout=60, preexec_fn=lambda: os.close(1)
+    )
+    assert closed.returncode == 2
+    assert closed.stderr.strip() == "Error: standard output is closed: name a file with -o FILE"
+    # The commands whose output is their point say so too, before doing anything (submit
+    # loaded the batch, exit 0, its id lost).
+    again = make_file([chat("new")])
+    for args, why in (
+        (["submit", str(again)], "the batch id could not be printed"),
+        (["status", batch_id], "nothing could be shown"),
+        (["estimate", batch_id], "nothing could be shown"),
+    ):
+        closed = subprocess.run(
+            [sys.executable, "-m", "batchrunner", "--db", sqlite_url, *args],
+            capture_output=True, text=True, timeout=60, preexec_fn=lambda: os.close(1),
+        )  # fmt: skip
+        assert (closed.returncode, closed.stderr.strip()) == (
+            2,
+            f"Error: standard output is closed: {why}",
+        )
+    assert run_cli("status", db=sqlite_url).stdout.count("batch_") == 1, "nothing was loaded"
 
 
 def test_export_to_a_symbolic_link_writes_where_it_points(
@@ -640,6 +690,37 @@ def test_an_installed_demo_finds_the_examples_beside_the_package(
     (package / "examples" / "01-chat.jsonl").unlink()
     with pytest.raises(UsageError, match="example request files are missing"):
         demo.example_files()
+
+
+@pytest.mark.slow
+def test_a_stderr_nobody_reads_changes_neither_the_stop_nor_the_exit_code(
+    make_file: MakeFile, tmp_path: Path
+) -> None:
+    """`run B 2>&1 | tee log` and a Ctrl-C, which ends tee too: the message of the first
+    Ctrl-C could not be written, so the run did not stop, and the second Ctrl-C abandoned
+    what was in flight (exit 1, jobs leased). A run whose stderr broke ended 1 after every job
+    succeeded."""
+    jobs = 300
+    with _slow_batch(make_file, tmp_path, jobs) as (db_file, db, srv, batch_id):
+        with started_cli("run", batch_id, "--concurrency", "8", db=db) as proc:
+            assert proc.stderr is not None
+            proc.stderr.close()  # (its reader gone: each write to it fails)
+            proc.stderr = None
+            _wait_for_results(db_file, 20)
+            proc.send_signal(signal.SIGINT)
+            proc.communicate(timeout=60)
+        assert proc.returncode == 130
+        done = _results(db_file)
+        assert done < jobs
+        assert srv.stats.requests_total == done, "what was in flight was waited for"
+
+        with started_cli("run", batch_id, "--concurrency", "8", db=db) as proc:
+            assert proc.stderr is not None
+            proc.stderr.close()
+            proc.stderr = None
+            proc.communicate(timeout=60)
+        assert proc.returncode == 0
+    assert _results(db_file) == jobs
 
 
 @pytest.mark.slow
