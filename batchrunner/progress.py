@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import time
 from collections import deque
-from typing import TextIO
+from typing import Any, TextIO
 
 from batchrunner.dispatcher import Dispatcher, RunStats
 from batchrunner.errors import StoreError
@@ -35,6 +36,10 @@ class Pace:
 
     def sample(self, st: RunStats, now: float) -> tuple[float, float, float | None]:
         """(jobs ended a second, tokens a second, seconds left) as of `now` (monotonic)."""
+        if not st.total:
+            # The batch's counts are not read yet (the run's first moment): the jobs ended
+            # before would count as ended now, a pace of thousands a second for a resumed run.
+            return 0.0, 0.0, None
         done = st.ended_before + st.ended
         if self._start is None:
             self._start = (st.started_s, st.ended_before, 0)
@@ -107,7 +112,7 @@ def status_line(d: Dispatcher, pace: Pace, now: float | None = None) -> str:
 async def show(d: Dispatcher, stream: TextIO | None = None) -> None:
     """Render progress until cancelled."""
     out = stream or sys.stderr
-    if out.isatty():
+    if out.isatty() and os.environ.get("TERM", "") not in ("dumb", "unknown"):
         await _live(d, out)
     else:
         pace = Pace()
@@ -120,47 +125,90 @@ async def show(d: Dispatcher, stream: TextIO | None = None) -> None:
             print(status_line(d, pace), file=out, flush=True)
 
 
+#: The narrowest bar worth drawing, and the widest drawn.
+_BAR_MIN, _BAR_MAX = 10, 40
+
+
+def live_layout(
+    width: int, name: str, count: str, details: list[str]
+) -> tuple[str, int | None, str]:
+    """What of the live line fits `width` columns: (the batch's name or "", the bar's width or
+    None for no bar, the details). `details` are the line's parts, the most wanted first; the
+    count and the time left always show. On 80 columns rich cut the count to "2…" and dropped
+    the bar; the parts are dropped instead, the least wanted first, then the bar, then the
+    name."""
+    # Five columns, a space between each: name, bar, count, time left, details.
+    eta = len("0:00:00")
+    for keep_name in (True, False):
+        fixed = (len(name) if keep_name else 0) + len(count) + eta + 4
+        for n in range(len(details), 0, -1):
+            detail = "  ".join(details[:n])
+            room = width - fixed - len(detail)
+            if room >= _BAR_MIN:
+                return (name if keep_name else ""), min(room, _BAR_MAX), detail
+        if fixed + 1 + len(details[0]) <= width:  # (a bar of no width is drawn one wide)
+            return (name if keep_name else ""), None, details[0]
+    return "", None, details[0]
+
+
+def live_columns() -> tuple[list[Any], Any]:
+    """The live line's columns, and its bar's (whose width `live_layout` sets)."""
+    from rich.progress import BarColumn, TextColumn, TimeRemainingColumn
+    from rich.table import Column
+
+    bar = BarColumn(bar_width=_BAR_MAX)
+    return [
+        TextColumn("[bold]{task.fields[name]}", table_column=Column(no_wrap=True)),
+        bar,
+        TextColumn("{task.fields[count]}", table_column=Column(no_wrap=True)),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[detail]}", table_column=Column(no_wrap=True)),
+    ], bar
+
+
 async def _live(d: Dispatcher, out: TextIO) -> None:
     from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import Progress
 
     console = Console(file=out)
-    with Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[detail]}"),
-        console=console,
-        transient=False,
-    ) as bar:
-        task = bar.add_task(d.batch.id, total=d.stats.total or None, detail="")
+    columns, bar_column = live_columns()
+    with Progress(*columns, console=console, transient=False) as bar:
+        task = bar.add_task("", total=None, name=d.batch.id, count="", detail="")
         pace = Pace()
+
+        def draw() -> None:
+            st = d.stats
+            per_s, tokens_per_s, _ = pace.sample(st, time.monotonic())
+            snap = d.pacer.snapshot()
+            done = st.ended_before + st.ended
+            # The most wanted first: what is slowing the run, then its outcome and pace.
+            details = [f"ok {st.succeeded}  failed {st.failed}  {per_s:.1f} req/s"]
+            if snap.outage_s > 0:
+                details.insert(0, f"no answer for {snap.outage_s:.0f}s")
+            if snap.pause_left_s > 0:
+                details.insert(0, f"paused {snap.pause_left_s:.1f}s")
+            if (rpm := slowed_to(snap)) is not None:
+                details.insert(0, f"slowed to {rpm:.0f} rpm")
+            details += [
+                f"in flight {st.in_flight}",
+                f"retrying {st.retrying}",
+                f"{tokens_per_s:.0f} tok/s",
+            ]
+            count = f"{done}/{st.total}" if st.total else "starting"
+            name, bar_width, detail = live_layout(console.width, d.batch.id, count, details)
+            bar_column.bar_width = bar_width or 0
+            bar.update(
+                task, total=st.total or None, completed=done, name=name, count=count, detail=detail
+            )
+
         refreshed = time.monotonic()
         try:
             while True:
                 if time.monotonic() - refreshed >= REFRESH_EVERY_S:
                     refreshed = time.monotonic()
                     await refresh(d)
-                st = d.stats
-                per_s, tokens_per_s, _ = pace.sample(st, time.monotonic())
-                snap = d.pacer.snapshot()
-                detail = (
-                    f"ok {st.succeeded}  failed {st.failed}  in flight {st.in_flight}  "
-                    f"retrying {st.retrying}  {per_s:.1f} req/s  {tokens_per_s:.0f} tok/s"
-                )
-                if snap.pause_left_s > 0:
-                    detail += f"  paused {snap.pause_left_s:.1f}s"
-                if (rpm := slowed_to(snap)) is not None:
-                    detail += f"  slowed to {rpm:.0f} rpm"
-                if snap.outage_s > 0:
-                    detail += f"  no answer for {snap.outage_s:.0f}s"
-                bar.update(
-                    task,
-                    total=st.total or None,
-                    completed=st.ended_before + st.ended,
-                    detail=detail,
-                )
+                draw()
                 await asyncio.sleep(LIVE_EVERY_S)
         finally:
+            draw()  # (where the run ended, not where the last turn saw it)
             bar.refresh()

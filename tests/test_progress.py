@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import re
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -15,7 +17,14 @@ from batchrunner.dispatcher import RunStats
 from batchrunner.ingest import submit_file
 from batchrunner.limiter import OUTAGE_AFTER, OUTAGE_SILENCE_S, Pacer
 from batchrunner.outcome import Outcome, OutcomeKind
-from batchrunner.progress import PACE_WINDOW_S, Pace, refresh, status_line
+from batchrunner.progress import (
+    PACE_WINDOW_S,
+    Pace,
+    live_columns,
+    live_layout,
+    refresh,
+    status_line,
+)
 from batchrunner.states import JobState
 from batchrunner.store import JobStore
 from tests.conftest import chat, succeeded
@@ -63,6 +72,50 @@ def test_until_a_window_has_passed_the_pace_is_since_the_start() -> None:
     assert per_s == pytest.approx(20 / (PACE_WINDOW_S / 3))
     assert tokens_per_s == 0.0
     assert eta_s == pytest.approx(80 / per_s)
+
+
+def test_a_resumed_run_paces_from_its_own_start_not_from_zero() -> None:
+    """The live line's first sample came before the batch's counts were read: the 2,000 jobs
+    ended by earlier runs counted as ended in the first second (3,773 req/s, falling over
+    half a minute, for a run going at 25)."""
+    stats = RunStats(started_s=0.0)
+    pace = Pace()
+    assert pace.sample(stats, 0.01) == (0.0, 0.0, None)  # (nothing known yet)
+    stats.total, stats.ended_before = 3_000, 2_000  # the dispatcher's first read
+    stats.succeeded = 25
+    per_s, _, _ = pace.sample(stats, 1.0)
+    assert per_s == pytest.approx(25.0)
+
+
+@pytest.mark.parametrize(
+    ("width", "name", "bar", "parts"),
+    [(160, True, 40, 4), (100, True, 17, 2), (80, True, 10, 1), (60, False, 12, 1),
+     (49, False, None, 1)],
+)  # fmt: skip
+def test_the_live_line_fits_the_terminal_dropping_the_least_wanted_first(
+    width: int, name: bool, bar: int | None, parts: int
+) -> None:
+    """On 80 columns rich cut the count to "2…" and dropped the bar to fit everything else."""
+    from rich.console import Console
+    from rich.progress import Progress
+
+    details = ["ok 256  failed 0  25.6 req/s", "in flight 8", "retrying 0", "1234 tok/s"]
+    batch, count = "batch_7d87231f7e2a4b1c", "2000/3000"
+    shown, bar_width, detail = live_layout(width, batch, count, details)
+    assert (shown == batch, bar_width, detail) == (name, bar, "  ".join(details[:parts]))
+
+    out = io.StringIO()
+    columns, bar_column = live_columns()
+    bar_column.bar_width = bar_width or 0
+    console = Console(file=out, width=width, force_terminal=True, color_system=None)
+    with Progress(*columns, console=console, auto_refresh=False) as progress:
+        task = progress.add_task("", total=3000, name=shown, count=count, detail=detail)
+        progress.update(task, completed=2000)
+    text = re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", out.getvalue())
+    line = [line for line in text.splitlines() if line.strip()][-1]
+    assert "…" not in line and len(line) <= width
+    assert f"{shown} " in line and f" {count} " in line and line.endswith(detail)
+    assert line.count("━") + line.count("╸") + line.count(" ") >= (bar_width or 0)
 
 
 def test_two_runs_sharing_a_batch_each_show_the_time_left_to_both() -> None:
