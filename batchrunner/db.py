@@ -4,6 +4,7 @@ through asyncpg (postgres.py)."""
 
 from __future__ import annotations
 
+import asyncio
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
@@ -188,4 +189,10 @@ async def _alembic(engine: AsyncEngine, verb: str, revision: str) -> None:
         async with engine.begin() as conn:
             await conn.run_sync(_run)
     except Exception as exc:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            # Ctrl-C or SIGTERM cancelled the migration (its transaction is not committed);
+            # the rollback of a connection the cancel broke fails in turn, and that is no
+            # fault of the database (it was reported as one, exit 1).
+            raise asyncio.CancelledError() from exc
         raise StoreError(f"could not migrate the database: {describe(exc)}") from exc
