@@ -381,21 +381,18 @@ def is_completion(value: object) -> bool:
     """Whether a parsed answer is a chat completion (and not an error or another object):
     one choice at least, each an object with its message or its finish_reason (`"choices":
     []`, or `[null]`, is no answer)."""
-    if not isinstance(value, dict) or value.get("object", "chat.completion") not in (
-        "chat.completion",
-        None,
-    ):
+    if type(value) is not dict:
         return False
     choices = value.get("choices")
-    return (
-        type(choices) is list
-        and bool(choices)
-        and all(
-            type(c) is dict
-            and (type(c.get("message")) is dict or type(c.get("finish_reason")) is str)
-            for c in choices
-        )
-    )
+    if type(choices) is not list or not choices:
+        return False
+    # (A loop, not all() over a generator: this runs for every answer.)
+    for choice in choices:
+        if type(choice) is not dict or (
+            type(choice.get("message")) is not dict and type(choice.get("finish_reason")) is not str
+        ):
+            return False
+    return value.get("object", "chat.completion") in ("chat.completion", None)
 
 
 def _error_of(value: object) -> dict[str, Any] | None:
