@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import fcntl
 import gc
 import logging
 import math
@@ -535,12 +536,8 @@ def export(
 
     async def to_descriptor(store: JobStore, fd: int) -> int:
         await store.get_batch(batch_id)
-        try:
-            # (An open descriptor: nothing to wait for.)
-            f = open(fd, "wb", closefd=False)  # noqa: ASYNC230, SIM115
-        except OSError as exc:
-            raise UsageError(f"cannot write {output}: {exc.strerror or exc}") from None
-        with f:
+        # (An open descriptor, our own copy of it: nothing to wait for.)
+        with open(fd, "wb") as f:  # noqa: ASYNC230
             return await write(store, f)
 
     fd = 1 if output == "-" else _descriptor(output)
@@ -552,7 +549,11 @@ def export(
             raise _fail(UsageError("standard output is closed: name a file with -o FILE"))
         if fd == 1:
             sys.stdout.flush()
-        n = ctx.with_store(lambda store: to_descriptor(store, fd), existing=True)
+        # Taken now, before the command opens anything: a number the shell did not open
+        # would be the database's own file by the time it was written (/dev/fd/6 wrote the
+        # CSV over SQLite's first page).
+        mine = _writable_copy(fd, output)
+        n = ctx.with_store(lambda store: to_descriptor(store, mine), existing=True)
     else:
         target = Path(output)
         # A file is written aside and renamed at the end: a file at PATH is always a whole
@@ -586,18 +587,34 @@ def export(
 
 
 #: Names of this process's open file descriptors.
-_DESCRIPTOR_NAME = re.compile(r"/dev/(?:fd/(\d+)|(stdout)|(stderr))|/proc/(?:self|(\d+))/fd/(\d+)")
+_DESCRIPTOR_NAME = re.compile(
+    r"/dev/(?:fd/(\d+)|(stdout)|(stderr))|/proc/(?:self|thread-self|(\d+))/fd/(\d+)"
+)
 
 
 def _descriptor(output: str) -> int | None:
     """The file descriptor `output` names (/dev/stdout, /dev/fd/N, /proc/self/fd/N), if any."""
-    match = _DESCRIPTOR_NAME.fullmatch(os.path.normpath(output))
+    path = os.path.normpath(output)
+    if path.startswith("//"):
+        path = "/" + path.lstrip("/")  # (POSIX leaves a leading `//` to the system: not Linux)
+    match = _DESCRIPTOR_NAME.fullmatch(path)
     if match is None:
         return None
     fd, stdout, stderr, pid, proc_fd = match.groups()
     if pid is not None and int(pid) != os.getpid():
         return None  # (another process's: a file like any other)
     return 1 if stdout else 2 if stderr else int(fd or proc_fd)
+
+
+def _writable_copy(fd: int, output: str) -> int:
+    """A descriptor of our own for the open descriptor `fd`, which the command may write."""
+    try:
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    except OSError:
+        raise _fail(UsageError(f"cannot write {output}: no such open file descriptor")) from None
+    if flags & os.O_ACCMODE == os.O_RDONLY:
+        raise _fail(UsageError(f"cannot write {output}: it is open for reading only"))
+    return os.dup(fd)
 
 
 def _may_replace(path: Path) -> bool:

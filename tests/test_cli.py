@@ -282,7 +282,7 @@ def test_export_to_dev_stdout_writes_through_the_descriptor(
     assert alone.count("\n") == 4  # the header and three rows
 
     command = [sys.executable, "-m", "batchrunner", "--db", sqlite_url, "export", batch_id]
-    for name in ("/dev/stdout", "/dev/fd/1", "/proc/self/fd/1"):
+    for name in ("/dev/stdout", "/dev/fd/1", "/proc/self/fd/1", "//dev/stdout"):
         combined = tmp_path / "all.csv"
         combined.write_text("EARLIER\n")
         inode = combined.stat().st_ino
@@ -299,6 +299,21 @@ def test_export_to_dev_stdout_writes_through_the_descriptor(
     )
     assert closed.returncode == 2
     assert closed.stderr.strip() == "Error: standard output is closed: name a file with -o FILE"
+    # A number nobody opened was, by the time it was written, the database's own file: the
+    # CSV went over SQLite's first page ("exported 0 row(s)", exit 0; then no command worked).
+    for fd in range(3, 9):
+        unopened = run_cli("export", batch_id, "-o", f"/dev/fd/{fd}", db=sqlite_url)
+        assert unopened.returncode == 2
+        assert "no such open file descriptor" in unopened.stderr
+    assert run_cli("export", batch_id, db=sqlite_url).stdout == alone
+    (tmp_path / "input").write_text("")
+    with (tmp_path / "input").open() as reading:
+        done = subprocess.run([*command, "-o", "/dev/fd/0"], stdin=reading.fileno(),
+                              capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert (done.returncode, done.stderr.strip()) == (
+        2,
+        "Error: cannot write /dev/fd/0: it is open for reading only",
+    )
     # The commands whose output is their point say so too, before doing anything (submit
     # loaded the batch, exit 0, its id lost).
     again = make_file([chat("new")])
