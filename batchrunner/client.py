@@ -199,6 +199,8 @@ def _no_proxy(host: str, port: int | None, proxies: Mapping[str, str]) -> bool:
     bypass = urllib.request.proxy_bypass_environment  # type: ignore[attr-defined]  # untyped
     if bypass(host, proxies) or (port and bypass(f"{host}:{port}", proxies)):
         return True
+    if ":" in host and port and bypass(f"[{host}]:{port}", proxies):
+        return True  # (`[2001:db8::5]:8443`)
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
@@ -393,6 +395,14 @@ def is_completion(value: object) -> bool:
         ):
             return False
     return value.get("object", "chat.completion") in ("chat.completion", None)
+
+
+def _refused_whole(value: object) -> bool:
+    """An answer with no choice at all that says it was processed: usage counted, or the
+    prompt's feedback (Gemini's blockReason) given."""
+    if type(value) is not dict or value.get("choices") != []:
+        return False
+    return any(value.get(key) for key in ("usage", "prompt_feedback", "promptFeedback"))
 
 
 def _error_of(value: object) -> dict[str, Any] | None:
@@ -665,6 +675,10 @@ def _classify(
             else "answer is not a chat completion"
         )
         kind, error_kind = _in_band(error, "not_completion")
+        if error is None and _refused_whole(parsed):
+            # Billed and answered with nothing (a prompt the provider blocks): the same again
+            # on every attempt, each paid for.
+            kind, error_kind = OutcomeKind.FAIL_JOB, "no_choice"
         return Outcome(
             kind,
             status,
@@ -732,12 +746,15 @@ def _by_status(status: int, error: dict[str, Any] | None) -> tuple[OutcomeKind, 
         return OutcomeKind.RETRY, "server_error"
     if status in _RETRY_4XX:
         return OutcomeKind.RETRY, f"http_{status}"
-    if 300 <= status < 400:
+    if status in _REDIRECTS:
         # Not followed (a POST must not turn into a GET, nor the key travel to another host),
         # and the same for every request: no job of the run can succeed.
         return OutcomeKind.STOP_RUN, "redirect"
     # Other 4xx: sending the same request again cannot help.
     return OutcomeKind.FAIL_JOB, f"http_{status}"
+
+
+_REDIRECTS: Final = frozenset({301, 302, 303, 307, 308})
 
 
 def _status_of(error: dict[str, Any]) -> int | None:
@@ -1713,7 +1730,10 @@ class ApiClient:
                 if (
                     status == 200
                     and raw[:1] != b"{"
-                    and raw.lstrip(_BOM + b" \t\r\n")[:5] == b"data:"
+                    and (
+                        response.content_type == "text/event-stream"
+                        or raw.lstrip(_BOM + b" \t\r\n")[:5] == b"data:"
+                    )
                 ):
                     # (An event stream labelled as JSON, or sent for a request that asked for
                     # none: it is the answer all the same, paid for.)

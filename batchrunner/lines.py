@@ -293,8 +293,10 @@ def parse_row(raw: bytes, number: int, meta_keys: set[str] | None = None) -> Job
             raw.decode("utf-8")
         except UnicodeDecodeError:
             raise BadLine("not valid UTF-8") from None
-        # (orjson points at a minus sign's next character, at the others' first)
-        start = exc.pos - 1 if raw[exc.pos - 1 : exc.pos] == b"-" else exc.pos
+        # (orjson gives a character's position, at a minus sign's next character, at the
+        # others' first; the line is UTF-8, checked above)
+        at = len(raw.decode()[: exc.pos].encode())
+        start = at - 1 if raw[at - 1 : at] == b"-" else at
         word = re.match(rb"-?(NaN|Infinity)", raw[start : start + 9])
         if word:
             # (Python's json.dumps writes them; the API refuses them, as JSON has no such number.)

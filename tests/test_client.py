@@ -1302,12 +1302,46 @@ async def test_what_a_stream_sends_after_done_is_no_part_of_it(serve: Serve) -> 
 async def test_a_200_without_a_choice_is_no_completion(serve: Serve, choices: object) -> None:
     """`"choices": []` (or choices that are not objects, or one with neither message nor
     finish_reason) was stored as a success with nothing in it."""
-    outcome = await send(await serve(answer(200, {**COMPLETION, "choices": choices})))
+    no_usage = {k: v for k, v in COMPLETION.items() if k != "usage"}
+    outcome = await send(await serve(answer(200, {**no_usage, "choices": choices})))
     assert (outcome.kind, outcome.error_kind) == (OutcomeKind.RETRY, "not_completion")
     # A choice stopped by a content filter, with no message, is an answer all the same.
     filtered = [{"index": 0, "finish_reason": "content_filter"}]
     outcome = await send(await serve(answer(200, {**COMPLETION, "choices": filtered})))
     assert outcome.kind is OutcomeKind.SUCCESS
+
+
+@pytest.mark.parametrize(
+    "said", [{"usage": COMPLETION["usage"]}, {"prompt_feedback": {"blockReason": "SAFETY"}}]
+)
+async def test_no_choice_in_an_answer_that_was_processed_fails_the_job(
+    serve: Serve, said: dict[str, Any]
+) -> None:
+    """A prompt the provider blocks comes back billed and empty, the same on every attempt:
+    retried, each attempt was paid for."""
+    empty = {"id": "x", "object": "chat.completion", "choices": [], **said}
+    outcome = await send(await serve(answer(200, empty)))
+    assert (outcome.kind, outcome.error_kind) == (OutcomeKind.FAIL_JOB, "no_choice")
+    assert outcome.body is not None and orjson.loads(outcome.body) == empty
+
+
+async def test_redirects_stop_the_run_and_other_3xx_fail_the_job(serve: Serve) -> None:
+    for status in (301, 302, 303, 307, 308):
+        outcome = await send(await serve(answer(status, b"", {"Location": "https://x.example"})))
+        assert (outcome.kind, outcome.error_kind) == (OutcomeKind.STOP_RUN, "redirect")
+    outcome = await send(await serve(answer(304, b"")))
+    assert (outcome.kind, outcome.error_kind) == (OutcomeKind.FAIL_JOB, "http_304")
+
+
+async def test_an_event_stream_that_opens_with_a_comment_for_a_plain_request(serve: Serve) -> None:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        body = b": OPENROUTER PROCESSING\n\n" + TEXT_STREAM
+        return web.Response(body=body, content_type="text/event-stream")
+
+    outcome = await send(await serve(handler))
+    assert outcome.kind is OutcomeKind.SUCCESS and outcome.completion is not None
+    assert outcome.completion["usage"]["total_tokens"] == 13
 
 
 async def test_nan_and_infinity_in_an_answer_are_kept_as_null(serve: Serve) -> None:
@@ -1960,7 +1994,9 @@ def test_no_proxy_ports_and_address_ranges_and_all_proxy(no_proxy_env: pytest.Mo
     proxy), and ALL_PROXY was not read (the run went straight out past the proxy)."""
     proxy = "http://proxy.corp:3128"
     no_proxy_env.setenv("HTTPS_PROXY", proxy)
-    no_proxy_env.setenv("NO_PROXY", "gw.example:8443, 10.0.0.0/8,2001:db8::/32,[2001:db9::1]")
+    no_proxy_env.setenv(
+        "NO_PROXY", "gw.example:8443, 10.0.0.0/8,2001:db8::/32,[2001:db9::1],[2001:dba::5]:8443"
+    )
     assert proxy_for("https://gw.example:8443/v1") == (None, None)
     assert proxy_for("https://gw.example/v1")[0] == proxy  # another port
     assert proxy_for("https://10.2.3.4/v1") == (None, None)
@@ -1968,6 +2004,8 @@ def test_no_proxy_ports_and_address_ranges_and_all_proxy(no_proxy_env: pytest.Mo
     assert proxy_for("https://[2001:db8::5]/v1") == (None, None)
     assert proxy_for("https://[2001:db9::1]:444/v1") == (None, None)
     assert proxy_for("https://[2001:db9::2]/v1")[0] == proxy
+    assert proxy_for("https://[2001:dba::5]:8443/v1") == (None, None)
+    assert proxy_for("https://[2001:dba::5]/v1")[0] == proxy
     no_proxy_env.setenv("NO_PROXY", "gw.example:443")  # the scheme's own port, left unsaid
     assert proxy_for("https://gw.example/v1") == (None, None)
 

@@ -125,6 +125,8 @@ BAD_LINES: list[tuple[bytes, str]] = [
      "invalid JSON: NaN is not a JSON number"),
     (b'{"model": "m", "messages": [{"role": "user"}], "top_p": -Infinity}',
      "invalid JSON: -Infinity is not a JSON number"),
+    ('{"model": "m", "messages": [{"role": "user", "content": "\u00e9t\u00e9"}], "x": NaN}'
+     .encode(), "invalid JSON: NaN is not a JSON number"),
     (b"[1, 2]", "must be a JSON object, not an array"),
     (b'"text"', "not a string"),
     (orjson.dumps({"messages": [{"role": "user", "content": "x"}]}), "missing 'model'"),
