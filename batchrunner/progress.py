@@ -181,15 +181,17 @@ async def _live(d: Dispatcher, out: TextIO) -> None:
             per_s, tokens_per_s, _ = pace.sample(st, time.monotonic())
             snap = d.pacer.snapshot()
             done = st.ended_before + st.ended
-            # The most wanted first: what is slowing the run, then its outcome and pace.
-            details = [f"ok {st.succeeded}  failed {st.failed}  {per_s:.1f} req/s"]
+            # The most wanted first, and never dropped: what is slowing the run, with its
+            # outcome and pace.
+            first = [f"ok {st.succeeded}  failed {st.failed}  {per_s:.1f} req/s"]
             if snap.outage_s > 0:
-                details.insert(0, f"no answer for {snap.outage_s:.0f}s")
+                first.insert(0, f"no answer for {snap.outage_s:.0f}s")
             if snap.pause_left_s > 0:
-                details.insert(0, f"paused {snap.pause_left_s:.1f}s")
+                first.insert(0, f"paused {snap.pause_left_s:.1f}s")
             if (rpm := slowed_to(snap)) is not None:
-                details.insert(0, f"slowed to {rpm:.0f} rpm")
-            details += [
+                first.insert(0, f"slowed to {rpm:.0f} rpm")
+            details = [
+                "  ".join(first),
                 f"in flight {st.in_flight}",
                 f"retrying {st.retrying}",
                 f"{tokens_per_s:.0f} tok/s",
