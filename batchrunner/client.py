@@ -1727,14 +1727,7 @@ class ApiClient:
                 if stream and status == 200 and response.content_type != "application/json":
                     return await self._read_stream(response, started, _asks_for_usage(body))
                 raw = await response.read()
-                if (
-                    status == 200
-                    and raw[:1] != b"{"
-                    and (
-                        response.content_type == "text/event-stream"
-                        or raw.lstrip(_BOM + b" \t\r\n")[:5] == b"data:"
-                    )
-                ):
+                if status == 200 and raw[:1] != b"{" and _is_event_stream(response, raw):
                     # (An event stream labelled as JSON, or sent for a request that asked for
                     # none: it is the answer all the same, paid for.)
                     assembler = StreamAssembler()
@@ -1853,6 +1846,15 @@ class ApiClient:
             request_id=None if headers is None else _scrubbed_id(headers, self._scrub),
             latency_s=time.monotonic() - started,
         )
+
+
+def _is_event_stream(response: aiohttp.ClientResponse, raw: bytes) -> bool:
+    """Whether a whole answer is an event stream: its events begin it, or it is labelled one
+    and is not JSON (it may open with a comment: OpenRouter's ": OPENROUTER PROCESSING")."""
+    head = raw.lstrip(_BOM + b" \t\r\n")[:5]
+    return head == b"data:" or (
+        response.content_type == "text/event-stream" and head[:1] not in (b"{", b"[")
+    )
 
 
 def _asks_for_usage(body: bytes) -> bool:

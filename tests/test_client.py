@@ -1388,8 +1388,10 @@ async def test_a_stream_request_answered_with_json_under_another_type_is_read_as
             response.headers.popall("Content-Type", None)
         return response
 
-    outcome = await send(await serve(handler), stream=True)
-    assert (outcome.kind, outcome.completion) == (OutcomeKind.SUCCESS, COMPLETION)
+    base_url = await serve(handler)
+    for stream in (True, False):
+        outcome = await send(base_url, stream=stream)
+        assert (outcome.kind, outcome.completion) == (OutcomeKind.SUCCESS, COMPLETION)
 
 
 async def test_an_error_under_the_event_stream_type_is_read_as_the_error_it_is(
