@@ -545,9 +545,8 @@ def export(
         # Standard output (`-`, /dev/stdout) or another open descriptor (/dev/fd/3): written
         # through as it is. Opened by its name, `>> all.csv` would be truncated (or, renamed
         # over, replaced), and a pipe's name (/proc/PID/fd/pipe:[N]) opens nothing.
-        if fd == 1 and sys.stdout is None:
-            raise _fail(UsageError("standard output is closed: name a file with -o FILE"))
         if fd == 1:
+            _stdout_needed("name a file with -o FILE")
             sys.stdout.flush()
         # Taken now, before the command opens anything: a number the shell did not open
         # would be the database's own file by the time it was written (/dev/fd/6 wrote the

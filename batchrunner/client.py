@@ -705,7 +705,7 @@ def _classify(
     if error_kind == "redirect":
         # The same for every request: the base URL is wrong (http for https, a path
         # missing). The page a redirect carries says nothing; where it points does.
-        head = f"HTTP {status}" + (f" {kept_text(reason)}" if reason else "")
+        head = _status_line(status, reason)
         location = headers.get("location")
         to = f" to {kept_text(location)}" if location else ""
         message = (
@@ -822,8 +822,12 @@ def _mended(value: object) -> tuple[object, str] | None:
         return None
 
 
+def _status_line(status: int, reason: str | None) -> str:
+    return f"HTTP {status}" + (f" {kept_text(reason)}" if reason else "")
+
+
 def _fallback_message(status: int, reason: str | None, text: str) -> str:
-    head = f"HTTP {status}" + (f" {kept_text(reason)}" if reason else "")
+    head = _status_line(status, reason)
     snippet = " ".join(text.split())[:MESSAGE_BODY_CHARS]
     # An HTML error page says nothing a person wants to read in a status line.
     if snippet and not snippet.startswith("<"):
@@ -1394,10 +1398,10 @@ class StreamAssembler:
         if error is not None or ("choices" not in chunk and "message" in chunk):
             # (`{"message": ..., "code": 500}` with no choices: an error in the shape of an
             # error answer's body, as some servers send one mid-stream.)
-            error = _error_of(chunk) if error is None else error
-            if error is not None:
+            found = _error_of(chunk)
+            if found is not None or error is not None:
                 if self.error is None:
-                    self.error = _error_of(chunk) or {"message": str(error)}
+                    self.error = found or {"message": str(error)}
                 return
         meta = self._meta
         for key in ("id", "created", "model", "system_fingerprint", "service_tier"):

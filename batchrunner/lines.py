@@ -290,12 +290,12 @@ def parse_row(raw: bytes, number: int, meta_keys: set[str] | None = None) -> Job
         if BOM in raw:
             raise BadLine("byte order mark inside the file (were two files joined?)") from None
         try:
-            raw.decode("utf-8")
+            text = raw.decode("utf-8")
         except UnicodeDecodeError:
             raise BadLine("not valid UTF-8") from None
         # (orjson gives a character's position, at a minus sign's next character, at the
-        # others' first; the line is UTF-8, checked above)
-        at = len(raw.decode()[: exc.pos].encode())
+        # others' first)
+        at = len(text[: exc.pos].encode())
         start = at - 1 if raw[at - 1 : at] == b"-" else at
         word = re.match(rb"-?(NaN|Infinity)", raw[start : start + 9])
         if word:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import signal
@@ -166,13 +165,13 @@ async def run(
         interrupts += 1
         if interrupts == 1:
             # Stopped first: the message may not get out (a stderr whose reader the same
-            # Ctrl-C ended), and the stop must not depend on it.
+            # Ctrl-C ended; the command line's `warn` then writes nothing), and the stop must
+            # not depend on it.
             dispatcher.stop(StopReason.INTERRUPTED)
-            with contextlib.suppress(OSError):
-                warn(
-                    f"stopping: waiting up to {config.grace_s:.0f}s for requests in flight"
-                    " (Ctrl-C again to stop at once)"
-                )
+            warn(
+                f"stopping: waiting up to {config.grace_s:.0f}s for requests in flight"
+                " (Ctrl-C again to stop at once)"
+            )
         else:
             # A second Ctrl-C: no grace; what is in flight is sent again by the next run.
             dispatcher.force_stop()

@@ -294,9 +294,7 @@ def test_export_to_dev_stdout_writes_through_the_descriptor(
         piped = subprocess.run([*command, "-o", name], capture_output=True, text=True, timeout=60)
         assert (piped.returncode, piped.stdout) == (0, alone), piped.stderr
 
-    closed = subprocess.run(
-        command, capture_output=True, text=True, timeout=60, preexec_fn=lambda: os.close(1)
-    )
+    closed = run_cli("export", batch_id, db=sqlite_url, preexec_fn=lambda: os.close(1))
     assert closed.returncode == 2
     assert closed.stderr.strip() == "Error: standard output is closed: name a file with -o FILE"
     # A number nobody opened was, by the time it was written, the database's own file: the
@@ -322,10 +320,7 @@ def test_export_to_dev_stdout_writes_through_the_descriptor(
         (["status", batch_id], "nothing could be shown"),
         (["estimate", batch_id], "nothing could be shown"),
     ):
-        closed = subprocess.run(
-            [sys.executable, "-m", "batchrunner", "--db", sqlite_url, *args],
-            capture_output=True, text=True, timeout=60, preexec_fn=lambda: os.close(1),
-        )  # fmt: skip
+        closed = run_cli(*args, db=sqlite_url, preexec_fn=lambda: os.close(1))
         assert (closed.returncode, closed.stderr.strip()) == (
             2,
             f"Error: standard output is closed: {why}",
