@@ -346,10 +346,12 @@ _SNAPSHOT_SUFFIX: Final = re.compile(r"[-@](?:\d{4}-\d{2}-\d{2}|\d{8}|\d{4}|\d{3
 
 def same_model_names(model: str) -> list[str]:
     """Shorter names of the model `model` names, most specific first: without a gateway's or
-    an API's prefix ("openai/gpt-4o", "models/gemini-2.0-flash") and without a snapshot's date
-    or version ("gpt-4o-2024-08-06")."""
+    an API's prefix ("openai/gpt-4o", "models/gemini-2.0-flash"; one prefix at a time, so that
+    "openai/meta-llama/llama-3.3-70b-instruct" is also "meta-llama/llama-3.3-70b-instruct") and
+    without a snapshot's date or version ("gpt-4o-2024-08-06")."""
     names: list[str] = []
-    for name in (model, model.rsplit("/", 1)[-1]):
+    parts = model.split("/")
+    for name in ["/".join(parts[i:]) for i in range(len(parts))]:
         undated = _SNAPSHOT_SUFFIX.sub("", name)
         for candidate in (name, undated):
             if candidate and candidate != model and candidate not in names:

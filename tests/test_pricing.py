@@ -479,6 +479,17 @@ def test_a_file_price_holds_for_the_names_an_api_answers_with(
     )
 
 
+@pytest.mark.parametrize("answered", ["openai/my-org/finetune", "a/b/my-org/finetune"])
+def test_a_file_price_of_a_name_with_a_slash_holds_behind_a_gateway_prefix(
+    tmp_path: Path, answered: str
+) -> None:
+    """A gateway that prefixes a name that has a slash of its own: only the last part
+    ("finetune") was tried besides the whole name, and the cost was unknown."""
+    path = tmp_path / "prices.toml"
+    path.write_text(USER_PRICES)
+    assert PriceBook.load(path).cost(answered, usage(0, 1_000_000)) == Decimal("0.5")
+
+
 def test_prices_from_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "prices.toml"
     path.write_text(USER_PRICES)
