@@ -485,6 +485,8 @@ def export(
 
     if invalid_lines and (as_requests or failed_only):
         raise click.UsageError("--invalid writes the lines left out at submit: no jobs with them")
+    if bom and (fmt == "jsonl" or as_requests):
+        raise click.UsageError("--bom starts a CSV file: JSON lines have none")
     click_ctx = click.get_current_context()
     if (
         as_requests
@@ -496,7 +498,7 @@ def export(
     async def write(store: JobStore, out: BinaryIO) -> int:
         if invalid_lines:
             return await export_invalid_lines(
-                store, batch_id, out, fmt="jsonl" if fmt == "jsonl" else "csv"
+                store, batch_id, out, fmt="jsonl" if fmt == "jsonl" else "csv", bom=bom
             )
         if as_requests:
             # (A cancelled job may never have been sent: its request is there to send again.)
@@ -516,6 +518,9 @@ def export(
 
     async def to_file(store: JobStore, target: Path, aside: bool) -> int:
         await store.get_batch(batch_id)  # no batch: say so before making a file
+        if store.is_database_file(target):
+            # (`-o jobs.db` for `--db sqlite:///jobs.db`: every prompt and answer replaced.)
+            raise UsageError(f"cannot write {output}: it is the job database's own file")
         partial = target
         try:
             if aside:
@@ -527,6 +532,11 @@ def export(
         try:
             with f:
                 n = await write(store, f)
+                if aside:
+                    # On disk before it takes the name: after a power cut PATH holds the
+                    # old export or the new one, never a new one cut short.
+                    f.flush()
+                    os.fsync(f.fileno())
             if aside:
                 partial.replace(target)
         finally:

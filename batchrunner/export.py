@@ -10,7 +10,8 @@ CSV (`exportrows.CSV_COLUMNS`, then one `meta.<key>` column per key of the jobs'
 
 * One row per job; a completion with `n` > 1 choices gives one row per choice, numbered in the
   `choice` column. Usage and cost are per request, so the token and `cost_usd` cells are filled
-  on the row of choice 0 only: summing a column gives the batch's totals.
+  on the row of choice 0 only (the lowest-numbered, should an API number them otherwise; the
+  first of those numbered alike): summing a column gives the batch's totals.
 * `cost_usd` is in US dollars, written in plain decimal notation; it is empty when the model's
   price is unknown or the answer reported no usage, never 0 for "unknown".
 * `tool_calls` is the JSON text of the message's `tool_calls`; content that is not a string
@@ -32,9 +33,10 @@ its output and error files. A succeeded job's `response.body` is the stored comp
 byte for byte. A job that failed on the API's JSON error answer (400, 500, ...) has it in
 `response` (its status, request id and error body) and `"error": null`, as OpenAI writes those;
 any other failure has `"error": {"code", "message"}`: `response` null after timeouts and
-connection errors, and otherwise the answer's status and request id with its body null (an
-error page that is not JSON) or the 2xx answer that was no completion (bad JSON, a json_schema
-not met). Cancelled jobs: `response` null, code `batch_cancelled`.
+connection errors and for a 2xx answer that was no completion (bad JSON, a json_schema not met:
+the answer as received is the message; a 200 beside an error would read as a success), and the
+answer's status and request id with its body null for an error page that is not JSON.
+Cancelled jobs: `response` null, code `batch_cancelled`.
 
 `failed_only=True` exports failed jobs only. To send them again, either `batchrunner retry BATCH`
 then `batchrunner run BATCH` (same batch, same endpoint), or `export_requests`, which writes the
@@ -196,16 +198,21 @@ async def export_requests(
 
 
 async def export_invalid_lines(
-    store: JobStore, batch_id: str, out: BinaryIO | TextIO, *, fmt: Literal["csv", "jsonl"]
+    store: JobStore,
+    batch_id: str,
+    out: BinaryIO | TextIO,
+    *,
+    fmt: Literal["csv", "jsonl"],
+    bom: bool = False,
 ) -> int:
     """Write the numbers of the lines that `submit --skip-invalid` left out of the batch,
     each with its reason, in line order: CSV `line,reason`, or JSONL `{"line": N, "reason": "..."}`.
-    Returns how many."""
+    `bom` as for `export_batch`. Returns how many."""
     await store.get_batch(batch_id)
     sink = _Sink(out)
     invalid = await store.invalid_lines(batch_id)
     if fmt == "csv":
-        sink.write_text(f"line,reason{CRLF}")
+        sink.write_text(f"{_UTF8_BOM if bom else ''}line,reason{CRLF}")
         sink.write_text("".join(f"{line},{cell(reason)}{CRLF}" for line, reason in invalid))
     else:
         for line, reason in invalid:
@@ -289,18 +296,21 @@ def _jsonl_record(row: ExportRow, id_prefix: str) -> dict[str, Any]:
         return record
     body = error_body(row.last_error)
     status = row.last_status
-    record["response"] = (
-        None
-        if status is None
-        else {"status_code": status, "request_id": row.request_id, "body": body}
-    )
-    if status is not None and not 200 <= status < 300 and body is not None:
-        # The API answered with an error: OpenAI's error files carry it in `response` alone.
-        # (An error page that is not JSON leaves the body null: the reason goes in `error`.)
-        record["error"] = None
+    if status is None or 200 <= status < 300:
+        # No answer (a timeout), or a 2xx that was no completion (bad JSON, a json_schema not
+        # met): not an HTTP error, and OpenAI writes those with `response` null. A reader
+        # that takes status 200 for a success took these for successes, or broke on them.
+        record["response"] = None
     else:
-        code, message = failure_in(row, body)
-        record["error"] = {"code": code, "message": message}
+        record["response"] = {"status_code": status, "request_id": row.request_id, "body": body}
+        if body is not None:
+            # The API answered with an error: OpenAI's error files carry it in `response`
+            # alone. (An error page that is not JSON leaves the body null: the reason goes in
+            # `error`.)
+            record["error"] = None
+            return record
+    code, message = failure_in(row, body)
+    record["error"] = {"code": code, "message": message}
     return record
 
 

@@ -275,6 +275,7 @@ class CsvLines:
         choices = completion.get("choices")
         if type(choices) is not list or not choices:
             choices = [{}]
+        usage_at = _lowest_choice(choices) if len(choices) > 1 else 0
         for number, choice in enumerate(choices):
             if type(choice) is not dict:
                 choice = {}
@@ -295,7 +296,7 @@ class CsvLines:
                 f"{cell(content)},"
                 f"{cell(json_text(tool_calls)) if tool_calls else _EMPTY},"
                 f"{cell(refusal)},"
-                f"{usage if number == 0 else _NO_USAGE_TEXT}{tail}"
+                f"{usage if number == usage_at else _NO_USAGE_TEXT}{tail}"
             )
 
     def _usage_cells(self, key: tuple[str, int, int, int, int, int, int]) -> str:
@@ -344,6 +345,19 @@ _MAX_USAGE: Final = 50_000
 SUCCEEDED: Final = JobState.SUCCEEDED.value
 CANCELLED: Final = JobState.CANCELLED.value
 _BOOL_CELLS: Final[dict[bool | None, str]] = {None: _EMPTY, True: "true", False: "false"}
+
+
+def _lowest_choice(choices: list[Any]) -> int:
+    """Where in `choices` the choice numbered lowest is, whose row gets the answer's usage:
+    the first, unless the API sent its choices out of order (the first of those numbered
+    alike)."""
+    lowest: int | None = None
+    at = 0
+    for position, choice in enumerate(choices):
+        index = choice.get("index") if type(choice) is dict else None
+        if type(index) is int and (lowest is None or index < lowest):
+            lowest, at = index, position
+    return at
 
 
 def json_text(value: object) -> str:

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field, replace
 from operator import attrgetter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, NamedTuple, TypeAlias, cast
+from urllib.parse import unquote, urlsplit
 
 import orjson
 
@@ -498,6 +499,22 @@ class JobStore:
     def sqlite_target(self) -> SqliteTarget | None:
         """What a SQLite database's URL opens; None for PostgreSQL."""
         return self._sqlite.target if self.is_sqlite else None
+
+    def is_database_file(self, path: Path) -> bool:
+        """Whether `path` is the SQLite database's file, or one SQLite keeps beside it (the
+        write-ahead log, its shared memory, a rollback journal): no export may be written
+        over one of them."""
+        target = self.sqlite_target
+        if target is None or target.in_memory:
+            return False
+        database = target.database
+        if target.uri:
+            database = unquote(urlsplit(database).path)
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            with contextlib.suppress(OSError):
+                if os.path.samefile(path, database + suffix):
+                    return True
+        return False
 
     def wal_bytes(self) -> int | None:
         """The size of a SQLite database's write-ahead log now (0: none); None for PostgreSQL

@@ -250,6 +250,60 @@ def test_export_to_a_path_it_cannot_write_says_why_and_leaves_nothing(
     assert sorted(tmp_path.iterdir()) == before  # no file, no partial one
 
 
+def test_export_over_the_job_database_is_refused(
+    make_file: MakeFile, server: FakeServerThread, tmp_path: Path
+) -> None:
+    """`-o jobs.db` for `--db sqlite:///jobs.db` (a slip between two flags) replaced the
+    database with the CSV, "exported 3 row(s)", exit 0: every prompt and answer gone."""
+    path = make_file([chat(f"q{i}") for i in range(3)])
+    database = tmp_path / "jobs.db"
+    url = f"sqlite:///{database}"
+    batch_id = run_cli("submit", str(path), "--base-url", server.url, db=url).stdout.strip()
+    assert run_cli("run", batch_id, "--quiet", db=url).returncode == 0
+    (tmp_path / "link.db").symlink_to(database)
+    os.link(database, tmp_path / "hard.db")
+    uri = f"sqlite:///file:{database}?uri=true"
+    for output, db in (
+        (str(database), url),
+        ("jobs.db", url),
+        (str(tmp_path / "link.db"), url),
+        (str(tmp_path / "hard.db"), url),
+        (str(database) + "-wal", url),
+        (str(database), uri),
+    ):
+        result = run_cli("export", batch_id, "-o", output, db=db, cwd=tmp_path)
+        assert (result.returncode, result.stderr.strip()) == (
+            2,
+            f"Error: cannot write {output}: it is the job database's own file",
+        )
+    status = run_cli("status", batch_id, "--json", db=url)
+    assert orjson.loads(status.stdout)["counts"]["succeeded"] == 3, status.stderr
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
+    # Another file beside it is written as ever.
+    assert run_cli("export", batch_id, "-o", "jobs.csv", db=url, cwd=tmp_path).returncode == 0
+
+
+def test_bom_is_for_csv_files(
+    make_file: MakeFile, sqlite_url: str, server: FakeServerThread, tmp_path: Path
+) -> None:
+    """--bom with --format jsonl (or --as-requests) was silently ignored, and with --invalid
+    the CSV had none."""
+    path = make_file([chat("a"), {"oops": 1}])
+    batch_id = run_cli(
+        "submit", str(path), "--skip-invalid", "--base-url", server.url, db=sqlite_url
+    ).stdout.strip()
+    for extra in (["--format", "jsonl"], ["--as-requests"]):
+        result = run_cli("export", batch_id, "--bom", *extra, db=sqlite_url)
+        assert result.returncode == 2
+        assert "--bom starts a CSV file" in result.stderr, result.stderr
+    out = tmp_path / "bad.csv"
+    assert (
+        run_cli("export", batch_id, "--invalid", "--bom", "-o", str(out), db=sqlite_url).returncode
+        == 0
+    )
+    assert out.read_bytes().startswith(b"\xef\xbb\xbfline,reason\r\n2,")
+
+
 def test_export_to_a_pipe_writes_into_the_pipe(
     make_file: MakeFile, sqlite_url: str, server: FakeServerThread, tmp_path: Path
 ) -> None:

@@ -242,6 +242,34 @@ async def test_jsonl_keeps_the_reason_of_an_error_answer_that_is_not_json(
     assert record["error"] == {"code": "server_error", "message": page}
 
 
+@pytest.mark.parametrize(
+    ("error_kind", "kept"),
+    [
+        ("bad_json", '{"id": "chatcmpl-1", "choices": [{"ind'),
+        ("not_completion", '{"ok": true}'),
+        (
+            "invalid_json",
+            '{"object": "chat.completion", "choices": [{"index": 0, "message": {"role":'
+            ' "assistant", "content": "not the schema"}, "finish_reason": "stop"}]}',
+        ),
+    ],
+)
+async def test_jsonl_a_2xx_answer_that_failed_is_no_response(
+    store: JobStore, make_file: MakeFile, error_kind: str, kept: str
+) -> None:
+    """A job failed on a 200 (truncated JSON, no completion, a json_schema not met): OpenAI
+    writes a 200 only for answers, so such a line has `response` null and says why in `error`.
+    With `"status_code": 200` beside the error, a reader that takes 200 for a success broke on
+    the null body, or took the schema's miss for an answer."""
+    batch_id = await _submit(store, make_file([chat("q")]))
+    (job,) = await store.claim(batch_id, "w-test", "t-1", 10, time.time(), 60.0)
+    end = failed(job, attempts=3, status_code=200, error_kind=error_kind, error=kept)
+    assert (await store.record(batch_id, "w-test", [end], [], time.time())).recorded == 1
+    (record,) = await _jsonl(store, batch_id)
+    assert record["response"] is None
+    assert record["error"] == {"code": error_kind, "message": kept}
+
+
 async def test_failed_only_and_a_request_file_to_send_them_again(
     store: JobStore, make_file: MakeFile, tmp_path: Path
 ) -> None:
@@ -488,6 +516,29 @@ async def test_odd_answers_export_cleanly(store: JobStore, make_file: MakeFile) 
     lines = out.getvalue().splitlines()
     assert len(lines) == 3
     assert orjson.loads(lines[2])["response"]["body"] == orjson.loads(pretty)
+
+
+async def test_usage_goes_on_the_row_of_choice_0_whatever_the_order(
+    store: JobStore, make_file: MakeFile
+) -> None:
+    """Choices sent out of order: the usage went on the first row, numbered 1, and a sum
+    over the rows of choice 0 left that answer out."""
+    batch_id = await _submit(store, make_file([chat("a", n=3), chat("b", n=2)]))
+    reversed_order = _completion("x", n=3)
+    reversed_order["choices"].reverse()
+    alike = _completion("y", n=2)
+    for choice in alike["choices"]:
+        choice["index"] = 0
+    answers = {1: reversed_order, 2: alike}
+    await _answer_all(store, batch_id, answers.__getitem__)
+    _, rows = await _csv(store, batch_id)
+    assert [(r["custom_id"], r["choice"], r["total_tokens"]) for r in rows] == [
+        ("line-1", "2", ""),
+        ("line-1", "1", ""),
+        ("line-1", "0", "12"),
+        ("line-2", "0", "12"),
+        ("line-2", "0", ""),
+    ]
 
 
 async def test_too_many_metadata_keys_go_into_one_column(
