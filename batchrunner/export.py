@@ -36,7 +36,8 @@ any other failure has `"error": {"code", "message"}`: `response` null after time
 connection errors and for a 2xx answer that was no completion (bad JSON, a json_schema not met:
 the answer as received is the message; a 200 beside an error would read as a success), and the
 answer's status and request id with its body null for an error page that is not JSON.
-Cancelled jobs: `response` null, code `batch_cancelled`.
+Cancelled jobs: `response` null, code `batch_cancelled`, with OpenAI's message, or for a job
+sent before the cancel (an answer that came after it is paid for, not kept) how many times.
 
 `failed_only=True` exports failed jobs only. To send them again, either `batchrunner retry BATCH`
 then `batchrunner run BATCH` (same batch, same endpoint), or `export_requests`, which writes the
@@ -85,9 +86,14 @@ PARALLEL_MIN_JOBS: Final = 50_000
 #: JSONL lines written in one piece, or fewer when they hold this many bytes.
 WRITE_CHUNK_ROWS: Final = 2_000
 WRITE_CHUNK_BYTES: Final = 4 << 20
-#: OpenAI's code and message for a request of a cancelled batch.
+#: OpenAI's code and message for a request of a cancelled batch...
 CANCELLED_CODE: Final = "batch_cancelled"
 CANCELLED_MESSAGE: Final = "This request was not executed because the batch was cancelled."
+#: ...and ours for one that was sent (and may have been paid for) before the cancel.
+CANCELLED_SENT_MESSAGE: Final = (
+    "This request was sent ({attempts} attempt(s)) before the batch was cancelled;"
+    " no answer was kept."
+)
 
 _UTF8_BOM: Final = "\ufeff"
 
@@ -292,7 +298,12 @@ def _jsonl_record(row: ExportRow, id_prefix: str) -> dict[str, Any]:
         return record
     if row.state == CANCELLED:
         record["response"] = None
-        record["error"] = {"code": CANCELLED_CODE, "message": CANCELLED_MESSAGE}
+        message = (
+            CANCELLED_SENT_MESSAGE.format(attempts=row.attempts)
+            if row.attempts
+            else CANCELLED_MESSAGE
+        )
+        record["error"] = {"code": CANCELLED_CODE, "message": message}
         return record
     body = error_body(row.last_error)
     status = row.last_status

@@ -109,6 +109,15 @@ def _last_attempt(column: str) -> str:
     )
 
 
+#: A cancelled job's attempts are those of its log: one in flight when the batch was cancelled
+#: was logged (its answer kept among those paid for) when it came, but its job had ended
+#: already, and said 0.
+_ATTEMPTS = (
+    "CASE WHEN j.state = 'cancelled' THEN (SELECT count(*) FROM attempts a"
+    " WHERE a.job_id = j.id) ELSE j.attempts END"
+)
+
+
 def export_page_sql(sqlite: bool, states: Sequence[str]) -> str:
     """The export query for the jobs in `states` with ids in (:lo, :hi].
 
@@ -124,7 +133,7 @@ def export_page_sql(sqlite: bool, states: Sequence[str]) -> str:
     batch = "+j.batch_id" if sqlite else "j.batch_id || ''"
     state = "+j.state" if sqlite else "j.state"
     return (
-        "SELECT j.id, j.line, j.custom_id, j.state, j.model, j.meta, j.attempts,"
+        f"SELECT j.id, j.line, j.custom_id, j.state, j.model, j.meta, {_ATTEMPTS},"
         " j.error_kind, j.last_status, j.last_error, r.response, r.status_code,"
         f" COALESCE(r.request_id, {_last_attempt('request_id')}),"
         " r.prompt_tokens, r.completion_tokens, r.cached_tokens,"

@@ -313,6 +313,29 @@ async def test_cancelled_jobs_are_exported_as_openai_does(
     assert await _jsonl(store, batch_id, failed_only=True) == []
 
 
+async def test_a_job_sent_before_the_cancel_says_so(store: JobStore, make_file: MakeFile) -> None:
+    """A request in flight when the batch was cancelled: its answer came, was paid for (kept
+    among the discarded answers) and logged, and the export said "not executed", 0 attempts."""
+    batch_id = await _submit(store, make_file([chat("sent"), chat("never")]))
+    job, _ = await store.claim(batch_id, "w-test", "t-1", 10, time.time(), 60.0)
+    await store.cancel(batch_id)
+    started = time.time()
+    spent = ("gpt-4o-mini", 9, 0, 3, 0, 12)
+    attempt = AttemptRecord(job.id, 200, None, 12.5, "req_late", started, spent=spent)
+    answer = replace(failed(job, attempts=1, status_code=200), state=JobState.SUCCEEDED)
+    outcome = await store.record(batch_id, "w-test", [answer], [attempt], time.time())
+    assert outcome.fenced == 1
+    sent, never = await _jsonl(store, batch_id)
+    assert sent["error"] == {
+        "code": CANCELLED_CODE,
+        "message": "This request was sent (1 attempt(s)) before the batch was cancelled;"
+        " no answer was kept.",
+    }
+    assert never["error"]["message"] == export_module.CANCELLED_MESSAGE
+    _, rows = await _csv(store, batch_id)
+    assert [(r["state"], r["attempts"]) for r in rows] == [("cancelled", "1"), ("cancelled", "0")]
+
+
 async def test_an_export_during_a_run_holds_what_has_ended(
     store: JobStore, make_file: MakeFile
 ) -> None:
