@@ -67,9 +67,18 @@ MESSAGE_BODY_CHARS: Final = 300
 _SCRUBBED: Final = "***"
 _QUOTA: Final = "insufficient_quota"
 #: Codes and types of an error that says the account cannot pay, whatever its status: OpenAI's,
-#: DeepSeek's, LiteLLM's proxy budget (400), OpenAI's billing limit.
+#: DeepSeek's, LiteLLM's proxy budget (400), OpenAI's billing limit and inactive billing (a
+#: 429, for weeks), Moonshot's (a 429 for a suspended balance), one-api gateways' quota.
 _NO_BALANCE: Final = frozenset(
-    {_QUOTA, "insufficient_balance", "budget_exceeded", "billing_hard_limit_reached"}
+    {
+        _QUOTA,
+        "insufficient_balance",
+        "budget_exceeded",
+        "billing_hard_limit_reached",
+        "billing_not_active",
+        "exceeded_current_quota_error",
+        "insufficient_user_quota",
+    }
 )
 #: ...and the words of one that has no such code: Anthropic's (a 400 invalid_request_error),
 #: OpenRouter's (a 402, which a proxy may send with a Retry-After), xAI's (a 429: "has either
@@ -81,14 +90,16 @@ _NO_BALANCE_WORDS: Final = (
     "used all available credits",
     "monthly spending limit",
     "monthly spending cap",
+    "insufficient balance",
 )
 #: Google's error details name a key refused, whatever the status (Gemini answers a bad key
 #: with a 400: "API key not valid", reason API_KEY_INVALID).
 _KEY_REASON_PREFIX: Final = "API_KEY_"
 #: A Google RetryInfo delay: a protobuf duration, "39043s", "45.8s".
 _PROTO_DURATION = re.compile(r"(\d+(?:\.\d*)?)s")
-#: A delay given only in an error's message (Gemini: "Please retry in 10h50m43.6s.").
-_RETRY_IN = re.compile(r"[Pp]lease retry in ([0-9.hmsµun]+?)\.?(?=[\s,;)]|$)")
+#: A delay given only in an error's message (Gemini: "Please retry in 10h50m43.6s."; OpenAI's
+#: token and daily limits, which send no Retry-After: "Please try again in 6m0s.").
+_RETRY_IN = re.compile(r"[Pp]lease (?:retry|try again) in ([0-9.hmsµun]+?)\.?(?=[\s,;)]|$)")
 #: 4xx answers that say "not now" rather than "never": request timeout, conflict, Groq's flex
 #: tier out of capacity (498).
 _RETRY_4XX: Final = frozenset({408, 409, 498})

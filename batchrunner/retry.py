@@ -91,16 +91,22 @@ class RetryPolicy:
     def delay_s(self, outcome: Outcome, attempt: int, rng: random.Random) -> float:
         """Seconds to wait after attempt number `attempt` (from 1) before the next one.
 
-        A delay the server asked for (`retry_after_s`) is honoured as given, plus a little
-        jitter: the server knows when it will have room, and the run's pacer already slows
-        everyone down. Otherwise the delay doubles with each attempt up to `max_delay_s`,
-        plus 0..jitter_s.
+        The delay doubles with each attempt up to `max_delay_s`, plus 0..jitter_s. A delay the
+        server asked for (`retry_after_s`) after a rate limit is honoured as given instead,
+        plus a little jitter: the server knows when it will have room, the run's pacer
+        already slows everyone down, and rate limits have an allowance of their own. After a
+        server error it is the least wait: a 503 with `Retry-After: 1` through an outage had
+        every job's attempts spent within seconds, before the run noticed the outage.
         """
-        if outcome.retry_after_s is not None:
+        retry_after_s = outcome.retry_after_s
+        if retry_after_s is not None and is_rate_limited(outcome):
             jitter_s = min(self.jitter_s, RETRY_AFTER_JITTER_S)
-            return outcome.retry_after_s + rng.uniform(0.0, jitter_s)
+            return retry_after_s + rng.uniform(0.0, jitter_s)
         exponent = min(max(attempt - 1, 0), _MAX_EXPONENT)
         backoff_s = min(self.max_delay_s, self.base_delay_s * 2.0**exponent)
+        if retry_after_s is not None and retry_after_s > backoff_s:
+            jitter_s = min(self.jitter_s, RETRY_AFTER_JITTER_S)
+            return retry_after_s + rng.uniform(0.0, jitter_s)
         return backoff_s + rng.uniform(0.0, self.jitter_s)
 
 

@@ -199,6 +199,22 @@ XAI_NO_CREDIT = {
     " spending limit. To continue making API requests, please purchase more credits or raise"
     " your spending limit.",
 }
+#: OpenAI's account whose billing is not active: a 429, on every call, for as long as it lasts.
+OPENAI_BILLING_NOT_ACTIVE = {
+    "error": {
+        "message": "Your account is not active, please check your billing details on our website.",
+        "type": "billing_not_active",
+        "param": None,
+        "code": "billing_not_active",
+    }
+}
+#: Moonshot's (Kimi's) account suspended for its balance: a 429.
+MOONSHOT_SUSPENDED = {
+    "error": {
+        "message": "Your account org-1 is suspended, please check your plan and billing details",
+        "type": "exceeded_current_quota_error",
+    }
+}
 #: Gemini's OpenAI-compatible endpoint: a bad key is a 400, in a list.
 GEMINI_BAD_KEY = [
     {
@@ -298,6 +314,11 @@ CHOICE_REFUSED = {
         (498, {"error": {"message": "Capacity exceeded", "code": "capacity_exceeded"}},
          OutcomeKind.RETRY, "http_498", "Capacity exceeded"),
         (429, XAI_NO_CREDIT, OutcomeKind.STOP_RUN, "quota", XAI_NO_CREDIT["error"]),
+        # Retried as rate limits, these failed every job of the batch instead of stopping.
+        (429, OPENAI_BILLING_NOT_ACTIVE, OutcomeKind.STOP_RUN, "quota", None),
+        (429, MOONSHOT_SUSPENDED, OutcomeKind.STOP_RUN, "quota", None),
+        (429, {"error": {"message": "Insufficient balance.", "type": "upstream_error"}},
+         OutcomeKind.STOP_RUN, "quota", "Insufficient balance."),
         (400, GEMINI_BAD_KEY, OutcomeKind.STOP_RUN, "auth",
          "API key not valid. Please pass a valid API key."),
         (403, FLAGGED, OutcomeKind.FAIL_JOB, "flagged", FLAGGED["error"]["message"]),
@@ -507,6 +528,13 @@ def test_text_from_the_wire_is_text_a_database_can_hold(
         (429, {"message": "Quota exceeded for metric. Please retry in 10h50m43.6s."}, 39043.6),
         (429, {"message": "Please retry in 20.5s"}, 20.5),
         (429, {"message": "Please retry in 43.6s, or raise your quota."}, 43.6),
+        # OpenAI's token and daily limits: no Retry-After, the delay in the message alone.
+        (429, {"message": "Rate limit reached for gpt-4o-mini in organization org-1 on tokens"
+               " per day (TPD): Limit 200000, Used 199990, Requested 30. Please try again in"
+               " 6m0s. Visit https://platform.openai.com/account/rate-limits to learn more.",
+               "type": "tokens", "code": "rate_limit_exceeded"}, 360.0),
+        (429, {"message": "... Please try again in 1m9.696s. Visit ..."}, 69.696),
+        (429, {"message": "... Please try again in 20ms. Visit ..."}, 0.02),
         (429, {"message": "x", "details": [{"retryDelay": "0s"}, "odd", {"retryDelay": 5}]}, None),
         (429, {"message": "Please retry in a while."}, None),
         # Other statuses' bodies say nothing about the run's pace.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import random
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 
 import pytest
 
@@ -147,6 +148,21 @@ def test_retry_after_is_honoured() -> None:
     assert len(set(delays)) > 40
     no_jitter = RetryPolicy(jitter_s=0.0)
     assert no_jitter.delay_s(RATE_LIMIT_WAIT, 1, rng) == 7.5
+
+
+def test_a_server_errors_retry_after_is_the_least_wait() -> None:
+    """A 503 with `Retry-After: 1` through an outage: honoured as given, every job's attempts
+    were spent within seconds, before the run took it for an outage. After a server error the
+    backoff still grows; the server's delay holds where it is longer."""
+    policy = RetryPolicy(base_delay_s=1.0, max_delay_s=60.0, jitter_s=0.0)
+    rng = random.Random(5)
+    briefly = replace(SERVER_ERROR, retry_after_s=1.0)
+    assert [policy.delay_s(briefly, n, rng) for n in range(1, 7)] == [1, 2, 4, 8, 16, 32]
+    longer = replace(SERVER_ERROR, retry_after_s=10.0)
+    assert [policy.delay_s(longer, n, rng) for n in range(1, 7)] == [10, 10, 10, 10, 16, 32]
+    # A rate limit's delay is what the server asked for, whatever the attempt.
+    limited = replace(RATE_LIMIT, retry_after_s=1.0)
+    assert [policy.delay_s(limited, n, rng) for n in range(1, 7)] == [1.0] * 6
 
 
 async def test_retries_until_success_with_backoff() -> None:
