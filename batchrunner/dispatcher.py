@@ -649,6 +649,14 @@ class Dispatcher:
             if self.stopping:
                 # Grace: requests already sent may finish and be recorded.
                 deadline = time.monotonic() + self.config.grace_s
+                if self.stats.in_flight and self._reason is not StopReason.INTERRUPTED:
+                    # (A signal's stop says so where it is taken.) A refused key with slow
+                    # requests in flight left the run silent for the whole grace period.
+                    log.warning(
+                        "stopping: waiting up to %gs for %d request(s) in flight",
+                        self.config.grace_s,
+                        self.stats.in_flight,
+                    )
                 # Polls a counter that every worker changes; an event per change would cost
                 # the hot path more than this loop costs once per run.
                 while self.stats.in_flight and time.monotonic() < deadline:

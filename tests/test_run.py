@@ -596,6 +596,23 @@ async def test_bad_key_or_empty_balance_stops_the_run(
     assert "lost track" not in caplog.text
 
 
+async def test_a_stop_that_waits_for_requests_in_flight_says_so(
+    store: JobStore,
+    make_file: MakeFile,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A refused key while slow requests were in flight: the run waited the whole grace
+    period with nothing on stderr, then said the key was refused."""
+    rows = [chat("[[fault:hang]] a"), chat("[[fault:hang]] b"), chat("[[fault:401]] c")]
+    async with FakeServer(FakeConfig()) as srv:
+        batch_id = await _submit(store, make_file(rows), srv)
+        with caplog.at_level(logging.WARNING, logger="batchrunner.dispatcher"):
+            rep = await _run(store, batch_id, replace(FAST, concurrency=3, grace_s=0.3))
+    assert rep.exit_code == EXIT_ABORTED and rep.result.reason is StopReason.AUTH
+    assert "stopping: waiting up to 0.3s for 2 request(s) in flight" in caplog.text
+
+
 async def test_a_run_resumes_after_a_bad_key_is_fixed(
     store: JobStore, make_file: MakeFile, monkeypatch: pytest.MonkeyPatch
 ) -> None:
