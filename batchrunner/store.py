@@ -1781,11 +1781,26 @@ def this_host() -> str:
 
 
 def pid_alive(pid: int) -> bool:
-    """Whether a process with this id runs on this machine (another user's counts)."""
+    """Whether a process with this id runs on this machine (another user's counts). One killed
+    and not yet waited for by its parent (a zombie: a script that starts several runs and
+    waits for them at the end) is dead: counted alive, its jobs waited out their whole lease
+    instead of coming back within a second."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    return True
+        pass
+    return not _is_zombie(pid)
+
+
+def _is_zombie(pid: int) -> bool:
+    """Whether /proc says the process has ended and waits to be reaped (False without /proc)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    # The state follows the command's name, in parentheses that may hold anything.
+    end = stat.rfind(b")")
+    return stat[end + 2 : end + 3] in (b"Z", b"X")

@@ -36,7 +36,7 @@ from batchrunner.ingest import submit_file
 from batchrunner.limiter import Pacer
 from batchrunner.models import JobState
 from batchrunner.outcome import Outcome, OutcomeKind
-from batchrunner.store import Ended, JobStore, this_host
+from batchrunner.store import Ended, JobStore, pid_alive, this_host
 from tests.conftest import chat, dead_pid
 
 MakeFile = Callable[..., Path]
@@ -250,6 +250,47 @@ async def test_a_dead_worker_of_this_machine_is_reaped_and_its_jobs_come_back(
     assert sorted(j.id for j in claimed) == sorted(j.id for j in await _all_jobs(store, batch_id))
     # Reaped once: it is marked stopped now.
     assert (await coordinator.look()).reaped == 0
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
+async def test_a_killed_worker_its_parent_has_not_waited_for_is_dead(
+    store: JobStore, make_file: MakeFile
+) -> None:
+    """A script that starts several runs and waits for them at the end: one killed stays a
+    zombie until then, and signal 0 still reaches it. Taken for alive, its jobs waited out
+    their whole lease (62 s, where a reaped one's came back in 6 s)."""
+    with _zombie() as pid:
+        assert not pid_alive(pid)
+        batch_id = await _batch(store, make_file, 3, "http://127.0.0.1:9/v1")
+        now = time.time()
+        await store.register_worker("w-me", batch_id, now)
+        await store.register_worker("w-zombie", batch_id, now)
+        async with store.engine.begin() as conn:
+            await conn.execute(
+                text("UPDATE workers SET pid = :pid WHERE id = 'w-zombie'"), {"pid": pid}
+            )
+        assert len(await store.claim(batch_id, "w-zombie", "w-zombie.1", 3, now, 600.0)) == 3
+        seen = await _coordinator(store, batch_id, "w-me", Pacer(None, None)).look()
+        assert seen.reaped == 1
+        claimed = await store.claim(batch_id, "w-me", "w-me.1", 10, time.time(), 60.0)
+        assert len(claimed) == 3, "claimable at once, not after the 600 s lease"
+    assert pid_alive(os.getpid())
+
+
+@contextlib.contextmanager
+def _zombie() -> Iterator[int]:
+    """The id of a process of this machine that was killed and is not yet waited for."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        child.kill()
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{child.pid}/stat").read_bytes().rsplit(b")", 1)[1][1:2] != b"Z":
+            assert time.monotonic() < deadline, "the child did not become a zombie"
+            time.sleep(0.01)
+        yield child.pid
+    finally:
+        child.kill()
+        child.wait()
 
 
 async def test_status_does_not_show_a_killed_worker_of_this_machine_as_live(
