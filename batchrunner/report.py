@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
-from batchrunner.pricing import PRICE_PERIOD_S, PriceBook, price_period_time
+from batchrunner.pricing import PRICE_PERIOD_S, PriceBook, dollars, price_period_time
 from batchrunner.store import (
     BatchCounts,
     BatchInfo,
@@ -310,11 +310,6 @@ async def all_batches(store: JobStore) -> list[BatchLine]:
         return [BatchLine(b, await view.counts(b.id)) for b in await view.list_batches()]
 
 
-def _usd(amount: Decimal) -> str:
-    # Small batches cost fractions of a cent: four decimals would show them as $0.0000.
-    return f"${amount:.4f}" if amount >= 1 else f"${amount:.6f}"
-
-
 def _fmt_s(seconds: float | None) -> str:
     if seconds is None:
         return "-"
@@ -352,20 +347,26 @@ def render_status(st: BatchStatus) -> str:
             else ""
         ),
     ]
+    if c["running"] and not st.workers:
+        # (Left by a run killed or stopped at once: they looked taken for ever.)
+        out.append(
+            "          the running ones are leased to no live run: the next run of the batch"
+            " takes them back"
+        )
     t = st.tokens
     out.append(
         f"tokens    prompt {t['prompt_tokens']} (cached {t['cached_tokens']}), completion "
         f"{t['completion_tokens']} (reasoning {t['reasoning_tokens']}), total {t['total_tokens']}"
     )
     known = st.known_cost_usd
-    cost = f"cost      {'unknown' if known is None else _usd(known)}"
+    cost = f"cost      {'unknown' if known is None else dollars(known)}"
     if st.unpriced_models and known is not None:
         cost += f"  + unknown for {', '.join(st.unpriced_models)} (no price known)"
     if st.without_usage and known is not None:
         cost += f"  + unknown for {st.without_usage} result(s) whose answer reported no usage"
     out.append(cost)
     for m in st.models:
-        price = "unknown" if m.known_cost_usd is None else _usd(m.known_cost_usd)
+        price = "unknown" if m.known_cost_usd is None else dollars(m.known_cost_usd)
         notes = []
         if m.usage.discarded:
             notes.append(f"with {m.usage.discarded} answer(s) paid for and not kept")

@@ -310,6 +310,25 @@ async def test_status_does_not_show_a_killed_worker_of_this_machine_as_live(
     assert [w.id for w in status.workers] == ["w-live"]
 
 
+async def test_status_says_when_running_jobs_are_leased_to_no_live_run(
+    store: JobStore, make_file: MakeFile
+) -> None:
+    """After a kill -9 the killed run's jobs stay `running` until a run takes them back:
+    status showed them as running, with no worker, as if taken for ever."""
+    batch_id = await _batch(store, make_file, 5, "http://127.0.0.1:9/v1")
+    now = time.time()
+    await store.register_worker("w-killed", batch_id, now)
+    await store.claim(batch_id, "w-killed", "w-killed.1", 3, now, 600.0)
+    note = "the running ones are leased to no live run"
+    assert note not in report.render_status(await report.batch_status(store, batch_id))
+    async with store.engine.begin() as conn:
+        await conn.execute(
+            text("UPDATE workers SET pid = :pid WHERE id = 'w-killed'"), {"pid": dead_pid()}
+        )
+    shown = report.render_status(await report.batch_status(store, batch_id))
+    assert "running 3," in shown and note in shown
+
+
 @pytest.mark.skipif(
     not Path("/proc/sys/kernel/random/boot_id").exists(), reason="needs Linux's boot id"
 )
