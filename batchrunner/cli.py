@@ -351,6 +351,11 @@ def run(
     from batchrunner.config import RunConfig
     from batchrunner.dispatcher import StopReason
 
+    if skip_invalid and not names_a_file(target):
+        raise click.UsageError(
+            "--skip-invalid is for a request FILE, submitted first: a batch's lines were"
+            " loaded at its submit"
+        )
     config = RunConfig(
         concurrency=concurrency,
         rpm=rpm,

@@ -47,7 +47,7 @@ from batchrunner.coordination import Coordinator, WorkerCounters, heartbeat_inte
 from batchrunner.errors import AuthError, BudgetExceeded, QuotaError, RunAborted, StoreError
 from batchrunner.limiter import Pacer
 from batchrunner.outcome import Outcome, OutcomeKind
-from batchrunner.pricing import PriceBook, usage_from_completion
+from batchrunner.pricing import PriceBook, dollars, usage_from_completion
 from batchrunner.retry import RetryPolicy, call_with_retries, is_rate_limit
 from batchrunner.schema import SchemaCheck
 from batchrunner.states import JobState
@@ -389,7 +389,7 @@ class Budget:
 
     def others_reserved_note(self) -> str:
         reserved = self.others_reserved_usd
-        return f", ${reserved:.4f} reserved by other workers' requests" if reserved else ""
+        return f", {dollars(reserved)} reserved by other workers' requests" if reserved else ""
 
     def close(self) -> None:
         """No more reservations: the run is stopping. Waiters give up."""
@@ -827,7 +827,7 @@ class Dispatcher:
                     self.stop(
                         StopReason.BUDGET,
                         f"the next request could take the cost past --max-cost "
-                        f"${self.budget.cap_usd:f} (spent ${self.budget.spent_usd:.4f}"
+                        f"${self.budget.cap_usd:f} (spent {dollars(self.budget.spent_usd)}"
                         f"{self.budget.others_reserved_note()}); "
                         "run again with a higher cap to go on",
                     )

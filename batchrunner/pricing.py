@@ -344,6 +344,12 @@ class PriceBook:
 _SNAPSHOT_SUFFIX: Final = re.compile(r"[-@](?:\d{4}-\d{2}-\d{2}|\d{8}|\d{4}|\d{3})$")
 
 
+def dollars(amount: Decimal) -> str:
+    """An amount of US dollars as messages show it: small batches cost fractions of a cent,
+    which four decimals showed as $0.0000."""
+    return f"${amount:.4f}" if amount >= 1 else f"${amount:.6f}"
+
+
 def same_model_names(model: str) -> list[str]:
     """Shorter names of the model `model` names, most specific first: without a gateway's or
     an API's prefix ("openai/gpt-4o", "models/gemini-2.0-flash"; one prefix at a time, so that

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import time
 from collections.abc import Callable
@@ -82,6 +83,8 @@ async def test_the_cap_holds_under_concurrency_and_a_higher_cap_resumes(
         rep = await _run(store, batch_id, cap)
         assert rep.exit_code == EXIT_ABORTED and rep.result.reason is StopReason.BUDGET
         assert rep.result.message and "--max-cost" in rep.result.message
+        # Six decimals under a dollar: with four, a cap of cents said "spent $0.0000".
+        assert re.search(r"\(spent \$0\.\d{6}\b", rep.result.message), rep.result.message
         assert srv.stats.max_in_flight > 1, "requests were in flight together"
         spent = await _cost(store, batch_id)
         assert 0 < spent <= cap

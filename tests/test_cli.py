@@ -283,6 +283,23 @@ def test_export_over_the_job_database_is_refused(
     assert run_cli("export", batch_id, "-o", "jobs.csv", db=url, cwd=tmp_path).returncode == 0
 
 
+def test_skip_invalid_is_for_a_file(
+    make_file: MakeFile, sqlite_url: str, server: FakeServerThread
+) -> None:
+    """`run BATCH_ID --skip-invalid` was accepted and meant nothing."""
+    path = make_file([chat("a")])
+    batch_id = run_cli("submit", str(path), "--base-url", server.url, db=sqlite_url).stdout.strip()
+    result = run_cli("run", batch_id, "--skip-invalid", "--quiet", db=sqlite_url)
+    assert result.returncode == 2
+    assert "--skip-invalid is for a request FILE" in result.stderr, result.stderr
+    assert (
+        orjson.loads(run_cli("status", batch_id, "--json", db=sqlite_url).stdout)["counts"][
+            "pending"
+        ]
+        == 1
+    ), "nothing was sent"
+
+
 def test_bom_is_for_csv_files(
     make_file: MakeFile, sqlite_url: str, server: FakeServerThread, tmp_path: Path
 ) -> None:
