@@ -681,10 +681,24 @@ class Dispatcher:
             if self._queue.qsize() + self._waiting_turn >= claim_rows:
                 await asyncio.sleep(0.005)
                 continue
+            look_back = time.monotonic() >= self._look_back_at
+            if look_back:
+                # Runs of this machine that died first: their journals hold the answers to
+                # jobs whose leases this claim may give back, and recorded they are not sent
+                # again. The coordinator looks every second, but a run thawed (SIGCONT) or a
+                # database that comes back after refusing writes met its claim first: peers
+                # that had given up on the database had their answers sent again.
+                try:
+                    await self._coordinator.look()
+                except StoreError:
+                    pass  # (the claim says what became of the database)
+                except Exception:
+                    # A bug in there is the coordinator's to report: its own looks fail
+                    # alike, and stop the run.
+                    log.debug("the look before a claim failed", exc_info=True)
             self._token_seq += 1
             token = f"{self.worker_id}.{self._token_seq}"
             claimed_at = time.time()
-            look_back = time.monotonic() >= self._look_back_at
             after = 0 if look_back else self._claimed_up_to
             try:
                 jobs = await self.store.claim(

@@ -25,7 +25,7 @@ import orjson
 import pytest
 from sqlalchemy import text
 
-from batchrunner import journal, report, runner
+from batchrunner import coordination, journal, report, runner
 from batchrunner.config import RunConfig
 from batchrunner.coordination import JOIN_HOLD_S
 from batchrunner.dispatcher import Dispatcher, StopReason
@@ -517,6 +517,55 @@ async def test_a_finished_run_leaves_no_journal(
     assert result.reason is StopReason.DONE and result.stats.succeeded == 40
     assert result.stats.recovered == 0
     assert not (tmp_path / "jobs.db-answers").exists()
+
+
+async def test_a_claim_that_gives_back_a_dead_peers_jobs_records_its_journal_first(
+    store: JobStore, make_file: MakeFile, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A peer of this machine died with answers in its journal, its leases run out since (it
+    had given up on a database that refused its writes). A run's claim that gave expired leases
+    back came before its coordinator found the peer dead (a run thawed with SIGCONT, whose
+    claim was due at once): their requests were sent again, 64 in one test."""
+    # Only the claims look: the coordinator's own looks would find the peer first, or not.
+    monkeypatch.setattr(coordination, "COORDINATE_EVERY_S", 1e6)
+    rows = [chat(f"job {i}") for i in range(400)]
+    async with FakeServer(FakeConfig(latency_ms=20)) as srv:
+        batch = (await submit_file(store, make_file(rows), base_url=srv.url)).batch
+        config = RunConfig(concurrency=2, lease_s=2.0)
+        dispatcher = Dispatcher(store, batch, config, api_key=None, base_url=srv.url)
+        run = asyncio.create_task(dispatcher.run())
+        try:
+            while srv.stats.requests_total == 0:
+                assert not run.done()
+                await asyncio.sleep(0.01)
+            now = time.time()
+            await store.register_worker("w-dead", batch.id, now)
+            peers = await store.claim(batch.id, "w-dead", "w-dead.1", 2, now, 0.2)
+            directory = journal.directory_for(store)
+            assert directory is not None and len(peers) == 2
+            dead = journal.Journal(directory, batch.id, "w-dead")
+            for job in peers:
+                dead.add(_success(job, f"kept {job.id}"), _tries(job, now))
+            dead.close(committed=False)
+            async with store.engine.begin() as conn:
+                await conn.execute(
+                    text("UPDATE workers SET pid = :pid WHERE id = 'w-dead'"), {"pid": dead_pid()}
+                )
+            # Its leases run out at once; the run looks back every lease_s / 4.
+            await asyncio.sleep(1.5)
+        finally:
+            dispatcher.stop()
+            await run
+        sent = {job.id: srv.stats.attempts_for(job.body.encode()) for job in peers}
+        assert srv.stats.requests_total > 0
+    assert sent == {job.id: 0 for job in peers}, "answered already: not sent again"
+    kept = await _rows(
+        store,
+        "SELECT job_id, response FROM results WHERE job_id IN (:a, :b)",
+        a=peers[0].id,
+        b=peers[1].id,
+    )
+    assert sorted(kept) == sorted((j.id, f'{{"answer": "kept {j.id}"}}') for j in peers)
 
 
 # -- a real run, killed while its answers wait for the database -----------------------------
