@@ -23,6 +23,17 @@ def _example() -> str:
     return blocks[0]
 
 
+def _run_example(directory: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "main.py"],
+        cwd=directory,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
 def test_the_readme_example_submits_runs_and_exports(tmp_path: Path) -> None:
     (tmp_path / "main.py").write_text(_example())
     rows = [chat(f"question {i}") for i in range(5)] + [chat("[[fault:400]] refused")]
@@ -30,14 +41,7 @@ def test_the_readme_example_submits_runs_and_exports(tmp_path: Path) -> None:
     with FakeServerThread(FakeConfig()) as srv:
         env = {**os.environ, "OPENAI_BASE_URL": srv.url, "OPENAI_API_KEY": "sk-test"}
         env.pop("BATCHRUNNER_DB", None)
-        first = subprocess.run(
-            [sys.executable, "main.py"],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        first = _run_example(tmp_path, env)
         assert first.returncode == 3, first.stderr  # one job failed, as `run` says it
         sent = srv.stats.requests_total
         with (tmp_path / "results.csv").open(newline="") as f:
@@ -45,14 +49,7 @@ def test_the_readme_example_submits_runs_and_exports(tmp_path: Path) -> None:
         assert sorted(r["state"] for r in rows_out) == ["failed"] + ["succeeded"] * 5
         assert all(r["content"] for r in rows_out if r["state"] == "succeeded")
         # Again: the same batch, nothing sent again, the same export.
-        again = subprocess.run(
-            [sys.executable, "main.py"],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        again = _run_example(tmp_path, env)
         assert again.returncode == 3, again.stderr
         assert srv.stats.requests_total == sent
     assert (tmp_path / "jobs.db").exists()

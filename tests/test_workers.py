@@ -224,17 +224,42 @@ async def test_the_first_heartbeat_reports_progress_within_seconds(
     assert status.requests_per_s is not None and status.requests_per_s > 0
 
 
+@pytest.mark.parametrize(
+    "died",
+    [
+        "exited",
+        pytest.param(
+            "not waited for",
+            marks=pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc"),
+        ),
+    ],
+)
 async def test_a_dead_worker_of_this_machine_is_reaped_and_its_jobs_come_back(
-    store: JobStore, make_file: MakeFile
+    store: JobStore, make_file: MakeFile, died: str
 ) -> None:
+    """Also one killed and not yet waited for by its parent (a script that starts several runs
+    and waits for them at the end): a zombie, which signal 0 still reaches. Taken for alive,
+    its jobs waited out their whole lease (62 s, where a reaped one's came back in 6 s)."""
+    with contextlib.nullcontext(dead_pid()) if died == "exited" else _zombie() as pid:
+        assert not pid_alive(pid)
+        await _reaped_and_its_jobs_come_back(store, make_file, pid)
+    assert pid_alive(os.getpid())
+
+
+async def _gone(store: JobStore, worker_id: str, pid: int) -> None:
+    """The worker's row names process `pid` (one that has ended) as its own."""
+    async with store.engine.begin() as conn:
+        await conn.execute(
+            text("UPDATE workers SET pid = :pid WHERE id = :w"), {"pid": pid, "w": worker_id}
+        )
+
+
+async def _reaped_and_its_jobs_come_back(store: JobStore, make_file: MakeFile, pid: int) -> None:
     batch_id = await _batch(store, make_file, 5, "http://127.0.0.1:9/v1")
     now = time.time()
     await store.register_worker("w-me", batch_id, now)
     await store.register_worker("w-gone", batch_id, now)
-    async with store.engine.begin() as conn:
-        await conn.execute(
-            text("UPDATE workers SET pid = :pid WHERE id = 'w-gone'"), {"pid": dead_pid()}
-        )
+    await _gone(store, "w-gone", pid)
     held = await store.claim(batch_id, "w-gone", "w-gone.1", 3, now, 600.0)
     assert len(held) == 3
     pacer = Pacer(600, None)
@@ -250,31 +275,6 @@ async def test_a_dead_worker_of_this_machine_is_reaped_and_its_jobs_come_back(
     assert sorted(j.id for j in claimed) == sorted(j.id for j in await _all_jobs(store, batch_id))
     # Reaped once: it is marked stopped now.
     assert (await coordinator.look()).reaped == 0
-
-
-@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
-async def test_a_killed_worker_its_parent_has_not_waited_for_is_dead(
-    store: JobStore, make_file: MakeFile
-) -> None:
-    """A script that starts several runs and waits for them at the end: one killed stays a
-    zombie until then, and signal 0 still reaches it. Taken for alive, its jobs waited out
-    their whole lease (62 s, where a reaped one's came back in 6 s)."""
-    with _zombie() as pid:
-        assert not pid_alive(pid)
-        batch_id = await _batch(store, make_file, 3, "http://127.0.0.1:9/v1")
-        now = time.time()
-        await store.register_worker("w-me", batch_id, now)
-        await store.register_worker("w-zombie", batch_id, now)
-        async with store.engine.begin() as conn:
-            await conn.execute(
-                text("UPDATE workers SET pid = :pid WHERE id = 'w-zombie'"), {"pid": pid}
-            )
-        assert len(await store.claim(batch_id, "w-zombie", "w-zombie.1", 3, now, 600.0)) == 3
-        seen = await _coordinator(store, batch_id, "w-me", Pacer(None, None)).look()
-        assert seen.reaped == 1
-        claimed = await store.claim(batch_id, "w-me", "w-me.1", 10, time.time(), 60.0)
-        assert len(claimed) == 3, "claimable at once, not after the 600 s lease"
-    assert pid_alive(os.getpid())
 
 
 @contextlib.contextmanager
@@ -302,10 +302,7 @@ async def test_status_does_not_show_a_killed_worker_of_this_machine_as_live(
     now = time.time()
     await store.register_worker("w-live", batch_id, now)
     await store.register_worker("w-killed", batch_id, now)
-    async with store.engine.begin() as conn:
-        await conn.execute(
-            text("UPDATE workers SET pid = :pid WHERE id = 'w-killed'"), {"pid": dead_pid()}
-        )
+    await _gone(store, "w-killed", dead_pid())
     status = await report.batch_status(store, batch_id)
     assert [w.id for w in status.workers] == ["w-live"]
 
@@ -321,10 +318,7 @@ async def test_status_says_when_running_jobs_are_leased_to_no_live_run(
     await store.claim(batch_id, "w-killed", "w-killed.1", 3, now, 600.0)
     note = "the running ones are leased to no live run"
     assert note not in report.render_status(await report.batch_status(store, batch_id))
-    async with store.engine.begin() as conn:
-        await conn.execute(
-            text("UPDATE workers SET pid = :pid WHERE id = 'w-killed'"), {"pid": dead_pid()}
-        )
+    await _gone(store, "w-killed", dead_pid())
     shown = report.render_status(await report.batch_status(store, batch_id))
     assert "running 3," in shown and note in shown
 
