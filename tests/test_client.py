@@ -317,8 +317,10 @@ CHOICE_REFUSED = {
         # Retried as rate limits, these failed every job of the batch instead of stopping.
         (429, OPENAI_BILLING_NOT_ACTIVE, OutcomeKind.STOP_RUN, "quota", None),
         (429, MOONSHOT_SUSPENDED, OutcomeKind.STOP_RUN, "quota", None),
-        (429, {"error": {"message": "Insufficient balance.", "type": "upstream_error"}},
-         OutcomeKind.STOP_RUN, "quota", "Insufficient balance."),
+        # The words alone, in a 400 that echoes the request: a bad line, not the account.
+        (400, {"error": {"message": "1 validation error: messages.1.content: field required;"
+                         " input: {'role': 'user', 'contnet': 'Insufficient balance'}"}},
+         OutcomeKind.FAIL_JOB, "http_400", None),
         (400, GEMINI_BAD_KEY, OutcomeKind.STOP_RUN, "auth",
          "API key not valid. Please pass a valid API key."),
         (403, FLAGGED, OutcomeKind.FAIL_JOB, "flagged", FLAGGED["error"]["message"]),
@@ -534,7 +536,12 @@ def test_text_from_the_wire_is_text_a_database_can_hold(
                " 6m0s. Visit https://platform.openai.com/account/rate-limits to learn more.",
                "type": "tokens", "code": "rate_limit_exceeded"}, 360.0),
         (429, {"message": "... Please try again in 1m9.696s. Visit ..."}, 69.696),
-        (429, {"message": "... Please try again in 20ms. Visit ..."}, 0.02),
+        # Shorter ones, under per-minute limits, are one request's guess: the run's backoff.
+        (429, {"message": "... Please try again in 20ms. Visit ..."}, None),
+        (429, {"message": "... Please try again in 59.9s. Visit ..."}, None),
+        # A duration has its units: "1 minute" is none (it was read as 1 s).
+        (429, {"message": "Too many requests. Please try again in 1 minute."}, None),
+        (429, {"message": "Please retry in 3 days."}, None),
         (429, {"message": "x", "details": [{"retryDelay": "0s"}, "odd", {"retryDelay": 5}]}, None),
         (429, {"message": "Please retry in a while."}, None),
         # Other statuses' bodies say nothing about the run's pace.
