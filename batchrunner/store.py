@@ -502,15 +502,24 @@ class JobStore:
 
     def is_database_file(self, path: Path) -> bool:
         """Whether `path` is the SQLite database's file, or one SQLite keeps beside it (the
-        write-ahead log, its shared memory, a rollback journal): no export may be written
-        over one of them."""
+        write-ahead log, its shared memory, a rollback journal; also one not there now, which
+        SQLite would take for its own: a CSV named `jobs.db-journal` was deleted as a hot
+        journal), or in its answer journal's folder: no export may be written there."""
+        from batchrunner.journal import SQLITE_SUFFIX
+
         target = self.sqlite_target
         if target is None or target.in_memory:
             return False
         database = target.database
         if target.uri:
             database = unquote(urlsplit(database).path)
+        where = os.path.realpath(path)
+        own = os.path.realpath(database)
+        if where.startswith(own + SQLITE_SUFFIX + os.sep):
+            return True
         for suffix in ("", "-wal", "-shm", "-journal"):
+            if where == own + suffix:
+                return True
             with contextlib.suppress(OSError):
                 if os.path.samefile(path, database + suffix):
                     return True
