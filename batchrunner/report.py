@@ -58,6 +58,9 @@ class BatchStatus:
     #: of it is known).
     run_s: float | None = None
     now: float = field(default_factory=time.time)
+    #: The part of `models` that answers paid for and not kept make up (no export row holds
+    #: them), by model.
+    discarded: list[ModelCost] = field(default_factory=list)
 
     @property
     def cost_usd(self) -> Decimal:
@@ -121,6 +124,18 @@ class BatchStatus:
             return None
         return self.counts.unfinished / rate
 
+    def discarded_json(self) -> dict[str, Any]:
+        """The answers paid for and not kept: how many, their tokens and cost (None: some
+        model's price unknown)."""
+        d = self.discarded
+        keys = ("prompt_tokens", "completion_tokens", "cached_tokens", "reasoning_tokens")
+        out: dict[str, Any] = {"answers": sum(m.usage.discarded for m in d)}
+        out.update({k: sum(getattr(m.usage, k) for m in d) for k in keys})
+        out["total_tokens"] = sum(m.usage.total_tokens for m in d)
+        unknown = any(m.cost_usd is None for m in d)
+        out["cost_usd"] = None if unknown else float(sum((m.cost_usd or 0 for m in d), Decimal(0)))
+        return out
+
     def to_json(self) -> dict[str, Any]:
         b = self.batch
         return {
@@ -152,6 +167,8 @@ class BatchStatus:
                 }
                 for m in self.models
             ],
+            # Counted in the figures above, in no export row.
+            "discarded": self.discarded_json(),
             "requests_per_s": self.requests_per_s,
             "tokens_per_s": self.tokens_per_s,
             "eta_s": self.eta_s,
@@ -190,6 +207,13 @@ async def _batch_status(store: JobStore, batch_id: str, prices: PriceBook) -> Ba
     groups = await store.usage_groups(batch_id, PRICE_PERIOD_S)
     costs = await model_costs(store, batch_id, groups, prices)
     models = [ModelCost(u, costs[u.model]) for u in usage_by_model(groups)]
+    # What of those went to answers paid for and not kept, which no export row holds: a
+    # script that adds up an export can tell the two apart.
+    paid: list[UsageGroup] = []
+    if any(g.discarded for g in groups):
+        paid = await store.usage_groups(batch_id, PRICE_PERIOD_S, discarded_only=True)
+    paid_costs = await model_costs(store, batch_id, paid, prices, discarded_only=True)
+    discarded = [ModelCost(u, paid_costs[u.model]) for u in usage_by_model(paid)]
     first, last = await store.first_and_last_finish(batch_id)
     run_s = _union_s(await store.worker_spans(batch_id))
     return BatchStatus(
@@ -202,6 +226,7 @@ async def _batch_status(store: JobStore, batch_id: str, prices: PriceBook) -> Ba
         first_s=first,
         last_s=last,
         run_s=run_s or None,
+        discarded=discarded,
     )
 
 
@@ -253,7 +278,12 @@ def usage_by_model(groups: list[UsageGroup]) -> list[ModelUsage]:
 
 
 async def model_costs(
-    store: JobStore, batch_id: str, groups: list[UsageGroup], prices: PriceBook
+    store: JobStore,
+    batch_id: str,
+    groups: list[UsageGroup],
+    prices: PriceBook,
+    *,
+    discarded_only: bool = False,
 ) -> dict[str, Decimal | None]:
     """What the batch's results cost, by model (None: the model's price is unknown), from
     `JobStore.usage_groups` by price period.
@@ -262,6 +292,7 @@ async def model_costs(
     set dates, and by time of day for DeepSeek's off-peak hours) and in its own prompt-size tier
     (a long prompt can move a whole request to a higher rate): the models with tiers are read
     again, by tier. The sums come from the database, so the work does not grow with the batch.
+    `discarded_only`: `groups` are those of the discarded answers alone.
     """
     shapes = {g.model: prices.shape(g.model) for g in groups}
     costs: dict[str, Decimal | None] = {
@@ -270,7 +301,9 @@ async def model_costs(
     tiers = {m: shape.tier_starts for m, shape in shapes.items() if shape and shape.tier_starts}
     if tiers:
         groups = [g for g in groups if g.model not in tiers]
-        groups += await store.usage_groups(batch_id, PRICE_PERIOD_S, tiers)
+        groups += await store.usage_groups(
+            batch_id, PRICE_PERIOD_S, tiers, discarded_only=discarded_only
+        )
     for group in groups:
         shape = shapes.get(group.model)
         so_far = costs.get(group.model)
@@ -369,7 +402,11 @@ def render_status(st: BatchStatus) -> str:
         price = "unknown" if m.known_cost_usd is None else dollars(m.known_cost_usd)
         notes = []
         if m.usage.discarded:
-            notes.append(f"with {m.usage.discarded} answer(s) paid for and not kept")
+            paid = next((d.cost_usd for d in st.discarded if d.usage.model == m.usage.model), None)
+            notes.append(
+                f"with {m.usage.discarded} answer(s) paid for and not kept"
+                + ("" if paid is None else f", {dollars(paid)} of it")
+            )
         if m.usage.without_usage:
             notes.append(f"{m.usage.without_usage} without usage: tokens and cost unknown")
         out.append(

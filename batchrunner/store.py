@@ -667,6 +667,8 @@ class JobStore:
         batch_id: str,
         period_s: int,
         tier_starts: Mapping[str, Sequence[int]] | None = None,
+        *,
+        discarded_only: bool = False,
     ) -> list[UsageGroup]:
         """The token sums of the batch's results, and of the answers it paid for and did not
         keep (`discarded_answers`, counted as requests and not as results), by model, by
@@ -674,15 +676,20 @@ class JobStore:
         `tier_starts` (then only those), by prompt-size tier: a request is in tier k when its
         prompt is past k of the model's starts (ascending). One scan of the batch's results.
 
-        For pricing a sum exactly: within one group every request has the same rates."""
-        groups = await self._usage_groups(
-            "COALESCE(NULLIF(r.model, ''), j.model)",
-            "r.finished_at",
-            ("COUNT(*)", "0"),
-            "jobs j JOIN results r ON r.job_id = j.id WHERE j.batch_id = :b",
-            batch_id,
-            period_s,
-            tier_starts,
+        For pricing a sum exactly: within one group every request has the same rates.
+        `discarded_only`: the groups of the discarded answers alone."""
+        groups = (
+            []
+            if discarded_only
+            else await self._usage_groups(
+                "COALESCE(NULLIF(r.model, ''), j.model)",
+                "r.finished_at",
+                ("COUNT(*)", "0"),
+                "jobs j JOIN results r ON r.job_id = j.id WHERE j.batch_id = :b",
+                batch_id,
+                period_s,
+                tier_starts,
+            )
         )
         discarded = await self._usage_groups(
             "r.model",
@@ -693,8 +700,8 @@ class JobStore:
             period_s,
             tier_starts,
         )
-        if not discarded:
-            return groups
+        if not discarded or discarded_only:
+            return discarded if discarded_only else groups
         by_key = {g[:3]: g for g in groups}
         for d in discarded:
             g = by_key.get(d[:3])

@@ -334,6 +334,27 @@ async def test_a_job_sent_before_the_cancel_says_so(store: JobStore, make_file: 
     assert never["error"]["message"] == export_module.CANCELLED_MESSAGE
     _, rows = await _csv(store, batch_id)
     assert [(r["state"], r["attempts"]) for r in rows] == [("cancelled", "1"), ("cancelled", "0")]
+    # Paid for, in status's figures and in no export row: status says how much of them.
+    status = await report.batch_status(store, batch_id, PriceBook())
+    late = status.to_json()["discarded"]
+    assert late["answers"] == 1 and late["total_tokens"] == status.tokens["total_tokens"] == 12
+    assert late["prompt_tokens"] == 9 and late["completion_tokens"] == 3
+    assert late["cost_usd"] == pytest.approx(float(status.cost_usd)) and late["cost_usd"] > 0
+    assert not any(r["total_tokens"] for r in rows)
+    shown = report.render_status(status)
+    assert f"with 1 answer(s) paid for and not kept, ${late['cost_usd']:.6f} of it" in shown
+    # None: nothing of the kind.
+    fresh = await _submit(store, make_file([chat("x")], name="fresh.jsonl"))
+    none = (await report.batch_status(store, fresh, PriceBook())).to_json()["discarded"]
+    assert none == {
+        "answers": 0,
+        "prompt_tokens": 0,
+        "completion_tokens": 0,
+        "cached_tokens": 0,
+        "reasoning_tokens": 0,
+        "total_tokens": 0,
+        "cost_usd": 0.0,
+    }
 
 
 async def test_an_export_during_a_run_holds_what_has_ended(
