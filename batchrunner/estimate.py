@@ -4,11 +4,11 @@ For each model: the requests, their prompt tokens (counted with the model's toke
 by OpenAI's vision formula; see `tokens.count_prompt_tokens`), the most output tokens they may
 be billed for, and the cost range that follows:
 
-* the maximum output of a request is its `max_completion_tokens` (else `max_tokens`) times its
-  `n`; a request that sets neither is counted at the most the model can write in one answer
-  (`tokens.default_max_output_tokens`: 16,384 for gpt-4o, 65,536 for gemini-2.5-flash, 131,072
-  for a model it does not know), and is counted in `uncapped_requests` so the reader knows the
-  maximum is the model's limit rather than the request's;
+* the maximum output of a request is its `max_completion_tokens` or `max_tokens` (the larger)
+  times its `n`; a request that sets neither is counted at the most the model can write in one
+  answer (`tokens.default_max_output_tokens`: 16,384 for gpt-4o, 65,536 for gemini-2.5-flash,
+  131,072 for a model it does not know), and is counted in `uncapped_requests` so the reader
+  knows the maximum is the model's limit rather than the request's;
 * the minimum cost is the prompt alone at the full input price (no output, no cache hits), the
   maximum the prompt plus every allowed output token at the output price. Each request is
   priced on its own, so prompt-size price tiers and per-request fees apply as billed;

@@ -229,8 +229,9 @@ def _dumps(value: Any, what: str) -> str:
 
 def _check_body(body: dict[str, Any]) -> tuple[str, bool, int, int]:
     """Validate a chat-completion request body; returns its model, whether it streams, its
-    choices (`n`) and its output cap (`max_completion_tokens`, else `max_tokens`; 0: none),
-    read here once rather than again for the job.
+    choices (`n`) and its output cap (`max_completion_tokens` or `max_tokens`, the larger
+    where both are set, as `tokens.max_output_tokens`; 0: none), read here once rather than
+    again for the job.
 
     Checks exact types (`type(x) is int`, which is also how a bool is kept out): orjson makes
     only plain dicts, lists, strings and numbers, and isinstance costs more on every line.
@@ -271,7 +272,7 @@ def _check_body(body: dict[str, Any]) -> tuple[str, bool, int, int]:
     cap = body.get("max_completion_tokens")
     if cap is not None and (type(cap) is not int or cap < 1):
         raise BadLine("'max_completion_tokens' must be a positive integer")
-    return model, stream, n or 1, cap or max_tokens or 0
+    return model, stream, n or 1, max(cap or 0, max_tokens or 0)
 
 
 def parse_line(raw: bytes, number: int, meta_keys: set[str] | None = None) -> NewJob:

@@ -160,12 +160,15 @@ def quick_prompt_tokens(body_json_len: int) -> int:
 
 
 def max_output_tokens(body: Mapping[str, Any]) -> int | None:
-    """The body's output cap: `max_completion_tokens`, else `max_tokens`; None when neither."""
+    """The body's output cap: `max_completion_tokens` or `max_tokens`, the larger where it
+    sets both (a gateway may honour either: a worst case taken from the smaller let a run
+    pass --max-cost twelvefold); None when neither."""
+    cap = None
     for key in ("max_completion_tokens", "max_tokens"):
         value = body.get(key)
-        if type(value) is int and value >= 0:
-            return value
-    return None
+        if type(value) is int and value >= 0 and (cap is None or value > cap):
+            cap = value
+    return cap
 
 
 def choices(body: Mapping[str, Any]) -> int:

@@ -162,7 +162,10 @@ def test_quick_prompt_tokens_is_characters_over_four_rounded_up(length: int, exp
         ({}, None),
         ({"max_tokens": 100}, 100),
         ({"max_completion_tokens": 50}, 50),
-        ({"max_completion_tokens": 50, "max_tokens": 100}, 50),
+        # Both: the larger (a gateway may honour either; the smaller let a run pass its
+        # --max-cost twelvefold).
+        ({"max_completion_tokens": 50, "max_tokens": 100}, 100),
+        ({"max_completion_tokens": 100, "max_tokens": 50}, 100),
         ({"max_completion_tokens": None, "max_tokens": 7}, 7),
         ({"max_tokens": 0}, 0),
         ({"max_tokens": "100"}, None),
