@@ -333,6 +333,17 @@ class PriceBook:
             rates = next(
                 (self._models[n] for n in same_model_names(model) if n in self._models), None
             )
+        if rates is None and self._models:
+            # ...and the file's name may carry the gateway's prefix the answer comes without:
+            # "openai/gpt-4o-mini" answered as "gpt-4o-mini-2024-07-18" was priced at the list
+            # price (the request was reserved at the file's, three times as much).
+            for name in (model, *same_model_names(model)):
+                rates = next(
+                    (r for key, r in self._models.items() if name in same_model_names(key)),
+                    None,
+                )
+                if rates is not None:
+                    break
         if rates is not None:
             return _UserPricer(rates)
         return _find_genai_model(model)

@@ -479,6 +479,21 @@ def test_a_file_price_holds_for_the_names_an_api_answers_with(
     )
 
 
+@pytest.mark.parametrize("answered", ["gpt-4o-mini", "gpt-4o-mini-2024-07-18"])
+def test_a_file_price_of_a_prefixed_name_holds_for_the_name_without_it(
+    tmp_path: Path, book: PriceBook, answered: str
+) -> None:
+    """A price file keyed by the name the request gives (LiteLLM's "openai/gpt-4o-mini"), an
+    answer named without the prefix: priced at the list price, where the run had reserved at
+    the file's."""
+    path = tmp_path / "prices.toml"
+    path.write_text('[models."openai/gpt-4o-mini"]\ninput_per_mtok = 1\noutput_per_mtok = 10\n')
+    user = PriceBook.load(path)
+    assert user.cost(answered, usage(1_000_000, 0)) == Decimal("1")
+    assert user.cost("openai/gpt-4o-mini", usage(0, 1_000_000)) == Decimal("10")
+    assert user.cost("gpt-4o", usage(1_000_000, 0)) == book.cost("gpt-4o", usage(1_000_000, 0))
+
+
 @pytest.mark.parametrize("answered", ["openai/my-org/finetune", "a/b/my-org/finetune"])
 def test_a_file_price_of_a_name_with_a_slash_holds_behind_a_gateway_prefix(
     tmp_path: Path, answered: str
