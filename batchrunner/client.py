@@ -707,6 +707,8 @@ def _classify(
             error_kind=error_kind,
             message=scrub(message),
             body=scrub(text),
+            # Its usage, where it says what it was billed (the run counts it as spent).
+            completion=_with_usage(parsed),
             request_id=request_id,
             latency_s=latency_s,
             retry_after_s=parse_retry_after_s(headers) if kind is OutcomeKind.RETRY else None,
@@ -1522,6 +1524,13 @@ class StreamAssembler:
         return completion
 
 
+def _with_usage(parsed: object) -> dict[str, Any] | None:
+    """An answer that failed, where it reports the usage it was billed for."""
+    if type(parsed) is dict and type(parsed.get("usage")) is dict:
+        return parsed
+    return None
+
+
 def _kept_answer(completion: dict[str, Any], scrub: _Scrubber) -> tuple[str, dict[str, Any]]:
     """A reassembled answer's text as it is kept, and the answer as the run reads it: both
     without the key, where a server put it in."""
@@ -1598,6 +1607,9 @@ def _stream_outcome(
             status,
             error_kind="stream_broken",
             message=scrub(broken),
+            # Cut after its usage came: billed for that (counted $0, a run passed its
+            # --max-cost 2.4 times over on streams cut so).
+            completion=_kept_answer(assembler.result(), scrub)[1] if assembler.has_usage else None,
             request_id=request_id,
             latency_s=latency_s,
             ratelimit=ratelimit,

@@ -167,6 +167,9 @@ _STOPPED_THE_RUN = frozenset({"auth", "quota", "proxy", "redirect"})
 #: met (--retry-invalid-json), a 2xx answer that is not JSON (what it cost is unknown), and a
 #: choice that ended in an error (what the model wrote before it failed).
 _PAID_FOR = frozenset({"invalid_json", "bad_json", "choice_error"})
+#: ...and those counted where the answer reported its usage: a stream cut after it came, a
+#: 2xx that is no completion, a prompt the provider blocked (which fails its job).
+_PAID_IF_USAGE = frozenset({"stream_broken", "not_completion", "no_choice"})
 
 
 async def _set_within(event: asyncio.Event, timeout_s: float) -> bool:
@@ -866,7 +869,10 @@ class Dispatcher:
             if check_schema and outcome.kind is OutcomeKind.SUCCESS:
                 outcome = self._check_schema(job, outcome)
             spent: Spent | None = None
-            if outcome.kind is OutcomeKind.RETRY and outcome.error_kind in _PAID_FOR:
+            if outcome.kind is not OutcomeKind.SUCCESS and (
+                (outcome.kind is OutcomeKind.RETRY and outcome.error_kind in _PAID_FOR)
+                or (outcome.error_kind in _PAID_IF_USAGE and outcome.completion is not None)
+            ):
                 spent, cost = self._paid_for(job, outcome)
                 if spent is not None:
                     self.stats.tokens += spent[-1]  # (the total)

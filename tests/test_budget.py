@@ -22,7 +22,7 @@ from batchrunner.dispatcher import Budget, Dispatcher, StopReason
 from batchrunner.errors import BudgetExceeded
 from batchrunner.fakeapi import FakeConfig, FakeServer
 from batchrunner.ingest import submit_file
-from batchrunner.pricing import PriceBook
+from batchrunner.pricing import PriceBook, usage_from_completion
 from batchrunner.runner import EXIT_ABORTED, EXIT_OK, RunReport, run
 from batchrunner.store import JobStore
 from batchrunner.tokens import estimate_request
@@ -320,6 +320,66 @@ async def test_answers_whose_choice_failed_count_in_tokens_and_cost(
     assert status.tokens["total_tokens"] == rep.result.stats.tokens == 8 * 1010
     (model,) = status.models
     assert (model.usage.results, model.usage.discarded) == (4, 4)
+
+
+@pytest.mark.parametrize("billed", ["stream cut after its usage", "no choices", "choices: []"])
+async def test_failed_answers_that_report_their_usage_count_in_tokens_and_cost(
+    store: JobStore, make_file: MakeFile, billed: str
+) -> None:
+    """A stream cut after its usage came, a 200 without choices and a prompt the provider
+    blocked (`choices: []`) each said what they were billed: counted $0, in status and against
+    --max-cost (a run passed its cap 2.4 times over on streams cut so)."""
+    usage = {"prompt_tokens": 1000, "completion_tokens": 10, "total_tokens": 1010}
+    seen: list[str] = []
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        body = orjson.loads(await request.read())
+        text = body["messages"][-1]["content"]
+        seen.append(text)
+        again = seen.count(text) > 1
+        if billed == "stream cut after its usage":
+            response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await response.prepare(request)
+            chunk = {"object": "chat.completion.chunk", "model": "gpt-4o-mini"}
+            delta = {"index": 0, "delta": {"role": "assistant", "content": "Hal"}}
+            if again:
+                delta["finish_reason"] = "stop"
+            await response.write(b"data: " + orjson.dumps({**chunk, "choices": [delta]}) + b"\n\n")
+            usage_chunk = {**chunk, "choices": [], "usage": usage}
+            await response.write(b"data: " + orjson.dumps(usage_chunk) + b"\n\n")
+            if again:
+                await response.write(b"data: [DONE]\n\n")
+            # (Else cut: the connection ends before a finish_reason or [DONE].)
+            return response
+        if again:
+            return web.Response(
+                body=_completion("fine", usage=usage), content_type="application/json"
+            )
+        answer: dict[str, Any] = {
+            "object": "chat.completion",
+            "model": "gpt-4o-mini",
+            "usage": usage,
+        }
+        if billed == "choices: []":
+            answer["choices"] = []
+        return web.json_response(answer)
+
+    stream = {"stream": True, "stream_options": {"include_usage": True}}
+    rows = _rows(3, **(stream if billed.startswith("stream") else {}))
+    async with running(handler) as base_url:
+        batch_id = (await submit_file(store, make_file(rows), base_url=base_url)).batch.id
+        rep = await _run(store, batch_id, Decimal(1))
+    status = await report.batch_status(store, batch_id, PriceBook())
+    (model,) = status.models
+    if billed == "choices: []":
+        # Blocked: the job fails at once, its answer paid for.
+        assert len(seen) == 3 and (model.usage.results, model.usage.discarded) == (0, 3)
+    else:
+        assert rep.exit_code == EXIT_OK and len(seen) == 6
+        assert (model.usage.results, model.usage.discarded) == (3, 3)
+    assert status.tokens["total_tokens"] == rep.result.stats.tokens == len(seen) * 1010
+    one = PriceBook().cost("gpt-4o-mini", usage_from_completion({"usage": usage}))
+    assert one is not None and status.cost_usd == len(seen) * one
 
 
 async def test_the_cap_counts_every_answer_paid_for(store: JobStore, make_file: MakeFile) -> None:
