@@ -34,6 +34,7 @@ import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Collection, Iterator
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, TypeVar
@@ -316,24 +317,42 @@ def _unreported_tokens(job: ClaimedJob, outcome: Outcome) -> float:
     return len(outcome.body or "") / CHARS_PER_TOKEN
 
 
-def worst_case_cost(body: str | bytes, prices: PriceBook) -> Decimal:
-    """The most the request with this body can cost; BudgetExceeded when no price is known
-    for its model."""
+def worst_case_cost(
+    body: str | bytes, prices: PriceBook, *, within_s: float = 0.0, now: datetime | None = None
+) -> Decimal:
+    """The most the request with this body can cost if it finishes within `within_s` of `now`
+    (default: the present): a request is priced when it finishes, and DeepSeek's price
+    quadruples at 00:30 UTC (reserved off-peak, settled at peak, a run passed its cap 3.5
+    times over). BudgetExceeded when no price is known for its model."""
     est = estimate_request(orjson.loads(body))
-    cost = prices.worst_case_cost(est.model, est.prompt_tokens, est.worst_case_output_tokens)
-    if cost is None:
+    model, prompt, output = est.model, est.prompt_tokens, est.worst_case_output_tokens
+    shape = prices.shape(model)
+    if shape is None:
         raise BudgetExceeded(
-            f"no price is known for model {est.model!r}, so --max-cost cannot be kept;"
+            f"no price is known for model {model!r}, so --max-cost cannot be kept;"
             " add it to a price file (--prices)"
         )
+    if not shape.varies_in_time or within_s <= 0:
+        cost = prices.worst_case_cost(model, prompt, output, at=now)
+    else:
+        start = now or datetime.now(tz=UTC)
+        ends = (start, start + timedelta(seconds=within_s))
+        cost = max(
+            prices.worst_case_cost(model, prompt, output, at=at) or Decimal(0) for at in ends
+        )
+    assert cost is not None  # (the model has a price: `shape`)
     return cost
 
 
 class Budget:
     """A cost cap that reserves each request's worst case before it is sent."""
 
-    def __init__(self, cap_usd: Decimal, spent_usd: Decimal, prices: PriceBook) -> None:
+    def __init__(
+        self, cap_usd: Decimal, spent_usd: Decimal, prices: PriceBook, within_s: float = 0.0
+    ) -> None:
+        """`within_s`: how long after it is sent a request may finish (its timeout)."""
         self.cap_usd = cap_usd
+        self._within_s = within_s
         #: The batch's cost when the run started, and then what this run's answers added.
         self.committed_usd = spent_usd
         self._started_from = spent_usd
@@ -348,7 +367,7 @@ class Budget:
         self._closed = False
 
     def worst_case(self, job: ClaimedJob) -> Decimal:
-        return worst_case_cost(job.body, self._prices)
+        return worst_case_cost(job.body, self._prices, within_s=self._within_s)
 
     async def reserve(self, amount: Decimal) -> bool:
         """Reserve `amount` of the cap; False when it cannot fit.
@@ -429,7 +448,7 @@ class Dispatcher:
         self.pacer = Pacer(config.rpm, config.tpm)
         self.prices = prices or PriceBook.load(config.prices_path)
         self.budget = (
-            Budget(Decimal(str(config.max_cost_usd)), spent_usd, self.prices)
+            Budget(Decimal(str(config.max_cost_usd)), spent_usd, self.prices, config.timeout_s)
             if config.max_cost_usd is not None
             else None
         )

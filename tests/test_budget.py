@@ -8,6 +8,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from aiohttp import web
 
 from batchrunner import limiter, report
 from batchrunner.config import RunConfig
-from batchrunner.dispatcher import Budget, Dispatcher, StopReason
+from batchrunner.dispatcher import Budget, Dispatcher, StopReason, worst_case_cost
 from batchrunner.errors import BudgetExceeded
 from batchrunner.fakeapi import FakeConfig, FakeServer
 from batchrunner.ingest import submit_file
@@ -405,6 +406,24 @@ async def test_the_cap_counts_every_answer_paid_for(store: JobStore, make_file: 
     assert rep.exit_code == EXIT_ABORTED and rep.result.reason is StopReason.BUDGET
     assert len(received) == 4
     assert await _cost(store, batch_id) == 4 * worst
+
+
+def test_a_reservation_takes_the_dearest_price_the_request_may_finish_at() -> None:
+    """A request is priced when it finishes: one sent off-peak that finished after 00:30 UTC
+    (DeepSeek's price four times higher) was reserved at the off-peak price, and a run passed
+    its --max-cost 3.5 times over."""
+    body = orjson.dumps(chat("q", model="deepseek-chat", max_tokens=8_000))
+    book = PriceBook()
+    before = datetime(2026, 12, 7, 0, 29, 50, tzinfo=UTC)
+    after = before + timedelta(seconds=600)
+    off_peak = worst_case_cost(body, book, now=before)
+    peak = worst_case_cost(body, book, now=after)
+    assert peak > off_peak
+    assert worst_case_cost(body, book, within_s=600, now=before) == peak
+    assert worst_case_cost(body, book, within_s=5, now=before) == off_peak
+    # A price that does not change with the hour is the same whatever the wait.
+    plain = orjson.dumps(chat("q", max_tokens=8_000))
+    assert worst_case_cost(plain, book, within_s=600, now=before) == worst_case_cost(plain, book)
 
 
 async def test_other_workers_reservations_are_waited_for_not_taken_as_spent() -> None:
