@@ -353,6 +353,8 @@ class Budget:
         """`within_s`: how long after it is sent a request may finish (its timeout)."""
         self.cap_usd = cap_usd
         self._within_s = within_s
+        #: An answer cost more than its reservation, and the run said so.
+        self._said_over = False
         #: The batch's cost when the run started, and then what this run's answers added.
         self.committed_usd = spent_usd
         self._started_from = spent_usd
@@ -387,6 +389,16 @@ class Budget:
         return True
 
     def settle(self, reserved: Decimal, actual: Decimal | None) -> None:
+        if actual is not None and actual > reserved > 0 and not self._said_over:
+            # (A server that ignores max_tokens, a prompt the count undercounted.) Said once:
+            # the cap holds only as far as answers keep within what their requests allow.
+            self._said_over = True
+            log.warning(
+                "an answer cost %s where its request could cost at most %s by its body and"
+                " the token count: --max-cost may be passed",
+                dollars(actual),
+                dollars(reserved),
+            )
         self.reserved_usd -= reserved
         # An unknown actual cost keeps the whole reservation: the cap must hold.
         self.committed_usd += reserved if actual is None else actual

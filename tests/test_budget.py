@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import socket
 import time
@@ -406,6 +407,25 @@ async def test_the_cap_counts_every_answer_paid_for(store: JobStore, make_file: 
     assert rep.exit_code == EXIT_ABORTED and rep.result.reason is StopReason.BUDGET
     assert len(received) == 4
     assert await _cost(store, batch_id) == 4 * worst
+
+
+async def test_an_answer_dearer_than_its_reservation_is_said(
+    store: JobStore, make_file: MakeFile, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A gateway that ignores max_tokens: answers cost more than their requests could, and a
+    run passed its --max-cost without a word (exit 0)."""
+    usage = {"prompt_tokens": 20, "completion_tokens": 50_000, "total_tokens": 50_020}
+
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(body=_completion("long", usage=usage), content_type="application/json")
+
+    async with running(handler) as base_url:
+        batch_id = (await submit_file(store, make_file(_rows(3)), base_url=base_url)).batch.id
+        with caplog.at_level(logging.WARNING, logger="batchrunner.dispatcher"):
+            await _run(store, batch_id, Decimal(1))
+    said = [r for r in caplog.records if "--max-cost may be passed" in r.getMessage()]
+    assert len(said) == 1, "said once"
+    assert said[0].getMessage().startswith("an answer cost $0.030003 where its request")
 
 
 def test_a_reservation_takes_the_dearest_price_the_request_may_finish_at() -> None:
