@@ -44,6 +44,16 @@ class ModelCost:
         return None if u.without_usage == u.results + u.discarded else self.cost_usd
 
 
+_TOKEN_KEYS = ("prompt_tokens", "completion_tokens", "cached_tokens", "reasoning_tokens")
+
+
+def _token_sums(models: list[ModelCost]) -> dict[str, int]:
+    """The token counts of `models`, summed: `status`'s, and those of its discarded answers."""
+    out = {k: sum(getattr(m.usage, k) for m in models) for k in _TOKEN_KEYS}
+    out["total_tokens"] = sum(m.usage.total_tokens for m in models)
+    return out
+
+
 @dataclass(frozen=True, slots=True)
 class BatchStatus:
     batch: BatchInfo
@@ -84,10 +94,7 @@ class BatchStatus:
 
     @property
     def tokens(self) -> dict[str, int]:
-        keys = ("prompt_tokens", "completion_tokens", "cached_tokens", "reasoning_tokens")
-        out = {k: sum(getattr(m.usage, k) for m in self.models) for k in keys}
-        out["total_tokens"] = sum(m.usage.total_tokens for m in self.models)
-        return out
+        return _token_sums(self.models)
 
     @property
     def elapsed_s(self) -> float | None:
@@ -128,10 +135,7 @@ class BatchStatus:
         """The answers paid for and not kept: how many, their tokens and cost (None: some
         model's price unknown)."""
         d = self.discarded
-        keys = ("prompt_tokens", "completion_tokens", "cached_tokens", "reasoning_tokens")
-        out: dict[str, Any] = {"answers": sum(m.usage.discarded for m in d)}
-        out.update({k: sum(getattr(m.usage, k) for m in d) for k in keys})
-        out["total_tokens"] = sum(m.usage.total_tokens for m in d)
+        out: dict[str, Any] = {"answers": sum(m.usage.discarded for m in d), **_token_sums(d)}
         unknown = any(m.cost_usd is None for m in d)
         out["cost_usd"] = None if unknown else float(sum((m.cost_usd or 0 for m in d), Decimal(0)))
         return out
