@@ -109,9 +109,11 @@ _RETRY_IN = re.compile(
 #: requests and 199 of 200 jobs failed where the run's own backoff sent 409 and failed none).
 #: Longer (a daily limit), the backoff would spend every job's attempts before the reset.
 _TRY_AGAIN_MIN_S: Final = 60.0
-#: 4xx answers that say "not now" rather than "never": request timeout, conflict, Groq's flex
-#: tier out of capacity (498).
-_RETRY_4XX: Final = frozenset({408, 409, 498})
+#: 4xx answers that say "not now" rather than "never": request timeout, conflict, too early
+#: (RFC 8470 asks for the request again), Groq's flex tier out of capacity (498), and 499, a
+#: request cancelled on the way (Gemini's `CANCELLED`, nginx's client closed request): this
+#: client cancelled nothing.
+_RETRY_4XX: Final = frozenset({408, 409, 425, 498, 499})
 #: 5xx answers that say "never": not implemented (a gateway without the endpoint or the
 #: feature asked for), HTTP version not supported. Sending the same request again cannot help.
 _NEVER_5XX: Final = frozenset({501, 505})
@@ -1843,7 +1845,8 @@ class ApiClient:
                     await self._drain(response)
                     break
         except TimeoutError:
-            broken = f"the stream stalled past {self.timeout_s:g} s"
+            # (`--timeout` is the whole request's, however steadily the stream came.)
+            broken = f"the stream did not end within {self.timeout_s:g} s"
             if not assembler.done:
                 return self._no_answer("timeout", broken, started, response)
         except (aiohttp.ClientError, OSError) as exc:
@@ -1886,11 +1889,16 @@ class ApiClient:
         )
 
 
+#: How an event stream's first line may begin: a field, or a comment (OpenRouter's
+#: ": OPENROUTER PROCESSING"). No JSON begins so.
+_EVENT_STREAM_STARTS: Final = (b"data:", b"event:", b"id:", b"retry:", b":")
+
+
 def _is_event_stream(response: aiohttp.ClientResponse, raw: bytes) -> bool:
-    """Whether a whole answer is an event stream: its events begin it, or it is labelled one
-    and is not JSON (it may open with a comment: OpenRouter's ": OPENROUTER PROCESSING")."""
-    head = raw.lstrip(_BOM + b" \t\r\n")[:5]
-    return head == b"data:" or (
+    """Whether a whole answer is an event stream: its first line is one, or it is labelled
+    one and is not JSON."""
+    head = raw.lstrip(_BOM + b" \t\r\n")[:6]
+    return head.startswith(_EVENT_STREAM_STARTS) or (
         response.content_type == "text/event-stream" and head[:1] not in (b"{", b"[")
     )
 
@@ -1908,6 +1916,13 @@ def _asks_for_usage(body: bytes) -> bool:
 
 def _describe(exc: BaseException) -> str:
     # An exception's text may quote what came over the wire, as aiohttp decoded it.
-    text = kept_text(str(exc))
+    if isinstance(exc, aiohttp.ClientResponseError) and not isinstance(
+        exc, aiohttp.ClientHttpProxyError
+    ):
+        # aiohttp's own status for an answer it could not read (an unknown content-encoding,
+        # a malformed header), not the server's: "400, message=..." read as an HTTP 400.
+        text = kept_text(exc.message)
+    else:
+        text = kept_text(str(exc))
     name = type(exc).__name__
     return f"{name}: {text}" if text else name

@@ -313,6 +313,11 @@ CHOICE_REFUSED = {
         (200, LIMITED_IN_200, OutcomeKind.RETRY, "rate_limit", "Rate limit exceeded"),
         (498, {"error": {"message": "Capacity exceeded", "code": "capacity_exceeded"}},
          OutcomeKind.RETRY, "http_498", "Capacity exceeded"),
+        # "Not now", failed at once before.
+        (425, b"", OutcomeKind.RETRY, "http_425", None),
+        (499, {"error": {"code": 499, "message": "The operation was cancelled.",
+                         "status": "CANCELLED"}},
+         OutcomeKind.RETRY, "http_499", "The operation was cancelled."),
         (429, XAI_NO_CREDIT, OutcomeKind.STOP_RUN, "quota", XAI_NO_CREDIT["error"]),
         # Retried as rate limits, these failed every job of the batch instead of stopping.
         (429, OPENAI_BILLING_NOT_ACTIVE, OutcomeKind.STOP_RUN, "quota", None),
@@ -706,6 +711,31 @@ async def test_timeout_when_the_server_trickles(serve: Serve, stream: bool) -> N
     outcome = await send(base_url, stream=stream, timeout_s=0.5)
     assert (outcome.kind, outcome.error_kind) == (OutcomeKind.RETRY, "timeout")
     assert 0.4 < outcome.latency_s < 10.0
+    # --timeout is the whole request's: a stream that never paused did not "stall".
+    assert outcome.message is not None and "within 0.5 s" in outcome.message
+
+
+@pytest.mark.parametrize(
+    "head",
+    [b"Content-Length: 2\r\nContent-Length: 3", b"Content-Encoding: br\r\nContent-Length: 5"],
+)
+async def test_an_answer_the_client_cannot_read_is_not_called_an_http_400(head: bytes) -> None:
+    """aiohttp's own status for an answer it cannot parse or decode went into the error as
+    "ClientResponseError: 400, message=...", beside no status at all: read as the server's."""
+
+    async def server_side(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n" + head)
+        writer.write(b"\r\n\r\n\x8b\x00\x80xyz")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(server_side, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        outcome = await send(f"http://127.0.0.1:{port}/v1")
+    assert (outcome.kind, outcome.status) == (OutcomeKind.RETRY, None)
+    assert outcome.message is not None and "400" not in outcome.message, outcome.message
 
 
 async def test_connection_reset(serve: Serve) -> None:
@@ -1443,13 +1473,19 @@ async def test_an_error_under_the_event_stream_type_is_read_as_the_error_it_is(
     assert (outcome.kind, outcome.error_kind) == (OutcomeKind.STOP_RUN, "quota")
 
 
-async def test_an_event_stream_labelled_as_json_is_read_as_a_stream(serve: Serve) -> None:
-    # Retried as bad JSON before, each try paid for.
-    base_url = await serve(answer(200, TEXT_STREAM))
-    outcome = await send(base_url, stream=True)
-    assert outcome.kind is OutcomeKind.SUCCESS
-    assert outcome.completion is not None
-    assert outcome.completion["choices"][0]["message"]["content"] == "Hello, wörld"
+@pytest.mark.parametrize(
+    "opening", [b"", b": OPENROUTER PROCESSING\n\n", b"event: message\n", b"id: 1\n", b"retry: 5\n"]
+)
+async def test_an_event_stream_labelled_as_json_is_read_as_a_stream(
+    serve: Serve, opening: bytes
+) -> None:
+    # Retried as bad JSON before, each try paid for (also when it did not begin with `data:`).
+    base_url = await serve(answer(200, opening + TEXT_STREAM))
+    for stream in (True, False):
+        outcome = await send(base_url, stream=stream)
+        assert outcome.kind is OutcomeKind.SUCCESS
+        assert outcome.completion is not None
+        assert outcome.completion["choices"][0]["message"]["content"] == "Hello, wörld"
 
 
 # --- StreamAssembler without a server ---------------------------------------------------
