@@ -120,7 +120,7 @@ _body_of = itemgetter(_BODY)
 async def _parsed_in_process(path: Path) -> AsyncGenerator[ParsedBlock, None]:
     jobs: list[JobRow] = []
     errors: list[LineError] = []
-    meta_keys: set[str] = set()
+    meta_keys: set[str] = set()  # read_rows adds each line's keys to this very set
     chars = 0
     for item in read_rows(path, meta_keys):
         if isinstance(item, LineError):
@@ -129,8 +129,9 @@ async def _parsed_in_process(path: Path) -> AsyncGenerator[ParsedBlock, None]:
         jobs.append(item)
         chars += len(_body_of(item))
         if len(jobs) >= CHUNK_ROWS or chars >= CHUNK_BODY_CHARS:
-            yield jobs, errors, meta_keys
-            jobs, errors, meta_keys = [], [], set()
+            yield jobs, errors, meta_keys.copy()
+            meta_keys.clear()
+            jobs, errors = [], []
             chars = 0
     yield jobs, errors, meta_keys
 

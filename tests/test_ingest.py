@@ -504,6 +504,24 @@ async def _loaded(store: JobStore, batch_id: str) -> tuple[list[Any], list[Any],
     return [tuple(j) for j in jobs], await store.invalid_lines(batch_id), meta_keys
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+async def test_metadata_keys_first_seen_late_in_a_file_are_columns(
+    store: JobStore, make_file: MakeFile, monkeypatch: pytest.MonkeyPatch, workers: int
+) -> None:
+    """A key first seen after the first chunk of lines (5,000) was in no CSV column: its
+    values were in the jobs' rows, and in no export."""
+    monkeypatch.setattr(ingest, "CHUNK_ROWS", 3)
+    if workers:
+        monkeypatch.setattr(ingest, "BLOCK_BYTES", 200)
+    keys = {0: "first", 4: "fifth", 9: "last"}
+    path = make_file(
+        chat(f"q{i}", **({"metadata": {keys[i]: i}} if i in keys else {})) for i in range(10)
+    )
+    result = await submit_file(store, path, workers=workers)
+    _, _, meta_keys = await _loaded(store, result.batch.id)
+    assert orjson.loads(meta_keys) == ["fifth", "first", "last"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("bad", [False, True])
 async def test_worker_processes_load_what_one_process_loads(
