@@ -803,10 +803,11 @@ def demo(ctx: _Context, jobs_dir: Path | None, concurrency: int) -> None:
             f"cost ${st.cost_usd:.6f}"
             + (f" (+ unpriced: {', '.join(st.unpriced_models)})" if st.unpriced_models else "")
         )
-        if b.report.result.reason is not StopReason.DONE:
-            stopped.append(b.path.name)
+        result = b.report.result
+        if result.reason is not StopReason.DONE:
+            stopped.append(f"{b.path.name} ({result.message or result.reason.value})")
     if stopped:
-        raise click.ClickException(f"the demo stopped early on {', '.join(stopped)}")
+        raise click.ClickException(f"the demo stopped early on {'; '.join(stopped)}")
     if batches:
         _err(f"next: batchrunner --db {ctx.db_url} export {batches[0].status.batch.id} -o out.csv")
 

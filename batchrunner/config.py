@@ -14,6 +14,9 @@ from batchrunner.states import KEY_ENV_CHARS, kept_text
 DEFAULT_DB_URL = "sqlite:///batchrunner.db"
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 DEFAULT_API_KEY_ENV = "OPENAI_API_KEY"
+#: `batchrunner demo`'s batches read their key from here, and are told apart by it: their
+#: answers are the local fake API's.
+DEMO_KEY_ENV = "BATCHRUNNER_DEMO_KEY"
 
 #: How long a claimed job stays ours without a heartbeat; extended while the request is alive.
 LEASE_S = 60.0

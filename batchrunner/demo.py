@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from batchrunner.config import RunConfig
+from batchrunner.config import DEMO_KEY_ENV, RunConfig
 from batchrunner.errors import UsageError
 from batchrunner.fakeapi import FakeConfig, FakeServer
 from batchrunner.ingest import submit_file
@@ -17,8 +17,6 @@ from batchrunner.store import JobStore
 
 #: The fake API answers after this long on average, so that progress is visible.
 DEMO_LATENCY_MS = 40.0
-#: The demo's batches read their key from here, as real batches read OPENAI_API_KEY.
-DEMO_KEY_ENV = "BATCHRUNNER_DEMO_KEY"
 DEMO_KEY = "demo-key-for-the-local-fake-api"
 
 

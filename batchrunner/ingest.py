@@ -28,6 +28,7 @@ from batchrunner.bulk import OrderedWorkers, collector_paused, workers_for
 from batchrunner.config import (
     DEFAULT_API_KEY_ENV,
     DEFAULT_BASE_URL,
+    DEMO_KEY_ENV,
     check_base_url,
     check_key_env,
 )
@@ -229,6 +230,7 @@ async def submit_file(
     sha = file_sha256(path)
     existing = await store.find_batch_by_content(sha)
     if existing is not None:
+        _check_demo_apart(existing, path, asked_key_env)
         return _submitted_before(existing, name, asked_url, asked_key_env, overridden)
     notices = []
     with path.open("rb") as f:
@@ -275,6 +277,26 @@ async def submit_file(
                 raise StoreError(f"batch {batch.id} was created and is gone again") from None
             return _submitted_before(existing, name, asked_url, asked_key_env, overridden)
     raise AssertionError("unreachable: duplicates were skipped on the second pass")
+
+
+def _check_demo_apart(batch: BatchInfo, path: Path, asked_key_env: str | None) -> None:
+    """A batch is known by its file's content alone: the demo's and a real one of the same
+    file would be one. A real run of a file the demo ran found every job done (the fake API's
+    answers, exported as real ones); the demo sent a real batch to its fake API."""
+    by_demo = batch.api_key_env == DEMO_KEY_ENV
+    if by_demo == (asked_key_env == DEMO_KEY_ENV):
+        return
+    if by_demo:
+        raise UsageError(
+            f"{path} is batch {batch.id} in this database, run by `batchrunner demo`: its"
+            " answers are the local fake API's. Give real batches a database of their own"
+            " (--db)"
+        )
+    raise UsageError(
+        f"{path} is batch {batch.id} in this database, submitted for real (its key from"
+        f" ${batch.api_key_env}): the demo would send it to its fake API. Give the demo a"
+        " database of its own: batchrunner --db sqlite:///demo.db demo"
+    )
 
 
 def _identity(path: Path) -> tuple[int, ...]:

@@ -762,6 +762,35 @@ def test_the_demo_runs_its_examples_from_any_folder(tmp_path: Path) -> None:
     assert "next: batchrunner --db sqlite:///" in result.stderr
 
 
+def test_the_demo_and_real_batches_of_the_same_file_are_kept_apart(tmp_path: Path) -> None:
+    """A batch is its file's content: the demo sent a user's batch of the same file to its
+    fake API (and stopped on its 401 without saying so), and a real run of a file the demo ran
+    found every job done, exit 0, its export the fake API's answers."""
+    examples = tmp_path / "examples"
+    examples.mkdir()
+    request_file = examples / "ask.jsonl"
+    request_file.write_bytes(orjson.dumps(chat("hi")) + b"\n")
+    real = f"sqlite:///{tmp_path / 'real.db'}"
+    batch_id = run_cli("submit", str(request_file), db=real).stdout.strip()
+    refused = run_cli("demo", "--jobs", str(examples), db=real)
+    assert refused.returncode == 2, refused.stderr
+    assert f"is batch {batch_id} in this database, submitted for real" in refused.stderr
+    assert "--db sqlite:///demo.db demo" in refused.stderr
+    status = orjson.loads(run_cli("status", batch_id, "--json", db=real).stdout)
+    assert status["counts"]["pending"] == 1 and not status["attempt_errors"]
+
+    demo_db = f"sqlite:///{tmp_path / 'demo.db'}"
+    assert run_cli("demo", "--jobs", str(examples), db=demo_db).returncode == 0
+    for command in (["run", str(request_file)], ["submit", str(request_file)]):
+        refused = run_cli(*command, db=demo_db, env={"OPENAI_API_KEY": "sk-real"})
+        assert refused.returncode == 2, refused.stderr
+        assert f"is batch {batch_id} in this database, run by `batchrunner demo`" in (
+            refused.stderr
+        )
+    # The demo itself runs it again, as before.
+    assert run_cli("demo", "--jobs", str(examples), db=demo_db).returncode == 0
+
+
 def test_an_installed_demo_finds_the_examples_beside_the_package(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
