@@ -838,10 +838,11 @@ def db_upgrade(ctx: _Context, revision: str) -> None:
 
 
 @db_group.command("downgrade")
-@click.argument("revision", default="base")
+@click.argument("revision")
 @pass_ctx
 def db_downgrade(ctx: _Context, revision: str) -> None:
-    """Migrate the database down to REVISION (default: base, which drops every table).
+    """Migrate the database down to REVISION; `base` drops every table, and every batch with
+    them. (No default: a bare `db downgrade`, typed to undo one step, dropped them all.)
 
     \b
     Example:
@@ -857,6 +858,8 @@ def _migrate(
 ) -> str | None:
     """Run a migration `step` to `revision`; the revision the database is at after it."""
     from batchrunner import db
+
+    db.check_revision(revision)
 
     async def go() -> str | None:
         engine = db.create_engine(ctx.db_url)

@@ -148,6 +148,22 @@ def alembic_head() -> str | None:
     return ScriptDirectory.from_config(alembic_config()).get_current_head()
 
 
+def check_revision(revision: str) -> None:
+    """A revision the migration scripts do not know is the caller's mistake, not the
+    database's (relative ones, `+1` / `-1`, are left to the migration: they depend on it)."""
+    if revision[:1] in "+-":
+        return
+    from alembic.script import ScriptDirectory
+    from alembic.util.exc import CommandError
+
+    scripts = ScriptDirectory.from_config(alembic_config())
+    try:
+        scripts.get_revisions(revision)
+    except CommandError:
+        known = ", ".join(reversed([s.revision for s in scripts.walk_revisions()]))
+        raise UsageError(f"no revision {revision!r}: base, head or one of {known}") from None
+
+
 async def current_revision(engine: AsyncEngine) -> str | None:
     def _rev(conn: Connection) -> str | None:
         from alembic.runtime.migration import MigrationContext

@@ -791,6 +791,21 @@ def test_the_demo_and_real_batches_of_the_same_file_are_kept_apart(tmp_path: Pat
     assert run_cli("demo", "--jobs", str(examples), db=demo_db).returncode == 0
 
 
+def test_db_downgrade_names_its_revision(make_file: MakeFile, tmp_path: Path) -> None:
+    """A bare `db downgrade` went down to base: every table dropped, every batch gone."""
+    db = f"sqlite:///{tmp_path / 'jobs.db'}"
+    batch_id = run_cli("submit", str(make_file([chat("q")])), db=db).stdout.strip()
+    bare = run_cli("db", "downgrade", db=db)
+    assert bare.returncode == 2 and "Missing argument 'REVISION'" in bare.stderr
+    assert batch_id in run_cli("status", db=db).stdout
+    for verb in ("upgrade", "downgrade"):
+        unknown = run_cli("db", verb, "0099", db=db)
+        assert unknown.returncode == 2, unknown.stderr
+        assert "no revision '0099': base, head or one of 0001, 0002" in unknown.stderr
+    assert run_cli("db", "downgrade", "base", db=db).returncode == 0
+    assert "no batches yet" in run_cli("status", db=db).stdout
+
+
 def test_an_installed_demo_finds_the_examples_beside_the_package(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
