@@ -25,7 +25,13 @@ import orjson
 from click.core import ParameterSource
 
 from batchrunner import __version__
-from batchrunner.config import DEFAULT_DB_URL, LEASE_ENV, LEASE_S, db_url_from_env
+from batchrunner.config import (
+    DEFAULT_DB_URL,
+    LEASE_ENV,
+    LEASE_S,
+    db_url_from_env,
+    without_password,
+)
 from batchrunner.errors import BatchrunnerError, UsageError
 from batchrunner.lines import names_a_file
 from batchrunner.states import JobState, shown
@@ -809,7 +815,8 @@ def demo(ctx: _Context, jobs_dir: Path | None, concurrency: int) -> None:
     if stopped:
         raise click.ClickException(f"the demo stopped early on {'; '.join(stopped)}")
     if batches:
-        _err(f"next: batchrunner --db {ctx.db_url} export {batches[0].status.batch.id} -o out.csv")
+        db = without_password(ctx.db_url)
+        _err(f"next: batchrunner --db {db} export {batches[0].status.batch.id} -o out.csv")
 
 
 @cli.group("db")

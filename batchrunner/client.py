@@ -26,7 +26,7 @@ import sys
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
 from typing import Any, Final, TypeAlias, cast, overload
 from urllib.parse import urlsplit, urlunsplit
@@ -35,6 +35,7 @@ import aiohttp
 import orjson
 
 from batchrunner import __version__
+from batchrunner.config import without_credentials
 from batchrunner.errors import UsageError
 from batchrunner.outcome import MAX_WAIT_S, Outcome, OutcomeKind, RateLimitInfo
 from batchrunner.states import kept_text
@@ -200,7 +201,7 @@ def proxy_for(base_url: str) -> tuple[str | None, dict[str, str] | None]:
     if p is None or p.scheme.lower() not in ("http", "https") or not p.hostname:
         raise UsageError(
             f"the proxy {named} names is not an http:// or https:// URL (SOCKS proxies are not"
-            f" supported): {_without_credentials(proxy)!r}; name an http proxy in {wanted}, or"
+            f" supported): {without_credentials(proxy)!r}; name an http proxy in {wanted}, or"
             f" leave the API's host out with NO_PROXY"
         )
     headers = None
@@ -213,6 +214,25 @@ def proxy_for(base_url: str) -> tuple[str | None, dict[str, str] | None]:
 
 
 _PORTS: Final = {"http": 80, "https": 443}
+#: A proxy password shorter than this is a word of error pages too: its user and password
+#: together, and their header, are taken out of errors all the same.
+_PROXY_PASSWORD_MIN_CHARS: Final = 8
+
+
+def _proxy_secrets(headers: dict[str, str] | None) -> list[str]:
+    """The proxy's credentials as `proxy_for` made them a header: the header's value, and
+    `user:password` and the password it encodes."""
+    if not headers or "Proxy-Authorization" not in headers:
+        return []
+    encoded = headers["Proxy-Authorization"].removeprefix("Basic ")
+    user_password = base64.b64decode(encoded).decode()
+    password = user_password.partition(":")[2]
+    if not password:
+        return [encoded]
+    secrets = [encoded, user_password]
+    if len(password) >= _PROXY_PASSWORD_MIN_CHARS:
+        secrets.append(password)
+    return secrets
 
 
 def _no_proxy(host: str, port: int | None, proxies: Mapping[str, str]) -> bool:
@@ -238,11 +258,6 @@ def _no_proxy(host: str, port: int | None, proxies: Mapping[str, str]) -> bool:
 
 
 _PROXY_NAMED: Final = " (HTTPS_PROXY / HTTP_PROXY / ALL_PROXY name it, with its user and password)"
-
-
-def _without_credentials(url: str) -> str:
-    scheme, sep, rest = url.rpartition("://")
-    return f"{scheme}{sep}***@{rest.rpartition('@')[2]}" if "@" in rest else url
 
 
 def is_insecure(base_url: str) -> bool:
@@ -578,17 +593,22 @@ def _error_message(error: dict[str, Any] | None) -> str | None:
 
 class _Scrubber:
     """Removes the API key from text that may end up in a database or a log: as sent, and in
-    the forms a server that echoes it may give it back in (`_forms_of`)."""
+    the forms a server that echoes it may give it back in (`_forms_of`); and `others`, a
+    proxy's credentials, from errors (a proxy's page that echoes the request it refused)."""
 
     __slots__ = ("_answer_forms", "_forms")
 
-    def __init__(self, secret: str | None) -> None:
-        self._forms = _forms_of(secret) if secret else ()
+    def __init__(self, secret: str | None, others: Iterable[str] = ()) -> None:
+        key_forms = _forms_of(secret) if secret else ()
+        forms = {*key_forms}
+        for other in others:
+            forms.update(_forms_of(other))
+        self._forms = tuple(sorted(forms, key=len, reverse=True))
         # A key like `ollama`, `EMPTY` or `x` (local servers take any) is a word of answers
         # too: scrubbed from answers, it made "Use *** to run llama3" and field names such
         # as "inde***".
         keylike = secret is not None and len(secret) >= _KEYLIKE_CHARS
-        self._answer_forms = self._forms if keylike else ()
+        self._answer_forms = key_forms if keylike else ()
 
     def answer(self, text: str) -> str:
         """`text`, an answer's or a request id, with a key-like key taken out."""
@@ -609,16 +629,33 @@ def _without(text: str, forms: tuple[str, ...]) -> str:
     return text
 
 
+#: What Gson escapes in a JSON string beyond what JSON needs (the `"` and `\\` are escaped
+#: already), and a percent-encoded byte.
+_GSON_ESCAPED: Final = re.compile(r"[<>&='\u2028\u2029]")
+_PERCENT_HEX: Final = re.compile(r"%[0-9A-F]{2}")
+
+
 def _forms_of(secret: str) -> tuple[str, ...]:
     """The key as sent, and as text that quotes it: in a JSON string (a key with `/` or `"`
-    comes back escaped: `\\/`), percent-encoded, and in base64 wherever it sits in what was
-    encoded (the "Bearer ..." header, a JSON of the request's headers): its encoding from
-    each of the three byte offsets, less the characters that hang on the bytes around it.
-    Longest first, so that no form is left half replaced."""
+    comes back escaped: `\\/`; every character as `\\uXXXX`; `=` and `<>&'` so, as Gson
+    writes them), percent-encoded (with either case of hex digits, `/` left or encoded), and
+    in base64 wherever it sits in what was encoded (the "Bearer ..." header, a JSON of the
+    request's headers): its encoding from each of the three byte offsets, less the characters
+    that hang on the bytes around it. Longest first, so that no form is left half replaced."""
     forms = {secret}
     if len(secret) >= _MIN_DERIVED_FORM_CHARS:
         in_json = orjson.dumps(secret).decode()[1:-1]
-        forms |= {in_json, in_json.replace("/", "\\/"), urllib.parse.quote(secret, safe="")}
+        percent = urllib.parse.quote(secret, safe="")
+        forms |= {
+            in_json,
+            in_json.replace("/", "\\/"),
+            _GSON_ESCAPED.sub(lambda m: f"\\u{ord(m[0]):04x}", in_json),
+            "".join(f"\\u{ord(c):04x}" for c in secret),
+            "".join(f"\\u{ord(c):04X}" for c in secret),
+            percent,
+            _PERCENT_HEX.sub(lambda m: m[0].lower(), percent),
+            urllib.parse.quote(secret),
+        }
         raw = secret.encode()
         for offset, hanging in ((0, 0), (1, 2), (2, 3)):
             total = offset + len(raw)
@@ -724,6 +761,9 @@ def _classify(
         retry_after_s = _retry_delay_s(error)
     if _says_quota(error) or (status == 402 and retry_after_s is None):
         return _quota(status, error, text, request_id, latency_s, ratelimit, scrub)
+    # (The key out before the fallback cuts the text: a key across the cut kept all but its
+    # last characters, which no form of it matched.)
+    text = scrub(text)
     message = _error_message(error) or _fallback_message(status, reason, text)
     kind, error_kind = _by_status(status, error)
     if error_kind == "proxy":
@@ -744,7 +784,7 @@ def _classify(
         status,
         error_kind=error_kind,
         message=scrub(message),
-        body=None if error_kind == "redirect" else scrub(text),
+        body=None if error_kind == "redirect" else text,
         request_id=request_id,
         latency_s=latency_s,
         retry_after_s=retry_after_s if kind is OutcomeKind.RETRY else None,
@@ -846,6 +886,18 @@ def _mended(value: object) -> tuple[object, str] | None:
         return orjson.loads(text), text
     except orjson.JSONDecodeError:
         return None
+
+
+#: What of an event is read for its excerpt: the key is taken out of it before it is cut to
+#: MESSAGE_BODY_CHARS (a fragment at this end goes with the cut).
+_EXCERPT_READ_BYTES: Final = 16 << 10
+
+
+def _excerpt(data: bytes, scrub: Callable[[str], str] | None) -> str:
+    """The start of `data` as text, cut after the key is taken out: cut before, a key across
+    the cut kept all but its last characters, which no form of it matched."""
+    text = data[:_EXCERPT_READ_BYTES].decode(errors="replace")
+    return (text if scrub is None else scrub(text))[:MESSAGE_BODY_CHARS]
 
 
 def _status_line(status: int, reason: str | None) -> str:
@@ -1297,6 +1349,7 @@ class StreamAssembler:
         "_lenient",
         "_line",
         "_meta",
+        "_scrub",
         "_usage",
         "bad_event",
         "chunks",
@@ -1304,7 +1357,9 @@ class StreamAssembler:
         "error",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, scrub: Callable[[str], str] | None = None) -> None:
+        #: Takes the key out of the excerpts kept of events that are not JSON.
+        self._scrub = scrub
         self._line = bytearray()
         self._held_cr = False
         self._data: list[bytes] = []
@@ -1397,7 +1452,7 @@ class StreamAssembler:
                 value = orjson.loads(payload)
             except orjson.JSONDecodeError:
                 value = None
-            text = payload[:MESSAGE_BODY_CHARS].decode(errors="replace").strip()
+            text = _excerpt(payload, self._scrub).strip()
             self.error = _error_of(value) or (
                 value if isinstance(value, dict) and value else {"message": text or "error"}
             )
@@ -1414,7 +1469,7 @@ class StreamAssembler:
             chunk = _parsed_leniently(payload)
             if chunk is None or _mended(chunk) is None:
                 if self.bad_event is None:
-                    self.bad_event = payload[:MESSAGE_BODY_CHARS].decode(errors="replace")
+                    self.bad_event = _excerpt(payload, self._scrub)
                 return
             self._lenient = True
         if not isinstance(chunk, dict):
@@ -1681,8 +1736,8 @@ class ApiClient:
             "Content-Type": "application/json",
             "User-Agent": USER_AGENT,
         }
-        self._scrub = _Scrubber(api_key)
         self._proxy, proxy_headers = proxy_for(base_url)
+        self._scrub = _Scrubber(api_key, _proxy_secrets(proxy_headers))
         #: What each request adds to the session's headers (None: nothing), and what goes to
         #: the proxy alone.
         self._request_headers: dict[str, str] | None = None
@@ -1770,7 +1825,7 @@ class ApiClient:
                 if status == 200 and raw[:1] != b"{" and _is_event_stream(response, raw):
                     # (An event stream labelled as JSON, or sent for a request that asked for
                     # none: it is the answer all the same, paid for.)
-                    assembler = StreamAssembler()
+                    assembler = StreamAssembler(self._scrub)
                     assembler.feed(raw)
                     assembler.close()
                     return _stream_outcome(
@@ -1817,7 +1872,7 @@ class ApiClient:
     async def _read_stream(
         self, response: aiohttp.ClientResponse, started: float, wants_usage: bool
     ) -> Outcome:
-        assembler = StreamAssembler()
+        assembler = StreamAssembler(self._scrub)
         broken: str | None = None
         answered: float | None = None
         sniffed = False

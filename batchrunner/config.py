@@ -41,16 +41,30 @@ def db_url_from_env() -> str:
 
 def without_password(url: str) -> str:
     """A URL as it may be shown: its password, if it has one, as *** (also one given as a
-    `password=` parameter, as libpq and asyncpg read it)."""
-    url = _PASSWORD_PARAMETER.sub(r"\1***", url)
+    `password=` parameter, as libpq and asyncpg read it, or a key's); also in a URL that
+    misses its `://` (`postgres:PW@host/db`, shown whole before)."""
+    url = _SECRET_PARAMETER.sub(r"\1***", url)
     scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
     credentials, at, after = rest.rpartition("@")
     if not at or ":" not in credentials:
         return url
     return f"{scheme}{sep}{credentials.partition(':')[0]}:***@{after}"
 
 
-_PASSWORD_PARAMETER = re.compile(r"([?&]password=)[^&#]*", re.IGNORECASE)
+def without_credentials(url: str) -> str:
+    """A URL as it may be shown where even a user is a secret (a key put where a user goes:
+    `https://sk-...@host/v1`): its whole user part, and its password or key parameters, as
+    ***."""
+    url = _SECRET_PARAMETER.sub(r"\1***", url)
+    scheme, sep, rest = url.rpartition("://")
+    return f"{scheme}{sep}***@{rest.rpartition('@')[2]}" if "@" in rest else url
+
+
+_SECRET_PARAMETER = re.compile(
+    r"([?&](?:password|key|api[_-]?key|access[_-]?token|token|secret)=)[^&#]*", re.IGNORECASE
+)
 
 
 def check_base_url(base_url: str) -> str:
@@ -67,19 +81,19 @@ def check_base_url(base_url: str) -> str:
     if not usable:
         raise UsageError(
             f"the base URL must be an http:// or https:// URL such as {DEFAULT_BASE_URL},"
-            f" not {without_password(base_url)!r}"
+            f" not {without_credentials(base_url)!r}"
         )
     if parts.username is not None or parts.password is not None:
         # Sent with the key's Authorization header, it broke every request; and the URL is
         # stored with the batch and shown by `status`.
         raise UsageError(
-            f"the base URL must not hold a user or password ({without_password(url)!r}): the"
+            f"the base URL must not hold a user or password ({without_credentials(url)!r}): the"
             " key goes in the variable --api-key-env names"
         )
     if parts.path.rstrip("/").endswith("/chat/completions"):
         raise UsageError(
             f"the base URL is the API's root, such as {DEFAULT_BASE_URL}, not its endpoint"
-            f" ({url!r}): drop /chat/completions"
+            f" ({without_credentials(url)!r}): drop /chat/completions"
         )
     return url
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 from urllib.parse import parse_qsl, quote, unquote, urlencode
 
+from batchrunner.config import without_password
 from batchrunner.errors import ConstraintViolation, StoreError, UsageError
 
 T = TypeVar("T")
@@ -138,11 +139,15 @@ class SqliteTarget:
     def parse(cls, url: str) -> SqliteTarget:
         _, sep, rest = url.partition("://")
         if not sep:
-            raise UsageError(f"not a database URL: {url!r} (try sqlite:///batchrunner.db)")
+            shown = without_password(url)
+            raise UsageError(f"not a database URL: {shown!r} (try sqlite:///batchrunner.db)")
         location, _, query = rest.partition("?")
         host, slash, path = location.partition("/")
         if host:
-            raise UsageError(f"a SQLite URL names no host: {url!r} (try sqlite:///batchrunner.db)")
+            raise UsageError(
+                f"a SQLite URL names no host: {without_password(url)!r}"
+                " (try sqlite:///batchrunner.db)"
+            )
         database = unquote(path) if slash and path else ":memory:"
         options = dict(parse_qsl(query, keep_blank_values=True))
         uri = options.pop("uri", "false").lower() in ("true", "1", "yes")

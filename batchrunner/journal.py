@@ -318,10 +318,10 @@ def _make_private(directory: Path) -> set[int]:
     trusted = _trusted_owners(directory)
     if not stat.S_ISDIR(st.st_mode) or st.st_uid not in trusted:
         raise OSError(f"{directory} is not a folder of this user's (another user's, or a link)")
-    if st.st_mode & 0o022:
-        if st.st_uid != os.geteuid():
-            raise OSError(f"{directory} is a folder other users can write to")
-        os.chmod(directory, 0o700)
+    if st.st_mode & 0o022 and st.st_uid != os.geteuid():
+        raise OSError(f"{directory} is a folder other users can write to")
+    if st.st_mode & 0o077 and st.st_uid == os.geteuid():
+        os.chmod(directory, 0o700)  # (one others could list, too: the names of the runs)
     return trusted
 
 

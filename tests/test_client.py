@@ -8,6 +8,7 @@ import contextlib
 import email.utils
 import itertools
 import platform
+import re
 import socket
 import subprocess
 import sys
@@ -2171,6 +2172,79 @@ def test_the_key_in_base64_is_found_wherever_it_sits(before: str, after: str) ->
         for start in range(4):
             whole = piece[start:][: len(piece[start:]) // 4 * 4]
             assert SLASHED_KEY[4:-4].encode() not in base64.b64decode(whole)
+
+
+#: A key as base64-style keys are: `+`, `/` and `=` among its characters.
+PADDED_KEY = "sk-Ab3+De/Fg=Hi_jk-0123456789QWERTYUIOPasdfg=="
+
+
+@pytest.mark.parametrize(
+    "form",
+    [
+        "".join(f"\\u{ord(c):04x}" for c in PADDED_KEY),  # every character escaped
+        "".join(f"\\u{ord(c):04X}" for c in PADDED_KEY),
+        PADDED_KEY.replace("=", "\\u003d"),  # Gson
+        re.sub("%[0-9A-F]{2}", lambda m: m[0].lower(), urllib.parse.quote(PADDED_KEY, safe="")),
+        urllib.parse.quote(PADDED_KEY),  # `/` left as it is
+    ],
+)
+def test_the_key_in_other_escapes_is_found(form: str) -> None:
+    """A body echoing the key in these forms was stored as it came; an export (which reads
+    the JSON) then wrote the key out plain."""
+    kept = _Scrubber(PADDED_KEY)(f'{{"error": {{"message": "bad key {form}"}}}}')
+    assert kept == '{"error": {"message": "bad key ***"}}'
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("shape", ["plain", "json_event", "error_event"])
+async def test_a_key_across_the_cut_of_an_excerpt_is_taken_out_whole(
+    serve: Serve, stream: bool, shape: str
+) -> None:
+    """The excerpt of an error was cut to 300 characters before the key was taken out: a key
+    across the cut no longer matched, and all but its last character were stored and shown."""
+    echoed = ("x" * 290 + KEY).encode()
+    if shape == "plain":
+        handler = answer(500 if not stream else 401, echoed, content_type="text/plain")
+    elif shape == "json_event":
+        handler = stream_answer(b"data: " + echoed + b"\n\n")
+    else:
+        handler = stream_answer(b"event: error\ndata: " + echoed + b"\n\n")
+    outcome = await send(await serve(handler), stream=stream)
+    assert outcome.kind is not OutcomeKind.SUCCESS
+    for text in (outcome.message, outcome.body):
+        assert KEY[:8] not in (text or ""), text
+    assert "***" in (outcome.message or "") + (outcome.body or "")
+
+
+async def test_a_proxy_echoing_its_credentials_has_them_taken_out(
+    no_proxy_env: pytest.MonkeyPatch,
+) -> None:
+    """A proxy's refusal, and its error page echoing the request's headers, were stored and
+    shown with its user and password (as sent, and as their Basic header)."""
+    password = "Pr0xyPassw0rd"
+    basic = base64.b64encode(f"alice:{password}".encode()).decode()
+
+    async def proxy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        page = f"refused: Proxy-Authorization: Basic {basic} (alice:{password}; {password})"
+        writer.write(
+            b"HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/plain\r\nContent-Length: "
+            + str(len(page)).encode()
+            + b"\r\n\r\n"
+            + page.encode()
+        )
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(proxy, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    no_proxy_env.setenv("HTTP_PROXY", f"http://alice:{password}@127.0.0.1:{port}")
+    async with server:
+        outcome = await send("http://api.invalid/v1")
+    assert (outcome.kind, outcome.status) == (OutcomeKind.RETRY, 502)
+    for text in (outcome.message or "", outcome.body or ""):
+        assert password not in text and basic not in text, text
+    assert "refused: Proxy-Authorization: Basic *** (***; ***)" in (outcome.body or "")
 
 
 @pytest.mark.parametrize(

@@ -326,6 +326,10 @@ def test_a_base_url_that_is_not_http_is_refused_at_submit(
         # Sent with the key's header, every request broke (a traceback a job); and the URL,
         # password and all, was stored and shown by `status`.
         ("http://user:hunter2@127.0.0.1:8000/v1", "must not hold a user or password"),
+        # A key where the user goes was shown in the message refusing it.
+        ("https://hunter2hunter2hunter2@api.example.com/v1", "must not hold a user or password"),
+        ("api.example.com/v1?api_key=hunter2", "http:// or https://"),
+        ("https://api.example.com/v1/chat/completions?key=hunter2", "drop /chat/completions"),
         # Every job went to .../chat/completions/chat/completions and failed with a 404.
         ("http://127.0.0.1:8000/v1/chat/completions", "drop /chat/completions"),
     ],
@@ -483,3 +487,18 @@ def test_a_concurrency_past_the_open_file_limit_still_runs(
     assert "Too many open files" not in done.stderr
     narrowed = f"running with --concurrency {150 - OTHER_OPEN_FILES}"
     assert (narrowed in done.stderr) == (hard is not None), done.stderr
+
+
+@pytest.mark.parametrize(
+    "db",
+    [
+        "postgres:hunter2@127.0.0.1/db",  # (no "//": shown whole before)
+        "postgresql:/user:hunter2@127.0.0.1/db",
+        "sqlite://user:hunter2@host/x.db",
+        "postgresql://user@127.0.0.1:port/db?password=hunter2",
+    ],
+)
+def test_a_database_url_that_is_no_url_is_refused_without_its_password(db: str) -> None:
+    result = run_cli("status", db=db)
+    assert result.returncode == 2, result.stderr
+    assert "hunter2" not in result.stderr and "Traceback" not in result.stderr

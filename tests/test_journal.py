@@ -376,11 +376,15 @@ async def test_root_records_what_the_database_owners_killed_run_kept(
         await store.close()
 
 
-async def test_a_journal_folder_others_could_write_to_is_made_private(tmp_path: Path) -> None:
-    """Made under umask 000 (or by hand) the folder was writable by all."""
+@pytest.mark.parametrize("mode", [0o777, 0o755])
+async def test_a_journal_folder_others_could_write_to_is_made_private(
+    tmp_path: Path, mode: int
+) -> None:
+    """Made under umask 000 (or by hand) the folder was writable by all; one others could
+    read (the names of its runs) stayed so, where the README says it is this user's alone."""
     directory = tmp_path / "answers"
     directory.mkdir()
-    directory.chmod(0o777)
+    directory.chmod(mode)
     fresh = tmp_path / "fresh"
     for folder in (directory, fresh):
         ours = journal.Journal(folder, "batch_x", "w-1")
