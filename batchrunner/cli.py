@@ -102,7 +102,7 @@ async def _with_store(
 ) -> T:
     if existing:
         _must_exist(db_url)
-    store = await JobStore.open(db_url)
+    store = await JobStore.open(db_url, create=not existing)
     try:
         return await fn(store)
     finally:

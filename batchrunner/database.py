@@ -109,12 +109,22 @@ class Database(Protocol):
         `only_if_empty` finds nothing (`SqliteDatabase.bulk_write`)."""
         ...
 
-    async def ensure_schema(self) -> None: ...
+    async def ensure_schema(self, *, create: bool = True) -> None: ...
 
     async def close(self) -> None: ...
 
 
 # -- SQLite ---------------------------------------------------------------------------------
+
+
+def no_tables(where: str) -> UsageError:
+    """What a command about what was submitted says of a database with no table: it would
+    have made batchrunner's tables there (a typo in a PostgreSQL database's name littered
+    someone else's) and reported no batch."""
+    return UsageError(
+        f"no batchrunner tables in the database at {where}: nothing was submitted there"
+        " (give the database submit used: --db URL or BATCHRUNNER_DB)"
+    )
 
 
 def is_sqlite_url(url: str) -> bool:
@@ -540,12 +550,15 @@ class SqliteDatabase:
         async with self._reader() as link:
             return await link.call(lambda conn: conn.execute(sql, params).fetchall(), "read")
 
-    async def ensure_schema(self) -> None:
-        """Create or upgrade the database to head on first use. A new database is made from
-        the head schema's statements (`sqlite_schema`); SQLAlchemy and alembic are imported
-        only to upgrade one made before."""
+    async def ensure_schema(self, *, create: bool = True) -> None:
+        """Create or upgrade the database to head on first use (without `create`, one with no
+        table is refused: see `no_tables`). A new database is made from the head schema's
+        statements (`sqlite_schema`); SQLAlchemy and alembic are imported only to upgrade one
+        made before."""
         current, empty = await self._revision()
         if empty:
+            if not create:
+                raise no_tables(self.target.filename)
             if await self._writer.call(_create_at_head, "write"):
                 return
             current, _ = await self._revision()  # made meanwhile by another process

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, make_url
@@ -52,6 +52,9 @@ def async_url(url: str) -> str:
     if backend not in ("sqlite", "postgresql", "postgres"):
         raise UsageError(f"unsupported database {backend!r}: use sqlite:/// or postgresql://")
     if "+" in parsed.drivername:
+        if parsed.drivername.partition("+")[2] == _DRIVERS[backend].partition("+")[2]:
+            # (`postgres+asyncpg://`, which the store takes: SQLAlchemy knows no `postgres`.)
+            parsed = parsed.set(drivername=_DRIVERS[backend])
         if parsed.drivername not in _DRIVERS.values():
             raise UsageError(
                 f"batchrunner reaches {backend} through {_DRIVERS[backend].partition('+')[2]},"
@@ -211,4 +214,22 @@ async def _alembic(engine: AsyncEngine, verb: str, revision: str) -> None:
             # the rollback of a connection the cancel broke fails in turn, and that is no
             # fault of the database (it was reported as one, exit 1).
             raise asyncio.CancelledError() from exc
-        raise StoreError(f"could not migrate the database: {describe(exc)}") from exc
+        raise StoreError(f"could not migrate the database: {_with_hint(describe(exc))}") from exc
+
+
+#: Where a migration meets tables it did not make: what the user can do about it.
+_OWN_PLACE: Final = (
+    "give batchrunner a database of its own (on PostgreSQL, or a schema of its own:"
+    " postgresql://USER@HOST/DB?options=-csearch_path%3Dbatchrunner, the schema made first)"
+)
+
+
+def _with_hint(words: str) -> str:
+    if "Can't locate revision" in words:
+        return (
+            f"{words}: the database's schema is another application's (its alembic_version"
+            f" table), or a newer batchrunner's (upgrade batchrunner then); else {_OWN_PLACE}"
+        )
+    if "already exists" in words:
+        return f"{words}: the database holds another application's tables; {_OWN_PLACE}"
+    return words

@@ -33,6 +33,7 @@ from batchrunner.database import (
     Result,
     driver_words,
     failed,
+    no_tables,
 )
 from batchrunner.errors import StoreError, UsageError
 
@@ -100,6 +101,10 @@ class PgUrl:
         location, _, query = rest.partition("?")
         authority, slash, path = location.partition("/")
         credentials, at, hostport = authority.rpartition("@")
+        if "@" in credentials:
+            # (asyncpg takes the host from the first '@': "cannot open the database: Name or
+            # service not known", for a host made of the password's end.)
+            raise UsageError(f"an '@' in the user or password of {shown!r}{_ENCODE_HINT}")
         user = password = None
         if at:
             name, colon, secret = credentials.partition(":")
@@ -402,9 +407,10 @@ class PgDatabase:
                     raise _failed(exc, "write") from exc
                 raise
 
-    async def ensure_schema(self) -> None:
+    async def ensure_schema(self, *, create: bool = True) -> None:
         """Create or upgrade the database to head on first use (alembic, and with it
-        SQLAlchemy, is imported only then)."""
+        SQLAlchemy, is imported only then); without `create`, one without batchrunner's
+        tables is refused (`no_tables`)."""
         try:
             async with self.read() as conn:
                 exists = await conn.execute("SELECT to_regclass('alembic_version') IS NOT NULL")
@@ -419,6 +425,8 @@ class PgDatabase:
         # More than one row would be branches: not this project's, alembic sorts it out.
         if len(rows) == 1 and rows[0][0] == SCHEMA_HEAD:
             return
+        if not rows and not create:
+            raise no_tables(without_password(self.url))
         from batchrunner import db
 
         await db.upgrade_url(self.url)

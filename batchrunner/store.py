@@ -457,11 +457,12 @@ class JobStore:
         return cls(PgDatabase(url, pool_size=pool_size))
 
     @classmethod
-    async def open(cls, url: str, *, pool_size: int = 5) -> JobStore:
-        """Open the database at a plain URL, creating or upgrading it to head."""
+    async def open(cls, url: str, *, pool_size: int = 5, create: bool = True) -> JobStore:
+        """Open the database at a plain URL, creating or upgrading it to head; without
+        `create`, one without batchrunner's tables is a UsageError."""
         store = cls.for_url(url, pool_size=pool_size)
         try:
-            await store._db.ensure_schema()
+            await store._db.ensure_schema(create=create)
         except BaseException:
             await store.close()
             raise

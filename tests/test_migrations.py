@@ -7,12 +7,14 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import inspect
+from sqlalchemy import inspect, text
 from sqlalchemy.engine import Connection
 
 from batchrunner import database, db, sqlite_schema
+from batchrunner.errors import StoreError
 from batchrunner.models import Base
 from batchrunner.store import JobStore
 
@@ -78,6 +80,8 @@ def test_plain_urls_pick_async_drivers() -> None:
     assert db.async_url("postgresql://u@h/d") == "postgresql+asyncpg://u@h/d"
     assert db.async_url("postgres://u@h/d") == "postgresql+asyncpg://u@h/d"
     assert db.async_url("sqlite+aiosqlite:///x.db") == "sqlite+aiosqlite:///x.db"
+    # The store takes it: its migrations refused it ("not 'postgres+asyncpg': use postgres://").
+    assert db.async_url("postgres+asyncpg://u@h/d") == "postgresql+asyncpg://u@h/d"
 
 
 def _sqlite_schema(path: Path) -> tuple[list[tuple[str, ...]], list[str]]:
@@ -215,3 +219,34 @@ async def test_attempts_logged_twice_before_0005_are_kept_once(db_url: str) -> N
         await db.upgrade(engine)
     finally:
         await engine.dispose()
+
+
+@pytest.mark.parametrize(
+    ("foreign", "words"),
+    [
+        # Another application's alembic schema, or a newer batchrunner's.
+        (
+            [
+                "CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL)",
+                "INSERT INTO alembic_version VALUES ('3f2a9c0d1e4b')",
+            ],
+            "another application's (its alembic_version table), or a newer batchrunner's",
+        ),
+        (["CREATE TABLE jobs (id INTEGER PRIMARY KEY, what TEXT)"], "another application's tables"),
+    ],
+)
+async def test_a_database_holding_another_applications_tables_says_what_to_do(
+    db_url: str, foreign: list[str], words: str
+) -> None:
+    """It said only "Can't locate revision identified by '3f2a9c0d1e4b'" or "relation "jobs"
+    already exists"; the tables stay as they were."""
+    engine = db.create_engine(db_url)
+    try:
+        async with engine.begin() as conn:
+            for statement in foreign:
+                await conn.execute(text(statement))
+    finally:
+        await engine.dispose()
+    with pytest.raises(StoreError) as caught:
+        await JobStore.open(db_url)
+    assert words in str(caught.value) and "a database of its own" in str(caught.value)

@@ -119,6 +119,7 @@ def test_the_url_is_what_asyncpg_connects_with() -> None:
         ("postgresql://u:8080?hunter2@h:5432/d", "an '@' after the host"),
         ("postgresql://u:2024/hunter2@h:5432/d", "an '@' after the host"),
         ("postgresql://u:hun#ter2@h/d", "holds no '#'"),
+        ("postgresql://u:hun@ter2@h/d", "an '@' in the user or password"),
         ("postgresql://u@h:x/d?password=hunter2", "the port is not a number"),
     ],
 )
@@ -351,6 +352,32 @@ def _pgbouncer(pg_url: str) -> Iterator[int]:
         proc.terminate()
         proc.wait(10)
         shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.mark.postgres
+async def test_commands_about_what_was_submitted_make_no_tables_in_an_empty_database(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """status and export made batchrunner's tables in any database they were pointed at (a
+    typo in its name littered someone else's), and said there was no batch."""
+    for args in (
+        ("status",),
+        ("status", "batch_0123456789abcdef"),
+        ("export", "batch_0123456789abcdef", "-o", str(tmp_path / "x.csv")),
+        ("cancel", "batch_0123456789abcdef"),
+    ):
+        code, _, err = await _cli(pg_url, *args)
+        assert code == 2, (args, err)
+        assert "no batchrunner tables in the database at postgresql://" in err
+    with pytest.raises(UsageError, match="no batchrunner tables"):
+        await JobStore.open(pg_url, create=False)
+    conn = await asyncpg.connect(pg_url)
+    try:
+        assert (
+            await conn.fetchval("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'") == 0
+        )
+    finally:
+        await conn.close()
 
 
 async def _cli(db_url: str, *args: str) -> tuple[int, str, str]:
