@@ -18,7 +18,7 @@ import sys
 import threading
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
+from typing import TYPE_CHECKING, Any, BinaryIO, Final, TypeVar
 
 import click
 import orjson
@@ -829,7 +829,11 @@ def db_group() -> None:
     """
 
 
-@db_group.command("upgrade")
+#: `db downgrade -1` (one step): the revision, not an option click knows nothing of.
+_REVISION_SETTINGS: Final = {"ignore_unknown_options": True}
+
+
+@db_group.command("upgrade", context_settings=_REVISION_SETTINGS)
 @click.argument("revision", default="head")
 @pass_ctx
 def db_upgrade(ctx: _Context, revision: str) -> None:
@@ -844,16 +848,17 @@ def db_upgrade(ctx: _Context, revision: str) -> None:
     _err(f"database at revision {_migrate(ctx, db.upgrade, revision)}")
 
 
-@db_group.command("downgrade")
+@db_group.command("downgrade", context_settings=_REVISION_SETTINGS)
 @click.argument("revision")
 @pass_ctx
 def db_downgrade(ctx: _Context, revision: str) -> None:
-    """Migrate the database down to REVISION; `base` drops every table, and every batch with
-    them. (No default: a bare `db downgrade`, typed to undo one step, dropped them all.)
+    """Migrate the database down to REVISION: a number, `-1` for one step, or `base`, which
+    drops every table and every batch with them. (No default: a bare `db downgrade`, typed
+    to undo one step, dropped them all.)
 
     \b
     Example:
-        batchrunner db downgrade base
+        batchrunner db downgrade -1
     """
     from batchrunner import db
 

@@ -58,8 +58,14 @@ def without_credentials(url: str) -> str:
     `https://sk-...@host/v1`): its whole user part, and its password or key parameters, as
     ***."""
     url = _SECRET_PARAMETER.sub(r"\1***", url)
-    scheme, sep, rest = url.rpartition("://")
-    return f"{scheme}{sep}***@{rest.rpartition('@')[2]}" if "@" in rest else url
+    scheme, sep, rest = url.partition("://")
+    # The user part ends at the last '@' before the query or fragment (a password may hold
+    # a '/'; a query may hold an address, or another URL).
+    end = min((i for i in (rest.find("?"), rest.find("#")) if i >= 0), default=len(rest))
+    head, tail = rest[:end], rest[end:]
+    if "@" not in head:
+        return url
+    return f"{scheme}{sep}***@{head.rpartition('@')[2]}{tail}"
 
 
 _SECRET_PARAMETER = re.compile(

@@ -556,9 +556,11 @@ class SqliteDatabase:
         statements (`sqlite_schema`); SQLAlchemy and alembic are imported only to upgrade one
         made before."""
         current, empty = await self._revision()
+        if current is None and not create:
+            # (No table, or only others': another application's, or what `db downgrade base`
+            # left.)
+            raise no_tables(self.target.filename)
         if empty:
-            if not create:
-                raise no_tables(self.target.filename)
             if await self._writer.call(_create_at_head, "write"):
                 return
             current, _ = await self._revision()  # made meanwhile by another process

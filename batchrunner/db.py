@@ -153,8 +153,9 @@ def alembic_head() -> str | None:
 
 def check_revision(revision: str) -> None:
     """A revision the migration scripts do not know is the caller's mistake, not the
-    database's (relative ones, `+1` / `-1`, are left to the migration: they depend on it)."""
-    if revision[:1] in "+-":
+    database's (relative ones, `-1`, `head-1`, `base+2`, are left to the migration: they
+    depend on it; the scripts' own revisions are numbers)."""
+    if "+" in revision or "-" in revision:
         return
     from alembic.script import ScriptDirectory
     from alembic.util.exc import CommandError

@@ -10,7 +10,7 @@ from pathlib import Path
 from batchrunner.config import DEMO_KEY_ENV, RunConfig
 from batchrunner.errors import UsageError
 from batchrunner.fakeapi import FakeConfig, FakeServer
-from batchrunner.ingest import submit_file
+from batchrunner.ingest import check_demo_apart, file_sha256, submit_file
 from batchrunner.report import BatchStatus, batch_status
 from batchrunner.runner import RunReport, run
 from batchrunner.store import JobStore
@@ -50,6 +50,11 @@ async def run_demo(
     if not files:
         raise UsageError(f"no example request files (*.jsonl) in {jobs_dir}")
     config = config or RunConfig(concurrency=16)
+    # Every file first: a real batch of the fifth file stopped the demo after four.
+    for path in files:
+        existing = await store.find_batch_by_content(file_sha256(path))
+        if existing is not None:
+            check_demo_apart(existing, path, DEMO_KEY_ENV)
     out = []
     # The fake API checks the key like a real one would; the demo brings its own.
     os.environ.setdefault(DEMO_KEY_ENV, DEMO_KEY)

@@ -230,7 +230,7 @@ async def submit_file(
     sha = file_sha256(path)
     existing = await store.find_batch_by_content(sha)
     if existing is not None:
-        _check_demo_apart(existing, path, asked_key_env)
+        check_demo_apart(existing, path, asked_key_env)
         return _submitted_before(existing, name, asked_url, asked_key_env, overridden)
     notices = []
     with path.open("rb") as f:
@@ -279,10 +279,12 @@ async def submit_file(
     raise AssertionError("unreachable: duplicates were skipped on the second pass")
 
 
-def _check_demo_apart(batch: BatchInfo, path: Path, asked_key_env: str | None) -> None:
-    """A batch is known by its file's content alone: the demo's and a real one of the same
-    file would be one. A real run of a file the demo ran found every job done (the fake API's
-    answers, exported as real ones); the demo sent a real batch to its fake API."""
+def check_demo_apart(batch: BatchInfo, path: Path, asked_key_env: str | None) -> None:
+    """UsageError unless a batch found for `path` is of the kind asked for: the demo's (its
+    key from DEMO_KEY_ENV) or a real one. A batch is known by its file's content alone: the
+    demo's and a real one of the same file would be one. A real run of a file the demo ran
+    found every job done (the fake API's answers, exported as real ones); the demo sent a
+    real batch to its fake API."""
     by_demo = batch.api_key_env == DEMO_KEY_ENV
     if by_demo == (asked_key_env == DEMO_KEY_ENV):
         return

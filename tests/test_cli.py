@@ -768,6 +768,7 @@ def test_the_demo_and_real_batches_of_the_same_file_are_kept_apart(tmp_path: Pat
     found every job done, exit 0, its export the fake API's answers."""
     examples = tmp_path / "examples"
     examples.mkdir()
+    (examples / "a-first.jsonl").write_bytes(orjson.dumps(chat("first")) + b"\n")
     request_file = examples / "ask.jsonl"
     request_file.write_bytes(orjson.dumps(chat("hi")) + b"\n")
     real = f"sqlite:///{tmp_path / 'real.db'}"
@@ -778,6 +779,10 @@ def test_the_demo_and_real_batches_of_the_same_file_are_kept_apart(tmp_path: Pat
     assert "--db sqlite:///demo.db demo" in refused.stderr
     status = orjson.loads(run_cli("status", batch_id, "--json", db=real).stdout)
     assert status["counts"]["pending"] == 1 and not status["attempt_errors"]
+    # Every file is looked at before any runs: the first was not run either.
+    assert [b["batch"] for b in orjson.loads(run_cli("status", "--json", db=real).stdout)] == [
+        batch_id
+    ]
 
     demo_db = f"sqlite:///{tmp_path / 'demo.db'}"
     assert run_cli("demo", "--jobs", str(examples), db=demo_db).returncode == 0
@@ -802,8 +807,30 @@ def test_db_downgrade_names_its_revision(make_file: MakeFile, tmp_path: Path) ->
         unknown = run_cli("db", verb, "0099", db=db)
         assert unknown.returncode == 2, unknown.stderr
         assert "no revision '0099': base, head or one of 0001, 0002" in unknown.stderr
+    # One step down, as alembic counts them (`-1` was taken for an option); and back.
+    for step, at in ((("downgrade", "-1"), "0007"), (("downgrade", "head-2"), "0006")):
+        moved = run_cli("db", *step, db=db)
+        assert (moved.returncode, moved.stderr) == (0, f"database at revision {at}\n")
+    assert run_cli("db", "upgrade", db=db).returncode == 0
+    assert batch_id in run_cli("status", db=db).stdout
     assert run_cli("db", "downgrade", "base", db=db).returncode == 0
-    assert "no batches yet" in run_cli("status", db=db).stdout
+    # What is left is no batchrunner database: read, it is not made one again.
+    left = run_cli("status", db=db)
+    assert left.returncode == 2 and "no batchrunner tables in the database at" in left.stderr
+
+
+def test_commands_about_what_was_submitted_make_no_tables_in_another_applications_file(
+    tmp_path: Path,
+) -> None:
+    other = tmp_path / "other.db"
+    with sqlite3.connect(other) as conn:
+        conn.execute("CREATE TABLE users (id INTEGER PRIMARY KEY)")
+    for args in (("status",), ("export", "batch_0123456789abcdef")):
+        refused = run_cli(*args, db=f"sqlite:///{other}")
+        assert refused.returncode == 2 and "no batchrunner tables" in refused.stderr
+    with sqlite3.connect(other) as conn:
+        tables = [name for (name,) in conn.execute("SELECT name FROM sqlite_master")]
+    assert tables == ["users"]
 
 
 def test_an_installed_demo_finds_the_examples_beside_the_package(

@@ -328,6 +328,8 @@ def test_a_base_url_that_is_not_http_is_refused_at_submit(
         ("http://user:hunter2@127.0.0.1:8000/v1", "must not hold a user or password"),
         # A key where the user goes was shown in the message refusing it.
         ("https://hunter2hunter2hunter2@api.example.com/v1", "must not hold a user or password"),
+        # Another URL in the query: the first "://" is the scheme's.
+        ("https://alice:hunter2@gw.example/v1?next=https://x", "must not hold a user or password"),
         ("api.example.com/v1?api_key=hunter2", "http:// or https://"),
         ("https://api.example.com/v1/chat/completions?key=hunter2", "drop /chat/completions"),
         # Every job went to .../chat/completions/chat/completions and failed with a 404.
