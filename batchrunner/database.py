@@ -118,8 +118,8 @@ class Database(Protocol):
 
 
 def no_tables(where: str) -> UsageError:
-    """What a command about what was submitted says of a database with no table: it would
-    have made batchrunner's tables there (a typo in a PostgreSQL database's name littered
+    """What a command about what was submitted says of a database without batchrunner's
+    tables: it would have made them there (a typo in a PostgreSQL database's name littered
     someone else's) and reported no batch."""
     return UsageError(
         f"no batchrunner tables in the database at {where}: nothing was submitted there"
@@ -551,8 +551,8 @@ class SqliteDatabase:
             return await link.call(lambda conn: conn.execute(sql, params).fetchall(), "read")
 
     async def ensure_schema(self, *, create: bool = True) -> None:
-        """Create or upgrade the database to head on first use (without `create`, one with no
-        table is refused: see `no_tables`). A new database is made from the head schema's
+        """Create or upgrade the database to head on first use (without `create`, one without
+        batchrunner's tables is refused: see `no_tables`). A new database is made from the head schema's
         statements (`sqlite_schema`); SQLAlchemy and alembic are imported only to upgrade one
         made before."""
         current, empty = await self._revision()
