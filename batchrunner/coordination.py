@@ -142,6 +142,7 @@ class Coordinator:
         counters: Callable[[], WorkerCounters],
         journal_dir: Path | None = None,
         on_cancelled: Callable[[], None] | None = None,
+        on_share: Callable[[int], None] | None = None,
         budget: SharedBudget | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -161,6 +162,8 @@ class Coordinator:
         self.journal_dir = journal_dir
         #: Called by each look that finds the batch cancelled.
         self._on_cancelled = on_cancelled
+        #: Told the live workers of the batch (this one included) when their number changes.
+        self._on_share = on_share
         #: Jobs ended from the journals of dead workers found by this coordinator's looks.
         self.recovered = 0
         self._clock = clock
@@ -397,6 +400,8 @@ class Coordinator:
         if workers == self._shared_by:
             return
         self._shared_by = workers
+        if self._on_share is not None:
+            self._on_share(workers)
         if self.rpm is None and self.tpm is None:
             return
         self.pacer.set_limits(

@@ -552,9 +552,9 @@ class SqliteDatabase:
 
     async def ensure_schema(self, *, create: bool = True) -> None:
         """Create or upgrade the database to head on first use (without `create`, one without
-        batchrunner's tables is refused: see `no_tables`). A new database is made from the head schema's
-        statements (`sqlite_schema`); SQLAlchemy and alembic are imported only to upgrade one
-        made before."""
+        batchrunner's tables is refused: see `no_tables`). A new database is made from the
+        head schema's statements (`sqlite_schema`); SQLAlchemy and alembic are imported only
+        to upgrade one made before."""
         current, empty = await self._revision()
         if current is None and not create:
             # (No table, or only others': another application's, or what `db downgrade base`

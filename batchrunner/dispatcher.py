@@ -135,6 +135,8 @@ class RunStats:
     lost_leases: int = 0
     #: Ended jobs the writer has not yet committed.
     unwritten: int = 0
+    #: Live runs of the batch at the coordinator's last look, this one included.
+    runs: int = 1
     #: Jobs ended by answers that another run of this machine received and had not yet
     #: written (it died, or its database stopped taking writes), recorded from its journal
     #: before this run began, or when this run found it dead.
@@ -598,6 +600,7 @@ class Dispatcher:
             counters=self._counters,
             journal_dir=self._journal_dir,
             on_cancelled=self._on_cancelled,
+            on_share=self._on_share,
             budget=self.budget,
         )
         # This worker's share of the batch's limits, before its first request.
@@ -1259,6 +1262,9 @@ class Dispatcher:
             return 0
 
     # -- coordination -----------------------------------------------------------------------
+
+    def _on_share(self, workers: int) -> None:
+        self.stats.runs = workers
 
     def _counters(self) -> WorkerCounters:
         st = self.stats

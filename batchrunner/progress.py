@@ -28,17 +28,11 @@ class Pace:
     last `refresh` knows) and this run's tokens a second, over the last PACE_WINDOW_S, and the
     ETA at that pace (until the run is that old, since its start): a run slowed by 429s an hour
     in shows its pace now, not its first minutes'; two runs sharing a batch each show the time
-    left to both, not twice that.
-
-    The tokens are this run's alone (the batch's would take a sum over its results at every
-    refresh): `shared` says when other runs ended jobs of the batch within the window, and the
-    line says whose tokens it shows beside the batch's jobs."""
+    left to both, not twice that."""
 
     def __init__(self) -> None:
-        #: (when, jobs of the batch ended, this run's ends, this run's tokens)
-        self._samples: deque[tuple[float, int, int, int]] = deque()
-        self._start: tuple[float, int, int, int] | None = None
-        self.shared = False
+        self._samples: deque[tuple[float, int, int]] = deque()
+        self._start: tuple[float, int, int] | None = None
 
     def sample(self, st: RunStats, now: float) -> tuple[float, float, float | None]:
         """(jobs ended a second, tokens a second, seconds left) as of `now` (monotonic)."""
@@ -46,20 +40,18 @@ class Pace:
             # The batch's counts are not read yet (the run's first moment): the jobs ended
             # before would count as ended now, a pace of thousands a second for a resumed run.
             return 0.0, 0.0, None
-        ended = st.ended
-        done = st.ended_before + ended
+        done = st.ended_before + st.ended
         if self._start is None:
-            self._start = (st.started_s, st.ended_before, 0, 0)
+            self._start = (st.started_s, st.ended_before, 0)
         samples = self._samples
-        samples.append((now, done, ended, st.tokens))
+        samples.append((now, done, st.tokens))
         # Keep the latest sample at least a window old, and those after it.
         while len(samples) > 2 and now - samples[1][0] >= PACE_WINDOW_S:
             samples.popleft()
-        since, done_then, ended_then, tokens = samples[0]
+        since, done_then, tokens = samples[0]
         if now - since < PACE_WINDOW_S:
-            since, done_then, ended_then, tokens = self._start
+            since, done_then, tokens = self._start
         span = max(now - since, 1e-9)
-        self.shared = done - done_then > ended - ended_then
         # (Less done than before: failed jobs put back by `retry`.)
         per_s = max(done - done_then, 0) / span
         left = st.total - done
@@ -98,10 +90,10 @@ def slowed_to(snap: PacerStats) -> float | None:
     return rpm
 
 
-def _tokens_per_s(pace: Pace, per_s: float) -> str:
-    # (Beside the jobs of every run sharing the batch, this run's tokens looked like the
-    # batch's: each of two runs showed half the rate `status` gave.)
-    return f"{per_s:.0f} tok/s" + (" this run" if pace.shared else "")
+def _tokens_per_s(st: RunStats, per_s: float) -> str:
+    # (The line's jobs are the batch's, every run's; its tokens this run's: beside them, each
+    # of two runs showed half the token rate status gave.)
+    return f"{per_s:.0f} tok/s" + (" this run" if st.runs > 1 else "")
 
 
 def status_line(d: Dispatcher, pace: Pace, now: float | None = None) -> str:
@@ -112,7 +104,7 @@ def status_line(d: Dispatcher, pace: Pace, now: float | None = None) -> str:
     line = (
         f"{done}/{st.total} done ({st.succeeded} ok, {st.failed} failed this run), "
         f"{st.in_flight} in flight, {st.retrying} retrying, "
-        f"{per_s:.1f} req/s, {_tokens_per_s(pace, tokens_per_s)}, ETA {_fmt_eta(eta_s)}"
+        f"{per_s:.1f} req/s, {_tokens_per_s(st, tokens_per_s)}, ETA {_fmt_eta(eta_s)}"
     )
     if snap.pause_left_s > 0:
         line += f", paused {snap.pause_left_s:.1f}s by the server"
@@ -208,7 +200,7 @@ async def _live(d: Dispatcher, out: TextIO) -> None:
                 "  ".join(first),
                 f"in flight {st.in_flight}",
                 f"retrying {st.retrying}",
-                _tokens_per_s(pace, tokens_per_s),
+                _tokens_per_s(st, tokens_per_s),
             ]
             count = f"{done}/{st.total}" if st.total else "starting"
             name, bar_width, detail = live_layout(console.width, d.batch.id, count, details)

@@ -93,6 +93,7 @@ def _coordinator(
     *,
     counters: Callable[[], WorkerCounters] = _counters,
     clock: Callable[[], float] = time.time,
+    on_share: Callable[[int], None] | None = None,
 ) -> Coordinator:
     return Coordinator(
         store,
@@ -105,6 +106,7 @@ def _coordinator(
         heartbeat_s=15.0,
         counters=counters,
         clock=clock,
+        on_share=on_share,
     )
 
 
@@ -151,9 +153,16 @@ async def test_without_limits_nothing_is_divided(store: JobStore, make_file: Mak
     for wid in ("w-a", "w-b"):
         await store.register_worker(wid, batch_id, time.time())
     pacer = Pacer(None, None)
-    assert (await _coordinator(store, batch_id, "w-a", pacer).look()).workers == 2
+    told: list[int] = []
+    coordinator = _coordinator(store, batch_id, "w-a", pacer, on_share=told.append)
+    assert (await coordinator.look()).workers == 2
     snap = pacer.snapshot()
     assert snap.rpm is None and snap.tpm is None
+    # The run is told all the same (its progress line says whose tokens it shows).
+    await coordinator.look()
+    await store.stop_worker("w-b", time.time())
+    await coordinator.look()
+    assert told == [2, 1]
 
 
 async def test_leases_that_ran_out_before_a_late_heartbeat_stay_lapsed(
