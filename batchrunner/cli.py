@@ -399,6 +399,17 @@ def run(
             f"note: {st.fenced} late answer(s) were not recorded: the job had been cancelled"
             " or taken over by another worker"
         )
+    # (Counted above as they ended: the database shows none of them yet.)
+    if st.kept_in_journal:
+        _err(
+            f"note: {st.kept_in_journal} of these answer(s) are not in the database yet: its"
+            " answer journal keeps them, and the next run records them before sending anything"
+        )
+    if st.not_kept:
+        _err(
+            f"note: {st.not_kept} of these answer(s) could not be written to the database nor"
+            " kept in the answer journal: the next run sends them again"
+        )
     code = rep.exit_code
     if code == runner.EXIT_ABORTED:
         _err(f"error: {res.message or res.reason.value}")

@@ -137,6 +137,10 @@ class RunStats:
     unwritten: int = 0
     #: Live runs of the batch at the coordinator's last look, this one included.
     runs: int = 1
+    #: At the run's end: ends the database did not take (it stopped taking writes) that the
+    #: answer journal keeps for the next run, and those it could not keep (sent again).
+    kept_in_journal: int = 0
+    not_kept: int = 0
     #: Jobs ended by answers that another run of this machine received and had not yet
     #: written (it died, or its database stopped taking writes), recorded from its journal
     #: before this run began, or when this run found it dead.
@@ -629,6 +633,11 @@ class Dispatcher:
             failed = at_start.counts[JobState.FAILED.value] + st.failed
         else:
             unfinished, failed = counts.unfinished, counts.counts[JobState.FAILED.value]
+        if (unwritten := st.ended - st.recorded) > 0:
+            if self._journal is not None and not self._journal.failed:
+                st.kept_in_journal = unwritten
+            else:
+                st.not_kept = unwritten
         return RunResult(
             reason=self._reason or StopReason.DONE,
             message=self._message,

@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import re
 import resource
 import sqlite3
 import sys
@@ -305,6 +306,13 @@ async def test_disk_full_stops_the_run_and_the_next_run_finishes_at_once(
         _assert_clean_failure(stderr, "disk I/O error", "database or disk is full")
         assert srv.stats.requests_total > 0, "the disk filled up before the first request"
         resendable = await _unrecorded(store, batch_id, srv)
+        # Its summary counted answers the database does not have: it says where they are.
+        said = re.search(r"(\d+) succeeded and (\d+) failed in this run", stderr)
+        assert said is not None, stderr
+        counts = (await store.counts(batch_id)).counts
+        unwritten = int(said[1]) + int(said[2]) - counts["succeeded"] - counts["failed"]
+        assert unwritten > 0
+        assert f"note: {unwritten} of these answer(s) are not in the database yet" in stderr
 
         # The failed run could not give its jobs back; they must not wait out its lease.
         proc = await _start(sqlite_url, _run_args(batch_id), tmp_path)
