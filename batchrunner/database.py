@@ -492,8 +492,11 @@ class SqliteDatabase:
     @asynccontextmanager
     async def _immediate(self) -> AsyncIterator[Connection]:
         link = self._writer
-        number = await link.begin("BEGIN IMMEDIATE", "write")
         try:
+            # (In the try: cancelled while it waits for the lock in the writer's thread, the
+            # BEGIN goes through there all the same, and was left open, the write lock held:
+            # every later write of the run failed, and other processes' too.)
+            number = await link.begin("BEGIN IMMEDIATE", "write")
             yield _SqliteConnection(link, "write", number)
             await link.call(lambda conn: conn.execute("COMMIT"), "write")
         except BaseException:

@@ -478,3 +478,41 @@ async def test_a_new_database_is_its_owners_alone(tmp_path: Path) -> None:
     made = run_cli("db", "upgrade", db=f"sqlite:///{upgraded}", preexec_fn=lambda: os.umask(0o022))
     assert made.returncode == 0, made.stderr
     assert stat.S_IMODE(upgraded.stat().st_mode) == 0o600
+
+
+async def test_a_write_cancelled_while_it_waits_for_the_lock_leaves_no_transaction_open(
+    tmp_path: Path,
+) -> None:
+    """Cancelled while its BEGIN IMMEDIATE waited for another process's lock (the run's end
+    cancels its coordinator mid-heartbeat), the BEGIN went through in the writer's thread all
+    the same and stayed open, the write lock held: every later write failed ("cannot start a
+    transaction within a transaction"), the run's jobs were not given back, and other
+    processes found the database locked."""
+    path = tmp_path / "jobs.db"
+    db = SqliteDatabase(f"sqlite:///{path}")
+    await db.ensure_schema()
+
+    async def write() -> None:
+        async with db.write() as conn:
+            await conn.execute("UPDATE batches SET name = name")
+
+    try:
+        blocker = sqlite3.connect(path, isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")
+        task = asyncio.create_task(write())
+        await asyncio.sleep(0.3)  # its BEGIN waits for the lock in the writer's thread
+        task.cancel()
+        await asyncio.sleep(0.1)
+        blocker.execute("ROLLBACK")  # ... and gets it now
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await write()  # the writer's connection is in no transaction
+        other = sqlite3.connect(path, isolation_level=None, timeout=0.5)
+        try:
+            other.execute("BEGIN IMMEDIATE")  # and holds no lock
+            other.execute("ROLLBACK")
+        finally:
+            other.close()
+        blocker.close()
+    finally:
+        await db.close()
