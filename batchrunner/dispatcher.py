@@ -496,8 +496,11 @@ class Dispatcher:
         self._waiting_turn = 0
         #: When the next claim looks back: expired leases, and from the first line (monotonic).
         self._look_back_at = 0.0
-        #: Lease expiry (Unix) of each claim, as claimed; heartbeats extend them all.
+        #: Lease expiry (Unix) of each claim, as claimed; heartbeats extend them all. With the
+        #: number of its jobs no worker has finished with yet: at 0 it goes (one entry a
+        #: claim for the whole run grew without end at claims of a job or two).
         self._claims: dict[str, float] = {}
+        self._claimed_left: dict[str, int] = {}
         self._forced = False
         #: Set by a second Ctrl-C: nothing more is waited for, the database included.
         self._forced_now = asyncio.Event()
@@ -770,6 +773,7 @@ class Dispatcher:
                 self._look_back_at = time.monotonic() + min(LOOK_BACK_S, self.config.lease_s / 4)
             if jobs:
                 self._claims[token] = claimed_at + self.config.lease_s
+                self._claimed_left[token] = len(jobs)
                 self._claimed_up_to = jobs[-1].id  # in id order
                 self._body_chars = sum([len(job.body) for job in jobs]) / len(jobs)
             self._queue.put(jobs)
@@ -840,6 +844,7 @@ class Dispatcher:
                 self.stop(StopReason.ERROR, f"internal error on line {job.line}: {exc!r}")
             finally:
                 queue.task_done()
+                self._done_with(job.lease_token)
 
     async def _process(self, client: ApiClient, job: ClaimedJob) -> None:
         body = job.body.encode()
@@ -1029,6 +1034,16 @@ class Dispatcher:
             max_attempts=max(1, policy.max_attempts - counted),
             rate_limit_attempts=max(1, policy.rate_limit_cap - limited),
         )
+
+    def _done_with(self, token: str) -> None:
+        """A job of the claim `token` is no worker's any more: its lease is not looked at
+        again."""
+        left = self._claimed_left.get(token, 0) - 1
+        if left > 0:
+            self._claimed_left[token] = left
+        else:
+            self._claimed_left.pop(token, None)
+            self._claims.pop(token, None)
 
     def _lease_alive(self, job: ClaimedJob) -> bool:
         """Whether the job's lease is surely still this worker's: its claim's own expiry, or

@@ -504,3 +504,19 @@ def test_a_database_url_that_is_no_url_is_refused_without_its_password(db: str) 
     result = run_cli("status", db=db)
     assert result.returncode == 2, result.stderr
     assert "hunter2" not in result.stderr and "Traceback" not in result.stderr
+
+
+async def test_a_run_keeps_no_entry_for_claims_it_is_done_with(
+    store: JobStore, make_file: MakeFile, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each claim's lease expiry stayed in the run's memory to its end: at claims of a job
+    or two (a slow --rpm, large bodies) one entry a job, for a whole night's run."""
+    monkeypatch.setattr(Dispatcher, "_claim_rows", lambda self: 1)
+    rows = [chat(f"one at a time {i}") for i in range(40)]
+    async with FakeServer(FakeConfig()) as srv:
+        batch = (await submit_file(store, make_file(rows), base_url=srv.url)).batch
+        config = RunConfig(concurrency=4, flush_s=0.05)
+        dispatcher = Dispatcher(store, batch, config, api_key=None, base_url=srv.url)
+        result = await asyncio.wait_for(dispatcher.run(), 60)
+    assert result.reason is StopReason.DONE and result.stats.succeeded == 40
+    assert dispatcher._claims == {} and dispatcher._claimed_left == {}
