@@ -1,7 +1,7 @@
 """The HTTP client: one request in, one `Outcome` out.
 
 Owns the aiohttp session, the classification of every answer (or lack of one) into an
-`Outcome` as drawn in DESIGN.md "HTTP outcomes", the parsing of `Retry-After` and
+`Outcome` as the README's table of answers draws it, the parsing of `Retry-After` and
 `x-ratelimit-*` headers, and the reassembly of a streamed answer (server-sent events) into
 one `chat.completion` object (`StreamAssembler`, pure and usable without a server).
 

@@ -72,7 +72,8 @@ def describe(exc: BaseException) -> str:
 
 
 def create_engine(url: str, *, pool_size: int = 5) -> AsyncEngine:
-    """An async engine for a plain URL, with the SQLite settings from DESIGN.md."""
+    """An async engine for a plain URL, with the SQLite settings the store's own connections
+    have (WAL, the busy timeout, foreign keys)."""
     full = async_url(url)
     kwargs: dict[str, Any] = {}
     if full.startswith("sqlite"):

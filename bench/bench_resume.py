@@ -14,7 +14,7 @@ Then:
 - re-sent = requests whose exact body the server had received before (every body is distinct);
 - goal: re-sent <= in flight at the kill, read two ways: (a) in flight = sent and its result not
   yet committed (sent before the kill minus results in the database after it), the reading under
-  which DESIGN.md's promise "only the requests in flight at that moment are sent again" can hold;
+  which the promise "only the requests in flight at that moment are sent again" can hold;
   (b) the strict reading, in flight = sent and not yet answered at the kill (the server's
   count above; the kill's instant is taken once the signal is sent, so that answers written
   until then count as answered).

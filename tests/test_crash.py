@@ -1,6 +1,6 @@
 """Crashes: `batchrunner run` killed with SIGKILL at random moments, then resumed.
 
-The promise under test (DESIGN.md, "Job states"): each request is sent at least once, its result
+The promise under test (docs/RELIABILITY.md): each request is sent at least once, its result
 is recorded exactly once, and after a crash only what was in flight is sent again.
 
 The local fake server counts the requests it receives per exact body. "In flight at a kill" is

@@ -1,9 +1,9 @@
 """The job database failing under a run: locked, full, read-only, connections cut.
 
 Each test runs the real command line in a subprocess against the local fake API, lets the
-database fail, and checks what DESIGN.md promises: the run stops (or rides it out) with a clear
-message and no traceback, nothing is recorded twice, and the next run finishes the batch,
-sending again only what the failed run had sent without recording.
+database fail, and checks what docs/RELIABILITY.md promises: the run stops (or rides it out)
+with a clear message and no traceback, nothing is recorded twice, and the next run finishes
+the batch, sending again only what the failed run had sent without recording.
 
 How each fault is made, and why that way:
 

@@ -11,7 +11,7 @@ global invariants of the run:
 - the attempts log and each job's attempt count agree, and the server received each body exactly
   as many times as the job says it was attempted;
 - results exist for succeeded jobs only, one each;
-- every failed attempt and every failed job carries the error kind DESIGN.md's table gives for
+- every failed attempt and every failed job carries the error kind the README's table gives for
   the injected fault;
 - no attempt took longer than the timeout, give or take a scheduling slack: a server that
   hangs or trickles holds a request no longer than that.
@@ -58,7 +58,7 @@ CONFIG = RunConfig(
     grace_s=2.0,
 )
 
-#: What DESIGN.md's HTTP table makes of each injected fault: the error kind of the failed
+#: What the README's table of answers makes of each injected fault: the error kind of the failed
 #: attempt, for a plain request and for a streamed one. All of them are retried.
 TRANSIENT_KINDS: dict[str, tuple[str, str]] = {
     "429": ("rate_limit", "rate_limit"),
