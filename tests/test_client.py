@@ -716,6 +716,25 @@ async def test_timeout_when_the_server_trickles(serve: Serve, stream: bool) -> N
     assert outcome.message is not None and "within 0.5 s" in outcome.message
 
 
+@contextlib.asynccontextmanager
+async def raw_server(answer: bytes, heads: list[bytes] | None = None) -> AsyncIterator[int]:
+    """A server on 127.0.0.1 that reads a request's head (kept in `heads`), writes `answer`
+    as it is and closes: for answers aiohttp's server would not write, and for proxies.
+    Yields its port."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        if heads is not None:
+            heads.append(head)
+        writer.write(answer)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    async with server:
+        yield server.sockets[0].getsockname()[1]
+
+
 @pytest.mark.parametrize(
     "head",
     [b"Content-Length: 2\r\nContent-Length: 3", b"Content-Encoding: br\r\nContent-Length: 5"],
@@ -724,16 +743,8 @@ async def test_an_answer_the_client_cannot_read_is_not_called_an_http_400(head: 
     """aiohttp's own status for an answer it cannot parse or decode went into the error as
     "ClientResponseError: 400, message=...", beside no status at all: read as the server's."""
 
-    async def server_side(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n" + head)
-        writer.write(b"\r\n\r\n\x8b\x00\x80xyz")
-        await writer.drain()
-        writer.close()
-
-    server = await asyncio.start_server(server_side, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    async with server:
+    answer = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n" + head
+    async with raw_server(answer + b"\r\n\r\n\x8b\x00\x80xyz") as port:
         outcome = await send(f"http://127.0.0.1:{port}/v1")
     assert (outcome.kind, outcome.status) == (OutcomeKind.RETRY, None)
     assert outcome.message is not None and "400" not in outcome.message, outcome.message
@@ -2108,17 +2119,9 @@ async def test_a_proxy_tunnelling_to_an_https_api_never_sees_the_key(
     Proxy-Authorization: the key, sent in clear to the proxy, in place of its own
     credentials."""
     connects: list[bytes] = []
-
-    async def proxy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        connects.append(await reader.readuntil(b"\r\n\r\n"))
-        writer.write(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
-        await writer.drain()
-        writer.close()
-
-    server = await asyncio.start_server(proxy, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    no_proxy_env.setenv("HTTPS_PROXY", f"http://me:p%40ss@127.0.0.1:{port}")
-    async with server:
+    forbidden = b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n"
+    async with raw_server(forbidden, connects) as port:
+        no_proxy_env.setenv("HTTPS_PROXY", f"http://me:p%40ss@127.0.0.1:{port}")
         outcome = await send("https://api.invalid/v1")
     assert outcome.kind is OutcomeKind.STOP_RUN and outcome.error_kind == "proxy"  # (its 403)
     (connect,) = connects
@@ -2225,22 +2228,10 @@ async def test_a_proxy_echoing_its_credentials_has_them_taken_out(
     password = "Pr0xyPassw0rd"
     basic = base64.b64encode(f"alice:{password}".encode()).decode()
 
-    async def proxy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        page = f"refused: Proxy-Authorization: Basic {basic} (alice:{password}; {password})"
-        writer.write(
-            b"HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/plain\r\nContent-Length: "
-            + str(len(page)).encode()
-            + b"\r\n\r\n"
-            + page.encode()
-        )
-        await writer.drain()
-        writer.close()
-
-    server = await asyncio.start_server(proxy, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    no_proxy_env.setenv("HTTP_PROXY", f"http://alice:{password}@127.0.0.1:{port}")
-    async with server:
+    page = f"refused: Proxy-Authorization: Basic {basic} (alice:{password}; {password})"
+    answer = b"HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/plain\r\nContent-Length: "
+    async with raw_server(answer + str(len(page)).encode() + b"\r\n\r\n" + page.encode()) as port:
+        no_proxy_env.setenv("HTTP_PROXY", f"http://alice:{password}@127.0.0.1:{port}")
         outcome = await send("http://api.invalid/v1")
     assert (outcome.kind, outcome.status) == (OutcomeKind.RETRY, 502)
     for text in (outcome.message or "", outcome.body or ""):
@@ -2262,15 +2253,9 @@ async def test_a_proxy_that_refuses_the_way_stops_the_run(
     """Wrong credentials for the proxy (407) were taken for the API being down: one request
     at a time went on for ever, and no job was done."""
 
-    async def proxy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"HTTP/1.1 " + answer_line + b"\r\nContent-Length: 0\r\n\r\n")
-        await writer.drain()
-        writer.close()
-
-    server = await asyncio.start_server(proxy, "127.0.0.1", 0)
-    no_proxy_env.setenv("HTTPS_PROXY", f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
-    async with server:
+    answer = b"HTTP/1.1 " + answer_line + b"\r\nContent-Length: 0\r\n\r\n"
+    async with raw_server(answer) as port:
+        no_proxy_env.setenv("HTTPS_PROXY", f"http://127.0.0.1:{port}")
         outcome = await send("https://api.invalid/v1")
     assert (outcome.kind, outcome.error_kind) == (kind, error_kind)
     if kind is OutcomeKind.STOP_RUN:
