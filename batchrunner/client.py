@@ -656,11 +656,12 @@ _PERCENT_HEX: Final = re.compile(r"%[0-9A-F]{2}")
 
 def _forms_of(secret: str) -> tuple[str, ...]:
     """The key as sent, and as text that quotes it: in a JSON string (a key with `/` or `"`
-    comes back escaped: `\\/`; every character as `\\uXXXX`; `=` and `<>&'` so, as Gson
-    writes them), percent-encoded (with either case of hex digits, `/` left or encoded), and
-    in base64 wherever it sits in what was encoded (the "Bearer ..." header, a JSON of the
-    request's headers): its encoding from each of the three byte offsets, less the characters
-    that hang on the bytes around it. Longest first, so that no form is left half replaced."""
+    comes back escaped: `\\/`; every character as `\\u` and four hex digits; `=` and `<>&'`
+    so, as Gson writes them), percent-encoded (with either case of hex digits, `/` left or
+    encoded), and in base64 wherever it sits in what was encoded (the "Bearer ..." header, a
+    JSON of the request's headers): its encoding from each of the three byte offsets, less the
+    characters that hang on the bytes around it. Longest first, so that no form is left half
+    replaced."""
     forms = {secret}
     if len(secret) >= _MIN_DERIVED_FORM_CHARS:
         in_json = orjson.dumps(secret).decode()[1:-1]

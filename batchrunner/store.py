@@ -701,8 +701,10 @@ class JobStore:
             period_s,
             tier_starts,
         )
-        if not discarded or discarded_only:
-            return discarded if discarded_only else groups
+        if discarded_only:
+            return discarded
+        if not discarded:
+            return groups
         by_key = {g[:3]: g for g in groups}
         for d in discarded:
             g = by_key.get(d[:3])
