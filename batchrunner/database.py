@@ -50,6 +50,21 @@ SQLITE_IDLE_READERS = 2
 _MODE_RETRY_S = 0.05
 
 
+def _null(_: None) -> None:
+    return None
+
+
+# sqlite3 binds an int, float, str or bytearray as it is and sends any other value (None, a
+# bool) through its adapters first. For a type without one it looks up `__adapt__` on its own
+# protocol class, and the AttributeError that lookup raises and clears costs more than the
+# binding: about 0.5 us a value here, against a dict lookup and a call for a registered
+# adapter. A recorded request binds four such values (a success's empty error columns), a
+# submitted line two (its metadata, its stream flag). These bind exactly what sqlite3 binds
+# without them (NULL, an integer), for any user of sqlite3 in the process.
+sqlite3.register_adapter(type(None), _null)
+sqlite3.register_adapter(bool, int)
+
+
 class Result:
     """The rows of a statement (tuples) and the rows it changed."""
 

@@ -516,3 +516,20 @@ async def test_a_write_cancelled_while_it_waits_for_the_lock_leaves_no_transacti
         blocker.close()
     finally:
         await db.close()
+
+
+def test_none_and_bools_bind_through_registered_adapters() -> None:
+    """sqlite3 sends any value but an int, float, str or bytearray through its adapters, and one
+    of a type without an adapter costs an AttributeError raised and cleared inside sqlite3: None
+    and bool, which every recorded request and every submitted line bind, have one (database.py)
+    and bind as sqlite3 binds them without it."""
+    assert database.SQLITE_BUSY_TIMEOUT_MS  # (imported: its adapters are registered)
+    assert (type(None), sqlite3.PrepareProtocol) in sqlite3.adapters
+    assert (bool, sqlite3.PrepareProtocol) in sqlite3.adapters
+    conn = sqlite3.connect(":memory:")
+    try:
+        cur = conn.execute("SELECT typeof(?), typeof(?), ?, ?", (None, True, True, False))
+        row = cur.fetchone()
+    finally:
+        conn.close()
+    assert row == ("null", "integer", 1, 0)
