@@ -336,10 +336,11 @@ class PriceBook:
         if rates is None and self._models:
             # ...and the file's name may carry the gateway's prefix the answer comes without:
             # "openai/gpt-4o-mini" answered as "gpt-4o-mini-2024-07-18" was priced at the list
-            # price (the request was reserved at the file's, three times as much).
+            # price (the request was reserved at the file's, three times as much). Only the
+            # prefix: a file's snapshot ("gpt-4o-2024-08-06") is not the price of another.
             for name in (model, *same_model_names(model)):
                 rates = next(
-                    (r for key, r in self._models.items() if name in same_model_names(key)),
+                    (r for key, r in self._models.items() if name in _without_prefixes(key)),
                     None,
                 )
                 if rates is not None:
@@ -374,6 +375,12 @@ def same_model_names(model: str) -> list[str]:
             if candidate and candidate != model and candidate not in names:
                 names.append(candidate)
     return names
+
+
+def _without_prefixes(model: str) -> list[str]:
+    """`model` without its prefixes, one at a time ("a/b/c": "b/c", "c"); none without one."""
+    parts = model.split("/")
+    return ["/".join(parts[i:]) for i in range(1, len(parts))]
 
 
 # --- usage parsing -----------------------------------------------------------------------

@@ -655,3 +655,27 @@ def test_price_shapes(book: PriceBook) -> None:
     assert gemini is not None and not gemini.varies_in_time and 200_000 in gemini.tier_starts
     assert gemini.tier_prompt(0) == 0
     assert gemini.tier_prompt(1) == gemini.tier_starts[0] + 1
+
+
+@pytest.mark.parametrize(
+    ("key", "answered"),
+    [
+        ("gpt-4o-2024-08-06", "gpt-4o-2024-05-13"),
+        ("openai/gpt-4o-2024-08-06", "gpt-4o-2024-05-13"),
+        ("gpt-4o-2024-08-06", "gpt-4o"),
+    ],
+)
+def test_a_file_price_of_a_snapshot_is_not_another_snapshots(
+    tmp_path: Path, book: PriceBook, key: str, answered: str
+) -> None:
+    """A file's price for one dated snapshot priced every other snapshot of the model (and its
+    undated name) at it: a gateway's $2.50 a million prompt tokens for gpt-4o-2024-05-13, listed
+    at $5, and `--max-cost` reserved at it too. Its own snapshot, with or without a prefix,
+    keeps it. (The file's price here is one no list has.)"""
+    path = tmp_path / "prices.toml"
+    path.write_text(f'[models."{key}"]\ninput_per_mtok = 1.25\noutput_per_mtok = 10\n')
+    user = PriceBook.load(path)
+    assert user.cost(answered, usage(1_000_000, 0)) == book.cost(answered, usage(1_000_000, 0))
+    assert book.cost(answered, usage(1_000_000, 0)) != Decimal("1.25")
+    assert user.cost("gpt-4o-2024-08-06", usage(1_000_000, 0)) == Decimal("1.25")
+    assert user.cost("openai/gpt-4o-2024-08-06", usage(1_000_000, 0)) == Decimal("1.25")
