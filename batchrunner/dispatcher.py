@@ -448,15 +448,18 @@ class Dispatcher:
         base_url: str,
         prices: PriceBook | None = None,
         spent_usd: Decimal = Decimal(0),
+        recovered: int = 0,
         rng: random.Random | None = None,
     ) -> None:
+        """`spent_usd`: what the batch has cost, for `--max-cost`; `recovered`: jobs ended
+        from dead runs' journals before it was counted (`journal.recover_dead`)."""
         self.store = store
         self.batch = batch
         self.config = config
         self.api_key = api_key
         self.base_url = base_url
         self.worker_id = f"w-{uuid.uuid4().hex[:12]}"
-        self.stats = RunStats()
+        self.stats = RunStats(recovered=recovered)
         self.policy = RetryPolicy(
             max_attempts=config.max_attempts,
             base_delay_s=config.retry_base_s,
@@ -579,7 +582,7 @@ class Dispatcher:
         directory = self._journal_dir = journal.directory_for(self.store)
         if directory is None:
             return
-        self.stats.recovered = await journal.recover(
+        self.stats.recovered += await journal.recover(
             self.store, self.batch.id, directory, time.time()
         )
         try:

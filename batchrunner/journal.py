@@ -37,6 +37,7 @@ import itertools
 import logging
 import os
 import stat
+import time
 from collections.abc import Iterator, Sequence
 from operator import attrgetter
 from pathlib import Path
@@ -411,6 +412,12 @@ def _owner_of(path: Path) -> int | None:
 def _worker_of(path: Path) -> str:
     """The worker a segment file belongs to: `<batch id>.<worker id>.<n>.jnl`."""
     return path.name.split(".")[1]
+
+
+async def recover_dead(store: JobStore, batch_id: str) -> int:
+    """`recover` in the store's journal directory, if it has one."""
+    directory = directory_for(store)
+    return 0 if directory is None else await recover(store, batch_id, directory, time.time())
 
 
 async def recover(store: JobStore, batch_id: str, directory: Path, now: float) -> int:

@@ -6,7 +6,6 @@ import asyncio
 import logging
 import os
 import signal
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from decimal import Decimal
@@ -125,6 +124,10 @@ async def run(
     elif is_insecure(base_url):
         warn(f"warning: the API key goes over plain http to {base_url}: anyone between can read it")
 
+    # Answers that dead runs of the batch kept in this machine's journal are recorded first:
+    # they were paid for, and the budget starts from what the batch has cost (counted before
+    # them, a run after a kill -9 went past --max-cost by up to a run's concurrency of them).
+    recovered = await journal.recover_dead(store, batch.id)
     prices = PriceBook.load(config.prices_path)
     spent = Decimal(0)
     if config.max_cost_usd is not None:
@@ -155,7 +158,14 @@ async def run(
 
     config = _within_open_files(config, warn)
     dispatcher = Dispatcher(
-        store, batch, config, api_key=api_key, base_url=base_url, prices=prices, spent_usd=spent
+        store,
+        batch,
+        config,
+        api_key=api_key,
+        base_url=base_url,
+        prices=prices,
+        spent_usd=spent,
+        recovered=recovered,
     )
     loop = asyncio.get_running_loop()
     interrupts = 0
@@ -211,10 +221,7 @@ async def cancel(store: JobStore, batch_id: str) -> tuple[int, int]:
     for), then every unfinished job is cancelled. A live run sees the cancel within a second.
     """
     await store.get_batch(batch_id)
-    directory = journal.directory_for(store)
-    recorded = 0
-    if directory is not None:
-        recorded = await journal.recover(store, batch_id, directory, time.time())
+    recorded = await journal.recover_dead(store, batch_id)
     return recorded, await store.cancel(batch_id)
 
 

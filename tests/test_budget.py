@@ -18,7 +18,7 @@ import orjson
 import pytest
 from aiohttp import web
 
-from batchrunner import limiter, report
+from batchrunner import journal, limiter, report
 from batchrunner.config import RunConfig
 from batchrunner.dispatcher import Budget, Dispatcher, StopReason, worst_case_cost
 from batchrunner.errors import BudgetExceeded
@@ -26,9 +26,9 @@ from batchrunner.fakeapi import FakeConfig, FakeServer
 from batchrunner.ingest import submit_file
 from batchrunner.pricing import PriceBook, usage_from_completion
 from batchrunner.runner import EXIT_ABORTED, EXIT_OK, RunReport, run
-from batchrunner.store import JobStore
+from batchrunner.store import AttemptRecord, JobStore
 from batchrunner.tokens import estimate_request
-from tests.conftest import chat, coordinator
+from tests.conftest import chat, coordinator, succeeded
 from tests.test_client import running
 from tests.test_run import _completion
 
@@ -173,6 +173,40 @@ async def test_a_batch_at_its_cap_is_refused(store: JobStore, make_file: MakeFil
         spent = await _cost(store, batch_id)
         with pytest.raises(BudgetExceeded, match="already cost"):
             await _run(store, batch_id, spent)
+
+
+async def test_what_a_killed_run_kept_in_its_journal_counts_before_anything_is_sent(
+    store: JobStore, make_file: MakeFile
+) -> None:
+    """Answers a killed run had received and not yet written wait in its journal for the next
+    run, which recorded them only after it had counted what the batch had cost: it went past
+    --max-cost by them (up to a run's concurrency of answers), and said it had spent less."""
+    async with FakeServer(FakeConfig()) as srv:
+        batch_id = (await submit_file(store, make_file(_rows(4)), base_url=srv.url)).batch.id
+        t0 = time.time()
+        jobs = await store.claim(batch_id, "w-killed", "w-killed.1", 2, t0, 60.0)
+        directory = journal.directory_for(store)
+        assert directory is not None and len(jobs) == 2
+        killed = journal.Journal(directory, batch_id, "w-killed")
+        for job in jobs:
+            answer = succeeded(job, "paid for", prompt_tokens=100_000, total_tokens=100_004)
+            killed.add(answer, [AttemptRecord(job.id, 200, None, 12.0, "req_1", t0)])
+        killed.close(committed=False)  # (as the kernel leaves a dead run's: unlocked, kept)
+        kept_cost = PriceBook().cost("gpt-4o-mini", usage_from_completion(_USAGE_OF_TWO))
+        assert kept_cost is not None and kept_cost > 0
+
+        with pytest.raises(BudgetExceeded, match="already cost"):
+            await _run(store, batch_id, kept_cost / 2)
+
+        assert srv.stats.requests_total == 0
+    assert (await store.counts(batch_id)).counts["succeeded"] == 2
+    assert await _cost(store, batch_id) == kept_cost
+
+
+#: The usage of the two answers the killed run kept, together.
+_USAGE_OF_TWO = {
+    "usage": {"prompt_tokens": 200_000, "completion_tokens": 8, "total_tokens": 200_008}
+}
 
 
 async def test_answers_without_usage_count_their_worst_case_in_the_next_run_too(
