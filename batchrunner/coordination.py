@@ -172,8 +172,9 @@ class Coordinator:
         #: The end of the latest pause published by this worker / followed from another (Unix).
         self._published_until = 0.0
         self._followed_until = 0.0
-        #: Until when (Unix) the last successful heartbeat extended this worker's leases.
-        self.leases_until = 0.0
+        #: Until when (Unix) the last successful heartbeat extended this worker's leases;
+        #: before the first, when its first claims' own leases (made after this) run out.
+        self.leases_until = clock() + lease_s
         #: The latest heartbeat (Unix) that came after the extension before it had run out: a
         #: lease that had run out by then (its claim's own expiry earlier) lapsed, and its job
         #: may be another worker's now, whatever the heartbeats since extended.
@@ -352,8 +353,10 @@ class Coordinator:
             recent_requests_per_s=recent_rps,
             recent_tokens_per_s=recent_tps,
         )
-        if self._last_beat is not None and self.leases_until < now:
-            # (A machine asleep, a process stopped, a database out of reach past the lease.)
+        if self.leases_until < now:
+            # (A machine asleep, a process stopped, a database out of reach past the lease;
+            # also before the first heartbeat, which extended the first claims' leases as if
+            # they had never run out.)
             self.lapsed_at = now
         self.leases_until = now + self.lease_s
         self._last_beat = (now, ended, c.tokens)

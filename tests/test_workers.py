@@ -199,6 +199,37 @@ async def test_leases_that_ran_out_before_a_late_heartbeat_stay_lapsed(
     assert alive("claimed-after")
 
 
+async def test_leases_that_ran_out_before_the_first_heartbeat_stay_lapsed(
+    store: JobStore, make_file: MakeFile
+) -> None:
+    """Frozen before its first heartbeat and thawed past its lease, a worker took its first
+    heartbeat for an extension of leases still its own, and sent every job it had claimed
+    and not yet sent, which another worker had taken over and sent meanwhile: paid twice."""
+    batch_id = await _batch(store, make_file, 1, "http://127.0.0.1:9/v1")
+    now = [time.time()]
+    await store.register_worker("w-a", batch_id, now[0])
+    coordinator = _coordinator(store, batch_id, "w-a", Pacer(None, None), clock=lambda: now[0])
+    start = now[0]
+    now[0] += 61.0  # frozen past the lease (60 s) before the first heartbeat
+    await coordinator.beat()
+    assert coordinator.lapsed_at == now[0]
+
+    run = SimpleNamespace(
+        _claims={"claimed-before": start + 60.0, "claimed-after": now[0] + 60.0},
+        _coordinator=coordinator,
+        config=RunConfig(lease_s=60.0),
+    )
+    for token, alive in (("claimed-before", False), ("claimed-after", True)):
+        job = SimpleNamespace(lease_token=token)
+        assert Dispatcher._lease_alive(run, job) is alive  # type: ignore[arg-type]
+
+    # On time, the first heartbeat lapses nothing.
+    on_time = _coordinator(store, batch_id, "w-a", Pacer(None, None), clock=lambda: now[0])
+    now[0] += 2.0
+    await on_time.beat()
+    assert on_time.lapsed_at == 0.0
+
+
 async def test_the_first_heartbeat_reports_progress_within_seconds(
     store: JobStore, make_file: MakeFile
 ) -> None:
