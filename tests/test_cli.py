@@ -693,6 +693,37 @@ def test_sigterm_stops_an_export_as_ctrl_c_does_and_leaves_no_file(
     assert list(out.parent.iterdir()) == []
 
 
+#: A command started as the `batchrunner` script starts it, with a signal sent to it while it
+#: imports its command line (a few tenths of a second, before the command line's own handlers).
+_SIGNALLED_WHILE_IMPORTING = """
+import builtins, os, signal, sys, time
+from batchrunner.__main__ import main
+signum = getattr(signal, sys.argv[1])
+real_import = builtins.__import__
+def importing(name, *args, **kwargs):
+    if name == "batchrunner.cli":
+        os.kill(os.getpid(), signum)
+        time.sleep(0.2)
+    return real_import(name, *args, **kwargs)
+builtins.__import__ = importing
+sys.argv = ["batchrunner", "--help"]
+main()
+"""
+
+
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_a_signal_while_the_command_line_imports_is_an_interruption(signame: str) -> None:
+    """Ctrl-C in a command's first tenths of a second printed a traceback, and SIGTERM ended
+    it without a word (exit -15, not the 130 of an interrupted command)."""
+    done = subprocess.run(
+        [sys.executable, "-c", _SIGNALLED_WHILE_IMPORTING, signame],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (done.returncode, done.stderr.strip()) == (130, "interrupted")
+
+
 def test_lines_skipped_at_submit_can_be_listed_again(
     make_file: MakeFile, sqlite_url: str, server: FakeServerThread
 ) -> None:
