@@ -337,6 +337,25 @@ def _one_line_json(text: str) -> bytes:
 # --- output --------------------------------------------------------------------------------
 
 
+#: Characters that end a line for Python's `str.splitlines()` (and other readers) and may stand
+#: unescaped in a JSON string, as an API's answer or orjson writes them (JSON escapes the other
+#: ones, control characters). Each of these byte sequences is only ever that character.
+_LINE_BREAKS: Final = (
+    (b"\xe2\x80\xa8", b"\\u2028"),
+    (b"\xe2\x80\xa9", b"\\u2029"),
+    (b"\xc2\x85", b"\\u0085"),
+)
+
+
+def _escaped_line_breaks(line: bytes) -> bytes:
+    """A JSONL line whose unescaped U+2028, U+2029 and U+0085 (inside its strings: nowhere
+    else in JSON) are escaped: the same JSON, read as one line by `splitlines()` too, which
+    took one answer holding them for several lines, none of them JSON."""
+    for raw, escaped in _LINE_BREAKS:
+        line = line.replace(raw, escaped)
+    return line
+
+
 class _Sink:
     """A binary or text stream, written in large pieces."""
 
@@ -354,6 +373,8 @@ class _Sink:
     def write_line(self, line: bytes) -> None:
         """One JSONL line (without its newline); they go out WRITE_CHUNK_ROWS at a time, or
         fewer once they hold WRITE_CHUNK_BYTES."""
+        if b"\xe2\x80" in line or b"\xc2\x85" in line:
+            line = _escaped_line_breaks(line)
         self._lines.append(line)
         self._line_bytes += len(line)
         if len(self._lines) >= WRITE_CHUNK_ROWS or self._line_bytes >= WRITE_CHUNK_BYTES:

@@ -35,7 +35,7 @@ from batchrunner.models import JobState
 from batchrunner.pricing import PriceBook
 from batchrunner.runner import EXIT_OK, EXIT_SOME_FAILED, RunReport, run
 from batchrunner.store import AttemptRecord, Ended, JobStore
-from tests.conftest import chat, failed, write_jsonl
+from tests.conftest import chat, failed, succeeded, write_jsonl
 
 MakeFile = Callable[..., Path]
 
@@ -225,6 +225,32 @@ async def test_jsonl_is_the_openai_batch_output_format(
     assert failed["response"]["body"]["error"]["param"] == "messages"
     # The same export, again, is the same bytes: ids are stable.
     assert await _jsonl(store, batch_id) == records
+
+
+async def test_jsonl_lines_stay_one_line_for_readers_that_split_on_unicode_breaks(
+    store: JobStore, make_file: MakeFile
+) -> None:
+    """JSON lets U+2028, U+2029 and U+0085 stand unescaped in strings, and an answer embedded
+    as received kept them raw: `Path.read_text().splitlines()` (a common way to read JSONL)
+    cut its line in three, none of them JSON. Escaped, the value is the same."""
+    batch_id = await _submit(store, make_file([chat("q\u2028one"), chat("q\u0085two")]))
+    jobs = await store.claim(batch_id, "w-test", "t-1", 10, time.time(), 60.0)
+    content = "a\u2028b\u2029c\u0085d \\\u2028 \u2013"  # (and a backslash, an en dash)
+    completion = {"object": "chat.completion", "choices": [{"message": {"content": content}}]}
+    raw = orjson.dumps(completion).decode()
+    assert "\u2028" in raw  # (orjson leaves them raw, as APIs may send them)
+    ended = [succeeded(job, "x", response=raw) for job in jobs]
+    assert (await store.record(batch_id, "w-test", ended, [], time.time())).recorded == 2
+    out = io.BytesIO()
+    assert await export_batch(store, batch_id, out, fmt="jsonl") == 2
+    lines = out.getvalue().decode().splitlines()
+    assert len(lines) == 2
+    for line in lines:
+        assert orjson.loads(line)["response"]["body"] == completion
+    # The request lines export (`--as-requests`) holds the prompts' breaks escaped too.
+    requests = io.BytesIO()
+    await export_requests(store, batch_id, requests, states=(JobState.SUCCEEDED,))
+    assert len(requests.getvalue().decode().splitlines()) == 2
 
 
 async def test_jsonl_keeps_the_reason_of_an_error_answer_that_is_not_json(
