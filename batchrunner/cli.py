@@ -455,6 +455,10 @@ def status(ctx: _Context, batch_id: str | None, as_json: bool, prices_path: Path
         click.echo(shown(report.render_status(st)))
 
 
+#: The names of files of JSON lines: `export -o` writes JSONL into one unless told otherwise.
+_JSONL_SUFFIXES: Final = (".jsonl", ".ndjson")
+
+
 @cli.command()
 @click.argument("batch_id")
 @click.option(
@@ -463,7 +467,8 @@ def status(ctx: _Context, batch_id: str | None, as_json: bool, prices_path: Path
     type=click.Choice(["csv", "jsonl"]),
     default="csv",
     show_default=True,
-    help="csv: one row per job (per choice); jsonl: the OpenAI Batch output format.",
+    help="csv: one row per job (per choice); jsonl: the OpenAI Batch output format"
+    " (the default for -o NAME.jsonl or NAME.ndjson).",
 )
 @click.option("-o", "--output", default="-", metavar="PATH", help="Where to write; - is stdout.")
 @click.option("--failed", "failed_only", is_flag=True, help="Only the failed jobs.")
@@ -507,14 +512,15 @@ def export(
 
     if invalid_lines and (as_requests or failed_only):
         raise click.UsageError("--invalid writes the lines left out at submit: no jobs with them")
+    format_given = (
+        click.get_current_context().get_parameter_source("fmt") is not ParameterSource.DEFAULT
+    )
+    if not format_given and output.lower().endswith(_JSONL_SUFFIXES):
+        # `-o results.jsonl` wrote CSV into it, and a JSON reader failed on its first line.
+        fmt = "jsonl"
     if bom and (fmt == "jsonl" or as_requests):
         raise click.UsageError("--bom starts a CSV file: JSON lines have none")
-    click_ctx = click.get_current_context()
-    if (
-        as_requests
-        and fmt == "csv"
-        and click_ctx.get_parameter_source("fmt") is not ParameterSource.DEFAULT
-    ):
+    if as_requests and fmt == "csv" and format_given:
         raise click.UsageError("--as-requests writes a request file, JSON lines: not --format csv")
 
     async def write(store: JobStore, out: BinaryIO) -> int:

@@ -326,6 +326,30 @@ def test_bom_is_for_csv_files(
     assert out.read_bytes().startswith(b"\xef\xbb\xbfline,reason\r\n2,")
 
 
+def test_export_to_a_jsonl_file_writes_json_lines_unless_told_otherwise(
+    make_file: MakeFile, sqlite_url: str, server: FakeServerThread, tmp_path: Path
+) -> None:
+    """`-o results.jsonl` without --format wrote CSV into it, exit 0, and a JSON reader failed
+    on its first line. The name chooses JSONL now; --format still decides when given."""
+    path = make_file([chat(f"q{i}") for i in range(2)])
+    batch_id = run_cli("submit", str(path), "--base-url", server.url, db=sqlite_url).stdout.strip()
+    assert run_cli("run", batch_id, "--quiet", db=sqlite_url).returncode == 0
+    for name in ("results.jsonl", "RESULTS.NDJSON"):
+        out = tmp_path / name
+        assert run_cli("export", batch_id, "-o", str(out), db=sqlite_url).returncode == 0
+        records = [orjson.loads(line) for line in out.read_bytes().splitlines()]
+        assert [r["custom_id"] for r in records] == ["line-1", "line-2"]
+    told = tmp_path / "told.jsonl"
+    given = run_cli("export", batch_id, "--format", "csv", "-o", str(told), db=sqlite_url)
+    assert given.returncode == 0
+    assert told.read_text().startswith("custom_id,")
+    plain = tmp_path / "results.csv"
+    assert run_cli("export", batch_id, "-o", str(plain), db=sqlite_url).returncode == 0
+    assert plain.read_text().startswith("custom_id,")
+    bom = run_cli("export", batch_id, "--bom", "-o", str(tmp_path / "b.jsonl"), db=sqlite_url)
+    assert bom.returncode == 2 and "--bom starts a CSV file" in bom.stderr
+
+
 def test_export_to_a_pipe_writes_into_the_pipe(
     make_file: MakeFile, sqlite_url: str, server: FakeServerThread, tmp_path: Path
 ) -> None:
