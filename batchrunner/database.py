@@ -54,15 +54,22 @@ def _null(_: None) -> None:
     return None
 
 
+def _adapt(type_: type[T], adapter: Callable[[T], Any]) -> None:
+    """`adapter` for `type_` in sqlite3's registry (the process's), unless one is there."""
+    if (type_, sqlite3.PrepareProtocol) not in sqlite3.adapters:
+        sqlite3.register_adapter(type_, adapter)
+
+
 # sqlite3 binds an int, float, str or bytearray as it is and sends any other value (None, a
 # bool) through its adapters first. For a type without one it looks up `__adapt__` on its own
 # protocol class, and the AttributeError that lookup raises and clears costs more than the
 # binding: about 0.5 us a value here, against a dict lookup and a call for a registered
 # adapter. A recorded request binds four such values (a success's empty error columns), a
-# submitted line two (its metadata, its stream flag). These bind exactly what sqlite3 binds
-# without them (NULL, an integer), for any user of sqlite3 in the process.
-sqlite3.register_adapter(type(None), _null)
-sqlite3.register_adapter(bool, int)
+# submitted line two (its metadata, its stream flag). These bind what sqlite3 binds without
+# them (NULL, an integer); an application that embeds batchrunner and registered its own
+# adapter for either type keeps it.
+_adapt(type(None), _null)
+_adapt(bool, int)
 
 
 class Result:

@@ -533,3 +533,16 @@ def test_none_and_bools_bind_through_registered_adapters() -> None:
     finally:
         conn.close()
     assert row == ("null", "integer", 1, 0)
+
+
+def test_an_applications_own_sqlite3_adapter_is_kept() -> None:
+    """The registry is the process's: importing batchrunner replaced an adapter the embedding
+    application had registered (its booleans stored as 'yes' became 1)."""
+    code = (
+        "import sqlite3\n"
+        "sqlite3.register_adapter(bool, lambda b: 'yes' if b else 'no')\n"
+        "import batchrunner.store\n"
+        "print(sqlite3.connect(':memory:').execute('SELECT ?', (True,)).fetchone()[0])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "yes"
