@@ -337,10 +337,16 @@ class PriceBook:
             # ...and the file's name may carry the gateway's prefix the answer comes without:
             # "openai/gpt-4o-mini" answered as "gpt-4o-mini-2024-07-18" was priced at the list
             # price (the request was reserved at the file's, three times as much). Only the
-            # prefix: a file's snapshot ("gpt-4o-2024-08-06") is not the price of another.
+            # prefix: a file's snapshot ("gpt-4o-2024-08-06") is not the price of another; it is
+            # its own, whether its date follows a "-" or Vertex's "@".
             for name in (model, *same_model_names(model)):
+                snapshot = _dashed(name)
                 rates = next(
-                    (r for key, r in self._models.items() if name in _without_prefixes(key)),
+                    (
+                        r
+                        for key, r in self._models.items()
+                        if snapshot in (_dashed(k) for k in (key, *_without_prefixes(key)))
+                    ),
                     None,
                 )
                 if rates is not None:
@@ -375,6 +381,15 @@ def same_model_names(model: str) -> list[str]:
             if candidate and candidate != model and candidate not in names:
                 names.append(candidate)
     return names
+
+
+def _dashed(model: str) -> str:
+    """`model` with the "@" before a snapshot's date or version (Vertex's
+    "claude-3-5-sonnet@20241022") as the "-" other APIs write there."""
+    found = _SNAPSHOT_SUFFIX.search(model)
+    if found is None or model[found.start()] != "@":
+        return model
+    return f"{model[: found.start()]}-{model[found.start() + 1 :]}"
 
 
 def _without_prefixes(model: str) -> list[str]:

@@ -660,6 +660,31 @@ def test_price_shapes(book: PriceBook) -> None:
 @pytest.mark.parametrize(
     ("key", "answered"),
     [
+        ("claude-3-5-sonnet@20241022", "claude-3-5-sonnet-20241022"),
+        ("claude-3-5-sonnet-20241022", "claude-3-5-sonnet@20241022"),
+        ("vertex_ai/claude-3-5-sonnet@20241022", "claude-3-5-sonnet-20241022"),
+        ("gemini-1.5-pro@002", "gemini-1.5-pro-002"),
+        ("my-model@20250101", "my-model-20250101"),
+    ],
+)
+def test_a_file_price_of_a_snapshot_holds_for_its_date_after_a_dash_or_an_at(
+    tmp_path: Path, key: str, answered: str
+) -> None:
+    """Vertex writes a snapshot's date after "@", other APIs after "-": the same snapshot,
+    which the file prices either way (a model no list has was unknown, and --max-cost then
+    refused to run its batch)."""
+    path = tmp_path / "prices.toml"
+    path.write_text(f'[models."{key}"]\ninput_per_mtok = 1.25\noutput_per_mtok = 10\n')
+    user = PriceBook.load(path)
+    assert user.cost(answered, usage(1_000_000, 0)) == Decimal("1.25")
+    # Another date is another snapshot.
+    other = answered.replace("2024", "2023").replace("2025", "2023").replace("002", "001")
+    assert user.cost(other, usage(1_000_000, 0)) != Decimal("1.25")
+
+
+@pytest.mark.parametrize(
+    ("key", "answered"),
+    [
         ("gpt-4o-2024-08-06", "gpt-4o-2024-05-13"),
         ("openai/gpt-4o-2024-08-06", "gpt-4o-2024-05-13"),
         ("gpt-4o-2024-08-06", "gpt-4o"),
