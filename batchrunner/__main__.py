@@ -4,28 +4,44 @@ from __future__ import annotations
 
 import signal
 import sys
-from types import FrameType
+import threading
 
 #: What an interrupted command exits with (cli.EXIT_INTERRUPTED, not imported yet here).
 _EXIT_INTERRUPTED = 130
+#: The signals that stop a command.
+_STOPS: frozenset[signal.Signals] = frozenset({signal.SIGINT, signal.SIGTERM})
 
 
 def main() -> None:
-    """The command line, interruptible from its first moment: importing it takes a few tenths
-    of a second before its own handlers are in place, in which Ctrl-C printed a traceback and
-    SIGTERM ended the process without a word or the exit code 130 the README promises."""
-    if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:  # (one ignored stays ignored)
-        signal.signal(signal.SIGTERM, _interrupt)
+    """The command line. Ctrl-C and SIGTERM that come while it imports (a few tenths of a
+    second) wait until its own handlers are in place: taken at once, Ctrl-C printed an import's
+    traceback, SIGTERM ended the process without a word (not "interrupted", exit 130), and an
+    exception raised inside an import can kill the interpreter in an extension's set-up."""
+    held = _hold(_STOPS)
+    from batchrunner import cli
+
+    cli.sigterm_as_ctrl_c()
     try:
-        from batchrunner.cli import main as command_line
+        _release(held)  # (one that came meanwhile is taken here, by the handlers now in place)
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         sys.exit(_EXIT_INTERRUPTED)
-    command_line()
+    cli.main()
 
 
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
+def _hold(signals: frozenset[signal.Signals]) -> frozenset[signal.Signals]:
+    """Block `signals` (in this thread, the main one); returns those it blocked."""
+    if not hasattr(signal, "pthread_sigmask"):
+        return frozenset()
+    if threading.current_thread() is not threading.main_thread():
+        return frozenset()
+    return signals - signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+
+
+def _release(held: frozenset[signal.Signals]) -> None:
+    """Unblock what `_hold` blocked: a signal pending meanwhile is handled now."""
+    if held:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
 
 
 # Guarded: the worker processes of a large submit or export import the main module again.

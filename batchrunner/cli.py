@@ -903,7 +903,7 @@ def _migrate(
 
 def main(argv: list[str] | None = None) -> None:
     _quick_exit()
-    _sigterm_as_ctrl_c()
+    sigterm_as_ctrl_c()
     # Warnings go where Python's last resort puts them (stderr, the message alone), written
     # as `_err` writes: a server's text in them reaches a terminal.
     last_resort = logging.StreamHandler()
@@ -935,7 +935,7 @@ def main(argv: list[str] | None = None) -> None:
     sys.exit(code if isinstance(code, int) else EXIT_OK)
 
 
-def _sigterm_as_ctrl_c() -> None:
+def sigterm_as_ctrl_c() -> None:
     """SIGTERM (`kill`, `timeout`, a service manager, a container's stop) stops every command as
     Ctrl-C does: a load is rolled back, an export's file written aside is removed, and the
     command says "interrupted" and exits 130. Killed outright, the export left its hidden

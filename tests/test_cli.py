@@ -717,35 +717,55 @@ def test_sigterm_stops_an_export_as_ctrl_c_does_and_leaves_no_file(
     assert list(out.parent.iterdir()) == []
 
 
-#: A command started as the `batchrunner` script starts it, with a signal sent to it while it
-#: imports its command line (a few tenths of a second, before the command line's own handlers).
+#: A command started as the `batchrunner` script starts it, with a signal (if named) sent to it
+#: while it imports its command line (a few tenths of a second, before the command line's own
+#: handlers); at exit it says which SIGTERM handler was in place, and which signals blocked.
 _SIGNALLED_WHILE_IMPORTING = """
-import builtins, os, signal, sys, time
+import atexit, builtins, os, signal, sys, time
 from batchrunner.__main__ import main
-signum = getattr(signal, sys.argv[1])
+signum = getattr(signal, sys.argv[1], None)
 real_import = builtins.__import__
 def importing(name, *args, **kwargs):
-    if name == "batchrunner.cli":
+    if name == "click" and signum is not None:
         os.kill(os.getpid(), signum)
         time.sleep(0.2)
     return real_import(name, *args, **kwargs)
 builtins.__import__ = importing
+def said():
+    handler = signal.getsignal(signal.SIGTERM)
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    print(getattr(handler, "__qualname__", handler), sorted(s.name for s in blocked))
+atexit.register(said)
 sys.argv = ["batchrunner", "--help"]
 main()
 """
 
 
-@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
-def test_a_signal_while_the_command_line_imports_is_an_interruption(signame: str) -> None:
-    """Ctrl-C in a command's first tenths of a second printed a traceback, and SIGTERM ended
-    it without a word (exit -15, not the 130 of an interrupted command)."""
-    done = subprocess.run(
+def _started_as_the_script(signame: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
         [sys.executable, "-c", _SIGNALLED_WHILE_IMPORTING, signame],
         capture_output=True,
         text=True,
         timeout=60,
     )
+
+
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_a_signal_while_the_command_line_imports_is_an_interruption(signame: str) -> None:
+    """Ctrl-C in a command's first tenths of a second printed a traceback, and SIGTERM ended
+    it without a word (exit -15, not the 130 of an interrupted command). They wait for the
+    command line's handlers: an exception raised inside an import could kill the interpreter
+    (in an extension's set-up)."""
+    done = _started_as_the_script(signame)
     assert (done.returncode, done.stderr.strip()) == (130, "interrupted")
+
+
+def test_the_command_line_takes_sigterm_with_its_own_handler() -> None:
+    """Started as the script starts it, a command has the command line's SIGTERM handler
+    (which cancels the command's task, so that its cleanups run) and blocks no signal."""
+    done = _started_as_the_script("none")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "_on_sigterm []"
 
 
 def test_lines_skipped_at_submit_can_be_listed_again(
