@@ -374,6 +374,11 @@ class Budget:
         self._changed = asyncio.Event()
         self._closed = False
 
+    def start_from(self, spent_usd: Decimal) -> None:
+        """What the batch has cost when the run starts, known once what dead runs kept in
+        their journals is recorded (before anything is reserved)."""
+        self.committed_usd = self._started_from = spent_usd
+
     def worst_case(self, job: ClaimedJob) -> Decimal:
         return worst_case_cost(job.body, self._prices, within_s=self._within_s)
 
@@ -448,18 +453,15 @@ class Dispatcher:
         base_url: str,
         prices: PriceBook | None = None,
         spent_usd: Decimal = Decimal(0),
-        recovered: int = 0,
         rng: random.Random | None = None,
     ) -> None:
-        """`spent_usd`: what the batch has cost, for `--max-cost`; `recovered`: jobs ended
-        from dead runs' journals before it was counted (`journal.recover_dead`)."""
         self.store = store
         self.batch = batch
         self.config = config
         self.api_key = api_key
         self.base_url = base_url
         self.worker_id = f"w-{uuid.uuid4().hex[:12]}"
-        self.stats = RunStats(recovered=recovered)
+        self.stats = RunStats()
         self.policy = RetryPolicy(
             max_attempts=config.max_attempts,
             base_delay_s=config.retry_base_s,
@@ -511,6 +513,8 @@ class Dispatcher:
         self._journal: journal.Journal | None = None
         #: Where this machine's journals of the batch are (None: kept nowhere).
         self._journal_dir: Path | None = None
+        #: `recover_journal` has recorded what dead runs kept.
+        self._journal_recovered = False
         #: A batch of ends could not be written: the journal keeps everything from then on.
         self._lost_write = False
 
@@ -576,15 +580,25 @@ class Dispatcher:
             if self._journal is not None:
                 self._journal.close(committed=not self._ended and not self._lost_write)
 
+    async def recover_journal(self) -> None:
+        """Record what dead runs of the batch on this machine kept in their journals: their
+        answers, received and paid for. Once; `run` does it first if it has not been done."""
+        if self._journal_recovered:
+            return
+        directory = self._journal_dir = journal.directory_for(self.store)
+        if directory is not None:
+            self.stats.recovered += await journal.recover(
+                self.store, self.batch.id, directory, time.time()
+            )
+        self._journal_recovered = True
+
     async def _open_journal(self) -> None:
         """Record what dead runs of the batch kept in their journals (before registering,
         which releases their jobs), then start this run's."""
-        directory = self._journal_dir = journal.directory_for(self.store)
+        await self.recover_journal()
+        directory = self._journal_dir
         if directory is None:
             return
-        self.stats.recovered += await journal.recover(
-            self.store, self.batch.id, directory, time.time()
-        )
         try:
             self._journal = journal.Journal(directory, self.batch.id, self.worker_id)
         except OSError as exc:

@@ -124,49 +124,9 @@ async def run(
     elif is_insecure(base_url):
         warn(f"warning: the API key goes over plain http to {base_url}: anyone between can read it")
 
-    # Answers that dead runs of the batch kept in this machine's journal are recorded first:
-    # they were paid for, and the budget starts from what the batch has cost (counted before
-    # them, a run after a kill -9 went past --max-cost by up to a run's concurrency of them).
-    recovered = await journal.recover_dead(store, batch.id)
     prices = PriceBook.load(config.prices_path)
-    spent = Decimal(0)
-    if config.max_cost_usd is not None:
-        status = await report.batch_status(store, batch.id, prices)
-        if status.unpriced_models:
-            raise BudgetExceeded(
-                "--max-cost needs prices, and none is known for "
-                + ", ".join(status.unpriced_models)
-                + "; add them to a price file (--prices)"
-            )
-        spent = status.cost_usd
-        if status.without_usage:
-            # What they cost is not known: their worst case, as the run that received them
-            # counted it (else every run would start from less than was spent).
-            spent += await _worst_case_without_usage(store, batch.id, prices)
-        cap = Decimal(str(config.max_cost_usd))
-        if spent >= cap:
-            raise BudgetExceeded(
-                f"the batch has already cost ${spent:f}"
-                + (
-                    f" (counting the worst case of {status.without_usage} answer(s) that"
-                    " reported no usage)"
-                    if status.without_usage
-                    else ""
-                )
-                + f", at or over --max-cost ${cap:f}; run again with a higher cap to go on"
-            )
-
     config = _within_open_files(config, warn)
-    dispatcher = Dispatcher(
-        store,
-        batch,
-        config,
-        api_key=api_key,
-        base_url=base_url,
-        prices=prices,
-        spent_usd=spent,
-        recovered=recovered,
-    )
+    dispatcher = Dispatcher(store, batch, config, api_key=api_key, base_url=base_url, prices=prices)
     loop = asyncio.get_running_loop()
     interrupts = 0
 
@@ -201,6 +161,14 @@ async def run(
         loop.add_signal_handler(sig, on_signal)
     display = asyncio.create_task(show(dispatcher)) if progress else None
     try:
+        # What dead runs of the batch kept in this machine's journal is recorded first, under
+        # the handlers above (a Ctrl-C lets it finish): those answers were paid for, and the
+        # budget starts from what the batch has cost (counted before them, a run after a
+        # kill -9 went past --max-cost by up to a run's concurrency of them).
+        await dispatcher.recover_journal()
+        if dispatcher.budget is not None:
+            budget = dispatcher.budget
+            budget.start_from(await _spent(store, batch.id, prices, budget.cap_usd))
         result = await dispatcher.run()
     finally:
         if display is not None:
@@ -223,6 +191,35 @@ async def cancel(store: JobStore, batch_id: str) -> tuple[int, int]:
     await store.get_batch(batch_id)
     recorded = await journal.recover_dead(store, batch_id)
     return recorded, await store.cancel(batch_id)
+
+
+async def _spent(store: JobStore, batch_id: str, prices: PriceBook, cap: Decimal) -> Decimal:
+    """What the batch has cost, for `--max-cost`; BudgetExceeded when that is at the cap or
+    past it, or when a model in it has no price."""
+    status = await report.batch_status(store, batch_id, prices)
+    if status.unpriced_models:
+        raise BudgetExceeded(
+            "--max-cost needs prices, and none is known for "
+            + ", ".join(status.unpriced_models)
+            + "; add them to a price file (--prices)"
+        )
+    spent = status.cost_usd
+    if status.without_usage:
+        # What they cost is not known: their worst case, as the run that received them
+        # counted it (else every run would start from less than was spent).
+        spent += await _worst_case_without_usage(store, batch_id, prices)
+    if spent >= cap:
+        raise BudgetExceeded(
+            f"the batch has already cost ${spent:f}"
+            + (
+                f" (counting the worst case of {status.without_usage} answer(s) that"
+                " reported no usage)"
+                if status.without_usage
+                else ""
+            )
+            + f", at or over --max-cost ${cap:f}; run again with a higher cap to go on"
+        )
+    return spent
 
 
 async def _worst_case_without_usage(store: JobStore, batch_id: str, prices: PriceBook) -> Decimal:

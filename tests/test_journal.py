@@ -15,6 +15,7 @@ import re
 import signal
 import sqlite3
 import stat
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -132,6 +133,63 @@ async def test_a_dead_runs_journal_is_recorded_once_and_jobs_ended_since_are_lef
         assert sorted(by_job[job.id]) == [("w-dead", 200, t0 + 1.25), ("w-dead", 500, t0)]
     # Nothing left to do the second time.
     assert await journal.recover(store, batch_id, directory, time.time()) == 0
+
+
+#: A run (`runner.run`, handlers and all) that gets a Ctrl-C while it records a dead run's
+#: journal; prints its outcome. argv: the database's URL and the batch's id.
+_INTERRUPTED_WHILE_RECOVERING = """
+import asyncio, os, signal, sys
+from batchrunner import journal, runner
+from batchrunner.config import RunConfig
+from batchrunner.store import JobStore
+recover = journal.recover
+async def interrupted(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGINT)
+    await asyncio.sleep(0.1)  # (the signal is taken meanwhile)
+    return await recover(*args, **kwargs)
+journal.recover = interrupted
+async def main():
+    store = await JobStore.open(sys.argv[1])
+    try:
+        rep = await runner.run(store, sys.argv[2], RunConfig(), warn=lambda _: None, progress=False)
+    finally:
+        await store.close()
+    print(rep.exit_code, rep.result.reason.name, rep.result.stats.recovered, rep.result.stats.sent)
+asyncio.run(main())
+"""
+
+
+async def test_a_ctrl_c_while_a_dead_runs_journal_is_recorded_lets_it_finish(
+    store: JobStore, db_url: str, make_file: MakeFile
+) -> None:
+    """Recording a dead run's journal moved before the run's own handlers: a Ctrl-C then
+    cancelled it half way (what it had recorded was done again by the next run) and the run
+    ended without saying how to resume. Under the handlers, it finishes, and the run stops
+    as interrupted, resumable, having sent nothing."""
+    async with FakeServer(FakeConfig()) as srv:
+        batch_id = (
+            await submit_file(store, make_file([chat(f"q{i}") for i in range(3)]), base_url=srv.url)
+        ).batch.id
+        jobs = await store.claim(batch_id, "w-dead", "w-dead.1", 2, time.time(), LEASE_S)
+        directory = journal.directory_for(store)
+        assert directory is not None
+        dead = journal.Journal(directory, batch_id, "w-dead")
+        for job in jobs:
+            dead.add(_success(job, f"kept {job.id}"), _tries(job, time.time()))
+        dead.close(committed=False)
+        done = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-c", _INTERRUPTED_WHILE_RECOVERING, db_url, batch_id],
+            capture_output=True,
+            text=True,
+            timeout=RUN_TIMEOUT_S,
+            env={**os.environ, "OPENAI_API_KEY": "sk-test"},
+        )
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.split() == ["130", "INTERRUPTED", "2", "0"]
+        assert srv.stats.requests_total == 0
+    counts = (await store.counts(batch_id)).counts
+    assert (counts["succeeded"], counts["pending"]) == (2, 1)
 
 
 async def test_a_dead_runs_answers_to_jobs_taken_over_since_count_as_paid_for(
