@@ -6,8 +6,6 @@ import signal
 import sys
 import threading
 
-#: What an interrupted command exits with (cli.EXIT_INTERRUPTED, not imported yet here).
-_EXIT_INTERRUPTED = 130
 #: The signals that stop a command.
 _STOPS: frozenset[signal.Signals] = frozenset({signal.SIGINT, signal.SIGTERM})
 
@@ -25,7 +23,7 @@ def main() -> None:
         _release(held)  # (one that came meanwhile is taken here, by the handlers now in place)
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
-        sys.exit(_EXIT_INTERRUPTED)
+        sys.exit(cli.EXIT_INTERRUPTED)
     cli.main()
 
 

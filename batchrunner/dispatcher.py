@@ -452,7 +452,6 @@ class Dispatcher:
         api_key: str | None,
         base_url: str,
         prices: PriceBook | None = None,
-        spent_usd: Decimal = Decimal(0),
         rng: random.Random | None = None,
     ) -> None:
         self.store = store
@@ -471,7 +470,9 @@ class Dispatcher:
         self.pacer = Pacer(config.rpm, config.tpm)
         self.prices = prices or PriceBook.load(config.prices_path)
         self.budget = (
-            Budget(Decimal(str(config.max_cost_usd)), spent_usd, self.prices, config.timeout_s)
+            # (What the batch has cost is known once dead runs' journals are recorded: the
+            # runner gives it, `Budget.start_from`.)
+            Budget(Decimal(str(config.max_cost_usd)), Decimal(0), self.prices, config.timeout_s)
             if config.max_cost_usd is not None
             else None
         )
